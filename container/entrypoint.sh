@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# SageMaker runs `docker run IMAGE serve`: start gunicorn (exec, so SIGTERM reaches it directly).
+# Any other command is run as given, e.g. `docker run IMAGE bash`.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "${1:-serve}" = "serve" ]; then
+    [ $# -gt 0 ] && shift
+    exec gunicorn --config "$here/gunicorn.conf.py" "$@"
+fi
+exec "$@"

@@ -1,0 +1,37 @@
+"""gunicorn settings for SageMaker: port 8080, gthread workers, model loaded per worker after fork."""
+
+import logging
+import sys
+
+from serve.config import SettingsError, load_settings
+
+try:
+    _settings = load_settings()
+except SettingsError as _error:
+    sys.stderr.write(f"configuration error: {_error}\n")
+    sys.exit(2)
+
+bind = f"0.0.0.0:{_settings.port}"
+wsgi_app = "serve.wsgi:app"
+workers = _settings.workers  # each worker owns one engine (and one copy of the model)
+worker_class = "gthread"
+threads = _settings.max_concurrent_requests + 8  # one per admitted stream, plus room for /ping and 429s
+preload_app = False  # load torch/CUDA in the worker, never in the master
+timeout = 300  # worker heartbeat; the gthread main loop keeps beating while requests stream
+graceful_timeout = _settings.graceful_timeout  # < 30 s: SageMaker SIGKILLs 30 s after SIGTERM
+keepalive = 75  # longer than the SageMaker front end's idle keep-alive
+loglevel = _settings.log_level.lower()
+accesslog = None  # serve.log writes one line per request with timings
+limit_request_line = 8190
+
+
+def when_ready(server):
+    server.log.info("listening on %s; workers load the model after fork", bind)
+
+
+def post_fork(server, worker):
+    server.log.info("worker %s forked; loading the model", worker.pid)
+
+
+def worker_exit(server, worker):
+    logging.getLogger("serve").info("worker %s exiting", worker.pid)

@@ -1,0 +1,78 @@
+"""The Flask application factory: settings + engine in, routes and error handlers registered."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from serve.config import Settings, load_settings
+from serve.engine import Engine
+from serve.errors import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ServeError
+from serve.generation import GenerationService
+from serve.model.loader import load_model
+from serve.routes import openai, sagemaker, tgi
+
+log = logging.getLogger(__name__)
+
+WORKER_BOOT_ERROR = 3  # gunicorn halts the whole server when a worker exits with this code
+HTTP_ERRORS = {400: BadRequest, 404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}
+
+
+def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = None, exit_on_load_failure: bool = False) -> Flask:
+    """Build the app; the engine starts loading the model in the background (``/ping`` is 503 until it is done)."""
+    settings = settings or load_settings()
+    if engine is None:
+        engine = Engine(
+            load=lambda: load_model(settings),
+            max_concurrent_requests=settings.max_concurrent_requests,
+            on_load_failure=_exit_worker if exit_on_load_failure else None,
+        )
+    app = Flask("serve")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_payload_bytes
+    app.json.sort_keys = False
+    app.extensions["serve.settings"] = settings
+    app.extensions["serve.service"] = GenerationService(engine, settings)
+    for module in (sagemaker, openai, tgi):
+        app.register_blueprint(module.blueprint)
+    _register_error_handlers(app)
+    engine.start()
+    return app
+
+
+def _exit_worker(exc: BaseException) -> None:
+    """A model that cannot load never will: stop the worker so gunicorn (and the container) exit with the reason logged."""
+    log.critical("cannot serve: %s", exc)
+    sys.stderr.flush()
+    os._exit(WORKER_BOOT_ERROR)
+
+
+def _render(error: ServeError) -> tuple[Response, int]:
+    """OpenAI-style body on /v1/*, TGI-style everywhere else."""
+    body = error.openai_body() if request.path.startswith("/v1/") else error.tgi_body()
+    return jsonify(body), error.status
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ServeError)
+    def serve_error(error: ServeError):
+        return _render(error)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        kind = HTTP_ERRORS.get(error.code or 500, ServeError)
+        message = f"{request.method} {request.path}: {error.description}"
+        if error.code == 413:
+            message = f"the request body is larger than the {app.config['MAX_CONTENT_LENGTH']} byte limit"
+        rendered = kind(message)
+        rendered.status = error.code or 500
+        return _render(rendered)
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _render(ServeError("internal error; see the server log"))

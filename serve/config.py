@@ -1,0 +1,122 @@
+"""The one place that reads the environment: ``load_settings(environ) -> Settings``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, TypeVar
+
+T = TypeVar("T")
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SIX_MIB = 6 * 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A malformed environment variable; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server is configured with, read once at start-up."""
+
+    model_id: Optional[str] = None
+    model_revision: Optional[str] = None
+    hf_token: Optional[str] = None
+    model_dir: str = "/opt/ml/model"
+    cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "sagemaker-llm-serve")
+    num_gpus: Optional[int] = None
+    messages_api_enabled: bool = False
+    trust_remote_code: bool = False
+    allow_unsafe_weights: bool = False
+    dtype: str = "auto"
+    max_input_tokens: Optional[int] = None
+    max_total_tokens: Optional[int] = None
+    max_concurrent_requests: int = 128
+    max_payload_bytes: int = SIX_MIB
+    port: int = 8080
+    workers: int = 1
+    graceful_timeout: int = 25
+    log_level: str = "INFO"
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    """Parse a boolean the way users write them: true/True/1/yes and false/0/no."""
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (use true/false, 1/0, yes/no)")
+
+
+def parse_positive_int(name: str, raw: str) -> int:
+    """Parse a strictly positive integer (JSON-encoded numbers such as "1" included)."""
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if value <= 0:
+        raise SettingsError(f"{name}={raw!r} must be greater than 0")
+    return value
+
+
+def parse_dtype(name: str, raw: str) -> str:
+    """Accept one of the supported dtype names."""
+    value = raw.strip().lower()
+    if value not in DTYPES:
+        raise SettingsError(f"{name}={raw!r} is not one of {', '.join(DTYPES)}")
+    return value
+
+
+def _read(environ: Mapping[str, str], names: tuple, parse: Callable[[str, str], T]) -> Optional[T]:
+    """The first of ``names`` that is set (non-empty), parsed; None when none is."""
+    for name in names:
+        raw = environ.get(name)
+        if raw is not None and raw.strip() != "":
+            return parse(name, raw)
+    return None
+
+
+def _text(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
+    """Build Settings from the environment (``os.environ`` by default); raise SettingsError if malformed."""
+    env = os.environ if environ is None else environ
+    values = {
+        "model_id": _read(env, ("HF_MODEL_ID",), _text),
+        "model_revision": _read(env, ("HF_MODEL_REVISION",), _text),
+        "hf_token": _read(env, ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), _text),
+        "model_dir": _read(env, ("SM_MODEL_DIR",), _text),
+        "cache_dir": _read(env, ("SERVE_CACHE_DIR",), _text),
+        "num_gpus": _read(env, ("SM_NUM_GPUS",), parse_positive_int),
+        "messages_api_enabled": _read(env, ("MESSAGES_API_ENABLED",), parse_bool),
+        "trust_remote_code": _read(env, ("HF_MODEL_TRUST_REMOTE_CODE",), parse_bool),
+        "allow_unsafe_weights": _read(env, ("HF_MODEL_ALLOW_UNSAFE_WEIGHTS",), parse_bool),
+        "dtype": _read(env, ("DTYPE",), parse_dtype),
+        "max_input_tokens": _read(env, ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), parse_positive_int),
+        "max_total_tokens": _read(env, ("MAX_TOTAL_TOKENS",), parse_positive_int),
+        "max_concurrent_requests": _read(env, ("MAX_CONCURRENT_REQUESTS",), parse_positive_int),
+        "port": _read(env, ("SAGEMAKER_BIND_TO_PORT",), parse_positive_int),
+        "workers": _read(env, ("SAGEMAKER_MODEL_SERVER_WORKERS",), parse_positive_int),
+        "log_level": _read(env, ("LOG_LEVEL",), lambda name, raw: raw.strip().upper()),
+    }
+    settings = Settings(**{key: value for key, value in values.items() if value is not None})
+    _check_limits(settings)
+    return settings
+
+
+def _check_limits(settings: Settings) -> None:
+    """Cross-field checks that a single variable cannot express."""
+    if settings.max_input_tokens and settings.max_total_tokens:
+        if settings.max_input_tokens >= settings.max_total_tokens:
+            raise SettingsError(
+                f"MAX_INPUT_TOKENS={settings.max_input_tokens} must be less than "
+                f"MAX_TOTAL_TOKENS={settings.max_total_tokens}"
+            )
+    if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise SettingsError(f"LOG_LEVEL={settings.log_level!r} is not a logging level")

@@ -1,0 +1,83 @@
+"""Pick the next token for every sequence of a batch at once: penalties, temperature, top-k, top-p, seeds."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from serve.engine.types import SamplingParams
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> Optional[torch.Generator]:
+    """A private RNG for a seeded request (same seed + same request -> same text); None otherwise."""
+    if params.seed is None or params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed)
+    return generator
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """CTRL-style penalty on tokens already seen (prompt and output): divide positive logits, multiply negative."""
+    for row, (p, seen) in enumerate(zip(params, histories)):
+        if p.repetition_penalty == 1.0 or seen.numel() == 0:
+            continue
+        picked = logits[row, seen]
+        logits[row, seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+    return logits
+
+
+def apply_output_penalties(
+    logits: torch.Tensor, params: Sequence[SamplingParams], outputs: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """OpenAI frequency/presence penalties: subtract per generated-token counts and presence."""
+    for row, (p, generated) in enumerate(zip(params, outputs)):
+        if (p.frequency_penalty == 0.0 and p.presence_penalty == 0.0) or generated.numel() == 0:
+            continue
+        counts = torch.bincount(generated, minlength=logits.shape[-1]).to(logits.dtype)
+        logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _uniforms(generators: Sequence[Optional[torch.Generator]], device: torch.device) -> torch.Tensor:
+    """One uniform draw per row, from the row's own generator when it has one."""
+    draws = [torch.rand(1, generator=g, device=device) if g is not None else torch.rand(1, device=device) for g in generators]
+    return torch.cat(draws)
+
+
+def sample_next_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[Optional[torch.Generator]],
+    histories: Sequence[torch.Tensor],
+    outputs: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Return one token id per row of ``logits`` [batch, vocab]; greedy rows take the argmax.
+
+    ``histories`` are each row's prompt + output ids (repetition penalty), ``outputs`` its output ids only.
+    """
+    logits = apply_repetition_penalty(logits.float(), params, histories)
+    logits = apply_output_penalties(logits, params, outputs)
+    greedy_choice = logits.argmax(dim=-1)
+    if all(p.greedy for p in params):
+        return greedy_choice
+    device = logits.device
+    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+
+    sorted_logits, sorted_ids = torch.sort(logits / temperature[:, None], dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=device)[None, :]
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
+    cdf = torch.cumsum(probs, dim=-1)
+    draw = _uniforms(generators, device) * cdf[:, -1]
+    position = torch.searchsorted(cdf, draw[:, None]).clamp(max=logits.shape[-1] - 1)
+    sampled = sorted_ids.gather(-1, position).squeeze(-1)
+    is_greedy = torch.tensor([p.greedy for p in params], device=device)
+    return torch.where(is_greedy, greedy_choice, sampled)

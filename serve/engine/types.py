@@ -1,0 +1,78 @@
+"""Plain data passed between the HTTP side and the engine thread."""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sequence stopped; values are the OpenAI finish reasons where one exists."""
+
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_new_tokens reached
+    CANCELLED = "cancelled"  # the client went away
+    ERROR = "error"  # the model raised
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop; validated at the edge, trusted here."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Request:
+    """One generation request: prompt token ids plus sampling parameters."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where a request's time went, in seconds."""
+
+    queue: float
+    prefill: float
+    decode: float
+
+    @property
+    def total(self) -> float:
+        return self.queue + self.prefill + self.decode
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token (``text`` is the new, printable text it completes) or the end of a request.
+
+    The last event of every request has ``finish_reason`` set; it may also carry a final token.
+    """
+
+    token_id: Optional[int]
+    text: str
+    finish_reason: Optional[FinishReason] = None
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    timings: Optional[Timings] = None
+    error: Optional[str] = None
+    stop_sequence: Optional[str] = None

@@ -1,0 +1,82 @@
+"""One exception hierarchy for every client-visible failure, rendered per API style."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+class ServeError(Exception):
+    """Base of every error a client may see: an HTTP status, an error type and a clear message."""
+
+    status = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def openai_body(self) -> dict[str, Any]:
+        """The OpenAI-style body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.status,
+            }
+        }
+
+    def tgi_body(self) -> dict[str, Any]:
+        """The TGI-style body: ``{"error": "...", "error_type": "..."}``."""
+        return {"error": self.message, "error_type": self.error_type}
+
+
+class BadRequest(ServeError):
+    """The body is not JSON, or not the JSON object we expect."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class ValidationFailed(ServeError):
+    """A field is missing, of the wrong type or out of range."""
+
+    status = 422
+    error_type = "validation"
+
+
+class NotFound(ServeError):
+    status = 404
+    error_type = "not_found"
+
+
+class MethodNotAllowed(ServeError):
+    status = 405
+    error_type = "method_not_allowed"
+
+
+class PayloadTooLarge(ServeError):
+    status = 413
+    error_type = "payload_too_large"
+
+
+class GenerationFailed(ServeError):
+    """The model failed while generating (SageMaker's 424 for a failed invocation)."""
+
+    status = 424
+    error_type = "generation"
+
+
+class Overloaded(ServeError):
+    """More requests than MAX_CONCURRENT_REQUESTS are in flight."""
+
+    status = 429
+    error_type = "overloaded"
+
+
+class NotReady(ServeError):
+    """The model is still loading (or the server is shutting down)."""
+
+    status = 503
+    error_type = "unhealthy"

@@ -1,0 +1,1 @@
+"""HTTP routes: thin handlers that parse, validate, admit, call the engine and render."""

@@ -1,0 +1,54 @@
+"""Helpers every route uses: the JSON body, pydantic validation with clear messages, the app's services."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from flask import current_app, request
+from pydantic import BaseModel, ValidationError
+
+from serve.config import Settings
+from serve.errors import BadRequest, ValidationFailed
+from serve.generation import GenerationService
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def service() -> GenerationService:
+    return current_app.extensions["serve.service"]
+
+
+def settings() -> Settings:
+    return current_app.extensions["serve.settings"]
+
+
+def json_body() -> dict[str, Any]:
+    """The request body as a JSON object (any content type is accepted, as SageMaker clients vary)."""
+    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
+    if not raw.strip():
+        raise BadRequest("the request body is empty; send a JSON object")
+    try:
+        payload = json.loads(raw)
+    except UnicodeDecodeError:
+        raise BadRequest("the request body is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
+    if not isinstance(payload, dict):
+        raise BadRequest(f"the request body must be a JSON object, not {type(payload).__name__}")
+    return payload
+
+
+def validate(model: type[M], payload: dict[str, Any]) -> M:
+    """Parse ``payload`` into ``model``; a 422 names every offending field."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            field = ".".join(str(part) for part in error["loc"]) or "body"
+            problems.append(f"{field}: {error['msg']}")
+        first = exc.errors()[0]["loc"] if exc.errors() else ()
+        raise ValidationFailed("; ".join(problems), ".".join(str(p) for p in first) or None) from None

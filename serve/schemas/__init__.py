@@ -1,0 +1,1 @@
+"""Request models (pydantic) and response bodies, one module per API style."""

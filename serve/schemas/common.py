@@ -1,0 +1,60 @@
+"""Pieces shared by the request models of every API style."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
+
+
+class LenientModel(BaseModel):
+    """Unknown fields are ignored, as OpenAI clients send extras; known ones are strictly typed."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+def normalize_stop(stop: Union[str, list[str], None]) -> tuple[str, ...]:
+    """A stop field (one string or a list) as a tuple of non-empty strings."""
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    return tuple(item for item in items if item)
+
+
+StopField = Field(default=None, description="Up to 16 strings; generation stops before the first one produced.")
+
+
+def check_stop(value: Union[str, list[str], None]) -> Union[str, list[str], None]:
+    """Bound the number and size of stop strings (each is matched on every generated token)."""
+    items = [value] if isinstance(value, str) else (value or [])
+    if len(items) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(items)}")
+    if any(len(item) > MAX_STOP_LENGTH for item in items):
+        raise ValueError(f"each stop sequence must be at most {MAX_STOP_LENGTH} characters")
+    return value
+
+
+class SamplingFields(LenientModel):
+    """OpenAI sampling fields shared by chat and text completions (vLLM extensions included)."""
+
+    model: str = "tgi"
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(default=None, ge=-1)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=10.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = StopField
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1, description="Only n=1 is served for now.")
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, value: Union[str, list[str], None]) -> Union[str, list[str], None]:
+        return check_stop(value)

@@ -1,0 +1,64 @@
+"""Shared fixtures: the embedded model (converted once), a tiny random Llama, an engine and Flask clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serve.app import create_app
+from serve.config import Settings
+from serve.engine import Engine
+from serve.model.loader import embedded_model_file, gguf_to_folder, load_model
+from tests.helpers import build_tiny_llama
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are skipped on machines without CUDA (CI, the development machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def embedded_folder() -> Path:
+    """The embedded SmolLM2 GGUF converted to a safetensors folder (cached across runs, like the server does)."""
+    return gguf_to_folder(embedded_model_file(), Settings().cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_folder) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), embedded_folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_model_dir) -> Settings:
+    return Settings(model_id=str(tiny_model_dir), model_dir="/nonexistent", max_concurrent_requests=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_settings) -> Engine:
+    engine = Engine(load=lambda: load_model(tiny_settings), max_concurrent_requests=tiny_settings.max_concurrent_requests)
+    engine.start()
+    assert engine.wait_ready(120), f"tiny engine failed to load: {engine.load_error}"
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture
+def client(tiny_settings, tiny_engine):
+    """A Flask test client speaking TGI on /invocations (MESSAGES_API_ENABLED off)."""
+    return create_app(tiny_settings, tiny_engine).test_client()
+
+
+@pytest.fixture
+def messages_client(tiny_settings, tiny_engine):
+    """A Flask test client with MESSAGES_API_ENABLED on."""
+    from dataclasses import replace
+
+    return create_app(replace(tiny_settings, messages_api_enabled=True), tiny_engine).test_client()

@@ -1,0 +1,145 @@
+"""The engine through its own interface: submit() -> events, cancel(), admission, failures."""
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from serve.engine import Engine, EngineNotReady, EngineOverloaded, FinishReason, Request, SamplingParams
+from serve.model.loader import LoadedModel, load_model
+from tests.helpers import wait_for
+
+
+def run(engine, prompt_ids, **params):
+    events = list(engine.submit(Request(prompt_ids=prompt_ids, params=SamplingParams(**params))))
+    return events, events[-1]
+
+
+def test_greedy_matches_transformers_generate(tiny_engine):
+    loaded = tiny_engine.loaded
+    prompt = loaded.tokenizer("The quick brown fox", add_special_tokens=True)["input_ids"]
+    events, final = run(tiny_engine, prompt, max_new_tokens=12, ignore_eos=True)
+    ours = [event.token_id for event in events if event.token_id is not None]
+    with torch.inference_mode():
+        reference = loaded.model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0
+        )[0, len(prompt) :].tolist()
+    assert ours == reference
+    assert final.finish_reason is FinishReason.LENGTH and final.generated_tokens == 12
+    assert final.prompt_tokens == len(prompt) and final.timings is not None and final.timings.total > 0
+
+
+def test_text_deltas_join_to_the_decoded_output(tiny_engine):
+    tokenizer = tiny_engine.tokenizer
+    events, _ = run(tiny_engine, tokenizer("Hello")["input_ids"], max_new_tokens=20, ignore_eos=True)
+    ids = [event.token_id for event in events if event.token_id is not None]
+    assert "".join(event.text for event in events) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_same_seed_same_output(tiny_engine):
+    prompt = tiny_engine.tokenizer("Once upon a time")["input_ids"]
+    params = dict(max_new_tokens=10, temperature=1.0, seed=1234, ignore_eos=True)
+    first = [e.token_id for e in run(tiny_engine, prompt, **params)[0]]
+    second = [e.token_id for e in run(tiny_engine, prompt, **params)[0]]
+    assert first == second
+
+
+def test_stop_string_ends_generation_with_stop(tiny_engine):
+    tokenizer = tiny_engine.tokenizer
+    prompt = tokenizer("Hello")["input_ids"]
+    free_text = "".join(e.text for e in run(tiny_engine, prompt, max_new_tokens=20, ignore_eos=True)[0])
+    stop = free_text.strip()[3:6]
+    assert len(stop) == 3, f"random model produced too little text: {free_text!r}"
+    events, final = run(tiny_engine, prompt, max_new_tokens=20, ignore_eos=True, stop=(stop,))
+    text = "".join(e.text for e in events)
+    assert final.finish_reason is FinishReason.STOP and final.stop_sequence == stop
+    assert stop not in text and free_text.startswith(text)
+
+
+def test_cancel_stops_a_running_request(tiny_engine):
+    stream = tiny_engine.submit(Request(prompt_ids=[1, 2, 3], params=SamplingParams(max_new_tokens=400, ignore_eos=True)))
+    events = stream.events()
+    next(events)  # generation has started
+    stream.close()
+    final = [event for event in events if event is not None][-1]
+    assert final.finish_reason is FinishReason.CANCELLED and final.generated_tokens < 400
+    assert wait_for(lambda: tiny_engine.scheduler.in_flight == 0)
+
+
+def test_concurrent_submits_all_complete(tiny_engine):
+    results = {}
+
+    def worker(index):
+        events = list(tiny_engine.submit(Request(prompt_ids=[1, 2, index + 3], params=SamplingParams(max_new_tokens=5, ignore_eos=True))))
+        results[index] = events[-1]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert len(results) == 6 and all(r.finish_reason is FinishReason.LENGTH for r in results.values())
+
+
+def test_admission_cap_raises_overloaded(tiny_settings):
+    engine = Engine(load=lambda: load_model(tiny_settings), max_concurrent_requests=1).start()
+    assert engine.wait_ready(60)
+    try:
+        first = engine.submit(Request(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=300, ignore_eos=True)))
+        with pytest.raises(EngineOverloaded):
+            engine.submit(Request(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=1)))
+        first.close()
+        assert wait_for(lambda: engine.scheduler.in_flight == 0)
+        assert list(engine.submit(Request(prompt_ids=[1], params=SamplingParams(max_new_tokens=1))))[-1].finish_reason
+    finally:
+        engine.stop()
+
+
+def test_not_ready_before_load_and_load_failure_reported():
+    release = threading.Event()
+
+    def slow_failing_load():
+        release.wait(10)
+        raise RuntimeError("weights are corrupt")
+
+    failures = []
+    engine = Engine(load=slow_failing_load, on_load_failure=failures.append).start()
+    with pytest.raises(EngineNotReady):
+        engine.submit(Request(prompt_ids=[1], params=SamplingParams()))
+    release.set()
+    assert wait_for(lambda: failures)
+    assert "corrupt" in str(engine.load_error) and not engine.ready
+
+
+class ExplodingModel(torch.nn.Module):
+    """A test-only model whose forward fails for prompts starting with token 666."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+        self.generation_config = inner.generation_config
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, input_ids, **kwargs):
+        if input_ids.shape[1] > 1 and int(input_ids[0, 0]) == 666:
+            raise RuntimeError("injected failure")
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+def test_generation_failure_fails_only_that_request(tiny_settings):
+    def load():
+        loaded = load_model(tiny_settings)
+        return LoadedModel(ExplodingModel(loaded.model), loaded.tokenizer, loaded.name, loaded.device, loaded.dtype, loaded.max_context)
+
+    engine = Engine(load=load).start()
+    assert engine.wait_ready(60)
+    try:
+        failed = list(engine.submit(Request(prompt_ids=[666, 1, 2], params=SamplingParams(max_new_tokens=3))))[-1]
+        assert failed.finish_reason is FinishReason.ERROR and "injected failure" in failed.error
+        ok = list(engine.submit(Request(prompt_ids=[5, 1, 2], params=SamplingParams(max_new_tokens=3, ignore_eos=True))))[-1]
+        assert ok.finish_reason is FinishReason.LENGTH
+    finally:
+        engine.stop()

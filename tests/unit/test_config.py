@@ -1,0 +1,78 @@
+import dataclasses
+
+import pytest
+
+from serve.config import Settings, SettingsError, load_settings
+
+
+def test_defaults_need_no_environment():
+    settings = load_settings({})
+    assert settings == Settings()
+    assert settings.port == 8080 and settings.max_concurrent_requests == 128
+    assert settings.model_id is None and settings.messages_api_enabled is False and settings.dtype == "auto"
+
+
+@pytest.mark.parametrize("raw", ["true", "True", "TRUE", "1", "yes", " true "])
+def test_true_spellings(raw):
+    assert load_settings({"MESSAGES_API_ENABLED": raw}).messages_api_enabled is True
+
+
+@pytest.mark.parametrize("raw", ["false", "False", "0", "no"])
+def test_false_spellings(raw):
+    assert load_settings({"MESSAGES_API_ENABLED": raw}).messages_api_enabled is False
+
+
+@pytest.mark.parametrize(
+    "env, variable",
+    [
+        ({"SM_NUM_GPUS": "abc"}, "SM_NUM_GPUS"),
+        ({"SM_NUM_GPUS": "0"}, "SM_NUM_GPUS"),
+        ({"MESSAGES_API_ENABLED": "maybe"}, "MESSAGES_API_ENABLED"),
+        ({"HF_MODEL_TRUST_REMOTE_CODE": "sure"}, "HF_MODEL_TRUST_REMOTE_CODE"),
+        ({"MAX_INPUT_TOKENS": "-5"}, "MAX_INPUT_TOKENS"),
+        ({"MAX_TOTAL_TOKENS": "1.5"}, "MAX_TOTAL_TOKENS"),
+        ({"MAX_CONCURRENT_REQUESTS": "lots"}, "MAX_CONCURRENT_REQUESTS"),
+        ({"DTYPE": "float8"}, "DTYPE"),
+        ({"SAGEMAKER_BIND_TO_PORT": "http"}, "SAGEMAKER_BIND_TO_PORT"),
+        ({"MAX_INPUT_TOKENS": "100", "MAX_TOTAL_TOKENS": "100"}, "MAX_INPUT_TOKENS"),
+    ],
+)
+def test_malformed_values_name_the_variable(env, variable):
+    with pytest.raises(SettingsError, match=variable):
+        load_settings(env)
+
+
+def test_sagemaker_style_values():
+    settings = load_settings(
+        {
+            "HF_MODEL_ID": "HuggingFaceH4/zephyr-7b-beta",
+            "HF_MODEL_REVISION": "abc123",
+            "SM_NUM_GPUS": "1",  # json.dumps(1), as the reference deploy snippet sends it
+            "MESSAGES_API_ENABLED": "True",  # str(True), as our deploy scripts stringify it
+            "HF_MODEL_TRUST_REMOTE_CODE": "1",
+            "MAX_INPUT_TOKENS": "1024",
+            "MAX_TOTAL_TOKENS": "2048",
+            "MAX_CONCURRENT_REQUESTS": "16",
+            "DTYPE": "BFloat16",
+            "SAGEMAKER_BIND_TO_PORT": "9000",
+        }
+    )
+    assert settings.model_id == "HuggingFaceH4/zephyr-7b-beta" and settings.model_revision == "abc123"
+    assert settings.num_gpus == 1 and settings.messages_api_enabled and settings.trust_remote_code
+    assert (settings.max_input_tokens, settings.max_total_tokens) == (1024, 2048)
+    assert settings.max_concurrent_requests == 16 and settings.dtype == "bfloat16" and settings.port == 9000
+
+
+def test_aliases_users_already_set():
+    settings = load_settings({"HUGGING_FACE_HUB_TOKEN": "hf_x", "MAX_INPUT_LENGTH": "77"})
+    assert settings.hf_token == "hf_x" and settings.max_input_tokens == 77
+    assert load_settings({"HF_TOKEN": "a", "HUGGING_FACE_HUB_TOKEN": "b"}).hf_token == "a"
+
+
+def test_empty_values_mean_unset():
+    assert load_settings({"HF_MODEL_ID": "", "SM_NUM_GPUS": " "}) == Settings()
+
+
+def test_settings_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load_settings({}).port = 1

@@ -1,0 +1,57 @@
+import torch
+
+from serve.engine.sampling import make_generator, sample_next_tokens
+from serve.engine.types import SamplingParams
+
+EMPTY = torch.tensor([], dtype=torch.long)
+
+
+def sample(logits, params, generators=None):
+    rows = len(params)
+    generators = generators or [make_generator(p, torch.device("cpu")) for p in params]
+    return sample_next_tokens(logits.clone(), params, generators, [EMPTY] * rows, [EMPTY] * rows)
+
+
+def test_greedy_rows_take_the_argmax():
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 1.0]])
+    assert sample(logits, [SamplingParams(), SamplingParams()]).tolist() == [1, 0]
+
+
+def test_top_k_one_is_greedy_even_when_sampling():
+    logits = torch.randn(4, 50)
+    params = [SamplingParams(temperature=1.5, top_k=1)] * 4
+    assert sample(logits, params).tolist() == logits.argmax(-1).tolist()
+
+
+def test_tiny_top_p_keeps_only_the_best_token():
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=1.0, top_p=1e-6)] * 3
+    assert sample(logits, params).tolist() == logits.argmax(-1).tolist()
+
+
+def test_same_seed_same_tokens_different_seed_differs():
+    logits = torch.zeros(1, 1000)
+    draws = lambda seed: [int(sample(logits, [SamplingParams(temperature=1.0, seed=seed)])[0]) for _ in range(1)]
+    first = [draws(7)[0] for _ in range(3)]
+    assert len(set(first)) == 1
+    assert {draws(seed)[0] for seed in range(20)} != {first[0]}
+
+
+def test_mixed_batch_keeps_greedy_rows_greedy():
+    logits = torch.tensor([[0.0, 10.0, 0.0], [0.0, 0.0, 0.0]])
+    params = [SamplingParams(), SamplingParams(temperature=1.0, seed=3)]
+    assert int(sample(logits, params)[0]) == 1
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    logits = torch.tensor([[2.0, 1.9]])
+    params = [SamplingParams(repetition_penalty=2.0)]
+    seen = torch.tensor([0])
+    assert int(sample_next_tokens(logits.clone(), params, [None], [seen], [EMPTY])[0]) == 1
+
+
+def test_frequency_penalty_discourages_generated_tokens():
+    logits = torch.tensor([[2.0, 1.5]])
+    params = [SamplingParams(frequency_penalty=1.0)]
+    generated = torch.tensor([0])
+    assert int(sample_next_tokens(logits.clone(), params, [None], [generated], [generated])[0]) == 1
