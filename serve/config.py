@@ -35,6 +35,7 @@ class Settings:
     max_input_tokens: Optional[int] = None
     max_total_tokens: Optional[int] = None
     max_concurrent_requests: int = 128
+    default_max_new_tokens: int = 1024
     max_payload_bytes: int = SIX_MIB
     port: int = 8080
     workers: int = 1
@@ -101,6 +102,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "max_input_tokens": _read(env, ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), parse_positive_int),
         "max_total_tokens": _read(env, ("MAX_TOTAL_TOKENS",), parse_positive_int),
         "max_concurrent_requests": _read(env, ("MAX_CONCURRENT_REQUESTS",), parse_positive_int),
+        "default_max_new_tokens": _read(env, ("DEFAULT_MAX_NEW_TOKENS",), parse_positive_int),
         "port": _read(env, ("SAGEMAKER_BIND_TO_PORT",), parse_positive_int),
         "workers": _read(env, ("SAGEMAKER_MODEL_SERVER_WORKERS",), parse_positive_int),
         "log_level": _read(env, ("LOG_LEVEL",), lambda name, raw: raw.strip().upper()),

@@ -112,7 +112,7 @@ class GenerationService:
                 f"MAX_TOTAL_TOKENS={limits.max_total_tokens}; ask for at most {room}",
                 "max_tokens",
             )
-        return room if requested is None else requested
+        return min(room, self.settings.default_max_new_tokens) if requested is None else requested
 
     def collect(self, stream: RequestStream, route: str) -> Completion:
         """Wait for the whole generation; GenerationFailed (424) if the model failed."""

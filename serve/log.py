@@ -23,7 +23,7 @@ def configure_logging(level: str = "INFO") -> None:
 def log_request(route: str, request_id: str, final: Optional[TokenEvent], stream: bool) -> None:
     """One line per finished request: route, outcome, token counts and where the time went."""
     if final is None:
-        request_log.info("route=%s id=%s stream=%s outcome=abandoned", route, request_id, stream)
+        request_log.info("route=%s id=%s stream=%s outcome=cancelled reason=client_disconnected", route, request_id, stream)
         return
     timings = final.timings
     spent = (

@@ -112,7 +112,7 @@ def wait_healthy(server: Server, timeout: float) -> None:
         try:
             if requests.get(server.url + "/ping", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             pass
         time.sleep(0.2)
     server.stop()

@@ -9,10 +9,6 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Iterator, Optional
 
-import torch
-
-from serve.engine.runner import ModelRunner
-from serve.engine.sampling import make_generator, sample_next_tokens
 from serve.engine.scheduler import EngineOverloaded, Scheduler
 from serve.engine.sequence import Sequence
 from serve.engine.types import FinishReason, Request, Timings, TokenEvent
@@ -118,6 +114,8 @@ class Engine:
 
     def _main(self) -> None:
         try:
+            from serve.engine.runner import ModelRunner  # torch is imported here, off the HTTP threads
+
             self.loaded = self._load()
             self._runner = ModelRunner(self.loaded.model)
             self._eos_ids = _eos_token_ids(self.loaded.model, self.loaded.tokenizer)
@@ -149,16 +147,14 @@ class Engine:
     def _generate(self, request: Request, stream: RequestStream) -> None:
         started = time.monotonic()
         sequence = Sequence(request, self.loaded.tokenizer, self._eos_ids)
-        generator = make_generator(request.params, self._runner.device)
+        generator = self._runner.generator_for(request.params)
         if self.scheduler.is_cancelled(request.id):
             stream.put(self._cancelled(sequence, Timings(started - request.arrival, 0.0, 0.0)))
             return
         logits, cache = self._runner.prefill(request.prompt_ids)
         prefilled = time.monotonic()
         while True:
-            history = torch.tensor(sequence.all_ids, device=self._runner.device)
-            output = torch.tensor(sequence.output_ids, dtype=torch.long, device=self._runner.device)
-            token = int(sample_next_tokens(logits, [request.params], [generator], [history], [output])[0])
+            token = self._runner.sample(logits, [sequence], [generator])[0]
             event = sequence.append(token)
             if event.finish_reason is not None:
                 timings = Timings(started - request.arrival, prefilled - started, time.monotonic() - prefilled)

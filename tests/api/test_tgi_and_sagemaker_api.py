@@ -1,0 +1,102 @@
+"""TGI routes and SageMaker's /ping and /invocations through the Flask app on a tiny random Llama."""
+
+import json
+import threading
+
+from serve.app import create_app
+from serve.config import Settings
+from serve.engine import Engine
+from tests.helpers import sse_data
+
+GENERATE = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 6, "ignore_eos": True}}
+
+
+def test_generate(client):
+    response = client.post("/generate", json={**GENERATE, "parameters": {**GENERATE["parameters"], "details": True}})
+    assert response.status_code == 200
+    body = response.json
+    assert isinstance(body["generated_text"], str)
+    assert body["details"]["finish_reason"] == "length" and body["details"]["generated_tokens"] == 6
+    assert response.headers["x-prompt-tokens"] and response.headers["x-queue-time"]
+
+
+def test_generate_return_full_text(client):
+    body = client.post("/generate", json={**GENERATE, "parameters": {"max_new_tokens": 3, "return_full_text": True}}).json
+    assert body["generated_text"].startswith(GENERATE["inputs"])
+
+
+def test_generate_stream_tgi_events(client):
+    response = client.post("/generate_stream", json=GENERATE)
+    events = [json.loads(item) for item in sse_data(response.get_data(as_text=True))]
+    assert len(events) == 6 and all(event["token"]["id"] is not None for event in events)
+    assert all(event["generated_text"] is None for event in events[:-1])
+    assert events[-1]["generated_text"] == "".join(event["token"]["text"] for event in events)
+
+
+def test_invocations_tgi_mode_returns_a_list(client):
+    response = client.post("/invocations", json=GENERATE)
+    assert response.status_code == 200 and isinstance(response.json, list) and "generated_text" in response.json[0]
+
+
+def test_invocations_tgi_mode_also_takes_messages_and_prompt(client):
+    chat = client.post("/invocations", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    assert chat.status_code == 200 and chat.json["object"] == "chat.completion"
+    completion = client.post("/invocations", json={"prompt": "Hi", "max_tokens": 3})
+    assert completion.status_code == 200 and completion.json["object"] == "text_completion"
+
+
+def test_invocations_stream_in_tgi_mode(client):
+    response = client.post("/invocations", json={**GENERATE, "stream": True})
+    assert response.mimetype == "text/event-stream" and json.loads(sse_data(response.get_data(as_text=True))[-1])["generated_text"] is not None
+
+
+def test_invocations_messages_api(messages_client):
+    response = messages_client.post("/invocations", json={"messages": [{"role": "user", "content": "What is deep learning?"}], "max_tokens": 4})
+    assert response.status_code == 200 and response.json["choices"][0]["message"]["role"] == "assistant"
+    streamed = messages_client.post("/invocations", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True})
+    assert sse_data(streamed.get_data(as_text=True))[-1] == "[DONE]"
+
+
+def test_invocations_messages_api_rejects_inputs(messages_client):
+    response = messages_client.post("/invocations", json=GENERATE)
+    assert response.status_code == 422
+    assert "messages" in response.json["error"] and response.json["error_type"] == "validation"
+
+
+def test_tgi_errors_are_tgi_shaped(client):
+    response = client.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 0}})
+    assert response.status_code == 422 and "max_new_tokens" in response.json["error"] and response.json["error_type"]
+    missing = client.post("/invocations", json={"parameters": {}})
+    assert missing.status_code == 422 and "inputs" in missing.json["error"]
+    too_long = client.post("/generate", json={"inputs": "word " * 600})
+    assert too_long.status_code == 422 and "MAX_INPUT_TOKENS" in too_long.json["error"]
+
+
+def test_truncate_keeps_the_last_tokens(client):
+    response = client.post("/generate", json={"inputs": "word " * 600, "parameters": {"truncate": 100, "max_new_tokens": 2, "details": True}})
+    assert response.status_code == 200 and int(response.headers["x-prompt-tokens"]) == 100
+
+
+def test_info_health_tokenize(client, tiny_model_dir):
+    info = client.get("/info").json
+    assert info["model_id"] == str(tiny_model_dir) and info["max_total_tokens"] == 512 and info["max_input_tokens"] == 511
+    assert client.get("/health").status_code == 200
+    tokens = client.post("/tokenize", json={"inputs": "Hello world"}).json
+    assert "".join(token["text"] for token in tokens) == "Hello world" and all("id" in token for token in tokens)
+
+
+def test_ping_is_503_until_the_model_is_loaded(tiny_settings, tiny_engine):
+    release = threading.Event()
+
+    def gated_load():
+        release.wait(10)
+        return tiny_engine.loaded
+
+    app = create_app(Settings(), Engine(load=gated_load))
+    client = app.test_client()
+    assert client.get("/ping").status_code == 503
+    assert client.post("/invocations", json=GENERATE).status_code == 503
+    release.set()
+    engine = app.extensions["serve.service"].engine
+    assert engine.wait_ready(10)
+    assert client.get("/ping").status_code == 200

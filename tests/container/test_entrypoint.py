@@ -1,0 +1,93 @@
+"""The container contract through the real entrypoint and gunicorn, on a tiny random Llama."""
+
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.helpers import ENTRYPOINT, server_env, start_server, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model_dir, tmp_path_factory):
+    server = start_server({"HF_MODEL_ID": str(tiny_model_dir), "MAX_CONCURRENT_REQUESTS": "4"}, tmp_path_factory.mktemp("logs"))
+    yield server
+    server.stop()
+
+
+def test_other_commands_are_executed_as_given():
+    result = subprocess.run([str(ENTRYPOINT), "echo", "hello from the container"], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0 and result.stdout.strip() == "hello from the container"
+
+
+def test_malformed_setting_stops_startup_with_one_clear_line(tmp_path):
+    env = server_env({"SM_NUM_GPUS": "abc"}, free_port())
+    result = subprocess.run([str(ENTRYPOINT), "serve"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "configuration error: SM_NUM_GPUS='abc' is not an integer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unloadable_model_exits_with_the_reason(tmp_path):
+    server = start_server({"HF_MODEL_ID": str(tmp_path / "missing.gguf")}, tmp_path, wait=False)
+    assert server.process.wait(120) != 0
+    assert "HF_MODEL_ID" in server.log() and "does not exist" in server.log()
+    assert "Worker failed to boot" in server.log()
+
+
+def test_binds_the_sagemaker_port_and_serves(tiny_server):
+    assert requests.get(f"http://127.0.0.1:{tiny_server.port}/ping", timeout=2).status_code == 200
+    response = requests.post(tiny_server.url + "/invocations", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}}, timeout=30)
+    assert response.status_code == 200 and "generated_text" in response.json()[0]
+    assert "route=/invocations" in tiny_server.log() and "generated_tokens=" in tiny_server.log()
+
+
+def test_ping_stays_fast_while_generations_run(tiny_server):
+    def long_generation():
+        requests.post(tiny_server.url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 400, "ignore_eos": True}}, timeout=120)
+
+    workers = [threading.Thread(target=long_generation) for _ in range(2)]
+    [w.start() for w in workers]
+    time.sleep(0.5)
+    slowest = 0.0
+    for _ in range(10):
+        started = time.monotonic()
+        assert requests.get(tiny_server.url + "/ping", timeout=2).status_code == 200
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.1)
+    [w.join(120) for w in workers]
+    assert slowest < 2.0  # SageMaker's health-check contract, not a performance target
+
+
+def test_client_disconnect_cancels_the_generation(tiny_server):
+    request = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 450, "ignore_eos": True, "stream": True}
+    with requests.post(tiny_server.url + "/v1/chat/completions", json=request, stream=True, timeout=30) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        next(lines)
+        next(lines)
+    deadline = time.monotonic() + 10
+    while "outcome=cancelled" not in tiny_server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "outcome=cancelled reason=client_disconnected" in tiny_server.log()
+    # the abandoned 450-token generation (about 2 s here) no longer holds the engine: the next request is not queued behind it
+    follow_up = requests.post(tiny_server.url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=30)
+    assert follow_up.status_code == 200 and int(follow_up.headers["x-queue-time"]) < 1000
+
+
+def test_bad_requests_leave_the_server_healthy(tiny_server):
+    for body in (b"{", b"", b"[]", b'{"inputs": 5}', b'{"inputs": "x", "parameters": {"top_p": 2}}'):
+        response = requests.post(tiny_server.url + "/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=10)
+        assert 400 <= response.status_code < 500 and "error" in response.json()
+    big = requests.post(tiny_server.url + "/invocations", data=b"x" * (7 * 1024 * 1024), timeout=30)
+    assert big.status_code == 413
+    assert requests.get(tiny_server.url + "/ping", timeout=2).status_code == 200
+
+
+def test_sigterm_stops_the_server_cleanly(tiny_model_dir, tmp_path):
+    server = start_server({"HF_MODEL_ID": str(tiny_model_dir)}, tmp_path)
+    assert server.stop(timeout=30) == 0
