@@ -8,6 +8,7 @@ export PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "${1:-serve}" = "serve" ]; then
     [ $# -gt 0 ] && shift
+    export SERVE_STARTED_AT="${SERVE_STARTED_AT:-$(date +%s.%N)}"  # cold start is measured from here
     exec gunicorn --config "$here/gunicorn.conf.py" "$@"
 fi
 exec "$@"

@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Optional
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from serve.config import Settings, load_settings
-from serve.engine import Engine
+from serve.engine import Engine, EngineConfig
 from serve.errors import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ServeError
 from serve.generation import GenerationService
+from serve.metrics import Metrics
 from serve.model.loader import load_model
 from serve.routes import openai, sagemaker, tgi
 
@@ -29,19 +31,39 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     if engine is None:
         engine = Engine(
             load=lambda: load_model(settings),
-            max_concurrent_requests=settings.max_concurrent_requests,
+            config=engine_config(settings),
             on_load_failure=_exit_worker if exit_on_load_failure else None,
+            on_ready=lambda: _log_cold_start(settings),
         )
     app = Flask("serve")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_payload_bytes
     app.json.sort_keys = False
     app.extensions["serve.settings"] = settings
-    app.extensions["serve.service"] = GenerationService(engine, settings)
+    metrics = Metrics(engine)
+    app.extensions["serve.service"] = GenerationService(engine, settings, metrics)
     for module in (sagemaker, openai, tgi):
         app.register_blueprint(module.blueprint)
     _register_error_handlers(app)
+    app.after_request(lambda response: _count(metrics, response))
     engine.start()
     return app
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's share of the settings."""
+    return EngineConfig(
+        max_concurrent_requests=settings.max_concurrent_requests,
+        max_total_tokens=settings.max_total_tokens,
+        max_input_tokens=settings.max_input_tokens,
+        max_batch_total_tokens=settings.max_batch_total_tokens,
+        max_batch_prefill_tokens=settings.max_batch_prefill_tokens,
+        max_batch_size=settings.max_batch_size,
+    )
+
+
+def _log_cold_start(settings: Settings) -> None:
+    if settings.started_at is not None:
+        log.info("cold start: ready %.1f s after `serve` started", time.time() - settings.started_at)
 
 
 def _exit_worker(exc: BaseException) -> None:
@@ -49,6 +71,12 @@ def _exit_worker(exc: BaseException) -> None:
     log.critical("cannot serve: %s", exc)
     sys.stderr.flush()
     os._exit(WORKER_BOOT_ERROR)
+
+
+def _count(metrics: Metrics, response: Response) -> Response:
+    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    metrics.requests.labels(route, str(response.status_code)).inc()
+    return response
 
 
 def _render(error: ServeError) -> tuple[Response, int]:

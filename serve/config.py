@@ -36,11 +36,15 @@ class Settings:
     max_total_tokens: Optional[int] = None
     max_concurrent_requests: int = 128
     default_max_new_tokens: int = 1024
+    max_batch_total_tokens: Optional[int] = None
+    max_batch_prefill_tokens: int = 512
+    max_batch_size: Optional[int] = None
     max_payload_bytes: int = SIX_MIB
     port: int = 8080
     workers: int = 1
     graceful_timeout: int = 25
     log_level: str = "INFO"
+    started_at: Optional[float] = None  # when `serve` began (set by the entrypoint), for the cold-start log line
 
 
 def parse_bool(name: str, raw: str) -> bool:
@@ -62,6 +66,14 @@ def parse_positive_int(name: str, raw: str) -> int:
     if value <= 0:
         raise SettingsError(f"{name}={raw!r} must be greater than 0")
     return value
+
+
+def parse_timestamp(name: str, raw: str) -> float:
+    """A Unix timestamp in seconds."""
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a Unix timestamp") from None
 
 
 def parse_dtype(name: str, raw: str) -> str:
@@ -103,9 +115,13 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "max_total_tokens": _read(env, ("MAX_TOTAL_TOKENS",), parse_positive_int),
         "max_concurrent_requests": _read(env, ("MAX_CONCURRENT_REQUESTS",), parse_positive_int),
         "default_max_new_tokens": _read(env, ("DEFAULT_MAX_NEW_TOKENS",), parse_positive_int),
+        "max_batch_total_tokens": _read(env, ("MAX_BATCH_TOTAL_TOKENS",), parse_positive_int),
+        "max_batch_prefill_tokens": _read(env, ("MAX_BATCH_PREFILL_TOKENS",), parse_positive_int),
+        "max_batch_size": _read(env, ("MAX_BATCH_SIZE",), parse_positive_int),
         "port": _read(env, ("SAGEMAKER_BIND_TO_PORT",), parse_positive_int),
         "workers": _read(env, ("SAGEMAKER_MODEL_SERVER_WORKERS",), parse_positive_int),
         "log_level": _read(env, ("LOG_LEVEL",), lambda name, raw: raw.strip().upper()),
+        "started_at": _read(env, ("SERVE_STARTED_AT",), parse_timestamp),
     }
     settings = Settings(**{key: value for key, value in values.items() if value is not None})
     _check_limits(settings)

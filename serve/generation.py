@@ -8,29 +8,14 @@ from typing import Any, Callable, Iterable, Optional
 
 from serve.config import Settings
 from serve.engine import Engine, EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
+from serve.engine.engine import Limits
 from serve.engine.types import FinishReason
 from serve.errors import GenerationFailed, NotReady, Overloaded, ValidationFailed
 from serve.log import log_request
+from serve.metrics import Metrics
 from serve.model.prompt import PromptError, encode, render_chat
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Token limits in force: TGI's MAX_INPUT_TOKENS and MAX_TOTAL_TOKENS, bounded by the model's context."""
-
-    max_input_tokens: int
-    max_total_tokens: int
-
-
-def resolve_limits(settings: Settings, max_context: int) -> Limits:
-    """MAX_TOTAL_TOKENS defaults to the model's context; MAX_INPUT_TOKENS to one less."""
-    total = min(settings.max_total_tokens or max_context, max_context)
-    if settings.max_total_tokens and settings.max_total_tokens > max_context:
-        log.warning("MAX_TOTAL_TOKENS=%d exceeds the model context; using %d", settings.max_total_tokens, max_context)
-    max_input = min(settings.max_input_tokens or total - 1, total - 1)
-    return Limits(max_input_tokens=max_input, max_total_tokens=total)
 
 
 @dataclass
@@ -44,17 +29,15 @@ class Completion:
 class GenerationService:
     """What routes call: prompt -> admitted request stream -> (optionally) collected completion."""
 
-    def __init__(self, engine: Engine, settings: Settings):
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics):
         self.engine = engine
         self.settings = settings
-        self._limits: Optional[Limits] = None
+        self.metrics = metrics
 
     @property
     def limits(self) -> Limits:
-        if self._limits is None:
-            self._require_ready()
-            self._limits = resolve_limits(self.settings, self.engine.loaded.max_context)
-        return self._limits
+        self._require_ready()
+        return self.engine.limits
 
     @property
     def tokenizer(self) -> Any:
@@ -124,10 +107,17 @@ class GenerationService:
                 final = event
         finally:
             stream.close()
-            log_request(route, stream.request.id, final, stream=False)
+            self.record(route, stream.request.id, final, streamed=False)
         if final is None or final.finish_reason is FinishReason.ERROR:
             raise GenerationFailed(f"generation failed: {final.error if final else 'no result'}")
         return Completion("".join(pieces), final)
+
+
+    def record(self, route: str, request_id: str, final: Optional[TokenEvent], streamed: bool) -> None:
+        """Log the request's line and count it in the metrics (final is None when the client left mid-stream)."""
+        log_request(route, request_id, final, streamed)
+        if final is not None:
+            self.metrics.observe(final)
 
 
 def timing_headers(final: TokenEvent) -> dict[str, str]:

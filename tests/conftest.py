@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.app import create_app
+from serve.app import create_app, engine_config
 from serve.config import Settings
 from serve.engine import Engine
 from serve.model.loader import embedded_model_file, gguf_to_folder, load_model
@@ -43,7 +43,7 @@ def tiny_settings(tiny_model_dir) -> Settings:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_settings) -> Engine:
-    engine = Engine(load=lambda: load_model(tiny_settings), max_concurrent_requests=tiny_settings.max_concurrent_requests)
+    engine = Engine(load=lambda: load_model(tiny_settings), config=engine_config(tiny_settings))
     engine.start()
     assert engine.wait_ready(120), f"tiny engine failed to load: {engine.load_error}"
     yield engine

@@ -1,10 +1,11 @@
 """The generation engine: owns the model on one background thread; knows nothing of HTTP."""
 
 from serve.engine.engine import Engine, EngineNotReady, EngineOverloaded, RequestStream
-from serve.engine.types import FinishReason, Request, SamplingParams, Timings, TokenEvent
+from serve.engine.types import EngineConfig, FinishReason, Request, SamplingParams, Timings, TokenEvent
 
 __all__ = [
     "Engine",
+    "EngineConfig",
     "EngineNotReady",
     "EngineOverloaded",
     "FinishReason",

@@ -1,17 +1,16 @@
-"""The engine: one background thread loads the model and generates; HTTP threads submit and read events."""
+"""The engine: one background thread owns the model and runs continuous batching; HTTP threads submit and read events."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-import time
-from dataclasses import replace
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from serve.engine.scheduler import EngineOverloaded, Scheduler
 from serve.engine.sequence import Sequence
-from serve.engine.types import FinishReason, Request, Timings, TokenEvent
+from serve.engine.types import EngineConfig, FinishReason, Request, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +19,16 @@ __all__ = ["Engine", "EngineNotReady", "EngineOverloaded", "RequestStream"]
 
 class EngineNotReady(RuntimeError):
     """The model has not finished loading, failed to load, or the engine is stopping."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Token limits in force once the model is loaded."""
+
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_total_tokens: int
+    max_batch_size: int
 
 
 class RequestStream:
@@ -55,24 +64,28 @@ class RequestStream:
 
 
 class Engine:
-    """Owns the model. ``submit()`` returns a RequestStream; ``cancel()`` stops a request at its next step."""
+    """Owns the model. ``submit()`` returns a RequestStream; ``cancel()`` drops a request before the next step."""
 
     def __init__(
         self,
         load: Callable[[], Any],
-        max_concurrent_requests: int = 128,
+        config: EngineConfig = EngineConfig(),
         on_load_failure: Optional[Callable[[BaseException], None]] = None,
+        on_ready: Optional[Callable[[], None]] = None,
     ):
         self._load = load
+        self._on_ready = on_ready
+        self.config = config
         self._on_load_failure = on_load_failure
-        self.scheduler = Scheduler(max_concurrent_requests)
+        self.scheduler = Scheduler(config.max_concurrent_requests, config.max_batch_prefill_tokens)
         self._streams: dict[str, RequestStream] = {}
+        self._running: list[Sequence] = []
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
         self.loaded: Any = None
+        self.limits: Optional[Limits] = None
         self.load_error: Optional[BaseException] = None
-        self.running = 0
 
     def start(self) -> "Engine":
         """Start loading and serving in the background (idempotent)."""
@@ -90,6 +103,10 @@ class Engine:
     @property
     def tokenizer(self) -> Any:
         return self.loaded.tokenizer
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     def submit(self, request: Request) -> RequestStream:
         """Admit a request (EngineOverloaded past the cap, EngineNotReady before load) and return its stream."""
@@ -114,11 +131,7 @@ class Engine:
 
     def _main(self) -> None:
         try:
-            from serve.engine.runner import ModelRunner  # torch is imported here, off the HTTP threads
-
-            self.loaded = self._load()
-            self._runner = ModelRunner(self.loaded.model)
-            self._eos_ids = _eos_token_ids(self.loaded.model, self.loaded.tokenizer)
+            self._prepare()
         except BaseException as exc:  # noqa: BLE001 - reported, then the worker decides to exit
             self.load_error = exc
             log.error("model load failed: %s", exc)
@@ -126,53 +139,69 @@ class Engine:
                 self._on_load_failure(exc)
             return
         self._ready.set()
-        log.info("engine ready")
+        log.info("engine ready: %s", self.limits)
+        if self._on_ready is not None:
+            self._on_ready()
         while not self._stopping.is_set():
-            request = self.scheduler.next_request(timeout=0.1)
-            if request is not None:
-                self._serve(request)
+            self._admit_waiting()
+            self._drop_cancelled()
+            if not self._running:
+                self.scheduler.wait_for_work(timeout=0.1)
+                continue
+            self._step()
 
-    def _serve(self, request: Request) -> None:
-        stream = self._streams.pop(request.id)
-        try:
-            self.running = 1
-            self._generate(request, stream)
-        except Exception as exc:  # noqa: BLE001 - a failing forward fails this request, not the engine
-            log.exception("generation failed for request %s", request.id)
-            stream.put(TokenEvent(None, "", FinishReason.ERROR, prompt_tokens=len(request.prompt_ids), error=f"{type(exc).__name__}: {exc}"))
-        finally:
-            self.running = 0
+    def _prepare(self) -> None:
+        """Load the model, size the KV cache, build the runner (torch is imported here, off the HTTP threads)."""
+        from serve.engine.kv_cache import CacheShape, SlotKVCache, default_cache_bytes, plan_slots
+        from serve.engine.runner import ModelRunner
+
+        self.loaded = self._load()
+        total = min(self.config.max_total_tokens or min(self.loaded.max_context, 4096), self.loaded.max_context)
+        max_input = min(self.config.max_input_tokens or total - 1, total - 1)
+        shape = CacheShape.of(self.loaded.model.config, self.loaded.dtype)
+        max_slots = min(self.config.max_batch_size or self.config.max_concurrent_requests, self.config.max_concurrent_requests)
+        slots = plan_slots(shape, total, self.config.max_batch_total_tokens, max_slots, default_cache_bytes(self.loaded.device))
+        self._runner = ModelRunner(self.loaded.model, SlotKVCache(shape, slots, total, self.loaded.device))
+        self._eos_ids = _eos_token_ids(self.loaded.model, self.loaded.tokenizer)
+        self.limits = Limits(max_input, total, slots * total, slots)
+
+    def _admit_waiting(self) -> None:
+        """Move waiting requests into free cache slots."""
+        cache = self._runner.cache
+        for request in self.scheduler.pop_waiting(cache.free_slots):
+            generator = self._runner.generator_for(request.params)
+            self._running.append(Sequence(request, self.loaded.tokenizer, self._eos_ids, cache.allocate(), generator))
+
+    def _drop_cancelled(self) -> None:
+        for request in self.scheduler.pop_cancelled_waiting():
+            self._streams.pop(request.id).put(TokenEvent(None, "", FinishReason.CANCELLED, 0, len(request.prompt_ids)))
             self.scheduler.finish(request.id)
+        for seq in [seq for seq in self._running if self.scheduler.is_cancelled(seq.id)]:
+            self._finish(seq, seq.end(FinishReason.CANCELLED))
 
-    def _generate(self, request: Request, stream: RequestStream) -> None:
-        started = time.monotonic()
-        sequence = Sequence(request, self.loaded.tokenizer, self._eos_ids)
-        generator = self._runner.generator_for(request.params)
-        if self.scheduler.is_cancelled(request.id):
-            stream.put(self._cancelled(sequence, Timings(started - request.arrival, 0.0, 0.0)))
+    def _step(self) -> None:
+        """One forward pass for the planned sequences; a failing pass fails only its own sequences."""
+        plan = self.scheduler.plan(self._running)
+        try:
+            sampled, tokens = self._runner.step(plan)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("forward pass failed; failing the %d requests in this step", len(plan.decode) + len(plan.prefill))
+            for seq in plan.decode + [seq for seq, _ in plan.prefill]:
+                self._finish(seq, seq.end(FinishReason.ERROR, f"{type(exc).__name__}: {exc}"))
             return
-        logits, cache = self._runner.prefill(request.prompt_ids)
-        prefilled = time.monotonic()
-        while True:
-            token = self._runner.sample(logits, [sequence], [generator])[0]
-            event = sequence.append(token)
+        for seq, token in zip(sampled, tokens):
+            event = seq.append(token)
             if event.finish_reason is not None:
-                timings = Timings(started - request.arrival, prefilled - started, time.monotonic() - prefilled)
-                stream.put(_with_timings(event, timings))
-                return
-            stream.put(event)
-            if self.scheduler.is_cancelled(request.id):
-                stream.put(self._cancelled(sequence, Timings(started - request.arrival, prefilled - started, time.monotonic() - prefilled)))
-                return
-            logits, cache = self._runner.decode(token, cache)
+                self._finish(seq, event)
+            else:
+                self._streams[seq.id].put(event)
 
-    @staticmethod
-    def _cancelled(sequence: Sequence, timings: Timings) -> TokenEvent:
-        return TokenEvent(None, "", FinishReason.CANCELLED, len(sequence.output_ids), len(sequence.request.prompt_ids), timings)
-
-
-def _with_timings(event: TokenEvent, timings: Timings) -> TokenEvent:
-    return replace(event, timings=timings)
+    def _finish(self, seq: Sequence, event: TokenEvent) -> None:
+        """Send the final event and give back the slot and the admission place."""
+        self._running.remove(seq)
+        self._runner.cache.release(seq.slot)
+        self._streams.pop(seq.id).put(event)
+        self.scheduler.finish(seq.id)
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -1,11 +1,12 @@
-"""Admission control and the waiting queue: who may enter, who runs next, who was cancelled."""
+"""Admission, the waiting queue and the per-step plan: who may enter, who runs this step, who was cancelled."""
 
 from __future__ import annotations
 
 import collections
 import threading
-from typing import Optional
+from dataclasses import dataclass
 
+from serve.engine.sequence import Sequence
 from serve.engine.types import Request
 
 
@@ -13,18 +14,32 @@ class EngineOverloaded(RuntimeError):
     """More requests than the admission cap are in flight."""
 
 
-class Scheduler:
-    """FIFO of admitted requests, capped at ``max_in_flight`` (waiting + running) at any time."""
+@dataclass
+class StepPlan:
+    """Who runs in one step: decode sequences (one token each) and prompt chunks (sequence, token count)."""
 
-    def __init__(self, max_in_flight: int):
+    decode: list[Sequence]
+    prefill: list[tuple[Sequence, int]]
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+
+class Scheduler:
+    """Requests wait FIFO until a cache slot frees up; each step decodes every running sequence and prefills
+    waiting prompts in chunks, at most ``prefill_budget`` prompt tokens per step so decode never stalls for long."""
+
+    def __init__(self, max_in_flight: int, prefill_budget: int):
         self.max_in_flight = max_in_flight
+        self.prefill_budget = prefill_budget
         self._waiting: collections.deque[Request] = collections.deque()
         self._in_flight: set[str] = set()
         self._cancelled: set[str] = set()
         self._condition = threading.Condition()
 
     def admit(self, request: Request) -> None:
-        """Queue a request, or raise EngineOverloaded when the cap is reached."""
+        """Queue a request (HTTP thread), or raise EngineOverloaded when the cap is reached."""
         with self._condition:
             if len(self._in_flight) >= self.max_in_flight:
                 raise EngineOverloaded(
@@ -34,15 +49,39 @@ class Scheduler:
             self._waiting.append(request)
             self._condition.notify()
 
-    def next_request(self, timeout: float) -> Optional[Request]:
-        """The oldest waiting request, waiting up to ``timeout`` seconds for one."""
+    def wait_for_work(self, timeout: float) -> None:
+        """Block the idle engine until a request arrives (or ``timeout``)."""
         with self._condition:
             if not self._waiting:
                 self._condition.wait(timeout)
-            return self._waiting.popleft() if self._waiting else None
+
+    def pop_waiting(self, limit: int) -> list[Request]:
+        """Up to ``limit`` of the oldest waiting requests."""
+        with self._condition:
+            return [self._waiting.popleft() for _ in range(min(limit, len(self._waiting)))]
+
+    def pop_cancelled_waiting(self) -> list[Request]:
+        """Waiting requests whose clients already left: they never get a slot."""
+        with self._condition:
+            gone = [request for request in self._waiting if request.id in self._cancelled]
+            for request in gone:
+                self._waiting.remove(request)
+            return gone
+
+    def plan(self, running: list[Sequence]) -> StepPlan:
+        """Decode every prefilled sequence; spend the prefill budget on prompts, oldest first."""
+        decode = [seq for seq in running if seq.prompt_left == 0]
+        prefill: list[tuple[Sequence, int]] = []
+        budget = self.prefill_budget
+        for seq in running:
+            if seq.prompt_left and budget > 0:
+                count = min(seq.prompt_left, budget)
+                prefill.append((seq, count))
+                budget -= count
+        return StepPlan(decode, prefill)
 
     def cancel(self, request_id: str) -> None:
-        """Mark a request cancelled; the engine drops it at its next step."""
+        """Mark a request cancelled; the engine drops it before its next step."""
         with self._condition:
             if request_id in self._in_flight:
                 self._cancelled.add(request_id)
@@ -52,7 +91,7 @@ class Scheduler:
             return request_id in self._cancelled
 
     def finish(self, request_id: str) -> None:
-        """Free the request's admission slot."""
+        """Free the request's admission place."""
         with self._condition:
             self._in_flight.discard(request_id)
             self._cancelled.discard(request_id)

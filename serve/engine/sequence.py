@@ -1,31 +1,48 @@
-"""One request's state inside the engine: its tokens, its text so far, and when it is finished."""
+"""One request's state inside the engine: its tokens, its cache slot, its text so far, and when it is finished."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 from serve.engine.detokenize import IncrementalDetokenizer
 from serve.engine.stopping import StopStringMatcher
-from serve.engine.types import FinishReason, Request, TokenEvent
+from serve.engine.types import FinishReason, Request, Timings, TokenEvent
 
 
 class Sequence:
-    """Tracks generated tokens and turns each into a TokenEvent (text delta, finish reason)."""
+    """Tracks one running request: cache progress, generated tokens, and the TokenEvent for each new token."""
 
-    def __init__(self, request: Request, tokenizer: Any, eos_ids: frozenset[int]):
+    def __init__(self, request: Request, tokenizer: Any, eos_ids: frozenset[int], slot: int, generator: Any = None):
         self.request = request
+        self.slot = slot
+        self.generator = generator
         self.output_ids: list[int] = []
+        self.num_cached = 0  # tokens whose keys/values are in the cache
         self.eos_ids = frozenset() if request.params.ignore_eos else eos_ids
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_ids)
         self.stops = StopStringMatcher(request.params.stop)
         self.finish_reason: Optional[FinishReason] = None
+        self.admitted_at = time.monotonic()
+        self.first_token_at: Optional[float] = None
+
+    @property
+    def id(self) -> str:
+        return self.request.id
 
     @property
     def all_ids(self) -> list[int]:
         return self.request.prompt_ids + self.output_ids
 
+    @property
+    def prompt_left(self) -> int:
+        """Prompt tokens not yet in the cache (0 once prefill is done)."""
+        return max(len(self.request.prompt_ids) - self.num_cached, 0)
+
     def append(self, token_id: int) -> TokenEvent:
         """Record one sampled token; the returned event is final when the sequence just finished."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         self.output_ids.append(token_id)
         if token_id in self.eos_ids:
             self.finish_reason = FinishReason.STOP
@@ -37,6 +54,16 @@ class Sequence:
         if self.stops.matched is not None:
             self.finish_reason = FinishReason.STOP
         return self._event(token_id, text)
+
+    def end(self, reason: FinishReason, error: Optional[str] = None) -> TokenEvent:
+        """The final event of a sequence stopped from outside (cancelled, or the model failed)."""
+        self.finish_reason = reason
+        return TokenEvent(None, "", reason, len(self.output_ids), len(self.request.prompt_ids), self.timings(), error)
+
+    def timings(self) -> Timings:
+        now = time.monotonic()
+        first = self.first_token_at or now
+        return Timings(self.admitted_at - self.request.arrival, first - self.admitted_at, now - first)
 
     def _drain(self) -> str:
         """Text still held back by the detokenizer or the stop matcher, at the end."""
@@ -50,5 +77,6 @@ class Sequence:
             finish_reason=self.finish_reason,
             generated_tokens=len(self.output_ids),
             prompt_tokens=len(self.request.prompt_ids),
+            timings=self.timings() if self.finish_reason is not None else None,
             stop_sequence=self.stops.matched,
         )

@@ -38,6 +38,18 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine limits (TGI's names): None means derived from the model and free memory at load time."""
+
+    max_concurrent_requests: int = 128
+    max_total_tokens: Optional[int] = None
+    max_input_tokens: Optional[int] = None
+    max_batch_total_tokens: Optional[int] = None
+    max_batch_prefill_tokens: int = 512
+    max_batch_size: Optional[int] = None
+
+
 @dataclass
 class Request:
     """One generation request: prompt token ids plus sampling parameters."""

@@ -9,7 +9,6 @@ from flask import Blueprint, Response, jsonify
 from serve.engine import RequestStream, TokenEvent
 from serve.engine.types import FinishReason
 from serve.errors import GenerationFailed
-from serve.log import log_request
 from serve.routes import sse
 from serve.routes.common import json_body, service, validate
 from serve.schemas import openai as oa
@@ -78,7 +77,7 @@ def _events(stream: RequestStream, route: str) -> Iterator[Optional[TokenEvent]]
             yield event
     finally:
         stream.close()
-        log_request(route, stream.request.id, final, stream=True)
+        service().record(route, stream.request.id, final, streamed=True)
 
 
 def _chat_chunks(stream: RequestStream, req: oa.ChatCompletionRequest, completion_id: str, route: str) -> Iterator[str]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional
 
 from flask import Blueprint, Response, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST
 
 import serve
 from serve.engine import RequestStream, TokenEvent
 from serve.engine.types import FinishReason
 from serve.errors import GenerationFailed, NotReady
 from serve.generation import timing_headers
-from serve.log import log_request
 from serve.routes import sse
 from serve.routes.common import json_body, service, settings, validate
 from serve.schemas import tgi
@@ -46,13 +46,21 @@ def info() -> Response:
         "model_dtype": str(engine.loaded.dtype).replace("torch.", "") if engine.ready else None,
         "model_device_type": engine.loaded.device.type if engine.ready else None,
         "max_concurrent_requests": settings().max_concurrent_requests,
-        "max_input_tokens": service().limits.max_input_tokens if engine.ready else None,
-        "max_total_tokens": service().limits.max_total_tokens if engine.ready else None,
+        "max_input_tokens": engine.limits.max_input_tokens if engine.ready else None,
+        "max_total_tokens": engine.limits.max_total_tokens if engine.ready else None,
+        "max_batch_total_tokens": engine.limits.max_batch_total_tokens if engine.ready else None,
+        "max_batch_size": engine.limits.max_batch_size if engine.ready else None,
+        "max_batch_prefill_tokens": engine.config.max_batch_prefill_tokens,
         "messages_api_enabled": settings().messages_api_enabled,
         "router": "sagemaker-llm-serve",
         "version": serve.__version__,
     }
     return jsonify(body)
+
+
+@blueprint.get("/metrics")
+def metrics() -> Response:
+    return Response(service().metrics.render(), mimetype=CONTENT_TYPE_LATEST)
 
 
 @blueprint.post("/tokenize")
@@ -109,4 +117,4 @@ def _token_events(stream: RequestStream, req: tgi.GenerateRequest, route: str) -
         yield sse.event(exc.tgi_body(), name="error")
     finally:
         stream.close()
-        log_request(route, stream.request.id, final, stream=True)
+        service().record(route, stream.request.id, final, streamed=True)

