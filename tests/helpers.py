@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +14,6 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "container" / "entrypoint.sh"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def build_tiny_llama(target: Path, tokenizer_source: Path, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
@@ -117,12 +115,6 @@ def wait_healthy(server: Server, timeout: float) -> None:
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"server not healthy after {timeout} s:\n{server.log()[-4000:]}")
-
-
-def copy_tokenizer(source: Path, target: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy(source / name, target / name)
 
 
 def sse_data(body: str) -> list[str]:

@@ -132,3 +132,26 @@ def test_default_length_is_capped_when_max_tokens_is_omitted(tiny_settings, tiny
     capped = create_app(replace(tiny_settings, default_max_new_tokens=7), tiny_engine).test_client()
     body = capped.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True}).json
     assert body["usage"]["completion_tokens"] == 7 and body["choices"][0]["finish_reason"] == "length"
+
+
+def test_overload_is_429_before_any_stream(tiny_settings):
+    from dataclasses import replace
+
+    from serve.app import create_app, engine_config
+    from serve.engine import Engine
+    from serve.model.loader import load_model
+
+    settings = replace(tiny_settings, max_concurrent_requests=1)
+    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
+    assert engine.wait_ready(60)
+    try:
+        client = create_app(settings, engine).test_client()
+        long_stream = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 400, "ignore_eos": True, "stream": True}, buffered=False)
+        first_chunk = next(long_stream.response)
+        assert b"chat.completion.chunk" in first_chunk
+        refused = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        assert refused.status_code == 429 and refused.mimetype == "application/json"
+        assert "limit is 1" in refused.json["error"]["message"] and refused.json["error"]["type"] == "overloaded"
+        long_stream.close()
+    finally:
+        engine.stop()
