@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 ALL_SYSTEMS = ("ours", "vllm", "transformers", "offline")
@@ -20,7 +20,7 @@ class BenchConfig:
     concurrency: tuple[int, ...] = (1, 8, 32)
     requests_per_client: int = 2
     min_requests: int = 8
-    fixed_requests: Optional[int] = None
+    fixed_requests: int | None = None
     max_tokens: int = 64
     max_model_len: int = 2048
     peer_timeout_s: float = 900.0
@@ -62,7 +62,7 @@ def _systems(raw: str) -> tuple[str, ...]:
     return names
 
 
-def from_env(env: Optional[Mapping[str, str]] = None) -> BenchConfig:
+def from_env(env: Mapping[str, str] | None = None) -> BenchConfig:
     """Build the config from BENCH_* variables (unset or empty means the default)."""
     env = os.environ if env is None else env
     get = lambda name: (env.get(name) or "").strip()  # noqa: E731

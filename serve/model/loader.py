@@ -22,6 +22,7 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 GPU_MEMORY_FRACTION_FOR_WEIGHTS = 0.9
+GGUF_FOLDER_FORMAT = 2  # bump when the converted folder's layout changes, so old caches are rebuilt
 
 
 class ModelLoadError(RuntimeError):
@@ -160,7 +161,7 @@ def _gguf_cache_key(path: Path) -> str:
     import transformers
 
     stat = path.stat()
-    raw = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    raw = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{GGUF_FOLDER_FORMAT}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -190,14 +191,21 @@ def gguf_to_folder(path: Path, cache_dir: str) -> Path:
 
 
 def _save_dequantized(model: Any, folder: Path) -> None:
-    """Write the dequantized weights as safetensors with a config that no longer claims GGUF quantization."""
-    from safetensors.torch import save_model
+    """Write the dequantized weights as a plain transformers folder any loader reads (vLLM included).
+
+    The config no longer claims GGUF quantization and names its architecture; a tied output head is stored once,
+    under the embedding's name, as transformers itself saves tied models.
+    """
+    from safetensors.torch import save_file
 
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items() if not (tied and name == "lm_head.weight")}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def local_folder(source: ModelSource, settings: Settings) -> Path:

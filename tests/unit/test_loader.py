@@ -91,3 +91,15 @@ def test_unreachable_hub_gives_a_clear_message(tmp_path):
         download_from_hub(settings(model_id="sagemaker-llm-serve-tests/no-such-model", model_revision="main", cache_dir=str(tmp_path)))
     message = str(caught.value)
     assert "HF_MODEL_ID='sagemaker-llm-serve-tests/no-such-model'" in message and "/opt/ml/model" in message
+
+
+def test_converted_gguf_folder_is_a_plain_transformers_folder(embedded_folder):
+    """vLLM and `transformers serve` read this folder too: it names its architecture and stores the embedding."""
+    import json
+
+    from safetensors import safe_open
+
+    config = json.loads((embedded_folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    with safe_open(str(embedded_folder / "model.safetensors"), "pt") as weights:
+        assert "model.embed_tokens.weight" in weights.keys()
