@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -14,8 +13,6 @@ from serve.errors import GenerationFailed, NotReady, Overloaded, ValidationFaile
 from serve.log import log_request
 from serve.metrics import Metrics
 from serve.model.prompt import PromptError, encode, render_chat
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
