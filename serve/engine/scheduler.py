@@ -21,10 +21,6 @@ class StepPlan:
     decode: list[Sequence]
     prefill: list[tuple[Sequence, int]]
 
-    @property
-    def empty(self) -> bool:
-        return not self.decode and not self.prefill
-
 
 class Scheduler:
     """Requests wait FIFO until a cache slot frees up; each step decodes every running sequence and prefills

@@ -185,3 +185,20 @@ def test_generation_failure_fails_only_that_request(tiny_settings):
         assert ok.finish_reason is FinishReason.LENGTH
     finally:
         engine.stop()
+
+
+def test_cancelled_while_waiting_for_a_slot_is_dropped_at_once(tiny_settings):
+    engine = Engine(load=lambda: load_model(tiny_settings), config=EngineConfig(max_batch_size=1)).start()
+    assert engine.wait_ready(60) and engine.limits.max_batch_size == 1
+    try:
+        running = engine.submit(Request(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=450, ignore_eos=True)))
+        waiting = engine.submit(Request(prompt_ids=[3, 4], params=SamplingParams(max_new_tokens=5)))
+        assert wait_for(lambda: engine.running == 1 and engine.scheduler.waiting == 1)
+        waiting.close()
+        final = list(waiting)[-1]
+        assert final.finish_reason is FinishReason.CANCELLED and final.generated_tokens == 0
+        assert engine.scheduler.in_flight == 1 and engine.running == 1  # the running request is untouched
+        running.close()
+        assert wait_for(lambda: engine.scheduler.in_flight == 0)
+    finally:
+        engine.stop()
