@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from serve.config import Settings
 from serve.engine import Engine, EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
@@ -109,6 +109,24 @@ class GenerationService:
             raise GenerationFailed(f"generation failed: {final.error if final else 'no result'}")
         return Completion("".join(pieces), final)
 
+
+    def stream_events(self, stream: RequestStream, route: str, heartbeat: float) -> Iterator[Optional[TokenEvent]]:
+        """A stream's events, None every ``heartbeat`` s of silence; GenerationFailed if the model failed.
+
+        However the iteration ends (finished, failed, or the client left and WSGI closed the generator), the request
+        is cancelled if still running, logged and counted.
+        """
+        final: Optional[TokenEvent] = None
+        try:
+            for event in stream.events(heartbeat=heartbeat):
+                if event is not None and event.finish_reason is FinishReason.ERROR:
+                    raise GenerationFailed(f"generation failed: {event.error}")
+                if event is not None and event.finish_reason is not None:
+                    final = event
+                yield event
+        finally:
+            stream.close()
+            self.record(route, stream.request.id, final, streamed=True)
 
     def record(self, route: str, request_id: str, final: Optional[TokenEvent], streamed: bool) -> None:
         """Log the request's line and count it in the metrics (final is None when the client left mid-stream)."""

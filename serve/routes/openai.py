@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 from flask import Blueprint, Response, jsonify
 
 from serve.engine import RequestStream, TokenEvent
-from serve.engine.types import FinishReason
 from serve.errors import GenerationFailed
 from serve.routes import sse
 from serve.routes.common import json_body, service, validate
@@ -66,24 +65,10 @@ def _json(body: dict[str, Any], final: TokenEvent) -> Response:
     return response
 
 
-def _events(stream: RequestStream, route: str) -> Iterator[Optional[TokenEvent]]:
-    """The request's events with keep-alive ticks (None); logs the request and cancels it if the client leaves."""
-    final: Optional[TokenEvent] = None
-    try:
-        for event in stream.events(heartbeat=sse.KEEPALIVE_SECONDS):
-            if event is not None and event.finish_reason is FinishReason.ERROR:
-                raise GenerationFailed(f"generation failed: {event.error}")
-            final = event if event is not None and event.finish_reason else final
-            yield event
-    finally:
-        stream.close()
-        service().record(route, stream.request.id, final, streamed=True)
-
-
 def _chat_chunks(stream: RequestStream, req: oa.ChatCompletionRequest, completion_id: str, route: str) -> Iterator[str]:
     yield sse.event(oa.chat_chunk(completion_id, req.model, {"role": "assistant", "content": ""}))
     try:
-        for event in _events(stream, route):
+        for event in service().stream_events(stream, route, sse.KEEPALIVE_SECONDS):
             if event is None:
                 yield sse.KEEPALIVE
                 continue
@@ -102,7 +87,7 @@ def _completion_chunks(stream: RequestStream, req: oa.CompletionRequest, complet
     if prefix:
         yield sse.event(oa.text_completion(completion_id, req.model, prefix, None))
     try:
-        for event in _events(stream, route):
+        for event in service().stream_events(stream, route, sse.KEEPALIVE_SECONDS):
             if event is None:
                 yield sse.KEEPALIVE
                 continue

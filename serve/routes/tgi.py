@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from dataclasses import asdict
+from typing import Any, Iterator
 
 from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import serve
-from serve.engine import RequestStream, TokenEvent
-from serve.engine.types import FinishReason
+from serve.engine import RequestStream
 from serve.errors import GenerationFailed, NotReady
 from serve.generation import timing_headers
 from serve.routes import sse
@@ -41,15 +41,18 @@ def health() -> Response:
 @blueprint.get("/info")
 def info() -> Response:
     engine = service().engine
+    loaded: dict[str, Any] = {}
+    if engine.ready:
+        loaded = {
+            "model_id": engine.loaded.name,
+            "model_dtype": str(engine.loaded.dtype).replace("torch.", ""),
+            "model_device_type": engine.loaded.device.type,
+            **asdict(engine.limits),
+        }
     body: dict[str, Any] = {
-        "model_id": engine.loaded.name if engine.ready else None,
-        "model_dtype": str(engine.loaded.dtype).replace("torch.", "") if engine.ready else None,
-        "model_device_type": engine.loaded.device.type if engine.ready else None,
+        "model_id": None,
+        **loaded,
         "max_concurrent_requests": settings().max_concurrent_requests,
-        "max_input_tokens": engine.limits.max_input_tokens if engine.ready else None,
-        "max_total_tokens": engine.limits.max_total_tokens if engine.ready else None,
-        "max_batch_total_tokens": engine.limits.max_batch_total_tokens if engine.ready else None,
-        "max_batch_size": engine.limits.max_batch_size if engine.ready else None,
         "max_batch_prefill_tokens": engine.config.max_batch_prefill_tokens,
         "messages_api_enabled": settings().messages_api_enabled,
         "router": "sagemaker-llm-serve",
@@ -94,27 +97,20 @@ def generate(payload: dict[str, Any], route: str, as_list: bool) -> Response:
 def _token_events(stream: RequestStream, req: tgi.GenerateRequest, route: str) -> Iterator[str]:
     special_ids = set(service().tokenizer.all_special_ids)
     pieces: list[str] = [req.inputs] if req.parameters.return_full_text else []
-    final: Optional[TokenEvent] = None
     index = 0
     try:
-        for event in stream.events(heartbeat=sse.KEEPALIVE_SECONDS):
+        for event in service().stream_events(stream, route, sse.KEEPALIVE_SECONDS):
             if event is None:
                 yield sse.KEEPALIVE
                 continue
-            if event.finish_reason is FinishReason.ERROR:
-                raise GenerationFailed(f"generation failed: {event.error}")
             if event.token_id is None:
                 continue
             index += 1
             pieces.append(event.text)
             body = tgi.stream_token(index, event, event.token_id in special_ids)
             if event.finish_reason is not None:
-                final = event
                 body["generated_text"] = "".join(pieces)
                 body["details"] = tgi.details(event, req.parameters.seed) if req.parameters.details else None
             yield sse.event(body)
     except GenerationFailed as exc:
         yield sse.event(exc.tgi_body(), name="error")
-    finally:
-        stream.close()
-        service().record(route, stream.request.id, final, streamed=True)
