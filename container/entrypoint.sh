@@ -5,6 +5,9 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=container/cuda_compat.sh
+source "$here/cuda_compat.sh"
+cuda_compat_setup  # older host NVIDIA driver: CUDA forward-compat libraries first on LD_LIBRARY_PATH
 
 if [ "${1:-serve}" = "serve" ]; then
     [ $# -gt 0 ] && shift

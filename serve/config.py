@@ -11,6 +11,12 @@ T = TypeVar("T")
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PLACEMENTS = ("auto", "shard", "replicas")
+# TGI's HF_MODEL_QUANTIZE values; serve/model/quantize.py says which of them this server can load and where
+QUANTIZATIONS = (
+    "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "gptq", "awq", "eetq", "fp8", "compressed-tensors",
+    "exl2", "marlin",
+)
 SIX_MIB = 6 * 1024 * 1024
 
 
@@ -32,6 +38,10 @@ class Settings:
     trust_remote_code: bool = False
     allow_unsafe_weights: bool = False
     dtype: str = "auto"
+    placement: str = "auto"
+    replicas: Optional[int] = None  # engine copies under PLACEMENT=replicas (default: one per GPU; 1 on CPU)
+    quantize: Optional[str] = None
+    lora_adapters: tuple[tuple[str, str], ...] = ()  # (name, path) from LORA_ADAPTERS, in order
     max_input_tokens: Optional[int] = None
     max_total_tokens: Optional[int] = None
     max_concurrent_requests: int = 128
@@ -84,6 +94,33 @@ def parse_dtype(name: str, raw: str) -> str:
     return value
 
 
+def parse_choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
+    """A parser accepting one of ``choices`` (case-insensitive)."""
+
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise SettingsError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def parse_adapters(name: str, raw: str) -> tuple[tuple[str, str], ...]:
+    """``name=path,name=path`` -> ((name, path), ...); names must be unique and non-empty."""
+    pairs: list[tuple[str, str]] = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        adapter, sep, path = (piece.strip() for piece in item.partition("="))
+        if not sep or not adapter or not path:
+            raise SettingsError(f"{name}: {item!r} is not of the form adapter_name=path")
+        if any(adapter == seen for seen, _ in pairs):
+            raise SettingsError(f"{name}: adapter {adapter!r} is listed twice")
+        pairs.append((adapter, path))
+    return tuple(pairs)
+
+
 def _read(environ: Mapping[str, str], names: tuple, parse: Callable[[str, str], T]) -> Optional[T]:
     """The first of ``names`` that is set (non-empty), parsed; None when none is."""
     for name in names:
@@ -111,6 +148,10 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "trust_remote_code": _read(env, ("HF_MODEL_TRUST_REMOTE_CODE",), parse_bool),
         "allow_unsafe_weights": _read(env, ("HF_MODEL_ALLOW_UNSAFE_WEIGHTS",), parse_bool),
         "dtype": _read(env, ("DTYPE",), parse_dtype),
+        "placement": _read(env, ("PLACEMENT",), parse_choice(PLACEMENTS)),
+        "replicas": _read(env, ("REPLICAS",), parse_positive_int),
+        "quantize": _read(env, ("HF_MODEL_QUANTIZE",), parse_choice(QUANTIZATIONS)),
+        "lora_adapters": _read(env, ("LORA_ADAPTERS",), parse_adapters),
         "max_input_tokens": _read(env, ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), parse_positive_int),
         "max_total_tokens": _read(env, ("MAX_TOTAL_TOKENS",), parse_positive_int),
         "max_concurrent_requests": _read(env, ("MAX_CONCURRENT_REQUESTS",), parse_positive_int),
@@ -136,5 +177,7 @@ def _check_limits(settings: Settings) -> None:
                 f"MAX_INPUT_TOKENS={settings.max_input_tokens} must be less than "
                 f"MAX_TOTAL_TOKENS={settings.max_total_tokens}"
             )
+    if settings.replicas is not None and settings.placement == "shard":
+        raise SettingsError(f"REPLICAS={settings.replicas} cannot be combined with PLACEMENT=shard (one sharded copy)")
     if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise SettingsError(f"LOG_LEVEL={settings.log_level!r} is not a logging level")

