@@ -38,6 +38,7 @@ class Settings:
     trust_remote_code: bool = False
     allow_unsafe_weights: bool = False
     dtype: str = "auto"
+    chat_template: Optional[str] = None  # CHAT_TEMPLATE: Jinja text overriding the model's own chat template
     placement: str = "auto"
     replicas: Optional[int] = None  # engine copies under PLACEMENT=replicas (default: one per GPU; 1 on CPU)
     quantize: Optional[str] = None
@@ -134,6 +135,20 @@ def _text(name: str, raw: str) -> str:
     return raw.strip()
 
 
+def parse_template(name: str, raw: str) -> Optional[str]:
+    """A chat template given as a file path (read now) or as the Jinja text itself."""
+    value = raw.strip()
+    if not value:
+        return None
+    if "{" not in value and len(value) < 4096:
+        try:
+            with open(os.path.expanduser(value), encoding="utf-8") as handle:
+                return handle.read()
+        except OSError as exc:
+            raise SettingsError(f"{name}={value!r} is neither a Jinja template nor a readable file: {exc.strerror}") from None
+    return value
+
+
 def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
     """Build Settings from the environment (``os.environ`` by default); raise SettingsError if malformed."""
     env = os.environ if environ is None else environ
@@ -148,6 +163,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "trust_remote_code": _read(env, ("HF_MODEL_TRUST_REMOTE_CODE",), parse_bool),
         "allow_unsafe_weights": _read(env, ("HF_MODEL_ALLOW_UNSAFE_WEIGHTS",), parse_bool),
         "dtype": _read(env, ("DTYPE",), parse_dtype),
+        "chat_template": _read(env, ("CHAT_TEMPLATE",), parse_template),
         "placement": _read(env, ("PLACEMENT",), parse_choice(PLACEMENTS)),
         "replicas": _read(env, ("REPLICAS",), parse_positive_int),
         "quantize": _read(env, ("HF_MODEL_QUANTIZE",), parse_choice(QUANTIZATIONS)),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import queue
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from serve.config import Settings
 from serve.engine import Engine, EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
 from serve.engine.engine import Limits
+from serve.engine.grammar import GrammarError
 from serve.engine.types import FinishReason
 from serve.errors import GenerationFailed, NotReady, Overloaded, ValidationFailed
 from serve.log import log_request
@@ -16,15 +18,48 @@ from serve.model.prompt import PromptError, encode, render_chat
 
 
 @dataclass
-class Completion:
-    """A finished generation: its text and its final event (finish reason, counts, timings)."""
+class Choice:
+    """One finished choice of a request: its text, its token events (for log-probabilities) and its final event."""
 
+    index: int
     text: str
+    tokens: list[TokenEvent]
     final: TokenEvent
+    seed: Optional[int] = None
+
+
+class Generation:
+    """The engine requests behind one client request (``n`` choices), read as one stream of (index, event)."""
+
+    def __init__(self, streams: list[RequestStream], sink: "queue.Queue[tuple[int, TokenEvent]]"):
+        self.streams = streams
+        self._sink = sink
+        self._open = set(range(len(streams)))
+
+    @property
+    def request_id(self) -> str:
+        return self.streams[0].request.id
+
+    def events(self, heartbeat: Optional[float] = None) -> Iterator[Optional[tuple[int, TokenEvent]]]:
+        """(index, event) pairs until every choice has finished; None every ``heartbeat`` s of silence."""
+        while self._open:
+            try:
+                index, event = self._sink.get(timeout=heartbeat)
+            except queue.Empty:
+                yield None
+                continue
+            if event.finish_reason is not None:
+                self._open.discard(index)
+            yield index, event
+
+    def close(self) -> None:
+        """Cancel the choices still running (the client went away)."""
+        for index in sorted(self._open):
+            self.streams[index].close()
 
 
 class GenerationService:
-    """What routes call: prompt -> admitted request stream -> (optionally) collected completion."""
+    """What routes call: prompt -> admitted requests -> streamed events or collected choices."""
 
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics):
         self.engine = engine
@@ -45,10 +80,10 @@ class GenerationService:
         if not self.engine.ready:
             raise NotReady("the model is still loading; retry when /ping answers 200")
 
-    def chat_prompt(self, messages: Iterable[dict[str, Any]]) -> list[int]:
-        """Token ids of the messages rendered with the model's chat template."""
+    def chat_prompt(self, messages: Iterable[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None) -> list[int]:
+        """Token ids of the messages (and tool definitions) rendered with the chat template."""
         try:
-            text = render_chat(self.tokenizer, messages)
+            text = render_chat(self.tokenizer, list(messages), tools, self.settings.chat_template)
         except PromptError as exc:
             raise ValidationFailed(f"messages: {exc}", "messages") from exc
         return encode(self.tokenizer, text, add_special_tokens=False)
@@ -58,22 +93,39 @@ class GenerationService:
         ids = encode(self.tokenizer, text, add_special_tokens=True)
         return ids[-truncate:] if truncate else ids
 
+    def check_grammar(self, grammar: Optional[str], field: str) -> None:
+        """422 naming ``field`` when a grammar does not compile for this model's vocabulary."""
+        if grammar is None:
+            return
+        self._require_ready()
+        try:
+            self.engine.grammars.check(grammar)
+        except GrammarError as exc:
+            raise ValidationFailed(f"{field}: {exc}", field) from None
+
     def start(
         self,
         prompt_ids: list[int],
         requested_max_tokens: Optional[int],
         to_params: Callable[[int], SamplingParams],
         prompt_field: str,
-    ) -> RequestStream:
-        """Check the limits, then admit; raises a 4xx/5xx ServeError before any byte is sent."""
+        n: int = 1,
+    ) -> Generation:
+        """Check the limits, then admit ``n`` choices; raises a 4xx/5xx ServeError before any byte is sent."""
         max_new_tokens = self._max_new_tokens(len(prompt_ids), requested_max_tokens, prompt_field)
-        request = Request(prompt_ids=prompt_ids, params=to_params(max_new_tokens))
+        params = to_params(max_new_tokens)
+        sink: "queue.Queue[tuple[int, TokenEvent]]" = queue.Queue()
+        streams: list[RequestStream] = []
         try:
-            return self.engine.submit(request)
-        except EngineOverloaded as exc:
-            raise Overloaded(str(exc)) from exc
-        except EngineNotReady as exc:
-            raise NotReady(str(exc)) from exc
+            for index in range(n):
+                seed = None if params.seed is None else params.seed + index  # same seed, same n choices
+                request = Request(prompt_ids=prompt_ids, params=replace(params, seed=seed))
+                streams.append(self.engine.submit(request, sink=sink, index=index))
+        except (EngineOverloaded, EngineNotReady) as exc:
+            for stream in streams:
+                stream.close()
+            raise (Overloaded if isinstance(exc, EngineOverloaded) else NotReady)(str(exc)) from exc
+        return Generation(streams, sink)
 
     def _max_new_tokens(self, prompt_tokens: int, requested: Optional[int], prompt_field: str) -> int:
         limits = self.limits
@@ -94,39 +146,43 @@ class GenerationService:
             )
         return min(room, self.settings.default_max_new_tokens) if requested is None else requested
 
-    def collect(self, stream: RequestStream, route: str) -> Completion:
-        """Wait for the whole generation; GenerationFailed (424) if the model failed."""
-        pieces: list[str] = []
-        final: Optional[TokenEvent] = None
-        try:
-            for event in stream:
-                pieces.append(event.text)
-                final = event
-        finally:
-            stream.close()
-            self.record(route, stream.request.id, final, streamed=False)
-        if final is None or final.finish_reason is FinishReason.ERROR:
-            raise GenerationFailed(f"generation failed: {final.error if final else 'no result'}")
-        return Completion("".join(pieces), final)
+    def collect(self, generation: Generation, route: str) -> list[Choice]:
+        """Wait for every choice; GenerationFailed (424) if the model failed."""
+        tokens: dict[int, list[TokenEvent]] = {index: [] for index in range(len(generation.streams))}
+        finals: dict[int, TokenEvent] = {}
+        for index, event in self.stream_events(generation, route, heartbeat=None):  # type: ignore[misc]
+            tokens[index].append(event)
+            if event.finish_reason is not None:
+                finals[index] = event
+        return [
+            Choice(
+                index,
+                "".join(event.text for event in events),
+                [event for event in events if event.token_id is not None],
+                finals[index],
+                generation.streams[index].request.params.seed,
+            )
+            for index, events in tokens.items()
+        ]
 
+    def stream_events(self, generation: Generation, route: str, heartbeat: Optional[float]) -> Iterator[Optional[tuple[int, TokenEvent]]]:
+        """(index, event) pairs, None every ``heartbeat`` s of silence; GenerationFailed if the model failed.
 
-    def stream_events(self, stream: RequestStream, route: str, heartbeat: float) -> Iterator[Optional[TokenEvent]]:
-        """A stream's events, None every ``heartbeat`` s of silence; GenerationFailed if the model failed.
-
-        However the iteration ends (finished, failed, or the client left and WSGI closed the generator), the request
-        is cancelled if still running, logged and counted.
+        However the iteration ends (finished, failed, or the client left and WSGI closed the generator), the choices
+        still running are cancelled, and each engine request is logged and counted.
         """
-        final: Optional[TokenEvent] = None
+        finals: dict[int, TokenEvent] = {}
         try:
-            for event in stream.events(heartbeat=heartbeat):
-                if event is not None and event.finish_reason is FinishReason.ERROR:
-                    raise GenerationFailed(f"generation failed: {event.error}")
-                if event is not None and event.finish_reason is not None:
-                    final = event
-                yield event
+            for item in generation.events(heartbeat=heartbeat):
+                if item is not None and item[1].finish_reason is not None:
+                    finals[item[0]] = item[1]
+                    if item[1].finish_reason is FinishReason.ERROR:
+                        raise GenerationFailed(f"generation failed: {item[1].error}")
+                yield item
         finally:
-            stream.close()
-            self.record(route, stream.request.id, final, streamed=True)
+            generation.close()
+            for index, stream in enumerate(generation.streams):
+                self.record(route, stream.request.id, finals.get(index), streamed=heartbeat is not None)
 
     def record(self, route: str, request_id: str, final: Optional[TokenEvent], streamed: bool) -> None:
         """Log the request's line and count it in the metrics (final is None when the client left mid-stream)."""

@@ -32,22 +32,27 @@ class Limits:
 
 
 class RequestStream:
-    """The events of one request, in order; closing the stream early cancels the request."""
+    """The events of one request, in order; closing the stream early cancels the request.
 
-    def __init__(self, request: Request, engine: "Engine"):
+    Several streams may share one ``sink`` queue (the n choices of one client request); each puts
+    ``(index, event)`` pairs into it, and the reader of the sink tells them apart by index.
+    """
+
+    def __init__(self, request: Request, engine: "Engine", sink: Optional[queue.Queue] = None, index: int = 0):
         self.request = request
+        self.index = index
         self._engine = engine
-        self._events: "queue.Queue[TokenEvent]" = queue.Queue()
+        self._events: "queue.Queue[tuple[int, TokenEvent]]" = queue.Queue() if sink is None else sink
         self._finished = False
 
     def put(self, event: TokenEvent) -> None:
-        self._events.put(event)
+        self._events.put((self.index, event))
 
     def events(self, heartbeat: Optional[float] = None) -> Iterator[Optional[TokenEvent]]:
         """Yield events until the final one; yield None every ``heartbeat`` seconds of silence."""
         while not self._finished:
             try:
-                event = self._events.get(timeout=heartbeat)
+                _, event = self._events.get(timeout=heartbeat)
             except queue.Empty:
                 yield None
                 continue
@@ -84,6 +89,7 @@ class Engine:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
         self.loaded: Any = None
+        self.grammars: Any = None  # serve.engine.grammar.Grammars once loaded
         self.limits: Optional[Limits] = None
         self.load_error: Optional[BaseException] = None
 
@@ -108,11 +114,14 @@ class Engine:
     def running(self) -> int:
         return len(self._running)
 
-    def submit(self, request: Request) -> RequestStream:
-        """Admit a request (EngineOverloaded past the cap, EngineNotReady before load) and return its stream."""
+    def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
+        """Admit a request (EngineOverloaded past the cap, EngineNotReady before load) and return its stream.
+
+        ``sink`` and ``index``: put this request's events, tagged with ``index``, into a queue shared with others.
+        """
         if not self.ready:
             raise EngineNotReady("the model is not loaded yet" if self.load_error is None else f"the model failed to load: {self.load_error}")
-        stream = RequestStream(request, self)
+        stream = RequestStream(request, self, sink, index)
         self._streams[request.id] = stream
         try:
             self.scheduler.admit(request)
@@ -152,6 +161,7 @@ class Engine:
 
     def _prepare(self) -> None:
         """Load the model, size the KV cache, build the runner (torch is imported here, off the HTTP threads)."""
+        from serve.engine.grammar import Grammars
         from serve.engine.kv_cache import CacheShape, SlotKVCache, default_cache_bytes, plan_slots
         from serve.engine.runner import ModelRunner
 
@@ -161,8 +171,9 @@ class Engine:
         shape = CacheShape.of(self.loaded.model.config, self.loaded.dtype)
         max_slots = min(self.config.max_batch_size or self.config.max_concurrent_requests, self.config.max_concurrent_requests)
         slots = plan_slots(shape, total, self.config.max_batch_total_tokens, max_slots, default_cache_bytes(self.loaded.device))
-        self._runner = ModelRunner(self.loaded.model, SlotKVCache(shape, slots, total, self.loaded.device))
         self._eos_ids = _eos_token_ids(self.loaded.model, self.loaded.tokenizer)
+        self.grammars = Grammars(self.loaded.tokenizer, self.loaded.model.config.get_text_config().vocab_size, self._eos_ids)
+        self._runner = ModelRunner(self.loaded.model, SlotKVCache(shape, slots, total, self.loaded.device), self.grammars)
         self.limits = Limits(max_input, total, slots * total, slots)
 
     def _admit_waiting(self) -> None:
@@ -170,7 +181,9 @@ class Engine:
         cache = self._runner.cache
         for request in self.scheduler.pop_waiting(cache.free_slots):
             generator = self._runner.generator_for(request.params)
-            self._running.append(Sequence(request, self.loaded.tokenizer, self._eos_ids, cache.allocate(), generator))
+            matcher = self.grammars.matcher(request.params.grammar)
+            seq = Sequence(request, self.loaded.tokenizer, self._eos_ids, cache.allocate(), generator, matcher)
+            self._running.append(seq)
 
     def _drop_cancelled(self) -> None:
         for request in self.scheduler.pop_cancelled_waiting():
@@ -183,9 +196,9 @@ class Engine:
         """One forward pass for the planned sequences; a failure fails only the sequences of this step."""
         plan = self.scheduler.plan(self._running)
         try:
-            sampled, tokens = self._runner.step(plan)
-            for seq, token in zip(sampled, tokens):
-                event = seq.append(token)
+            sampled, choices = self._runner.step(plan)
+            for seq, choice in zip(sampled, choices):
+                event = seq.append(choice)
                 if event.finish_reason is not None:
                     self._finish(seq, event)
                 else:

@@ -8,10 +8,10 @@ import torch
 
 from serve.engine.attention import BACKEND_NAME, PrefillChunk, StepLayout, active_step
 from serve.engine.kv_cache import SlotKVCache
-from serve.engine.sampling import make_generator, sample_next_tokens
+from serve.engine.sampling import chosen_logprobs, make_generator, sample_next_tokens
 from serve.engine.scheduler import StepPlan
 from serve.engine.sequence import Sequence
-from serve.engine.types import SamplingParams
+from serve.engine.types import SamplingParams, TokenChoice
 
 EMPTY = torch.empty(0, dtype=torch.long)
 
@@ -23,32 +23,45 @@ class UnsupportedModel(RuntimeError):
 class ModelRunner:
     """Owns the model and the KV cache; ``step(plan)`` returns the sequences that got a new token, and the tokens."""
 
-    def __init__(self, model: Any, cache: SlotKVCache):
+    def __init__(self, model: Any, cache: SlotKVCache, grammars: Any = None):
         if not getattr(model, "_supports_attention_backend", False):
             raise UnsupportedModel(f"{type(model).__name__} does not support pluggable attention; it cannot be batched")
         model.set_attn_implementation(BACKEND_NAME)
         self.model = model
         self.cache = cache
+        self.grammars = grammars  # serve.engine.grammar.Grammars: masks the logits of constrained sequences
         self.device = model.device
 
     def generator_for(self, params: SamplingParams) -> Optional[torch.Generator]:
         return make_generator(params, self.device)
 
     @torch.inference_mode()
-    def step(self, plan: StepPlan) -> tuple[list[Sequence], list[int]]:
+    def step(self, plan: StepPlan) -> tuple[list[Sequence], list[TokenChoice]]:
         """One forward pass over the plan; sample for decode rows and for prompts whose last chunk just ran."""
-        input_ids, positions, layout, sampled, logit_rows = self._layout(plan)
+        input_ids, positions, layout, sampled, logit_rows, scored = self._layout(plan)
         with active_step(self.cache, layout):
             output = self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=logit_rows)
         for seq in plan.decode:
             seq.num_cached += 1
         for seq, count in plan.prefill:
             seq.num_cached += count
+        logits = output.logits[0]
+        self._score_prompts(logits[len(sampled) :], scored)
         if not sampled:
             return [], []
-        return sampled, self.sample(output.logits[0], sampled)
+        return sampled, self.sample(logits[: len(sampled)], sampled)
 
-    def _layout(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, StepLayout, list[Sequence], torch.Tensor]:
+    @staticmethod
+    def _score_prompts(logits: torch.Tensor, scored: list[tuple[Sequence, list[int]]]) -> None:
+        """Log-probabilities of prompt tokens, for sequences that asked (each logit row predicts the next token)."""
+        start = 0
+        for seq, targets in scored:
+            rows = logits[start : start + len(targets)].float()
+            start += len(targets)
+            picked = torch.log_softmax(rows, dim=-1).gather(-1, torch.tensor(targets, device=rows.device)[:, None])
+            seq.prompt_logprobs.extend(picked.squeeze(-1).tolist())
+
+    def _layout(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, StepLayout, list[Sequence], torch.Tensor, list]:
         ids: list[int] = []
         slots: list[int] = []
         positions: list[int] = []
@@ -67,6 +80,7 @@ class ModelRunner:
             if count == seq.prompt_left:
                 sampled.append(seq)
                 logit_rows.append(len(ids) - 1)
+        scored = self._prompt_rows(plan, logit_rows)
         rows = [slot * self.cache.slot_tokens + position for slot, position in zip(slots, positions)]
         layout = StepLayout(
             rows=torch.tensor(rows, dtype=torch.long, device=self.device),
@@ -77,7 +91,20 @@ class ModelRunner:
             prefills=chunks,
         )
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        return as_tensor(ids), as_tensor(positions), layout, sampled, as_tensor(logit_rows)
+        return as_tensor(ids), as_tensor(positions), layout, sampled, as_tensor(logit_rows), scored
+
+    @staticmethod
+    def _prompt_rows(plan: StepPlan, logit_rows: list[int]) -> list[tuple[Sequence, list[int]]]:
+        """Add the rows of prompt chunks whose sequences want prompt log-probabilities; return their target tokens."""
+        scored, start = [], len(plan.decode)
+        for seq, count in plan.prefill:
+            prompt = seq.request.prompt_ids
+            targets = prompt[seq.num_cached + 1 : seq.num_cached + count + 1]  # the token each position predicts
+            if seq.request.params.prompt_logprobs and targets:
+                logit_rows.extend(range(start, start + len(targets)))
+                scored.append((seq, targets))
+            start += count
+        return scored
 
     def _decode_mask(self, decode: list[Sequence]) -> Optional[torch.Tensor]:
         """[span, 1, 1, longest]: slot s sees its first (cached + 1) positions; idle slots see position 0 only."""
@@ -98,12 +125,27 @@ class ModelRunner:
         rows = torch.arange(count)[:, None] + position
         return (torch.arange(position + count)[None, :] <= rows).to(self.device)
 
-    def sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
-        """Next token id for each sequence, from its row of ``logits``."""
+    def sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[TokenChoice]:
+        """Next token for each sequence from its row of ``logits``: grammar-masked, sampled, with log-probabilities.
+
+        Log-probabilities are those of the model's own distribution (before penalties, temperature and grammar).
+        """
         params = [seq.request.params for seq in sequences]
+        wants_logprobs = [p.logprobs is not None for p in params]
+        log_probs = torch.log_softmax(logits.float(), dim=-1) if any(wants_logprobs) else None
+        logits = logits.float()
+        if self.grammars is not None:
+            logits = self.grammars.mask(logits, [seq.matcher for seq in sequences])
         histories, outputs = [], []
         for seq, p in zip(sequences, params):
             penalized = p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
             histories.append(torch.tensor(seq.all_ids, device=self.device) if penalized else EMPTY)
             outputs.append(torch.tensor(seq.output_ids, dtype=torch.long, device=self.device) if penalized else EMPTY)
-        return sample_next_tokens(logits, params, [seq.generator for seq in sequences], histories, outputs).tolist()
+        tokens = sample_next_tokens(logits, params, [seq.generator for seq in sequences], histories, outputs)
+        if log_probs is None:
+            return [TokenChoice(token) for token in tokens.tolist()]
+        scores = chosen_logprobs(log_probs, tokens, [p.logprobs or 0 for p in params])
+        return [
+            TokenChoice(token, logprob, top) if wanted else TokenChoice(token)
+            for token, (logprob, top), wanted in zip(tokens.tolist(), scores, wants_logprobs)
+        ]

@@ -1,4 +1,5 @@
-"""Pick the next token for every sequence of a batch at once: penalties, temperature, top-k, top-p, seeds."""
+"""Pick the next token for every sequence of a batch at once: penalties, temperature, top-k, top-p, typical-p,
+min-p, seeds; and the log-probabilities clients asked for."""
 
 from __future__ import annotations
 
@@ -42,6 +43,36 @@ def apply_output_penalties(
     return logits
 
 
+def apply_typical_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, up to ``typical_p`` mass."""
+    rows = [row for row, p in enumerate(params) if p.typical_p < 1.0 and not p.greedy]
+    if not rows:
+        return logits
+    selected = logits[rows]
+    log_probs = torch.log_softmax(selected, dim=-1)
+    entropy = -(log_probs.exp() * log_probs).nansum(dim=-1, keepdim=True)
+    distance = (-log_probs - entropy).abs()
+    order = distance.argsort(dim=-1)
+    sorted_probs = log_probs.gather(-1, order).exp()
+    mass = torch.tensor([params[row].typical_p for row in rows], device=logits.device)[:, None]
+    drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= mass
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    logits[rows] = selected.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def chosen_logprobs(log_probs: torch.Tensor, tokens: torch.Tensor, tops: Sequence[int]) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+    """For each row: the chosen token's log-probability and the ``tops[row]`` most likely (id, log-probability)."""
+    chosen = log_probs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+    widest = max(tops, default=0)
+    top_values, top_ids = log_probs.topk(widest, dim=-1) if widest else (None, None)
+    result = []
+    for row, k in enumerate(tops):
+        top = tuple(zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist())) if k else ()
+        result.append((chosen[row], top))
+    return result
+
+
 def _uniforms(generators: Sequence[Optional[torch.Generator]], device: torch.device) -> torch.Tensor:
     """One uniform draw per row, from the row's own generator when it has one."""
     draws = [torch.rand(1, generator=g, device=device) if g is not None else torch.rand(1, device=device) for g in generators]
@@ -68,13 +99,16 @@ def sample_next_tokens(
     temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
     top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device)
+    min_p = torch.tensor([p.min_p for p in params], device=device)
 
-    sorted_logits, sorted_ids = torch.sort(logits / temperature[:, None], dim=-1, descending=True)
+    logits = apply_typical_p(logits / temperature[:, None], params)
+    sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True)
     ranks = torch.arange(logits.shape[-1], device=device)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
     probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
+    probs = probs.masked_fill(probs < min_p[:, None] * probs[:, :1], 0.0)
     cdf = torch.cumsum(probs, dim=-1)
     draw = _uniforms(generators, device) * cdf[:, -1]
     position = torch.searchsorted(cdf, draw[:, None]).clamp(max=logits.shape[-1] - 1)

@@ -7,16 +7,20 @@ from typing import Any, Optional
 
 from serve.engine.detokenize import IncrementalDetokenizer
 from serve.engine.stopping import StopStringMatcher
-from serve.engine.types import FinishReason, Request, Timings, TokenEvent
+from serve.engine.types import FinishReason, Request, Timings, TokenChoice, TokenEvent
 
 
 class Sequence:
     """Tracks one running request: cache progress, generated tokens, and the TokenEvent for each new token."""
 
-    def __init__(self, request: Request, tokenizer: Any, eos_ids: frozenset[int], slot: int, generator: Any = None):
+    def __init__(
+        self, request: Request, tokenizer: Any, eos_ids: frozenset[int], slot: int, generator: Any = None, matcher: Any = None
+    ):
         self.request = request
         self.slot = slot
         self.generator = generator
+        self.matcher = matcher  # the llguidance matcher of a grammar-constrained request
+        self.prompt_logprobs: list[Optional[float]] = [None]  # the first prompt token has no prediction
         self.output_ids: list[int] = []
         self.num_cached = 0  # tokens whose keys/values are in the cache
         self.eos_ids = frozenset() if request.params.ignore_eos else eos_ids
@@ -39,21 +43,25 @@ class Sequence:
         """Prompt tokens not yet in the cache (0 once prefill is done)."""
         return max(len(self.request.prompt_ids) - self.num_cached, 0)
 
-    def append(self, token_id: int) -> TokenEvent:
+    def append(self, choice: TokenChoice) -> TokenEvent:
         """Record one sampled token; the returned event is final when the sequence just finished."""
-        if self.first_token_at is None:
+        token_id = choice.token_id
+        first = self.first_token_at is None
+        if first:
             self.first_token_at = time.monotonic()
         self.output_ids.append(token_id)
+        if self.matcher is not None:
+            self.matcher.consume_token(token_id)
         if token_id in self.eos_ids:
             self.finish_reason = FinishReason.STOP
-            return self._event(token_id, self._drain())
+            return self._event(choice, self._drain(), first)
         text = self.stops.feed(self.detokenizer.push(token_id))
         if self.stops.matched is None and len(self.output_ids) >= self.request.params.max_new_tokens:
             self.finish_reason = FinishReason.LENGTH
             text += self._drain()
         if self.stops.matched is not None:
             self.finish_reason = FinishReason.STOP
-        return self._event(token_id, text)
+        return self._event(choice, text, first)
 
     def end(self, reason: FinishReason, error: Optional[str] = None) -> TokenEvent:
         """The final event of a sequence stopped from outside (cancelled, or the model failed)."""
@@ -70,13 +78,17 @@ class Sequence:
         text = self.stops.feed(self.detokenizer.flush())
         return text if self.stops.matched is not None else text + self.stops.flush()
 
-    def _event(self, token_id: int, text: str) -> TokenEvent:
+    def _event(self, choice: TokenChoice, text: str, first: bool) -> TokenEvent:
+        wants_prompt = first and self.request.params.prompt_logprobs
         return TokenEvent(
-            token_id=token_id,
+            token_id=choice.token_id,
             text=text,
             finish_reason=self.finish_reason,
             generated_tokens=len(self.output_ids),
             prompt_tokens=len(self.request.prompt_ids),
             timings=self.timings() if self.finish_reason is not None else None,
             stop_sequence=self.stops.matched,
+            logprob=choice.logprob,
+            top_logprobs=choice.top_logprobs,
+            prompt_logprobs=tuple(self.prompt_logprobs) if wants_prompt else None,
         )

@@ -32,6 +32,11 @@ class SamplingParams:
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the most likely one
+    typical_p: float = 1.0  # locally typical sampling mass (1.0: off)
+    logprobs: Optional[int] = None  # None: none; k: the chosen token's log-probability and the k most likely
+    prompt_logprobs: bool = False  # also the log-probability of every prompt token (TGI decoder_input_details)
+    grammar: Optional[str] = None  # a checked llguidance grammar the output must follow
 
     @property
     def greedy(self) -> bool:
@@ -74,6 +79,15 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class TokenChoice:
+    """A sampled token with, when asked for, its log-probability and the most likely alternatives."""
+
+    token_id: int
+    logprob: Optional[float] = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token (``text`` is the new, printable text it completes) or the end of a request.
 
@@ -88,3 +102,6 @@ class TokenEvent:
     timings: Optional[Timings] = None
     error: Optional[str] = None
     stop_sequence: Optional[str] = None
+    logprob: Optional[float] = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    prompt_logprobs: Optional[tuple[Optional[float], ...]] = None  # first event only, when asked for

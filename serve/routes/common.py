@@ -52,3 +52,8 @@ def validate(model: type[M], payload: dict[str, Any]) -> M:
             problems.append(f"{field}: {error['msg']}")
         first = exc.errors()[0]["loc"] if exc.errors() else ()
         raise ValidationFailed("; ".join(problems), ".".join(str(p) for p in first) or None) from None
+
+
+def token_texts(token_ids: list[int]) -> list[str]:
+    """Each token's own text, as clients expect in log-probability listings."""
+    return service().tokenizer.batch_decode([[token_id] for token_id in token_ids])

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from flask import Blueprint, Response, jsonify
 
-from serve.engine import RequestStream, TokenEvent
+from serve.engine import TokenEvent
 from serve.errors import GenerationFailed
+from serve.generation import Choice, Generation, timing_headers
 from serve.routes import sse
-from serve.routes.common import json_body, service, validate
+from serve.routes.common import json_body, service, token_texts, validate
 from serve.schemas import openai as oa
-from serve.generation import timing_headers
+from serve.schemas.tools import ToolCallBuffer, parse_tool_calls
 
 blueprint = Blueprint("openai", __name__)
 
@@ -35,28 +36,71 @@ def models() -> Response:
 def chat_completions(payload: dict[str, Any], route: str) -> Response:
     """Serve one chat completion request (also reached from /invocations)."""
     req = validate(oa.ChatCompletionRequest, payload)
-    prompt_ids = service().chat_prompt(m.as_template_dict() for m in req.messages)
-    stream = service().start(prompt_ids, req.requested_max_tokens, req.to_sampling_params, "messages")
+    grammar, grammar_field = req.grammar()
+    tools = [tool.model_dump(exclude_none=True) for tool in req.active_tools]
+    prompt_ids = service().chat_prompt((m.as_template_dict() for m in req.messages), tools)
+    service().check_grammar(grammar, grammar_field)
+    generation = service().start(
+        prompt_ids, req.requested_max_tokens, lambda budget: req.to_sampling_params(budget, grammar), "messages", req.n
+    )
     completion_id = oa.new_id("chatcmpl")
     if req.stream:
-        return sse.response(_chat_chunks(stream, req, completion_id, route))
-    done = service().collect(stream, route)
-    body = oa.chat_completion(completion_id, req.model, done.text, done.final.finish_reason, done.final.prompt_tokens, done.final.generated_tokens)
-    return _json(body, done.final)
+        return sse.response(_chat_chunks(generation, req, completion_id, route))
+    choices = service().collect(generation, route)
+    body = oa.chat_completion(completion_id, req.model, [_chat_choice(c, req) for c in choices], _usage(choices))
+    return _json(body, choices[0].final)
 
 
 def completions(payload: dict[str, Any], route: str) -> Response:
     """Serve one text completion request (also reached from /invocations)."""
     req = validate(oa.CompletionRequest, payload)
     prompt_ids = service().text_prompt(req.prompt_text)
-    stream = service().start(prompt_ids, req.requested_max_tokens, req.to_sampling_params, "prompt")
+    generation = service().start(prompt_ids, req.requested_max_tokens, req.to_sampling_params, "prompt", req.n)
     completion_id = oa.new_id("cmpl")
     prefix = req.prompt_text if req.echo else ""
     if req.stream:
-        return sse.response(_completion_chunks(stream, req, completion_id, route, prefix))
-    done = service().collect(stream, route)
-    usage = oa.usage(done.final.prompt_tokens, done.final.generated_tokens)
-    return _json(oa.text_completion(completion_id, req.model, prefix + done.text, done.final.finish_reason, usage), done.final)
+        return sse.response(_completion_chunks(generation, req, completion_id, route, prefix))
+    choices = service().collect(generation, route)
+    body = oa.text_completion(
+        completion_id,
+        req.model,
+        [oa.text_choice(c.index, prefix + c.text, oa.openai_finish_reason(c.final.finish_reason), _completion_logprobs(req, c.tokens, len(prefix))) for c in choices],
+        _usage(choices),
+    )
+    return _json(body, choices[0].final)
+
+
+def _chat_choice(choice: Choice, req: oa.ChatCompletionRequest) -> dict[str, Any]:
+    calls = parse_tool_calls(choice.text, req.active_tools) if req.active_tools else None
+    message = {"role": "assistant", "content": None, "tool_calls": calls} if calls else {"role": "assistant", "content": choice.text}
+    logprobs = _chat_logprobs(choice.tokens) if req.logprobs else None
+    return oa.chat_choice(choice.index, message, oa.openai_finish_reason(choice.final.finish_reason, bool(calls)), logprobs)
+
+
+def _chat_logprobs(events: list[TokenEvent]) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs`` object for these token events."""
+    texts = token_texts([event.token_id for event in events])
+    entries = []
+    for text, event in zip(texts, events):
+        top_texts = token_texts([token_id for token_id, _ in event.top_logprobs])
+        entries.append(oa.logprob_entry(text, event.logprob, [(t, lp) for t, (_, lp) in zip(top_texts, event.top_logprobs)]))
+    return {"content": entries}
+
+
+def _completion_logprobs(req: oa.CompletionRequest, events: list[TokenEvent], offset: int) -> Optional[dict[str, Any]]:
+    if req.logprobs is None:
+        return None
+    tops = []
+    for event in events:
+        top_texts = token_texts([token_id for token_id, _ in event.top_logprobs])
+        tops.append([(t, lp) for t, (_, lp) in zip(top_texts, event.top_logprobs)])
+    texts = token_texts([event.token_id for event in events])
+    return oa.completion_logprobs(texts, [event.logprob for event in events], tops, offset)
+
+
+def _usage(choices: list[Choice]) -> dict[str, int]:
+    """Usage of all choices: the prompt counted once, every choice's tokens."""
+    return oa.usage(choices[0].final.prompt_tokens, sum(c.final.generated_tokens for c in choices))
 
 
 def _json(body: dict[str, Any], final: TokenEvent) -> Response:
@@ -65,36 +109,73 @@ def _json(body: dict[str, Any], final: TokenEvent) -> Response:
     return response
 
 
-def _chat_chunks(stream: RequestStream, req: oa.ChatCompletionRequest, completion_id: str, route: str) -> Iterator[str]:
-    yield sse.event(oa.chat_chunk(completion_id, req.model, {"role": "assistant", "content": ""}))
+def _chat_chunks(generation: Generation, req: oa.ChatCompletionRequest, completion_id: str, route: str) -> Iterator[str]:
+    def chunk(index: int, delta: dict[str, Any], reason: Optional[str] = None, logprobs: Optional[dict] = None) -> str:
+        return sse.event(oa.chat_chunk(completion_id, req.model, index, delta, reason, logprobs))
+
+    buffers = [ToolCallBuffer(req.active_tools, bool(req.forced_tools)) if req.active_tools else None for _ in range(req.n)]
+    finals: dict[int, TokenEvent] = {}
+    for index in range(req.n):
+        yield chunk(index, {"role": "assistant", "content": ""})
     try:
-        for event in service().stream_events(stream, route, sse.KEEPALIVE_SECONDS):
-            if event is None:
+        for item in service().stream_events(generation, route, sse.KEEPALIVE_SECONDS):
+            if item is None:
                 yield sse.KEEPALIVE
                 continue
-            if event.text:
-                yield sse.event(oa.chat_chunk(completion_id, req.model, {"content": event.text}))
+            index, event = item
+            buffer = buffers[index]
+            text = buffer.feed(event.text) if buffer else event.text
+            logprobs = _chat_logprobs([event]) if req.logprobs and event.token_id is not None else None
+            if text or logprobs:
+                yield chunk(index, {"content": text}, logprobs=logprobs)
             if event.finish_reason is not None:
-                yield sse.event(oa.chat_chunk(completion_id, req.model, {}, event.finish_reason))
-                if req.include_usage:
-                    yield sse.event(oa.usage_chunk(completion_id, req.model, "chat.completion.chunk", event.prompt_tokens, event.generated_tokens))
+                finals[index] = event
+                yield from _chat_ending(chunk, index, event, buffer)
+        if req.include_usage:
+            prompt_tokens = next(iter(finals.values())).prompt_tokens
+            yield sse.event(oa.usage_chunk(completion_id, req.model, "chat.completion.chunk", prompt_tokens, sum(f.generated_tokens for f in finals.values())))
         yield sse.DONE
     except GenerationFailed as exc:
         yield sse.event(exc.openai_body(), name="error")
 
 
-def _completion_chunks(stream: RequestStream, req: oa.CompletionRequest, completion_id: str, route: str, prefix: str) -> Iterator[str]:
+def _chat_ending(chunk: Any, index: int, final: TokenEvent, buffer: Optional[ToolCallBuffer]) -> Iterator[str]:
+    """The last chunks of one streamed choice: held-back content or tool calls, then the finish reason."""
+    calls = None
+    if buffer is not None:
+        rest, calls = buffer.finish()
+        if calls:
+            yield chunk(index, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+        elif rest:
+            yield chunk(index, {"content": rest})
+    yield chunk(index, {}, oa.openai_finish_reason(final.finish_reason, bool(calls)))
+
+
+def _completion_chunks(generation: Generation, req: oa.CompletionRequest, completion_id: str, route: str, prefix: str) -> Iterator[str]:
+    def chunk(index: int, text: str, reason: Optional[str], logprobs: Optional[dict]) -> str:
+        return sse.event(oa.text_completion(completion_id, req.model, [oa.text_choice(index, text, reason, logprobs)]))
+
+    finals: dict[int, TokenEvent] = {}
+    offsets = [len(prefix)] * req.n
     if prefix:
-        yield sse.event(oa.text_completion(completion_id, req.model, prefix, None))
+        for index in range(req.n):
+            yield chunk(index, prefix, None, None)
     try:
-        for event in service().stream_events(stream, route, sse.KEEPALIVE_SECONDS):
-            if event is None:
+        for item in service().stream_events(generation, route, sse.KEEPALIVE_SECONDS):
+            if item is None:
                 yield sse.KEEPALIVE
                 continue
-            if event.text or event.finish_reason is not None:
-                yield sse.event(oa.text_completion(completion_id, req.model, event.text, event.finish_reason))
-            if event.finish_reason is not None and req.include_usage:
-                yield sse.event(oa.usage_chunk(completion_id, req.model, "text_completion", event.prompt_tokens, event.generated_tokens))
+            index, event = item
+            tokens = [event] if event.token_id is not None else []
+            logprobs = _completion_logprobs(req, tokens, offsets[index])
+            offsets[index] += len(event.text)
+            if event.text or event.finish_reason is not None or (logprobs and tokens):
+                yield chunk(index, event.text, oa.openai_finish_reason(event.finish_reason), logprobs)
+            if event.finish_reason is not None:
+                finals[index] = event
+        if req.include_usage:
+            prompt_tokens = next(iter(finals.values())).prompt_tokens
+            yield sse.event(oa.usage_chunk(completion_id, req.model, "text_completion", prompt_tokens, sum(f.generated_tokens for f in finals.values())))
         yield sse.DONE
     except GenerationFailed as exc:
         yield sse.event(exc.openai_body(), name="error")

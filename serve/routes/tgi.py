@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import serve
-from serve.engine import RequestStream
+from serve.engine import TokenEvent
 from serve.errors import GenerationFailed, NotReady
-from serve.generation import timing_headers
+from serve.generation import Choice, Generation, timing_headers
 from serve.routes import sse
-from serve.routes.common import json_body, service, settings, validate
+from serve.routes.common import json_body, service, settings, token_texts, validate
 from serve.schemas import tgi
 
 blueprint = Blueprint("tgi", __name__)
@@ -22,6 +22,12 @@ blueprint = Blueprint("tgi", __name__)
 @blueprint.post("/generate")
 def generate_route() -> Response:
     return generate(json_body(), route="/generate", as_list=False)
+
+
+@blueprint.post("/")
+def compat_route() -> Response:
+    """TGI's root route (what ``InferenceClient.text_generation`` posts to): /generate, or /generate_stream."""
+    return generate(json_body(), route="/", as_list=False)
 
 
 @blueprint.post("/generate_stream")
@@ -80,37 +86,76 @@ def tokenize() -> Response:
 def generate(payload: dict[str, Any], route: str, as_list: bool) -> Response:
     """Serve one TGI generate request; ``as_list`` wraps the body in a list, as TGI's /invocations does."""
     req = validate(tgi.GenerateRequest, payload)
+    grammar = req.parameters.grammar.text() if req.parameters.grammar else None
     prompt_ids = service().text_prompt(req.inputs, truncate=req.parameters.truncate)
-    stream = service().start(prompt_ids, req.requested_max_tokens, req.to_sampling_params, "inputs")
+    service().check_grammar(grammar, "parameters.grammar")
+    generation = service().start(
+        prompt_ids, req.requested_max_tokens, lambda budget: req.to_sampling_params(budget, grammar), "inputs", req.best_of
+    )
     if req.stream:
-        return sse.response(_token_events(stream, req, route))
-    done = service().collect(stream, route)
-    text = (req.inputs + done.text) if req.parameters.return_full_text else done.text
-    body: dict[str, Any] = {"generated_text": text}
+        return sse.response(_token_events(generation, req, route, prompt_ids))
+    choices = service().collect(generation, route)
+    best = max(choices, key=lambda c: sum(event.logprob or 0.0 for event in c.tokens))
+    body: dict[str, Any] = {"generated_text": _full_text(req, best.text)}
     if req.parameters.details:
-        body["details"] = tgi.details(done.final, req.parameters.seed)
+        body["details"] = _details(req, best, prompt_ids)
+        if len(choices) > 1:
+            body["details"]["best_of_sequences"] = [
+                {"generated_text": _full_text(req, c.text), **_details(req, c, prompt_ids)} for c in choices if c is not best
+            ]
     response = jsonify([body] if as_list else body)
-    response.headers.update(timing_headers(done.final))
+    response.headers.update(timing_headers(best.final))
     return response
 
 
-def _token_events(stream: RequestStream, req: tgi.GenerateRequest, route: str) -> Iterator[str]:
-    special_ids = set(service().tokenizer.all_special_ids)
+def _full_text(req: tgi.GenerateRequest, text: str) -> str:
+    return req.inputs + text if req.parameters.return_full_text else text
+
+
+def _details(req: tgi.GenerateRequest, choice: Choice, prompt_ids: list[int]) -> dict[str, Any]:
+    """TGI's details of one choice: finish reason, generated tokens with log-probabilities, prefill, top tokens."""
+    tokens = _tokens(choice.tokens)
+    top = [_top_tokens(event) for event in choice.tokens] if req.parameters.top_n_tokens else None
+    prefill = _prefill(prompt_ids, choice.tokens[0].prompt_logprobs) if choice.tokens and req.parameters.decoder_input_details else []
+    return tgi.details(choice.final, choice.seed, tokens, prefill, top)
+
+
+def _tokens(events: list[TokenEvent]) -> list[dict[str, Any]]:
+    special = set(service().tokenizer.all_special_ids)
+    texts = token_texts([event.token_id for event in events])
+    return [tgi.token(event.token_id, text, event.logprob, event.token_id in special) for event, text in zip(events, texts)]
+
+
+def _top_tokens(event: TokenEvent) -> list[dict[str, Any]]:
+    special = set(service().tokenizer.all_special_ids)
+    texts = token_texts([token_id for token_id, _ in event.top_logprobs])
+    return [tgi.token(token_id, text, logprob, token_id in special) for (token_id, logprob), text in zip(event.top_logprobs, texts)]
+
+
+def _prefill(prompt_ids: list[int], logprobs: Optional[tuple]) -> list[dict[str, Any]]:
+    texts = token_texts(prompt_ids)
+    scores = list(logprobs or ()) + [None] * len(prompt_ids)
+    return [tgi.token(token_id, text, score) for token_id, text, score in zip(prompt_ids, texts, scores)]
+
+
+def _token_events(generation: Generation, req: tgi.GenerateRequest, route: str, prompt_ids: list[int]) -> Iterator[str]:
     pieces: list[str] = [req.inputs] if req.parameters.return_full_text else []
     index = 0
     try:
-        for event in service().stream_events(stream, route, sse.KEEPALIVE_SECONDS):
-            if event is None:
+        for item in service().stream_events(generation, route, sse.KEEPALIVE_SECONDS):
+            if item is None:
                 yield sse.KEEPALIVE
                 continue
+            event = item[1]
             if event.token_id is None:
                 continue
             index += 1
             pieces.append(event.text)
-            body = tgi.stream_token(index, event, event.token_id in special_ids)
+            token_body = dict(_tokens([event])[0], text=event.text)
+            body = tgi.stream_token(index, token_body, _top_tokens(event) if req.parameters.top_n_tokens else None)
             if event.finish_reason is not None:
                 body["generated_text"] = "".join(pieces)
-                body["details"] = tgi.details(event, req.parameters.seed) if req.parameters.details else None
+                body["details"] = tgi.stream_details(event, req.parameters.seed) if req.parameters.details else None
             yield sse.event(body)
     except GenerationFailed as exc:
         yield sse.event(exc.tgi_body(), name="error")

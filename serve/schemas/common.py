@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
+MAX_CHOICES = 16  # n and best_of
+MAX_TOP_LOGPROBS = 20
 
 
 class LenientModel(BaseModel):
@@ -45,13 +47,15 @@ class SamplingFields(LenientModel):
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
     top_k: Optional[int] = Field(default=None, ge=-1)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    typical_p: float = Field(default=1.0, gt=0.0, le=1.0)
     repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=10.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = StopField
     stream: bool = False
-    n: int = Field(default=1, ge=1, le=1, description="Only n=1 is served for now.")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="How many choices to generate for the prompt.")
     ignore_eos: bool = False
 
     @field_validator("stop")

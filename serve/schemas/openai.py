@@ -6,11 +6,13 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from serve.engine.grammar import GrammarError, json_schema_grammar
 from serve.engine.types import FinishReason, SamplingParams
 from serve.errors import ValidationFailed
-from serve.schemas.common import LenientModel, SamplingFields, normalize_stop
+from serve.schemas.common import MAX_TOP_LOGPROBS, LenientModel, SamplingFields, normalize_stop
+from serve.schemas.tools import NamedToolChoice, Tool, ToolChoice, call_schema, forced_tools, template_tool_calls
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 
@@ -22,19 +24,61 @@ class TextPart(LenientModel):
     text: str
 
 
+class FunctionCall(LenientModel):
+    name: str
+    arguments: str = "{}"
+
+
+class AssistantToolCall(LenientModel):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(LenientModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[AssistantToolCall]] = None
+    tool_call_id: Optional[str] = None
 
     def as_template_dict(self) -> dict[str, Any]:
-        """The message as chat templates expect it: role and plain-text content."""
+        """The message as chat templates expect it: role, plain-text content, and tool-call fields when present."""
         content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content or [])
-        return {"role": self.role, "content": content}
+        message: dict[str, Any] = {"role": self.role, "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = template_tool_calls([call.model_dump() for call in self.tool_calls])
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class StreamOptions(LenientModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(LenientModel):
+    name: str = "response"
+    description: Optional[str] = None
+    json_schema: dict[str, Any] = Field(alias="schema", default_factory=lambda: {"type": "object"})
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(LenientModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    def grammar(self) -> Optional[str]:
+        """The grammar that enforces this format (None for plain text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return json_schema_grammar(True)
+        if self.json_schema is None:
+            raise ValidationFailed('response_format.json_schema: required when type is "json_schema"', "response_format")
+        return json_schema_grammar(self.json_schema.json_schema)
 
 
 class _OpenAIRequest(SamplingFields):
@@ -44,38 +88,93 @@ class _OpenAIRequest(SamplingFields):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def to_sampling_params(self, max_new_tokens: int) -> SamplingParams:
+    @property
+    def logprob_count(self) -> Optional[int]:
+        """How many alternatives per token to return (None: no log-probabilities)."""
+        return None
+
+    def to_sampling_params(self, max_new_tokens: int, grammar: Optional[str] = None) -> SamplingParams:
         """Engine parameters; OpenAI's defaults are temperature 1 and top_p 1 when not given."""
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=OPENAI_DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=max(self.top_k or 0, 0),
+            min_p=self.min_p,
+            typical_p=self.typical_p,
             repetition_penalty=self.repetition_penalty or 1.0,
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             seed=self.seed,
             stop=normalize_stop(self.stop),
             ignore_eos=self.ignore_eos,
+            logprobs=self.logprob_count,
+            grammar=grammar,
         )
 
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[Tool]] = Field(default=None, max_length=128)
+    tool_choice: Optional[ToolChoice] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError(f"tool_choice {self._choice_name} needs a non-empty tools list")
+        return self
+
+    @property
+    def _choice_name(self) -> str:
+        choice = self.tool_choice
+        return repr(choice.function.name) if isinstance(choice, NamedToolChoice) else repr(choice)
 
     @property
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def logprob_count(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def active_tools(self) -> list[Tool]:
+        """The tools the model is told about ("none" hides them)."""
+        return [] if self.tool_choice == "none" else list(self.tools or [])
+
+    @property
+    def forced_tools(self) -> list[Tool]:
+        return forced_tools(self.active_tools, self.tool_choice)
+
+    def grammar(self) -> tuple[Optional[str], str]:
+        """The output grammar and the field it comes from: a forced tool call, else the response format."""
+        try:
+            if self.forced_tools:
+                return json_schema_grammar(call_schema(self.forced_tools)), "tools"
+            return (self.response_format.grammar() if self.response_format else None), "response_format"
+        except GrammarError as exc:
+            field = "tools" if self.forced_tools else "response_format"
+            raise ValidationFailed(f"{field}: the JSON schema does not compile: {exc}", field) from None
+
 
 class CompletionRequest(_OpenAIRequest):
     prompt: Union[str, list[str]]
     echo: bool = False
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @property
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_tokens if self.max_tokens is not None else 16  # OpenAI's completions default
+
+    @property
+    def logprob_count(self) -> Optional[int]:
+        return self.logprobs
 
     @property
     def prompt_text(self) -> str:
@@ -90,8 +189,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def openai_finish_reason(reason: Optional[FinishReason]) -> Optional[str]:
-    return None if reason is None else ("length" if reason is FinishReason.LENGTH else "stop")
+def openai_finish_reason(reason: Optional[FinishReason], tool_calls: bool = False) -> Optional[str]:
+    if reason is None:
+        return None
+    if reason is FinishReason.LENGTH:
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -102,48 +205,41 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def chat_completion(completion_id: str, model: str, text: str, reason: FinishReason, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def _envelope(completion_id: str, obj: str, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
+
+
+def chat_completion(completion_id: str, model: str, choices: list[dict[str, Any]], usage_body: dict[str, int]) -> dict[str, Any]:
     """A complete (non-streaming) chat.completion body."""
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": openai_finish_reason(reason),
-            }
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return {**_envelope(completion_id, "chat.completion", model, choices), "usage": usage_body}
 
 
-def chat_chunk(completion_id: str, model: str, delta: dict[str, Any], reason: Optional[FinishReason] = None) -> dict[str, Any]:
-    """One chat.completion.chunk of a stream."""
-    return {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": openai_finish_reason(reason)}],
-    }
+def chat_choice(index: int, message: dict[str, Any], finish_reason: Optional[str], logprobs: Optional[dict]) -> dict[str, Any]:
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def text_completion(completion_id: str, model: str, text: str, reason: Optional[FinishReason], usage_body: Optional[dict] = None) -> dict[str, Any]:
-    """A text_completion body, or one chunk of a completions stream (reason None mid-stream)."""
-    body: dict[str, Any] = {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": openai_finish_reason(reason)}],
-    }
+def chat_chunk(
+    completion_id: str, model: str, index: int, delta: dict[str, Any], finish_reason: Optional[str] = None, logprobs: Optional[dict] = None
+) -> dict[str, Any]:
+    """One chat.completion.chunk of a stream, for choice ``index``."""
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _envelope(completion_id, "chat.completion.chunk", model, [choice])
+
+
+def text_choice(index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict] = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def text_completion(completion_id: str, model: str, choices: list[dict[str, Any]], usage_body: Optional[dict] = None) -> dict[str, Any]:
+    """A text_completion body, or one chunk of a completions stream."""
+    body = _envelope(completion_id, "text_completion", model, choices)
     if usage_body is not None:
         body["usage"] = usage_body
     return body
@@ -151,11 +247,28 @@ def text_completion(completion_id: str, model: str, text: str, reason: Optional[
 
 def usage_chunk(completion_id: str, model: str, obj: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     """The last chunk of a stream with ``stream_options.include_usage``: no choices, only usage."""
+    return {**_envelope(completion_id, obj, model, []), "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def logprob_entry(text: str, logprob: float, top: list[tuple[str, float]]) -> dict[str, Any]:
+    """One token of a chat ``logprobs.content`` list, with its most likely alternatives."""
     return {
-        "id": completion_id,
-        "object": obj,
-        "created": int(time.time()),
-        "model": model,
-        "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "token": text,
+        "logprob": logprob,
+        "bytes": list(text.encode("utf-8")),
+        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))} for t, lp in top],
+    }
+
+
+def completion_logprobs(texts: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]], offset: int) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object: parallel lists, top alternatives as {token: logprob} maps."""
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": texts,
+        "token_logprobs": logprobs,
+        "top_logprobs": [dict(top) for top in tops],
+        "text_offset": offsets,
     }

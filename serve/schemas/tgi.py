@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from serve.engine.grammar import GrammarError, json_schema_grammar, regex_grammar
 from serve.engine.types import FinishReason, SamplingParams, TokenEvent
-from serve.schemas.common import LenientModel, check_stop
+from serve.errors import ValidationFailed
+from serve.schemas.common import MAX_CHOICES, MAX_TOP_LOGPROBS, LenientModel, check_stop
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
+
+
+class Grammar(LenientModel):
+    """TGI's constrained-output parameter: a JSON schema or a regular expression."""
+
+    type: Literal["json", "json_object", "json_schema", "regex"]
+    value: Union[dict[str, Any], str, bool]
+
+    def text(self) -> str:
+        """The llguidance grammar (422 naming ``parameters.grammar`` when the schema or regex is malformed)."""
+        try:
+            if self.type == "regex":
+                if not isinstance(self.value, str):
+                    raise GrammarError("a regex grammar takes the pattern as a string")
+                return regex_grammar(self.value)
+            value = self.value.get("schema", self.value) if self.type == "json_schema" and isinstance(self.value, dict) else self.value
+            return json_schema_grammar(value)
+        except GrammarError as exc:
+            raise ValidationFailed(f"parameters.grammar: {exc}", "parameters.grammar") from None
 
 
 class GenerateParameters(LenientModel):
@@ -26,6 +47,25 @@ class GenerateParameters(LenientModel):
     details: bool = False
     truncate: Optional[int] = Field(default=None, ge=1)
     ignore_eos: bool = False
+    typical_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    top_n_tokens: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    decoder_input_details: bool = False
+    best_of: Optional[int] = Field(default=None, ge=1, le=MAX_CHOICES)
+    grammar: Optional[Grammar] = None
+    watermark: bool = False
+
+    @field_validator("watermark")
+    @classmethod
+    def _no_watermark(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("watermarking is not supported by this server; send watermark: false or leave it out")
+        return value
+
+    @model_validator(mode="after")
+    def _best_of_samples(self) -> "GenerateParameters":
+        if (self.best_of or 1) > 1 and not self.samples:
+            raise ValueError("best_of > 1 needs sampling: set do_sample: true (or a temperature, top_k or top_p)")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -36,7 +76,7 @@ class GenerateParameters(LenientModel):
     @property
     def samples(self) -> bool:
         """TGI samples when asked to, or when any sampling knob is set; otherwise greedy."""
-        return self.do_sample or any(v is not None for v in (self.temperature, self.top_p, self.top_k))
+        return self.do_sample or any(v is not None for v in (self.temperature, self.top_p, self.top_k, self.typical_p))
 
 
 class GenerateRequest(LenientModel):
@@ -44,12 +84,23 @@ class GenerateRequest(LenientModel):
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = False
 
+    @model_validator(mode="after")
+    def _best_of_not_streamed(self) -> "GenerateRequest":
+        if self.stream and (self.parameters.best_of or 1) > 1:
+            raise ValueError("parameters.best_of > 1 cannot be streamed; send stream: false")
+        return self
+
     @property
     def requested_max_tokens(self) -> int:
         return self.parameters.max_new_tokens or TGI_DEFAULT_MAX_NEW_TOKENS
 
-    def to_sampling_params(self, max_new_tokens: int) -> SamplingParams:
+    @property
+    def best_of(self) -> int:
+        return self.parameters.best_of or 1
+
+    def to_sampling_params(self, max_new_tokens: int, grammar: Optional[str] = None) -> SamplingParams:
         p = self.parameters
+        wants_logprobs = p.details or self.stream or self.best_of > 1 or bool(p.top_n_tokens)
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=(p.temperature or 1.0) if p.samples else 0.0,
@@ -60,6 +111,10 @@ class GenerateRequest(LenientModel):
             seed=p.seed,
             stop=tuple(s for s in p.stop if s),
             ignore_eos=p.ignore_eos,
+            typical_p=p.typical_p or 1.0,
+            logprobs=(p.top_n_tokens or 0) if wants_logprobs else None,
+            prompt_logprobs=p.decoder_input_details,
+            grammar=grammar,
         )
 
 
@@ -73,22 +128,42 @@ def tgi_finish_reason(reason: FinishReason, stop_sequence: Optional[str]) -> str
     return "stop_sequence" if stop_sequence else "eos_token"
 
 
-def details(final: TokenEvent, seed: Optional[int]) -> dict[str, Any]:
+def token(token_id: int, text: str, logprob: Optional[float], special: Optional[bool] = None) -> dict[str, Any]:
+    """One TGI token object (prefill tokens carry no ``special``)."""
+    body: dict[str, Any] = {"id": token_id, "text": text, "logprob": logprob}
+    if special is not None:
+        body["special"] = special
+    return body
+
+
+def details(final: TokenEvent, seed: Optional[int], tokens: list[dict[str, Any]], prefill: list[dict[str, Any]], top_tokens: Optional[list]) -> dict[str, Any]:
     """The ``details`` object of a TGI response."""
+    body: dict[str, Any] = {
+        "finish_reason": tgi_finish_reason(final.finish_reason, final.stop_sequence),
+        "generated_tokens": final.generated_tokens,
+        "seed": seed,
+        "input_length": final.prompt_tokens,
+        "prefill": prefill,
+        "tokens": tokens,
+    }
+    if top_tokens is not None:
+        body["top_tokens"] = top_tokens
+    return body
+
+
+def stream_details(final: TokenEvent, seed: Optional[int]) -> dict[str, Any]:
+    """The ``details`` of the last ``/generate_stream`` event."""
     return {
         "finish_reason": tgi_finish_reason(final.finish_reason, final.stop_sequence),
         "generated_tokens": final.generated_tokens,
         "seed": seed,
-        "prefill": [],
-        "tokens": [],
+        "input_length": final.prompt_tokens,
     }
 
 
-def stream_token(index: int, event: TokenEvent, special: bool) -> dict[str, Any]:
+def stream_token(index: int, token_body: dict[str, Any], top_tokens: Optional[list]) -> dict[str, Any]:
     """One ``/generate_stream`` event for a generated token."""
-    return {
-        "index": index,
-        "token": {"id": event.token_id, "text": event.text, "logprob": None, "special": special},
-        "generated_text": None,
-        "details": None,
-    }
+    body: dict[str, Any] = {"index": index, "token": token_body, "generated_text": None, "details": None}
+    if top_tokens is not None:
+        body["top_tokens"] = top_tokens
+    return body
