@@ -16,7 +16,7 @@ from serve.engine import Engine, EngineConfig
 from serve.errors import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ServeError
 from serve.generation import GenerationService
 from serve.metrics import Metrics
-from serve.model.loader import load_model
+from serve.engine.pool import build_pool
 from serve.routes import openai, sagemaker, tgi
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,8 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     """Build the app; the engine starts loading the model in the background (``/ping`` is 503 until it is done)."""
     settings = settings or load_settings()
     if engine is None:
-        engine = Engine(
-            load=lambda: load_model(settings),
-            config=engine_config(settings),
-            on_load_failure=_exit_worker if exit_on_load_failure else None,
-            on_ready=lambda: _log_cold_start(settings),
-        )
+        on_failure = _exit_worker if exit_on_load_failure else None
+        engine = build_pool(settings, engine_config(settings), on_failure, lambda: _log_cold_start(settings))
     app = Flask("serve")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_payload_bytes
     app.json.sort_keys = False

@@ -9,7 +9,7 @@ decode tokens in one batched call, each prompt chunk causally over its own slot.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -42,6 +42,19 @@ class StepLayout:
     decode_span: int  # decode attention reads slots [0, span)
     decode_mask: Optional[torch.Tensor]  # [span, 1, 1, longest] which cached positions each slot may see
     prefills: list[PrefillChunk]
+    _copies: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> "StepLayout":
+        """This layout with its tensors on ``device`` (copied once per step for each other GPU of a split model)."""
+        if device == self.rows.device:
+            return self
+        if device not in self._copies:
+            move = lambda tensor: None if tensor is None else tensor.to(device)  # noqa: E731
+            self._copies[device] = StepLayout(
+                move(self.rows), move(self.decode_tokens), move(self.decode_slots), self.decode_span, move(self.decode_mask),
+                [replace(chunk, mask=move(chunk.mask)) for chunk in self.prefills],
+            )
+        return self._copies[device]
 
 
 _active = threading.local()
@@ -63,6 +76,7 @@ class active_step:
 def slot_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, scaling: Optional[float] = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """query [1, heads, tokens, dim], key/value [1, kv_heads, tokens, dim] -> output [1, tokens, heads, dim]."""
     cache, layout = _active.state
+    layout = layout.on(key.device)  # a model split over GPUs: this layer's cache lives on this layer's GPU
     cache.write(module.layer_idx, layout.rows, key[0].transpose(0, 1), value[0].transpose(0, 1))
     keys, values = cache.keys[module.layer_idx], cache.values[module.layer_idx]  # [slots, tokens, kv_heads, dim]
     q = query[0]  # [heads, tokens, dim]

@@ -162,7 +162,7 @@ class Engine:
     def _prepare(self) -> None:
         """Load the model, size the KV cache, build the runner (torch is imported here, off the HTTP threads)."""
         from serve.engine.grammar import Grammars
-        from serve.engine.kv_cache import CacheShape, SlotKVCache, default_cache_bytes, plan_slots
+        from serve.engine.kv_cache import CacheShape, SlotKVCache, default_cache_bytes, layer_devices, plan_slots
         from serve.engine.runner import ModelRunner
 
         self.loaded = self._load()
@@ -170,10 +170,11 @@ class Engine:
         max_input = min(self.config.max_input_tokens or total - 1, total - 1)
         shape = CacheShape.of(self.loaded.model.config, self.loaded.dtype)
         max_slots = min(self.config.max_batch_size or self.config.max_concurrent_requests, self.config.max_concurrent_requests)
-        slots = plan_slots(shape, total, self.config.max_batch_total_tokens, max_slots, default_cache_bytes(self.loaded.device))
+        devices = layer_devices(self.loaded.model, shape.layers)  # a model split over GPUs: each layer's cache on its GPU
+        slots = plan_slots(shape, total, self.config.max_batch_total_tokens, max_slots, default_cache_bytes(devices))
         self._eos_ids = _eos_token_ids(self.loaded.model, self.loaded.tokenizer)
         self.grammars = Grammars(self.loaded.tokenizer, self.loaded.model.config.get_text_config().vocab_size, self._eos_ids)
-        self._runner = ModelRunner(self.loaded.model, SlotKVCache(shape, slots, total, self.loaded.device), self.grammars)
+        self._runner = ModelRunner(self.loaded.model, SlotKVCache(shape, slots, total, devices), self.grammars)
         self.limits = Limits(max_input, total, slots * total, slots)
 
     def _admit_waiting(self) -> None:

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,11 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 GGUF_FOLDER_FORMAT = 2  # bump when the converted folder's layout changes, so old caches are rebuilt
+
+
+# from_pretrained patches process-wide state (default dtype, weight init) while it runs: two engines of a pool
+# loading at once in one process corrupt each other's weights, so copies load one after the other
+_LOAD_LOCK = threading.Lock()
 
 
 class ModelLoadError(RuntimeError):
@@ -263,7 +269,8 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
     placement = prepared.plan.engines[engine_index]
     kwargs = {**placement.from_pretrained_kwargs(), **prepared.quantization.kwargs}
     log.info("loading %s from %s as %s on %s", prepared.source.name, prepared.folder, prepared.dtype, ", ".join(placement.devices))
-    model, tokenizer = _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
+    with _LOAD_LOCK:
+        model, tokenizer = _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
     max_context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     log.info("model loaded in %.1f s: %s on %s, context %d tokens", time.monotonic() - started, prepared.source.name, model.device, max_context)
     return LoadedModel(

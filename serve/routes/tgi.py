@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 import serve
 from serve.engine import TokenEvent
+from serve.engine.pool import serving_info
 from serve.errors import GenerationFailed, NotReady
 from serve.generation import Choice, Generation, timing_headers
 from serve.routes import sse
@@ -53,6 +54,7 @@ def info() -> Response:
             "model_id": engine.loaded.name,
             "model_dtype": str(engine.loaded.dtype).replace("torch.", ""),
             "model_device_type": engine.loaded.device.type,
+            **serving_info(engine),
             **asdict(engine.limits),
         }
     body: dict[str, Any] = {

@@ -1,0 +1,198 @@
+"""Several engines behind one front: PLACEMENT=replicas runs one engine (one copy of the model) per GPU.
+
+``EnginePool`` has the interface GenerationService, the routes and the metrics use on an ``Engine`` (submit,
+cancel, ready, limits, tokenizer, scheduler counts). Planning happens on a background thread, as loading does:
+``prepare()`` fetches the model and decides the placement, then one engine per planned copy loads and starts.
+Each request goes to the engine with the fewest requests in flight (ties: the one that has served fewest).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+from typing import Any, Callable, Optional
+
+from serve.engine.engine import Engine, EngineNotReady, Limits, RequestStream
+from serve.engine.scheduler import EngineOverloaded
+from serve.engine.types import EngineConfig, Request
+
+log = logging.getLogger(__name__)
+
+
+class PoolLoad:
+    """The pool's queue and in-flight counts, summed over its engines (what metrics and draining read)."""
+
+    def __init__(self, pool: "EnginePool"):
+        self._pool = pool
+
+    @property
+    def waiting(self) -> int:
+        return sum(engine.scheduler.waiting for engine in self._pool.engines)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(engine.scheduler.in_flight for engine in self._pool.engines)
+
+
+class EnginePool:
+    """Engines made by ``make_engine(prepared, index)`` for each copy that ``plan_engines(prepared)`` counts."""
+
+    def __init__(
+        self,
+        prepare: Callable[[], Any],
+        plan_engines: Callable[[Any], int],
+        make_engine: Callable[[Any, int], Engine],
+        config: EngineConfig = EngineConfig(),
+        on_load_failure: Optional[Callable[[BaseException], None]] = None,
+        on_ready: Optional[Callable[[], None]] = None,
+    ):
+        self._prepare, self._plan_engines, self._make_engine = prepare, plan_engines, make_engine
+        self.config = config
+        self._on_load_failure, self._on_ready = on_load_failure, on_ready
+        self.engines: list[Engine] = []
+        self.served: list[int] = []
+        self.scheduler = PoolLoad(self)
+        self.load_error: Optional[BaseException] = None
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="engine-pool", daemon=True)
+
+    def start(self) -> "EnginePool":
+        if not self._thread.is_alive() and not self._ready.is_set() and self.load_error is None:
+            self._thread.start()
+        return self
+
+    def _main(self) -> None:
+        """Prepare, start every engine, and wait until all are ready (or one fails)."""
+        try:
+            prepared = self._prepare()
+            count = self._plan_engines(prepared)
+            with self._lock:
+                self.engines = [self._make_engine(prepared, index) for index in range(count)]
+                self.served = [0] * count
+            for engine in self.engines:
+                engine.start()
+            while not all(engine.wait_ready(0.1) for engine in self.engines):
+                errors = [engine.load_error for engine in self.engines if engine.load_error is not None]
+                if errors:
+                    raise errors[0]
+                if self._stopping.is_set():
+                    return
+        except BaseException as exc:  # noqa: BLE001 - reported like a single engine's load failure
+            self.load_error = exc
+            log.error("engine pool failed to start: %s", exc)
+            if self._on_load_failure is not None:
+                self._on_load_failure(exc)
+            return
+        self._ready.set()
+        log.info("engine pool ready: %d engine(s)", len(self.engines))
+        if self._on_ready is not None:
+            self._on_ready()
+
+    def wait_ready(self, timeout: Optional[float] = None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and not self._stopping.is_set() and all(engine.ready for engine in self.engines)
+
+    @property
+    def loaded(self) -> Any:
+        return self.engines[0].loaded if self.engines else None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engines[0].tokenizer
+
+    @property
+    def grammars(self) -> Any:
+        return self.engines[0].grammars
+
+    @property
+    def limits(self) -> Optional[Limits]:
+        """Per-request limits of one engine; the batch capacity summed over all of them."""
+        if not self.engines or self.engines[0].limits is None:
+            return None
+        first = self.engines[0].limits
+        return replace(
+            first,
+            max_batch_total_tokens=sum(engine.limits.max_batch_total_tokens for engine in self.engines),
+            max_batch_size=sum(engine.limits.max_batch_size for engine in self.engines),
+        )
+
+    @property
+    def running(self) -> int:
+        return sum(engine.running for engine in self.engines)
+
+    def submit(self, request: Request, *args: Any, **kwargs: Any) -> RequestStream:
+        """Admit on the least-loaded engine; EngineOverloaded once MAX_CONCURRENT_REQUESTS are in flight in all."""
+        if not self.ready:
+            raise EngineNotReady("the model is not loaded yet" if self.load_error is None else f"the model failed to load: {self.load_error}")
+        with self._lock:
+            in_flight = [engine.scheduler.in_flight for engine in self.engines]
+            if sum(in_flight) >= self.config.max_concurrent_requests:
+                raise EngineOverloaded(f"{sum(in_flight)} requests in flight, the limit is {self.config.max_concurrent_requests}; retry later")
+            index = min(range(len(self.engines)), key=lambda i: (in_flight[i], self.served[i]))
+            stream = self.engines[index].submit(request, *args, **kwargs)
+            self.served[index] += 1
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel wherever the request runs (an engine ignores ids it does not hold)."""
+        for engine in self.engines:
+            engine.cancel(request_id)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Per engine: its devices, requests in flight and requests served (for /info)."""
+        plan = getattr(self.loaded, "plan", None)
+        return [
+            {
+                "devices": list(plan.engines[index].devices) if plan else [],
+                "in_flight": engine.scheduler.in_flight,
+                "served": self.served[index],
+            }
+            for index, engine in enumerate(self.engines)
+        ]
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        for engine in self.engines:
+            engine.stop(timeout)
+
+
+def build_pool(
+    settings: Any,
+    config: EngineConfig,
+    on_load_failure: Optional[Callable[[BaseException], None]] = None,
+    on_ready: Optional[Callable[[], None]] = None,
+) -> EnginePool:
+    """The server's engines: the loader prepares the model and plans its placement, then one engine per copy loads."""
+    from serve.model.loader import load_model, prepare_model
+
+    def make_engine(prepared: Any, index: int) -> Engine:
+        return Engine(load=lambda: load_model(settings, prepared, index), config=config)
+
+    return EnginePool(
+        prepare=lambda: prepare_model(settings),
+        plan_engines=lambda prepared: len(prepared.plan.engines),
+        make_engine=make_engine,
+        config=config,
+        on_load_failure=on_load_failure,
+        on_ready=on_ready,
+    )
+
+
+def serving_info(engine: Any) -> dict[str, Any]:
+    """Placement, devices and quantization of a loaded engine or pool, and per-engine load for a pool (/info)."""
+    loaded = engine.loaded
+    plan = getattr(loaded, "plan", None)
+    info: dict[str, Any] = {
+        "placement": plan.describe() if plan is not None else None,
+        "devices": list(plan.devices) if plan is not None else [str(loaded.device)],
+        "quantization": getattr(loaded, "quantization", None),
+    }
+    if isinstance(engine, EnginePool):
+        info["engines"] = engine.describe()
+    return info
