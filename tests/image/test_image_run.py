@@ -1,0 +1,101 @@
+"""The built image, run the way SageMaker runs it: entrypoint + `serve`, env vars, the model at /opt/ml/model.
+
+`make image-test` builds the image (scripts/image/build.sh) and runs this module with SERVE_TEST_IMAGE set;
+without it (plain `make test`) these tests are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import requests
+
+from scripts.image.export_model import export_embedded_model
+from tests.helpers import ROOT, english_words, free_port, wait_healthy
+from tests.image.buildah import Container, image_config, terminate
+
+IMAGE = os.environ.get("SERVE_TEST_IMAGE")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not IMAGE, reason="needs a built image: make image-test")]
+
+# The reference document's SageMaker request, as sent by predictor.predict(...).
+REFERENCE_MESSAGES = {"messages": [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is deep learning?"},
+]}
+TGI_INPUTS = {"inputs": "What is deep learning?", "parameters": {"max_new_tokens": 32}}
+# What a SageMaker user sets (SM_NUM_GPUS: 0 for the CPU test build), plus the limits an operator of a small CPU
+# instance would set: a short default length and a small KV cache (a default one is GiBs to zero at start).
+SAGEMAKER_ENV = {"SM_NUM_GPUS": os.environ.get("SERVE_TEST_SM_NUM_GPUS", "0"), "DEFAULT_MAX_NEW_TOKENS": "32",
+                 "MAX_TOTAL_TOKENS": "1024", "MAX_BATCH_TOTAL_TOKENS": "4096"}
+SAGEMAKER_ENV = {key: value for key, value in SAGEMAKER_ENV.items() if value}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return export_embedded_model(tmp_path_factory.mktemp("opt-ml") / "model")
+
+
+@pytest.fixture
+def container():
+    box = Container(IMAGE)
+    yield box
+    box.remove()
+
+
+def serve_and_wait(container, model_dir, tmp_path, extra_env):
+    server = container.serve(free_port(), {**SAGEMAKER_ENV, **extra_env}, {model_dir: "/opt/ml/model:ro"}, tmp_path / "serve.log")
+    started = time.monotonic()
+    wait_healthy(server, timeout=300)
+    print(f"\n[image] serve -> /ping 200 in {time.monotonic() - started:.1f} s ({extra_env or 'TGI mode'})")
+    return server
+
+
+def stop_and_check(server):
+    code, seconds = terminate(server)
+    print(f"[image] SIGTERM -> exit {code} in {seconds:.1f} s")
+    assert code == 0 and seconds < 25, server.log()[-3000:]
+
+
+def test_image_declares_the_sagemaker_contract():
+    config = image_config(IMAGE)
+    assert config["Entrypoint"] == ["/opt/program/container/entrypoint.sh"] and config["Cmd"] == ["serve"]
+    assert "8080/tcp" in config["ExposedPorts"]
+
+
+def torch_version_in_image() -> str:
+    pinned = next(line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith("torch=="))
+    return pinned.split("==")[1] + "+cpu"  # the test build's CPU wheel
+
+
+def test_any_other_argument_is_executed_as_given(container):
+    result = container.execute(["python3", "-c", "import sys, torch; print(torch.__version__, sys.argv[1])", "given"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [torch_version_in_image(), "given"]
+
+
+def test_messages_api_from_opt_ml_model(container, model_dir, tmp_path):
+    server = serve_and_wait(container, model_dir, tmp_path, {"MESSAGES_API_ENABLED": "true"})
+    try:
+        response = requests.post(server.url + "/invocations", json=REFERENCE_MESSAGES, timeout=240)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        answer = body["choices"][0]["message"]["content"]
+        print(f"[image] messages answer: {answer[:200]!r}")
+        assert body["object"] == "chat.completion" and english_words(answer) >= 5, answer
+        assert "/opt/ml/model" in server.log()  # the mounted folder is the model source
+    finally:
+        stop_and_check(server)
+
+
+def test_tgi_inputs_when_the_switch_is_unset(container, model_dir, tmp_path):
+    server = serve_and_wait(container, model_dir, tmp_path, {})
+    try:
+        response = requests.post(server.url + "/invocations", json=TGI_INPUTS, timeout=240)
+        assert response.status_code == 200, response.text
+        text = response.json()[0]["generated_text"]
+        print(f"[image] TGI answer: {text[:200]!r}")
+        assert english_words(text) >= 5, text
+    finally:
+        stop_and_check(server)
