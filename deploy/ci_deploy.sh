@@ -16,6 +16,8 @@
 #   DEPLOY_ARGS           extra deploy.py flags, word-split (e.g. "--max-instances 2 --env MAX_TOTAL_TOKENS=4096")
 #   INVOKE_ARGS           extra invoke.py flags, word-split (e.g. "--max-tokens 32")
 #   PYTHON                interpreter with requirements-deploy.txt (default .venv-deploy/bin/python, else python3)
+#   BEFORE_SMOKE_TEST     a shell command run after deploy, before the smoke test, with ENDPOINT_NAME and IMAGE_URI
+#                         set (the offline rehearsal waits there for its stand-in endpoint container's /ping)
 # Every AWS call honours AWS_ENDPOINT_URL and AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME, which is how the offline
 # rehearsal points this script at moto and at deploy/local_endpoint.py without changing it.
 set -Eeuo pipefail
@@ -72,6 +74,11 @@ deploy_args+=(${DEPLOY_ARGS:-})
 step "deploy $IMAGE_URI as $ENDPOINT_NAME"
 deployed=1  # from here on something may exist, even if deploy.py fails half-way
 "$PYTHON" deploy/deploy.py "${deploy_args[@]}"
+
+if [ -n "${BEFORE_SMOKE_TEST:-}" ]; then
+    step "before smoke test: $BEFORE_SMOKE_TEST"
+    ENDPOINT_NAME="$ENDPOINT_NAME" IMAGE_URI="$IMAGE_URI" bash -c "$BEFORE_SMOKE_TEST"
+fi
 
 step "smoke test $ENDPOINT_NAME ($payload)"
 # shellcheck disable=SC2086

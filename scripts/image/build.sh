@@ -11,19 +11,23 @@ torch_version="$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' requirements.txt)"
 wheels="$cache/wheels"
 
 if ! compgen -G "$wheels/torch-$torch_version+cpu-cp311-*.whl" >/dev/null; then
-    echo "fetching the CPU torch $torch_version wheel into $wheels (once)"
+    echo "fetching the CPU torch $torch_version wheel into $wheels (once)" >&2
     "${PIP:-pip}" download --quiet --no-deps --only-binary=:all: --implementation cp --python-version 3.11 \
         --platform manylinux_2_28_x86_64 --dest "$wheels" "torch==$torch_version+cpu"
 fi
 
-certs=()
-[ -f /etc/ssl/certs/ca-certificates.crt ] && certs=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
+flags=(--format docker --layers --isolation chroot --network host -v "$wheels:/wheels:ro"
+    --build-arg BASE_IMAGE="$base" --build-arg TORCH_SPEC="torch==$torch_version+cpu" --build-arg TORCH_FIND_LINKS=/wheels)
+# pip inside the build reaches the package index only through the host's CA bundle
+[ ! -f /etc/ssl/certs/ca-certificates.crt ] || flags+=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
+if [ "${1:-}" = "--print-flags" ]; then  # for other builders of the same test image (deploy/push_image.sh BUILD_FLAGS)
+    echo "${flags[*]}"
+    exit 0
+fi
+
 started=$(date +%s.%N)
-buildah bud --format docker --layers --isolation chroot --network host "${certs[@]}" -v "$wheels:/wheels:ro" \
-    --build-arg BASE_IMAGE="$base" \
-    --build-arg TORCH_SPEC="torch==$torch_version+cpu" \
-    --build-arg TORCH_FIND_LINKS=/wheels \
-    ${BUILD_ARGS:-} -t "$image" .
+# shellcheck disable=SC2086  # BUILD_ARGS is word-split on purpose
+buildah bud "${flags[@]}" ${BUILD_ARGS:-} -t "$image" .
 seconds=$(echo "$(date +%s.%N) - $started" | bc)
 size=$(buildah images --format '{{.Size}}' "$image" | head -n1)
 echo "built $image in ${seconds} s; size $size"
