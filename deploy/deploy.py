@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+import botocore.exceptions
+
 from common import (
     DEFAULT_VARIANT,
     SCALABLE_DIMENSION,
@@ -164,11 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     sm_session = sagemaker_session(session)
     role = resolve_role(args.role, sm_session)
     log.info("execution role: %s", role)
-    name = deploy_model(args, sm_session, role)
-    if args.wait:
-        wait_in_service(sm_session.sagemaker_client, name, args.wait_minutes)
-    if args.max_instances is not None:
-        enable_autoscaling(session, name, args)
+    try:
+        name = deploy_model(args, sm_session, role)
+        if args.wait:
+            wait_in_service(sm_session.sagemaker_client, name, args.wait_minutes)
+        if args.max_instances is not None:
+            enable_autoscaling(session, name, args)
+    except botocore.exceptions.ClientError as error:
+        log.error("deploy failed: %s", error)
+        log.error("remove what was created with: python deploy/cleanup.py --endpoint-name %s --region %s",
+                  args.endpoint_name or "<name above>", session.region_name)
+        return 1
     print(f"endpoint: {name}")
     print("\n# paste into Python:\n" + predictor_snippet(name, session.region_name))
     return 0
