@@ -55,3 +55,26 @@ def test_frequency_penalty_discourages_generated_tokens():
     params = [SamplingParams(frequency_penalty=1.0)]
     generated = torch.tensor([0])
     assert int(sample_next_tokens(logits.clone(), params, [None], [generated], [generated])[0]) == 1
+
+
+def test_min_p_drops_tokens_far_less_likely_than_the_best():
+    logits = torch.tensor([[5.0, 4.9, 0.0, -1.0]] * 64)
+    params = [SamplingParams(temperature=1.0, min_p=0.5, seed=seed) for seed in range(64)]
+    assert set(sample(logits, params).tolist()) == {0, 1}
+
+
+def test_typical_p_keeps_the_tokens_closest_to_the_entropy():
+    # a mildly favoured token among 50 flat ones: its surprise is far below the entropy, theirs is close to it
+    logits = torch.tensor([2.0] + [1.0] * 50)[None].repeat(32, 1)
+    params = [SamplingParams(temperature=1.0, typical_p=0.2, seed=seed) for seed in range(32)]
+    chosen = sample(logits, params).tolist()
+    assert 0 not in chosen and len(set(chosen)) > 1
+
+
+def test_chosen_logprobs_and_top_alternatives():
+    from serve.engine.sampling import chosen_logprobs
+
+    log_probs = torch.log_softmax(torch.tensor([[1.0, 3.0, 2.0], [0.0, 0.0, 5.0]]), dim=-1)
+    (lp0, top0), (lp1, top1) = chosen_logprobs(log_probs, torch.tensor([2, 2]), [2, 0])
+    assert lp0 == float(log_probs[0, 2]) and [t for t, _ in top0] == [1, 2]
+    assert lp1 == float(log_probs[1, 2]) and top1 == ()
