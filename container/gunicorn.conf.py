@@ -4,11 +4,18 @@ import logging
 import sys
 
 from serve.config import SettingsError, load_settings
+from serve.handler import HandlerError, code_dir, install_requirements
 
 try:
     _settings = load_settings()
 except SettingsError as _error:
     sys.stderr.write(f"configuration error: {_error}\n")
+    sys.exit(2)
+
+try:  # code/requirements.txt of a custom handler, into this interpreter, before any worker imports the handler
+    install_requirements(code_dir(_settings.model_dir), say=lambda line: sys.stderr.write(line + "\n"))
+except HandlerError as _error:
+    sys.stderr.write(f"custom handler error: {_error}\n")
     sys.exit(2)
 
 bind = f"0.0.0.0:{_settings.port}"

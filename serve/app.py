@@ -15,6 +15,7 @@ from serve.config import Settings, load_settings
 from serve.engine import Engine, EngineConfig
 from serve.errors import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ServeError
 from serve.generation import GenerationService
+from serve.handler import CustomHandler
 from serve.metrics import Metrics
 from serve.engine.pool import build_pool
 from serve.routes import openai, sagemaker, tgi
@@ -35,6 +36,7 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     app.config["MAX_CONTENT_LENGTH"] = settings.max_payload_bytes
     app.json.sort_keys = False
     app.extensions["serve.settings"] = settings
+    app.extensions["serve.handler"] = CustomHandler.load(settings.model_dir)
     metrics = Metrics(engine)
     app.extensions["serve.service"] = GenerationService(engine, settings, metrics)
     for module in (sagemaker, openai, tgi):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from serve.errors import ValidationFailed
 from serve.routes import openai, tgi
@@ -27,7 +27,14 @@ def ping() -> Response:
 
 @blueprint.post("/invocations")
 def invocations() -> Response:
-    payload = json_body()
+    handler = current_app.extensions.get("serve.handler")  # code/inference.py: input_fn / output_fn around dispatch
+    if handler is None:
+        return dispatch(json_body())
+    return handler.render(dispatch(handler.payload(request, json_body)), request.headers.get("Accept", "application/json"))
+
+
+def dispatch(payload: dict[str, Any]) -> Response:
+    """Route an /invocations payload by its shape (or the MESSAGES_API_ENABLED switch)."""
     kind = payload_kind(payload, settings().messages_api_enabled)
     if kind == CHAT:
         return openai.chat_completions(payload, route="/invocations")
