@@ -56,7 +56,11 @@ class Sequence:
             self.finish_reason = FinishReason.STOP
             return self._event(choice, self._drain(), first)
         text = self.stops.feed(self.detokenizer.push(token_id))
-        if self.stops.matched is None and len(self.output_ids) >= self.request.params.max_new_tokens:
+        grammar_done = self.matcher is not None and self.matcher.is_stopped()  # nothing but EOS could follow
+        if self.stops.matched is None and grammar_done:
+            self.finish_reason = FinishReason.STOP
+            text += self._drain()
+        elif self.stops.matched is None and len(self.output_ids) >= self.request.params.max_new_tokens:
             self.finish_reason = FinishReason.LENGTH
             text += self._drain()
         if self.stops.matched is not None:

@@ -83,8 +83,9 @@ def test_tgi_grammar_json_and_regex(client):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
     body = client.post("/generate", json={"inputs": "Answer:", "parameters": {"max_new_tokens": 20, "grammar": {"type": "json", "value": schema}}}).json
     assert json.loads(body["generated_text"]) in ({"ok": True}, {"ok": False})
-    digits = client.post("/invocations", json={"inputs": "Code:", "parameters": {"max_new_tokens": 8, "grammar": {"type": "regex", "value": "[0-9]{3}"}}}).json
+    digits = client.post("/invocations", json={"inputs": "Code:", "parameters": {"max_new_tokens": 8, "details": True, "grammar": {"type": "regex", "value": "[0-9]{3}"}}}).json
     assert len(digits[0]["generated_text"]) == 3 and digits[0]["generated_text"].isdigit()
+    assert digits[0]["details"]["finish_reason"] == "eos_token"  # ends as soon as the grammar is complete
 
 
 @pytest.mark.parametrize(
