@@ -27,6 +27,14 @@ def test_openai_sampling_fields_are_honoured_and_seeded(messages_client, route):
     assert first.json["usage"]["completion_tokens"] == 5  # max_completion_tokens wins over max_tokens
 
 
+def test_chat_parameters_reach_invocations_with_the_switch_off(client):
+    body = {**CHAT, **SAMPLING, "n": 2, "logprobs": True, "top_logprobs": 1, "ignore_eos": True}
+    response = client.post("/invocations", json=body)  # MESSAGES_API_ENABLED off: dispatched by the messages key
+    assert response.status_code == 200, response.json
+    assert [c["index"] for c in response.json["choices"]] == [0, 1]
+    assert all(len(c["logprobs"]["content"]) == 6 for c in response.json["choices"])
+
+
 def test_top_p_one_is_accepted_everywhere(client, messages_client):
     assert messages_client.post("/invocations", json={**CHAT, "top_p": 1.0}).status_code == 200
     assert client.post("/generate", json={"inputs": "Hi", "parameters": {"top_p": 1.0, "max_new_tokens": 2}}).status_code == 200
