@@ -96,10 +96,12 @@ def deploy_model(args: argparse.Namespace, sm_session, role: str) -> str:
     name = args.endpoint_name or f"llm-serve-{time.strftime('%Y%m%d-%H%M%S')}"
     # We upload no inference code, but the SDK names a code location anyway; giving it one keeps it from creating
     # its default bucket (through an STS endpoint no override reaches) just for that.
+    env = stringify_env(container_env(args))
+    log.info("container env: %s", json.dumps(env))
     model = HuggingFaceModel(
         code_location=f"s3://{code_bucket(sm_session.boto_session)}/{name}",
         image_uri=args.image_uri,
-        env=stringify_env(container_env(args)),
+        env=env,
         role=role,
         model_data=args.model_data,
         name=name,

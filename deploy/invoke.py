@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     session = sagemaker_session(boto_session(args.region))
     predictor = HuggingFacePredictor(endpoint_name=args.endpoint_name, sagemaker_session=session)
-    runs = {"predict": run_predict, "stream": run_stream}
-    names = ["predict", "stream"] if args.mode == "both" else [args.mode]
+    runs = {"predict": run_predict, "predict_stream": run_stream}
+    names = list(runs) if args.mode == "both" else ["predict" if args.mode == "predict" else "predict_stream"]
     for name in names:
         try:
             text = runs[name](predictor, args)
