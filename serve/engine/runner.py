@@ -31,6 +31,7 @@ class ModelRunner:
         self.cache = cache
         self.grammars = grammars  # serve.engine.grammar.Grammars: masks the logits of constrained sequences
         self.device = model.device
+        self.lora = getattr(model, "serve_lora", None)  # serve.engine.lora.LoraSet when adapters are loaded
 
     def generator_for(self, params: SamplingParams) -> Optional[torch.Generator]:
         return make_generator(params, self.device)
@@ -39,6 +40,8 @@ class ModelRunner:
     def step(self, plan: StepPlan) -> tuple[list[Sequence], list[TokenChoice]]:
         """One forward pass over the plan; sample for decode rows and for prompts whose last chunk just ran."""
         input_ids, positions, layout, sampled, logit_rows, scored = self._layout(plan)
+        if self.lora is not None:
+            self.lora.begin_plan(plan)  # each token's adapter, in the layout's order
         with active_step(self.cache, layout):
             output = self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=logit_rows)
         for seq in plan.decode:

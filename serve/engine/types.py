@@ -62,6 +62,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    adapter: Optional[str] = None  # a LoRA adapter's name; None is the base model
     arrival: float = field(default_factory=time.monotonic)
 
 

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,6 +57,7 @@ class LoadedModel:
     max_context: int
     plan: Optional[PlacementPlan] = None
     quantization: Optional[str] = None
+    adapters: tuple[str, ...] = ()
 
 
 def embedded_model_file() -> Path:
@@ -233,6 +234,7 @@ class PreparedModel:
     dtype: Any
     quantization: Quantization
     plan: PlacementPlan
+    adapters: dict[str, Path] = field(default_factory=dict)
 
 
 def prepare_model(settings: Settings) -> PreparedModel:
@@ -259,11 +261,29 @@ def prepare_model(settings: Settings) -> PreparedModel:
     except (PlacementError, QuantizationError) as exc:
         raise ModelLoadError(str(exc)) from exc
     log.info("placement: %s on %s (PLACEMENT=%s): %s", plan.mode, ", ".join(plan.devices), settings.placement, plan.reason)
-    return PreparedModel(source, folder, dtype, quantization, plan)
+    return PreparedModel(source, folder, dtype, quantization, plan, adapter_folders(settings))
+
+
+def adapter_folders(settings: Settings) -> dict[str, Path]:
+    """LoRA adapters: every folder under <SM_MODEL_DIR>/adapters/ holding adapter_config.json, then LORA_ADAPTERS."""
+    found: dict[str, Path] = {}
+    root = Path(settings.model_dir) / "adapters"
+    if root.is_dir():
+        found.update({sub.name: sub for sub in sorted(root.iterdir()) if (sub / "adapter_config.json").is_file()})
+    for name, path in settings.lora_adapters:
+        folder = Path(path).expanduser()
+        if not (folder / "adapter_config.json").is_file():
+            raise ModelLoadError(f"LORA_ADAPTERS: adapter {name!r} at {path} has no adapter_config.json")
+        found[name] = folder
+    if found:
+        log.info("LoRA adapters: %s", ", ".join(f"{name}={folder}" for name, folder in found.items()))
+    return found
 
 
 def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, engine_index: int = 0) -> LoadedModel:
     """Load engine ``engine_index``'s copy of the model (preparing it first when not given); ModelLoadError on failure."""
+    from serve.engine.lora import AdapterError, attach_adapters
+
     started = time.monotonic()
     prepared = prepared or prepare_model(settings)
     placement = prepared.plan.engines[engine_index]
@@ -271,11 +291,15 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
     log.info("loading %s from %s as %s on %s", prepared.source.name, prepared.folder, prepared.dtype, ", ".join(placement.devices))
     with _LOAD_LOCK:
         model, tokenizer = _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
+    try:
+        attach_adapters(model, prepared.adapters)
+    except AdapterError as exc:
+        raise ModelLoadError(str(exc)) from exc
     max_context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     log.info("model loaded in %.1f s: %s on %s, context %d tokens", time.monotonic() - started, prepared.source.name, model.device, max_context)
     return LoadedModel(
         model, tokenizer, prepared.source.name, model.device, prepared.dtype, max_context,
-        plan=prepared.plan, quantization=prepared.quantization.method,
+        plan=prepared.plan, quantization=prepared.quantization.method, adapters=tuple(prepared.adapters),
     )
 
 

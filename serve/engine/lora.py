@@ -1,0 +1,167 @@
+"""LoRA adapters served side by side: every token of a step adds the low-rank delta of its own request's adapter.
+
+The runner flattens a step's tokens (of all requests) into one [1, N] forward, so adapters cannot be merged into
+the weights. Instead each targeted linear layer is wrapped: ``y = W x`` for all tokens, then for each adapter
+present in the step, ``y[tokens of that adapter] += scale * B (A x)``. The runner sets the per-token adapter
+index before each forward (``begin_step``); index 0 is the base model. Adapters are read from peft's files
+(``adapter_config.json`` + ``adapter_model.safetensors``); plain LoRA on linear layers only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+PEFT_PREFIX = "base_model.model."
+WEIGHT_FILES = ("adapter_model.safetensors",)
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be served; the message names the adapter and the reason."""
+
+
+@dataclass
+class LoraWeights:
+    """One adapter's matrices for one linear layer: delta = scale * B @ A."""
+
+    a: torch.Tensor  # [rank, in_features]
+    b: torch.Tensor  # [out_features, rank]
+    scale: float
+
+
+def read_adapter(name: str, folder: Path) -> dict[str, LoraWeights]:
+    """{module path in the model: weights} for a peft LoRA folder; AdapterError for what we cannot serve."""
+    from safetensors.torch import load_file
+
+    config_path, weights_path = folder / "adapter_config.json", folder / WEIGHT_FILES[0]
+    if not config_path.is_file() or not weights_path.is_file():
+        raise AdapterError(f"adapter {name!r}: {folder} needs adapter_config.json and {WEIGHT_FILES[0]}")
+    config = json.loads(config_path.read_text())
+    _check_config(name, config)
+    alpha, rank = float(config.get("lora_alpha", 8)), int(config["r"])
+    scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    tensors = load_file(str(weights_path))
+    modules: dict[str, LoraWeights] = {}
+    for key, tensor in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            if not key.endswith(".lora_B.weight"):
+                raise AdapterError(f"adapter {name!r}: unsupported weight {key} (only LoRA A/B of linear layers are served)")
+            continue
+        module = key[: -len(".lora_A.weight")].removeprefix(PEFT_PREFIX)
+        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if b is None:
+            raise AdapterError(f"adapter {name!r}: {key} has no matching lora_B weight")
+        modules[module] = LoraWeights(tensor, b, scale)
+    if not modules:
+        raise AdapterError(f"adapter {name!r}: {weights_path} holds no LoRA weights")
+    return modules
+
+
+def _check_config(name: str, config: dict[str, Any]) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"adapter {name!r}: peft_type {config.get('peft_type')} is not served (LoRA only)")
+    for option, default in (("use_dora", False), ("fan_in_fan_out", False), ("modules_to_save", None), ("rank_pattern", {}), ("alpha_pattern", {})):
+        if config.get(option) not in (default, None, False, {}, []):
+            raise AdapterError(f"adapter {name!r}: {option}={config[option]!r} is not supported")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"adapter {name!r}: bias={config['bias']!r} is not supported")
+
+
+class LoraLinear(nn.Module):
+    """A linear layer plus the LoRA deltas of several adapters, applied per token."""
+
+    def __init__(self, base: nn.Linear, router: "LoraSet"):
+        super().__init__()
+        self.base = base
+        self.router = router
+        self.adapters: dict[int, LoraWeights] = {}
+
+    @property
+    def weight(self) -> torch.Tensor:  # model code that reads a projection's weight still finds it
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.router.token_adapters is None or not self.adapters:
+            return out
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        for index in self.router.step_adapters:
+            weights = self.adapters.get(index)
+            if weights is None:
+                continue
+            rows = self.router.rows(index, x.device)
+            delta = (flat_x.index_select(0, rows) @ weights.a.T) @ weights.b.T
+            flat_out.index_add_(0, rows, delta.to(flat_out.dtype), alpha=weights.scale)
+        return out
+
+
+class LoraSet:
+    """The adapters of one model: names, the wrapped layers, and the adapter of every token of the current step."""
+
+    def __init__(self, model: nn.Module, adapters: dict[str, dict[str, LoraWeights]]):
+        self.names = list(adapters)  # index i + 1 is adapter names[i]
+        self.token_adapters: Optional[torch.Tensor] = None
+        self.step_adapters: list[int] = []
+        self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._device = next(model.parameters()).device
+        layers: dict[str, LoraLinear] = {}
+        for index, (name, modules) in enumerate(adapters.items(), start=1):
+            for path, weights in modules.items():
+                layer = layers.get(path) or self._wrap(model, path, name)
+                layers[path] = layer
+                weight = layer.base.weight
+                if tuple(weights.a.shape[1:]) != (weight.shape[1],) or weights.b.shape[0] != weight.shape[0]:
+                    raise AdapterError(f"adapter {name!r}: {path} shapes {tuple(weights.b.shape)}x{tuple(weights.a.shape)} do not fit {tuple(weight.shape)}")
+                layer.adapters[index] = LoraWeights(weights.a.to(weight), weights.b.to(weight), weights.scale)
+        self.layers = layers
+
+    def _wrap(self, model: nn.Module, path: str, name: str) -> LoraLinear:
+        parent_path, _, child = path.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_path)
+            base = getattr(parent, child)
+        except AttributeError:
+            raise AdapterError(f"adapter {name!r} targets {path}, which this model does not have") from None
+        if not isinstance(base, nn.Linear):
+            raise AdapterError(f"adapter {name!r} targets {path}, a {type(base).__name__}; only linear layers are served")
+        layer = LoraLinear(base, self)
+        setattr(parent, child, layer)
+        return layer
+
+    def index(self, adapter: Optional[str]) -> int:
+        return 0 if adapter is None else self.names.index(adapter) + 1
+
+    def begin_step(self, adapters_per_token: Iterable[Optional[str]]) -> None:
+        """Set the adapter of every token of the next forward (in the runner's flattened order)."""
+        indices = [self.index(adapter) for adapter in adapters_per_token]
+        self.step_adapters = sorted(set(indices) - {0})
+        self.token_adapters = torch.tensor(indices, dtype=torch.long, device=self._device) if self.step_adapters else None
+        self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def begin_plan(self, plan: Any) -> None:
+        """``begin_step`` for a StepPlan: decode tokens first, then each prompt chunk, as the runner lays them out."""
+        self.begin_step(
+            [seq.request.adapter for seq in plan.decode] + [seq.request.adapter for seq, count in plan.prefill for _ in range(count)]
+        )
+
+    def rows(self, index: int, device: torch.device) -> torch.Tensor:
+        """The step's token rows that use adapter ``index``, on ``device`` (computed once per step and device)."""
+        key = (index, device)
+        if key not in self._rows:
+            self._rows[key] = (self.token_adapters == index).nonzero().squeeze(1).to(device)
+        return self._rows[key]
+
+
+def attach_adapters(model: nn.Module, folders: dict[str, Path]) -> Optional[LoraSet]:
+    """Read every adapter and wrap the model's targeted linear layers; the set is also ``model.serve_lora``."""
+    if not folders:
+        return None
+    lora = LoraSet(model, {name: read_adapter(name, Path(folder)) for name, folder in folders.items()})
+    model.serve_lora = lora
+    return lora
