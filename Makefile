@@ -89,7 +89,7 @@ docker-test: install-test
 # --- The same Dockerfile built and run here without a daemon (buildah, Debian base, CPU torch). ---
 TEST_IMAGE ?= localhost/sagemaker-llm-serve:cpu-test
 
-image-test: install-test
+image-test: install-test install-deploy
 	scripts/image/tools.sh
 	IMAGE_CACHE_DIR=$(IMAGE_CACHE_DIR) scripts/image/base.sh
 	IMAGE_CACHE_DIR=$(IMAGE_CACHE_DIR) IMAGE=$(TEST_IMAGE) PIP=$(BIN)/pip scripts/image/build.sh

@@ -25,11 +25,11 @@ REFERENCE_MESSAGES = {"messages": [
     {"role": "user", "content": "What is deep learning?"},
 ]}
 TGI_INPUTS = {"inputs": "What is deep learning?", "parameters": {"max_new_tokens": 32}}
-# What a SageMaker user sets (SM_NUM_GPUS: 0 for the CPU test build), plus the limits an operator of a small CPU
-# instance would set: a short default length and a small KV cache (a default one is GiBs to zero at start).
-SAGEMAKER_ENV = {"SM_NUM_GPUS": os.environ.get("SERVE_TEST_SM_NUM_GPUS", "0"), "DEFAULT_MAX_NEW_TOKENS": "32",
+# What a SageMaker user sets, plus the limits an operator of a small CPU instance would set: a short default length
+# and a small KV cache (a default one is GiBs to zero at start). SM_NUM_GPUS: the CPU test build sees no GPU, and
+# the server takes only positive counts, so it is sent empty (= unset); SERVE_TEST_SM_NUM_GPUS overrides.
+SAGEMAKER_ENV = {"SM_NUM_GPUS": os.environ.get("SERVE_TEST_SM_NUM_GPUS", ""), "DEFAULT_MAX_NEW_TOKENS": "32",
                  "MAX_TOTAL_TOKENS": "1024", "MAX_BATCH_TOTAL_TOKENS": "4096"}
-SAGEMAKER_ENV = {key: value for key, value in SAGEMAKER_ENV.items() if value}
 
 
 @pytest.fixture(scope="module")

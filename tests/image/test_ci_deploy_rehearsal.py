@@ -1,0 +1,148 @@
+"""deploy/ci_deploy.sh rehearsed end to end against stand-ins that speak the real protocols (make image-test):
+
+build (buildah) -> deploy/push_image.sh to a local registry, ECR calls answered by moto -> deploy.py against moto
+-> the pushed image pulled back from the registry and run as the endpoint's container -> the SageMaker SDK's
+predict and predict_stream through deploy/local_endpoint.py -> teardown, always; and a failing smoke test that
+still tears down and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tests.helpers import ROOT, free_port, wait_for
+from tests.image.sagemaker_host import LocalHosting, Registry
+
+IMAGE = os.environ.get("SERVE_TEST_IMAGE")
+DEPLOY_PYTHON = Path(os.environ.get("DEPLOY_PYTHON", ROOT / ".venv-deploy" / "bin" / "python"))
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not IMAGE, reason="needs a built image: make image-test")]
+
+REGION = "us-east-1"
+REPOSITORY = "sagemaker-llm-serve"
+ROLE = "arn:aws:iam::123456789012:role/sagemaker_execution_role"
+CACHE = Path(os.environ.get("IMAGE_CACHE_DIR", Path.home() / ".cache" / "sagemaker-llm-serve" / "image"))
+# Limits an operator of a small CPU instance would set, so that 2 busy cores answer within SageMaker's 60 s.
+OPERATOR_ENV = "--env DEFAULT_MAX_NEW_TOKENS=32 --env MAX_TOTAL_TOKENS=1024 --env MAX_BATCH_TOTAL_TOKENS=4096"
+# SM_NUM_GPUS for a host with no GPU: the server takes only positive counts, so it is sent empty (= unset, CPU).
+SM_NUM_GPUS = os.environ.get("SERVE_TEST_SM_NUM_GPUS", "")
+
+
+@pytest.fixture(scope="module")
+def moto_url():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def sagemaker(moto_url):
+    return boto3.client("sagemaker", endpoint_url=moto_url, region_name=REGION, aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    registry = Registry(CACHE / "registry", tmp_path_factory.mktemp("registry") / "registry.log")
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="module")
+def hosting(sagemaker, tmp_path_factory):
+    hosting = LocalHosting(sagemaker, free_port(), tmp_path_factory.mktemp("endpoints"))
+    hosting.start()
+    yield hosting
+    hosting.stop()
+
+
+@pytest.fixture(scope="module")
+def runtime(hosting):
+    from deploy.local_endpoint import start_in_thread
+
+    runtime = start_in_thread(f"http://127.0.0.1:{hosting.port}", timeout=300, quiet=True)
+    yield runtime
+    runtime.shutdown()
+
+
+def ci_deploy(moto_url, runtime, hosting, registry, **extra) -> subprocess.CompletedProcess:
+    """Run deploy/ci_deploy.sh with every AWS call on moto and the image tools set for this machine."""
+    if not DEPLOY_PYTHON.exists():
+        pytest.fail(f"{DEPLOY_PYTHON} is missing: make install-deploy")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION=REGION, AWS_MAX_ATTEMPTS="1",
+        AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
+        AWS_ENDPOINT_URL=moto_url, AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=runtime.url,
+        PYTHON=str(DEPLOY_PYTHON), ROLE=ROLE, INSTANCE_TYPE="ml.g4dn.xlarge",  # moto's enum lacks ml.g5.*
+        SM_NUM_GPUS=SM_NUM_GPUS or "1", DEPLOY_ARGS=OPERATOR_ENV + ("" if SM_NUM_GPUS else " --env SM_NUM_GPUS="),
+        INVOKE_ARGS="--max-tokens 24", ENDPOINT_NAME=f"rehearsal-{uuid.uuid4().hex[:8]}",
+        # SageMaker marks an endpoint InService once the container answers /ping; moto does at once, so wait here
+        BEFORE_SMOKE_TEST=f"curl -fsS -o /dev/null --retry 150 --retry-delay 2 --retry-all-errors "
+                          f"http://127.0.0.1:{hosting.port}/ping",
+        CONTAINER_TOOL="buildah", REGISTRY=registry.host, TLS_VERIFY="false", REPOSITORY=REPOSITORY,
+    )
+    env.update(extra)
+    result = subprocess.run(["bash", "deploy/ci_deploy.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=1500)
+    print(f"\n[rehearsal] ci_deploy.sh exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def assert_torn_down(sagemaker, hosting, endpoint: str) -> None:
+    assert not sagemaker.list_endpoints(NameContains=endpoint)["Endpoints"]
+    assert not sagemaker.list_endpoint_configs(NameContains=endpoint)["EndpointConfigs"]
+    assert not sagemaker.list_models(NameContains=endpoint)["Models"]
+    hosted = hosting.endpoints[endpoint]
+    wait_for(lambda: hosted.stopped is not None, timeout=60, interval=0.5)  # hosting sees the deletion and stops it
+    assert hosted.stopped is not None and hosted.stopped[0] == 0 and hosted.stopped[1] < 30, hosted.stopped
+
+
+@pytest.fixture(scope="module")
+def pushed(moto_url, runtime, hosting, registry, sagemaker):
+    """The passing rehearsal: build -> push -> deploy -> container from the registry -> smoke -> teardown."""
+    tag = f"rehearsal-{uuid.uuid4().hex[:8]}"
+    flags = subprocess.run(["scripts/image/build.sh", "--print-flags"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    endpoint = f"rehearsal-{uuid.uuid4().hex[:8]}"
+    result = ci_deploy(moto_url, runtime, hosting, registry, IMAGE_TAG=tag, ENDPOINT_NAME=endpoint,
+                       BUILD_FLAGS=f"{flags} --build-arg EMBED_MODEL=true")
+    return result, endpoint, f"{registry.host}/{REPOSITORY}:{tag}"
+
+
+def test_build_push_deploy_smoke_teardown(pushed, registry, hosting, sagemaker, moto_url):
+    result, endpoint, image_uri = pushed
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].endswith("passed")
+    tag = image_uri.rsplit(":", 1)[1]
+    assert tag in registry.tags(REPOSITORY)  # pushed to the registry
+    ecr = boto3.client("ecr", endpoint_url=moto_url, region_name=REGION, aws_access_key_id="testing",
+                       aws_secret_access_key="testing")
+    assert ecr.describe_repositories(repositoryNames=[REPOSITORY])["repositories"]  # created through ECR's API
+    hosted = hosting.endpoints[endpoint]
+    assert hosted.image == image_uri  # the endpoint ran the pushed image, pulled back from the registry
+    assert hosted.environment["MESSAGES_API_ENABLED"] == "true"  # given as a flag, stringified by deploy.py
+    assert hosted.environment["SM_NUM_GPUS"] == SM_NUM_GPUS and hosted.environment["DEFAULT_MAX_NEW_TOKENS"] == "32"
+    assert "route=/invocations" in hosted.server.log() and "stream=True" in hosted.server.log()
+    assert not hosting.errors
+    assert_torn_down(sagemaker, hosting, endpoint)
+
+
+def test_failing_smoke_test_still_tears_down(pushed, moto_url, runtime, hosting, registry, sagemaker):
+    _, _, image_uri = pushed
+    endpoint = f"rehearsal-fail-{uuid.uuid4().hex[:8]}"
+    # The endpoint speaks the Messages API; a TGI `inputs` smoke request gets a 422, so the smoke test fails.
+    result = ci_deploy(moto_url, runtime, hosting, registry, IMAGE_URI=image_uri, ENDPOINT_NAME=endpoint,
+                       INVOKE_ARGS="--max-tokens 24 --payload inputs")
+    assert result.returncode != 0
+    assert "FAILED" in result.stdout and "teardown" in result.stdout
+    assert_torn_down(sagemaker, hosting, endpoint)
