@@ -19,7 +19,7 @@ CI_DEPLOY = ROOT / "deploy" / "ci_deploy.sh"
 def documented_variables() -> set[str]:
     """The environment variables ci_deploy.sh's header documents (its interface)."""
     header = CI_DEPLOY.read_text().split("\nset -", 1)[0]
-    return set(re.findall(r"^#\s+([A-Z][A-Z0-9_]+)\s", header, flags=re.M)) | set(
+    return set(re.findall(r"^#\s{3}([A-Z][A-Z0-9_]+)\s", header, flags=re.M)) | set(
         re.findall(r"\s{2,}([A-Z][A-Z0-9_]+)\s+default", header))
 
 
