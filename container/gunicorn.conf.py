@@ -1,6 +1,7 @@
 """gunicorn settings for SageMaker: port 8080, gthread workers, model loaded per worker after fork."""
 
 import logging
+import signal
 import sys
 
 from serve.config import SettingsError, load_settings
@@ -38,6 +39,21 @@ def when_ready(server):
 
 def post_fork(server, worker):
     server.log.info("worker %s forked; loading the model", worker.pid)
+
+
+def post_worker_init(worker):
+    """SIGTERM starts the app's drain (503 to new work, admitted requests finish); gunicorn's stop runs after it."""
+    extensions = getattr(worker.wsgi, "extensions", {})
+    drain = extensions.get("serve.drain")
+    if drain is None:
+        return
+    gunicorn_stop = worker.handle_exit
+
+    def on_sigterm(sig, frame):
+        drain.begin(lambda: gunicorn_stop(sig, frame))
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.siginterrupt(signal.SIGTERM, False)
 
 
 def worker_exit(server, worker):

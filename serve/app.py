@@ -8,17 +8,20 @@ import sys
 import time
 from typing import Optional
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from serve.config import Settings, load_settings
+from serve.disconnect import DisconnectWatcher, WatchedEngine, stop_watching
 from serve.engine import Engine, EngineConfig
-from serve.errors import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ServeError
+from serve.errors import BadRequest, MethodNotAllowed, NotFound, NotReady, PayloadTooLarge, ServeError
 from serve.generation import GenerationService
 from serve.handler import CustomHandler
 from serve.metrics import Metrics
 from serve.engine.pool import build_pool
-from serve.routes import openai, sagemaker, tgi
+from serve.routes import docs, openai, sagemaker, tgi
+from serve.security import check_api_key, redact_logs, scrub, secret_values
+from serve.shutdown import Drain
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +35,22 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     if engine is None:
         on_failure = _exit_worker if exit_on_load_failure else None
         engine = build_pool(settings, engine_config(settings), on_failure, lambda: _log_cold_start(settings))
-    app = Flask("serve")
+    app = Flask("serve", static_folder=None)  # no route serves files from disk
     app.config["MAX_CONTENT_LENGTH"] = settings.max_payload_bytes
     app.json.sort_keys = False
     app.extensions["serve.settings"] = settings
     app.extensions["serve.handler"] = CustomHandler.load(settings.model_dir)
     metrics = Metrics(engine)
-    app.extensions["serve.service"] = GenerationService(engine, settings, metrics)
-    for module in (sagemaker, openai, tgi):
+    watcher = DisconnectWatcher(engine.cancel)
+    app.extensions["serve.service"] = GenerationService(WatchedEngine(engine, watcher), settings, metrics)
+    app.extensions["serve.drain"] = Drain(lambda: engine.scheduler.in_flight, settings.graceful_timeout)
+    app.extensions["serve.secrets"] = secret_values(settings)
+    redact_logs(app.extensions["serve.secrets"])
+    for module in (sagemaker, openai, tgi, docs):
         app.register_blueprint(module.blueprint)
     _register_error_handlers(app)
+    app.before_request(_guard)
+    app.teardown_request(stop_watching(watcher))
     app.after_request(lambda response: _count(metrics, response))
     engine.start()
     return app
@@ -77,10 +86,27 @@ def _count(metrics: Metrics, response: Response) -> Response:
     return response
 
 
+def _guard() -> Optional[tuple[Response, int]]:
+    """Before every route: the API key (when API_KEY is set), then 503 while the worker drains for shutdown."""
+    settings: Settings = current_app.extensions["serve.settings"]
+    check_api_key(settings.api_key, request.path, request.headers.get("Authorization"))
+    if not current_app.extensions["serve.drain"].draining:
+        return None
+    if request.path == "/ping":
+        return jsonify({"status": "draining"}), 503
+    if request.method == "POST" or request.path == "/health":
+        raise NotReady("the server is shutting down; send the request to another instance")
+    return None
+
+
 def _render(error: ServeError) -> tuple[Response, int]:
-    """OpenAI-style body on /v1/*, TGI-style everywhere else."""
+    """OpenAI-style body on /v1/*, TGI-style everywhere else; configured secrets never appear in it."""
+    error.message = scrub(error.message, current_app.extensions.get("serve.secrets", ()))
     body = error.openai_body() if request.path.startswith("/v1/") else error.tgi_body()
-    return jsonify(body), error.status
+    response = jsonify(body)
+    if error.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response, error.status
 
 
 def _register_error_handlers(app: Flask) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, TypeVar
 
 T = TypeVar("T")
@@ -30,7 +30,7 @@ class Settings:
 
     model_id: Optional[str] = None
     model_revision: Optional[str] = None
-    hf_token: Optional[str] = None
+    hf_token: Optional[str] = field(default=None, repr=False)  # a secret: never in logs or reprs
     model_dir: str = "/opt/ml/model"
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "sagemaker-llm-serve")
     num_gpus: Optional[int] = None
@@ -54,6 +54,7 @@ class Settings:
     port: int = 8080
     workers: int = 1
     graceful_timeout: int = 25
+    api_key: Optional[str] = field(default=None, repr=False)  # when set, /v1/* and TGI routes need a Bearer token
     log_level: str = "INFO"
     started_at: Optional[float] = None  # when `serve` began (set by the entrypoint), for the cold-start log line
 
@@ -161,7 +162,8 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "num_gpus": _read(env, ("SM_NUM_GPUS",), parse_positive_int),
         "messages_api_enabled": _read(env, ("MESSAGES_API_ENABLED",), parse_bool),
         "trust_remote_code": _read(env, ("HF_MODEL_TRUST_REMOTE_CODE",), parse_bool),
-        "allow_unsafe_weights": _read(env, ("HF_MODEL_ALLOW_UNSAFE_WEIGHTS",), parse_bool),
+        "allow_unsafe_weights": _read(env, ("ALLOW_PICKLE_WEIGHTS", "HF_MODEL_ALLOW_UNSAFE_WEIGHTS"), parse_bool),
+        "api_key": _read(env, ("API_KEY",), _text),
         "dtype": _read(env, ("DTYPE",), parse_dtype),
         "chat_template": _read(env, ("CHAT_TEMPLATE",), parse_template),
         "placement": _read(env, ("PLACEMENT",), parse_choice(PLACEMENTS)),

@@ -80,3 +80,10 @@ class NotReady(ServeError):
 
     status = 503
     error_type = "unhealthy"
+
+
+class Unauthorized(ServeError):
+    """API_KEY is set and the request did not present it as ``Authorization: Bearer <key>``."""
+
+    status = 401
+    error_type = "authentication_error"

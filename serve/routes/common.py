@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any, TypeVar
 
 from flask import current_app, request
@@ -36,6 +37,8 @@ def json_body() -> dict[str, Any]:
         raise BadRequest(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise BadRequest("the request body is nested too deeply") from None
+    except ValueError:  # Python refuses integers of more than sys.get_int_max_str_digits() digits
+        raise BadRequest(f"the request body is not valid JSON: a number has more than {sys.get_int_max_str_digits()} digits") from None
     if not isinstance(payload, dict):
         raise BadRequest(f"the request body must be a JSON object, not {type(payload).__name__}")
     return payload

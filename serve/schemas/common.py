@@ -52,7 +52,7 @@ class SamplingFields(LenientModel):
     repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=10.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=-(2**63), le=2**64 - 1)  # the range torch generators accept
     stop: Union[str, list[str], None] = StopField
     stream: bool = False
     n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="How many choices to generate for the prompt.")

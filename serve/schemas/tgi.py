@@ -40,7 +40,7 @@ class GenerateParameters(LenientModel):
     top_k: Optional[int] = Field(default=None, gt=0)
     repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=10.0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
-    seed: Optional[int] = Field(default=None, ge=0)
+    seed: Optional[int] = Field(default=None, ge=0, le=2**64 - 1)  # the range torch generators accept
     stop: list[str] = Field(default_factory=list)
     do_sample: bool = False
     return_full_text: bool = False

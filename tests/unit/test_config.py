@@ -101,3 +101,18 @@ def test_placement_replicas_quantize_and_adapters():
 def test_placement_quantize_and_adapter_errors_name_the_variable(env, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
         load_settings(env)
+
+
+def test_api_key_and_pickle_weights_settings():
+    settings = load_settings({"API_KEY": " k-123456 ", "ALLOW_PICKLE_WEIGHTS": "true"})
+    assert settings.api_key == "k-123456" and settings.allow_unsafe_weights is True
+    assert load_settings({"HF_MODEL_ALLOW_UNSAFE_WEIGHTS": "1"}).allow_unsafe_weights is True  # the older name
+    assert load_settings({}).allow_unsafe_weights is False and load_settings({}).api_key is None
+    with pytest.raises(SettingsError, match="ALLOW_PICKLE_WEIGHTS"):
+        load_settings({"ALLOW_PICKLE_WEIGHTS": "perhaps"})
+
+
+def test_secrets_are_not_in_the_settings_repr():
+    settings = load_settings({"API_KEY": "k-123456", "HF_TOKEN": "hf_abcdef123"})
+    assert settings.hf_token == "hf_abcdef123"
+    assert "k-123456" not in repr(settings) and "hf_abcdef123" not in repr(settings)

@@ -1,0 +1,51 @@
+"""Graceful shutdown of a worker: on SIGTERM refuse new work with 503, let admitted requests finish, then stop.
+
+gunicorn's own SIGTERM handling stops accepting connections at once. We defer it: the worker keeps answering
+(``/ping`` and new requests get 503, on new and kept-alive connections alike, as the worker still holds the
+listening socket the master closed) until the engine has no request in flight or the drain deadline passes;
+then gunicorn's graceful stop runs as usual. ``container/gunicorn.conf.py`` wires SIGTERM to ``Drain.begin``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+STOP_MARGIN_S = 3.0  # left for gunicorn's own stop (it lingers 2 s on kept-alive connections) before the SIGKILL
+
+
+class Drain:
+    """The worker's shutdown state: ``draining`` once SIGTERM arrived; ``then`` runs when the work is done."""
+
+    def __init__(self, in_flight: Callable[[], int], graceful_timeout: float, poll_s: float = 0.05):
+        self._in_flight = in_flight
+        self.deadline_s = max(graceful_timeout - STOP_MARGIN_S, 1.0)
+        self._poll_s = poll_s
+        self._started = threading.Event()
+
+    @property
+    def draining(self) -> bool:
+        return self._started.is_set()
+
+    def begin(self, then: Callable[[], None]) -> None:
+        """Start draining (idempotent); ``then`` is called from a helper thread once nothing is in flight."""
+        if self._started.is_set():
+            return
+        self._started.set()
+        threading.Thread(target=self._wait_then, args=(then,), name="drain", daemon=True).start()
+
+    def _wait_then(self, then: Callable[[], None]) -> None:
+        started = time.monotonic()
+        log.info("SIGTERM: draining; %d request(s) in flight, new ones get 503 (deadline %.0f s)", self._in_flight(), self.deadline_s)
+        while self._in_flight() > 0 and time.monotonic() - started < self.deadline_s:
+            time.sleep(self._poll_s)
+        left = self._in_flight()
+        if left:
+            log.warning("drain deadline reached with %d request(s) still in flight; stopping anyway", left)
+        else:
+            log.info("drained in %.1f s; stopping the worker", time.monotonic() - started)
+        then()

@@ -1,0 +1,44 @@
+"""One real gunicorn server on the tiny Llama, shared by the hardening tests that leave it running.
+
+Small limits on purpose: an admission cap of 3 (so 4x overload is 12 clients), two cache slots (so a third request
+queues), a short default length (so fuzzed requests that set no max_tokens finish fast).
+"""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from tests.helpers import Server, start_server
+
+HARDENED_ENV = {
+    "MAX_CONCURRENT_REQUESTS": "3",
+    "MAX_BATCH_SIZE": "2",
+    "MAX_INPUT_TOKENS": "64",
+    "MAX_TOTAL_TOKENS": "512",
+    "DEFAULT_MAX_NEW_TOKENS": "8",
+}
+LONG = 440  # tokens: a few seconds of generation on the tiny model, long enough to drop or interrupt
+
+
+@pytest.fixture(scope="session")
+def hardened_server(tiny_model_dir, tmp_path_factory) -> Server:
+    server = start_server({"HF_MODEL_ID": str(tiny_model_dir), **HARDENED_ENV}, tmp_path_factory.mktemp("hardened"))
+    yield server
+    server.stop()
+
+
+def healthy(server: Server) -> None:
+    """The server still answers /ping and serves an ordinary request."""
+    assert requests.get(server.url + "/ping", timeout=10).status_code == 200
+    response = requests.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert isinstance(response.json()["generated_text"], str)
+
+
+def gauge(server: Server, name: str) -> float:
+    """The current value of one unlabelled gauge in /metrics."""
+    for line in requests.get(server.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")

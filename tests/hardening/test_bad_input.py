@@ -1,0 +1,121 @@
+"""Malformed requests on every route of the real server: each gets a 4xx JSON error naming the problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from tests.hardening.conftest import healthy
+
+pytestmark = pytest.mark.e2e
+
+CHAT = "/v1/chat/completions"
+USER = [{"role": "user", "content": "Hi"}]
+SEVEN_MIB = 7 * 1024 * 1024
+JSON = {"Content-Type": "application/json"}
+
+
+def chat(**fields):
+    return {"messages": USER, "max_tokens": 2, **fields}
+
+
+def gen(**parameters):
+    return {"inputs": "Hello", "parameters": {"max_new_tokens": 2, **parameters}}
+
+
+# (id, method, path, body: bytes | JSON value, extra headers, expected status, words the message must contain)
+CASES = [
+    ("json-truncated", "POST", "/invocations", b"{", JSON, 400, "not valid JSON"),
+    ("json-trailing-comma", "POST", CHAT, b'{"messages": [],}', JSON, 400, "not valid JSON"),
+    ("empty-body-completions", "POST", "/v1/completions", b"", JSON, 400, "empty"),
+    ("empty-body-generate", "POST", "/generate", b"", JSON, 400, "empty"),
+    ("blank-body-tokenize", "POST", "/tokenize", b"  \n ", JSON, 400, "empty"),
+    ("array-body", "POST", "/generate_stream", b"[1, 2]", JSON, 400, "JSON object"),
+    ("string-body", "POST", CHAT, b'"hello"', JSON, 400, "JSON object"),
+    ("null-body", "POST", "/invocations", b"null", JSON, 400, "JSON object"),
+    ("form-content-type", "POST", CHAT, b"messages=hi&max_tokens=3", {"Content-Type": "application/x-www-form-urlencoded"}, 400, "not valid JSON"),
+    ("text-content-type", "POST", "/generate", b"tell me a story", {"Content-Type": "text/plain"}, 400, "not valid JSON"),
+    ("invalid-utf8", "POST", "/generate", b'{"inputs": "\xff\xfe\xfa"}', JSON, 400, "UTF-8"),
+    ("lone-surrogate", "POST", "/generate", b'{"inputs": "a\\ud800b"}', JSON, 422, "inputs"),
+    ("seven-mib-chat", "POST", CHAT, b"x" * SEVEN_MIB, JSON, 413, "larger than"),
+    ("seven-mib-invocations", "POST", "/invocations", json.dumps({"inputs": "a" * SEVEN_MIB}).encode(), JSON, 413, "larger than"),
+    ("nested-arrays", "POST", "/invocations", b"[" * 100_000 + b"]" * 100_000, JSON, 400, "nested"),
+    ("nested-objects", "POST", CHAT, b'{"messages": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_000 + b"}", JSON, 400, "nested"),
+    ("integer-5000-digits", "POST", CHAT, b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": ' + b"9" * 5000 + b"}", JSON, 400, "digits"),
+    ("nan-temperature", "POST", CHAT, b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', JSON, 422, "temperature"),
+    ("infinity-top-p", "POST", "/v1/completions", b'{"prompt": "Hi", "top_p": Infinity}', JSON, 422, "top_p"),
+    ("overflow-float", "POST", CHAT, b'{"messages": [{"role": "user", "content": "Hi"}], "frequency_penalty": 1e400}', JSON, 422, "frequency_penalty"),
+    ("messages-string", "POST", CHAT, {"messages": "Hi"}, {}, 422, "messages"),
+    ("messages-empty", "POST", CHAT, {"messages": []}, {}, 422, "messages"),
+    ("messages-missing", "POST", CHAT, {"max_tokens": 3}, {}, 422, "messages"),
+    ("unknown-role", "POST", CHAT, {"messages": [{"role": "wizard", "content": "Hi"}]}, {}, 422, "role"),
+    ("message-not-object", "POST", CHAT, {"messages": ["Hi"]}, {}, 422, "messages.0"),
+    ("unknown-content-part", "POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "hologram", "data": "x"}]}]}, {}, 422, "content"),
+    ("content-part-without-text", "POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, {}, 422, "text"),
+    ("content-number", "POST", CHAT, {"messages": [{"role": "user", "content": 42}]}, {}, 422, "content"),
+    ("max-tokens-negative", "POST", CHAT, chat(max_tokens=-1), {}, 422, "max_tokens"),
+    ("max-tokens-zero", "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 0}, {}, 422, "max_tokens"),
+    ("max-tokens-fraction", "POST", CHAT, chat(max_tokens=1.5), {}, 422, "max_tokens"),
+    ("max-tokens-beyond-context", "POST", CHAT, chat(max_tokens=100_000), {}, 422, "MAX_TOTAL_TOKENS"),
+    ("max-tokens-huge", "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 10**30}, {}, 422, "max_tokens"),
+    ("temperature-too-high", "POST", CHAT, chat(temperature=5), {}, 422, "temperature"),
+    ("temperature-string", "POST", CHAT, chat(temperature="hot"), {}, 422, "temperature"),
+    ("top-p-zero", "POST", "/v1/completions", {"prompt": "Hi", "top_p": 0}, {}, 422, "top_p"),
+    ("seed-beyond-64-bits", "POST", CHAT, chat(seed=2**70, temperature=1.0), {}, 422, "seed"),
+    ("seed-string", "POST", CHAT, chat(seed="lucky"), {}, 422, "seed"),
+    ("n-zero", "POST", CHAT, chat(n=0), {}, 422, "n"),
+    ("stop-10k-strings", "POST", CHAT, chat(stop=[f"s{i}" for i in range(10_000)]), {}, 422, "stop"),
+    ("stop-string-too-long", "POST", "/v1/completions", {"prompt": "Hi", "stop": "x" * 10_000}, {}, 422, "stop"),
+    ("stop-numbers", "POST", CHAT, chat(stop=[1, 2]), {}, 422, "stop"),
+    ("stream-options-string", "POST", CHAT, chat(stream=True, stream_options="yes"), {}, 422, "stream_options"),
+    ("prompt-beyond-max-input", "POST", "/v1/completions", {"prompt": "hello " * 500}, {}, 422, "MAX_INPUT_TOKENS"),
+    ("messages-beyond-max-input", "POST", CHAT, {"messages": [{"role": "user", "content": "hi"}] * 300}, {}, 422, "MAX_INPUT_TOKENS"),
+    ("chat-stream-invalid-is-json-not-stream", "POST", CHAT, chat(stream=True, top_p=7), {}, 422, "top_p"),
+    ("prompt-list-of-two", "POST", "/invocations", {"prompt": ["a", "b"]}, {}, 422, "prompt"),
+    ("prompt-token-ids", "POST", "/v1/completions", {"prompt": [1, 2, 3]}, {}, 422, "prompt"),
+    ("invocations-unknown-shape", "POST", "/invocations", {"question": "Hi"}, {}, 422, "inputs"),
+    ("inputs-empty", "POST", "/generate", {"inputs": ""}, {}, 422, "inputs"),
+    ("inputs-number", "POST", "/invocations", {"inputs": 5}, {}, 422, "inputs"),
+    ("inputs-beyond-max-input", "POST", "/generate", {"inputs": "hello " * 500}, {}, 422, "MAX_INPUT_TOKENS"),
+    ("parameters-string", "POST", "/generate", {"inputs": "Hi", "parameters": "fast"}, {}, 422, "parameters"),
+    ("max-new-tokens-negative", "POST", "/generate", gen(max_new_tokens=-5), {}, 422, "max_new_tokens"),
+    ("max-new-tokens-beyond-context", "POST", "/generate", gen(max_new_tokens=5000), {}, 422, "MAX_TOTAL_TOKENS"),
+    ("tgi-top-k-zero", "POST", "/generate", gen(top_k=0), {}, 422, "top_k"),
+    ("tgi-temperature-zero", "POST", "/generate", gen(temperature=0), {}, 422, "temperature"),
+    ("tgi-truncate-negative", "POST", "/generate", gen(truncate=-1), {}, 422, "truncate"),
+    ("tgi-seed-negative", "POST", "/generate", gen(seed=-3, do_sample=True), {}, 422, "seed"),
+    ("tgi-stop-10k", "POST", "/generate_stream", gen(stop=["x"] * 10_000), {}, 422, "stop"),
+    ("tgi-stream-invalid-is-json", "POST", "/generate_stream", gen(top_p=3), {}, 422, "top_p"),
+    ("tokenize-number", "POST", "/tokenize", {"inputs": 123}, {}, 422, "inputs"),
+    ("tokenize-missing", "POST", "/tokenize", {}, {}, 422, "inputs"),
+    ("wrong-method-chat", "GET", CHAT, None, {}, 405, "GET"),
+    ("wrong-method-ping", "POST", "/ping", b"{}", JSON, 405, "POST"),
+    ("unknown-route", "GET", "/v2/secrets", None, {}, 404, "/v2/secrets"),
+    ("path-traversal", "GET", "/static/../../etc/passwd", None, {}, 404, "not found"),
+]
+
+
+@pytest.mark.parametrize("name, method, path, body, headers, status, words", CASES, ids=[case[0] for case in CASES])
+def test_malformed_request_gets_a_clear_4xx(hardened_server, name, method, path, body, headers, status, words):
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    response = requests.request(method, hardened_server.url + path, data=data, headers=headers, timeout=60)
+    expected = status if isinstance(status, tuple) else (status,)
+    assert response.status_code in expected, (response.status_code, response.text[:500])
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert "Traceback" not in response.text
+    error = response.json()["error"]
+    message = error["message"] if isinstance(error, dict) else error
+    assert words.lower() in message.lower(), message
+
+
+def test_matrix_is_large_and_covers_every_post_route():
+    assert len(CASES) >= 40
+    routes = {path for _, method, path, *_ in CASES if method == "POST"}
+    assert {"/invocations", CHAT, "/v1/completions", "/generate", "/generate_stream", "/tokenize"} <= routes
+
+
+def test_server_is_healthy_after_the_matrix(hardened_server):
+    healthy(hardened_server)
+    assert "unhandled error" not in hardened_server.log()
