@@ -110,6 +110,7 @@ class GenerationService:
         to_params: Callable[[int], SamplingParams],
         prompt_field: str,
         n: int = 1,
+        adapter: Optional[str] = None,
     ) -> Generation:
         """Check the limits, then admit ``n`` choices; raises a 4xx/5xx ServeError before any byte is sent."""
         max_new_tokens = self._max_new_tokens(len(prompt_ids), requested_max_tokens, prompt_field)
@@ -119,7 +120,7 @@ class GenerationService:
         try:
             for index in range(n):
                 seed = None if params.seed is None else params.seed + index  # same seed, same n choices
-                request = Request(prompt_ids=prompt_ids, params=replace(params, seed=seed))
+                request = Request(prompt_ids=prompt_ids, params=replace(params, seed=seed), adapter=adapter)
                 streams.append(self.engine.submit(request, sink=sink, index=index))
         except (EngineOverloaded, EngineNotReady) as exc:
             for stream in streams:

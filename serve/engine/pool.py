@@ -192,6 +192,7 @@ def serving_info(engine: Any) -> dict[str, Any]:
         "placement": plan.describe() if plan is not None else None,
         "devices": list(plan.devices) if plan is not None else [str(loaded.device)],
         "quantization": getattr(loaded, "quantization", None),
+        "adapters": list(getattr(loaded, "adapters", ())),
     }
     if isinstance(engine, EnginePool):
         info["engines"] = engine.describe()

@@ -10,6 +10,7 @@ from serve.engine import TokenEvent
 from serve.errors import GenerationFailed
 from serve.generation import Choice, Generation, timing_headers
 from serve.routes import sse
+from serve.routes.adapters import loaded_adapters, requested_adapter
 from serve.routes.common import json_body, service, token_texts, validate
 from serve.schemas import openai as oa
 from serve.schemas.tools import ToolCallBuffer, parse_tool_calls
@@ -30,7 +31,8 @@ def completions_route() -> Response:
 @blueprint.get("/v1/models")
 def models() -> Response:
     name = service().engine.loaded.name if service().engine.ready else "loading"
-    return jsonify({"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "local"}]})
+    adapters = [{"id": adapter, "object": "model", "created": 0, "owned_by": "local", "parent": name} for adapter in loaded_adapters()]
+    return jsonify({"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "local"}] + adapters})
 
 
 def chat_completions(payload: dict[str, Any], route: str) -> Response:
@@ -41,7 +43,8 @@ def chat_completions(payload: dict[str, Any], route: str) -> Response:
     prompt_ids = service().chat_prompt((m.as_template_dict() for m in req.messages), tools)
     service().check_grammar(grammar, grammar_field)
     generation = service().start(
-        prompt_ids, req.requested_max_tokens, lambda budget: req.to_sampling_params(budget, grammar), "messages", req.n
+        prompt_ids, req.requested_max_tokens, lambda budget: req.to_sampling_params(budget, grammar), "messages", req.n,
+        requested_adapter(req.model, "model", openai_model=True),
     )
     completion_id = oa.new_id("chatcmpl")
     if req.stream:
@@ -55,7 +58,8 @@ def completions(payload: dict[str, Any], route: str) -> Response:
     """Serve one text completion request (also reached from /invocations)."""
     req = validate(oa.CompletionRequest, payload)
     prompt_ids = service().text_prompt(req.prompt_text)
-    generation = service().start(prompt_ids, req.requested_max_tokens, req.to_sampling_params, "prompt", req.n)
+    adapter = requested_adapter(req.model, "model", openai_model=True)
+    generation = service().start(prompt_ids, req.requested_max_tokens, req.to_sampling_params, "prompt", req.n, adapter)
     completion_id = oa.new_id("cmpl")
     prefix = req.prompt_text if req.echo else ""
     if req.stream:

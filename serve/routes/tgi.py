@@ -14,6 +14,7 @@ from serve.engine.pool import serving_info
 from serve.errors import GenerationFailed, NotReady
 from serve.generation import Choice, Generation, timing_headers
 from serve.routes import sse
+from serve.routes.adapters import requested_adapter
 from serve.routes.common import json_body, service, settings, token_texts, validate
 from serve.schemas import tgi
 
@@ -92,7 +93,8 @@ def generate(payload: dict[str, Any], route: str, as_list: bool) -> Response:
     prompt_ids = service().text_prompt(req.inputs, truncate=req.parameters.truncate)
     service().check_grammar(grammar, "parameters.grammar")
     generation = service().start(
-        prompt_ids, req.requested_max_tokens, lambda budget: req.to_sampling_params(budget, grammar), "inputs", req.best_of
+        prompt_ids, req.requested_max_tokens, lambda budget: req.to_sampling_params(budget, grammar), "inputs", req.best_of,
+        requested_adapter(req.parameters.adapter_id, "parameters.adapter_id"),
     )
     if req.stream:
         return sse.response(_token_events(generation, req, route, prompt_ids))

@@ -34,6 +34,7 @@ class Grammar(LenientModel):
 
 
 class GenerateParameters(LenientModel):
+    adapter_id: Optional[str] = None  # a loaded LoRA adapter's name (TGI's field)
     max_new_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, gt=0.0, le=100.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
