@@ -18,6 +18,7 @@ def replica_server(tiny_model_dir, tmp_path_factory):
         "REPLICAS": "2",
         "MAX_CONCURRENT_REQUESTS": "8",
         "MAX_BATCH_TOTAL_TOKENS": "4096",
+        "DTYPE": "float32",
     }
     server = start_server(env, tmp_path_factory.mktemp("logs"), timeout=300)
     yield server
@@ -53,3 +54,14 @@ def test_sequential_requests_alternate(replica_server):
     assert len(set(texts)) == 1  # two requests on each engine: both copies loaded intact, greedy is identical
     after = [engine["served"] for engine in requests.get(replica_server.url + "/info", timeout=10).json()["engines"]]
     assert [b - a for a, b in zip(before, after)] == [2, 2]
+
+
+def test_quantization_without_a_gpu_stops_the_start_with_the_reason(tiny_model_dir, tmp_path):
+    server = start_server({"HF_MODEL_ID": str(tiny_model_dir), "HF_MODEL_QUANTIZE": "bitsandbytes-nf4"}, tmp_path, wait=False)
+    assert server.process.wait(180) != 0
+    assert "HF_MODEL_QUANTIZE=bitsandbytes-nf4 quantizes at load time with CUDA kernels, and no GPU is in use" in server.log()
+
+
+def test_info_reports_dtype_and_no_quantization(replica_server):
+    info = requests.get(replica_server.url + "/info", timeout=10).json()
+    assert info["model_dtype"] == "float32" and info["quantization"] is None and info["adapters"] == []
