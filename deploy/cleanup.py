@@ -15,7 +15,8 @@ from typing import Callable
 
 import botocore.exceptions
 
-from common import DEFAULT_VARIANT, SCALABLE_DIMENSION, boto_session, is_missing, log, scaling_resource_id, setup_logging
+from common import (DEFAULT_VARIANT, SCALABLE_DIMENSION, boto_session, is_missing, log, scaling_resource_id,
+                    setup_logging)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

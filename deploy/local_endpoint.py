@@ -158,8 +158,9 @@ class RuntimeHandler(BaseHTTPRequestHandler):
     def _common_headers(self, response: http.client.HTTPResponse) -> None:
         self.send_header("x-Amzn-Invoked-Production-Variant", VARIANT)
         self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
-        if response.getheader("X-Amzn-SageMaker-Custom-Attributes"):
-            self.send_header("X-Amzn-SageMaker-Custom-Attributes", response.getheader("X-Amzn-SageMaker-Custom-Attributes"))
+        attributes = response.getheader("X-Amzn-SageMaker-Custom-Attributes")
+        if attributes:
+            self.send_header("X-Amzn-SageMaker-Custom-Attributes", attributes)
 
     def _send_model_error(self, status: Optional[int], text: str) -> None:
         """The runtime's 424 ModelError: the container's status and body, and a message quoting them."""
@@ -197,7 +198,8 @@ class LocalRuntime(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], upstream: str, endpoint_name: Optional[str] = None,
                  timeout: float = 60.0, quiet: bool = False):
         super().__init__(address, RuntimeHandler)
-        self.upstream, self.endpoint_name, self.timeout, self.quiet = upstream.rstrip("/"), endpoint_name, timeout, quiet
+        self.upstream, self.endpoint_name = upstream.rstrip("/"), endpoint_name
+        self.timeout, self.quiet = timeout, quiet
 
     @property
     def url(self) -> str:

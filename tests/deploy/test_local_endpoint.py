@@ -168,4 +168,5 @@ def test_unreachable_container_and_unknown_endpoint_are_runtime_errors():
 def test_help():
     result = subprocess.run([sys.executable, str(ROOT / "deploy" / "local_endpoint.py"), "--help"],
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "--upstream" in result.stdout and "InvokeEndpointWithResponseStream" in result.stdout
+    assert result.returncode == 0, result.stderr
+    assert "--upstream" in result.stdout and "InvokeEndpointWithResponseStream" in result.stdout
