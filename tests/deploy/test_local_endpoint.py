@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from botocore.eventstream import ChecksumMismatch, EventStream, EventStreamBuffer, EventStreamError
@@ -170,3 +172,71 @@ def test_help():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--upstream" in result.stdout and "InvokeEndpointWithResponseStream" in result.stdout
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """A container double that records what reached /invocations and answers with custom headers; a body of
+    ``break`` makes it send one chunk of a stream and hang up."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Recorder.seen.append((self.path, dict(self.headers), body))
+        if body == b"break":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"5\r\nhello\r\n")
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-custom")
+        attributes = self.headers.get("X-Amzn-SageMaker-Custom-Attributes", "")
+        self.send_header("X-Amzn-SageMaker-Custom-Attributes", "echo=" + attributes)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def recorder():
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    runtime_server = start_in_thread(f"http://127.0.0.1:{upstream.server_address[1]}", quiet=True)
+    _Recorder.seen.clear()
+    yield client("sagemaker-runtime", runtime_server.url)
+    runtime_server.shutdown()
+    upstream.shutdown()
+
+
+def test_headers_pass_through_both_ways(recorder):
+    answer = recorder.invoke_endpoint(EndpointName="ep", Body=b"a,b\n", ContentType="text/csv",
+                                      Accept="application/jsonlines", CustomAttributes="trace=1")
+    path, headers, body = _Recorder.seen[-1]
+    assert (path, body) == ("/invocations", b"a,b\n")
+    assert headers["Content-Type"] == "text/csv" and headers["Accept"] == "application/jsonlines"
+    assert headers["X-Amzn-SageMaker-Custom-Attributes"] == "trace=1"
+    assert answer["ContentType"] == "application/x-custom" and answer["CustomAttributes"] == "echo=trace=1"
+    assert answer["Body"].read() == b"a,b\n"
+    stream = recorder.invoke_endpoint_with_response_stream(EndpointName="ep", Body=b"x", ContentType="text/plain",
+                                                           Accept="text/event-stream")
+    assert _Recorder.seen[-1][1]["Accept"] == "text/event-stream"
+    assert stream["ContentType"] == "application/x-custom"
+    assert b"".join(event["PayloadPart"]["Bytes"] for event in stream["Body"]) == b"x"
+
+
+def test_container_hanging_up_mid_stream_ends_with_model_stream_error(recorder):
+    stream = recorder.invoke_endpoint_with_response_stream(EndpointName="ep", Body=b"break", ContentType="text/plain")
+    events = iter(stream["Body"])
+    assert next(events)["PayloadPart"]["Bytes"] == b"hello"
+    with pytest.raises(EventStreamError) as info:
+        next(events)
+    assert info.value.response["Error"]["Code"] == "ModelStreamError"
+    assert "broke off the stream" in info.value.response["Error"]["Message"]
