@@ -206,6 +206,11 @@ class LocalRuntime(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that drops its keep-alive connection is normal; report anything else."""
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
     def log_line(self, endpoint: str, operation: str, status: int) -> None:
         if not self.quiet:
             sys.stderr.write(f"local-endpoint {endpoint} {operation} -> {status}\n")
