@@ -79,7 +79,7 @@ def test_deploy_creates_model_config_endpoint_and_scaling_then_cleanup_removes_t
 def test_explicit_role_and_options(deploy_python, aws):
     arn = create_role(aws, "my-deploy-role")
     result = deploy(deploy_python, aws, "--role", arn, "--no-messages-api", "--num-gpus", "4", "--instance-count", "2",
-                    "--startup-timeout", "600")
+                    "--startup-timeout", "600", "--inference-ami-version", "al2-ami-sagemaker-inference-gpu-3-1")
     assert result.returncode == 0, result.stderr[-3000:]
     sm = client("sagemaker", aws)
     model = sm.describe_model(ModelName="llm-test")
@@ -89,6 +89,7 @@ def test_explicit_role_and_options(deploy_python, aws):
     assert "HF_MODEL_ID" not in model["PrimaryContainer"]["Environment"]
     (variant,) = sm.describe_endpoint_config(EndpointConfigName="llm-test")["ProductionVariants"]
     assert variant["InitialInstanceCount"] == 2 and variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 600
+    assert variant["InferenceAmiVersion"] == "al2-ami-sagemaker-inference-gpu-3-1"
     assert scaling_state(aws) == ([], [])  # no autoscaling unless asked
 
 
