@@ -93,7 +93,7 @@ image-test: install-test install-deploy
 	scripts/image/tools.sh
 	IMAGE_CACHE_DIR=$(IMAGE_CACHE_DIR) scripts/image/base.sh
 	IMAGE_CACHE_DIR=$(IMAGE_CACHE_DIR) IMAGE=$(TEST_IMAGE) PIP=$(BIN)/pip scripts/image/build.sh
-	SERVE_TEST_IMAGE=$(TEST_IMAGE) $(BIN)/python -m pytest tests/image -s -p no:cacheprovider $(PYTEST_ARGS)
+	SERVE_TEST_IMAGE=$(TEST_IMAGE) $(BIN)/python -m pytest tests/image -s --durations=8 -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEPLOY_VENV) .pytest_cache

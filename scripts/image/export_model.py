@@ -1,4 +1,4 @@
-"""Export the embedded SmolLM2 as a plain transformers folder, the way a SageMaker model.tar.gz unpacks at /opt/ml/model.
+"""Export the embedded SmolLM2 as a plain transformers folder, as a SageMaker model.tar.gz unpacks at /opt/ml/model.
 
 Usage: python scripts/image/export_model.py DEST  (DEST is replaced). The conversion is the server's own
 (serve.model.loader.gguf_to_folder, cached under SERVE_CACHE_DIR); the files are hard-linked when possible.

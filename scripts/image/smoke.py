@@ -45,7 +45,8 @@ def main() -> int:
         print(f"smoke test failed: {exc}", file=sys.stderr)
         return 1
     if response.status_code != 200 or "choices" not in response.text:
-        print(f"smoke test failed: /invocations answered {response.status_code}: {response.text[:500]}", file=sys.stderr)
+        message = f"/invocations answered {response.status_code}: {response.text[:500]}"
+        print(f"smoke test failed: {message}", file=sys.stderr)
         return 1
     print(json.dumps(response.json(), indent=2))
     return 0

@@ -97,7 +97,8 @@ class LocalHosting(threading.Thread):
                 self.errors.append(f"{type(exc).__name__}: {exc}")
 
     def _sync(self) -> None:
-        live = {e["EndpointName"] for e in self.sagemaker.list_endpoints()["Endpoints"] if e["EndpointStatus"] == "InService"}
+        listed = self.sagemaker.list_endpoints()["Endpoints"]
+        live = {e["EndpointName"] for e in listed if e["EndpointStatus"] == "InService"}
         for name in live - {n for n, h in self.endpoints.items() if h.stopped is None}:
             if name not in self.endpoints:
                 self.endpoints[name] = self._start(name)

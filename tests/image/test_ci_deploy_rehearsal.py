@@ -74,16 +74,26 @@ def runtime(hosting):
     runtime.shutdown()
 
 
-def ci_deploy(moto_url, runtime, hosting, registry, **extra) -> subprocess.CompletedProcess:
-    """Run deploy/ci_deploy.sh with every AWS call on moto and the image tools set for this machine."""
+def aws_env(moto_url: str, **extra: str) -> dict[str, str]:
+    """This process's environment with fake credentials and every AWS call sent to moto."""
     if not DEPLOY_PYTHON.exists():
         pytest.fail(f"{DEPLOY_PYTHON} is missing: make install-deploy")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(
         AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION=REGION, AWS_MAX_ATTEMPTS="1",
-        AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
-        AWS_ENDPOINT_URL=moto_url, AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=runtime.url,
-        PYTHON=str(DEPLOY_PYTHON), ROLE=ROLE, INSTANCE_TYPE="ml.g4dn.xlarge",  # moto's enum lacks ml.g5.*
+        AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_ENDPOINT_URL=moto_url,
+        PYTHON=str(DEPLOY_PYTHON),
+    )
+    env.update(extra)
+    return env
+
+
+def ci_deploy(moto_url, runtime, hosting, registry, **extra) -> subprocess.CompletedProcess:
+    """Run deploy/ci_deploy.sh with every AWS call on moto and the image tools set for this machine."""
+    env = aws_env(moto_url)
+    env.update(
+        AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=runtime.url, ROLE=ROLE,
+        INSTANCE_TYPE="ml.g4dn.xlarge",  # moto's instance-type enum lacks ml.g5.*; the script's default stays
         SM_NUM_GPUS=SM_NUM_GPUS or "1", DEPLOY_ARGS=OPERATOR_ENV + ("" if SM_NUM_GPUS else " --env SM_NUM_GPUS="),
         INVOKE_ARGS="--max-tokens 24", ENDPOINT_NAME=f"rehearsal-{uuid.uuid4().hex[:8]}",
         # SageMaker marks an endpoint InService once the container answers /ping; moto does at once, so wait here
@@ -116,7 +126,9 @@ def pushed(moto_url, runtime, hosting, registry, sagemaker):
     endpoint = f"rehearsal-{uuid.uuid4().hex[:8]}"
     result = ci_deploy(moto_url, runtime, hosting, registry, IMAGE_TAG=tag, ENDPOINT_NAME=endpoint,
                        BUILD_FLAGS=f"{flags} --build-arg EMBED_MODEL=true")
-    return result, endpoint, f"{registry.host}/{REPOSITORY}:{tag}"
+    image_uri = f"{registry.host}/{REPOSITORY}:{tag}"
+    yield result, endpoint, image_uri
+    subprocess.run(["buildah", "rmi", image_uri], capture_output=True)  # the local tag; layers stay cached
 
 
 def test_build_push_deploy_smoke_teardown(pushed, registry, hosting, sagemaker, moto_url):
@@ -146,3 +158,18 @@ def test_failing_smoke_test_still_tears_down(pushed, moto_url, runtime, hosting,
     assert result.returncode != 0
     assert "FAILED" in result.stdout and "teardown" in result.stdout
     assert_torn_down(sagemaker, hosting, endpoint)
+
+
+def test_push_image_with_podman(moto_url, registry):
+    """push_image.sh with podman instead of buildah: build (cached layers), ECR repository + login on moto, push."""
+    flags = subprocess.run(["scripts/image/build.sh", "--print-flags"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    tag = f"podman-{uuid.uuid4().hex[:8]}"
+    env = aws_env(moto_url, CONTAINER_TOOL="podman", BUILD_FLAGS=flags, REGISTRY=registry.host, TLS_VERIFY="false",
+                  REPOSITORY="llm-serve-podman", IMAGE_TAG=tag)
+    result = subprocess.run(["deploy/push_image.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    image_uri = f"{registry.host}/llm-serve-podman:{tag}"
+    assert result.stdout.splitlines()[-1] == image_uri and "podman build" in result.stderr
+    assert tag in registry.tags("llm-serve-podman")
+    subprocess.run(["podman", "rmi", image_uri], capture_output=True)

