@@ -180,10 +180,15 @@ def markdown(results: list[SystemResult], cfg: BenchConfig, info: dict[str, Any]
     return "\n".join(lines)
 
 
+KEPT_MARKER = "<!-- make bench keeps everything below this line -->"
+
+
 def write(results: list[SystemResult], cfg: BenchConfig, info: dict[str, Any]) -> None:
-    """Overwrite the markdown page and the raw JSON with what is known so far."""
+    """Overwrite the markdown page (keeping any sections below KEPT_MARKER) and the raw JSON."""
     cfg.output_md.parent.mkdir(parents=True, exist_ok=True)
-    cfg.output_md.write_text(markdown(results, cfg, info))
+    old = cfg.output_md.read_text() if cfg.output_md.is_file() else ""
+    kept = old[old.index(KEPT_MARKER) :] if KEPT_MARKER in old else ""
+    cfg.output_md.write_text(markdown(results, cfg, info) + ("\n" + kept if kept else ""))
     raw = {
         **info,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
