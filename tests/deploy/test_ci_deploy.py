@@ -77,3 +77,23 @@ def test_failing_deploy_tears_down_what_was_created(deploy_python, aws):
     assert result.returncode == 1, output[-4000:]
     assert "deploy failed" in output and "smoke test" not in output and "teardown llm-ci" in output
     assert_torn_down(aws)
+
+
+def test_cancelled_run_tears_down(deploy_python, aws):
+    """A CI cancel (SIGTERM to the script after the deploy) still runs the teardown, and the exit says so."""
+    create_role(aws)
+    result = ci_deploy(deploy_python, aws, "http://127.0.0.1:9", BEFORE_SMOKE_TEST="kill -TERM $PPID; sleep 2")
+    output = result.stdout + result.stderr
+    assert result.returncode == 143, output[-4000:]
+    assert "endpoint llm-ci is InService" in output and "== ci_deploy: smoke test" not in output
+    assert "teardown llm-ci" in output and "ci_deploy: FAILED (exit 143)" in output
+    assert_torn_down(aws)
+
+
+def test_failed_push_stops_before_deploying(deploy_python, aws):
+    """Without IMAGE_URI the image is pushed first; when that fails nothing is deployed and the exit is non-zero."""
+    result = ci_deploy(deploy_python, aws, "http://127.0.0.1:9", IMAGE_URI="", CONTAINER_TOOL="no-such-tool")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    assert "push image" in output and "== ci_deploy: deploy" not in output and "teardown" not in output
+    assert client("sagemaker", aws).list_models()["Models"] == []
