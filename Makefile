@@ -70,7 +70,8 @@ IMAGE_CACHE_DIR ?= $(HOME)/.cache/sagemaker-llm-serve/image
 MODEL_DIR ?= $(IMAGE_CACHE_DIR)/model
 MESSAGES_API_ENABLED ?= true
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
-SM_NUM_GPUS ?= $(if $(HAS_GPU),$(shell nvidia-smi -L | wc -l),0)
+# no GPU: SM_NUM_GPUS is left unset and the server runs on the CPU
+SM_NUM_GPUS ?= $(if $(HAS_GPU),$(shell nvidia-smi -L | wc -l))
 
 docker-build:
 	$(DOCKER) build $(DOCKER_BUILD_ARGS) -t $(IMAGE) .
@@ -80,7 +81,7 @@ docker-build:
 docker-run: install
 	@[ "$(origin MODEL_DIR)" != "file" ] || $(BIN)/python scripts/image/export_model.py $(MODEL_DIR)
 	$(DOCKER) run --rm --name sagemaker-llm-serve $(if $(HAS_GPU),--gpus all) -p $(SAGEMAKER_BIND_TO_PORT):8080 \
-		-e HF_MODEL_ID -e HF_TOKEN -e SM_NUM_GPUS=$(SM_NUM_GPUS) -e MESSAGES_API_ENABLED=$(MESSAGES_API_ENABLED) \
+		-e HF_MODEL_ID -e HF_TOKEN $(if $(SM_NUM_GPUS),-e SM_NUM_GPUS=$(SM_NUM_GPUS)) -e MESSAGES_API_ENABLED=$(MESSAGES_API_ENABLED) \
 		-v $(abspath $(MODEL_DIR)):/opt/ml/model:ro $(IMAGE) serve
 
 docker-test: install-test

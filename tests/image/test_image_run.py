@@ -6,7 +6,10 @@ without it (plain `make test`) these tests are skipped.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -19,11 +22,6 @@ from tests.image.buildah import Container, image_config, terminate
 IMAGE = os.environ.get("SERVE_TEST_IMAGE")
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not IMAGE, reason="needs a built image: make image-test")]
 
-# The reference document's SageMaker request, as sent by predictor.predict(...).
-REFERENCE_MESSAGES = {"messages": [
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "What is deep learning?"},
-]}
 TGI_INPUTS = {"inputs": "What is deep learning?", "parameters": {"max_new_tokens": 32}}
 # What a SageMaker user sets, plus the limits an operator of a small CPU instance would set: a short default length
 # and a small KV cache (a default one is GiBs to zero at start). SM_NUM_GPUS: the CPU test build sees no GPU, and
@@ -79,9 +77,11 @@ def test_any_other_argument_is_executed_as_given(container):
 def test_messages_api_from_opt_ml_model(container, model_dir, tmp_path):
     server = serve_and_wait(container, model_dir, tmp_path, {"MESSAGES_API_ENABLED": "true"})
     try:
-        response = requests.post(server.url + "/invocations", json=REFERENCE_MESSAGES, timeout=240)
-        assert response.status_code == 200, response.text
-        body = response.json()
+        # `make docker-test`'s script: wait for /ping, send the reference messages request to /invocations
+        smoke = subprocess.run([sys.executable, str(ROOT / "scripts/image/smoke.py"), "--url", server.url,
+                                "--timeout", "60"], capture_output=True, text=True, timeout=300)
+        assert smoke.returncode == 0, smoke.stderr
+        body = json.loads(smoke.stdout.split("\n", 1)[1])
         answer = body["choices"][0]["message"]["content"]
         print(f"[image] messages answer: {answer[:200]!r}")
         assert body["object"] == "chat.completion" and english_words(answer) >= 5, answer
