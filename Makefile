@@ -94,6 +94,7 @@ image-test: install-test install-deploy
 	scripts/image/tools.sh
 	IMAGE_CACHE_DIR=$(IMAGE_CACHE_DIR) scripts/image/base.sh
 	IMAGE_CACHE_DIR=$(IMAGE_CACHE_DIR) IMAGE=$(TEST_IMAGE) PIP=$(BIN)/pip scripts/image/build.sh
+	buildah containers --format '{{.ContainerName}}' | grep '^image-test-' | xargs -r buildah rm >/dev/null  # left by a killed run
 	SERVE_TEST_IMAGE=$(TEST_IMAGE) $(BIN)/python -m pytest tests/image -s --durations=8 -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
