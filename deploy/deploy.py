@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "in /opt/ml/model from --model-data, else the image's embedded default)")
     parser.add_argument("--revision", help="HF_MODEL_REVISION")
     parser.add_argument("--model-data", help="s3://.../model.tar.gz unpacked by SageMaker into /opt/ml/model")
-    parser.add_argument("--num-gpus", type=int, default=1, help="SM_NUM_GPUS (default 1)")
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="SM_NUM_GPUS (default 1; 0 leaves it unset, for CPU instance types)")
     parser.add_argument("--messages-api", action=argparse.BooleanOptionalAction, default=True,
                         help="MESSAGES_API_ENABLED: /invocations takes OpenAI messages (default on)")
     parser.add_argument("--instance-type", default="ml.g5.2xlarge", help="default ml.g5.2xlarge")
@@ -80,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def container_env(args: argparse.Namespace) -> dict[str, object]:
     """The env dict as a user writes it (a bool included); stringify_env() turns it into what the API takes."""
-    hub: dict[str, object] = {"SM_NUM_GPUS": json.dumps(args.num_gpus), "MESSAGES_API_ENABLED": args.messages_api}
+    hub: dict[str, object] = {"MESSAGES_API_ENABLED": args.messages_api}
+    if args.num_gpus > 0:
+        hub["SM_NUM_GPUS"] = json.dumps(args.num_gpus)
     if args.model_id:
         hub["HF_MODEL_ID"] = args.model_id
     if args.revision:

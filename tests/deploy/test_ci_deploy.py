@@ -46,11 +46,11 @@ def test_ci_deploy_deploys_smoke_tests_and_tears_down(deploy_python, aws, messag
 
 def test_ci_deploy_tgi_payload_when_messages_api_is_off(deploy_python, aws, tgi_runtime):
     create_role(aws)
-    result = ci_deploy(deploy_python, aws, tgi_runtime.url, MESSAGES_API_ENABLED="false")
+    result = ci_deploy(deploy_python, aws, tgi_runtime.url, MESSAGES_API_ENABLED="false", SM_NUM_GPUS="0")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "smoke test llm-ci (inputs)" in output and '"generated_text"' in result.stdout
-    assert '"MESSAGES_API_ENABLED": "false"' in output
+    assert 'container env: {"MESSAGES_API_ENABLED": "false"}' in output  # SM_NUM_GPUS=0: unset, for CPU hosts
     assert_torn_down(aws)
 
 
