@@ -12,7 +12,7 @@ from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from serve.config import Settings, load_settings
-from serve.disconnect import DisconnectWatcher, WatchedEngine, stop_watching
+from serve.disconnect import DisconnectWatcher, WatchedEngine, unwatch_when_sent
 from serve.engine import Engine, EngineConfig
 from serve.errors import BadRequest, MethodNotAllowed, NotFound, NotReady, PayloadTooLarge, ServeError
 from serve.generation import GenerationService
@@ -50,7 +50,7 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
         app.register_blueprint(module.blueprint)
     _register_error_handlers(app)
     app.before_request(_guard)
-    app.teardown_request(stop_watching(watcher))
+    app.after_request(unwatch_when_sent(watcher))
     app.after_request(lambda response: _count(metrics, response))
     engine.start()
     return app

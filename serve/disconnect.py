@@ -8,25 +8,36 @@ the engine holds a request, one thread peeks at its client socket (gunicorn pass
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 import time
 from typing import Any, Callable, Optional
 
-from flask import g, has_request_context, request
+from flask import Response, g, has_request_context, request
 
 log = logging.getLogger(__name__)
 
-PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
 def client_gone(sock: socket.socket) -> bool:
-    """True when the peer closed or reset the connection (data it sent, such as a pipelined request, is left unread)."""
+    """True when the peer closed or reset the connection (data it sent, such as a pipelined request, is left unread).
+
+    Readiness is polled first, so a socket with a timeout never blocks the check.
+    """
     try:
-        return sock.recv(1, PEEK_FLAGS) == b""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | GONE)
+        events = poller.poll(0)
+        if not events:
+            return False
+        if events[0][1] & GONE:
+            return True
+        return sock.recv(1, socket.MSG_PEEK) == b""
     except (BlockingIOError, InterruptedError):
         return False
-    except OSError:
+    except (OSError, ValueError):  # reset, or already closed
         return True
 
 
@@ -41,6 +52,7 @@ class DisconnectWatcher:
         self._thread: Optional[threading.Thread] = None
 
     def watch(self, request_id: str, sock: socket.socket) -> None:
+        log.debug("watching the client of request %s", request_id)
         with self._lock:
             self._watched[request_id] = sock
             if self._thread is None:
@@ -91,11 +103,16 @@ class WatchedEngine:
         return stream
 
 
-def stop_watching(watcher: DisconnectWatcher) -> Callable[[Optional[BaseException]], None]:
-    """A teardown handler: the response is done (streams included), so its socket goes back to gunicorn unwatched."""
+def unwatch_when_sent(watcher: DisconnectWatcher) -> Callable[[Response], Response]:
+    """An after_request handler: once the response is sent (a stream to its end) or abandoned, stop watching its socket.
 
-    def teardown(_error: Optional[BaseException]) -> None:
-        for request_id in g.pop("serve_watched", []):
-            watcher.unwatch(request_id)
+    Not a teardown handler: for a streamed response Flask tears the request down as soon as the view returns.
+    """
 
-    return teardown
+    def after(response: Response) -> Response:
+        request_ids = g.pop("serve_watched", [])
+        if request_ids:
+            response.call_on_close(lambda: [watcher.unwatch(request_id) for request_id in request_ids])
+        return response
+
+    return after

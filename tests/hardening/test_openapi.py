@@ -20,7 +20,23 @@ ROUTES = {
     "/v1/models": "get", "/generate": "post", "/generate_stream": "post", "/tokenize": "post", "/info": "get",
     "/health": "get", "/metrics": "get", "/openapi.json": "get", "/docs": "get",
 }
-FUZZ_EXAMPLES = 12
+FUZZ_EXAMPLES = 10
+FUZZ_TOKENS = 4
+
+
+def bound_generation(case) -> None:
+    """Keep fuzzed generations short (a schema-valid length can take minutes on a busy CPU); every other field as drawn."""
+    body = case.body if isinstance(case.body, dict) else None
+    if body is None:
+        return
+    for field in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body.get(field), int) and body[field] > FUZZ_TOKENS:
+            body[field] = FUZZ_TOKENS
+    if isinstance(body.get("inputs"), str):
+        parameters = body.setdefault("parameters", {})
+        if isinstance(parameters, dict):
+            drawn = parameters.get("max_new_tokens")
+            parameters["max_new_tokens"] = min(drawn, FUZZ_TOKENS) if isinstance(drawn, int) else FUZZ_TOKENS
 
 
 def test_openapi_documents_every_route_with_the_request_models(hardened_server):
@@ -64,6 +80,7 @@ def test_fuzzed_requests_get_no_5xx_and_match_the_schema(api_schema, hardened_se
     @given(case=operation.as_strategy())
     @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     def fuzz(case):
+        bound_generation(case)
         case.call_and_validate(base_url=hardened_server.url, checks=checks, timeout=60)
 
     fuzz()
