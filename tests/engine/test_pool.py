@@ -1,0 +1,43 @@
+"""EnginePool start-up: a copy that fails to load fails the pool, with its reason, like a single engine."""
+
+import threading
+
+import pytest
+
+from serve.engine import Engine, EngineConfig, EngineNotReady, Request, SamplingParams
+from serve.engine.pool import EnginePool
+
+
+def failing_load():
+    raise RuntimeError("CUDA out of memory on cuda:1")
+
+
+def test_one_failing_copy_fails_the_pool_with_its_reason():
+    failures: list[BaseException] = []
+    reported = threading.Event()
+    plans: list[int] = []
+
+    def make_engine(prepared, index):
+        plans.append(index)
+        return Engine(load=failing_load if index == 1 else (lambda: threading.Event().wait(30)), config=EngineConfig())
+
+    pool = EnginePool(
+        prepare=lambda: "prepared", plan_engines=lambda prepared: 2, make_engine=make_engine,
+        on_load_failure=lambda exc: (failures.append(exc), reported.set()),
+    ).start()
+    assert reported.wait(30)
+    assert plans == [0, 1] and str(failures[0]) == "CUDA out of memory on cuda:1"
+    assert not pool.ready and pool.load_error is failures[0]
+    with pytest.raises(EngineNotReady, match="failed to load: CUDA out of memory on cuda:1"):
+        pool.submit(Request([1, 2], SamplingParams()))
+    pool.stop(timeout=0.1)
+
+
+def test_a_failing_plan_fails_the_pool():
+    reported = threading.Event()
+
+    def prepare():
+        raise ValueError("the model needs 140 GiB, more than the 86.4 GiB usable on 4 GPU(s)")
+
+    pool = EnginePool(prepare, lambda prepared: 1, lambda prepared, index: None, on_load_failure=lambda exc: reported.set()).start()
+    assert reported.wait(10) and "86.4 GiB usable" in str(pool.load_error) and pool.engines == []
