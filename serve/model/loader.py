@@ -317,7 +317,7 @@ def _from_pretrained(folder: Path, settings: Settings, dtype: Any, extra: dict[s
             **extra,
         )
     except (OSError, ValueError) as exc:
-        hint = "" if settings.allow_unsafe_weights else " (only safetensors weights are loaded unless HF_MODEL_ALLOW_UNSAFE_WEIGHTS=true)"
+        hint = "" if settings.allow_unsafe_weights else " (pickle weights, *.bin and *.pt, are refused: only safetensors load unless ALLOW_PICKLE_WEIGHTS=true)"
         raise ModelLoadError(f"could not load the model in {folder}: {exc}{hint}") from exc
     model.eval()
     if tokenizer.pad_token_id is None:
