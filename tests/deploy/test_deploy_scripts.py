@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
 from deploy.common import stringify_env
-from tests.deploy.conftest import IMAGE_URI, INSTANCE_TYPE, aws_env, client, run_script
+from tests.deploy.conftest import DEPLOY, IMAGE_URI, INSTANCE_TYPE, REGION, aws_env, client, run_script
+
+ACCOUNT = "123456789012"  # moto's account
 
 ROLE_TRUST = json.dumps({"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": "sts:AssumeRole"}]})
@@ -122,3 +125,25 @@ def test_half_failed_deploy_is_cleaned_up(deploy_python, aws):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "endpoint llm-half: already gone" in result.stderr and "deleted model llm-half" in result.stderr
     assert sm.list_models()["Models"] == []
+
+
+def test_cleanup_waits_until_a_creating_endpoint_can_be_deleted(deploy_python, aws):
+    """SageMaker refuses DeleteEndpoint while Creating (a deploy cancelled half way): cleanup waits, then deletes."""
+    from moto.sagemaker.models import sagemaker_backends
+
+    create_role(aws)
+    assert deploy(deploy_python, aws, "--no-wait").returncode == 0
+    endpoint = sagemaker_backends[ACCOUNT][REGION].endpoints["llm-test"]
+    endpoint.endpoint_status = "Creating"
+    process = subprocess.Popen([str(deploy_python), str(DEPLOY / "cleanup.py"), "--endpoint-name", "llm-test",
+                                "--poll-seconds", "0.5", "--wait-minutes", "2"], env=aws_env(aws),
+                               stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in process.stderr:  # the endpoint leaves Creating only once cleanup has seen it there
+        seen.append(line)
+        if "endpoint llm-test is Creating; checking again" in line:
+            endpoint.endpoint_status = "InService"
+    log = "".join(seen)
+    assert process.wait(120) == 0, log
+    assert "is Creating; checking again" in log and "deleted endpoint llm-test" in log
+    assert client("sagemaker", aws).list_endpoints()["Endpoints"] == []
