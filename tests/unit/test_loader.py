@@ -6,6 +6,7 @@ import torch
 from serve.config import Settings
 from serve.model.loader import (
     EMBEDDED_NAME,
+    adapter_folders,
     ModelLoadError,
     download_from_hub,
     cpu_has_native_bf16,
@@ -96,3 +97,16 @@ def test_converted_gguf_folder_is_a_plain_transformers_folder(embedded_folder):
     assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
     with safe_open(str(embedded_folder / "model.safetensors"), "pt") as weights:
         assert "model.embed_tokens.weight" in weights.keys()
+
+
+def test_adapter_folders_from_the_model_dir_and_lora_adapters(tmp_path):
+    for name in ("b-sql", "a-chat"):
+        (tmp_path / "model" / "adapters" / name).mkdir(parents=True)
+        (tmp_path / "model" / "adapters" / name / "adapter_config.json").write_text("{}")
+    (tmp_path / "model" / "adapters" / "notes").mkdir()  # no adapter_config.json: not an adapter
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "adapter_config.json").write_text("{}")
+    found = adapter_folders(settings(model_dir=str(tmp_path / "model"), lora_adapters=(("extra", str(tmp_path / "extra")),)))
+    assert list(found) == ["a-chat", "b-sql", "extra"] and found["extra"] == tmp_path / "extra"
+    with pytest.raises(ModelLoadError, match="LORA_ADAPTERS: adapter 'gone' at /nowhere has no adapter_config.json"):
+        adapter_folders(settings(lora_adapters=(("gone", "/nowhere"),)))
