@@ -163,6 +163,7 @@ STREAM_CHUNKS: dict[str, Any] = {
     "/v1/chat/completions": ChatCompletionChunk,
     "/v1/completions": TextCompletion,
     "/generate": StreamToken,
+    "/": StreamToken,
     "/generate_stream": StreamToken,
 }
 
@@ -175,6 +176,8 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Optional[type], Any, tuple[str, ...
     ("POST", "/v1/completions"): ("OpenAI text completion", oa.CompletionRequest, TextCompletion, ("application/json", SSE)),
     ("GET", "/v1/models"): ("The served model", None, ModelList, ("application/json",)),
     ("POST", "/generate"): ("TGI generate (SSE when the body sets stream: true)", tgi.GenerateRequest, GenerateResponse, ("application/json", SSE)),
+    ("POST", "/"): ("TGI's root route (InferenceClient.text_generation): /generate, or a stream with stream: true",
+                    tgi.GenerateRequest, GenerateResponse, ("application/json", SSE)),
     ("POST", "/generate_stream"): ("TGI generate, streamed as Server-Sent Events", tgi.GenerateRequest, None, (SSE,)),
     ("POST", "/tokenize"): ("TGI tokenize: token ids with their text spans", tgi.TokenizeRequest, list[TokenSpan], ("application/json",)),
     ("GET", "/info"): ("TGI info: model and limits", None, Info, ("application/json",)),

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 ROUTES = {
     "/ping": "get", "/invocations": "post", "/v1/chat/completions": "post", "/v1/completions": "post",
     "/v1/models": "get", "/generate": "post", "/generate_stream": "post", "/tokenize": "post", "/info": "get",
-    "/health": "get", "/metrics": "get", "/openapi.json": "get", "/docs": "get",
+    "/health": "get", "/metrics": "get", "/openapi.json": "get", "/docs": "get", "/": "post",
 }
 FUZZ_EXAMPLES = 10
 FUZZ_TOKENS = 4
