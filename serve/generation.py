@@ -119,7 +119,7 @@ class GenerationService:
         streams: list[RequestStream] = []
         try:
             for index in range(n):
-                seed = None if params.seed is None else params.seed + index  # same seed, same n choices
+                seed = None if params.seed is None else (params.seed + index) % 2**64  # same seed, same n choices (kept in torch's range)
                 request = Request(prompt_ids=prompt_ids, params=replace(params, seed=seed), adapter=adapter)
                 streams.append(self.engine.submit(request, sink=sink, index=index))
         except (EngineOverloaded, EngineNotReady) as exc:

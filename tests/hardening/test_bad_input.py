@@ -123,6 +123,15 @@ def test_matrix_is_large_and_covers_every_post_route():
     assert {"/invocations", CHAT, "/v1/completions", "/generate", "/generate_stream", "/tokenize"} <= routes
 
 
+@pytest.mark.parametrize("seed", [2**64 - 1, -(2**63)])
+def test_seeds_at_the_ends_of_the_range_are_served(hardened_server, seed):
+    """torch's generators take -2**63 .. 2**64-1; n choices use seed, seed+1, ... which must stay in range."""
+    body = chat(seed=seed, temperature=1.0, n=2)
+    response = requests.post(hardened_server.url + CHAT, json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 2
+
+
 def test_server_is_healthy_after_the_matrix(hardened_server):
     healthy(hardened_server)
     assert "unhandled error" not in hardened_server.log()
