@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Optional
 
-from serve.engine.types import TokenEvent
+from serve.engine.types import FinishReason, TokenEvent
 
 request_log = logging.getLogger("serve.request")
 
@@ -32,12 +32,15 @@ def log_request(route: str, request_id: str, final: Optional[TokenEvent], stream
         if timings
         else "timings=none"
     )
+    outcome = final.finish_reason.value if final.finish_reason else "unknown"
+    if final.finish_reason is FinishReason.CANCELLED:  # only a client that left cancels a request
+        outcome += " reason=client_disconnected"
     request_log.info(
         "route=%s id=%s stream=%s outcome=%s prompt_tokens=%d generated_tokens=%d %s",
         route,
         request_id,
         stream,
-        final.finish_reason.value if final.finish_reason else "unknown",
+        outcome,
         final.prompt_tokens,
         final.generated_tokens,
         spent,
