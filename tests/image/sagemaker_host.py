@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
@@ -33,11 +34,20 @@ log:
 """
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class Registry:
     """A local image registry (plain HTTP on loopback) whose storage persists in ``root`` between runs."""
 
-    def __init__(self, root: Path, log_path: Path) -> None:
-        self.port = free_port()
+    def __init__(self, root: Path, log_path: Path, port: int | None = None) -> None:
+        self.port = port if port and port_is_free(port) else free_port()
         root.mkdir(parents=True, exist_ok=True)
         config = log_path.with_suffix(".yml")
         config.write_text(REGISTRY_CONFIG.format(root=root, port=self.port))

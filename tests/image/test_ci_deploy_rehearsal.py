@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -52,7 +54,9 @@ def sagemaker(moto_url):
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    registry = Registry(CACHE / "registry", tmp_path_factory.mktemp("registry") / "registry.log")
+    # A stable address: buildah remembers which layer blobs a registry already holds, so a warm push is seconds
+    registry = Registry(CACHE / "registry", tmp_path_factory.mktemp("registry") / "registry.log",
+                        port=int(os.environ.get("SERVE_TEST_REGISTRY_PORT", "5055")))
     yield registry
     registry.stop()
 
@@ -102,9 +106,20 @@ def ci_deploy(moto_url, runtime, hosting, registry, **extra) -> subprocess.Compl
         CONTAINER_TOOL="buildah", REGISTRY=registry.host, TLS_VERIFY="false", REPOSITORY=REPOSITORY,
     )
     env.update(extra)
-    result = subprocess.run(["bash", "deploy/ci_deploy.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=1500)
-    print(f"\n[rehearsal] ci_deploy.sh exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    started = time.monotonic()
+    process = subprocess.Popen(["bash", "deploy/ci_deploy.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    stderr = threading.Thread(target=lambda: setattr(process, "err_text", process.stderr.read()), daemon=True)
+    stderr.start()
+    lines = []
+    for line in process.stdout:  # the script's steps, with the time each began
+        lines.append(line)
+        if line.startswith("== ci_deploy:"):
+            print(f"[rehearsal] {time.monotonic() - started:6.1f} s {line.rstrip()}", flush=True)
+    process.wait(60)
+    stderr.join(60)
+    result = subprocess.CompletedProcess(process.args, process.returncode, "".join(lines), process.err_text)
+    print(f"[rehearsal] ci_deploy.sh exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     return result
 
 
@@ -144,7 +159,9 @@ def test_build_push_deploy_smoke_teardown(pushed, registry, hosting, sagemaker, 
     assert hosted.image == image_uri  # the endpoint ran the pushed image, pulled back from the registry
     assert hosted.environment["MESSAGES_API_ENABLED"] == "true"  # given as a flag, stringified by deploy.py
     assert hosted.environment["SM_NUM_GPUS"] == SM_NUM_GPUS and hosted.environment["DEFAULT_MAX_NEW_TOKENS"] == "32"
-    assert "route=/invocations" in hosted.server.log() and "stream=True" in hosted.server.log()
+    log = hosted.server.log()
+    print("\n".join(f"[rehearsal] endpoint: {line}" for line in log.splitlines() if "cold start" in line))
+    assert "route=/invocations" in log and "stream=True" in log
     assert not hosting.errors
     assert_torn_down(sagemaker, hosting, endpoint)
 
