@@ -35,7 +35,9 @@ log:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a listener can bind ``port`` (SO_REUSEADDR, as the registry sets it: old TIME_WAITs don't count)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -18,7 +18,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.helpers import ROOT, free_port, wait_for
+from tests.helpers import ROOT, english_words, free_port, wait_for
 from tests.image.sagemaker_host import LocalHosting, Registry
 
 IMAGE = os.environ.get("SERVE_TEST_IMAGE")
@@ -150,6 +150,9 @@ def test_build_push_deploy_smoke_teardown(pushed, registry, hosting, sagemaker, 
     result, endpoint, image_uri = pushed
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].endswith("passed")
+    streamed = next(line for line in result.stdout.splitlines() if line.startswith("predict_stream ->"))
+    assert "predict ->" in result.stdout and english_words(streamed) >= 5, result.stdout
+    assert f"logging in to {registry.host}" in result.stderr and f"pushing {image_uri}" in result.stderr
     tag = image_uri.rsplit(":", 1)[1]
     assert tag in registry.tags(REPOSITORY)  # pushed to the registry
     ecr = boto3.client("ecr", endpoint_url=moto_url, region_name=REGION, aws_access_key_id="testing",
@@ -173,7 +176,8 @@ def test_failing_smoke_test_still_tears_down(pushed, moto_url, runtime, hosting,
     result = ci_deploy(moto_url, runtime, hosting, registry, IMAGE_URI=image_uri, ENDPOINT_NAME=endpoint,
                        INVOKE_ARGS="--max-tokens 24 --payload inputs")
     assert result.returncode != 0
-    assert "FAILED" in result.stdout and "teardown" in result.stdout
+    assert f"smoke test {endpoint}" in result.stdout and "ModelError" in result.stdout + result.stderr  # as meant
+    assert "FAILED" in result.stdout and f"teardown {endpoint}" in result.stdout
     assert_torn_down(sagemaker, hosting, endpoint)
 
 
@@ -182,11 +186,15 @@ def test_push_image_with_podman(moto_url, registry):
     flags = subprocess.run(["scripts/image/build.sh", "--print-flags"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.strip()
     tag = f"podman-{uuid.uuid4().hex[:8]}"
+    ecr = boto3.client("ecr", endpoint_url=moto_url, region_name=REGION, aws_access_key_id="testing",
+                       aws_secret_access_key="testing")
+    ecr.create_repository(repositoryName="llm-serve-podman")  # as a second CI run finds it
     env = aws_env(moto_url, CONTAINER_TOOL="podman", BUILD_FLAGS=flags, REGISTRY=registry.host, TLS_VERIFY="false",
                   REPOSITORY="llm-serve-podman", IMAGE_TAG=tag)
     result = subprocess.run(["deploy/push_image.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     image_uri = f"{registry.host}/llm-serve-podman:{tag}"
     assert result.stdout.splitlines()[-1] == image_uri and "podman build" in result.stderr
+    assert "ECR repository llm-serve-podman exists" in result.stderr
     assert tag in registry.tags("llm-serve-podman")
     subprocess.run(["podman", "rmi", image_uri], capture_output=True)
