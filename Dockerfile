@@ -1,6 +1,6 @@
 # The serving image for SageMaker: `docker run IMAGE serve` starts gunicorn on port 8080 (SAGEMAKER_BIND_TO_PORT).
 #
-# One file, two builds (README "Build the image"):
+# One file, two builds (README "The image"):
 #   production (default): NVIDIA's CUDA *base* image (cudart + the CUDA forward-compat driver libraries, nothing else)
 #     with torch from PyPI, whose wheels bring their own CUDA libraries (cuBLAS, cuDNN, NCCL).
 #   test build (make image-test): --build-arg BASE_IMAGE=<Debian bookworm minbase> and the CPU torch wheel from a
@@ -14,7 +14,7 @@ FROM ${BASE_IMAGE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # Python from the distribution (3.12 on Ubuntu 24.04, 3.11 on Debian bookworm); no other OS packages are needed.
-# Versions come from the base image's release, which pins them; hence no per-package pins here.
+# Versions follow the base image's distribution release; exact pins would break as its archive moves on.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
