@@ -35,7 +35,8 @@ if [ -z "$tool" ]; then
 fi
 case "$tool" in
     docker|buildah|podman) ;;
-    *) echo "push_image: no container tool (docker, buildah or podman); set CONTAINER_TOOL" >&2; exit 2 ;;
+    "") echo "push_image: no container tool (docker, buildah or podman); set CONTAINER_TOOL" >&2; exit 2 ;;
+    *) echo "push_image: CONTAINER_TOOL=$tool: use docker, buildah or podman" >&2; exit 2 ;;
 esac
 if [ -z "${PYTHON:-}" ]; then
     for candidate in .venv-deploy/bin/python .venv/bin/python python3; do
