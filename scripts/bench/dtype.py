@@ -10,6 +10,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,15 +26,16 @@ TOKENS = int(os.environ.get("BENCH_DTYPE_TOKENS", "32"))
 LEVELS = (1, 8)
 
 
-def run_level(engine: Engine, prompts: list[list[int]], concurrency: int) -> tuple[float, list[list[int]]]:
-    """Generate TOKENS greedy tokens for each prompt, ``concurrency`` at a time; (tok/s, token ids per prompt)."""
-    def one(ids: list[int]) -> list[int]:
-        stream = engine.submit(Request(ids, SamplingParams(max_new_tokens=TOKENS, ignore_eos=True)))
+def run_level(engine: Engine, prompts: list[list[int]], concurrency: int, adapters: Optional[list] = None) -> tuple[float, list[list[int]]]:
+    """Generate TOKENS greedy tokens for each prompt (with its LoRA adapter, if given), ``concurrency`` at a time;
+    (tok/s, token ids per prompt)."""
+    def one(ids: list[int], adapter: Optional[str]) -> list[int]:
+        stream = engine.submit(Request(ids, SamplingParams(max_new_tokens=TOKENS, ignore_eos=True), adapter=adapter))
         return [event.token_id for event in stream if event.token_id is not None]
 
     started = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
-        outputs = list(pool.map(one, prompts))
+        outputs = list(pool.map(one, prompts, adapters or [None] * len(prompts)))
     return sum(map(len, outputs)) / (time.monotonic() - started), outputs
 
 
