@@ -80,6 +80,13 @@ def parse_positive_int(name: str, raw: str) -> int:
     return value
 
 
+def parse_gpu_count(name: str, raw: str) -> int:
+    """A GPU count: a non-negative integer, 0 meaning the CPU."""
+    if raw.strip() == "0":
+        return 0
+    return parse_positive_int(name, raw)
+
+
 def parse_timestamp(name: str, raw: str) -> float:
     """A Unix timestamp in seconds."""
     try:
@@ -159,7 +166,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "hf_token": _read(env, ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), _text),
         "model_dir": _read(env, ("SM_MODEL_DIR",), _text),
         "cache_dir": _read(env, ("SERVE_CACHE_DIR",), _text),
-        "num_gpus": _read(env, ("SM_NUM_GPUS",), parse_positive_int),
+        "num_gpus": _read(env, ("SM_NUM_GPUS",), parse_gpu_count),
         "messages_api_enabled": _read(env, ("MESSAGES_API_ENABLED",), parse_bool),
         "trust_remote_code": _read(env, ("HF_MODEL_TRUST_REMOTE_CODE",), parse_bool),
         "allow_unsafe_weights": _read(env, ("ALLOW_PICKLE_WEIGHTS", "HF_MODEL_ALLOW_UNSAFE_WEIGHTS"), parse_bool),

@@ -26,7 +26,7 @@ def test_false_spellings(raw):
     "env, variable",
     [
         ({"SM_NUM_GPUS": "abc"}, "SM_NUM_GPUS"),
-        ({"SM_NUM_GPUS": "0"}, "SM_NUM_GPUS"),
+        ({"SM_NUM_GPUS": "-1"}, "SM_NUM_GPUS"),
         ({"MESSAGES_API_ENABLED": "maybe"}, "MESSAGES_API_ENABLED"),
         ({"HF_MODEL_TRUST_REMOTE_CODE": "sure"}, "HF_MODEL_TRUST_REMOTE_CODE"),
         ({"MAX_INPUT_TOKENS": "-5"}, "MAX_INPUT_TOKENS"),
@@ -116,3 +116,7 @@ def test_secrets_are_not_in_the_settings_repr():
     settings = load_settings({"API_KEY": "k-123456", "HF_TOKEN": "hf_abcdef123"})
     assert settings.hf_token == "hf_abcdef123"
     assert "k-123456" not in repr(settings) and "hf_abcdef123" not in repr(settings)
+
+
+def test_sm_num_gpus_zero_means_the_cpu():
+    assert load_settings({"SM_NUM_GPUS": "0"}).num_gpus == 0
