@@ -178,13 +178,27 @@ class Engine:
         self.limits = Limits(max_input, total, slots * total, slots)
 
     def _admit_waiting(self) -> None:
-        """Move waiting requests into free cache slots."""
-        cache = self._runner.cache
-        for request in self.scheduler.pop_waiting(cache.free_slots):
-            generator = self._runner.generator_for(request.params)
-            matcher = self.grammars.matcher(request.params.grammar)
-            seq = Sequence(request, self.loaded.tokenizer, self._eos_ids, cache.allocate(), generator, matcher)
-            self._running.append(seq)
+        """Move waiting requests into free cache slots; one that cannot start fails alone."""
+        for request in self.scheduler.pop_waiting(self._runner.cache.free_slots):
+            try:
+                self._running.append(self._new_sequence(request))
+            except Exception as exc:  # noqa: BLE001 - the engine keeps serving the others
+                log.exception("request %s could not start", request.id)
+                self._streams.pop(request.id).put(
+                    TokenEvent(None, "", FinishReason.ERROR, 0, len(request.prompt_ids), error=f"{type(exc).__name__}: {exc}")
+                )
+                self.scheduler.finish(request.id)
+
+    def _new_sequence(self, request: Request) -> Sequence:
+        """A running sequence in a free cache slot, with its RNG and grammar matcher."""
+        generator = self._runner.generator_for(request.params)
+        matcher = self.grammars.matcher(request.params.grammar)
+        slot = self._runner.cache.allocate()
+        try:
+            return Sequence(request, self.loaded.tokenizer, self._eos_ids, slot, generator, matcher)
+        except BaseException:
+            self._runner.cache.release(slot)
+            raise
 
     def _drop_cancelled(self) -> None:
         for request in self.scheduler.pop_cancelled_waiting():

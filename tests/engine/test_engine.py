@@ -202,3 +202,11 @@ def test_cancelled_while_waiting_for_a_slot_is_dropped_at_once(tiny_settings):
         assert wait_for(lambda: engine.scheduler.in_flight == 0)
     finally:
         engine.stop()
+
+
+def test_a_request_that_cannot_start_fails_alone(tiny_engine):
+    # the HTTP edge bounds seeds; a seed torch refuses reaches the engine only through its own interface
+    bad = list(tiny_engine.submit(Request(prompt_ids=[1, 2], params=SamplingParams(temperature=1.0, seed=2**70))))
+    assert bad[-1].finish_reason is FinishReason.ERROR and bad[-1].error
+    ok = list(tiny_engine.submit(Request(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=2, ignore_eos=True))))
+    assert ok[-1].finish_reason is FinishReason.LENGTH and tiny_engine.running == 0
