@@ -57,9 +57,13 @@ def chat_completions(payload: dict[str, Any], route: str) -> Response:
 def completions(payload: dict[str, Any], route: str) -> Response:
     """Serve one text completion request (also reached from /invocations)."""
     req = validate(oa.CompletionRequest, payload)
+    grammar = req.grammar()
     prompt_ids = service().text_prompt(req.prompt_text)
+    service().check_grammar(grammar, "response_format")
     adapter = requested_adapter(req.model, "model", openai_model=True)
-    generation = service().start(prompt_ids, req.requested_max_tokens, req.to_sampling_params, "prompt", req.n, adapter)
+    generation = service().start(
+        prompt_ids, req.requested_max_tokens, lambda budget: req.to_sampling_params(budget, grammar), "prompt", req.n, adapter
+    )
     completion_id = oa.new_id("cmpl")
     prefix = req.prompt_text if req.echo else ""
     if req.stream:

@@ -167,6 +167,14 @@ class CompletionRequest(_OpenAIRequest):
     prompt: Union[str, list[str]]
     echo: bool = False
     logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: Optional[ResponseFormat] = None  # an extension (vLLM has it too): constrained completions
+
+    def grammar(self) -> Optional[str]:
+        """The grammar of ``response_format`` (None for free text)."""
+        try:
+            return self.response_format.grammar() if self.response_format else None
+        except GrammarError as exc:
+            raise ValidationFailed(f"response_format: the JSON schema does not compile: {exc}", "response_format") from None
 
     @property
     def requested_max_tokens(self) -> Optional[int]:

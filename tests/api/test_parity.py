@@ -179,3 +179,11 @@ def test_a_model_without_chat_template_gets_a_clear_422(templateless_client):
     assert response.status_code == 422
     assert "CHAT_TEMPLATE" in response.json["error"]["message"]
     assert templateless_client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_completions_take_response_format_too(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    body = client.post("/v1/completions", json={"prompt": "JSON:", "max_tokens": 20, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}).json
+    assert json.loads(body["choices"][0]["text"]) in ({"ok": True}, {"ok": False})
+    bad = client.post("/v1/completions", json={"prompt": "JSON:", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 12}}}})
+    assert bad.status_code == 422 and "response_format" in bad.json["error"]["message"]
