@@ -82,22 +82,24 @@ def run_script(python: Path, script: str, args: list[str], env: dict[str, str], 
                           timeout=timeout, cwd=ROOT)
 
 
-@pytest.fixture(scope="session")
-def messages_server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
-    """Our real server (entrypoint + gunicorn) on the tiny model, MESSAGES_API_ENABLED on, like the TGI snippet."""
-    server = start_server({"HF_MODEL_ID": str(tiny_model_dir), "MESSAGES_API_ENABLED": "True",
+def _tiny_server(tiny_model_dir, tmp_path_factory, messages_api: str) -> Iterator[Server]:
+    """Our real server (entrypoint + gunicorn) on the tiny model, with MESSAGES_API_ENABLED as given."""
+    server = start_server({"HF_MODEL_ID": str(tiny_model_dir), "MESSAGES_API_ENABLED": messages_api,
                            "MAX_CONCURRENT_REQUESTS": "4"}, tmp_path_factory.mktemp("deploy-logs"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def messages_server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
+    """MESSAGES_API_ENABLED on ("True", as the TGI snippet's bool arrives once stringified)."""
+    yield from _tiny_server(tiny_model_dir, tmp_path_factory, "True")
 
 
 @pytest.fixture(scope="session")
 def tgi_server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
-    """The same with MESSAGES_API_ENABLED off: /invocations speaks TGI."""
-    server = start_server({"HF_MODEL_ID": str(tiny_model_dir), "MESSAGES_API_ENABLED": "false",
-                           "MAX_CONCURRENT_REQUESTS": "4"}, tmp_path_factory.mktemp("deploy-logs"))
-    yield server
-    server.stop()
+    """MESSAGES_API_ENABLED off: /invocations speaks TGI."""
+    yield from _tiny_server(tiny_model_dir, tmp_path_factory, "false")
 
 
 @pytest.fixture(scope="session")
