@@ -74,18 +74,29 @@ class active_step:
 
 
 def slot_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, scaling: Optional[float] = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """query [1, heads, tokens, dim], key/value [1, kv_heads, tokens, dim] -> output [1, tokens, heads, dim]."""
+    """transformers' attention interface: query [1, heads, tokens, dim], key/value [1, kv_heads, tokens, dim] ->
+    output [1, tokens, heads, dim]."""
+    out = attend(module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), scaling)
+    return out.unsqueeze(0), None
+
+
+def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: Optional[float]) -> torch.Tensor:
+    """Attention of one layer for every token of the active step, over the KV cache.
+
+    query [tokens, heads, dim], key/value [tokens, kv_heads, dim] (rotated) -> [tokens, heads, dim]. The step's new
+    keys and values are written into the cache first. Any model (transformers' or our own) calls this per layer.
+    """
     cache, layout = _active.state
     layout = layout.on(key.device)  # a model split over GPUs: this layer's cache lives on this layer's GPU
-    cache.write(module.layer_idx, layout.rows, key[0].transpose(0, 1), value[0].transpose(0, 1))
-    keys, values = cache.keys[module.layer_idx], cache.values[module.layer_idx]  # [slots, tokens, kv_heads, dim]
-    q = query[0]  # [heads, tokens, dim]
+    cache.write(layer, layout.rows, key, value)
+    keys, values = cache.keys[layer], cache.values[layer]  # [slots, tokens, kv_heads, dim]
+    q = query.transpose(0, 1)  # [heads, tokens, dim]
     out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [tokens, heads, dim]
     if layout.decode_tokens.numel():
         out[layout.decode_tokens] = _decode_attention(q, keys, values, layout, scaling)
     for chunk in layout.prefills:
         out[chunk.start : chunk.end] = _prefill_attention(q, keys, values, chunk, scaling)
-    return out.unsqueeze(0), None
+    return out
 
 
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: StepLayout, scaling: Optional[float]) -> torch.Tensor:
