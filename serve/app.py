@@ -43,7 +43,7 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     metrics = Metrics(engine)
     watcher = DisconnectWatcher(engine.cancel)
     app.extensions["serve.service"] = GenerationService(WatchedEngine(engine, watcher), settings, metrics)
-    app.extensions["serve.drain"] = Drain(lambda: engine.scheduler.in_flight, settings.graceful_timeout)
+    app.extensions["serve.drain"] = Drain(lambda: engine.in_flight, settings.graceful_timeout)
     app.extensions["serve.secrets"] = secret_values(settings)
     redact_logs(app.extensions["serve.secrets"])
     for module in (sagemaker, openai, tgi, docs):
@@ -65,6 +65,8 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_batch_total_tokens=settings.max_batch_total_tokens,
         max_batch_prefill_tokens=settings.max_batch_prefill_tokens,
         max_batch_size=settings.max_batch_size,
+        kv_block_size=settings.kv_block_size,
+        enable_prefix_caching=settings.enable_prefix_caching,
     )
 
 

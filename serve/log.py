@@ -36,12 +36,13 @@ def log_request(route: str, request_id: str, final: Optional[TokenEvent], stream
     if final.finish_reason is FinishReason.CANCELLED:  # only a client that left cancels a request
         outcome += " reason=client_disconnected"
     request_log.info(
-        "route=%s id=%s stream=%s outcome=%s prompt_tokens=%d generated_tokens=%d %s",
+        "route=%s id=%s stream=%s outcome=%s prompt_tokens=%d cached_tokens=%d generated_tokens=%d %s",
         route,
         request_id,
         stream,
         outcome,
         final.prompt_tokens,
+        final.cached_tokens,
         final.generated_tokens,
         spent,
     )

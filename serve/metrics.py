@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from serve.engine.types import TokenEvent
 
@@ -20,10 +20,22 @@ class EngineCollector:
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        yield GaugeMetricFamily("serve_queue_size", "Requests admitted and waiting for a cache slot", value=self.engine.scheduler.waiting)
-        yield GaugeMetricFamily("serve_batch_current_size", "Sequences in the running batch", value=self.engine.running)
-        yield GaugeMetricFamily("serve_requests_in_flight", "Requests admitted and not finished", value=self.engine.scheduler.in_flight)
-        yield GaugeMetricFamily("serve_ready", "1 once the model is loaded and serving", value=1 if self.engine.ready else 0)
+        engine = self.engine
+        yield GaugeMetricFamily("serve_queue_size", "Requests admitted and waiting for KV blocks", value=engine.waiting)
+        yield GaugeMetricFamily("serve_batch_current_size", "Sequences in the running batch", value=engine.running)
+        yield GaugeMetricFamily("serve_requests_in_flight", "Requests admitted and not finished", value=engine.in_flight)
+        yield GaugeMetricFamily("serve_ready", "1 once the model is loaded and serving", value=1 if engine.ready else 0)
+        yield from self._cache_metrics(engine.cache_stats())
+
+    @staticmethod
+    def _cache_metrics(stats: Any) -> Iterator[Any]:
+        """The KV pool's use, the prefix cache's lookups and hits (in prompt tokens), and preemptions."""
+        yield GaugeMetricFamily("serve_kv_blocks_used", "KV-cache blocks held by sequences", value=stats.blocks_used)
+        yield GaugeMetricFamily("serve_kv_blocks_total", "KV-cache blocks in the pool", value=stats.blocks_total)
+        yield GaugeMetricFamily("serve_batch_peak_size", "Most sequences running at once since start", value=stats.peak_running)
+        yield CounterMetricFamily("serve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", value=stats.prefix_queried_tokens)
+        yield CounterMetricFamily("serve_prefix_cache_hits", "Prompt tokens found in the prefix cache", value=stats.prefix_hit_tokens)
+        yield CounterMetricFamily("serve_preemptions", "Sequences preempted because the KV pool was full", value=stats.preemptions)
 
 
 class Metrics:
@@ -38,7 +50,7 @@ class Metrics:
         self.generated_tokens = Counter("serve_generated_tokens", "Tokens generated", registry=registry)
         self.ttft = Histogram("serve_time_to_first_token_seconds", "Queue + prefill time", buckets=LATENCY_BUCKETS, registry=registry)
         self.tpot = Histogram("serve_time_per_output_token_seconds", "Decode time per generated token", buckets=LATENCY_BUCKETS, registry=registry)
-        self.queue_time = Histogram("serve_queue_seconds", "Time waiting for a cache slot", buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_time = Histogram("serve_queue_seconds", "Time waiting for KV blocks", buckets=LATENCY_BUCKETS, registry=registry)
         self.generated_per_request = Histogram("serve_generated_tokens_per_request", "Tokens generated per request", buckets=TOKEN_BUCKETS, registry=registry)
         registry.register(EngineCollector(engine))
 

@@ -1,9 +1,11 @@
-"""Attention over the slot KV cache, registered as a transformers attention backend.
+"""Attention over the paged KV cache, registered as a transformers attention backend.
 
-The runner flattens every token of a step (decode tokens of running sequences, prompt chunks of new ones) into one
-row, so the model's linear layers see one [1, tokens, hidden] batch. transformers then calls ``slot_attention`` in
-each layer with the step's rotated keys and values: we write them into their slots and attend per sequence — all
-decode tokens in one batched call, each prompt chunk causally over its own slot.
+The runner flattens every token of a step (decode tokens of running sequences first, then prompt chunks of new
+ones) into one row, so the model's linear layers see one [1, tokens, hidden] batch. Each attention layer then
+calls ``attend`` with the step's rotated keys and values: they are written into their blocks, then all decode
+tokens attend in one batched call over their sequences' blocks, and each prompt chunk attends causally over its
+own sequence's earlier blocks and itself. Grouped-query heads are handled by viewing the queries as
+[batch, kv_heads, group, dim] against the shared keys: no K/V copies per head group.
 """
 
 from __future__ import annotations
@@ -16,19 +18,19 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from serve.engine.kv_cache import SlotKVCache
+from serve.engine.kv_cache import PagedKVCache
 
-BACKEND_NAME = "serve_slots"
+BACKEND_NAME = "serve_paged"
 
 
 @dataclass
 class PrefillChunk:
-    """Prompt tokens [start, end) of the flattened step, for the sequence in ``slot`` starting at ``position``."""
+    """Prompt tokens [start, end) of the flattened step; ``position`` tokens of the sequence are cached before it."""
 
     start: int
     end: int
-    slot: int
     position: int
+    blocks: torch.Tensor  # the sequence's block ids covering positions [0, position + end - start)
     mask: Optional[torch.Tensor]  # [chunk, position + chunk] causal mask; None when position == 0
 
 
@@ -36,11 +38,10 @@ class PrefillChunk:
 class StepLayout:
     """Where every token of one step goes in the cache and what it attends to."""
 
-    rows: torch.Tensor  # [tokens] flat cache row of each token: slot * slot_tokens + position
-    decode_tokens: torch.Tensor  # indices (into the step) of decode tokens
-    decode_slots: torch.Tensor  # their slots
-    decode_span: int  # decode attention reads slots [0, span)
-    decode_mask: Optional[torch.Tensor]  # [span, 1, 1, longest] which cached positions each slot may see
+    rows: torch.Tensor  # [tokens] flat cache row of each token: block * block_size + offset
+    decode_count: int  # the step's first decode_count tokens are decode tokens, one per sequence
+    decode_blocks: Optional[torch.Tensor]  # [decode, width] each decode sequence's block table, padded with scratch
+    decode_mask: Optional[torch.Tensor]  # [decode, 1, 1, width * block_size] which cached positions each may see
     prefills: list[PrefillChunk]
     _copies: dict = field(default_factory=dict, repr=False)
 
@@ -51,8 +52,8 @@ class StepLayout:
         if device not in self._copies:
             move = lambda tensor: None if tensor is None else tensor.to(device)  # noqa: E731
             self._copies[device] = StepLayout(
-                move(self.rows), move(self.decode_tokens), move(self.decode_slots), self.decode_span, move(self.decode_mask),
-                [replace(chunk, mask=move(chunk.mask)) for chunk in self.prefills],
+                move(self.rows), self.decode_count, move(self.decode_blocks), move(self.decode_mask),
+                [replace(chunk, blocks=move(chunk.blocks), mask=move(chunk.mask)) for chunk in self.prefills],
             )
         return self._copies[device]
 
@@ -61,9 +62,9 @@ _active = threading.local()
 
 
 class active_step:
-    """Context manager: the cache and layout ``slot_attention`` uses during one forward pass."""
+    """Context manager: the cache and layout ``paged_attention`` uses during one forward pass."""
 
-    def __init__(self, cache: SlotKVCache, layout: StepLayout):
+    def __init__(self, cache: PagedKVCache, layout: StepLayout):
         self.state = (cache, layout)
 
     def __enter__(self) -> None:
@@ -73,7 +74,7 @@ class active_step:
         _active.state = None
 
 
-def slot_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, scaling: Optional[float] = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, scaling: Optional[float] = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: query [1, heads, tokens, dim], key/value [1, kv_heads, tokens, dim] ->
     output [1, tokens, heads, dim]."""
     out = attend(module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), scaling)
@@ -89,38 +90,44 @@ def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     cache, layout = _active.state
     layout = layout.on(key.device)  # a model split over GPUs: this layer's cache lives on this layer's GPU
     cache.write(layer, layout.rows, key, value)
-    keys, values = cache.keys[layer], cache.values[layer]  # [slots, tokens, kv_heads, dim]
-    q = query.transpose(0, 1)  # [heads, tokens, dim]
-    out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [tokens, heads, dim]
-    if layout.decode_tokens.numel():
-        out[layout.decode_tokens] = _decode_attention(q, keys, values, layout, scaling)
+    keys, values = cache.keys[layer], cache.values[layer]  # [blocks, block_size, kv_heads, dim]
+    if not layout.prefills:
+        return _decode_attention(query, keys, values, layout, scaling)
+    out = torch.empty_like(query)
+    if layout.decode_count:
+        out[: layout.decode_count] = _decode_attention(query, keys, values, layout, scaling)
     for chunk in layout.prefills:
-        out[chunk.start : chunk.end] = _prefill_attention(q, keys, values, chunk, scaling)
+        out[chunk.start : chunk.end] = _prefill_attention(query, key, value, keys, values, chunk, scaling)
     return out
 
 
-def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: StepLayout, scaling: Optional[float]) -> torch.Tensor:
-    """One new token per slot, against that slot's cache; idle slots in the span compute and are discarded."""
-    span, longest = layout.decode_span, layout.decode_mask.shape[-1]
-    batched_q = q.new_zeros(span, q.shape[0], 1, q.shape[2])
-    batched_q[layout.decode_slots] = q[:, layout.decode_tokens].transpose(0, 1).unsqueeze(2)
-    out = F.scaled_dot_product_attention(
-        batched_q, keys[:span, :longest].transpose(1, 2), values[:span, :longest].transpose(1, 2),
-        attn_mask=layout.decode_mask, scale=scaling, enable_gqa=True,
-    )
-    return out[layout.decode_slots, :, 0]
+def _decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: StepLayout, scaling: Optional[float]) -> torch.Tensor:
+    """One new token per sequence against that sequence's blocks: [decode, heads, dim]."""
+    count, heads, dim = layout.decode_count, query.shape[1], query.shape[2]
+    kv_heads = keys.shape[2]
+    q = query[:count].reshape(count, kv_heads, heads // kv_heads, dim)  # head h reads kv head h // group
+    k = keys[layout.decode_blocks].flatten(1, 2).transpose(1, 2)  # [decode, kv_heads, width * block_size, dim]
+    v = values[layout.decode_blocks].flatten(1, 2).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.decode_mask, scale=scaling)
+    return out.reshape(count, heads, dim)
 
 
-def _prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chunk: PrefillChunk, scaling: Optional[float]) -> torch.Tensor:
-    """A prompt chunk attends causally to its own earlier chunks and itself."""
-    seen = chunk.position + chunk.end - chunk.start
+def _prefill_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    chunk: PrefillChunk, scaling: Optional[float],
+) -> torch.Tensor:
+    """A prompt chunk attends causally to its sequence's cached tokens and itself: [chunk, heads, dim]."""
+    if chunk.position == 0:  # nothing cached before it: the step's own keys and values, no gather
+        k, v = key[chunk.start : chunk.end], value[chunk.start : chunk.end]
+    else:
+        seen = chunk.position + chunk.end - chunk.start
+        k, v = keys[chunk.blocks].flatten(0, 1)[:seen], values[chunk.blocks].flatten(0, 1)[:seen]
     out = F.scaled_dot_product_attention(
-        q[:, chunk.start : chunk.end].unsqueeze(0),
-        keys[chunk.slot : chunk.slot + 1, :seen].transpose(1, 2),
-        values[chunk.slot : chunk.slot + 1, :seen].transpose(1, 2),
-        attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scaling, enable_gqa=True,
+        query[chunk.start : chunk.end].transpose(0, 1)[None], k.transpose(0, 1)[None].to(query.dtype),
+        v.transpose(0, 1)[None].to(query.dtype), attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scaling,
+        enable_gqa=True,
     )
     return out[0].transpose(0, 1)
 
 
-AttentionInterface.register(BACKEND_NAME, slot_attention)
+AttentionInterface.register(BACKEND_NAME, paged_attention)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -27,8 +28,29 @@ class Limits:
 
     max_input_tokens: int
     max_total_tokens: int
-    max_batch_total_tokens: int
-    max_batch_size: int
+    max_batch_total_tokens: int  # tokens the KV pool holds
+    max_batch_size: int  # sequences that may run at once
+    kv_block_size: int = 16
+    kv_blocks: int = 0  # blocks in the pool (scratch excluded)
+
+
+@dataclass
+class CacheStats:
+    """The KV pool and the prefix cache, for /metrics and /info (summed over the engines of a pool)."""
+
+    blocks_used: int = 0
+    blocks_total: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    preemptions: int = 0
+    peak_running: int = 0
+
+    def __add__(self, other: "CacheStats") -> "CacheStats":
+        return CacheStats(
+            self.blocks_used + other.blocks_used, self.blocks_total + other.blocks_total,
+            self.prefix_queried_tokens + other.prefix_queried_tokens, self.prefix_hit_tokens + other.prefix_hit_tokens,
+            self.preemptions + other.preemptions, self.peak_running + other.peak_running,
+        )
 
 
 class RequestStream:
@@ -84,7 +106,10 @@ class Engine:
         self._on_load_failure = on_load_failure
         self.scheduler = Scheduler(config.max_concurrent_requests, config.max_batch_prefill_tokens)
         self._streams: dict[str, RequestStream] = {}
-        self._running: list[Sequence] = []
+        self._running: list[Sequence] = []  # in admission order: the last is preempted first
+        self._preempted: collections.deque[Sequence] = collections.deque()  # resumed before new requests
+        self._preemptions = 0
+        self._peak_running = 0
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
@@ -113,6 +138,25 @@ class Engine:
     @property
     def running(self) -> int:
         return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        """Requests admitted and not running: queued, or preempted and waiting to resume."""
+        return self.scheduler.waiting + len(self._preempted)
+
+    @property
+    def in_flight(self) -> int:
+        return self.scheduler.in_flight
+
+    def cache_stats(self) -> CacheStats:
+        """The KV pool's use and the prefix cache's counters (zeros before the model is loaded)."""
+        blocks = getattr(self, "_blocks", None)
+        if blocks is None:
+            return CacheStats()
+        return CacheStats(
+            blocks.used_blocks, blocks.usable_blocks, blocks.stats.queried_tokens, blocks.stats.hit_tokens,
+            self._preemptions, self._peak_running,
+        )
 
     def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
         """Admit a request (EngineOverloaded past the cap, EngineNotReady before load) and return its stream.
@@ -160,45 +204,100 @@ class Engine:
             self._step()
 
     def _prepare(self) -> None:
-        """Load the model, size the KV cache, build the runner (torch is imported here, off the HTTP threads)."""
+        """Load the model, size the KV pool, build the runner (torch is imported here, off the HTTP threads)."""
+        from serve.engine.block_manager import BlockManager
         from serve.engine.grammar import Grammars
-        from serve.engine.kv_cache import CacheShape, SlotKVCache, default_cache_bytes, layer_devices, plan_slots
+        from serve.engine.kv_cache import CacheShape, PagedKVCache, default_cache_bytes, layer_devices, plan_blocks
         from serve.engine.runner import ModelRunner
 
         self.loaded = self._load()
-        total = min(self.config.max_total_tokens or min(self.loaded.max_context, 4096), self.loaded.max_context)
-        max_input = min(self.config.max_input_tokens or total - 1, total - 1)
+        config = self.config
+        total = min(config.max_total_tokens or min(self.loaded.max_context, 4096), self.loaded.max_context)
+        max_input = min(config.max_input_tokens or total - 1, total - 1)
         shape = CacheShape.of(self.loaded.model.config, self.loaded.dtype)
-        max_slots = min(self.config.max_batch_size or self.config.max_concurrent_requests, self.config.max_concurrent_requests)
         devices = layer_devices(self.loaded.model, shape.layers)  # a model split over GPUs: each layer's cache on its GPU
-        slots = plan_slots(shape, total, self.config.max_batch_total_tokens, max_slots, default_cache_bytes(devices))
+        size = config.kv_block_size
+        blocks = plan_blocks(shape, size, config.max_batch_total_tokens, default_cache_bytes(devices), total + size)
+        self._blocks = BlockManager(blocks, size, config.enable_prefix_caching)
+        self._watermark = max(1, self._blocks.usable_blocks // 100)  # kept free so running sequences can grow
         self._eos_ids = _eos_token_ids(self.loaded.model, self.loaded.tokenizer)
         self.grammars = Grammars(self.loaded.tokenizer, self.loaded.model.config.get_text_config().vocab_size, self._eos_ids)
-        self._runner = ModelRunner(self.loaded.model, SlotKVCache(shape, slots, total, devices), self.grammars)
-        self.limits = Limits(max_input, total, slots * total, slots)
+        self._runner = ModelRunner(self.loaded.model, PagedKVCache(shape, blocks, size, devices), self.grammars)
+        max_batch = min(config.max_batch_size or config.max_concurrent_requests, config.max_concurrent_requests)
+        self.limits = Limits(max_input, total, (blocks - 1) * size, max_batch, size, blocks - 1)
 
     def _admit_waiting(self) -> None:
-        """Move waiting requests into free cache slots; one that cannot start fails alone."""
-        for request in self.scheduler.pop_waiting(self._runner.cache.free_slots):
-            try:
-                self._running.append(self._new_sequence(request))
-            except Exception as exc:  # noqa: BLE001 - the engine keeps serving the others
-                log.exception("request %s could not start", request.id)
-                self._streams.pop(request.id).put(
-                    TokenEvent(None, "", FinishReason.ERROR, 0, len(request.prompt_ids), error=f"{type(exc).__name__}: {exc}")
-                )
-                self.scheduler.finish(request.id)
+        """Start preempted sequences, then waiting requests, while their blocks are free; one that cannot start
+        fails alone."""
+        while len(self._running) < self.limits.max_batch_size:
+            if self._preempted:
+                if not self._allocate(self._preempted[0], self._preempted[0].prefill_ids):
+                    return
+                self._running.append(self._preempted.popleft())
+            elif not self._start_next_request():
+                return
+            self._peak_running = max(self._peak_running, len(self._running))
+
+    def _start_next_request(self) -> bool:
+        """Admit the oldest waiting request if its prompt's blocks are free; False when it must wait."""
+        request = self.scheduler.peek_waiting()
+        if request is None:
+            return False
+        watermark = self._watermark if self._running else 0
+        reuse = not request.params.prompt_logprobs  # scoring a prompt needs the logits of all its positions
+        allocated = self._blocks.allocate(request.prompt_ids, request.adapter, reuse, watermark)
+        if allocated is None:
+            return False
+        self.scheduler.pop_waiting(1)
+        table, cached = allocated
+        try:
+            seq = self._new_sequence(request)
+        except Exception as exc:  # noqa: BLE001 - the engine keeps serving the others
+            self._blocks.free(table)
+            log.exception("request %s could not start", request.id)
+            error = f"{type(exc).__name__}: {exc}"
+            self._streams.pop(request.id).put(TokenEvent(None, "", FinishReason.ERROR, 0, len(request.prompt_ids), error=error))
+            self.scheduler.finish(request.id)
+            return True
+        seq.block_table, seq.num_cached, seq.cached_tokens = table, cached, cached
+        self._running.append(seq)
+        return True
+
+    def _allocate(self, seq: Sequence, tokens: list[int]) -> bool:
+        """Blocks for a preempted sequence to resume (its own earlier blocks may still be in the prefix cache)."""
+        allocated = self._blocks.allocate(tokens, seq.request.adapter, True, self._watermark if self._running else 0)
+        if allocated is None:
+            return False
+        seq.block_table, seq.num_cached = allocated
+        return True
 
     def _new_sequence(self, request: Request) -> Sequence:
-        """A running sequence in a free cache slot, with its RNG and grammar matcher."""
+        """A running sequence with its RNG and grammar matcher."""
         generator = self._runner.generator_for(request.params)
         matcher = self.grammars.matcher(request.params.grammar)
-        slot = self._runner.cache.allocate()
-        try:
-            return Sequence(request, self.loaded.tokenizer, self._eos_ids, slot, generator, matcher)
-        except BaseException:
-            self._runner.cache.release(slot)
-            raise
+        return Sequence(request, self.loaded.tokenizer, self._eos_ids, generator, matcher)
+
+    def _grow_decoding(self) -> None:
+        """Give each decoding sequence the block its next token needs; when none is free, preempt the most
+        recently admitted sequence (its blocks come back) until it fits."""
+        size = self._blocks.block_size
+        for seq in list(self._running):
+            if seq not in self._running or seq.prompt_left or seq.num_cached < len(seq.block_table) * size:
+                continue
+            while not self._blocks.append_block(seq.block_table):
+                victim = self._running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Take a running sequence's blocks back and queue it to resume first; its client sees no gap."""
+        self._running.remove(seq)
+        self._blocks.free(seq.block_table)
+        seq.preempt()
+        self._preempted.appendleft(seq)
+        self._preemptions += 1
+        log.info("preempted request %s after %d tokens (KV pool full)", seq.id, len(seq.output_ids))
 
     def _drop_cancelled(self) -> None:
         for request in self.scheduler.pop_cancelled_waiting():
@@ -206,12 +305,18 @@ class Engine:
             self.scheduler.finish(request.id)
         for seq in [seq for seq in self._running if self.scheduler.is_cancelled(seq.id)]:
             self._finish(seq, seq.end(FinishReason.CANCELLED))
+        for seq in [seq for seq in self._preempted if self.scheduler.is_cancelled(seq.id)]:
+            self._preempted.remove(seq)
+            self._streams.pop(seq.id).put(seq.end(FinishReason.CANCELLED))
+            self.scheduler.finish(seq.id)
 
     def _step(self) -> None:
         """One forward pass for the planned sequences; a failure fails only the sequences of this step."""
+        self._grow_decoding()
         plan = self.scheduler.plan(self._running)
         try:
             sampled, choices = self._runner.step(plan)
+            self._key_full_blocks(plan)
             for seq, choice in zip(sampled, choices):
                 event = seq.append(choice)
                 if event.finish_reason is not None:
@@ -224,10 +329,18 @@ class Engine:
             for seq in failed:
                 self._finish(seq, seq.end(FinishReason.ERROR, f"{type(exc).__name__}: {exc}"))
 
+    def _key_full_blocks(self, plan: Any) -> None:
+        """Enter the blocks this step filled into the prefix cache (their keys and values are written now)."""
+        size = self._blocks.block_size
+        for seq in plan.decode + [seq for seq, _ in plan.prefill]:
+            if seq.num_cached // size > seq.keyed_blocks:
+                tokens = seq.all_ids[: seq.num_cached]
+                seq.keyed_blocks = self._blocks.register_full_blocks(seq.block_table, tokens, seq.request.adapter, seq.keyed_blocks)
+
     def _finish(self, seq: Sequence, event: TokenEvent) -> None:
-        """Send the final event and give back the slot and the admission place."""
+        """Send the final event and give back the blocks and the admission place."""
         self._running.remove(seq)
-        self._runner.cache.release(seq.slot)
+        self._blocks.free(seq.block_table)
         self._streams.pop(seq.id).put(event)
         self.scheduler.finish(seq.id)
 

@@ -1,16 +1,14 @@
-"""The KV cache: allocated once, one fixed-length slot per running sequence.
+"""The KV cache: allocated once, as a pool of fixed-size blocks per layer.
 
-Each layer has a key and a value tensor of shape [slots, max_total_tokens, kv_heads, head_dim]. A sequence owns
-one slot from admission to finish; its keys and values are written in place at their positions (one
-``index_copy_`` per layer over the flattened slot x position axis), so a sequence joining or leaving never moves
-another's cache. The lowest free slot is handed out first, which keeps the used
-slots packed at the front: decode attention reads ``[:span]`` as a view, without gathering.
+Each layer has a key and a value tensor of shape [blocks, block_size, kv_heads, head_dim]. A token at position p
+of a sequence lives in block ``table[p // block_size]`` at offset ``p % block_size``; its keys and values are
+written in place (one ``index_copy_`` per layer over the flattened block x offset axis), so a sequence joining or
+leaving never moves another's cache. A sequence takes blocks as it grows (serve/engine/block_manager.py).
 """
 
 from __future__ import annotations
 
 import collections
-import heapq
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
@@ -79,49 +77,46 @@ def default_cache_bytes(devices: Devices) -> int:
     return int(min(psutil.virtual_memory().available * CPU_CACHE_FRACTION_OF_RAM, CPU_CACHE_MAX_BYTES))
 
 
-def plan_slots(shape: CacheShape, slot_tokens: int, max_batch_total_tokens: Optional[int], max_slots: int, cache_bytes: int) -> int:
-    """Number of slots: the token budget (MAX_BATCH_TOTAL_TOKENS, or what memory allows) over the slot length."""
+def plan_blocks(shape: CacheShape, block_size: int, max_batch_total_tokens: Optional[int], cache_bytes: int, min_tokens: int) -> int:
+    """Blocks in the pool: the token budget (MAX_BATCH_TOTAL_TOKENS, or what memory allows) over the block size,
+    at least room for one sequence of ``min_tokens``; plus the scratch block."""
     budget = max_batch_total_tokens or cache_bytes // shape.bytes_per_token
-    return max(1, min(max_slots, budget // slot_tokens))
+    return max(budget, min_tokens) // block_size + 1
 
 
-class SlotKVCache:
-    """Preallocated keys and values for ``slots`` sequences of up to ``slot_tokens`` tokens each."""
+class PagedKVCache:
+    """Preallocated keys and values for ``num_blocks`` blocks of ``block_size`` tokens, per layer.
 
-    def __init__(self, shape: CacheShape, slots: int, slot_tokens: int, devices: Devices):
+    Each layer's key and value tensors have shape [num_blocks, block_size, kv_heads, head_dim]. Which block
+    belongs to whom is the BlockManager's business; this class only stores and writes.
+    """
+
+    def __init__(self, shape: CacheShape, num_blocks: int, block_size: int, devices: Devices):
         """``devices``: one device for all layers, or each layer's device (a model split over GPUs)."""
         self.shape = shape
-        self.slots = slots
-        self.slot_tokens = slot_tokens
-        size = (slots, slot_tokens, shape.kv_heads, shape.head_dim)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        size = (num_blocks, block_size, shape.kv_heads, shape.head_dim)
         per_layer = [devices] * shape.layers if isinstance(devices, torch.device) else list(devices)
         if len(per_layer) != shape.layers:
             raise ValueError(f"{len(per_layer)} layer devices for a model of {shape.layers} layers")
         # zeros, not empty: masked-out positions are still multiplied by 0, and 0 * NaN garbage would be NaN
         self.keys = [torch.zeros(size, dtype=shape.dtype, device=device) for device in per_layer]
         self.values = [torch.zeros(size, dtype=shape.dtype, device=device) for device in per_layer]
-        self._free = list(range(slots))
-        heapq.heapify(self._free)
         log.info(
-            "KV cache: %d slots x %d tokens (%.2f GiB, %s)",
-            slots, slot_tokens, slots * slot_tokens * shape.bytes_per_token / 1024**3, shape.dtype,
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s)",
+            num_blocks, block_size, self.tokens, self.tokens * shape.bytes_per_token / 1024**3, shape.dtype,
         )
 
     @property
-    def free_slots(self) -> int:
-        return len(self._free)
+    def tokens(self) -> int:
+        """Tokens the pool holds, scratch block excluded."""
+        return (self.num_blocks - 1) * self.block_size
 
     def write(self, layer: int, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store [tokens, kv_heads, head_dim] keys/values at flat rows ``slot * slot_tokens + position``.
+        """Store [tokens, kv_heads, head_dim] keys/values at flat rows ``block * block_size + offset``.
 
         ``rows`` must be on the layer's device (``StepLayout.on``)."""
-        flat = (self.slots * self.slot_tokens, self.shape.kv_heads, self.shape.head_dim)
+        flat = (self.num_blocks * self.block_size, self.shape.kv_heads, self.shape.head_dim)
         self.keys[layer].view(flat).index_copy_(0, rows, key.to(self.shape.dtype))
         self.values[layer].view(flat).index_copy_(0, rows, value.to(self.shape.dtype))
-
-    def allocate(self) -> int:
-        """The lowest free slot (raises IndexError when none is free)."""
-        return heapq.heappop(self._free)
-
-    def release(self, slot: int) -> None:
-        heapq.heappush(self._free, slot)

@@ -13,7 +13,7 @@ import threading
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
-from serve.engine.engine import Engine, EngineNotReady, Limits, RequestStream
+from serve.engine.engine import CacheStats, Engine, EngineNotReady, Limits, RequestStream
 from serve.engine.scheduler import EngineOverloaded
 from serve.engine.types import EngineConfig, Request
 
@@ -28,7 +28,7 @@ class PoolLoad:
 
     @property
     def waiting(self) -> int:
-        return sum(engine.scheduler.waiting for engine in self._pool.engines)
+        return sum(engine.waiting for engine in self._pool.engines)
 
     @property
     def in_flight(self) -> int:
@@ -120,11 +120,24 @@ class EnginePool:
             first,
             max_batch_total_tokens=sum(engine.limits.max_batch_total_tokens for engine in self.engines),
             max_batch_size=sum(engine.limits.max_batch_size for engine in self.engines),
+            kv_blocks=sum(engine.limits.kv_blocks for engine in self.engines),
         )
 
     @property
     def running(self) -> int:
         return sum(engine.running for engine in self.engines)
+
+    @property
+    def waiting(self) -> int:
+        return self.scheduler.waiting
+
+    @property
+    def in_flight(self) -> int:
+        return self.scheduler.in_flight
+
+    def cache_stats(self) -> CacheStats:
+        """The KV pools and prefix caches of all engines, summed."""
+        return sum((engine.cache_stats() for engine in self.engines), CacheStats())
 
     def submit(self, request: Request, *args: Any, **kwargs: Any) -> RequestStream:
         """Admit on the least-loaded engine; EngineOverloaded once MAX_CONCURRENT_REQUESTS are in flight in all."""

@@ -7,7 +7,8 @@ from typing import Any, Optional
 import torch
 
 from serve.engine.attention import BACKEND_NAME, PrefillChunk, StepLayout, active_step
-from serve.engine.kv_cache import SlotKVCache
+from serve.engine.block_manager import SCRATCH_BLOCK
+from serve.engine.kv_cache import PagedKVCache
 from serve.engine.sampling import chosen_logprobs, make_generator, sample_next_tokens
 from serve.engine.scheduler import StepPlan
 from serve.engine.sequence import Sequence
@@ -23,7 +24,7 @@ class UnsupportedModel(RuntimeError):
 class ModelRunner:
     """Owns the model and the KV cache; ``step(plan)`` returns the sequences that got a new token, and the tokens."""
 
-    def __init__(self, model: Any, cache: SlotKVCache, grammars: Any = None):
+    def __init__(self, model: Any, cache: PagedKVCache, grammars: Any = None):
         if not getattr(model, "_supports_attention_backend", False):
             raise UnsupportedModel(f"{type(model).__name__} does not support pluggable attention; it cannot be batched")
         model.set_attn_implementation(BACKEND_NAME)
@@ -65,61 +66,54 @@ class ModelRunner:
             seq.prompt_logprobs.extend(picked.squeeze(-1).tolist())
 
     def _layout(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, StepLayout, list[Sequence], torch.Tensor, list]:
-        ids: list[int] = []
-        slots: list[int] = []
-        positions: list[int] = []
-        for seq in plan.decode:
-            ids.append(seq.all_ids[-1])
-            slots.append(seq.slot)
-            positions.append(seq.num_cached)
+        """The step's token ids, positions and cache layout: decode tokens first, then each prompt chunk."""
+        size = self.cache.block_size
+        ids = [seq.all_ids[-1] for seq in plan.decode]
+        positions = [seq.num_cached for seq in plan.decode]
+        rows = [seq.block_table[p // size] * size + p % size for seq, p in zip(plan.decode, positions)]
         sampled, logit_rows = list(plan.decode), list(range(len(plan.decode)))
         chunks: list[PrefillChunk] = []
         for seq, count in plan.prefill:
-            start = len(ids)
-            ids.extend(seq.request.prompt_ids[seq.num_cached : seq.num_cached + count])
-            slots.extend([seq.slot] * count)
-            positions.extend(range(seq.num_cached, seq.num_cached + count))
-            chunks.append(PrefillChunk(start, len(ids), seq.slot, seq.num_cached, self._chunk_mask(seq.num_cached, count)))
+            start, first = len(ids), seq.num_cached
+            ids.extend(seq.prefill_ids[first : first + count])
+            positions.extend(range(first, first + count))
+            rows.extend(seq.block_table[p // size] * size + p % size for p in range(first, first + count))
+            blocks = self._tensor(seq.block_table[: -(-(first + count) // size)])
+            chunks.append(PrefillChunk(start, len(ids), first, blocks, self._chunk_mask(first, count)))
             if count == seq.prompt_left:
                 sampled.append(seq)
                 logit_rows.append(len(ids) - 1)
         scored = self._prompt_rows(plan, logit_rows)
-        rows = [slot * self.cache.slot_tokens + position for slot, position in zip(slots, positions)]
-        layout = StepLayout(
-            rows=torch.tensor(rows, dtype=torch.long, device=self.device),
-            decode_tokens=torch.arange(len(plan.decode), device=self.device),
-            decode_slots=torch.tensor([seq.slot for seq in plan.decode], dtype=torch.long, device=self.device),
-            decode_span=max((seq.slot for seq in plan.decode), default=-1) + 1,
-            decode_mask=self._decode_mask(plan.decode),
-            prefills=chunks,
-        )
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        return as_tensor(ids), as_tensor(positions), layout, sampled, as_tensor(logit_rows), scored
+        blocks, mask = self._decode_tables(plan.decode)
+        layout = StepLayout(self._tensor(rows), len(plan.decode), blocks, mask, chunks)
+        return self._tensor(ids), self._tensor(positions), layout, sampled, self._tensor(logit_rows), scored
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     @staticmethod
     def _prompt_rows(plan: StepPlan, logit_rows: list[int]) -> list[tuple[Sequence, list[int]]]:
         """Add the rows of prompt chunks whose sequences want prompt log-probabilities; return their target tokens."""
         scored, start = [], len(plan.decode)
         for seq, count in plan.prefill:
-            prompt = seq.request.prompt_ids
+            prompt = seq.prefill_ids
             targets = prompt[seq.num_cached + 1 : seq.num_cached + count + 1]  # the token each position predicts
-            if seq.request.params.prompt_logprobs and targets:
+            if seq.scores_prompt and targets:
                 logit_rows.extend(range(start, start + len(targets)))
                 scored.append((seq, targets))
             start += count
         return scored
 
-    def _decode_mask(self, decode: list[Sequence]) -> Optional[torch.Tensor]:
-        """[span, 1, 1, longest]: slot s sees its first (cached + 1) positions; idle slots see position 0 only."""
+    def _decode_tables(self, decode: list[Sequence]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """[decode, width] block tables padded with the scratch block, and the [decode, 1, 1, width * block_size]
+        mask of the positions each sequence sees (its cached tokens and the new one)."""
         if not decode:
-            return None
-        span = max(seq.slot for seq in decode) + 1
-        lengths = torch.ones(span, dtype=torch.long)
-        for seq in decode:
-            lengths[seq.slot] = seq.num_cached + 1
-        longest = int(lengths.max())
-        mask = torch.arange(longest)[None, :] < lengths[:, None]
-        return mask[:, None, None, :].to(self.device)
+            return None, None
+        width = max(len(seq.block_table) for seq in decode)
+        tables = [seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)) for seq in decode]
+        lengths = torch.tensor([seq.num_cached + 1 for seq in decode])
+        mask = torch.arange(width * self.cache.block_size)[None, :] < lengths[:, None]
+        return self._tensor(tables), mask[:, None, None, :].to(self.device)
 
     def _chunk_mask(self, position: int, count: int) -> Optional[torch.Tensor]:
         """Causal mask for a chunk that starts after ``position`` cached tokens (None: plain causal from 0)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import threading
 from dataclasses import dataclass
+from typing import Optional
 
 from serve.engine.sequence import Sequence
 from serve.engine.types import Request
@@ -23,7 +24,7 @@ class StepPlan:
 
 
 class Scheduler:
-    """Requests wait FIFO until a cache slot frees up; each step decodes every running sequence and prefills
+    """Requests wait FIFO until the KV blocks of their prompt are free; each step decodes every running sequence and prefills
     waiting prompts in chunks, at most ``prefill_budget`` prompt tokens per step so decode never stalls for long."""
 
     def __init__(self, max_in_flight: int, prefill_budget: int):
@@ -51,13 +52,18 @@ class Scheduler:
             if not self._waiting:
                 self._condition.wait(timeout)
 
+    def peek_waiting(self) -> Optional[Request]:
+        """The oldest waiting request, left in the queue (None when none waits)."""
+        with self._condition:
+            return self._waiting[0] if self._waiting else None
+
     def pop_waiting(self, limit: int) -> list[Request]:
         """Up to ``limit`` of the oldest waiting requests."""
         with self._condition:
             return [self._waiting.popleft() for _ in range(min(limit, len(self._waiting)))]
 
     def pop_cancelled_waiting(self) -> list[Request]:
-        """Waiting requests whose clients already left: they never get a slot."""
+        """Waiting requests whose clients already left: they never get blocks."""
         with self._condition:
             gone = [request for request in self._waiting if request.id in self._cancelled]
             for request in gone:

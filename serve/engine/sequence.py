@@ -1,4 +1,4 @@
-"""One request's state inside the engine: its tokens, its cache slot, its text so far, and when it is finished."""
+"""One request's state inside the engine: its tokens, its KV blocks, its text so far, and when it is finished."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ class Sequence:
     """Tracks one running request: cache progress, generated tokens, and the TokenEvent for each new token."""
 
     def __init__(
-        self, request: Request, tokenizer: Any, eos_ids: frozenset[int], slot: int, generator: Any = None, matcher: Any = None
+        self, request: Request, tokenizer: Any, eos_ids: frozenset[int], generator: Any = None, matcher: Any = None
     ):
         self.request = request
-        self.slot = slot
+        self.block_table: list[int] = []  # KV blocks holding this sequence's tokens, in order
+        self.keyed_blocks = 0  # leading full blocks registered in the prefix cache
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
+        self.prefill_ids: list[int] = request.prompt_ids  # what prefill computes: the prompt, or all after preemption
+        self.preemptions = 0
         self.generator = generator
         self.matcher = matcher  # the llguidance matcher of a grammar-constrained request
         self.prompt_logprobs: list[Optional[float]] = [None]  # the first prompt token has no prediction
@@ -41,7 +45,23 @@ class Sequence:
     @property
     def prompt_left(self) -> int:
         """Prompt tokens not yet in the cache (0 once prefill is done)."""
-        return max(len(self.request.prompt_ids) - self.num_cached, 0)
+        return max(len(self.prefill_ids) - self.num_cached, 0)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether prefill must keep every prompt position's logits (TGI decoder_input_details, echo scoring)."""
+        return self.request.params.prompt_logprobs and not self.preemptions
+
+    def preempt(self) -> None:
+        """Forget the cache (its blocks were taken back): prefill recomputes the prompt and the tokens made so far.
+
+        The last sampled token is recomputed too, and the next token sampled from its logits, exactly as the
+        decode step would have; text, stop matching, grammar state and the RNG carry on untouched.
+        """
+        self.prefill_ids = self.all_ids
+        self.num_cached = 0
+        self.keyed_blocks = 0
+        self.preemptions += 1
 
     def append(self, choice: TokenChoice) -> TokenEvent:
         """Record one sampled token; the returned event is final when the sequence just finished."""
@@ -70,7 +90,10 @@ class Sequence:
     def end(self, reason: FinishReason, error: Optional[str] = None) -> TokenEvent:
         """The final event of a sequence stopped from outside (cancelled, or the model failed)."""
         self.finish_reason = reason
-        return TokenEvent(None, "", reason, len(self.output_ids), len(self.request.prompt_ids), self.timings(), error)
+        return TokenEvent(
+            None, "", reason, len(self.output_ids), len(self.request.prompt_ids), self.timings(), error,
+            cached_tokens=self.cached_tokens,
+        )
 
     def timings(self) -> Timings:
         now = time.monotonic()
@@ -95,4 +118,5 @@ class Sequence:
             logprob=choice.logprob,
             top_logprobs=choice.top_logprobs,
             prompt_logprobs=tuple(self.prompt_logprobs) if wants_prompt else None,
+            cached_tokens=self.cached_tokens,
         )

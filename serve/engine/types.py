@@ -53,6 +53,8 @@ class EngineConfig:
     max_batch_total_tokens: Optional[int] = None
     max_batch_prefill_tokens: int = 512
     max_batch_size: Optional[int] = None
+    kv_block_size: int = 16
+    enable_prefix_caching: bool = True
 
 
 @dataclass
@@ -106,3 +108,4 @@ class TokenEvent:
     logprob: Optional[float] = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
     prompt_logprobs: Optional[tuple[Optional[float], ...]] = None  # first event only, when asked for
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache

@@ -108,7 +108,12 @@ def _completion_logprobs(req: oa.CompletionRequest, events: list[TokenEvent], of
 
 def _usage(choices: list[Choice]) -> dict[str, int]:
     """Usage of all choices: the prompt counted once, every choice's tokens."""
-    return oa.usage(choices[0].final.prompt_tokens, sum(c.final.generated_tokens for c in choices))
+    return _usage_of([choice.final for choice in choices])
+
+
+def _usage_of(finals: list[TokenEvent]) -> dict[str, Any]:
+    """Usage of the n choices of one request: one prompt (and its cached part), every choice's tokens."""
+    return oa.usage(finals[0].prompt_tokens, sum(f.generated_tokens for f in finals), finals[0].cached_tokens)
 
 
 def _json(body: dict[str, Any], final: TokenEvent) -> Response:
@@ -140,8 +145,7 @@ def _chat_chunks(generation: Generation, req: oa.ChatCompletionRequest, completi
                 finals[index] = event
                 yield from _chat_ending(chunk, index, event, buffer)
         if req.include_usage:
-            prompt_tokens = next(iter(finals.values())).prompt_tokens
-            yield sse.event(oa.usage_chunk(completion_id, req.model, "chat.completion.chunk", prompt_tokens, sum(f.generated_tokens for f in finals.values())))
+            yield sse.event(oa.usage_chunk(completion_id, req.model, "chat.completion.chunk", _usage_of(list(finals.values()))))
         yield sse.DONE
     except GenerationFailed as exc:
         yield sse.event(exc.openai_body(), name="error")
@@ -182,8 +186,7 @@ def _completion_chunks(generation: Generation, req: oa.CompletionRequest, comple
             if event.finish_reason is not None:
                 finals[index] = event
         if req.include_usage:
-            prompt_tokens = next(iter(finals.values())).prompt_tokens
-            yield sse.event(oa.usage_chunk(completion_id, req.model, "text_completion", prompt_tokens, sum(f.generated_tokens for f in finals.values())))
+            yield sse.event(oa.usage_chunk(completion_id, req.model, "text_completion", _usage_of(list(finals.values()))))
         yield sse.DONE
     except GenerationFailed as exc:
         yield sse.event(exc.openai_body(), name="error")

@@ -205,11 +205,13 @@ def openai_finish_reason(reason: Optional[FinishReason], tool_calls: bool = Fals
     return "tool_calls" if tool_calls else "stop"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens served from the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -253,9 +255,9 @@ def text_completion(completion_id: str, model: str, choices: list[dict[str, Any]
     return body
 
 
-def usage_chunk(completion_id: str, model: str, obj: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage_chunk(completion_id: str, model: str, obj: str, usage_body: dict[str, Any]) -> dict[str, Any]:
     """The last chunk of a stream with ``stream_options.include_usage``: no choices, only usage."""
-    return {**_envelope(completion_id, obj, model, []), "usage": usage(prompt_tokens, completion_tokens)}
+    return {**_envelope(completion_id, obj, model, []), "usage": usage_body}
 
 
 def logprob_entry(text: str, logprob: float, top: list[tuple[str, float]]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from serve.engine.attention import PrefillChunk, StepLayout
-from serve.engine.kv_cache import CacheShape, SlotKVCache, layer_devices
+from serve.engine.kv_cache import CacheShape, PagedKVCache, layer_devices
 
 
 def tiny_llama(layers: int = 3) -> LlamaForCausalLM:
@@ -22,16 +22,17 @@ def test_layer_devices_follow_the_attention_modules():
 
 def test_cache_tensors_are_allocated_per_layer_device():
     shape = CacheShape.of(tiny_llama(2).config, torch.float32)
-    cache = SlotKVCache(shape, slots=2, slot_tokens=8, devices=[torch.device("cpu"), torch.device("meta")])
+    cache = PagedKVCache(shape, num_blocks=3, block_size=4, devices=[torch.device("cpu"), torch.device("meta")])
     assert [k.device.type for k in cache.keys] == ["cpu", "meta"] and [v.device.type for v in cache.values] == ["cpu", "meta"]
 
 
 def test_a_layout_moves_to_another_device_once_per_step():
     layout = StepLayout(
-        rows=torch.tensor([3, 9]), decode_tokens=torch.tensor([0]), decode_slots=torch.tensor([0]), decode_span=1,
-        decode_mask=torch.ones(1, 1, 1, 4, dtype=torch.bool), prefills=[PrefillChunk(1, 2, 1, 0, None)],
+        rows=torch.tensor([3, 9]), decode_count=1, decode_blocks=torch.tensor([[1]]),
+        decode_mask=torch.ones(1, 1, 1, 4, dtype=torch.bool), prefills=[PrefillChunk(1, 2, 0, torch.tensor([2]), None)],
     )
     assert layout.on(torch.device("cpu")) is layout
     moved = layout.on(torch.device("meta"))
-    assert moved.rows.device.type == "meta" and moved.decode_mask.device.type == "meta" and moved.prefills[0].slot == 1
+    assert moved.rows.device.type == "meta" and moved.decode_mask.device.type == "meta"
+    assert moved.decode_blocks.device.type == "meta" and moved.prefills[0].blocks.device.type == "meta"
     assert layout.on(torch.device("meta")) is moved
