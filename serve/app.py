@@ -67,6 +67,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_batch_size=settings.max_batch_size,
         kv_block_size=settings.kv_block_size,
         enable_prefix_caching=settings.enable_prefix_caching,
+        cuda_graphs=settings.cuda_graphs,
     )
 
 

@@ -148,6 +148,11 @@ class Engine:
     def in_flight(self) -> int:
         return self.scheduler.in_flight
 
+    @property
+    def graphs(self) -> Any:
+        """What start-up did about CUDA graphs (serve.engine.graphs.GraphReport), once loaded."""
+        return self._runner.graphs if self.limits is not None else None
+
     def cache_stats(self) -> CacheStats:
         """The KV pool's use and the prefix cache's counters (zeros before the model is loaded)."""
         blocks = getattr(self, "_blocks", None)
@@ -222,8 +227,11 @@ class Engine:
         self._watermark = max(1, self._blocks.usable_blocks // 100)  # kept free so running sequences can grow
         self._eos_ids = _eos_token_ids(self.loaded.model, self.loaded.tokenizer)
         self.grammars = Grammars(self.loaded.tokenizer, self.loaded.model.config.get_text_config().vocab_size, self._eos_ids)
-        self._runner = ModelRunner(self.loaded.model, PagedKVCache(shape, blocks, size, devices), self.grammars)
         max_batch = min(config.max_batch_size or config.max_concurrent_requests, config.max_concurrent_requests)
+        cache = PagedKVCache(shape, blocks, size, devices)
+        self._runner = ModelRunner(self.loaded.model, cache, self.grammars, max_batch, -(-total // size))
+        if config.cuda_graphs:
+            self._runner.capture_graphs()
         self.limits = Limits(max_input, total, (blocks - 1) * size, max_batch, size, blocks - 1)
 
     def _admit_waiting(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, Callable, Optional
 
 from serve.engine.engine import CacheStats, Engine, EngineNotReady, Limits, RequestStream
@@ -207,6 +207,8 @@ def serving_info(engine: Any) -> dict[str, Any]:
         "quantization": getattr(loaded, "quantization", None),
         "adapters": list(getattr(loaded, "adapters", ())),
     }
+    graphs = engine.engines[0].graphs if isinstance(engine, EnginePool) else engine.graphs
+    info["cuda_graphs"] = asdict(graphs) if graphs is not None else None
     if isinstance(engine, EnginePool):
         info["engines"] = engine.describe()
     return info

@@ -9,9 +9,11 @@ import torch
 from serve.engine.attention import BACKEND_NAME, PrefillChunk, StepLayout, active_step
 from serve.engine.block_manager import SCRATCH_BLOCK
 from serve.engine.kv_cache import PagedKVCache
-from serve.engine.sampling import chosen_logprobs, make_generator, sample_next_tokens
+from serve.engine.graphs import GraphReport, capture_decode_graphs
+from serve.engine.sampling import logprob_table, make_generator, sample_next_tokens, unpack_logprobs
 from serve.engine.scheduler import StepPlan
 from serve.engine.sequence import Sequence
+from serve.engine.static_decode import StaticDecode
 from serve.engine.types import SamplingParams, TokenChoice
 
 EMPTY = torch.empty(0, dtype=torch.long)
@@ -24,7 +26,8 @@ class UnsupportedModel(RuntimeError):
 class ModelRunner:
     """Owns the model and the KV cache; ``step(plan)`` returns the sequences that got a new token, and the tokens."""
 
-    def __init__(self, model: Any, cache: PagedKVCache, grammars: Any = None):
+    def __init__(self, model: Any, cache: PagedKVCache, grammars: Any = None, max_batch: int = 1, max_blocks: int = 1):
+        """``max_batch`` sequences of up to ``max_blocks`` KV blocks each may decode in one step."""
         if not getattr(model, "_supports_attention_backend", False):
             raise UnsupportedModel(f"{type(model).__name__} does not support pluggable attention; it cannot be batched")
         model.set_attn_implementation(BACKEND_NAME)
@@ -33,6 +36,19 @@ class ModelRunner:
         self.grammars = grammars  # serve.engine.grammar.Grammars: masks the logits of constrained sequences
         self.device = model.device
         self.lora = getattr(model, "serve_lora", None)  # serve.engine.lora.LoraSet when adapters are loaded
+        self.static = StaticDecode(model, cache, self.device, max_batch, max_blocks)
+        self.graphs = GraphReport(reason="not captured")
+        self.host_reads = 0  # device-to-host transfers so far (to_host); tests count them per step
+
+    def capture_graphs(self) -> GraphReport:
+        """Capture the decode shapes as CUDA graphs (a no-op with a reason off CUDA or with LoRA adapters)."""
+        self.graphs = capture_decode_graphs(self.static, self.lora is not None)
+        return self.graphs
+
+    def to_host(self, tensor: torch.Tensor) -> list:
+        """The one way a step reads the device: a single transfer of ``tensor`` as a Python list."""
+        self.host_reads += 1
+        return tensor.tolist()
 
     def generator_for(self, params: SamplingParams) -> Optional[torch.Generator]:
         return make_generator(params, self.device)
@@ -40,6 +56,8 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> tuple[list[Sequence], list[TokenChoice]]:
         """One forward pass over the plan; sample for decode rows and for prompts whose last chunk just ran."""
+        if not plan.prefill and self.lora is None:
+            return self._static_decode(plan.decode)
         input_ids, positions, layout, sampled, logit_rows, scored = self._layout(plan)
         if self.lora is not None:
             self.lora.begin_plan(plan)  # each token's adapter, in the layout's order
@@ -55,15 +73,22 @@ class ModelRunner:
             return [], []
         return sampled, self.sample(logits[: len(sampled)], sampled)
 
-    @staticmethod
-    def _score_prompts(logits: torch.Tensor, scored: list[tuple[Sequence, list[int]]]) -> None:
+    def _static_decode(self, decode: list[Sequence]) -> tuple[list[Sequence], list[TokenChoice]]:
+        """A decode-only step over a fixed shape (a CUDA graph's replay where one was captured)."""
+        batch, width = self.static.load([(seq.all_ids[-1], seq.num_cached, seq.block_table) for seq in decode])
+        logits = self.static.forward(batch, width)[: len(decode)]
+        for seq in decode:
+            seq.num_cached += 1
+        return decode, self.sample(logits, decode)
+
+    def _score_prompts(self, logits: torch.Tensor, scored: list[tuple[Sequence, list[int]]]) -> None:
         """Log-probabilities of prompt tokens, for sequences that asked (each logit row predicts the next token)."""
         start = 0
         for seq, targets in scored:
             rows = logits[start : start + len(targets)].float()
             start += len(targets)
             picked = torch.log_softmax(rows, dim=-1).gather(-1, torch.tensor(targets, device=rows.device)[:, None])
-            seq.prompt_logprobs.extend(picked.squeeze(-1).tolist())
+            seq.prompt_logprobs.extend(self.to_host(picked.squeeze(-1)))
 
     def _layout(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, StepLayout, list[Sequence], torch.Tensor, list]:
         """The step's token ids, positions and cache layout: decode tokens first, then each prompt chunk."""
@@ -140,9 +165,11 @@ class ModelRunner:
             outputs.append(torch.tensor(seq.output_ids, dtype=torch.long, device=self.device) if penalized else EMPTY)
         tokens = sample_next_tokens(logits, params, [seq.generator for seq in sequences], histories, outputs)
         if log_probs is None:
-            return [TokenChoice(token) for token in tokens.tolist()]
-        scores = chosen_logprobs(log_probs, tokens, [p.logprobs or 0 for p in params])
-        return [
-            TokenChoice(token, logprob, top) if wanted else TokenChoice(token)
-            for token, (logprob, top), wanted in zip(tokens.tolist(), scores, wants_logprobs)
-        ]
+            return [TokenChoice(token) for token in self.to_host(tokens)]
+        widest = max(p.logprobs or 0 for p in params)
+        rows = self.to_host(logprob_table(log_probs, tokens, widest))
+        choices = []
+        for row, p in zip(rows, params):
+            token, logprob, top = unpack_logprobs(row, p.logprobs or 0, widest)
+            choices.append(TokenChoice(token, logprob, top) if p.logprobs is not None else TokenChoice(token))
+        return choices

@@ -61,16 +61,18 @@ def apply_typical_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     return logits
 
 
-def chosen_logprobs(log_probs: torch.Tensor, tokens: torch.Tensor, tops: Sequence[int]) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
-    """For each row: the chosen token's log-probability and the ``tops[row]`` most likely (id, log-probability)."""
-    chosen = log_probs.gather(-1, tokens[:, None]).squeeze(-1).tolist()
-    widest = max(tops, default=0)
-    top_values, top_ids = log_probs.topk(widest, dim=-1) if widest else (None, None)
-    result = []
-    for row, k in enumerate(tops):
-        top = tuple(zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist())) if k else ()
-        result.append((chosen[row], top))
-    return result
+def logprob_table(log_probs: torch.Tensor, tokens: torch.Tensor, widest: int) -> torch.Tensor:
+    """[rows, 2 + 2 * widest] float64 on the device: token id, its log-probability, then the ``widest`` most likely
+    ids and their log-probabilities; one tensor, so reading it is one device-to-host transfer."""
+    chosen = log_probs.gather(-1, tokens[:, None])
+    top_values, top_ids = log_probs.topk(widest, dim=-1)
+    return torch.cat([tokens[:, None].double(), chosen.double(), top_ids.double(), top_values.double()], dim=1)
+
+
+def unpack_logprobs(row: list[float], k: int, widest: int) -> tuple[int, float, tuple[tuple[int, float], ...]]:
+    """One row of ``logprob_table`` read on the host: (token, log-probability, its k best alternatives)."""
+    ids, values = row[2 : 2 + k], row[2 + widest : 2 + widest + k]
+    return int(row[0]), row[1], tuple((int(token), value) for token, value in zip(ids, values))
 
 
 def _uniforms(generators: Sequence[Optional[torch.Generator]], device: torch.device) -> torch.Tensor:
@@ -96,10 +98,11 @@ def sample_next_tokens(
     if all(p.greedy for p in params):
         return greedy_choice
     device = logits.device
-    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    min_p = torch.tensor([p.min_p for p in params], device=device)
+    rows = [
+        (p.temperature if not p.greedy else 1.0, p.top_k if p.top_k > 0 else logits.shape[-1], p.top_p, p.min_p, p.greedy)
+        for p in params
+    ]
+    temperature, top_k, top_p, min_p, is_greedy = torch.tensor(rows, dtype=torch.float32).T.to(device)  # one copy
 
     logits = apply_typical_p(logits / temperature[:, None], params)
     sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True)
@@ -113,5 +116,4 @@ def sample_next_tokens(
     draw = _uniforms(generators, device) * cdf[:, -1]
     position = torch.searchsorted(cdf, draw[:, None]).clamp(max=logits.shape[-1] - 1)
     sampled = sorted_ids.gather(-1, position).squeeze(-1)
-    is_greedy = torch.tensor([p.greedy for p in params], device=device)
-    return torch.where(is_greedy, greedy_choice, sampled)
+    return torch.where(is_greedy.bool(), greedy_choice, sampled)

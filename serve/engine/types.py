@@ -55,6 +55,7 @@ class EngineConfig:
     max_batch_size: Optional[int] = None
     kv_block_size: int = 16
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True  # capture decode shapes as CUDA graphs (ignored without CUDA)
 
 
 @dataclass

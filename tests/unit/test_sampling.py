@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from serve.engine.sampling import make_generator, sample_next_tokens
@@ -72,9 +73,13 @@ def test_typical_p_keeps_the_tokens_closest_to_the_entropy():
 
 
 def test_chosen_logprobs_and_top_alternatives():
-    from serve.engine.sampling import chosen_logprobs
+    from serve.engine.sampling import logprob_table, unpack_logprobs
 
     log_probs = torch.log_softmax(torch.tensor([[1.0, 3.0, 2.0], [0.0, 0.0, 5.0]]), dim=-1)
-    (lp0, top0), (lp1, top1) = chosen_logprobs(log_probs, torch.tensor([2, 2]), [2, 0])
-    assert lp0 == float(log_probs[0, 2]) and [t for t, _ in top0] == [1, 2]
-    assert lp1 == float(log_probs[1, 2]) and top1 == ()
+    first, second = logprob_table(log_probs, torch.tensor([2, 2]), 2).tolist()
+    token0, lp0, top0 = unpack_logprobs(first, 2, 2)
+    token1, lp1, top1 = unpack_logprobs(second, 0, 2)
+    assert token0 == token1 == 2
+    assert lp0 == pytest.approx(float(log_probs[0, 2])) and [t for t, _ in top0] == [1, 2]
+    assert top0[0][1] == pytest.approx(float(log_probs[0, 1]))
+    assert lp1 == pytest.approx(float(log_probs[1, 2])) and top1 == ()

@@ -1,0 +1,102 @@
+"""Decode steps over fixed shapes, so that a GPU can replay them as CUDA graphs.
+
+A decode-only step is padded to a batch-size bucket (1, 2, 4, 8, 16, 24, 32, 48, 64, ...) and its block tables to
+a width bucket (a power of two of blocks). Its inputs live in one static device buffer, laid out per shape as
+[ids | positions | cache rows | lengths | block tables], filled by ONE host-to-device copy from pinned memory.
+Padded rows read and write the scratch block only. The forward over a shape is the same code eager (the CPU, or
+a shape without a graph) and captured (serve/engine/graphs.py), so the CPU tests prove the path the GPU replays.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any, Callable, Optional
+
+import torch
+
+from serve.engine.attention import StepLayout, active_step
+from serve.engine.block_manager import SCRATCH_BLOCK
+from serve.engine.kv_cache import PagedKVCache
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+MIN_WIDTH_BLOCKS = 4
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """The batch sizes a decode step is padded to, up to (and including) ``max_batch``."""
+    return [size for size in BATCH_BUCKETS if size < max_batch] + [max_batch]
+
+
+def width_buckets(max_blocks: int) -> list[int]:
+    """Block-table widths: powers of two from MIN_WIDTH_BLOCKS, and ``max_blocks`` itself."""
+    widths, width = [], MIN_WIDTH_BLOCKS
+    while width < max_blocks:
+        widths.append(width)
+        width *= 2
+    return widths + [max_blocks]
+
+
+def _fit(value: int, buckets: list[int]) -> int:
+    return buckets[bisect.bisect_left(buckets, value)]
+
+
+class StaticDecode:
+    """Static input buffers and the forward of one decode shape (batch bucket, width bucket)."""
+
+    def __init__(self, model: Any, cache: PagedKVCache, device: torch.device, max_batch: int, max_blocks: int):
+        self.model, self.cache, self.device = model, cache, device
+        self.batches, self.widths = batch_buckets(max_batch), width_buckets(max_blocks)
+        size = max_batch * (4 + max_blocks)
+        self.inputs = torch.zeros(size, dtype=torch.long, device=device)
+        self.staging = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.logit_rows = torch.arange(max_batch, device=device)
+        self.replay: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}  # captured shapes (graphs.py)
+
+    def shape_for(self, batch: int, widest: int) -> tuple[int, int]:
+        """The smallest (batch, width) bucket that holds ``batch`` sequences of up to ``widest`` blocks."""
+        return _fit(batch, self.batches), _fit(widest, self.widths)
+
+    def load(self, rows: list[tuple[int, int, list[int]]]) -> tuple[int, int]:
+        """Copy one step's (token id, position, block table) per sequence into the static buffer; its shape."""
+        block_size = self.cache.block_size
+        batch, width = self.shape_for(len(rows), max(len(table) for _, _, table in rows))
+        pad = batch - len(rows)
+        ids = [token for token, _, _ in rows] + [0] * pad
+        positions = [position for _, position, _ in rows] + [0] * pad
+        cache_rows = [table[p // block_size] * block_size + p % block_size for _, p, table in rows] + [0] * pad
+        lengths = [position + 1 for _, position, _ in rows] + [1] * pad
+        tables = [value for _, _, table in rows for value in table + [SCRATCH_BLOCK] * (width - len(table))]
+        packed = ids + positions + cache_rows + lengths + tables + [SCRATCH_BLOCK] * (pad * width)
+        count = len(packed)
+        self.staging[:count].copy_(torch.tensor(packed, dtype=torch.long))
+        self.inputs[:count].copy_(self.staging[:count], non_blocking=True)
+        return batch, width
+
+    def forward(self, batch: int, width: int) -> torch.Tensor:
+        """Logits [batch, vocab] of the loaded step: a captured graph's replay when there is one, else eager."""
+        replay = self.replay.get((batch, width))
+        return replay() if replay is not None else self.run(batch, width)
+
+    def run(self, batch: int, width: int) -> torch.Tensor:
+        """The eager forward of one shape over the static buffer (also what graphs.py captures)."""
+        views = self.inputs[: batch * (4 + width)]
+        ids, positions, rows, lengths = (views[i * batch : (i + 1) * batch] for i in range(4))
+        tables = views[4 * batch :].view(batch, width)
+        span = torch.arange(width * self.cache.block_size, device=self.device)
+        mask = (span[None, :] < lengths[:, None])[:, None, None, :]
+        layout = StepLayout(rows, batch, tables, mask, [])
+        with active_step(self.cache, layout):
+            output = self.model(
+                input_ids=ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=self.logit_rows[:batch]
+            )
+        return output.logits[0]
+
+    def load_probe(self, batch: int, width: int, generator: Optional[torch.Generator] = None) -> None:
+        """Random token ids and positions that read and write only the scratch block (the graphs' self-check)."""
+        vocab = self.model.config.get_text_config().vocab_size
+        ids = torch.randint(0, vocab, (batch,), generator=generator).tolist()
+        positions = torch.randint(0, self.cache.block_size, (batch,), generator=generator).tolist()
+        rows = [(token, 0, [SCRATCH_BLOCK]) for token in ids]
+        assert self.load(rows) == (batch, width), "a probe must fill its shape exactly"
+        # positions vary (RoPE differs per row); every row still reads and writes the scratch block only
+        self.inputs[batch : 2 * batch].copy_(torch.tensor(positions, device=self.device))
