@@ -81,3 +81,14 @@ def test_graph_capture_is_refused_with_a_reason_off_cuda(engine):
     report = capture_decode_graphs(engine._runner.static, lora_loaded=False)
     assert not report.enabled and "no CUDA device" in report.reason and engine._runner.static.replay == {}
     assert engine.graphs is not None and not engine.graphs.enabled
+
+
+def test_every_captured_shape_can_be_loaded_with_a_probe_that_touches_only_scratch(engine):
+    static = engine._runner.static
+    cache = engine._runner.cache
+    before = [keys[1:].clone() for keys in cache.keys]  # every block but scratch
+    for batch, width in [(1, static.widths[-1]), (static.batches[-1], static.widths[0]), (2, static.widths[1])]:
+        static.load_probe(batch, width)
+        logits = static.run(batch, width)
+        assert logits.shape == (batch, engine.loaded.model.config.vocab_size) and logits.isfinite().all()
+    assert all((keys[1:] == old).all() for keys, old in zip(cache.keys, before))
