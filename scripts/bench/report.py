@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,22 +77,41 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
-def results_table(results: list[SystemResult]) -> list[str]:
-    """One row per system and concurrency level; failed systems get one row saying so."""
-    header = (
-        "| System | Concurrency | Requests | Errors | Output tok/s | TTFT p50 (ms) | TTFT p95 (ms) | Latency p50 (ms) |"
-    )
-    rows = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+Cell = Callable[[dict[str, Any]], str]
+# (header, alignment, cell of one level): the columns every level table starts with
+LEVEL_COLUMNS: list[tuple[str, str, Cell]] = [
+    ("Concurrency", "---:", lambda lv: str(lv["concurrency"])),
+    ("Requests", "---:", lambda lv: str(lv["requests"])),
+    ("Errors", "---:", lambda lv: str(lv["errors"])),
+]
+TOK_S: tuple[str, str, Cell] = ("Output tok/s", "---:", lambda lv: _fmt(lv["output_tok_per_s"]))
+TTFT: list[tuple[str, str, Cell]] = [
+    ("TTFT p50 (ms)", "---:", lambda lv: _fmt(lv["ttft_p50_ms"], 0)),
+    ("TTFT p95 (ms)", "---:", lambda lv: _fmt(lv["ttft_p95_ms"], 0)),
+]
+
+
+def level_table(results: list[SystemResult], columns: list[tuple[str, str, Cell]]) -> list[str]:
+    """One row per system and level: the system, then ``columns``; a system without levels gets one row with its
+    status in the fourth column."""
+    rows = [
+        "| System | " + " | ".join(header for header, _, _ in columns) + " |",
+        "| --- | " + " | ".join(align for _, align, _ in columns) + " |",
+    ]
     for result in results:
         if not result.levels:
-            rows.append(f"| {result.system} | – | – | – | **{result.status}** | – | – | – |")
+            cells = ["–"] * len(columns)
+            cells[min(3, len(cells) - 1)] = f"**{result.status}**"
+            rows.append(f"| {result.system} | " + " | ".join(cells) + " |")
         for level in result.levels:
-            rows.append(
-                f"| {result.system} | {level['concurrency']} | {level['requests']} | {level['errors']} | "
-                f"{_fmt(level['output_tok_per_s'])} | {_fmt(level['ttft_p50_ms'], 0)} | "
-                f"{_fmt(level['ttft_p95_ms'], 0)} | {_fmt(level['latency_p50_ms'], 0)} |"
-            )
+            rows.append(f"| {result.system} | " + " | ".join(cell(level) for _, _, cell in columns) + " |")
     return rows
+
+
+def results_table(results: list[SystemResult]) -> list[str]:
+    """One row per system and concurrency level; failed systems get one row saying so."""
+    latency = ("Latency p50 (ms)", "---:", lambda lv: _fmt(lv["latency_p50_ms"], 0))
+    return level_table(results, [*LEVEL_COLUMNS, TOK_S, *TTFT, latency])
 
 
 def systems_table(results: list[SystemResult]) -> list[str]:

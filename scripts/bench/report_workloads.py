@@ -10,7 +10,7 @@ from typing import Any
 import report
 from config import BenchConfig
 from plot import plot_levels
-from report import SystemResult, _fmt, failures, systems_table
+from report import LEVEL_COLUMNS, TOK_S, TTFT, SystemResult, failures, level_table, systems_table
 from workloads import TITLES
 
 
@@ -64,41 +64,32 @@ def _prompt_range(level: dict[str, Any]) -> str:
 
 def capacity_table(results: list[SystemResult]) -> list[str]:
     """Peak sequences running, throughput and TTFT per system."""
-    rows = [
-        "| System | Requests | Concurrency | Errors | Peak running | Output tok/s | TTFT p50 (ms) | TTFT p95 (ms) "
-        "| Prompt tokens | Preemptions | Peak from |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for r in results:
-        if not r.levels:
-            rows.append(f"| {r.system} | – | – | – | **{r.status}** | – | – | – | – | – | – |")
-        for lv in r.levels:
-            rows.append(
-                f"| {r.system} | {lv['requests']} | {lv['concurrency']} | {lv['errors']} | "
-                f"{_int(lv.get('peak_running'))} | {_fmt(lv['output_tok_per_s'])} | {_fmt(lv['ttft_p50_ms'], 0)} | "
-                f"{_fmt(lv['ttft_p95_ms'], 0)} | {_prompt_range(lv)} | {_int(lv.get('preemptions'))} | "
-                f"{lv.get('peak_source', 'n/a')} |"
-            )
-    return rows
+    return level_table(
+        results,
+        [
+            *LEVEL_COLUMNS,
+            ("Peak running", "---:", lambda lv: _int(lv.get("peak_running"))),
+            TOK_S,
+            *TTFT,
+            ("Prompt tokens", "---:", _prompt_range),
+            ("Preemptions", "---:", lambda lv: _int(lv.get("preemptions"))),
+            ("Peak from", "---", lambda lv: lv.get("peak_source", "n/a")),
+        ],
+    )
 
 
 def prefix_table(results: list[SystemResult]) -> list[str]:
     """TTFT, throughput and prefix-cache hits per system and concurrency."""
-    rows = [
-        "| System | Concurrency | Requests | Errors | Output tok/s | TTFT p50 (ms) | TTFT p95 (ms) | Prefix hit rate "
-        "| Cached tokens (usage) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in results:
-        if not r.levels:
-            rows.append(f"| {r.system} | – | – | – | **{r.status}** | – | – | – | – |")
-        for lv in r.levels:
-            rows.append(
-                f"| {r.system} | {lv['concurrency']} | {lv['requests']} | {lv['errors']} | "
-                f"{_fmt(lv['output_tok_per_s'])} | {_fmt(lv['ttft_p50_ms'], 0)} | {_fmt(lv['ttft_p95_ms'], 0)} | "
-                f"{_pct(lv.get('prefix_hit_rate'))} | {_int(lv.get('cached_tokens'))} |"
-            )
-    return rows
+    return level_table(
+        results,
+        [
+            *LEVEL_COLUMNS,
+            TOK_S,
+            *TTFT,
+            ("Prefix hit rate", "---:", lambda lv: _pct(lv.get("prefix_hit_rate"))),
+            ("Cached tokens (usage)", "---:", lambda lv: _int(lv.get("cached_tokens"))),
+        ],
+    )
 
 
 def _level(results: list[SystemResult], system: str, concurrency: int | None = None) -> dict[str, Any] | None:
