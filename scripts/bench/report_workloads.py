@@ -139,7 +139,7 @@ def _capacity_setup(s: dict[str, Any]) -> list[str]:
         f"- **Load**: {s['requests']} streaming chat requests from {s['concurrency']} clients at once, each a "
         f"different user prompt of {s['prompt_tokens'][0]}–{s['prompt_tokens'][1]} tokens (text tokens; the "
         "table's prompt tokens are the server's count with the chat template) built from `scripts/bench/prompts.py`, "
-        "each opening differently so the prefix cache cannot help; "
+        "each opening differently so the prefix cache cannot help (only the chat template's fixed opening is shared); "
         f"{s['max_tokens']} new tokens each (`ignore_eos`), greedy.",
         f"- **Budget**: ours and ours-slots `MAX_BATCH_TOTAL_TOKENS={s['kv_tokens']}`, "
         f"`MAX_TOTAL_TOKENS={s['max_model_len']}`; vLLM `--kv-cache-memory-bytes` for {s['kv_tokens']} tokens "
@@ -187,10 +187,10 @@ def section(run: WorkloadRun) -> list[str]:
     ]
 
 
-def _plot(results: list[SystemResult], path: Path) -> str:
+def _plot(results: list[SystemResult], path: Path, max_tokens: int) -> str:
     """Draw the concurrency-level plot; its file name for the page ('' when none could be drawn)."""
     try:
-        drawn = plot_levels(results, path, "make bench: short prompts, streaming chat, 64 new tokens")
+        drawn = plot_levels(results, path, f"make bench: short prompts, streaming chat, {max_tokens} new tokens each")
     except ImportError as exc:  # matplotlib comes with requirements-test.txt (make bench installs it)
         print(f"no plot: {exc}", flush=True)
         drawn = False
@@ -205,6 +205,7 @@ def write_all(runs: dict[str, WorkloadRun], cfg: BenchConfig, info: dict[str, An
     results = standard.results if standard else []
     if standard:
         info = {**info, "standard_date": standard.date}
-    plot = _plot(results, cfg.output_md.with_suffix(".png"))
+    max_tokens = standard.settings.get("max_tokens", cfg.max_tokens) if standard else cfg.max_tokens
+    plot = _plot(results, cfg.output_md.with_suffix(".png"), max_tokens)
     sections = [line for run in ordered if run.name != "standard" for line in section(run)]
     report.write(results, cfg, info, sections, plot, {run.name: run.to_dict() for run in ordered})
