@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,8 +114,9 @@ def test_peak_poller_keeps_the_largest_reading():
 def test_peak_poller_thread_polls_until_stopped():
     calls = []
     with sm.PeakPoller(lambda: calls.append(1) or {"g": float(len(calls))}, ("g",), interval_s=0.01) as poller:
-        while len(calls) < 5:
-            pass
+        deadline = time.monotonic() + 30
+        while len(calls) < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
     count = len(calls)
     assert poller.peaks["g"] >= 5 and len(calls) == count  # stopped: no more scrapes after exit
 
