@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,11 @@ def prefix_table(results: list[SystemResult]) -> list[str]:
     )
 
 
+def table_for(workload: str) -> Callable[[list[SystemResult]], list[str]]:
+    """The markdown table of a workload's results."""
+    return {"standard": report.results_table, "capacity": capacity_table, "prefix": prefix_table}[workload]
+
+
 def _level(results: list[SystemResult], system: str, concurrency: int | None = None) -> dict[str, Any] | None:
     """The (first, or at ``concurrency``) level of ``system``, if it ran."""
     for r in results:
@@ -164,12 +170,13 @@ def _prefix_setup(s: dict[str, Any]) -> list[str]:
     ]
 
 
+TARGETS = {"capacity": capacity_targets, "prefix": prefix_targets}
+SETUPS = {"capacity": _capacity_setup, "prefix": _prefix_setup}
+
+
 def section(run: WorkloadRun) -> list[str]:
     """The markdown section of a capacity or prefix run."""
-    table, targets, setup = {
-        "capacity": (capacity_table, capacity_targets, _capacity_setup),
-        "prefix": (prefix_table, prefix_targets, _prefix_setup),
-    }[run.name]
+    targets, setup = TARGETS[run.name], SETUPS[run.name]
     goals = targets(run.results)
     return [
         f"## {TITLES[run.name]}",
@@ -178,7 +185,7 @@ def section(run: WorkloadRun) -> list[str]:
         "",
         *setup(run.settings),
         "",
-        *table(run.results),
+        *table_for(run.name)(run.results),
         *(["", "Against issue 18's targets:", "", *goals] if goals else []),
         "",
         *systems_table(run.results),

@@ -27,7 +27,7 @@ from config import REPO, BenchConfig, from_env
 from peers import PeerFailed, stop_all
 from prompts import PROMPTS
 from report import SystemResult
-from report_workloads import WorkloadRun, write_all
+from report_workloads import WorkloadRun, table_for, write_all
 from systems import RUNNERS, say
 from workloads import Workload
 
@@ -116,7 +116,7 @@ def bench(cfg: BenchConfig) -> int:
     say(f"wrote {cfg.output_md} and {cfg.output_json}")
     for run in runs.values():
         print(f"\n{run.name}:")
-        print("\n".join(report.results_table(run.results)))
+        print("\n".join(table_for(run.name)(run.results)))
     return 0
 
 
