@@ -233,8 +233,15 @@ def test_a_run_of_one_workload_keeps_the_others_from_the_last_report(tmp_path):
     assert "## Capacity: concurrent sequences in a fixed KV budget" in page and "| ours | 64 | 64 | 0 | 40 |" in page
     saved = json.loads(cfg.output_json.read_text())
     assert set(saved["workloads"]) == {"standard", "capacity"} and saved["systems"][0]["system"] == "vllm"
-    rw.write_all({}, cfg, INFO)  # and the next run that reruns nothing keeps both again
-    assert "| ours | 64 | 64 | 0 | 40 |" in cfg.output_md.read_text()
+    prefix = rw.WorkloadRun(
+        "prefix", "tomorrow", {"system_tokens": 998, "requests": 40, "concurrency": [1, 8], "max_tokens": 32}
+    )
+    prefix.results.append(SystemResult("ours", status="ok", levels=[_level(1, 9.0, 100.0, prefix_hit_rate=0.5)]))
+    rw.write_all({"prefix": prefix}, cfg, INFO)  # the next run reruns only the prefix workload
+    page = cfg.output_md.read_text()
+    assert "| ours | 64 | 64 | 0 | 40 |" in page and "| 50% |" in page and "Run on tomorrow" in page
+    assert page.index("## Capacity") < page.index("## Shared prefix") < page.index("## Reproduce")
+    assert set(json.loads(cfg.output_json.read_text())["workloads"]) == {"standard", "capacity", "prefix"}
 
 
 def test_the_plot_is_written_and_linked(tmp_path):
