@@ -1,6 +1,10 @@
 """Write a dummy-weights model folder: config.json of a named shape + the embedded SmolLM2 tokenizer and template.
 
-    python scripts/gpu/dummy_model.py OUT_DIR --shape llama-3.1-8b|smollm2-135m|tiny
+    python scripts/gpu/dummy_model.py OUT_DIR --shape llama-3.1-8b|smollm2-135m|tiny [--source DIR]
+    python scripts/gpu/dummy_model.py --export-tokenizer DIR   # the embedded tokenizer + config, no weights
+
+The tokenizer comes from the embedded GGUF (converted once by the loader), or from ``--source``: a folder written
+by ``--export-tokenizer`` (how it travels to a GPU machine that lacks the 100 MB GGUF).
 
 The folder holds no weights: serve it with HF_MODEL_LOAD_FORMAT=dummy (random weights built on the device).
 When the shape's vocabulary is larger than the tokenizer's (Llama-3.1-8B: 128,256 vs 49,152), the tokenizer is
@@ -123,9 +127,18 @@ def pad_tokenizer(tokenizer_json: Path, vocab_size: int) -> int:
     return added
 
 
-def write_folder(out: Path, shape: str, cache_dir: str, pad: bool = True) -> Path:
-    """Write ``out``/config.json of ``shape`` plus the embedded tokenizer files; returns ``out``."""
+def export_tokenizer(out: Path, cache_dir: str) -> Path:
+    """Copy the embedded model's config.json and tokenizer files (no weights) to ``out``: a ``--source`` folder."""
     source = embedded_folder(cache_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", *TOKENIZER_FILES):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    return out
+
+
+def write_folder(out: Path, shape: str, source: Path, pad: bool = True) -> Path:
+    """Write ``out``/config.json of ``shape`` plus the tokenizer files of ``source``; returns ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     config = shape_config(shape, source)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -141,12 +154,20 @@ def write_folder(out: Path, shape: str, cache_dir: str, pad: bool = True) -> Pat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("out_dir", type=Path, nargs="?")
     parser.add_argument("--shape", choices=SHAPE_NAMES, default="tiny")
     parser.add_argument("--no-pad", action="store_true", help="keep the tokenizer smaller than the model's vocab")
+    parser.add_argument("--source", type=Path, help="a folder from --export-tokenizer (default: the embedded GGUF)")
+    parser.add_argument("--export-tokenizer", type=Path, metavar="DIR", help="only export the tokenizer to DIR")
     parser.add_argument("--cache-dir", default=Settings().cache_dir, help="where the embedded GGUF is converted")
     args = parser.parse_args(argv)
-    folder = write_folder(args.out_dir, args.shape, args.cache_dir, pad=not args.no_pad)
+    if args.export_tokenizer:
+        print(f"embedded tokenizer and config: {export_tokenizer(args.export_tokenizer, args.cache_dir)}")
+        return 0
+    if args.out_dir is None:
+        parser.error("OUT_DIR is required (or --export-tokenizer DIR)")
+    source = args.source or embedded_folder(args.cache_dir)
+    folder = write_folder(args.out_dir, args.shape, source, pad=not args.no_pad)
     print(f"{args.shape}: {folder} (serve with HF_MODEL_ID={folder} HF_MODEL_LOAD_FORMAT=dummy)")
     return 0
 
