@@ -39,6 +39,7 @@ class RequestResult:
     output_tokens: int = 0
     error: str | None = None
     text: str = ""
+    token_gaps_s: list[float] = field(default_factory=list)  # between consecutive content chunks (inter-token latency)
 
 
 @dataclass
@@ -56,6 +57,8 @@ class LevelResult:
     latency_p50_ms: float | None
     tokens_per_request_min: int = 0
     first_error: str | None = None
+    itl_p50_ms: float | None = None  # inter-token latency: gaps between content chunks, over all requests
+    itl_p95_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +120,7 @@ def stream_chat(
     started = time.perf_counter()
     result = RequestResult(ok=False)
     content_chunks, usage_tokens, done, finished = 0, None, False, False
+    last_chunk = started
     try:
         with session.post(
             f"{endpoint.base_url}/v1/chat/completions",
@@ -135,10 +139,14 @@ def stream_chat(
                     raise RuntimeError(f"error chunk: {payload[:300]}")
                 text = _chunk_text(chunk)
                 if text:
+                    now = time.perf_counter()
                     result.text += text
                     content_chunks += 1
                     if result.ttft_s is None:
-                        result.ttft_s = time.perf_counter() - started
+                        result.ttft_s = now - started
+                    else:
+                        result.token_gaps_s.append(now - last_chunk)
+                    last_chunk = now
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens", usage_tokens)
                 finished = finished or any(c.get("finish_reason") for c in chunk.get("choices") or [])
@@ -177,6 +185,7 @@ def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> 
     good = [r for r in results if r.ok]
     ttfts = [r.ttft_s * 1000 for r in good if r.ttft_s is not None]
     latencies = [r.latency_s * 1000 for r in good]
+    gaps = [gap * 1000 for r in good for gap in r.token_gaps_s]
     tokens = sum(r.output_tokens for r in good)
     errors = [r for r in results if not r.ok]
     return LevelResult(
@@ -191,6 +200,8 @@ def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> 
         latency_p50_ms=_round(percentile(latencies, 50)),
         tokens_per_request_min=min((r.output_tokens for r in good), default=0),
         first_error=errors[0].error if errors else None,
+        itl_p50_ms=_round(percentile(gaps, 50)),
+        itl_p95_ms=_round(percentile(gaps, 95)),
     )
 
 
