@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,14 +40,21 @@ class Plan:
         return asdict(self)
 
 
-def make_plan(force_cpu: bool = False) -> Plan:
-    """The GPU plan when CUDA is there (and not ``force_cpu``), else the tiny CPU dry run."""
-    import torch
+def nvidia_gpu_visible() -> bool:
+    """True when nvidia-smi lists a GPU (asked without importing torch, so check.py itself stays light)."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return listing.returncode == 0 and "GPU" in listing.stdout
 
-    if torch.cuda.is_available() and not force_cpu:
+
+def make_plan(gpu: bool) -> Plan:
+    """The GPU plan (Llama-3.1-8B shape, bf16), else the tiny CPU dry run."""
+    if gpu:
         return Plan(True, "cuda:0", "bfloat16", "llama-3.1-8b", (1, 8, 32, 64), 256, 128, 128, 64,
                     (1, 32, 64), (1, 32), True, 2048)
-    return Plan(False, "cpu", "float32", "tiny", (1, 4, 8), 32, 32, 16, 12, (1, 4, 8), (1, 4), False, 64)
+    return Plan(False, "cpu", "float32", "tiny", (1, 4), 32, 16, 8, 8, (1, 4), (1, 2), False, 64)
 
 
 def tokenizer_source() -> Path:

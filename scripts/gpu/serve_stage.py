@@ -35,10 +35,12 @@ def server_env(plan: Plan, folder: Path, port: int) -> dict[str, str]:
     """This environment plus the server's settings; gunicorn found next to the interpreter or in PYTHONPATH/bin."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_MODEL", "SM_", "MAX_"))}
     extra_bins = [str(Path(sys.executable).parent)]
-    extra_bins += [str(Path(p) / "bin") for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and (Path(p) / "bin").is_dir()]
+    site_dirs = [Path(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    extra_bins += [str(site / "bin") for site in site_dirs if (site / "bin").is_dir()]  # pip install --target
     env["PATH"] = os.pathsep.join([*extra_bins, env.get("PATH", "")])
     env.update({
-        "HF_MODEL_ID": str(folder), "HF_MODEL_LOAD_FORMAT": "dummy", "DTYPE": plan.dtype, "SM_MODEL_DIR": "/nonexistent",
+        "HF_MODEL_ID": str(folder), "HF_MODEL_LOAD_FORMAT": "dummy", "DTYPE": plan.dtype,
+        "SM_MODEL_DIR": "/nonexistent",
         "SAGEMAKER_BIND_TO_PORT": str(port), "MAX_CONCURRENT_REQUESTS": str(2 * max(plan.concurrencies)),
         "MAX_TOTAL_TOKENS": str(plan.prompt_tokens + plan.new_tokens + 64), "LOG_LEVEL": "INFO",
     })
@@ -58,8 +60,8 @@ class GpuMemory:
     def _poll(self) -> None:
         while not self._stop.wait(0.5):
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                                     capture_output=True, text=True, timeout=5).stdout
+                query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"]
+                out = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout
                 self.peak_mib = max(self.peak_mib or 0, int(out.strip().splitlines()[0]))
             except (OSError, ValueError, IndexError, subprocess.SubprocessError):
                 pass
@@ -79,7 +81,8 @@ def start(plan: Plan, folder: Path, log_path: Path, timeout: float) -> tuple[sub
     url = f"http://127.0.0.1:{port}"
     while time.monotonic() - started < timeout:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {log_path.read_text(errors='replace')[-2000:]}")
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"server exited with {process.returncode}: {tail}")
         try:
             if requests.get(url + "/ping", timeout=2).status_code == 200:
                 return process, url, time.monotonic() - started
@@ -130,7 +133,8 @@ def run(plan: Plan, out: Path, budget_s: float) -> None:
     try:
         record.put("info", requests.get(url + "/info", timeout=10).json())
         texts, overhead = prompts_of(url, folder, plan.prompt_tokens, 2 * max(plan.concurrencies))
-        record.put("prompt", {"tokens": plan.prompt_tokens, "chat_template_tokens": overhead, "new_tokens": plan.new_tokens})
+        record.put("prompt", {"tokens": plan.prompt_tokens, "chat_template_tokens": overhead,
+                              "new_tokens": plan.new_tokens})
         endpoint = Endpoint(url, "m", {"ignore_eos": True})
         run_level(endpoint, texts[:2], 1, 1, plan.new_tokens, 120, deadline)  # warm-up
         for concurrency in plan.concurrencies:

@@ -48,7 +48,7 @@ def copy_bandwidth(plan: Plan) -> dict[str, Any]:
 
 
 def decode_floor(plan: Plan, folder: Path, bytes_per_s: float) -> dict[str, Any]:
-    """Bytes read per decode step (all weights once + the KV of every sequence) and the time that takes at ``bytes_per_s``."""
+    """Bytes read per decode step (all weights once + every sequence's KV) and the time at ``bytes_per_s``."""
     from transformers import AutoConfig
 
     from serve.model.placement import footprint, parameter_count
@@ -230,7 +230,11 @@ def main() -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--cpu", action="store_true", help="the tiny CPU plan even where CUDA is available")
     args = parser.parse_args()
-    plan = make_plan(force_cpu=args.cpu)
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("nvidia-smi lists a GPU but torch sees no CUDA device: check the driver and torch build")
+    plan = make_plan(gpu=not args.cpu)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for stage in args.stages.split(","):
         STAGES[stage](plan, args.out_dir)
