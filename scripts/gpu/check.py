@@ -29,7 +29,7 @@ from report import markdown  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TOTAL_GPU_S = 530  # 9 minutes less what starting this script takes
-GPU_BOXES = {"bandwidth": 35, "tests": 140, "engine": 90, "server": 160, "hf": 105}
+GPU_BOXES = {"bandwidth": 35, "tests": 120, "engine": 90, "server": 160, "hf": 125}
 CPU_BOXES = {"bandwidth,engine,hf": 300, "tests": 120, "server": 200}  # one process for the in-process stages
 NO_GPU = (
     "NO GPU: no CUDA GPU is visible here (nvidia-smi); "

@@ -99,11 +99,11 @@ def _profiler(plan: Plan) -> Any:
 
 
 def _profile_table(prof: Any, plan: Plan) -> str:
-    sort = "self_cuda_time_total" if plan.gpu else "self_cpu_time_total"
+    sort = "self_device_time_total" if plan.gpu else "self_cpu_time_total"
     try:
         return prof.key_averages().table(sort_by=sort, row_limit=15)
-    except (KeyError, AttributeError, RuntimeError):
-        return prof.key_averages().table(sort_by=sort.replace("cuda", "device"), row_limit=15)
+    except (KeyError, AttributeError, RuntimeError):  # an older torch names device time after CUDA
+        return prof.key_averages().table(sort_by=sort.replace("device", "cuda"), row_limit=15)
 
 
 class OneStepProfile:
@@ -181,7 +181,7 @@ def stage_engine(plan: Plan, out: Path) -> None:
         for batch in plan.batches:
             row = time_batch(engine, plan, batch, profiler if batch in (1, plan.batches[-2]) else None)
             record.put(f"batch_{batch}", row)
-            stage_log(f"engine batch {batch}: {row['ms_per_step']:.2f} ms per decode step")
+            stage_log(f"engine batch {batch}: {row['ms_per_step']} ms per decode step")
     finally:
         engine.stop()
 
