@@ -102,8 +102,9 @@ def markdown(out: Path, results: dict[str, Any]) -> str:
              f"Shape `{plan['shape']}` (dummy weights, {plan['dtype']}); prompts {plan['prompt_tokens']} tokens, "
              f"{plan['new_tokens']} new tokens (ignore_eos).", ""]
     for key, row in engine.items():
-        if isinstance(row, dict) and row.get("profile"):
-            lines += ["```", row["profile"].rstrip(), "```", ""]
+        for table in (row.get("profile"), row.get("profile_outside")) if isinstance(row, dict) else ():
+            if table:
+                lines += ["```", table.rstrip(), "```", ""]
     lines += ["| stage | status | seconds |", "|---|---|---|"]
     for name, stage in results["stages"].items():
         lines.append(f"| {name} | {stage.get('status', '')[:300]} | {stage.get('seconds', '')} |")

@@ -137,6 +137,34 @@ class OneStepProfile:
         self.table, self._armed = None, self.available
 
 
+class OutsideProfile:
+    """A few decode steps profiled from the driving thread (CUDA kernels are recorded whichever thread launched
+    them): a second view in case the profiler cannot attach CUDA activity to the engine thread's step."""
+
+    STEPS = 3
+
+    def __init__(self, plan: Plan, batch: int):
+        self.plan, self.batch, self.table, self._prof, self._tokens = plan, batch, None, None, 0
+
+    def advance(self, has_token: bool) -> None:
+        if self.table is not None:
+            return
+        if self._prof is None:
+            self._prof = _profiler(self.plan)
+            self._prof.start()
+            return
+        self._tokens += has_token
+        if self._tokens >= self.STEPS * self.batch:
+            self.finish()
+
+    def finish(self) -> None:
+        if self._prof is not None and self.table is None:
+            self._prof.stop()
+            steps = self._tokens / self.batch
+            self.table = (f"torch.profiler from the driving thread, {steps:g} decode steps at batch {self.batch} "
+                          f"(divide by {steps:g}):\n{_profile_table(self._prof, self.plan)}")
+
+
 def time_batch(engine: Any, plan: Plan, batch: int, profiler: OneStepProfile | None) -> dict[str, Any]:
     """ms per decode step at ``batch``: wall time while all requests decode / engine steps taken (tokens / batch)."""
     from serve.engine import Request, SamplingParams
@@ -146,6 +174,7 @@ def time_batch(engine: Any, plan: Plan, batch: int, profiler: OneStepProfile | N
     for index, prompt in enumerate(random_prompts(batch, plan.prompt_tokens, BASE_VOCAB, seed=batch)):
         engine.submit(Request(prompt, params), sink=sink, index=index)
     counts, done, start, end, tokens = [0] * batch, 0, None, None, 0
+    outside = OutsideProfile(plan, batch) if profiler is not None and plan.gpu else None
     while done < batch:
         index, event = sink.get(timeout=300)
         now = time.perf_counter()
@@ -160,12 +189,17 @@ def time_batch(engine: Any, plan: Plan, batch: int, profiler: OneStepProfile | N
                     profiler.arm()  # the next step, all rows still decoding
         elif start is None and min(counts) >= 1:
             start = now
+        elif outside is not None and profiler.table is not None:
+            outside.advance(has_token)  # after the hooked step: a few more steps profiled from this thread
     steps = tokens / batch
     ms = (end - start) * 1000 / steps if steps else None
     result = {"batch": batch, "steps_timed": steps, "ms_per_step": ms, "tok_per_s": batch * 1000 / ms if ms else None}
     if profiler is not None:
         table = profiler.table or "(not profiled: the engine's step method was not found or no step followed)"
         result["profile"] = f"torch.profiler, one decode step at batch {batch}, on the engine thread:\n{table}"
+    if outside is not None:
+        outside.finish()
+        result["profile_outside"] = outside.table
     return result
 
 

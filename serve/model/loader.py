@@ -364,7 +364,8 @@ def build_random(config: Any, dtype: Any, device: Any, trust_remote_code: bool =
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.device(device):  # parameters allocated on the device; from_config sets the default dtype
+        # the lean Llama-family model (serve/models/) goes here, e.g. `LeanModel.from_config(config, dtype)`
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     _randomize(model, float(getattr(config, "initializer_range", 0.02) or 0.02), seed)
     return model.eval()
