@@ -42,7 +42,8 @@ def _tests_rows(out: Path) -> list[tuple[str, str, str]]:
         rows.append(("b", f"8B bf16 vs HF, {div['requests']} requests × {div['tokens']} tokens",
                      f"first token agrees {div['first_token_agreement']:.0%}, "
                      f"all tokens {div['all_tokens_agree']:.0%}, "
-                     f"mean matched prefix {div['mean_matched_prefix']:.1f}"))
+                     f"mean matched prefix {div['mean_matched_prefix']:.1f}; HF rank of the engine's token where "
+                     f"it diverged: {div.get('hf_rank_of_engine_token_at_divergence')}"))
     return rows
 
 

@@ -2,8 +2,8 @@
 
 Tiny float32 shapes must match token for token. The Llama-3.1-8B shape in bf16 (32 concurrent requests, first 32
 tokens) is reported as a divergence rate: bf16 rounding differs between kernels and random weights leave near-ties,
-so exact equality is not expected there; a gross error (wrong RoPE, wrong cache rows) shows as a low first-token
-agreement, which is asserted.
+so exact equality is not expected there. What is asserted: where a request first diverges, the engine's token is
+among HF's own top 5 (of 128,256) at that point given the same prefix, i.e. a near-tie, not a wrong model.
 """
 
 from __future__ import annotations
@@ -39,24 +39,44 @@ def _prompts(count: int, length: int, seed: int) -> list[list[int]]:
     return random_prompts(count, length, BASE_VOCAB, seed)
 
 
-def hf_greedy(folder: Path, dtype_name: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """HF generate (dynamic cache) on the seeded dummy weights; equal-length prompts go in one batch."""
+def hf_model(folder: Path, dtype_name: str):
+    """The HF model on the seeded dummy weights (the same ones the engine's dummy load builds)."""
     import torch
     from transformers import AutoConfig
 
     from serve.model.loader import build_random
 
-    model = build_random(AutoConfig.from_pretrained(str(folder)), getattr(torch, dtype_name), torch.device(DEVICE))
+    return build_random(AutoConfig.from_pretrained(str(folder)), getattr(torch, dtype_name), torch.device(DEVICE))
+
+
+def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """HF generate (dynamic cache); equal-length prompts go in one batch."""
+    import torch
+
     ids = torch.tensor(prompts, device=DEVICE)
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    tokens = out[:, ids.shape[1]:].tolist()
-    del model, out
+    return out[:, ids.shape[1]:].tolist()
+
+
+def hf_rank(model, prompt: list[int], generated: list[int], position: int) -> int:
+    """How many tokens HF ranks above ``generated[position]`` after ``prompt + generated[:position]`` (0 = its top)."""
+    import torch
+
+    ids = torch.tensor([prompt + generated[:position]], device=DEVICE)
+    with torch.inference_mode():
+        logits = model(ids).logits[0, -1].float()
+    return int((logits > logits[generated[position]]).sum())
+
+
+def release_memory() -> None:
+    """Give the memory of models the caller has deleted back to the device."""
+    import torch
+
     gc.collect()
     if DEVICE.startswith("cuda"):
         torch.cuda.empty_cache()
-    return tokens
 
 
 def engine_greedy(folder: Path, dtype_name: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -91,7 +111,10 @@ def engine_greedy(folder: Path, dtype_name: str, prompts: list[list[int]], new_t
 def test_tiny_float32_engine_equals_hf(tmp_path_factory):
     folder = _folder(tmp_path_factory, "tiny")
     prompts = _prompts(6, 24, seed=1)
-    expected = [hf_greedy(folder, "float32", [prompt], 24)[0] for prompt in prompts]
+    model = hf_model(folder, "float32")
+    expected = [hf_greedy(model, [prompt], 24)[0] for prompt in prompts]
+    del model
+    release_memory()
     assert engine_greedy(folder, "float32", prompts, 24) == expected
 
 
@@ -114,12 +137,21 @@ def divergence(expected: list[list[int]], got: list[list[int]]) -> dict:
 
 
 def test_llama8b_bf16_32_concurrent_requests_track_hf(tmp_path_factory):
+    """Where the engine leaves HF's greedy path, its token must be a near-tie in HF's own logits (top 5 of 128k)."""
     folder = _folder(tmp_path_factory, "llama-3.1-8b")
     prompts = _prompts(32, 128, seed=2)
-    expected = hf_greedy(folder, "bfloat16", prompts, 32)
-    report = divergence(expected, engine_greedy(folder, "bfloat16", prompts, 32))
+    model = hf_model(folder, "bfloat16")
+    expected = hf_greedy(model, prompts, 32)
+    got = engine_greedy(folder, "bfloat16", prompts, 32)
+    report = divergence(expected, got)
+    report["hf_rank_of_engine_token_at_divergence"] = [
+        hf_rank(model, prompt, tokens, at) for prompt, tokens, at in zip(prompts, got, report["matched_prefixes"])
+        if at < len(tokens)
+    ]
+    del model
+    release_memory()
     print("8B bf16 engine vs HF:", json.dumps(report))
     out = os.environ.get("GPU_CHECK_OUT")
     if out:
         (Path(out) / "divergence.json").write_text(json.dumps(report, indent=2))
-    assert report["first_token_agreement"] >= 0.75, report
+    assert all(rank < 5 for rank in report["hf_rank_of_engine_token_at_divergence"]), report
