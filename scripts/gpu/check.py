@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     plan = make_plan(gpu=nvidia_gpu_visible() and not args.cpu)
+    if not plan.gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # --cpu on a GPU machine: every stage, tests and server on the CPU
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device_line(plan),
                                "gpu": plan.gpu, "versions": versions(), "plan": plan.to_dict(), "stages": {}}
     stage_log(results["device"])
