@@ -142,7 +142,8 @@ def run(plan: Plan, out: Path, budget_s: float) -> None:
                 record.put(f"c_{concurrency}", {"skipped": "the stage's time box ran out"})
                 continue
             n_requests = 3 if concurrency == 1 else (2 * concurrency if plan.gpu else concurrency)
-            level = run_level(endpoint, texts, concurrency, n_requests, plan.new_tokens, 180, deadline)
+            read_timeout = max(10.0, min(60.0, deadline - time.monotonic()))  # a stalled stream cannot eat the box
+            level = run_level(endpoint, texts, concurrency, n_requests, plan.new_tokens, read_timeout, deadline)
             record.put(f"c_{concurrency}", level.to_dict())
             stage_log(f"server c={concurrency}: {level.output_tok_per_s} tok/s, TTFT p50 {level.ttft_p50_ms} ms, "
                       f"ITL p50 {level.itl_p50_ms} ms, errors {level.errors}")
