@@ -108,8 +108,9 @@ def engine_greedy(folder: Path, dtype_name: str, prompts: list[list[int]], new_t
         engine.stop()
 
 
-def test_tiny_float32_engine_equals_hf(tmp_path_factory):
-    folder = _folder(tmp_path_factory, "tiny")
+@pytest.mark.parametrize("shape", ["tiny", "smollm2-135m"])  # GQA + llama3 RoPE + untied head; the embedded shape
+def test_float32_engine_equals_hf(tmp_path_factory, shape):
+    folder = _folder(tmp_path_factory, shape)
     prompts = _prompts(6, 24, seed=1)
     model = hf_model(folder, "float32")
     expected = [hf_greedy(model, [prompt], 24)[0] for prompt in prompts]
