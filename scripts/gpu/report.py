@@ -54,8 +54,10 @@ def _engine_rows(data: dict[str, Any], floor: dict[str, Any]) -> list[tuple[str,
             continue
         floor_ms = floor.get("per_batch", {}).get(str(row["batch"]), {}).get("floor_ms")
         share = f", {floor_ms / row['ms_per_step']:.0%} of the floor" if floor_ms else ""
+        inside = row.get("step_method_ms_p50")
+        inside = f"; inside the step method p50 {_f(inside, 2)} ms" if inside is not None else ""
         rows.append(("c", f"engine decode step, batch {row['batch']}",
-                     f"{_f(row['ms_per_step'], 2)} ms ({_f(row['tok_per_s'], 0)} tok/s{share})"))
+                     f"{_f(row['ms_per_step'], 2)} ms ({_f(row['tok_per_s'], 0)} tok/s{share}{inside})"))
     return rows
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from common import Plan, Recorder, make_plan, model_folder, random_prompts, stage_log
 
@@ -106,35 +107,51 @@ def _profile_table(prof: Any, plan: Plan) -> str:
         return prof.key_averages().table(sort_by=sort.replace("device", "cuda"), row_limit=15)
 
 
-class OneStepProfile:
-    """Profiles exactly one engine step, on the engine's own thread, by wrapping its step method from outside.
+class StepHook:
+    """Wraps the engine's step method from outside (engine files untouched), on the engine's own thread: times
+    every step while ``timing`` is set (device synchronised at its end), and profiles the one step after ``arm()``.
 
-    The engine files are not edited; if its step method is renamed, ``available`` is False and nothing is hooked.
+    If the step method is renamed, ``available`` is False and nothing is hooked (the outside timing still holds).
     """
 
     METHOD_NAMES = ("_step", "step")
 
     def __init__(self, engine: Any, plan: Plan):
-        self.plan, self.table, self._armed = plan, None, False
+        self.plan, self.table, self.timing, self.step_s = plan, None, False, []
+        self._armed = False
         name = next((n for n in self.METHOD_NAMES if callable(getattr(engine, n, None))), None)
         self.available = name is not None
         if name is not None:
-            original = getattr(engine, name)
+            setattr(engine, name, self._wrap(getattr(engine, name)))
 
-            def step(*args: Any, **kwargs: Any) -> Any:
-                if not self._armed:
-                    return original(*args, **kwargs)
+    def _wrap(self, original: Any) -> Any:
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if self._armed:
                 self._armed = False
-                with _profiler(plan) as prof:
+                with _profiler(self.plan) as prof:
                     result = original(*args, **kwargs)
-                    _sync(plan.device)
-                self.table = _profile_table(prof, plan)
+                    _sync(self.plan.device)
+                self.table = _profile_table(prof, self.plan)
                 return result
+            started = time.perf_counter()
+            result = original(*args, **kwargs)
+            if self.timing:
+                _sync(self.plan.device)
+                self.step_s.append(time.perf_counter() - started)
+            return result
 
-            setattr(engine, name, step)
+        return step
 
     def arm(self) -> None:
         self.table, self._armed = None, self.available
+
+    def start_timing(self) -> None:
+        self.step_s, self.timing = [], True
+
+    def stop_timing(self) -> Optional[float]:
+        """The median step time in ms since ``start_timing`` (None when nothing was hooked)."""
+        self.timing = False
+        return statistics.median(self.step_s) * 1000 if self.step_s else None
 
 
 class OutsideProfile:
@@ -165,7 +182,7 @@ class OutsideProfile:
                           f"(divide by {steps:g}):\n{_profile_table(self._prof, self.plan)}")
 
 
-def time_batch(engine: Any, plan: Plan, batch: int, profiler: OneStepProfile | None) -> dict[str, Any]:
+def time_batch(engine: Any, plan: Plan, batch: int, hook: StepHook, profile: bool) -> dict[str, Any]:
     """ms per decode step at ``batch``: wall time while all requests decode / engine steps taken (tokens / batch)."""
     from serve.engine import Request, SamplingParams
 
@@ -174,7 +191,8 @@ def time_batch(engine: Any, plan: Plan, batch: int, profiler: OneStepProfile | N
     for index, prompt in enumerate(random_prompts(batch, plan.prompt_tokens, BASE_VOCAB, seed=batch)):
         engine.submit(Request(prompt, params), sink=sink, index=index)
     counts, done, start, end, tokens = [0] * batch, 0, None, None, 0
-    outside = OutsideProfile(plan, batch) if profiler is not None and plan.gpu else None
+    outside = OutsideProfile(plan, batch) if profile and plan.gpu else None
+    step_ms = None
     while done < batch:
         index, event = sink.get(timeout=300)
         now = time.perf_counter()
@@ -184,18 +202,20 @@ def time_batch(engine: Any, plan: Plan, batch: int, profiler: OneStepProfile | N
         if start is not None and end is None:
             tokens += has_token
             if tokens >= batch * (plan.step_tokens // 2) or event.finish_reason is not None:
-                end = now
-                if profiler is not None:
-                    profiler.arm()  # the next step, all rows still decoding
+                end, step_ms = now, hook.stop_timing()
+                if profile:
+                    hook.arm()  # the next step, all rows still decoding
         elif start is None and min(counts) >= 1:
             start = now
-        elif outside is not None and profiler.table is not None:
+            hook.start_timing()
+        elif outside is not None and hook.table is not None:
             outside.advance(has_token)  # after the hooked step: a few more steps profiled from this thread
     steps = tokens / batch
     ms = (end - start) * 1000 / steps if steps else None
-    result = {"batch": batch, "steps_timed": steps, "ms_per_step": ms, "tok_per_s": batch * 1000 / ms if ms else None}
-    if profiler is not None:
-        table = profiler.table or "(not profiled: the engine's step method was not found or no step followed)"
+    result = {"batch": batch, "steps_timed": steps, "ms_per_step": ms, "tok_per_s": batch * 1000 / ms if ms else None,
+              "step_method_ms_p50": step_ms}  # inside the step method only: the rest of ms_per_step is the loop
+    if profile:
+        table = hook.table or "(not profiled: the engine's step method was not found or no step followed)"
         result["profile"] = f"torch.profiler, one decode step at batch {batch}, on the engine thread:\n{table}"
     if outside is not None:
         outside.finish()
@@ -210,10 +230,10 @@ def stage_engine(plan: Plan, out: Path) -> None:
     engine = start_engine(plan, folder, max(plan.batches), plan.prompt_tokens + plan.step_tokens + 8)
     record.put("load_s", time.perf_counter() - started)
     try:
-        profiler = OneStepProfile(engine, plan)
-        time_batch(engine, plan, 1, None)  # warm-up
+        hook = StepHook(engine, plan)
+        time_batch(engine, plan, 1, hook, profile=False)  # warm-up
         for batch in plan.batches:
-            row = time_batch(engine, plan, batch, profiler if batch in (1, plan.batches[-2]) else None)
+            row = time_batch(engine, plan, batch, hook, profile=batch in (1, plan.batches[-2]))
             record.put(f"batch_{batch}", row)
             stage_log(f"engine batch {batch}: {row['ms_per_step']} ms per decode step")
     finally:
