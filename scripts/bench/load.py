@@ -41,6 +41,7 @@ class RequestResult:
     text: str = ""
     prompt_tokens: int | None = None  # from the usage chunk
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when the server reports it
+    token_gaps_s: list[float] = field(default_factory=list)  # between consecutive content chunks (inter-token latency)
 
 
 @dataclass
@@ -61,6 +62,8 @@ class LevelResult:
     prompt_tokens_min: int | None = None
     prompt_tokens_max: int | None = None
     cached_tokens: int | None = None  # summed over the level's requests; None when no request reported it
+    itl_p50_ms: float | None = None  # inter-token latency: gaps between content chunks, over all requests
+    itl_p95_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +136,7 @@ def stream_chat(
     started = time.perf_counter()
     result = RequestResult(ok=False)
     content_chunks, usage_tokens, done, finished = 0, None, False, False
+    last_chunk = started
     try:
         with session.post(
             f"{endpoint.base_url}/v1/chat/completions",
@@ -151,10 +155,14 @@ def stream_chat(
                     raise RuntimeError(f"error chunk: {payload[:300]}")
                 text = _chunk_text(chunk)
                 if text:
+                    now = time.perf_counter()
                     result.text += text
                     content_chunks += 1
                     if result.ttft_s is None:
-                        result.ttft_s = time.perf_counter() - started
+                        result.ttft_s = now - started
+                    else:
+                        result.token_gaps_s.append(now - last_chunk)
+                    last_chunk = now
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens", usage_tokens)
                     _record_usage(result, chunk["usage"])
@@ -194,6 +202,7 @@ def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> 
     good = [r for r in results if r.ok]
     ttfts = [r.ttft_s * 1000 for r in good if r.ttft_s is not None]
     latencies = [r.latency_s * 1000 for r in good]
+    gaps = [gap * 1000 for r in good for gap in r.token_gaps_s]
     tokens = sum(r.output_tokens for r in good)
     errors = [r for r in results if not r.ok]
     prompt_tokens = [r.prompt_tokens for r in good if r.prompt_tokens is not None]
@@ -213,6 +222,8 @@ def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> 
         prompt_tokens_min=min(prompt_tokens, default=None),
         prompt_tokens_max=max(prompt_tokens, default=None),
         cached_tokens=sum(cached) if cached else None,
+        itl_p50_ms=_round(percentile(gaps, 50)),
+        itl_p95_ms=_round(percentile(gaps, 95)),
     )
 
 

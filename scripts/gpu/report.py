@@ -1,0 +1,119 @@
+"""gpu-check's markdown: the one-step profiles, then one summary table (the part printed last)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+
+def _load(out: Path, name: str) -> dict[str, Any]:
+    path = out / f"{name}.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _f(value: Optional[float], digits: int = 1) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def _bandwidth_rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    if "copy" in data:
+        rows.append(("a", "device copy bandwidth (read + written)", f"{_f(data['copy']['gb_per_s'])} GB/s"))
+    floor = data.get("floor", {})
+    for batch, row in floor.get("per_batch", {}).items():
+        rows.append(("a", f"decode floor, batch {batch}, {floor['context']}-token contexts",
+                     f"{_f(row['floor_ms'], 2)} ms/step ({_f(row['floor_tok_per_s'], 0)} tok/s; "
+                     f"{row['bytes'] / 1e9:.2f} GB read)"))
+    return rows
+
+
+def _tests_rows(out: Path) -> list[tuple[str, str, str]]:
+    log = out / "tests.log"
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    summary = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|errors?|deselected)\b.*?)\s*=*$", text, re.MULTILINE)
+    rows = [("b", "tests/gpu", summary[-1] if summary else "no pytest summary (see tests.log)")]
+    div = _load(out, "divergence")
+    if div:
+        rows.append(("b", f"8B bf16 vs HF, {div['requests']} requests × {div['tokens']} tokens",
+                     f"first token agrees {div['first_token_agreement']:.0%}, "
+                     f"all tokens {div['all_tokens_agree']:.0%}, "
+                     f"mean matched prefix {div['mean_matched_prefix']:.1f}; HF rank of the engine's token where "
+                     f"it diverged: {div.get('hf_rank_of_engine_token_at_divergence')}"))
+    return rows
+
+
+def _engine_rows(data: dict[str, Any], floor: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    for key, row in data.items():
+        if not key.startswith("batch_") or row.get("ms_per_step") is None:
+            continue
+        floor_ms = floor.get("per_batch", {}).get(str(row["batch"]), {}).get("floor_ms")
+        share = f", {floor_ms / row['ms_per_step']:.0%} of the floor" if floor_ms else ""
+        inside = row.get("step_method_ms_p50")
+        inside = f"; inside the step method p50 {_f(inside, 2)} ms" if inside is not None else ""
+        rows.append(("c", f"engine decode step, batch {row['batch']}",
+                     f"{_f(row['ms_per_step'], 2)} ms ({_f(row['tok_per_s'], 0)} tok/s{share}{inside})"))
+    return rows
+
+
+def _server_rows(data: dict[str, Any], floor: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    if "cold_start_s" in data:
+        rows.append(("d", "server cold start (process start → /ping 200)", f"{_f(data['cold_start_s'])} s"))
+    floor_1 = floor.get("per_batch", {}).get("1", {}).get("floor_tok_per_s")
+    for key, level in data.items():
+        if not key.startswith("c_"):
+            continue
+        if "skipped" in level:
+            rows.append(("d", f"server c={key[2:]}", level["skipped"]))
+            continue
+        share = f" ({level['output_tok_per_s'] / floor_1:.0%} of the b=1 floor)" if key == "c_1" and floor_1 else ""
+        rows.append(("d", f"server c={level['concurrency']} ({level['requests']} requests, {level['errors']} errors)",
+                     f"{_f(level['output_tok_per_s'])} tok/s{share}; TTFT p50/p95 {_f(level['ttft_p50_ms'])}/"
+                     f"{_f(level['ttft_p95_ms'])} ms; "
+                     f"ITL p50/p95 {_f(level.get('itl_p50_ms'))}/{_f(level.get('itl_p95_ms'))} ms"))
+    if data.get("peak_gpu_memory_mib") is not None:
+        rows.append(("d", "peak GPU memory (device-wide, nvidia-smi)", f"{data['peak_gpu_memory_mib']:,} MiB"))
+    return rows
+
+
+def _hf_rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
+    setup = data.get("setup", {})
+    label = "static cache" + (" + compile" if setup.get("compile") else ", no compile (CPU)")
+    rows = []
+    for key, row in data.items():
+        if key.startswith("batch_"):
+            value = f"first call {_f(row['first_call_s'])} s"
+            if "tok_per_s" in row:
+                value = f"{_f(row['tok_per_s'], 0)} tok/s ({_f(row['ms_per_step'], 2)} ms/step); " + value
+            rows.append(("e", f"HF generate, {label}, batch {row['batch']}", value))
+    return rows
+
+
+def markdown(out: Path, results: dict[str, Any]) -> str:
+    """The whole report: header, profiles, stage statuses, then the summary table last."""
+    bandwidth, engine = _load(out, "bandwidth"), _load(out, "engine")
+    floor = bandwidth.get("floor", {})
+    plan = results["plan"]
+    lines = [f"# gpu-check, {results['date']}", "", f"**Device:** {results['device']}", "",
+             f"Versions: {', '.join(f'{k} {v}' for k, v in results['versions'].items())}. "
+             f"Shape `{plan['shape']}` (dummy weights, {plan['dtype']}); prompts {plan['prompt_tokens']} tokens, "
+             f"{plan['new_tokens']} new tokens (ignore_eos).", ""]
+    for key, row in engine.items():
+        for table in (row.get("profile"), row.get("profile_outside")) if isinstance(row, dict) else ():
+            if table:
+                lines += ["```", table.rstrip(), "```", ""]
+    lines += ["| stage | status | seconds |", "|---|---|---|"]
+    for name, stage in results["stages"].items():
+        lines.append(f"| {name} | {stage.get('status', '')[:300]} | {stage.get('seconds', '')} |")
+    rows = _bandwidth_rows(bandwidth) + _tests_rows(out) + _engine_rows(engine, floor)
+    rows += _server_rows(_load(out, "server"), floor) + _hf_rows(_load(out, "hf"))
+    lines += ["", "| | measure | value |", "|---|---|---|"] + [f"| {s} | {m} | {v} |" for s, m, v in rows]
+    if not results["gpu"]:
+        lines += ["", f"**{results['device']}.**"]
+    return "\n".join(lines) + "\n"

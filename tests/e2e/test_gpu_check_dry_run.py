@@ -1,0 +1,36 @@
+"""`make gpu-check` without a GPU: every stage runs on tiny shapes on the CPU and the report says there is no GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.e2e
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    out = tmp_path / "gpu-check"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu" / "check.py"), str(out), "--cpu"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=560)
+    results = json.loads((out / "results.json").read_text())
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    assert run.stdout.rstrip().endswith("(a dry run of the script).**"), "the summary table is printed last"
+    assert "NO GPU" in run.stdout and results["gpu"] is False
+    assert all(stage["status"] == "ok" for stage in results["stages"].values()), results["stages"]
+    engine = json.loads((out / "engine.json").read_text())
+    assert engine["batch_1"]["ms_per_step"] > 0 and "aten::" in engine["batch_1"]["profile"]
+    server = json.loads((out / "server.json").read_text())
+    for level in (server["c_1"], server["c_4"]):
+        assert level["errors"] == 0 and level["tokens_per_request_min"] == 8, level  # ignore_eos: all 8 tokens
+        assert level["ttft_p50_ms"] > 0 and level["itl_p50_ms"] is not None
+    assert server["cold_start_s"] > 0
+    hf = json.loads((out / "hf.json").read_text())
+    assert hf["batch_2"]["tok_per_s"] > 0
+    report = (out / "results.md").read_text()
+    assert "device copy bandwidth" in report and "skipped" in report  # tests/gpu ran and skipped without CUDA
