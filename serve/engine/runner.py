@@ -8,7 +8,7 @@ import torch
 
 from serve.engine.attention import BACKEND_NAME, PrefillChunk, StepLayout, active_step
 from serve.engine.kv_cache import SlotKVCache
-from serve.engine.sampling import chosen_logprobs, make_generator, sample_next_tokens
+from serve.engine.sampling import chosen_logprobs, make_generator, prompt_scores, sample_next_tokens
 from serve.engine.scheduler import StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.types import SamplingParams, TokenChoice
@@ -59,10 +59,10 @@ class ModelRunner:
         """Log-probabilities of prompt tokens, for sequences that asked (each logit row predicts the next token)."""
         start = 0
         for seq, targets in scored:
-            rows = logits[start : start + len(targets)].float()
+            picked, tops = prompt_scores(logits[start : start + len(targets)], targets, seq.request.params.logprobs or 0)
             start += len(targets)
-            picked = torch.log_softmax(rows, dim=-1).gather(-1, torch.tensor(targets, device=rows.device)[:, None])
-            seq.prompt_logprobs.extend(picked.squeeze(-1).tolist())
+            seq.prompt_logprobs.extend(picked)
+            seq.prompt_top_logprobs.extend(tops)
 
     def _layout(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, StepLayout, list[Sequence], torch.Tensor, list]:
         ids: list[int] = []
