@@ -41,6 +41,7 @@ def chat_completions(payload: dict[str, Any], route: str) -> Response:
     """Serve one chat completion request (also reached from /invocations)."""
     req = validate(oa.ChatCompletionRequest, payload)
     grammar, grammar_field = req.grammar()
+    service().check_token_ids((token for token, _ in req.bias_entries), "logit_bias")
     tools = [tool.model_dump(exclude_none=True) for tool in req.active_tools]
     prompt_ids = service().chat_prompt((m.as_template_dict() for m in req.messages), tools)
     service().check_grammar(grammar, grammar_field)

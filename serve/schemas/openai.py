@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+import serve
 from serve.engine.grammar import GrammarError, json_schema_grammar
 from serve.engine.types import FinishReason, SamplingParams
 from serve.errors import ValidationFailed
@@ -15,6 +16,7 @@ from serve.schemas.common import MAX_LOGIT_BIAS, MAX_PROMPTS, MAX_TOP_LOGPROBS, 
 from serve.schemas.tools import NamedToolChoice, Tool, ToolChoice, call_schema, forced_tools, template_tool_calls
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
+SYSTEM_FINGERPRINT = f"sagemaker-llm-serve-{serve.__version__}"
 
 
 class TextPart(LenientModel):
@@ -288,7 +290,7 @@ def _envelope(completion_id: str, obj: str, model: str, choices: list[dict[str, 
         "object": obj,
         "created": int(time.time()),
         "model": model,
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,  # a string, as TGI sends: text-generation's client requires one
         "choices": choices,
     }
 
