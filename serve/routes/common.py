@@ -64,4 +64,6 @@ def field_path(loc: tuple) -> str:
 
 def token_texts(token_ids: list[int]) -> list[str]:
     """Each token's own text, as clients expect in log-probability listings."""
+    if not token_ids:
+        return []  # batch_decode([]) answers [""]
     return service().tokenizer.batch_decode([[token_id] for token_id in token_ids])
