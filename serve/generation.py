@@ -103,7 +103,8 @@ class GenerationService:
         """422 naming ``field`` when a token id is outside the model's vocabulary."""
         outside = sorted({token_id for token_id in token_ids if not 0 <= token_id < self.vocab_size})
         if outside:
-            raise ValidationFailed(f"{field}: token ids {outside[:8]} are outside the vocabulary (0..{self.vocab_size - 1})", field)
+            message = f"{field}: token ids {outside[:8]} are outside the vocabulary (0..{self.vocab_size - 1})"
+            raise ValidationFailed(message, field)
 
     def check_grammar(self, grammar: Optional[str], field: str) -> None:
         """422 naming ``field`` when a grammar does not compile for this model's vocabulary."""
@@ -138,13 +139,14 @@ class GenerationService:
     ) -> Generation:
         """``n`` choices for each prompt, as one Generation: choice ``p * n + i`` is the i-th choice of prompt p."""
         fields = [prompt_field if len(prompts) == 1 else f"{prompt_field}[{p}]" for p in range(len(prompts))]
-        params = [to_params(self._max_new_tokens(len(ids), requested_max_tokens, field)) for ids, field in zip(prompts, fields)]
+        params = [to_params(self._max_new_tokens(len(ids), requested_max_tokens, f)) for ids, f in zip(prompts, fields)]
         sink: "queue.Queue[tuple[int, TokenEvent]]" = queue.Queue()
         streams: list[RequestStream] = []
         try:
             for prompt_ids, base in zip(prompts, params):
                 for index in range(n):
-                    seed = None if base.seed is None else (base.seed + index) % 2**64  # same seed, same n choices (kept in torch's range)
+                    # same seed, same n choices (kept in torch's range)
+                    seed = None if base.seed is None else (base.seed + index) % 2**64
                     request = Request(prompt_ids=prompt_ids, params=replace(base, seed=seed), adapter=adapter)
                     streams.append(self.engine.submit(request, sink=sink, index=len(streams)))
         except (EngineOverloaded, EngineNotReady) as exc:

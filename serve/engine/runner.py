@@ -59,7 +59,8 @@ class ModelRunner:
         """Log-probabilities of prompt tokens, for sequences that asked (each logit row predicts the next token)."""
         start = 0
         for seq, targets in scored:
-            picked, tops = prompt_scores(logits[start : start + len(targets)], targets, seq.request.params.logprobs or 0)
+            rows = logits[start : start + len(targets)]
+            picked, tops = prompt_scores(rows, targets, seq.request.params.logprobs or 0)
             start += len(targets)
             seq.prompt_logprobs.extend(picked)
             seq.prompt_top_logprobs.extend(tops)

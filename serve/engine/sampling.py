@@ -56,7 +56,9 @@ def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
     return logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=logits.device), accumulate=True)
 
 
-def prompt_scores(logits: torch.Tensor, targets: list[int], top: int) -> tuple[list[float], list[tuple[tuple[int, float], ...]]]:
+def prompt_scores(
+    logits: torch.Tensor, targets: list[int], top: int
+) -> tuple[list[float], list[tuple[tuple[int, float], ...]]]:
     """Log-probabilities of prompt tokens (row i of ``logits`` predicts ``targets[i]``) and the ``top`` most likely."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     picked = log_probs.gather(-1, torch.tensor(targets, device=logits.device)[:, None]).squeeze(-1).tolist()

@@ -107,4 +107,4 @@ class TokenEvent:
     logprob: Optional[float] = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
     prompt_logprobs: Optional[tuple[Optional[float], ...]] = None  # first event only, when asked for
-    prompt_top_logprobs: Optional[tuple[tuple[tuple[int, float], ...], ...]] = None  # with it: logprobs-many per position
+    prompt_top_logprobs: Optional[tuple[tuple[tuple[int, float], ...], ...]] = None  # with it: the likeliest

@@ -45,7 +45,7 @@ def json_body() -> dict[str, Any]:
 
 
 def validate(model: type[M], payload: dict[str, Any]) -> M:
-    """Parse ``payload`` into ``model``; a 422 (400 on /v1/*) names every offending field, as ``messages[0].content``."""
+    """Parse ``payload`` into ``model``; a 422 (400 on /v1/*) names each offending field, as ``messages[0].content``."""
     try:
         return model.model_validate(payload)
     except ValidationError as exc:

@@ -16,6 +16,7 @@ from serve.routes.common import service, token_texts, validate
 from serve.schemas import openai as oa
 
 Top = list[tuple[str, float]]
+Entries = tuple[list[str], list[Optional[float]], list[Optional[dict]]]  # token texts, log-probabilities, alternatives
 
 
 def completions(payload: dict[str, Any], route: str) -> Response:
@@ -27,15 +28,15 @@ def completions(payload: dict[str, Any], route: str) -> Response:
     prompts = [_prompt_ids(prompt, index, len(req.prompts)) for index, prompt in enumerate(req.prompts)]
     service().check_grammar(grammar, "response_format")
     adapter = requested_adapter(req.model, "model", openai_model=True)
-    generation = service().start_many(
-        prompts, req.requested_max_tokens, lambda budget: req.to_sampling_params(budget, grammar), "prompt", req.n, adapter
-    )
+    to_params = lambda budget: req.to_sampling_params(budget, grammar)  # noqa: E731
+    generation = service().start_many(prompts, req.requested_max_tokens, to_params, "prompt", req.n, adapter)
     echoes = [_echo_text(prompt) if req.echo else "" for prompt in req.prompts]
     completion_id = oa.new_id("cmpl")
     if req.stream:
         return sse.response(_chunks(generation, req, completion_id, route, prompts, echoes))
     choices = service().collect(generation, route)
-    body = oa.text_completion(completion_id, req.model, [_choice(req, c, prompts, echoes) for c in choices], _usage(choices, req.n))
+    rendered = [_choice(req, c, prompts, echoes) for c in choices]
+    body = oa.text_completion(completion_id, req.model, rendered, _usage(choices, req.n))
     response = jsonify(body)
     response.headers.update(timing_headers(choices[0].final))
     return response
@@ -57,10 +58,13 @@ def _choice(req: oa.CompletionRequest, choice: Choice, prompts: list[list[int]],
     prompt = choice.index // req.n
     first = choice.tokens[0] if choice.tokens else choice.final  # a scoring-only request has no token events
     logprobs = _logprobs(req, choice.tokens, prompts[prompt] if req.scores_prompt else None, first, 0)
-    return oa.text_choice(choice.index, echoes[prompt] + choice.text, oa.openai_finish_reason(choice.final.finish_reason), logprobs)
+    reason = oa.openai_finish_reason(choice.final.finish_reason)
+    return oa.text_choice(choice.index, echoes[prompt] + choice.text, reason, logprobs)
 
 
-def _logprobs(req: oa.CompletionRequest, events: list[TokenEvent], prompt: Optional[list[int]], first: TokenEvent, offset: int) -> Optional[dict]:
+def _logprobs(
+    req: oa.CompletionRequest, events: list[TokenEvent], prompt: Optional[list[int]], first: TokenEvent, offset: int
+) -> Optional[dict]:
     """The legacy ``logprobs`` object: the echoed ``prompt``'s tokens (when given), then the generated ones."""
     if req.logprobs is None:
         return None
@@ -72,7 +76,7 @@ def _logprobs(req: oa.CompletionRequest, events: list[TokenEvent], prompt: Optio
     return oa.completion_logprobs(texts, values, tops, offset)
 
 
-def _prompt_entries(prompt: list[int], first: TokenEvent) -> tuple[list[str], list[Optional[float]], list[Optional[dict]]]:
+def _prompt_entries(prompt: list[int], first: TokenEvent) -> Entries:
     """Each prompt token's text, log-probability (None for the first) and likeliest alternatives (with itself)."""
     texts = token_texts(prompt)
     values = list(first.prompt_logprobs or [None] * len(prompt))
@@ -102,7 +106,8 @@ def _usage(choices: list[Choice], n: int) -> dict[str, int]:
 
 
 def _chunks(
-    generation: Generation, req: oa.CompletionRequest, completion_id: str, route: str, prompts: list[list[int]], echoes: list[str]
+    generation: Generation, req: oa.CompletionRequest, completion_id: str, route: str, prompts: list[list[int]],
+    echoes: list[str],
 ) -> Iterator[str]:
     """The stream: per choice, its echoed prompt (scored) with its first event, then a chunk per token."""
 

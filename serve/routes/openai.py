@@ -91,7 +91,8 @@ def _chat_chunks(generation: Generation, req: oa.ChatCompletionRequest, completi
     def chunk(index: int, delta: dict[str, Any], reason: Optional[str] = None, logprobs: Optional[dict] = None) -> str:
         return sse.event(oa.chat_chunk(completion_id, req.model, index, delta, reason, logprobs))
 
-    buffers = [ToolCallBuffer(req.forced_tools or req.active_tools, bool(req.forced_tools)) if req.active_tools else None for _ in range(req.n)]
+    tools, forced = req.forced_tools or req.active_tools, bool(req.forced_tools)
+    buffers = [ToolCallBuffer(tools, forced) if req.active_tools else None for _ in range(req.n)]
     finals: dict[int, TokenEvent] = {}
     for index in range(req.n):
         yield chunk(index, {"role": "assistant", "content": ""})

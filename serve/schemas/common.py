@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -25,8 +26,15 @@ class LenientModel(BaseModel):
         """An explicit ``null`` for an optional field means "not set" (OpenAI marks them nullable; SDKs send nulls)."""
         if not isinstance(data, dict):
             return data
-        optional = {key for name, f in cls.model_fields.items() if not f.is_required() for key in (name, f.alias) if key}
+        optional = _optional_keys(cls)
         return {key: value for key, value in data.items() if value is not None or key not in optional}
+
+
+@functools.cache
+def _optional_keys(model: type[BaseModel]) -> frozenset[str]:
+    """The names and aliases of a model's fields that have a default."""
+    fields = model.model_fields.items()
+    return frozenset(key for name, f in fields if not f.is_required() for key in (name, f.alias) if key)
 
 
 def normalize_stop(stop: Union[str, list[str], None]) -> tuple[str, ...]:

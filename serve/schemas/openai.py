@@ -12,7 +12,14 @@ import serve
 from serve.engine.grammar import GrammarError, json_schema_grammar
 from serve.engine.types import FinishReason, SamplingParams
 from serve.errors import ValidationFailed
-from serve.schemas.common import MAX_LOGIT_BIAS, MAX_PROMPTS, MAX_TOP_LOGPROBS, LenientModel, SamplingFields, normalize_stop
+from serve.schemas.common import (
+    MAX_LOGIT_BIAS,
+    MAX_PROMPTS,
+    MAX_TOP_LOGPROBS,
+    LenientModel,
+    SamplingFields,
+    normalize_stop,
+)
 from serve.schemas.tools import NamedToolChoice, Tool, ToolChoice, call_schema, forced_tools, template_tool_calls
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
@@ -37,16 +44,19 @@ class AssistantToolCall(LenientModel):
     function: FunctionCall
 
 
+Content = Union[str, list[TextPart]]
+
+
 class ChatMessage(LenientModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     tool_calls: Optional[list[AssistantToolCall]] = None
-    content: Union[str, list[TextPart], None] = Field(default=None, validate_default=True)
+    content: Optional[Content] = Field(default=None, validate_default=True)
     name: Optional[str] = None
     tool_call_id: Optional[str] = None
 
     @field_validator("content")
     @classmethod
-    def _content_present(cls, value: Union[str, list[TextPart], None], info: ValidationInfo) -> Union[str, list[TextPart], None]:
+    def _content_present(cls, value: Optional[Content], info: ValidationInfo) -> Optional[Content]:
         """Only an assistant message that carries tool_calls may leave content out (as OpenAI requires)."""
         if value is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
             raise ValueError("field required (only an assistant message with tool_calls may omit content)")
@@ -77,7 +87,7 @@ class JsonSchemaFormat(LenientModel):
 
 
 class ResponseFormat(LenientModel):
-    """OpenAI's spelling (``json_schema: {"name", "schema"}``) and TGI's (``value``: a schema, or {"name", "schema"})."""
+    """OpenAI's spelling (``json_schema: {"name", "schema"}``) and TGI's (``value``: a schema or {"name", "schema"})."""
 
     type: Literal["text", "json", "json_object", "json_schema"]
     json_schema: Optional[JsonSchemaFormat] = None
@@ -88,8 +98,9 @@ class ResponseFormat(LenientModel):
         if self.type == "text":
             return None
         if self.value is not None:
-            nested = isinstance(self.value, dict) and isinstance(self.value.get("schema"), dict) and self.type == "json_schema"
-            return json_schema_grammar(self.value["schema"] if nested else self.value)
+            value = self.value
+            nested = self.type == "json_schema" and isinstance(value, dict) and isinstance(value.get("schema"), dict)
+            return json_schema_grammar(value["schema"] if nested else value)
         if self.type == "json_object":
             return json_schema_grammar(True)
         if self.json_schema is None:
@@ -101,7 +112,7 @@ class ResponseFormat(LenientModel):
 class _OpenAIRequest(SamplingFields):
     stream_options: Optional[StreamOptions] = None
     logit_bias: Optional[dict[str, float]] = Field(
-        default=None, max_length=MAX_LOGIT_BIAS, description="Token id (as a string) -> bias in [-100, 100], added to the logits"
+        default=None, max_length=MAX_LOGIT_BIAS, description="Token id (string) -> bias in [-100, 100], added to its logit"
     )
 
     @field_validator("logit_bias")
@@ -116,7 +127,7 @@ class _OpenAIRequest(SamplingFields):
 
     @field_validator("stream_options")
     @classmethod
-    def _stream_options_need_stream(cls, value: Optional[StreamOptions], info: ValidationInfo) -> Optional[StreamOptions]:
+    def _needs_stream(cls, value: Optional[StreamOptions], info: ValidationInfo) -> Optional[StreamOptions]:
         if value is not None and not info.data.get("stream"):
             raise ValueError("only allowed when stream is true")
         return value
@@ -213,12 +224,11 @@ class ChatCompletionRequest(_OpenAIRequest):
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Prompt = Union[str, Annotated[list[str], Field(min_length=1)], TokenIds, Annotated[list[TokenIds], Field(min_length=1)]]
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: Union[str, Annotated[list[str], Field(min_length=1)], TokenIds, Annotated[list[TokenIds], Field(min_length=1)]] = Field(
-        description=f"A string, a list of token ids, or a list of either (up to {MAX_PROMPTS}): n choices each"
-    )
+    prompt: Prompt = Field(description=f"A string, token ids, or a list of either (≤ {MAX_PROMPTS}): n choices each")
     max_tokens: Optional[int] = Field(default=None, ge=0, description="0 with echo: score the prompt only")
     echo: bool = False
     logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -339,7 +349,9 @@ def logprob_entry(text: str, logprob: float, top: list[tuple[str, float]]) -> di
     }
 
 
-def completion_logprobs(texts: list[str], logprobs: list[Optional[float]], tops: list[Optional[dict[str, float]]], offset: int) -> dict[str, Any]:
+def completion_logprobs(
+    texts: list[str], logprobs: list[Optional[float]], tops: list[Optional[dict[str, float]]], offset: int
+) -> dict[str, Any]:
     """The legacy completions ``logprobs`` object: parallel lists, top alternatives as {token: logprob} maps."""
     offsets = []
     for text in texts:

@@ -176,7 +176,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Optional[type], Any, tuple[str, ...
     ("POST", "/v1/completions"): ("OpenAI text completion", oa.CompletionRequest, TextCompletion, ("application/json", SSE)),
     ("GET", "/v1/models"): ("The served model", None, ModelList, ("application/json",)),
     ("POST", "/generate"): ("TGI generate (SSE when the body sets stream: true)", tgi.GenerateRequest, GenerateResponse, ("application/json", SSE)),
-    ("POST", "/"): ("TGI's root route (TGI's clients): /generate's answer in a one-item list, or a stream with stream: true",
+    ("POST", "/"): ("TGI's root route (TGI's clients): /generate's answer as a one-item list, or a stream",
                     tgi.GenerateRequest, list[GenerateResponse], ("application/json", SSE)),
     ("POST", "/generate_stream"): ("TGI generate, streamed as Server-Sent Events", tgi.GenerateRequest, None, (SSE,)),
     ("POST", "/tokenize"): ("TGI tokenize: token ids with their text spans", tgi.TokenizeRequest, list[TokenSpan], ("application/json",)),
@@ -270,7 +270,7 @@ def _errors(path: str, has_body: bool, components: dict[str, Any]) -> dict[str, 
     statuses = ERROR_STATUSES if has_body else {code: ERROR_STATUSES[code] for code in ("401", "503")}
     if path.startswith("/v1/") and has_body:  # OpenAI answers every invalid request with 400
         statuses = {code: text for code, text in statuses.items() if code != "422"}
-        statuses["400"] = "The body is not JSON, or a field is missing, has the wrong type or is out of range (param names it)"
+        statuses["400"] = "The body is not JSON, or a field is missing, of the wrong type or out of range (see param)"
     errors = {code: {"description": text, "content": {"application/json": {"schema": ref}}} for code, text in statuses.items()}
     if path == "/ping":
         errors = {"503": {"description": "Loading, failed, or draining", "content": {"application/json": {"schema": _schema(Status, components, "serialization")}}}}

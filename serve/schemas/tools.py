@@ -88,7 +88,10 @@ def parse_tool_calls(text: str, tools: list[Tool]) -> Optional[list[dict[str, An
     return [tool_call(call["name"], call.get("arguments", call.get("parameters", {}))) for call in calls]
 
 
-_ENVELOPE = re.compile(r'^\s*\{\s*"name"\s*:\s*"(?P<name>[^"]*)(?P<closed>"\s*,\s*"arguments"\s*:\s*(?P<arguments>.*))?', re.DOTALL)
+# A prefix of the forced-call envelope {"name": "<name>", "arguments": <arguments>}, as far as it got.
+_ENVELOPE = re.compile(
+    r'^\s*\{\s*"name"\s*:\s*"(?P<name>[^"]*)(?P<closed>"\s*,\s*"arguments"\s*:\s*(?P<arguments>.*))?', re.DOTALL
+)
 
 
 def truncated_tool_call(text: str, tools: list[Tool]) -> list[dict[str, Any]]:
