@@ -112,7 +112,8 @@ class ResponseFormat(LenientModel):
 class _OpenAIRequest(SamplingFields):
     stream_options: Optional[StreamOptions] = None
     logit_bias: Optional[dict[str, float]] = Field(
-        default=None, max_length=MAX_LOGIT_BIAS, description="Token id (string) -> bias in [-100, 100], added to its logit"
+        default=None, max_length=MAX_LOGIT_BIAS,
+        description="Token id (string) -> bias in [-100, 100], added to its logit",
     )
 
     @field_validator("logit_bias")
