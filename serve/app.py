@@ -105,11 +105,11 @@ def _guard() -> Optional[tuple[Response, int]]:
 def _render(error: ServeError) -> tuple[Response, int]:
     """OpenAI-style body on /v1/*, TGI-style everywhere else; configured secrets never appear in it."""
     error.message = scrub(error.message, current_app.extensions.get("serve.secrets", ()))
-    body = error.openai_body() if request.path.startswith("/v1/") else error.tgi_body()
-    response = jsonify(body)
+    openai_style = request.path.startswith("/v1/")
+    response = jsonify(error.openai_body() if openai_style else error.tgi_body())
     if error.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
-    return response, error.status
+    return response, error.openai_status if openai_style else error.status
 
 
 def _register_error_handlers(app: Flask) -> None:

@@ -16,14 +16,20 @@ class ServeError(Exception):
         self.message = message
         self.param = param
 
+    @property
+    def openai_status(self) -> int:
+        """The status on /v1/*: OpenAI answers every invalid request with 400 (we use 422 on TGI's routes)."""
+        return 400 if self.status == 422 else self.status
+
     def openai_body(self) -> dict[str, Any]:
         """The OpenAI-style body: ``{"error": {"message", "type", "param", "code"}}``."""
+        invalid = self.openai_status == 400
         return {
             "error": {
                 "message": self.message,
-                "type": self.error_type,
+                "type": "invalid_request_error" if invalid else self.error_type,
                 "param": self.param,
-                "code": self.status,
+                "code": "invalid_value" if self.status == 422 else self.status,
             }
         }
 

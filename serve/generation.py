@@ -93,6 +93,19 @@ class GenerationService:
         ids = encode(self.tokenizer, text, add_special_tokens=True)
         return ids[-truncate:] if truncate else ids
 
+    @property
+    def vocab_size(self) -> int:
+        """How many token ids the model scores (its logits' width; may exceed the tokenizer's length)."""
+        self._require_ready()
+        return int(self.engine.loaded.model.config.get_text_config().vocab_size)
+
+    def check_token_ids(self, token_ids: Iterable[int], field: str) -> None:
+        """422 naming ``field`` when a token id is outside the model's vocabulary."""
+        outside = sorted({token_id for token_id in token_ids if not 0 <= token_id < self.vocab_size})
+        if outside:
+            message = f"{field}: token ids {outside[:8]} are outside the vocabulary (0..{self.vocab_size - 1})"
+            raise ValidationFailed(message, field)
+
     def check_grammar(self, grammar: Optional[str], field: str) -> None:
         """422 naming ``field`` when a grammar does not compile for this model's vocabulary."""
         if grammar is None:
@@ -113,15 +126,29 @@ class GenerationService:
         adapter: Optional[str] = None,
     ) -> Generation:
         """Check the limits, then admit ``n`` choices; raises a 4xx/5xx ServeError before any byte is sent."""
-        max_new_tokens = self._max_new_tokens(len(prompt_ids), requested_max_tokens, prompt_field)
-        params = to_params(max_new_tokens)
+        return self.start_many([prompt_ids], requested_max_tokens, to_params, prompt_field, n, adapter)
+
+    def start_many(
+        self,
+        prompts: list[list[int]],
+        requested_max_tokens: Optional[int],
+        to_params: Callable[[int], SamplingParams],
+        prompt_field: str,
+        n: int = 1,
+        adapter: Optional[str] = None,
+    ) -> Generation:
+        """``n`` choices for each prompt, as one Generation: choice ``p * n + i`` is the i-th choice of prompt p."""
+        fields = [prompt_field if len(prompts) == 1 else f"{prompt_field}[{p}]" for p in range(len(prompts))]
+        params = [to_params(self._max_new_tokens(len(ids), requested_max_tokens, f)) for ids, f in zip(prompts, fields)]
         sink: "queue.Queue[tuple[int, TokenEvent]]" = queue.Queue()
         streams: list[RequestStream] = []
         try:
-            for index in range(n):
-                seed = None if params.seed is None else (params.seed + index) % 2**64  # same seed, same n choices (kept in torch's range)
-                request = Request(prompt_ids=prompt_ids, params=replace(params, seed=seed), adapter=adapter)
-                streams.append(self.engine.submit(request, sink=sink, index=index))
+            for prompt_ids, base in zip(prompts, params):
+                for index in range(n):
+                    # same seed, same n choices (kept in torch's range)
+                    seed = None if base.seed is None else (base.seed + index) % 2**64
+                    request = Request(prompt_ids=prompt_ids, params=replace(base, seed=seed), adapter=adapter)
+                    streams.append(self.engine.submit(request, sink=sink, index=len(streams)))
         except (EngineOverloaded, EngineNotReady) as exc:
             for stream in streams:
                 stream.close()

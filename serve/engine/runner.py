@@ -10,7 +10,7 @@ from serve.engine.attention import BACKEND_NAME, PrefillChunk, StepLayout, activ
 from serve.engine.block_manager import SCRATCH_BLOCK
 from serve.engine.kv_cache import PagedKVCache
 from serve.engine.graphs import GraphReport, capture_decode_graphs
-from serve.engine.sampling import logprob_table, make_generator, sample_next_tokens, unpack_logprobs
+from serve.engine.sampling import logprob_table, make_generator, prompt_scores, sample_next_tokens, unpack_logprobs
 from serve.engine.scheduler import StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.static_decode import StaticDecode
@@ -85,10 +85,11 @@ class ModelRunner:
         """Log-probabilities of prompt tokens, for sequences that asked (each logit row predicts the next token)."""
         start = 0
         for seq, targets in scored:
-            rows = logits[start : start + len(targets)].float()
+            rows = logits[start : start + len(targets)]
+            picked, tops = prompt_scores(rows, targets, seq.request.params.logprobs or 0)
             start += len(targets)
-            picked = torch.log_softmax(rows, dim=-1).gather(-1, torch.tensor(targets, device=rows.device)[:, None])
-            seq.prompt_logprobs.extend(self.to_host(picked.squeeze(-1)))
+            seq.prompt_logprobs.extend(picked)
+            seq.prompt_top_logprobs.extend(tops)
 
     def _layout(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, StepLayout, list[Sequence], torch.Tensor, list]:
         """The step's token ids, positions and cache layout: decode tokens first, then each prompt chunk."""

@@ -43,6 +43,31 @@ def apply_output_penalties(
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """OpenAI ``logit_bias``: add each request's (token, bias) pairs to its row, all rows in one indexed add.
+
+    Biases of ±100 ban or force a token, as OpenAI documents; ids were checked against the vocabulary at the edge.
+    """
+    entries = [(row, token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias]
+    if not entries:
+        return logits
+    rows, tokens, biases = zip(*entries)
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device))
+    return logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
+def prompt_scores(
+    logits: torch.Tensor, targets: list[int], top: int
+) -> tuple[list[float], list[tuple[tuple[int, float], ...]]]:
+    """Log-probabilities of prompt tokens (row i of ``logits`` predicts ``targets[i]``) and the ``top`` most likely."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    picked = log_probs.gather(-1, torch.tensor(targets, device=logits.device)[:, None]).squeeze(-1).tolist()
+    if not top:
+        return picked, [()] * len(targets)
+    values, ids = log_probs.topk(top, dim=-1)
+    return picked, [tuple(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+
+
 def apply_typical_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, up to ``typical_p`` mass."""
     rows = [row for row, p in enumerate(params) if p.typical_p < 1.0 and not p.greedy]
@@ -93,7 +118,7 @@ def sample_next_tokens(
     ``histories`` are each row's prompt + output ids (repetition penalty), ``outputs`` its output ids only.
     """
     logits = apply_repetition_penalty(logits.float(), params, histories)
-    logits = apply_output_penalties(logits, params, outputs)
+    logits = apply_logit_bias(apply_output_penalties(logits, params, outputs), params)
     greedy_choice = logits.argmax(dim=-1)
     if all(p.greedy for p in params):
         return greedy_choice

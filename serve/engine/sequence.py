@@ -25,6 +25,7 @@ class Sequence:
         self.generator = generator
         self.matcher = matcher  # the llguidance matcher of a grammar-constrained request
         self.prompt_logprobs: list[Optional[float]] = [None]  # the first prompt token has no prediction
+        self.prompt_top_logprobs: list[tuple[tuple[int, float], ...]] = [()]  # the params.logprobs likeliest at each
         self.output_ids: list[int] = []
         self.num_cached = 0  # tokens whose keys/values are in the cache
         self.eos_ids = frozenset() if request.params.ignore_eos else eos_ids
@@ -65,6 +66,8 @@ class Sequence:
 
     def append(self, choice: TokenChoice) -> TokenEvent:
         """Record one sampled token; the returned event is final when the sequence just finished."""
+        if self.request.params.max_new_tokens == 0:
+            return self._scored_only()
         token_id = choice.token_id
         first = self.first_token_at is None
         if first:
@@ -86,6 +89,12 @@ class Sequence:
         if self.stops.matched is not None:
             self.finish_reason = FinishReason.STOP
         return self._event(choice, text, first)
+
+    def _scored_only(self) -> TokenEvent:
+        """A scoring request (max_new_tokens 0) ends after prefill, without a token: one event, with prompt scores."""
+        self.first_token_at = time.monotonic()
+        self.finish_reason = FinishReason.LENGTH
+        return self._event(TokenChoice(None), "", first=True)  # type: ignore[arg-type]
 
     def end(self, reason: FinishReason, error: Optional[str] = None) -> TokenEvent:
         """The final event of a sequence stopped from outside (cancelled, or the model failed)."""
@@ -119,4 +128,5 @@ class Sequence:
             top_logprobs=choice.top_logprobs,
             prompt_logprobs=tuple(self.prompt_logprobs) if wants_prompt else None,
             cached_tokens=self.cached_tokens,
+            prompt_top_logprobs=tuple(self.prompt_top_logprobs) if wants_prompt else None,
         )

@@ -22,7 +22,7 @@ class FinishReason(str, enum.Enum):
 class SamplingParams:
     """How to pick tokens and when to stop; validated at the edge, trusted here."""
 
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16  # 0: score the prompt only (prompt_logprobs), finish after prefill without a token
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
@@ -37,6 +37,7 @@ class SamplingParams:
     logprobs: Optional[int] = None  # None: none; k: the chosen token's log-probability and the k most likely
     prompt_logprobs: bool = False  # also the log-probability of every prompt token (TGI decoder_input_details)
     grammar: Optional[str] = None  # a checked llguidance grammar the output must follow
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before sampling
 
     @property
     def greedy(self) -> bool:
@@ -110,3 +111,4 @@ class TokenEvent:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     prompt_logprobs: Optional[tuple[Optional[float], ...]] = None  # first event only, when asked for
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    prompt_top_logprobs: Optional[tuple[tuple[tuple[int, float], ...], ...]] = None  # with it: the likeliest

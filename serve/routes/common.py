@@ -45,18 +45,25 @@ def json_body() -> dict[str, Any]:
 
 
 def validate(model: type[M], payload: dict[str, Any]) -> M:
-    """Parse ``payload`` into ``model``; a 422 names every offending field."""
+    """Parse ``payload`` into ``model``; a 422 (400 on /v1/*) names each offending field, as ``messages[0].content``."""
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors(include_url=False):
-            field = ".".join(str(part) for part in error["loc"]) or "body"
-            problems.append(f"{field}: {error['msg']}")
+        problems = [f"{field_path(error['loc']) or 'body'}: {error['msg']}" for error in exc.errors(include_url=False)]
         first = exc.errors()[0]["loc"] if exc.errors() else ()
-        raise ValidationFailed("; ".join(problems), ".".join(str(p) for p in first) or None) from None
+        raise ValidationFailed("; ".join(problems), field_path(first) or None) from None
+
+
+def field_path(loc: tuple) -> str:
+    """A pydantic error location as OpenAI names fields: ``messages[0].content``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
 
 
 def token_texts(token_ids: list[int]) -> list[str]:
     """Each token's own text, as clients expect in log-probability listings."""
+    if not token_ids:
+        return []  # batch_decode([]) answers [""]
     return service().tokenizer.batch_decode([[token_id] for token_id in token_ids])

@@ -7,13 +7,15 @@ from typing import Any, Iterator, Optional
 from flask import Blueprint, Response, jsonify
 
 from serve.engine import TokenEvent
+from serve.engine.types import FinishReason
 from serve.errors import GenerationFailed
 from serve.generation import Choice, Generation, timing_headers
 from serve.routes import sse
 from serve.routes.adapters import loaded_adapters, requested_adapter
 from serve.routes.common import json_body, service, token_texts, validate
+from serve.routes.completions import completions
 from serve.schemas import openai as oa
-from serve.schemas.tools import ToolCallBuffer, parse_tool_calls
+from serve.schemas.tools import ToolCallBuffer, parse_tool_calls, truncated_tool_call
 
 blueprint = Blueprint("openai", __name__)
 
@@ -39,6 +41,7 @@ def chat_completions(payload: dict[str, Any], route: str) -> Response:
     """Serve one chat completion request (also reached from /invocations)."""
     req = validate(oa.ChatCompletionRequest, payload)
     grammar, grammar_field = req.grammar()
+    service().check_token_ids((token for token, _ in req.bias_entries), "logit_bias")
     tools = [tool.model_dump(exclude_none=True) for tool in req.active_tools]
     prompt_ids = service().chat_prompt((m.as_template_dict() for m in req.messages), tools)
     service().check_grammar(grammar, grammar_field)
@@ -54,32 +57,10 @@ def chat_completions(payload: dict[str, Any], route: str) -> Response:
     return _json(body, choices[0].final)
 
 
-def completions(payload: dict[str, Any], route: str) -> Response:
-    """Serve one text completion request (also reached from /invocations)."""
-    req = validate(oa.CompletionRequest, payload)
-    grammar = req.grammar()
-    prompt_ids = service().text_prompt(req.prompt_text)
-    service().check_grammar(grammar, "response_format")
-    adapter = requested_adapter(req.model, "model", openai_model=True)
-    generation = service().start(
-        prompt_ids, req.requested_max_tokens, lambda budget: req.to_sampling_params(budget, grammar), "prompt", req.n, adapter
-    )
-    completion_id = oa.new_id("cmpl")
-    prefix = req.prompt_text if req.echo else ""
-    if req.stream:
-        return sse.response(_completion_chunks(generation, req, completion_id, route, prefix))
-    choices = service().collect(generation, route)
-    body = oa.text_completion(
-        completion_id,
-        req.model,
-        [oa.text_choice(c.index, prefix + c.text, oa.openai_finish_reason(c.final.finish_reason), _completion_logprobs(req, c.tokens, len(prefix))) for c in choices],
-        _usage(choices),
-    )
-    return _json(body, choices[0].final)
-
-
 def _chat_choice(choice: Choice, req: oa.ChatCompletionRequest) -> dict[str, Any]:
     calls = parse_tool_calls(choice.text, req.active_tools) if req.active_tools else None
+    if calls is None and req.forced_tools and choice.final.finish_reason is FinishReason.LENGTH:
+        calls = truncated_tool_call(choice.text, req.forced_tools)  # cut by max_tokens: partial arguments, as OpenAI
     message = {"role": "assistant", "content": None, "tool_calls": calls} if calls else {"role": "assistant", "content": choice.text}
     logprobs = _chat_logprobs(choice.tokens) if req.logprobs else None
     return oa.chat_choice(choice.index, message, oa.openai_finish_reason(choice.final.finish_reason, bool(calls)), logprobs)
@@ -93,17 +74,6 @@ def _chat_logprobs(events: list[TokenEvent]) -> dict[str, Any]:
         top_texts = token_texts([token_id for token_id, _ in event.top_logprobs])
         entries.append(oa.logprob_entry(text, event.logprob, [(t, lp) for t, (_, lp) in zip(top_texts, event.top_logprobs)]))
     return {"content": entries}
-
-
-def _completion_logprobs(req: oa.CompletionRequest, events: list[TokenEvent], offset: int) -> Optional[dict[str, Any]]:
-    if req.logprobs is None:
-        return None
-    tops = []
-    for event in events:
-        top_texts = token_texts([token_id for token_id, _ in event.top_logprobs])
-        tops.append([(t, lp) for t, (_, lp) in zip(top_texts, event.top_logprobs)])
-    texts = token_texts([event.token_id for event in events])
-    return oa.completion_logprobs(texts, [event.logprob for event in events], tops, offset)
 
 
 def _usage(choices: list[Choice]) -> dict[str, int]:
@@ -126,7 +96,8 @@ def _chat_chunks(generation: Generation, req: oa.ChatCompletionRequest, completi
     def chunk(index: int, delta: dict[str, Any], reason: Optional[str] = None, logprobs: Optional[dict] = None) -> str:
         return sse.event(oa.chat_chunk(completion_id, req.model, index, delta, reason, logprobs))
 
-    buffers = [ToolCallBuffer(req.active_tools, bool(req.forced_tools)) if req.active_tools else None for _ in range(req.n)]
+    tools, forced = req.forced_tools or req.active_tools, bool(req.forced_tools)
+    buffers = [ToolCallBuffer(tools, forced) if req.active_tools else None for _ in range(req.n)]
     finals: dict[int, TokenEvent] = {}
     for index in range(req.n):
         yield chunk(index, {"role": "assistant", "content": ""})
@@ -155,38 +126,9 @@ def _chat_ending(chunk: Any, index: int, final: TokenEvent, buffer: Optional[Too
     """The last chunks of one streamed choice: held-back content or tool calls, then the finish reason."""
     calls = None
     if buffer is not None:
-        rest, calls = buffer.finish()
+        rest, calls = buffer.finish(truncated=final.finish_reason is FinishReason.LENGTH)
         if calls:
             yield chunk(index, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
         elif rest:
             yield chunk(index, {"content": rest})
     yield chunk(index, {}, oa.openai_finish_reason(final.finish_reason, bool(calls)))
-
-
-def _completion_chunks(generation: Generation, req: oa.CompletionRequest, completion_id: str, route: str, prefix: str) -> Iterator[str]:
-    def chunk(index: int, text: str, reason: Optional[str], logprobs: Optional[dict]) -> str:
-        return sse.event(oa.text_completion(completion_id, req.model, [oa.text_choice(index, text, reason, logprobs)]))
-
-    finals: dict[int, TokenEvent] = {}
-    offsets = [len(prefix)] * req.n
-    if prefix:
-        for index in range(req.n):
-            yield chunk(index, prefix, None, None)
-    try:
-        for item in service().stream_events(generation, route, sse.KEEPALIVE_SECONDS):
-            if item is None:
-                yield sse.KEEPALIVE
-                continue
-            index, event = item
-            tokens = [event] if event.token_id is not None else []
-            logprobs = _completion_logprobs(req, tokens, offsets[index])
-            offsets[index] += len(event.text)
-            if event.text or event.finish_reason is not None or (logprobs and tokens):
-                yield chunk(index, event.text, oa.openai_finish_reason(event.finish_reason), logprobs)
-            if event.finish_reason is not None:
-                finals[index] = event
-        if req.include_usage:
-            yield sse.event(oa.usage_chunk(completion_id, req.model, "text_completion", _usage_of(list(finals.values()))))
-        yield sse.DONE
-    except GenerationFailed as exc:
-        yield sse.event(exc.openai_body(), name="error")

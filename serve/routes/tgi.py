@@ -28,8 +28,8 @@ def generate_route() -> Response:
 
 @blueprint.post("/")
 def compat_route() -> Response:
-    """TGI's root route (what ``InferenceClient.text_generation`` posts to): /generate, or /generate_stream."""
-    return generate(json_body(), route="/", as_list=False)
+    """TGI's root route (what TGI's clients post to): /generate's body wrapped in a list as TGI does, or a stream."""
+    return generate(json_body(), route="/", as_list=True)
 
 
 @blueprint.post("/generate_stream")

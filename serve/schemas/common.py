@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import functools
+from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 MAX_CHOICES = 16  # n and best_of
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # logit_bias entries per request
+MAX_PROMPTS = 64  # prompts of one /v1/completions request (each with its n choices)
 
 
 class LenientModel(BaseModel):
     """Unknown fields are ignored, as OpenAI clients send extras; known ones are strictly typed."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """An explicit ``null`` for an optional field means "not set" (OpenAI marks them nullable; SDKs send nulls)."""
+        if not isinstance(data, dict):
+            return data
+        optional = _optional_keys(cls)
+        return {key: value for key, value in data.items() if value is not None or key not in optional}
+
+
+@functools.cache
+def _optional_keys(model: type[BaseModel]) -> frozenset[str]:
+    """The names and aliases of a model's fields that have a default."""
+    fields = model.model_fields.items()
+    return frozenset(key for name, f in fields if not f.is_required() for key in (name, f.alias) if key)
 
 
 def normalize_stop(stop: Union[str, list[str], None]) -> tuple[str, ...]:

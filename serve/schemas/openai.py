@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+import serve
 from serve.engine.grammar import GrammarError, json_schema_grammar
 from serve.engine.types import FinishReason, SamplingParams
 from serve.errors import ValidationFailed
-from serve.schemas.common import MAX_TOP_LOGPROBS, LenientModel, SamplingFields, normalize_stop
+from serve.schemas.common import (
+    MAX_LOGIT_BIAS,
+    MAX_PROMPTS,
+    MAX_TOP_LOGPROBS,
+    LenientModel,
+    SamplingFields,
+    normalize_stop,
+)
 from serve.schemas.tools import NamedToolChoice, Tool, ToolChoice, call_schema, forced_tools, template_tool_calls
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
+SYSTEM_FINGERPRINT = f"sagemaker-llm-serve-{serve.__version__}"
 
 
 class TextPart(LenientModel):
@@ -35,12 +44,23 @@ class AssistantToolCall(LenientModel):
     function: FunctionCall
 
 
+Content = Union[str, list[TextPart]]
+
+
 class ChatMessage(LenientModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
-    name: Optional[str] = None
     tool_calls: Optional[list[AssistantToolCall]] = None
+    content: Optional[Content] = Field(default=None, validate_default=True)
+    name: Optional[str] = None
     tool_call_id: Optional[str] = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_present(cls, value: Optional[Content], info: ValidationInfo) -> Optional[Content]:
+        """Only an assistant message that carries tool_calls may leave content out (as OpenAI requires)."""
+        if value is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("field required (only an assistant message with tool_calls may omit content)")
+        return value
 
     def as_template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it: role, plain-text content, and tool-call fields when present."""
@@ -67,22 +87,56 @@ class JsonSchemaFormat(LenientModel):
 
 
 class ResponseFormat(LenientModel):
-    type: Literal["text", "json_object", "json_schema"]
+    """OpenAI's spelling (``json_schema: {"name", "schema"}``) and TGI's (``value``: a schema or {"name", "schema"})."""
+
+    type: Literal["text", "json", "json_object", "json_schema"]
     json_schema: Optional[JsonSchemaFormat] = None
+    value: Union[dict[str, Any], bool, None] = Field(default=None, description="TGI's spelling: the JSON schema")
 
     def grammar(self) -> Optional[str]:
         """The grammar that enforces this format (None for plain text)."""
         if self.type == "text":
             return None
+        if self.value is not None:
+            value = self.value
+            nested = self.type == "json_schema" and isinstance(value, dict) and isinstance(value.get("schema"), dict)
+            return json_schema_grammar(value["schema"] if nested else value)
         if self.type == "json_object":
             return json_schema_grammar(True)
         if self.json_schema is None:
-            raise ValidationFailed('response_format.json_schema: required when type is "json_schema"', "response_format")
+            field = "json_schema" if self.type == "json_schema" else "value"
+            raise ValidationFailed(f'response_format.{field}: required when type is "{self.type}"', "response_format")
         return json_schema_grammar(self.json_schema.json_schema)
 
 
 class _OpenAIRequest(SamplingFields):
     stream_options: Optional[StreamOptions] = None
+    logit_bias: Optional[dict[str, float]] = Field(
+        default=None, max_length=MAX_LOGIT_BIAS,
+        description="Token id (string) -> bias in [-100, 100], added to its logit",
+    )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_entries(cls, value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        for key, bias in (value or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"key {key!r} is not a token id (send token ids as strings: {{\"50256\": -100}})")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"bias {bias} for token {key} is outside [-100, 100]")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _needs_stream(cls, value: Optional[StreamOptions], info: ValidationInfo) -> Optional[StreamOptions]:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return value
+
+    @property
+    def bias_entries(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias) pairs."""
+        return tuple((int(key), bias) for key, bias in (self.logit_bias or {}).items())
 
     @property
     def include_usage(self) -> bool:
@@ -92,6 +146,11 @@ class _OpenAIRequest(SamplingFields):
     def logprob_count(self) -> Optional[int]:
         """How many alternatives per token to return (None: no log-probabilities)."""
         return None
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prompt's tokens get log-probabilities too."""
+        return False
 
     def to_sampling_params(self, max_new_tokens: int, grammar: Optional[str] = None) -> SamplingParams:
         """Engine parameters; OpenAI's defaults are temperature 1 and top_p 1 when not given."""
@@ -110,6 +169,8 @@ class _OpenAIRequest(SamplingFields):
             ignore_eos=self.ignore_eos,
             logprobs=self.logprob_count,
             grammar=grammar,
+            logit_bias=self.bias_entries,
+            prompt_logprobs=self.scores_prompt,
         )
 
 
@@ -163,8 +224,13 @@ class ChatCompletionRequest(_OpenAIRequest):
             raise ValidationFailed(f"{field}: the JSON schema does not compile: {exc}", field) from None
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Prompt = Union[str, Annotated[list[str], Field(min_length=1)], TokenIds, Annotated[list[TokenIds], Field(min_length=1)]]
+
+
 class CompletionRequest(_OpenAIRequest):
-    prompt: Union[str, list[str]]
+    prompt: Prompt = Field(description=f"A string, token ids, or a list of either (≤ {MAX_PROMPTS}): n choices each")
+    max_tokens: Optional[int] = Field(default=None, ge=0, description="0 with echo: score the prompt only")
     echo: bool = False
     logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: Optional[ResponseFormat] = None  # an extension (vLLM has it too): constrained completions
@@ -184,13 +250,29 @@ class CompletionRequest(_OpenAIRequest):
     def logprob_count(self) -> Optional[int]:
         return self.logprobs
 
+    @field_validator("prompt")
+    @classmethod
+    def _bounded_prompts(cls, value: Any) -> Any:
+        if isinstance(value, list) and isinstance(value[0], (str, list)) and len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(value)}")
+        return value
+
     @property
-    def prompt_text(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise ValidationFailed("prompt: send one prompt per request (a list must hold exactly one string)", "prompt")
-        return self.prompt[0]
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """Each prompt of the request: a string or a list of token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """echo with logprobs: the prompt's tokens are scored too (lm-eval-harness's loglikelihood requests)."""
+        return self.echo and self.logprobs is not None
+
+    def check_length(self) -> None:
+        """max_tokens 0 only scores the prompt, which needs echo (OpenAI's rule)."""
+        if self.max_tokens == 0 and not self.echo:
+            raise ValidationFailed("max_tokens: 0 is only allowed with echo: true (scoring the prompt)", "max_tokens")
 
 
 def new_id(prefix: str) -> str:
@@ -221,7 +303,7 @@ def _envelope(completion_id: str, obj: str, model: str, choices: list[dict[str, 
         "object": obj,
         "created": int(time.time()),
         "model": model,
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,  # a string, as TGI sends: text-generation's client requires one
         "choices": choices,
     }
 
@@ -270,7 +352,9 @@ def logprob_entry(text: str, logprob: float, top: list[tuple[str, float]]) -> di
     }
 
 
-def completion_logprobs(texts: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]], offset: int) -> dict[str, Any]:
+def completion_logprobs(
+    texts: list[str], logprobs: list[Optional[float]], tops: list[Optional[dict[str, float]]], offset: int
+) -> dict[str, Any]:
     """The legacy completions ``logprobs`` object: parallel lists, top alternatives as {token: logprob} maps."""
     offsets = []
     for text in texts:
@@ -279,6 +363,6 @@ def completion_logprobs(texts: list[str], logprobs: list[float], tops: list[list
     return {
         "tokens": texts,
         "token_logprobs": logprobs,
-        "top_logprobs": [dict(top) for top in tops],
+        "top_logprobs": tops,
         "text_offset": offsets,
     }

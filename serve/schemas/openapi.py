@@ -22,7 +22,7 @@ ERROR_STATUSES = {
     "400": "The body is not JSON, or not a JSON object",
     "401": "API_KEY is set and the Bearer token is missing or wrong",
     "413": "The body is larger than the payload limit",
-    "422": "A field is missing, has the wrong type or is out of range; the message names it",
+    "422": "A field is missing, has the wrong type or is out of range; the message names it (400 on /v1/*, as OpenAI)",
     "424": "The model failed while generating",
     "429": "MAX_CONCURRENT_REQUESTS are in flight; retry later",
     "503": "The model is loading, or the server is shutting down",
@@ -176,8 +176,8 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Optional[type], Any, tuple[str, ...
     ("POST", "/v1/completions"): ("OpenAI text completion", oa.CompletionRequest, TextCompletion, ("application/json", SSE)),
     ("GET", "/v1/models"): ("The served model", None, ModelList, ("application/json",)),
     ("POST", "/generate"): ("TGI generate (SSE when the body sets stream: true)", tgi.GenerateRequest, GenerateResponse, ("application/json", SSE)),
-    ("POST", "/"): ("TGI's root route (InferenceClient.text_generation): /generate, or a stream with stream: true",
-                    tgi.GenerateRequest, GenerateResponse, ("application/json", SSE)),
+    ("POST", "/"): ("TGI's root route (TGI's clients): /generate's answer as a one-item list, or a stream",
+                    tgi.GenerateRequest, list[GenerateResponse], ("application/json", SSE)),
     ("POST", "/generate_stream"): ("TGI generate, streamed as Server-Sent Events", tgi.GenerateRequest, None, (SSE,)),
     ("POST", "/tokenize"): ("TGI tokenize: token ids with their text spans", tgi.TokenizeRequest, list[TokenSpan], ("application/json",)),
     ("GET", "/info"): ("TGI info: model and limits", None, Info, ("application/json",)),
@@ -268,6 +268,9 @@ def _errors(path: str, has_body: bool, components: dict[str, Any]) -> dict[str, 
     error_model = OpenAIError if path.startswith("/v1/") else TGIError
     ref = _schema(error_model, components, "serialization")
     statuses = ERROR_STATUSES if has_body else {code: ERROR_STATUSES[code] for code in ("401", "503")}
+    if path.startswith("/v1/") and has_body:  # OpenAI answers every invalid request with 400
+        statuses = {code: text for code, text in statuses.items() if code != "422"}
+        statuses["400"] = "The body is not JSON, or a field is missing, of the wrong type or out of range (see param)"
     errors = {code: {"description": text, "content": {"application/json": {"schema": ref}}} for code, text in statuses.items()}
     if path == "/ping":
         errors = {"503": {"description": "Loading, failed, or draining", "content": {"application/json": {"schema": _schema(Status, components, "serialization")}}}}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from serve.errors import ValidationFailed
 from serve.schemas.common import LenientModel
@@ -36,7 +36,14 @@ class NamedToolChoice(LenientModel):
     function: NamedFunction
 
 
-ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+def _bare_name(value: Any) -> Any:
+    """TGI also takes a tool's bare name as ``tool_choice`` (``"calc"``): the same as naming it OpenAI's way."""
+    if isinstance(value, str) and value not in ("none", "auto", "required"):
+        return {"type": "function", "function": {"name": value}}
+    return value
+
+
+ToolChoice = Annotated[Union[Literal["none", "auto", "required"], NamedToolChoice], BeforeValidator(_bare_name)]
 
 
 def forced_tools(tools: list[Tool], choice: Optional[ToolChoice]) -> list[Tool]:
@@ -81,6 +88,27 @@ def parse_tool_calls(text: str, tools: list[Tool]) -> Optional[list[dict[str, An
     return [tool_call(call["name"], call.get("arguments", call.get("parameters", {}))) for call in calls]
 
 
+# A prefix of the forced-call envelope {"name": "<name>", "arguments": <arguments>}, as far as it got.
+_ENVELOPE = re.compile(
+    r'^\s*\{\s*"name"\s*:\s*"(?P<name>[^"]*)(?P<closed>"\s*,\s*"arguments"\s*:\s*(?P<arguments>.*))?', re.DOTALL
+)
+
+
+def truncated_tool_call(text: str, tools: list[Tool]) -> list[dict[str, Any]]:
+    """A forced call cut by max_tokens, as OpenAI returns one: the tool's name and the partial arguments string.
+
+    ``text`` is a prefix of ``{"name": <name>, "arguments": <arguments>}`` (what the forcing grammar produces);
+    the tool is the one whose name the prefix names (or begins), else the first forced tool.
+    """
+    match = _ENVELOPE.match(text)
+    name = match["name"] if match else ""
+    exact = [tool for tool in tools if tool.function.name == name and match["closed"]] if match else []
+    begun = [tool for tool in tools if tool.function.name.startswith(name)]
+    tool = (exact or begun or tools)[0]
+    arguments = match["arguments"] if match and match["closed"] else ""
+    return [tool_call(tool.function.name, arguments)]
+
+
 def _is_call(call: Any, names: set[str]) -> bool:
     return isinstance(call, dict) and call.get("name") in names
 
@@ -109,6 +137,7 @@ class ToolCallBuffer:
 
     def __init__(self, tools: list[Tool], forced: bool):
         self.tools = tools
+        self.forced = forced
         self.held = ""
         self.holding: Optional[bool] = True if forced else None  # None: undecided until the first visible character
 
@@ -127,7 +156,12 @@ class ToolCallBuffer:
                 return text
         return ""
 
-    def finish(self) -> tuple[str, Optional[list[dict[str, Any]]]]:
-        """At the end: (content still held back, tool calls) — one of the two is empty."""
+    def finish(self, truncated: bool = False) -> tuple[str, Optional[list[dict[str, Any]]]]:
+        """At the end: (content still held back, tool calls) — one of the two is empty.
+
+        A forced call cut by max_tokens (``truncated``) still comes back as a call, with partial arguments.
+        """
         calls = parse_tool_calls(self.held, self.tools) if self.held else None
+        if calls is None and truncated and self.forced:
+            calls = truncated_tool_call(self.held, self.tools)
         return ("" if calls else self.held), calls

@@ -158,16 +158,17 @@ def test_stream_options_include_usage(openai_client):
 def test_completions_with_logprobs_n_and_echo(openai_client):
     response = openai_client.completions.create(model="tgi", prompt="The sky is", max_tokens=4, n=2, logprobs=2, echo=True, seed=9, extra_body={"ignore_eos": True})
     assert [c.index for c in response.choices] == [0, 1]
-    for choice in response.choices:
-        assert choice.text.startswith("The sky is")
-        assert len(choice.logprobs.tokens) == 4 and all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
-        assert choice.logprobs.text_offset[0] == len("The sky is")
+    for choice in response.choices:  # echo with logprobs: the prompt's tokens are listed (and scored) first, as OpenAI
+        assert choice.text.startswith("The sky is") and "".join(choice.logprobs.tokens) == choice.text
+        assert len(choice.logprobs.tokens) == response.usage.prompt_tokens + 4 and choice.logprobs.top_logprobs[0] is None
+        assert all(len(top) <= 3 for top in choice.logprobs.top_logprobs[1:])  # 2 alternatives and the chosen token
+        assert choice.logprobs.text_offset[0] == 0
     assert response.usage.completion_tokens == 8
 
 
-def test_client_sees_a_422_for_a_bad_schema(openai_client):
-    from openai import UnprocessableEntityError
+def test_client_sees_a_400_for_a_bad_schema(openai_client):
+    from openai import BadRequestError
 
-    with pytest.raises(UnprocessableEntityError) as raised:
+    with pytest.raises(BadRequestError) as raised:
         openai_client.chat.completions.create(model="tgi", messages=MESSAGES, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}})
     assert "response_format" in str(raised.value)

@@ -50,7 +50,7 @@ def test_openapi_documents_every_route_with_the_request_models(hardened_server):
         assert set(model.model_fields) <= set(schemas[model.__name__]["properties"]), model.__name__
     chat = document["paths"]["/v1/chat/completions"]["post"]
     assert chat["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatCompletionRequest"}
-    assert {"200", "413", "422", "429"} <= set(chat["responses"])
+    assert {"200", "400", "413", "429"} <= set(chat["responses"]) and "422" not in chat["responses"]  # OpenAI's 400s
     assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
     messages = schemas["ChatCompletionRequest"]["properties"]["messages"]
     assert messages["minItems"] == 1 and "messages" in schemas["ChatCompletionRequest"]["required"]

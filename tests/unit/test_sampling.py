@@ -83,3 +83,23 @@ def test_chosen_logprobs_and_top_alternatives():
     assert lp0 == pytest.approx(float(log_probs[0, 2])) and [t for t, _ in top0] == [1, 2]
     assert top0[0][1] == pytest.approx(float(log_probs[0, 1]))
     assert lp1 == pytest.approx(float(log_probs[1, 2])) and top1 == ()
+
+
+def test_logit_bias_is_per_row_and_batched():
+    logits = torch.zeros(3, 6)
+    logits[:, 2] = 5.0  # every row's argmax is 2 without bias
+    params = [SamplingParams(logit_bias=((2, -100.0),)), SamplingParams(logit_bias=((4, 100.0), (2, -100.0))), SamplingParams()]
+    assert sample(logits, params).tolist() == [0, 4, 2]
+    sampled = [SamplingParams(temperature=1.0, seed=seed, logit_bias=((5, 100.0),)) for seed in range(3)]
+    assert sample(torch.randn(3, 6), sampled).tolist() == [5, 5, 5]  # +100 forces under sampling too
+
+
+def test_prompt_scores_pick_targets_and_top_alternatives():
+    from serve.engine.sampling import prompt_scores
+
+    logits = torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 0.0]])
+    picked, tops = prompt_scores(logits, [1, 0], top=2)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert picked == [expected[0, 1].item(), expected[1, 0].item()]
+    assert [ids for ids, _ in tops[0]] == [2, 1] and [ids for ids, _ in tops[1]][0] == 0
+    assert prompt_scores(logits, [1, 0], top=0)[1] == [(), ()]

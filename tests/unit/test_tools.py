@@ -32,3 +32,18 @@ def test_call_schema_pins_the_name_of_each_tool():
     schema = call_schema([WEATHER, other])
     assert [variant["properties"]["name"] for variant in schema["anyOf"]] == [{"const": "get_weather"}, {"const": "get_time"}]
     assert call_schema([WEATHER])["properties"]["arguments"] == WEATHER.function.parameters
+
+
+def test_a_forced_call_cut_by_max_tokens_keeps_name_and_partial_arguments():
+    from serve.schemas.tools import truncated_tool_call
+
+    tools = [Tool.model_validate({"function": {"name": "calc"}}), Tool.model_validate({"function": {"name": "clock"}})]
+    call = truncated_tool_call('{"name": "calc", "arguments": {"a": 1, "b', tools)[0]["function"]
+    assert call == {"name": "calc", "arguments": '{"a": 1, "b'}
+    assert truncated_tool_call('{"name": "clo', tools)[0]["function"] == {"name": "clock", "arguments": ""}
+    assert truncated_tool_call("", tools[1:])[0]["function"]["name"] == "clock"
+    buffer = ToolCallBuffer(tools[:1], forced=True)
+    buffer.feed('{"name": "calc", "arguments": {"a"')
+    rest, calls = buffer.finish(truncated=True)
+    assert rest == "" and calls[0]["function"] == {"name": "calc", "arguments": '{"a"'}
+    assert buffer.finish(truncated=False) == ('{"name": "calc", "arguments": {"a"', None)  # not cut: not a call
