@@ -302,6 +302,7 @@ class Engine:
         """Take a running sequence's blocks back and queue it to resume first; its client sees no gap."""
         self._running.remove(seq)
         self._blocks.free(seq.block_table)
+        self._runner.forget(seq)
         seq.preempt()
         self._preempted.appendleft(seq)
         self._preemptions += 1
@@ -315,6 +316,7 @@ class Engine:
             self._finish(seq, seq.end(FinishReason.CANCELLED))
         for seq in [seq for seq in self._preempted if self.scheduler.is_cancelled(seq.id)]:
             self._preempted.remove(seq)
+            self._runner.forget(seq)
             self._streams.pop(seq.id).put(seq.end(FinishReason.CANCELLED))
             self.scheduler.finish(seq.id)
 
@@ -349,6 +351,7 @@ class Engine:
         """Send the final event and give back the blocks and the admission place."""
         self._running.remove(seq)
         self._blocks.free(seq.block_table)
+        self._runner.forget(seq)
         self._streams.pop(seq.id).put(event)
         self.scheduler.finish(seq.id)
 

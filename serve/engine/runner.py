@@ -11,13 +11,11 @@ from serve.engine.block_manager import SCRATCH_BLOCK
 from serve.engine.kv_cache import PagedKVCache
 from serve.engine.graphs import GraphReport, capture_decode_graphs
 from serve.engine.sampling import logprob_table, make_generator, prompt_scores, sample_next_tokens, unpack_logprobs
+from serve.engine.penalties import TokenCounts, apply_penalties, count_sampled, penalized
 from serve.engine.scheduler import StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.static_decode import StaticDecode
 from serve.engine.types import SamplingParams, TokenChoice
-
-EMPTY = torch.empty(0, dtype=torch.long)
-
 
 class UnsupportedModel(RuntimeError):
     """The architecture does not route attention through transformers' attention interface."""
@@ -39,6 +37,7 @@ class ModelRunner:
         self.static = StaticDecode(model, cache, self.device, max_batch, max_blocks)
         self.graphs = GraphReport(reason="not captured")
         self.host_reads = 0  # device-to-host transfers so far (to_host); tests count them per step
+        self.counts = TokenCounts(model.config.get_text_config().vocab_size, self.device)  # for penalties
 
     def capture_graphs(self) -> GraphReport:
         """Capture the decode shapes as CUDA graphs (a no-op with a reason off CUDA or with LoRA adapters)."""
@@ -148,6 +147,19 @@ class ModelRunner:
         rows = torch.arange(count)[:, None] + position
         return (torch.arange(position + count)[None, :] <= rows).to(self.device)
 
+    def _count_rows(self, sequences: list[Sequence]) -> list[Optional[int]]:
+        """Each sequence's row of token counts on the device (None for sequences without penalties)."""
+        wanted = [seq for seq in sequences if penalized(seq.request.params)]
+        if not wanted:
+            return [None] * len(sequences)
+        tokens = [(seq.request.prompt_ids, seq.output_ids) for seq in wanted]
+        found = dict(zip((seq.id for seq in wanted), self.counts.rows([seq.id for seq in wanted], tokens)))
+        return [found.get(seq.id) for seq in sequences]
+
+    def forget(self, seq: Sequence) -> None:
+        """A sequence finished: drop what the runner keeps for it."""
+        self.counts.release(seq.id)
+
     def sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[TokenChoice]:
         """Next token for each sequence from its row of ``logits``: grammar-masked, sampled, with log-probabilities.
 
@@ -159,12 +171,10 @@ class ModelRunner:
         logits = logits.float()
         if self.grammars is not None:
             logits = self.grammars.mask(logits, [seq.matcher for seq in sequences])
-        histories, outputs = [], []
-        for seq, p in zip(sequences, params):
-            penalized = p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
-            histories.append(torch.tensor(seq.all_ids, device=self.device) if penalized else EMPTY)
-            outputs.append(torch.tensor(seq.output_ids, dtype=torch.long, device=self.device) if penalized else EMPTY)
-        tokens = sample_next_tokens(logits, params, [seq.generator for seq in sequences], histories, outputs)
+        rows = self._count_rows(sequences)
+        logits = apply_penalties(logits, params, self.counts, rows)
+        tokens = sample_next_tokens(logits, params, [seq.generator for seq in sequences])
+        count_sampled(self.counts, rows, tokens)
         if log_probs is None:
             return [TokenChoice(token) for token in self.to_host(tokens)]
         widest = max(p.logprobs or 0 for p in params)

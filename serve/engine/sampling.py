@@ -19,30 +19,6 @@ def make_generator(params: SamplingParams, device: torch.device) -> Optional[tor
     return generator
 
 
-def apply_repetition_penalty(
-    logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[torch.Tensor]
-) -> torch.Tensor:
-    """CTRL-style penalty on tokens already seen (prompt and output): divide positive logits, multiply negative."""
-    for row, (p, seen) in enumerate(zip(params, histories)):
-        if p.repetition_penalty == 1.0 or seen.numel() == 0:
-            continue
-        picked = logits[row, seen]
-        logits[row, seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
-    return logits
-
-
-def apply_output_penalties(
-    logits: torch.Tensor, params: Sequence[SamplingParams], outputs: Sequence[torch.Tensor]
-) -> torch.Tensor:
-    """OpenAI frequency/presence penalties: subtract per generated-token counts and presence."""
-    for row, (p, generated) in enumerate(zip(params, outputs)):
-        if (p.frequency_penalty == 0.0 and p.presence_penalty == 0.0) or generated.numel() == 0:
-            continue
-        counts = torch.bincount(generated, minlength=logits.shape[-1]).to(logits.dtype)
-        logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
-
-
 def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """OpenAI ``logit_bias``: add each request's (token, bias) pairs to its row, all rows in one indexed add.
 
@@ -107,18 +83,11 @@ def _uniforms(generators: Sequence[Optional[torch.Generator]], device: torch.dev
 
 
 def sample_next_tokens(
-    logits: torch.Tensor,
-    params: Sequence[SamplingParams],
-    generators: Sequence[Optional[torch.Generator]],
-    histories: Sequence[torch.Tensor],
-    outputs: Sequence[torch.Tensor],
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]]
 ) -> torch.Tensor:
-    """Return one token id per row of ``logits`` [batch, vocab]; greedy rows take the argmax.
-
-    ``histories`` are each row's prompt + output ids (repetition penalty), ``outputs`` its output ids only.
-    """
-    logits = apply_repetition_penalty(logits.float(), params, histories)
-    logits = apply_logit_bias(apply_output_penalties(logits, params, outputs), params)
+    """Return one token id per row of ``logits`` [batch, vocab] (penalties already applied); greedy rows take the
+    argmax."""
+    logits = apply_logit_bias(logits.float(), params)
     greedy_choice = logits.argmax(dim=-1)
     if all(p.greedy for p in params):
         return greedy_choice

@@ -1,16 +1,14 @@
 import pytest
 import torch
 
+from serve.engine.penalties import TokenCounts, apply_penalties, count_sampled
 from serve.engine.sampling import make_generator, sample_next_tokens
 from serve.engine.types import SamplingParams
-
-EMPTY = torch.tensor([], dtype=torch.long)
-
 
 def sample(logits, params, generators=None):
     rows = len(params)
     generators = generators or [make_generator(p, torch.device("cpu")) for p in params]
-    return sample_next_tokens(logits.clone(), params, generators, [EMPTY] * rows, [EMPTY] * rows)
+    return sample_next_tokens(logits.clone(), params, generators)
 
 
 def test_greedy_rows_take_the_argmax():
@@ -44,18 +42,34 @@ def test_mixed_batch_keeps_greedy_rows_greedy():
     assert int(sample(logits, params)[0]) == 1
 
 
+def penalize(logits, params, histories):
+    """Penalties from device-side counts: ``histories`` are each row's (prompt, output) tokens."""
+    counts = TokenCounts(logits.shape[-1], torch.device("cpu"))
+    rows = counts.rows([str(i) for i in range(len(params))], histories)
+    return apply_penalties(logits.clone(), params, counts, rows), counts, rows
+
+
 def test_repetition_penalty_discourages_seen_tokens():
-    logits = torch.tensor([[2.0, 1.9]])
-    params = [SamplingParams(repetition_penalty=2.0)]
-    seen = torch.tensor([0])
-    assert int(sample_next_tokens(logits.clone(), params, [None], [seen], [EMPTY])[0]) == 1
+    params = [SamplingParams(repetition_penalty=2.0), SamplingParams(repetition_penalty=2.0)]
+    logits, _, _ = penalize(torch.tensor([[2.0, 1.5], [-1.0, -1.5]]), params, [([0], []), ([], [0])])
+    assert logits.tolist() == [[1.0, 1.5], [-2.0, -1.5]]  # positive divided, negative multiplied
 
 
-def test_frequency_penalty_discourages_generated_tokens():
-    logits = torch.tensor([[2.0, 1.5]])
-    params = [SamplingParams(frequency_penalty=1.0)]
-    generated = torch.tensor([0])
-    assert int(sample_next_tokens(logits.clone(), params, [None], [generated], [generated])[0]) == 1
+def test_frequency_and_presence_penalties_count_generated_tokens_only():
+    params = [SamplingParams(frequency_penalty=1.0), SamplingParams(presence_penalty=0.5)]
+    logits, counts, rows = penalize(torch.tensor([[2.0, 1.5, 0.0]] * 2), params, [([0], [0, 0]), ([1], [2, 2])])
+    assert logits.tolist() == [[0.0, 1.5, 0.0], [2.0, 1.5, -0.5]]  # prompt tokens are not output
+    count_sampled(counts, rows, torch.tensor([1, 1]))
+    assert counts.matrix[rows[0], 1].tolist() == [2, 1, 0] and counts.matrix[rows[1], 0].tolist() == [0, 2, 2]
+    assert counts.matrix[rows[0], 0].tolist() == [3, 1, 0]  # seen: prompt and output
+
+
+def test_count_rows_are_reused_after_release_and_grow_on_demand():
+    counts = TokenCounts(5, torch.device("cpu"))
+    first = counts.rows(["a", "b", "c", "d", "e"], [([1], [])] * 5)
+    assert len(set(first)) == 5 and counts.matrix.shape[0] >= 5
+    counts.release("c")
+    assert counts.rows(["f"], [([2], [])]) == [first[2]] and counts.matrix[first[2], 0].tolist() == [0, 0, 1, 0, 0]
 
 
 def test_min_p_drops_tokens_far_less_likely_than_the_best():
