@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Optional
+
+from flask import g, has_request_context
+from flask import request as http_request
 
 from serve.config import Settings
 from serve.engine import Engine, EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
@@ -16,6 +20,7 @@ from serve.log import log_request
 from serve.metrics import Metrics
 from serve.model.prompt import PromptError, encode, render_chat
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class Choice:
@@ -35,6 +40,8 @@ class Generation:
         self.streams = streams
         self._sink = sink
         self._open = set(range(len(streams)))
+        self.recorded = False  # its requests were logged and counted (by stream_events)
+        self.route = ""
 
     @property
     def request_id(self) -> str:
@@ -126,7 +133,24 @@ class GenerationService:
             for stream in streams:
                 stream.close()
             raise (Overloaded if isinstance(exc, EngineOverloaded) else NotReady)(str(exc)) from exc
-        return Generation(streams, sink)
+        generation = Generation(streams, sink)
+        if has_request_context():  # released when the response closes, however the request ends (see release)
+            generation.route = http_request.path
+            g.setdefault("serve_generations", []).append(generation)
+        return generation
+
+    def release(self, generation: Generation) -> None:
+        """Cancel what is still running of ``generation`` once its response is closed, sent or failed.
+
+        A failure after admission (rendering, serialising, a custom ``output_fn``) never reaches ``stream_events``'
+        own cleanup; this does, so no choice keeps generating or holds an admission place for a client that left.
+        """
+        generation.close()
+        if not generation.recorded:
+            generation.recorded = True
+            log.warning("request %s: its response failed or was never sent; its choices were cancelled", generation.request_id)
+            for stream in generation.streams:
+                self.record(generation.route, stream.request.id, None, streamed=False)
 
     def _max_new_tokens(self, prompt_tokens: int, requested: Optional[int], prompt_field: str) -> int:
         limits = self.limits
@@ -182,6 +206,7 @@ class GenerationService:
                 yield item
         finally:
             generation.close()
+            generation.recorded = True
             for index, stream in enumerate(generation.streams):
                 self.record(route, stream.request.id, finals.get(index), streamed=heartbeat is not None)
 
