@@ -18,9 +18,11 @@ from serve.engine.types import FinishReason
 from serve.errors import GenerationFailed, NotReady, Overloaded, ValidationFailed
 from serve.log import log_request
 from serve.metrics import Metrics
-from serve.model.prompt import PromptError, encode, render_chat
+from serve.model.prompt import PromptError, chars_per_token_bound, encode, encode_chat, render_chat
 
 log = logging.getLogger(__name__)
+
+TRUNCATE_MARGIN_TOKENS = 64  # tokens more than TGI's `truncate` keeps, tokenized so the cut never shows in what is kept
 
 @dataclass
 class Choice:
@@ -72,6 +74,7 @@ class GenerationService:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        self._chars_per_token: Optional[tuple[Any, int]] = None
 
     @property
     def limits(self) -> Limits:
@@ -88,17 +91,50 @@ class GenerationService:
             raise NotReady("the model is still loading; retry when /ping answers 200")
 
     def chat_prompt(self, messages: Iterable[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None) -> list[int]:
-        """Token ids of the messages (and tool definitions) rendered with the chat template."""
+        """Token ids of the messages (and tool definitions) rendered with the chat template; contents stay text."""
+        messages = list(messages)
         try:
-            text = render_chat(self.tokenizer, list(messages), tools, self.settings.chat_template)
+            text = render_chat(self.tokenizer, messages, tools, self.settings.chat_template)
+            self.check_size(text, "messages")
+            return encode_chat(self.tokenizer, text, messages, tools, self.settings.chat_template)
         except PromptError as exc:
             raise ValidationFailed(f"messages: {exc}", "messages") from exc
-        return encode(self.tokenizer, text, add_special_tokens=False)
 
-    def text_prompt(self, text: str, truncate: Optional[int] = None) -> list[int]:
-        """Token ids of a raw prompt; ``truncate`` keeps only its last tokens (TGI)."""
+    def text_prompt(self, text: str, truncate: Optional[int] = None, field: str = "prompt") -> list[int]:
+        """Token ids of a raw prompt; ``truncate`` keeps only its last tokens (TGI), so only its tail is tokenized."""
+        if truncate:
+            text = text[-(truncate + TRUNCATE_MARGIN_TOKENS) * self.chars_per_token:]
+        else:
+            self.check_size(text, field)
         ids = encode(self.tokenizer, text, add_special_tokens=True)
         return ids[-truncate:] if truncate else ids
+
+    def tokenize(self, text: str, field: str = "inputs") -> dict[str, Any]:
+        """``/tokenize``: ids and offsets of a text that fits MAX_INPUT_TOKENS (422 otherwise, refused early if long)."""
+        self.check_size(text, field)
+        encoding = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        count, limit = len(encoding["input_ids"]), self.limits.max_input_tokens
+        if count > limit:
+            raise ValidationFailed(f"{field}: the text has {count} tokens, more than MAX_INPUT_TOKENS={limit}", field)
+        return encoding
+
+    @property
+    def chars_per_token(self) -> int:
+        """An upper bound on the characters of one token (computed once per tokenizer)."""
+        tokenizer = self.tokenizer
+        if self._chars_per_token is None or self._chars_per_token[0] is not tokenizer:
+            self._chars_per_token = (tokenizer, chars_per_token_bound(tokenizer))
+        return self._chars_per_token[1]
+
+    def check_size(self, text: str, field: str) -> None:
+        """422 before any tokenizing when ``text`` is too long to fit MAX_INPUT_TOKENS however it splits."""
+        limit, per_token = self.limits.max_input_tokens, self.chars_per_token
+        if len(text) > limit * per_token:
+            raise ValidationFailed(
+                f"{field}: the prompt has {len(text)} characters; MAX_INPUT_TOKENS={limit} tokens hold at most "
+                f"{limit * per_token} ({per_token} characters per token at most for this tokenizer)",
+                field,
+            )
 
     def check_grammar(self, grammar: Optional[str], field: str) -> None:
         """422 naming ``field`` when a grammar does not compile for this model's vocabulary."""

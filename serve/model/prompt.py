@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
+import secrets
 from typing import Any, Optional
+
+log = logging.getLogger(__name__)
 
 NO_TEMPLATE = (
     "this model has no chat template; start the server with CHAT_TEMPLATE set to a Jinja chat template "
@@ -52,3 +57,53 @@ def with_tools_described(messages: list[dict[str, Any]], tools: list[dict[str, A
 def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     """Token ids of ``text``; chat prompts already hold their special tokens, raw prompts get BOS if the model uses one."""
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def chars_per_token_bound(tokenizer: Any) -> int:
+    """An upper bound on the characters one token of ``tokenizer`` covers: its longest vocabulary entry.
+
+    Vocabulary entries are at least as long as the text they decode to (byte-level entries spell one character per
+    byte), so a text longer than ``n`` times this bound has more than ``n`` tokens. A normalizer may shrink text
+    before it is split (NFKC composes characters), so the bound is four times larger for tokenizers that have one.
+    """
+    longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    has_normalizer = backend is not None and getattr(backend, "normalizer", None) is not None
+    return max(longest, 1) * (4 if has_normalizer else 1)
+
+
+def encode_chat(tokenizer: Any, text: str, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None,
+                template: Optional[str] = None) -> list[int]:
+    """Token ids of ``text`` (the messages rendered by ``render_chat``); message contents are text, never control tokens.
+
+    The template is rendered with a placeholder for each content; the template's own text (its markers such as
+    ``<|im_start|>``) is tokenized with special tokens recognised, each content with ``split_special_tokens`` so
+    that ``<|im_start|>`` typed by a user stays the characters it is. Should a template rewrite contents in a way the
+    placeholders cannot follow, the whole prompt is tokenized with the contents' special-token strings split.
+    """
+    marker = f"@@content-{secrets.token_hex(8)}-"
+    contents = [m.get("content") if isinstance(m.get("content"), str) else None for m in messages]
+    slotted = [dict(m, content=f"{marker}{i}@@") if contents[i] is not None else m for i, m in enumerate(messages)]
+    pieces = re.split(f"{re.escape(marker)}(\\d+)@@", render_chat(tokenizer, slotted, tools, template))
+    for stripped in (False, True):  # templates that `| trim` contents keep the placeholder as it is
+        values = [(c.strip() if stripped else c) if c is not None else "" for c in contents]
+        if "".join(values[int(p)] if i % 2 else p for i, p in enumerate(pieces)) == text:
+            break
+    else:
+        log.warning("the chat template rewrites message contents; special-token strings in them are split as text")
+        return _encode_split(tokenizer, text, contents)
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            ids += tokenizer(values[int(piece)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _encode_split(tokenizer: Any, text: str, contents: list[Optional[str]]) -> list[int]:
+    """Fallback: the template's markers stay special unless one appears inside some content (then it is text too)."""
+    specials = {token for token in tokenizer.all_special_tokens if any(c and token in c for c in contents)}
+    if not specials:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
