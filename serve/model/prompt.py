@@ -76,34 +76,49 @@ def encode_chat(tokenizer: Any, text: str, messages: list[dict[str, Any]], tools
                 template: Optional[str] = None) -> list[int]:
     """Token ids of ``text`` (the messages rendered by ``render_chat``); message contents are text, never control tokens.
 
-    The template is rendered with a placeholder for each content; the template's own text (its markers such as
-    ``<|im_start|>``) is tokenized with special tokens recognised, each content with ``split_special_tokens`` so
-    that ``<|im_start|>`` typed by a user stays the characters it is. Should a template rewrite contents in a way the
-    placeholders cannot follow, the whole prompt is tokenized with the contents' special-token strings split.
+    The template is rendered once more with a placeholder for each content, which tells where each content lies in
+    ``text``. A special-token string there (``<|im_start|>`` typed by a user) is tokenized as the characters it is;
+    the template's own markers stay special. Prompts without such strings tokenize exactly as before.
     """
+    spans = content_spans(tokenizer, text, messages, tools, template)
+    specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    if spans is None or not specials:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    found = list(re.finditer("|".join(re.escape(token) for token in specials), text))
+    if not any(start <= m.start() < end for m in found for start, end in spans):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids: list[int] = []
+    position = 0
+    for match in found:
+        if any(start <= match.start() < end for start, end in spans):
+            continue  # user text: tokenized with the text around it
+        ids += _as_text(tokenizer, text[position : match.start()])
+        ids.append(tokenizer.convert_tokens_to_ids(match.group()))
+        position = match.end()
+    return ids + _as_text(tokenizer, text[position:])
+
+
+def content_spans(tokenizer: Any, text: str, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]],
+                  template: Optional[str]) -> Optional[list[tuple[int, int]]]:
+    """Where each message content lies in ``text``; when the template rewrites contents beyond a trim, every
+    special-token string that also occurs in some content counts as user text (the safe side)."""
     marker = f"@@content-{secrets.token_hex(8)}-"
     contents = [m.get("content") if isinstance(m.get("content"), str) else None for m in messages]
     slotted = [dict(m, content=f"{marker}{i}@@") if contents[i] is not None else m for i, m in enumerate(messages)]
     pieces = re.split(f"{re.escape(marker)}(\\d+)@@", render_chat(tokenizer, slotted, tools, template))
-    for stripped in (False, True):  # templates that `| trim` contents keep the placeholder as it is
-        values = [(c.strip() if stripped else c) if c is not None else "" for c in contents]
-        if "".join(values[int(p)] if i % 2 else p for i, p in enumerate(pieces)) == text:
-            break
-    else:
-        log.warning("the chat template rewrites message contents; special-token strings in them are split as text")
-        return _encode_split(tokenizer, text, contents)
-    ids: list[int] = []
-    for i, piece in enumerate(pieces):
-        if i % 2:
-            ids += tokenizer(values[int(piece)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        elif piece:
-            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
-    return ids
+    for strip in (False, True):  # templates that `| trim` contents keep the placeholder as it is
+        values = [(c.strip() if strip else c) if c is not None else "" for c in contents]
+        rendered = [values[int(piece)] if i % 2 else piece for i, piece in enumerate(pieces)]
+        if "".join(rendered) == text:
+            spans, position = [], 0
+            for i, piece in enumerate(rendered):
+                if i % 2:
+                    spans.append((position, position + len(piece)))
+                position += len(piece)
+            return spans
+    log.warning("the chat template rewrites message contents; special-token strings found in them count as text")
+    return [(m.start(), m.end()) for c in contents if c for m in re.finditer(re.escape(c), text)] or None
 
 
-def _encode_split(tokenizer: Any, text: str, contents: list[Optional[str]]) -> list[int]:
-    """Fallback: the template's markers stay special unless one appears inside some content (then it is text too)."""
-    specials = {token for token in tokenizer.all_special_tokens if any(c and token in c for c in contents)}
-    if not specials:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+def _as_text(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) if text else []
