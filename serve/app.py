@@ -40,10 +40,11 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     app.json.sort_keys = False
     app.extensions["serve.settings"] = settings
     app.extensions["serve.handler"] = CustomHandler.load(settings.model_dir)
-    metrics = Metrics(engine)
+    metrics = Metrics(engine, settings.metrics_dir)
     watcher = DisconnectWatcher(engine.cancel)
-    app.extensions["serve.service"] = GenerationService(WatchedEngine(engine, watcher), settings, metrics)
-    app.extensions["serve.drain"] = Drain(lambda: engine.scheduler.in_flight, settings.graceful_timeout)
+    service = GenerationService(WatchedEngine(engine, watcher), settings, metrics)
+    app.extensions["serve.service"] = service
+    app.extensions["serve.drain"] = Drain(lambda: engine.scheduler.in_flight, settings.graceful_timeout, cut=service.interrupt_all)
     app.extensions["serve.secrets"] = secret_values(settings)
     redact_logs(app.extensions["serve.secrets"])
     for module in (sagemaker, openai, tgi, docs):

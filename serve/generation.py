@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -15,13 +16,14 @@ from serve.engine import Engine, EngineNotReady, EngineOverloaded, Request, Requ
 from serve.engine.engine import Limits
 from serve.engine.grammar import GrammarError
 from serve.engine.types import FinishReason
-from serve.errors import GenerationFailed, NotReady, Overloaded, ValidationFailed
+from serve.errors import GenerationFailed, NotReady, Overloaded, ShuttingDown, ValidationFailed
 from serve.log import log_request
 from serve.metrics import Metrics
 from serve.model.prompt import PromptError, chars_per_token_bound, encode, encode_chat, render_chat
 
 log = logging.getLogger(__name__)
 
+SHUTTING_DOWN = "the server is shutting down (drain deadline reached); the generation was cut, retry on another instance"
 TRUNCATE_MARGIN_TOKENS = 64  # tokens more than TGI's `truncate` keeps, tokenized so the cut never shows in what is kept
 
 @dataclass
@@ -57,9 +59,17 @@ class Generation:
             except queue.Empty:
                 yield None
                 continue
+            if event is None:  # a probe of the client (serve.disconnect): write something now, as on a heartbeat
+                yield None
+                continue
             if event.finish_reason is not None:
                 self._open.discard(index)
             yield index, event
+
+    def interrupt(self, reason: str) -> None:
+        """End the reading of this generation with a failure (``stream_events`` raises, its cleanup cancels)."""
+        if self._open:
+            self._sink.put((min(self._open), TokenEvent(None, "", FinishReason.ERROR, error=reason)))
 
     def close(self) -> None:
         """Cancel the choices still running (the client went away)."""
@@ -75,6 +85,8 @@ class GenerationService:
         self.settings = settings
         self.metrics = metrics
         self._chars_per_token: Optional[tuple[Any, int]] = None
+        self._live: set[Generation] = set()  # generations being read (stream_events), for the shutdown deadline
+        self._live_lock = threading.Lock()
 
     @property
     def limits(self) -> Limits:
@@ -211,7 +223,10 @@ class GenerationService:
         """Wait for every choice; GenerationFailed (424) if the model failed."""
         tokens: dict[int, list[TokenEvent]] = {index: [] for index in range(len(generation.streams))}
         finals: dict[int, TokenEvent] = {}
-        for index, event in self.stream_events(generation, route, heartbeat=None):  # type: ignore[misc]
+        for item in self.stream_events(generation, route, heartbeat=None):
+            if item is None:  # a probe: nothing to write before the response
+                continue
+            index, event = item
             tokens[index].append(event)
             if event.finish_reason is not None:
                 finals[index] = event
@@ -233,18 +248,34 @@ class GenerationService:
         still running are cancelled, and each engine request is logged and counted.
         """
         finals: dict[int, TokenEvent] = {}
+        with self._live_lock:
+            self._live.add(generation)
         try:
             for item in generation.events(heartbeat=heartbeat):
                 if item is not None and item[1].finish_reason is not None:
+                    if item[1].error == SHUTTING_DOWN:
+                        raise ShuttingDown(SHUTTING_DOWN)
                     finals[item[0]] = item[1]
                     if item[1].finish_reason is FinishReason.ERROR:
                         raise GenerationFailed(f"generation failed: {item[1].error}")
+                    if item[1].finish_reason is FinishReason.CANCELLED:  # cut, so never answered as a "stop"
+                        raise GenerationFailed("the generation was cancelled before it finished (its client left)")
                 yield item
         finally:
+            with self._live_lock:
+                self._live.discard(generation)
             generation.close()
             generation.recorded = True
             for index, stream in enumerate(generation.streams):
                 self.record(route, stream.request.id, finals.get(index), streamed=heartbeat is not None)
+
+    def interrupt_all(self) -> int:
+        """The shutdown deadline: end every generation still being read with an error saying why; how many."""
+        with self._live_lock:
+            live = list(self._live)
+        for generation in live:
+            generation.interrupt(SHUTTING_DOWN)
+        return len(live)
 
     def record(self, route: str, request_id: str, final: Optional[TokenEvent], streamed: bool) -> None:
         """Log the request's line and count it in the metrics (final is None when the client left mid-stream)."""
