@@ -34,7 +34,7 @@ workers = _settings.workers  # each worker owns one engine (and one copy of the 
 # pool thread: slow or silent clients cost a descriptor, not a thread (serve/worker.py, README "Reliability").
 worker_class = "serve.worker.BufferingWorker"
 threads = _settings.max_concurrent_requests + 8  # one per admitted stream, plus room for /ping and 429s
-worker_connections = 10_000  # open connections per worker (idle ones included); the worker raises its file limit
+worker_connections = 4_096  # open connections per worker (idle ones included); the worker raises its file limit
 control_socket_disable = True  # gunicorn's control socket defaults to one path in $HOME, shared by every server there
 preload_app = False  # load torch/CUDA in the worker, never in the master
 timeout = 300  # worker heartbeat; the gthread main loop keeps beating while requests stream

@@ -23,7 +23,9 @@ from serve.model.prompt import PromptError, chars_per_token_bound, encode, encod
 
 log = logging.getLogger(__name__)
 
-SHUTTING_DOWN = "the server is shutting down (drain deadline reached); the generation was cut, retry on another instance"
+SHUTTING_DOWN = (
+    "the server is shutting down (drain deadline reached); the generation was cut, retry on another instance"
+)
 TRUNCATE_MARGIN_TOKENS = 64  # tokens more than TGI's `truncate` keeps, tokenized so the cut never shows in what is kept
 
 @dataclass
@@ -122,7 +124,7 @@ class GenerationService:
         return ids[-truncate:] if truncate else ids
 
     def tokenize(self, text: str, field: str = "inputs") -> dict[str, Any]:
-        """``/tokenize``: ids and offsets of a text that fits MAX_INPUT_TOKENS (422 otherwise, refused early if long)."""
+        """``/tokenize``: ids and offsets of a text that fits MAX_INPUT_TOKENS (422 otherwise, early if long)."""
         self.check_size(text, field)
         encoding = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
         count, limit = len(encoding["input_ids"]), self.limits.max_input_tokens
@@ -196,7 +198,8 @@ class GenerationService:
         generation.close()
         if not generation.recorded:
             generation.recorded = True
-            log.warning("request %s: its response failed or was never sent; its choices were cancelled", generation.request_id)
+            log.warning("request %s: its response failed or was never sent; its choices were cancelled",
+                        generation.request_id)
             for stream in generation.streams:
                 self.record(generation.route, stream.request.id, None, streamed=False)
 

@@ -6,7 +6,8 @@ a few hundred of them leave none for ``/ping``. Here the worker's poller gathers
 without blocking; a thread is given a connection only once its head (and a ``Content-Length`` body up to
 ``BODY_BUFFER_MAX``) is complete. A connection that has not delivered its head within ``HEAD_TIMEOUT_S`` (or its
 body within ``BODY_TIMEOUT_S``) gets a 408 and is closed. Idle connections cost a file descriptor, not a thread:
-``worker_connections`` is raised to match the open-file limit.
+``worker_connections`` is raised (and the open-file limit with it). Buffered bytes are bounded in all
+(``BUFFER_BUDGET``); past it, bodies are read by the threads, as gthread does.
 """
 
 from __future__ import annotations
@@ -25,22 +26,23 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 HEAD_TIMEOUT_S = 10.0  # from accept (or from the first byte of a kept-alive connection's next request)
 BODY_TIMEOUT_S = 60.0  # SageMaker's invocation limit
-MAX_HEAD_BYTES = 64 * 1024  # past this the head goes to gunicorn's parser, which refuses it (431/400)
+MAX_HEAD_BYTES = 32 * 1024  # past this the head goes to gunicorn's parser, which refuses it (431/400)
 BODY_BUFFER_MAX = 6 * 1024 * 1024 + 64 * 1024  # bodies above the 6 MiB payload limit are refused by the app (413)
+BUFFER_BUDGET = 256 * 1024 * 1024  # bytes held for all connections together; past it, threads read bodies (gthread)
 RECV_BYTES = 256 * 1024
 TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,12})[ \t]*\r\n", re.IGNORECASE)
 NOT_BUFFERED = re.compile(rb"\r\n(transfer-encoding|expect):", re.IGNORECASE)  # chunked bodies, 100-continue
 
 
-def head_complete(data: bytes) -> Optional[int]:
+def head_complete(data: bytes, buffer_bodies: bool = True) -> Optional[int]:
     """How many bytes of ``data`` a thread needs before it starts: the head plus a known-length body; None if more."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return len(data) if len(data) > MAX_HEAD_BYTES else None
     head = data[: end + 2]
     match = CONTENT_LENGTH.search(head)
-    if match is None or NOT_BUFFERED.search(head):
+    if match is None or NOT_BUFFERED.search(head) or not buffer_bodies:
         return end + 4
     length = int(match.group(1))
     if length > BODY_BUFFER_MAX:
@@ -54,6 +56,7 @@ class BufferingWorker(ThreadWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reading: dict[TConn, float] = {}  # connection -> deadline of what it is sending
+        self.buffered = 0  # bytes held in ``received`` of the connections being read
 
     def init_process(self) -> None:
         """Idle connections cost a descriptor each: raise the soft open-file limit to the hard one."""
@@ -99,7 +102,8 @@ class BufferingWorker(ThreadWorker):
             return
         had_head = b"\r\n\r\n" in conn.received
         conn.received += data
-        if head_complete(bytes(conn.received)) is not None:
+        self.buffered += len(data)
+        if head_complete(bytes(conn.received), self.buffered <= BUFFER_BUDGET) is not None:
             self._stop_reading(conn)
             conn.data_ready = True
             self.enqueue_req(conn)
@@ -135,7 +139,8 @@ class BufferingWorker(ThreadWorker):
             self.murder_pending()
 
     def _stop_reading(self, conn: TConn) -> None:
-        self.reading.pop(conn, None)
+        if self.reading.pop(conn, None) is not None:
+            self.buffered -= len(conn.received or b"")
         try:
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError, OSError):

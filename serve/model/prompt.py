@@ -74,7 +74,7 @@ def chars_per_token_bound(tokenizer: Any) -> int:
 
 def encode_chat(tokenizer: Any, text: str, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None,
                 template: Optional[str] = None) -> list[int]:
-    """Token ids of ``text`` (the messages rendered by ``render_chat``); message contents are text, never control tokens.
+    """Token ids of ``text`` (the messages rendered by ``render_chat``); contents are text, never control tokens.
 
     The template is rendered once more with a placeholder for each content, which tells where each content lies in
     ``text``. A special-token string there (``<|im_start|>`` typed by a user) is tokenized as the characters it is;

@@ -126,3 +126,17 @@ def test_slow_and_silent_clients_leave_ping_answering(hardened_server):
 @pytest.mark.slow
 def test_slow_and_silent_clients_for_60_seconds(hardened_server):
     hold_and_check(hardened_server, 60.0)
+
+
+def test_a_thread_gets_a_request_only_once_its_head_and_known_body_are_in():
+    from serve.worker import MAX_HEAD_BYTES, head_complete
+
+    head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
+    assert head_complete(b"POST /generate HTTP/1.1\r\nHost: x\r\n") is None  # headers still arriving
+    assert head_complete(head + b"abc") is None  # body still arriving
+    assert head_complete(head + b"abcde") == len(head) + 5
+    assert head_complete(head, buffer_bodies=False) == len(head)  # over the buffer budget: the thread reads it
+    chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n"
+    assert head_complete(chunked) == chunked.index(b"\r\n\r\n") + 4
+    assert head_complete(b"GET /ping HTTP/1.1\r\n\r\n") == 22
+    assert head_complete(b"X" * (MAX_HEAD_BYTES + 1)) == MAX_HEAD_BYTES + 1  # gunicorn's parser refuses it
