@@ -9,7 +9,7 @@ import re
 import pytest
 import requests
 
-from tests.helpers import Server, start_server
+from tests.helpers import Server, start_server, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -30,6 +30,7 @@ def two_workers(tiny_model_dir, tmp_path_factory) -> tuple[Server, object]:
     finally:
         if saved is not None:
             os.environ["XDG_RUNTIME_DIR"] = saved
+    assert wait_for(lambda: server.log().count("engine pool ready") == 2, timeout=300), server.log()[-3000:]  # both
     yield server, home
     server.stop()
 
