@@ -13,7 +13,7 @@ from tests.helpers import sse_data
 
 pytestmark = pytest.mark.e2e
 
-TOKENS = 40
+TOKENS = 12
 
 
 def half_closed_exchange(port: int, path: str, body: dict) -> tuple[int, bytes]:
