@@ -28,6 +28,7 @@ SHUTTING_DOWN = (
 )
 TRUNCATE_MARGIN_TOKENS = 64  # tokens more than TGI's `truncate` keeps, tokenized so the cut never shows in what is kept
 
+
 @dataclass
 class Choice:
     """One finished choice of a request: its text, its token events (for log-probabilities) and its final event."""
@@ -201,7 +202,7 @@ class GenerationService:
             log.warning("request %s: its response failed or was never sent; its choices were cancelled",
                         generation.request_id)
             for stream in generation.streams:
-                self.record(generation.route, stream.request.id, None, streamed=False)
+                self.record(generation.route, stream.request.id, None, False, "response_failed")
 
     def _max_new_tokens(self, prompt_tokens: int, requested: Optional[int], prompt_field: str) -> int:
         limits = self.limits
@@ -251,12 +252,14 @@ class GenerationService:
         still running are cancelled, and each engine request is logged and counted.
         """
         finals: dict[int, TokenEvent] = {}
+        reason = "client_disconnected"
         with self._live_lock:
             self._live.add(generation)
         try:
             for item in generation.events(heartbeat=heartbeat):
                 if item is not None and item[1].finish_reason is not None:
                     if item[1].error == SHUTTING_DOWN:
+                        reason = "shutdown_deadline"
                         raise ShuttingDown(SHUTTING_DOWN)
                     finals[item[0]] = item[1]
                     if item[1].finish_reason is FinishReason.ERROR:
@@ -270,7 +273,7 @@ class GenerationService:
             generation.close()
             generation.recorded = True
             for index, stream in enumerate(generation.streams):
-                self.record(route, stream.request.id, finals.get(index), streamed=heartbeat is not None)
+                self.record(route, stream.request.id, finals.get(index), heartbeat is not None, reason)
 
     def interrupt_all(self) -> int:
         """The shutdown deadline: end every generation still being read with an error saying why; how many."""
@@ -280,9 +283,10 @@ class GenerationService:
             generation.interrupt(SHUTTING_DOWN)
         return len(live)
 
-    def record(self, route: str, request_id: str, final: Optional[TokenEvent], streamed: bool) -> None:
-        """Log the request's line and count it in the metrics (final is None when the client left mid-stream)."""
-        log_request(route, request_id, final, streamed)
+    def record(self, route: str, request_id: str, final: Optional[TokenEvent], streamed: bool,
+               reason: str = "client_disconnected") -> None:
+        """Log the request's line and count it in the metrics (final is None when it was cut: ``reason`` says why)."""
+        log_request(route, request_id, final, streamed, reason)
         if final is not None:
             self.metrics.observe(final)
 
