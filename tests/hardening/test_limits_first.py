@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from tests.hardening.conftest import healthy
+from tests.hardening.test_overload import worker_rss_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -36,6 +37,7 @@ def test_huge_prompts_are_refused_before_tokenizing_and_ping_stays_fast(hardened
 
     threads = [threading.Thread(target=send, args=(path, body)) for path, body, _ in CASES]
     pings: list[float] = []
+    rss_before = worker_rss_bytes(hardened_server)
     for thread in threads:
         thread.start()
     while any(thread.is_alive() for thread in threads):
@@ -49,8 +51,10 @@ def test_huge_prompts_are_refused_before_tokenizing_and_ping_stays_fast(hardened
         message = _message(response)
         assert field in message and "MAX_INPUT_TOKENS=64" in message and "characters" in message, message
         print(f"{path}: refused in {took:.2f} s")
-    print(f"/ping: {len(pings)} probes, slowest {max(pings, default=0):.3f} s")
+    grown = worker_rss_bytes(hardened_server) - rss_before
+    print(f"/ping: {len(pings)} probes, slowest {max(pings, default=0):.3f} s; worker RSS grew {grown / 2**20:.0f} MiB")
     assert max(pings, default=0) < 2.0
+    assert grown < 256 * 2**20  # tokenizing them whole took ~1.4 GB each at peak, and 3.8 GB of three stayed
     healthy(hardened_server)
 
 
