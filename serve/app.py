@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Optional
 
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from serve.config import Settings, load_settings
@@ -40,10 +40,11 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     app.json.sort_keys = False
     app.extensions["serve.settings"] = settings
     app.extensions["serve.handler"] = CustomHandler.load(settings.model_dir)
-    metrics = Metrics(engine)
+    metrics = Metrics(engine, settings.metrics_dir)
     watcher = DisconnectWatcher(engine.cancel)
-    app.extensions["serve.service"] = GenerationService(WatchedEngine(engine, watcher), settings, metrics)
-    app.extensions["serve.drain"] = Drain(lambda: engine.in_flight, settings.graceful_timeout)
+    service = GenerationService(WatchedEngine(engine, watcher), settings, metrics)
+    app.extensions["serve.service"] = service
+    app.extensions["serve.drain"] = Drain(lambda: engine.in_flight, settings.graceful_timeout, cut=service.interrupt_all)
     app.extensions["serve.secrets"] = secret_values(settings)
     redact_logs(app.extensions["serve.secrets"])
     for module in (sagemaker, openai, tgi, docs):
@@ -51,6 +52,7 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     _register_error_handlers(app)
     app.before_request(_guard)
     app.after_request(unwatch_when_sent(watcher))
+    app.after_request(_release_generations)
     app.after_request(lambda response: _count(metrics, response))
     engine.start()
     return app
@@ -81,6 +83,15 @@ def _exit_worker(exc: BaseException) -> None:
     log.critical("cannot serve: %s", exc)
     sys.stderr.flush()
     os._exit(WORKER_BOOT_ERROR)
+
+
+def _release_generations(response: Response) -> Response:
+    """Once the response is closed (sent, streamed to its end, or failed), cancel whatever its request admitted."""
+    generations = g.pop("serve_generations", [])
+    if generations:
+        service: GenerationService = current_app.extensions["serve.service"]
+        response.call_on_close(lambda: [service.release(generation) for generation in generations])
+    return response
 
 
 def _count(metrics: Metrics, response: Response) -> Response:

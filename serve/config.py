@@ -61,6 +61,7 @@ class Settings:
     graceful_timeout: int = 25
     api_key: Optional[str] = field(default=None, repr=False)  # when set, /v1/* and TGI routes need a Bearer token
     log_level: str = "INFO"
+    metrics_dir: Optional[str] = None  # PROMETHEUS_MULTIPROC_DIR: set by gunicorn.conf.py, one per server instance
     started_at: Optional[float] = None  # when `serve` began (set by the entrypoint), for the cold-start log line
 
 
@@ -153,13 +154,16 @@ def parse_template(name: str, raw: str) -> Optional[str]:
     value = raw.strip()
     if not value:
         return None
-    if "{" not in value and len(value) < 4096:
+    path = os.path.expanduser(value)
+    if len(value) < 4096 and "\n" not in value and os.path.isfile(path):  # a path, whatever characters it holds
         try:
-            with open(os.path.expanduser(value), encoding="utf-8") as handle:
+            with open(path, encoding="utf-8") as handle:
                 return handle.read()
-        except OSError as exc:
-            raise SettingsError(f"{name}={value!r} is neither a Jinja template nor a readable file: {exc.strerror}") from None
-    return value
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"{name}={value!r} is a file that cannot be read: {exc}") from None
+    if "{{" in value or "{%" in value:
+        return value
+    raise SettingsError(f"{name}={value!r} is neither a Jinja template (no {{{{ or {{%) nor an existing file")
 
 
 def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
@@ -196,6 +200,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "port": _read(env, ("SAGEMAKER_BIND_TO_PORT",), parse_positive_int),
         "workers": _read(env, ("SAGEMAKER_MODEL_SERVER_WORKERS",), parse_positive_int),
         "log_level": _read(env, ("LOG_LEVEL",), lambda name, raw: raw.strip().upper()),
+        "metrics_dir": _read(env, ("PROMETHEUS_MULTIPROC_DIR",), _text),
         "started_at": _read(env, ("SERVE_STARTED_AT",), parse_timestamp),
     }
     settings = Settings(**{key: value for key, value in values.items() if value is not None})

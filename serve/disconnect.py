@@ -2,7 +2,8 @@
 
 A stream notices a gone client only when its next write fails, and a non-streaming request never does. So while
 the engine holds a request, one thread peeks at its client socket (gunicorn passes it as ``gunicorn.socket``) every
-``interval`` seconds: an orderly close or a reset cancels the request, whether it waits for a slot or runs.
+``interval`` seconds: a reset cancels the request, whether it waits for a slot or runs. A FIN alone may be a
+half-close (the client shut its write side and still reads), so it is probed first (see ``probe``).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from flask import Response, g, has_request_context, request
 log = logging.getLogger(__name__)
 
 GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
+OPEN, HALF_CLOSED, CLOSED = "open", "half-closed", "closed"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # an interim response every HTTP/1.1 client must accept
 
 
-def client_gone(sock: socket.socket) -> bool:
-    """True when the peer closed or reset the connection (data it sent, such as a pipelined request, is left unread).
+def client_state(sock: socket.socket) -> str:
+    """``closed`` when the connection was reset (or is gone), ``half-closed`` when the peer sent FIN, else ``open``.
 
+    A FIN alone is not a hang-up: a client may shut its write side after the request and still read the answer.
     Readiness is polled first, so a socket with a timeout never blocks the check.
     """
     try:
@@ -31,14 +35,55 @@ def client_gone(sock: socket.socket) -> bool:
         poller.register(sock, select.POLLIN | GONE)
         events = poller.poll(0)
         if not events:
-            return False
+            return OPEN
         if events[0][1] & GONE:
-            return True
-        return sock.recv(1, socket.MSG_PEEK) == b""
+            return CLOSED
+        return HALF_CLOSED if sock.recv(1, socket.MSG_PEEK) == b"" else OPEN
     except (BlockingIOError, InterruptedError):
-        return False
+        return OPEN
     except (OSError, ValueError):  # reset, or already closed
-        return True
+        return CLOSED
+
+
+def client_gone(sock: socket.socket) -> bool:
+    """True when the peer reset or closed the connection for good (a half-close is not that)."""
+    return client_state(sock) == CLOSED
+
+
+class ResponseState:
+    """One HTTP request's side of the probe: has its response begun (then only the response itself may write)?"""
+
+    def __init__(self, http11: bool):
+        self.lock = threading.Lock()
+        self.started = False
+        self.http11 = http11
+        self.probed = False
+
+
+class _Watch:
+    def __init__(self, sock: socket.socket, state: ResponseState, poke: Callable[[], None]):
+        self.sock, self.state, self.poke = sock, state, poke
+
+
+def probe(watch: _Watch) -> None:
+    """After a FIN, make the connection show whether the client still listens: a write to a client that closed
+    its socket for good comes back as a reset (then the next check cancels), one that only half-closed reads on.
+
+    Before the response begins, the write is an interim ``100 Continue`` (HTTP/1.1 only); a streaming response is
+    asked to send an SSE keep-alive comment instead (``poke``), as only its own thread may write to it.
+    """
+    state = watch.state
+    with state.lock:
+        if state.probed:
+            return
+        state.probed = True
+        if not state.started and state.http11:
+            try:
+                watch.sock.send(CONTINUE, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        elif state.started:
+            watch.poke()
 
 
 class DisconnectWatcher:
@@ -47,14 +92,15 @@ class DisconnectWatcher:
     def __init__(self, cancel: Callable[[str], None], interval: float = 0.1):
         self._cancel = cancel
         self._interval = interval
-        self._watched: dict[str, socket.socket] = {}
+        self._watched: dict[str, _Watch] = {}
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
 
-    def watch(self, request_id: str, sock: socket.socket) -> None:
+    def watch(self, request_id: str, sock: socket.socket, state: Optional[ResponseState] = None,
+              poke: Callable[[], None] = lambda: None) -> None:
         log.debug("watching the client of request %s", request_id)
         with self._lock:
-            self._watched[request_id] = sock
+            self._watched[request_id] = _Watch(sock, state or ResponseState(http11=False), poke)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="disconnect-watcher", daemon=True)
                 self._thread.start()
@@ -72,9 +118,13 @@ class DisconnectWatcher:
         while True:
             time.sleep(self._interval)
             with self._lock:
-                gone = [request_id for request_id, sock in self._watched.items() if client_gone(sock)]
+                states = {request_id: (watch, client_state(watch.sock)) for request_id, watch in self._watched.items()}
+                gone = [request_id for request_id, (_, state) in states.items() if state == CLOSED]
                 for request_id in gone:
                     del self._watched[request_id]
+            for watch, state in states.values():
+                if state == HALF_CLOSED:
+                    probe(watch)
             for request_id in gone:
                 log.info("client of request %s disconnected; cancelling it", request_id)
                 self._cancel(request_id)
@@ -98,7 +148,11 @@ class WatchedEngine:
         stream = self._engine.submit(engine_request, *args, **kwargs)
         sock = request.environ.get("gunicorn.socket") if has_request_context() else None
         if isinstance(sock, socket.socket):
-            self._watcher.watch(engine_request.id, sock)
+            if "serve_response_state" not in g:
+                g.serve_response_state = ResponseState(http11=request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1")
+            sink = kwargs.get("sink")
+            poke = (lambda: sink.put((-1, None))) if sink is not None else (lambda: None)  # a keep-alive, now
+            self._watcher.watch(engine_request.id, sock, g.serve_response_state, poke)
             g.setdefault("serve_watched", []).append(engine_request.id)
         return stream
 
@@ -110,6 +164,10 @@ def unwatch_when_sent(watcher: DisconnectWatcher) -> Callable[[Response], Respon
     """
 
     def after(response: Response) -> Response:
+        state: Optional[ResponseState] = g.get("serve_response_state")
+        if state is not None:
+            with state.lock:  # from here the response writes; a probe must not
+                state.started = True
         request_ids = g.pop("serve_watched", [])
         if request_ids:
             response.call_on_close(lambda: [watcher.unwatch(request_id) for request_id in request_ids])

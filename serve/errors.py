@@ -74,6 +74,13 @@ class GenerationFailed(ServeError):
     error_type = "generation"
 
 
+class ShuttingDown(GenerationFailed):
+    """The drain deadline of a shutdown cut the generation (503; in-band on a stream that had begun)."""
+
+    status = 503
+    error_type = "unhealthy"
+
+
 class Overloaded(ServeError):
     """More requests than MAX_CONCURRENT_REQUESTS are in flight."""
 

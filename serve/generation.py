@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import queue
+import threading
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Optional
+
+from flask import g, has_request_context
+from flask import request as http_request
 
 from serve.config import Settings
 from serve.engine import Engine, EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
 from serve.engine.engine import Limits
 from serve.engine.grammar import GrammarError
 from serve.engine.types import FinishReason
-from serve.errors import GenerationFailed, NotReady, Overloaded, ValidationFailed
+from serve.errors import GenerationFailed, NotReady, Overloaded, ShuttingDown, ValidationFailed
 from serve.log import log_request
 from serve.metrics import Metrics
-from serve.model.prompt import PromptError, encode, render_chat
+from serve.model.prompt import PromptError, chars_per_token_bound, encode, encode_chat, render_chat
+
+log = logging.getLogger(__name__)
+
+SHUTTING_DOWN = (
+    "the server is shutting down (drain deadline reached); the generation was cut, retry on another instance"
+)
+TRUNCATE_MARGIN_TOKENS = 64  # tokens more than TGI's `truncate` keeps, tokenized so the cut never shows in what is kept
 
 
 @dataclass
@@ -35,6 +47,8 @@ class Generation:
         self.streams = streams
         self._sink = sink
         self._open = set(range(len(streams)))
+        self.recorded = False  # its requests were logged and counted (by stream_events)
+        self.route = ""
 
     @property
     def request_id(self) -> str:
@@ -48,9 +62,17 @@ class Generation:
             except queue.Empty:
                 yield None
                 continue
+            if event is None:  # a probe of the client (serve.disconnect): write something now, as on a heartbeat
+                yield None
+                continue
             if event.finish_reason is not None:
                 self._open.discard(index)
             yield index, event
+
+    def interrupt(self, reason: str) -> None:
+        """End the reading of this generation with a failure (``stream_events`` raises, its cleanup cancels)."""
+        if self._open:
+            self._sink.put((min(self._open), TokenEvent(None, "", FinishReason.ERROR, error=reason)))
 
     def close(self) -> None:
         """Cancel the choices still running (the client went away)."""
@@ -65,6 +87,9 @@ class GenerationService:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        self._chars_per_token: Optional[tuple[Any, int]] = None
+        self._live: set[Generation] = set()  # generations being read (stream_events), for the shutdown deadline
+        self._live_lock = threading.Lock()
 
     @property
     def limits(self) -> Limits:
@@ -81,15 +106,21 @@ class GenerationService:
             raise NotReady("the model is still loading; retry when /ping answers 200")
 
     def chat_prompt(self, messages: Iterable[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None) -> list[int]:
-        """Token ids of the messages (and tool definitions) rendered with the chat template."""
+        """Token ids of the messages (and tool definitions) rendered with the chat template; contents stay text."""
+        messages = list(messages)
         try:
-            text = render_chat(self.tokenizer, list(messages), tools, self.settings.chat_template)
+            text = render_chat(self.tokenizer, messages, tools, self.settings.chat_template)
+            self.check_size(text, "messages")
+            return encode_chat(self.tokenizer, text, messages, tools, self.settings.chat_template)
         except PromptError as exc:
             raise ValidationFailed(f"messages: {exc}", "messages") from exc
-        return encode(self.tokenizer, text, add_special_tokens=False)
 
-    def text_prompt(self, text: str, truncate: Optional[int] = None) -> list[int]:
-        """Token ids of a raw prompt; ``truncate`` keeps only its last tokens (TGI)."""
+    def text_prompt(self, text: str, truncate: Optional[int] = None, field: str = "prompt") -> list[int]:
+        """Token ids of a raw prompt; ``truncate`` keeps only its last tokens (TGI), so only its tail is tokenized."""
+        if truncate:
+            text = text[-(truncate + TRUNCATE_MARGIN_TOKENS) * self.chars_per_token:]
+        else:
+            self.check_size(text, field)
         ids = encode(self.tokenizer, text, add_special_tokens=True)
         return ids[-truncate:] if truncate else ids
 
@@ -105,6 +136,33 @@ class GenerationService:
         if outside:
             message = f"{field}: token ids {outside[:8]} are outside the vocabulary (0..{self.vocab_size - 1})"
             raise ValidationFailed(message, field)
+
+    def tokenize(self, text: str, field: str = "inputs") -> dict[str, Any]:
+        """``/tokenize``: ids and offsets of a text that fits MAX_INPUT_TOKENS (422 otherwise, early if long)."""
+        self.check_size(text, field)
+        encoding = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        count, limit = len(encoding["input_ids"]), self.limits.max_input_tokens
+        if count > limit:
+            raise ValidationFailed(f"{field}: the text has {count} tokens, more than MAX_INPUT_TOKENS={limit}", field)
+        return encoding
+
+    @property
+    def chars_per_token(self) -> int:
+        """An upper bound on the characters of one token (computed once per tokenizer)."""
+        tokenizer = self.tokenizer
+        if self._chars_per_token is None or self._chars_per_token[0] is not tokenizer:
+            self._chars_per_token = (tokenizer, chars_per_token_bound(tokenizer))
+        return self._chars_per_token[1]
+
+    def check_size(self, text: str, field: str) -> None:
+        """422 before any tokenizing when ``text`` is too long to fit MAX_INPUT_TOKENS however it splits."""
+        limit, per_token = self.limits.max_input_tokens, self.chars_per_token
+        if len(text) > limit * per_token:
+            raise ValidationFailed(
+                f"{field}: the prompt has {len(text)} characters; MAX_INPUT_TOKENS={limit} tokens hold at most "
+                f"{limit * per_token} ({per_token} characters per token at most for this tokenizer)",
+                field,
+            )
 
     def check_grammar(self, grammar: Optional[str], field: str) -> None:
         """422 naming ``field`` when a grammar does not compile for this model's vocabulary."""
@@ -153,7 +211,25 @@ class GenerationService:
             for stream in streams:
                 stream.close()
             raise (Overloaded if isinstance(exc, EngineOverloaded) else NotReady)(str(exc)) from exc
-        return Generation(streams, sink)
+        generation = Generation(streams, sink)
+        if has_request_context():  # released when the response closes, however the request ends (see release)
+            generation.route = http_request.path
+            g.setdefault("serve_generations", []).append(generation)
+        return generation
+
+    def release(self, generation: Generation) -> None:
+        """Cancel what is still running of ``generation`` once its response is closed, sent or failed.
+
+        A failure after admission (rendering, serialising, a custom ``output_fn``) never reaches ``stream_events``'
+        own cleanup; this does, so no choice keeps generating or holds an admission place for a client that left.
+        """
+        generation.close()
+        if not generation.recorded:
+            generation.recorded = True
+            log.warning("request %s: its response failed or was never sent; its choices were cancelled",
+                        generation.request_id)
+            for stream in generation.streams:
+                self.record(generation.route, stream.request.id, None, False, "response_failed")
 
     def _max_new_tokens(self, prompt_tokens: int, requested: Optional[int], prompt_field: str) -> int:
         limits = self.limits
@@ -178,7 +254,10 @@ class GenerationService:
         """Wait for every choice; GenerationFailed (424) if the model failed."""
         tokens: dict[int, list[TokenEvent]] = {index: [] for index in range(len(generation.streams))}
         finals: dict[int, TokenEvent] = {}
-        for index, event in self.stream_events(generation, route, heartbeat=None):  # type: ignore[misc]
+        for item in self.stream_events(generation, route, heartbeat=None):
+            if item is None:  # a probe: nothing to write before the response
+                continue
+            index, event = item
             tokens[index].append(event)
             if event.finish_reason is not None:
                 finals[index] = event
@@ -200,21 +279,41 @@ class GenerationService:
         still running are cancelled, and each engine request is logged and counted.
         """
         finals: dict[int, TokenEvent] = {}
+        reason = "client_disconnected"
+        with self._live_lock:
+            self._live.add(generation)
         try:
             for item in generation.events(heartbeat=heartbeat):
                 if item is not None and item[1].finish_reason is not None:
+                    if item[1].error == SHUTTING_DOWN:
+                        reason = "shutdown_deadline"
+                        raise ShuttingDown(SHUTTING_DOWN)
                     finals[item[0]] = item[1]
                     if item[1].finish_reason is FinishReason.ERROR:
                         raise GenerationFailed(f"generation failed: {item[1].error}")
+                    if item[1].finish_reason is FinishReason.CANCELLED:  # cut, so never answered as a "stop"
+                        raise GenerationFailed("the generation was cancelled before it finished (its client left)")
                 yield item
         finally:
+            with self._live_lock:
+                self._live.discard(generation)
             generation.close()
+            generation.recorded = True
             for index, stream in enumerate(generation.streams):
-                self.record(route, stream.request.id, finals.get(index), streamed=heartbeat is not None)
+                self.record(route, stream.request.id, finals.get(index), heartbeat is not None, reason)
 
-    def record(self, route: str, request_id: str, final: Optional[TokenEvent], streamed: bool) -> None:
-        """Log the request's line and count it in the metrics (final is None when the client left mid-stream)."""
-        log_request(route, request_id, final, streamed)
+    def interrupt_all(self) -> int:
+        """The shutdown deadline: end every generation still being read with an error saying why; how many."""
+        with self._live_lock:
+            live = list(self._live)
+        for generation in live:
+            generation.interrupt(SHUTTING_DOWN)
+        return len(live)
+
+    def record(self, route: str, request_id: str, final: Optional[TokenEvent], streamed: bool,
+               reason: str = "client_disconnected") -> None:
+        """Log the request's line and count it in the metrics (final is None when it was cut: ``reason`` says why)."""
+        log_request(route, request_id, final, streamed, reason)
         if final is not None:
             self.metrics.observe(final)
 

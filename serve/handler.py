@@ -84,8 +84,11 @@ class CustomHandler:
         """The /invocations payload: ``input_fn(body, content_type)``, or our JSON parsing without one."""
         if self.input_fn is None:
             return default()
+        from serve.routes.common import request_body  # the body with its size limit enforced (413), chunked too
+
+        body = request_body()
         try:
-            payload = self.input_fn(request.get_data(cache=True), request.content_type or "application/json")
+            payload = self.input_fn(body, request.content_type or "application/json")
         except Exception as exc:  # the handler judges the body; its errors are the client's 400
             raise BadRequest(f"input_fn in {self.path.name} rejected the request: {type(exc).__name__}: {exc}") from exc
         if not isinstance(payload, dict):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import threading
+import time
+from typing import Any, Iterator, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from serve.engine.types import TokenEvent
@@ -13,36 +15,95 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 TOKEN_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
+GAUGES = {  # name: (help, how workers combine in multiprocess mode)
+    "serve_queue_size": ("Requests admitted and waiting for KV blocks", "livesum"),
+    "serve_batch_current_size": ("Sequences in the running batch", "livesum"),
+    "serve_requests_in_flight": ("Requests admitted and not finished", "livesum"),
+    "serve_ready": ("1 once the model is loaded and serving (in every worker)", "livemin"),
+    "serve_kv_blocks_used": ("KV-cache blocks held by sequences", "livesum"),
+    "serve_kv_blocks_total": ("KV-cache blocks in the pool", "livesum"),
+    "serve_batch_peak_size": ("Most sequences running at once since start", "livesum"),
+}
+COUNTERS = {
+    "serve_prefix_cache_queries": "Prompt tokens looked up in the prefix cache",
+    "serve_prefix_cache_hits": "Prompt tokens found in the prefix cache",
+    "serve_preemptions": "Sequences preempted because the KV pool was full",
+}
+
+
+def engine_state(engine: Any) -> tuple[dict[str, float], dict[str, float]]:
+    """The engine's live gauges and its cumulative counts, by metric name."""
+    stats = engine.cache_stats()
+    gauges = {
+        "serve_queue_size": engine.waiting,
+        "serve_batch_current_size": engine.running,
+        "serve_requests_in_flight": engine.in_flight,
+        "serve_ready": 1 if engine.ready else 0,
+        "serve_kv_blocks_used": stats.blocks_used,
+        "serve_kv_blocks_total": stats.blocks_total,
+        "serve_batch_peak_size": stats.peak_running,
+    }
+    counts = {
+        "serve_prefix_cache_queries": stats.prefix_queried_tokens,
+        "serve_prefix_cache_hits": stats.prefix_hit_tokens,
+        "serve_preemptions": stats.preemptions,
+    }
+    return gauges, counts
+
+
 class EngineCollector:
-    """Reads the engine's queue and batch at scrape time (the engine itself knows nothing of Prometheus)."""
+    """Reads the engine's state at scrape time (the engine itself knows nothing of Prometheus)."""
 
     def __init__(self, engine: Any):
         self.engine = engine
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        engine = self.engine
-        yield GaugeMetricFamily("serve_queue_size", "Requests admitted and waiting for KV blocks", value=engine.waiting)
-        yield GaugeMetricFamily("serve_batch_current_size", "Sequences in the running batch", value=engine.running)
-        yield GaugeMetricFamily("serve_requests_in_flight", "Requests admitted and not finished", value=engine.in_flight)
-        yield GaugeMetricFamily("serve_ready", "1 once the model is loaded and serving", value=1 if engine.ready else 0)
-        yield from self._cache_metrics(engine.cache_stats())
+    def collect(self) -> Iterator[Any]:
+        gauges, counts = engine_state(self.engine)
+        for name, value in gauges.items():
+            yield GaugeMetricFamily(name, GAUGES[name][0], value=value)
+        for name, value in counts.items():
+            yield CounterMetricFamily(name, COUNTERS[name], value=value)
 
-    @staticmethod
-    def _cache_metrics(stats: Any) -> Iterator[Any]:
-        """The KV pool's use, the prefix cache's lookups and hits (in prompt tokens), and preemptions."""
-        yield GaugeMetricFamily("serve_kv_blocks_used", "KV-cache blocks held by sequences", value=stats.blocks_used)
-        yield GaugeMetricFamily("serve_kv_blocks_total", "KV-cache blocks in the pool", value=stats.blocks_total)
-        yield GaugeMetricFamily("serve_batch_peak_size", "Most sequences running at once since start", value=stats.peak_running)
-        yield CounterMetricFamily("serve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", value=stats.prefix_queried_tokens)
-        yield CounterMetricFamily("serve_prefix_cache_hits", "Prompt tokens found in the prefix cache", value=stats.prefix_hit_tokens)
-        yield CounterMetricFamily("serve_preemptions", "Sequences preempted because the KV pool was full", value=stats.preemptions)
+
+class LiveGauges:
+    """The engine's state as multiprocess gauges and counters (over live workers), refreshed every ``interval`` s.
+
+    In prometheus-client's multiprocess mode each worker writes its values to files that any worker's ``/metrics``
+    reads; a collector that asks the engine at scrape time would only ever see the worker that was asked.
+    """
+
+    def __init__(self, engine: Any, interval: float = 0.25):
+        self.engine = engine
+        self.gauges = {name: Gauge(name, text, multiprocess_mode=mode, registry=None) for name, (text, mode) in GAUGES.items()}
+        self.counters = {name: Counter(name, text, registry=None) for name, text in COUNTERS.items()}
+        self._counted = dict.fromkeys(COUNTERS, 0.0)
+        self._lock = threading.Lock()
+        self.refresh()
+        threading.Thread(target=self._run, args=(interval,), name="metrics-gauges", daemon=True).start()
+
+    def refresh(self) -> None:
+        with self._lock:
+            gauges, counts = engine_state(self.engine)
+            for name, value in gauges.items():
+                self.gauges[name].set(value)
+            for name, value in counts.items():  # counters grow by what the engine counted since the last refresh
+                if value > self._counted[name]:
+                    self.counters[name].inc(value - self._counted[name])
+                    self._counted[name] = value
+
+    def _run(self, interval: float) -> None:
+        while True:
+            time.sleep(interval)
+            self.refresh()
 
 
 class Metrics:
-    """One registry per app, so tests can build apps freely."""
+    """One registry per app, so tests can build apps freely; with ``multiprocess_dir`` (gunicorn with several
+    workers) values live in prometheus-client's multiprocess files and ``/metrics`` aggregates every worker."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, multiprocess_dir: Optional[str] = None):
         self.registry = CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir
         registry = self.registry
         self.requests = Counter("serve_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
         self.finished = Counter("serve_generations", "Finished generations by finish reason", ["finish_reason"], registry=registry)
@@ -52,7 +113,9 @@ class Metrics:
         self.tpot = Histogram("serve_time_per_output_token_seconds", "Decode time per generated token", buckets=LATENCY_BUCKETS, registry=registry)
         self.queue_time = Histogram("serve_queue_seconds", "Time waiting for KV blocks", buckets=LATENCY_BUCKETS, registry=registry)
         self.generated_per_request = Histogram("serve_generated_tokens_per_request", "Tokens generated per request", buckets=TOKEN_BUCKETS, registry=registry)
-        registry.register(EngineCollector(engine))
+        self.live = LiveGauges(engine) if multiprocess_dir else None
+        if self.live is None:
+            registry.register(EngineCollector(engine))
 
     def observe(self, final: TokenEvent) -> None:
         """Record a finished generation from its final event."""
@@ -68,4 +131,10 @@ class Metrics:
             self.tpot.observe(final.timings.decode / (final.generated_tokens - 1))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The metrics in Prometheus' text format (of every worker, in multiprocess mode)."""
+        if self.live is None:
+            return generate_latest(self.registry)
+        self.live.refresh()  # this worker's share is current; the others' are at most a refresh interval old
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+        return generate_latest(registry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 from typing import Iterable, Optional
 
 from serve.config import Settings
@@ -25,16 +26,23 @@ def check_api_key(api_key: Optional[str], path: str, authorization: Optional[str
         raise Unauthorized("the API key in the Authorization header is not valid")
 
 
+SHORT_SECRET = 6  # shorter secrets are redacted only where they stand alone, so ordinary words survive
+
+
 def secret_values(settings: Settings) -> tuple[str, ...]:
-    """The configured secrets worth scrubbing (short values would redact ordinary words, so they are skipped)."""
-    return tuple(value for value in (settings.hf_token, settings.api_key) if value and len(value) >= 6)
+    """The configured secrets to scrub from logs and error bodies, however short."""
+    return tuple(value for value in (settings.hf_token, settings.api_key) if value)
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every secret replaced by a marker."""
+    """``text`` with every secret replaced by a marker (a short one where it is not part of a longer word)."""
     for secret in secrets:
-        if secret in text:
+        if secret not in text:
+            continue
+        if len(secret) >= SHORT_SECRET:
             text = text.replace(secret, REDACTED)
+        else:
+            text = re.sub(rf"(?<![\w-]){re.escape(secret)}(?![\w-])", REDACTED, text)
     return text
 
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
+import secrets
 from typing import Any, Optional
+
+log = logging.getLogger(__name__)
 
 NO_TEMPLATE = (
     "this model has no chat template; start the server with CHAT_TEMPLATE set to a Jinja chat template "
@@ -52,3 +57,68 @@ def with_tools_described(messages: list[dict[str, Any]], tools: list[dict[str, A
 def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     """Token ids of ``text``; chat prompts already hold their special tokens, raw prompts get BOS if the model uses one."""
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def chars_per_token_bound(tokenizer: Any) -> int:
+    """An upper bound on the characters one token of ``tokenizer`` covers: its longest vocabulary entry.
+
+    Vocabulary entries are at least as long as the text they decode to (byte-level entries spell one character per
+    byte), so a text longer than ``n`` times this bound has more than ``n`` tokens. A normalizer may shrink text
+    before it is split (NFKC composes characters), so the bound is four times larger for tokenizers that have one.
+    """
+    longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    has_normalizer = backend is not None and getattr(backend, "normalizer", None) is not None
+    return max(longest, 1) * (4 if has_normalizer else 1)
+
+
+def encode_chat(tokenizer: Any, text: str, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None,
+                template: Optional[str] = None) -> list[int]:
+    """Token ids of ``text`` (the messages rendered by ``render_chat``); contents are text, never control tokens.
+
+    The template is rendered once more with a placeholder for each content, which tells where each content lies in
+    ``text``. A special-token string there (``<|im_start|>`` typed by a user) is tokenized as the characters it is;
+    the template's own markers stay special. Prompts without such strings tokenize exactly as before.
+    """
+    spans = content_spans(tokenizer, text, messages, tools, template)
+    specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    if spans is None or not specials:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    found = list(re.finditer("|".join(re.escape(token) for token in specials), text))
+    if not any(start <= m.start() < end for m in found for start, end in spans):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids: list[int] = []
+    position = 0
+    for match in found:
+        if any(start <= match.start() < end for start, end in spans):
+            continue  # user text: tokenized with the text around it
+        ids += _as_text(tokenizer, text[position : match.start()])
+        ids.append(tokenizer.convert_tokens_to_ids(match.group()))
+        position = match.end()
+    return ids + _as_text(tokenizer, text[position:])
+
+
+def content_spans(tokenizer: Any, text: str, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]],
+                  template: Optional[str]) -> Optional[list[tuple[int, int]]]:
+    """Where each message content lies in ``text``; when the template rewrites contents beyond a trim, every
+    special-token string that also occurs in some content counts as user text (the safe side)."""
+    marker = f"@@content-{secrets.token_hex(8)}-"
+    contents = [m.get("content") if isinstance(m.get("content"), str) else None for m in messages]
+    slotted = [dict(m, content=f"{marker}{i}@@") if contents[i] is not None else m for i, m in enumerate(messages)]
+    pieces = re.split(f"{re.escape(marker)}(\\d+)@@", render_chat(tokenizer, slotted, tools, template))
+    for strip in (False, True):  # templates that `| trim` contents keep the placeholder as it is
+        values = [(c.strip() if strip else c) if c is not None else "" for c in contents]
+        rendered = [values[int(piece)] if i % 2 else piece for i, piece in enumerate(pieces)]
+        if "".join(rendered) == text:
+            spans, position = [], 0
+            for i, piece in enumerate(rendered):
+                if i % 2:
+                    spans.append((position, position + len(piece)))
+                position += len(piece)
+            return spans
+    log.warning("the chat template rewrites message contents; special-token strings found in them count as text")
+    return [(m.start(), m.end()) for c in contents if c for m in re.finditer(re.escape(c), text)] or None
+
+
+def _as_text(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) if text else []

@@ -7,6 +7,7 @@ import sys
 from typing import Any, TypeVar
 
 from flask import current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 from pydantic import BaseModel, ValidationError
 
 from serve.config import Settings
@@ -26,7 +27,7 @@ def settings() -> Settings:
 
 def json_body() -> dict[str, Any]:
     """The request body as a JSON object (any content type is accepted, as SageMaker clients vary)."""
-    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
+    raw = request_body()
     if not raw.strip():
         raise BadRequest("the request body is empty; send a JSON object")
     try:
@@ -44,8 +45,52 @@ def json_body() -> dict[str, Any]:
     return payload
 
 
+def request_body() -> bytes:
+    """The raw body; 413 past MAX_CONTENT_LENGTH, with a ``Content-Length`` or chunked.
+
+    Werkzeug stops a chunked body quietly at the limit; one byte more on the server's own stream tells a body that
+    ends there from one that goes on (which is refused, never served cut).
+    """
+    raw = request.get_data(cache=True)  # raises 413 when Content-Length is past the limit
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit is not None and request.content_length is None and len(raw) >= limit:
+        if request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
+    return raw
+
+
+def check_text(value: Any, path: str = "") -> None:
+    """422 naming the field when any string (or key) in ``value`` holds a lone surrogate, which is not text.
+
+    JSON allows ``"\\ud800"`` escapes that decode to unpaired surrogates; no tokenizer, log or UTF-8 writer takes them.
+    """
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _has_surrogate(item):
+                field = where or "body"
+                raise ValidationFailed(f"{field}: the string holds a lone UTF-16 surrogate (invalid Unicode text)", field)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                child_path = f"{where}.{key}" if where else str(key)
+                stack.append((key, where))
+                stack.append((child, child_path))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}.{index}" if where else str(index)) for index, child in enumerate(item))
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def validate(model: type[M], payload: dict[str, Any]) -> M:
     """Parse ``payload`` into ``model``; a 422 (400 on /v1/*) names each offending field, as ``messages[0].content``."""
+    check_text(payload)
     try:
         return model.model_validate(payload)
     except ValidationError as exc:

@@ -78,7 +78,7 @@ def metrics() -> Response:
 @blueprint.post("/tokenize")
 def tokenize() -> Response:
     req = validate(tgi.TokenizeRequest, json_body())
-    encoding = service().tokenizer(req.inputs, add_special_tokens=True, return_offsets_mapping=True)
+    encoding = service().tokenize(req.inputs)
     tokens = [
         {"id": token_id, "text": req.inputs[start:stop], "start": start, "stop": stop}
         for token_id, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"])
@@ -90,7 +90,7 @@ def generate(payload: dict[str, Any], route: str, as_list: bool) -> Response:
     """Serve one TGI generate request; ``as_list`` wraps the body in a list, as TGI's /invocations does."""
     req = validate(tgi.GenerateRequest, payload)
     grammar = req.parameters.grammar.text() if req.parameters.grammar else None
-    prompt_ids = service().text_prompt(req.inputs, truncate=req.parameters.truncate)
+    prompt_ids = service().text_prompt(req.inputs, truncate=req.parameters.truncate, field="inputs")
     service().check_grammar(grammar, "parameters.grammar")
     generation = service().start(
         prompt_ids, req.requested_max_tokens, lambda budget: req.to_sampling_params(budget, grammar), "inputs", req.best_of,

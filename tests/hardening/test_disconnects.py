@@ -51,13 +51,13 @@ def test_drops_while_queued_and_mid_stream_cancel_and_others_finish(hardened_ser
 
     queued = open_stream(url)  # the third admitted request waits for a slot; nothing is written to it meanwhile
     assert wait_for(lambda: gauge(hardened_server, "serve_queue_size") == 1, timeout=10)
-    queued.close()
-    assert wait_for(lambda: gauge(hardened_server, "serve_queue_size") == 0, timeout=1.0)
+    queued.close()  # a FIN: the watcher probes (a keep-alive write), the reset that answers it cancels the request
+    assert wait_for(lambda: gauge(hardened_server, "serve_queue_size") == 0, timeout=2.0)
     assert gauge(hardened_server, "serve_batch_current_size") == 2  # it never took a slot: cancelled while queued
     assert wait_for(lambda: len(cancelled_ids(hardened_server.log())) == watched_before + 1, timeout=5)
 
-    dropped.close()  # mid-stream
-    assert wait_for(lambda: gauge(hardened_server, "serve_batch_current_size") == 1, timeout=1.0)
+    dropped.close()  # mid-stream (a FIN is confirmed by the reset that answers the next token's write)
+    assert wait_for(lambda: gauge(hardened_server, "serve_batch_current_size") == 1, timeout=2.0)
     assert wait_for(lambda: cancellations(hardened_server) == cancelled_before + 2, timeout=5)
 
     reader.join(300)

@@ -120,3 +120,13 @@ def test_secrets_are_not_in_the_settings_repr():
 
 def test_sm_num_gpus_zero_means_the_cpu():
     assert load_settings({"SM_NUM_GPUS": "0"}).num_gpus == 0
+
+
+def test_chat_template_is_an_existing_file_whatever_its_name_or_jinja_text(tmp_path):
+    braces = tmp_path / "template{v2}.jinja"
+    braces.write_text("{{ messages[0]['content'] }}")
+    assert load_settings({"CHAT_TEMPLATE": str(braces)}).chat_template == "{{ messages[0]['content'] }}"
+    assert load_settings({"CHAT_TEMPLATE": "{% for m in messages %}{{ m.content }}{% endfor %}"}).chat_template.startswith("{%")
+    for value in (str(tmp_path / "missing{1}.jinja"), str(tmp_path / "missing.jinja")):
+        with pytest.raises(SettingsError, match="CHAT_TEMPLATE=.*neither a Jinja template"):
+            load_settings({"CHAT_TEMPLATE": value})
