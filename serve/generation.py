@@ -74,6 +74,10 @@ class Generation:
         if self._open:
             self._sink.put((min(self._open), TokenEvent(None, "", FinishReason.ERROR, error=reason)))
 
+    def pending(self) -> bool:
+        """Whether events are already waiting to be read (the reader would not block)."""
+        return not self._sink.empty()
+
     def close(self) -> None:
         """Cancel the choices still running (the client went away)."""
         for index in sorted(self._open):

@@ -28,12 +28,14 @@ COUNTERS = {
     "serve_prefix_cache_queries": "Prompt tokens looked up in the prefix cache",
     "serve_prefix_cache_hits": "Prompt tokens found in the prefix cache",
     "serve_preemptions": "Sequences preempted because the KV pool was full",
+    "serve_engine_steps": "Forward steps the engine ran",
+    "serve_engine_busy_seconds": "Seconds the engine thread spent in steps (over wall time: its busy share)",
 }
 
 
 def engine_state(engine: Any) -> tuple[dict[str, float], dict[str, float]]:
     """The engine's live gauges and its cumulative counts, by metric name."""
-    stats = engine.cache_stats()
+    stats = engine.stats()
     gauges = {
         "serve_queue_size": engine.waiting,
         "serve_batch_current_size": engine.running,
@@ -47,6 +49,8 @@ def engine_state(engine: Any) -> tuple[dict[str, float], dict[str, float]]:
         "serve_prefix_cache_queries": stats.prefix_queried_tokens,
         "serve_prefix_cache_hits": stats.prefix_hit_tokens,
         "serve_preemptions": stats.preemptions,
+        "serve_engine_steps": stats.steps,
+        "serve_engine_busy_seconds": stats.busy_seconds,
     }
     return gauges, counts
 

@@ -6,7 +6,8 @@ import collections
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import astuple, dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from serve.engine.scheduler import EngineOverloaded, Scheduler
@@ -35,8 +36,8 @@ class Limits:
 
 
 @dataclass
-class CacheStats:
-    """The KV pool and the prefix cache, for /metrics and /info (summed over the engines of a pool)."""
+class EngineStats:
+    """The KV pool, the prefix cache and the engine thread's work, for /metrics (summed over a pool's engines)."""
 
     blocks_used: int = 0
     blocks_total: int = 0
@@ -44,13 +45,11 @@ class CacheStats:
     prefix_hit_tokens: int = 0
     preemptions: int = 0
     peak_running: int = 0
+    steps: int = 0
+    busy_seconds: float = 0.0  # time the engine thread spent in steps (its busy share: this over wall time)
 
-    def __add__(self, other: "CacheStats") -> "CacheStats":
-        return CacheStats(
-            self.blocks_used + other.blocks_used, self.blocks_total + other.blocks_total,
-            self.prefix_queried_tokens + other.prefix_queried_tokens, self.prefix_hit_tokens + other.prefix_hit_tokens,
-            self.preemptions + other.preemptions, self.peak_running + other.peak_running,
-        )
+    def __add__(self, other: "EngineStats") -> "EngineStats":
+        return EngineStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 class RequestStream:
@@ -110,6 +109,8 @@ class Engine:
         self._preempted: collections.deque[Sequence] = collections.deque()  # resumed before new requests
         self._preemptions = 0
         self._peak_running = 0
+        self._steps = 0
+        self._busy_seconds = 0.0
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
@@ -153,14 +154,14 @@ class Engine:
         """What start-up did about CUDA graphs (serve.engine.graphs.GraphReport), once loaded."""
         return self._runner.graphs if self.limits is not None else None
 
-    def cache_stats(self) -> CacheStats:
+    def stats(self) -> EngineStats:
         """The KV pool's use and the prefix cache's counters (zeros before the model is loaded)."""
         blocks = getattr(self, "_blocks", None)
         if blocks is None:
-            return CacheStats()
-        return CacheStats(
+            return EngineStats()
+        return EngineStats(
             blocks.used_blocks, blocks.usable_blocks, blocks.stats.queried_tokens, blocks.stats.hit_tokens,
-            self._preemptions, self._peak_running,
+            self._preemptions, self._peak_running, self._steps, self._busy_seconds,
         )
 
     def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
@@ -206,7 +207,10 @@ class Engine:
             if not self._running:
                 self.scheduler.wait_for_work(timeout=0.1)
                 continue
+            started = time.perf_counter()
             self._step()
+            self._steps += 1
+            self._busy_seconds += time.perf_counter() - started
 
     def _prepare(self) -> None:
         """Load the model, size the KV pool, build the runner (torch is imported here, off the HTTP threads)."""

@@ -13,7 +13,7 @@ import threading
 from dataclasses import asdict, replace
 from typing import Any, Callable, Optional
 
-from serve.engine.engine import CacheStats, Engine, EngineNotReady, Limits, RequestStream
+from serve.engine.engine import EngineStats, Engine, EngineNotReady, Limits, RequestStream
 from serve.engine.scheduler import EngineOverloaded
 from serve.engine.types import EngineConfig, Request
 
@@ -135,9 +135,9 @@ class EnginePool:
     def in_flight(self) -> int:
         return self.scheduler.in_flight
 
-    def cache_stats(self) -> CacheStats:
+    def stats(self) -> EngineStats:
         """The KV pools and prefix caches of all engines, summed."""
-        return sum((engine.cache_stats() for engine in self.engines), CacheStats())
+        return sum((engine.stats() for engine in self.engines), EngineStats())
 
     def submit(self, request: Request, *args: Any, **kwargs: Any) -> RequestStream:
         """Admit on the least-loaded engine; EngineOverloaded once MAX_CONCURRENT_REQUESTS are in flight in all."""

@@ -33,7 +33,7 @@ def completions(payload: dict[str, Any], route: str) -> Response:
     echoes = [_echo_text(prompt) if req.echo else "" for prompt in req.prompts]
     completion_id = oa.new_id("cmpl")
     if req.stream:
-        return sse.response(_chunks(generation, req, completion_id, route, prompts, echoes))
+        return sse.response(_chunks(generation, req, completion_id, route, prompts, echoes), generation.pending)
     choices = service().collect(generation, route)
     rendered = [_choice(req, c, prompts, echoes) for c in choices]
     body = oa.text_completion(completion_id, req.model, rendered, _usage(choices, req.n))

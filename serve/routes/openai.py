@@ -51,7 +51,7 @@ def chat_completions(payload: dict[str, Any], route: str) -> Response:
     )
     completion_id = oa.new_id("chatcmpl")
     if req.stream:
-        return sse.response(_chat_chunks(generation, req, completion_id, route))
+        return sse.response(_chat_chunks(generation, req, completion_id, route), generation.pending)
     choices = service().collect(generation, route)
     body = oa.chat_completion(completion_id, req.model, [_chat_choice(c, req) for c in choices], _usage(choices))
     return _json(body, choices[0].final)

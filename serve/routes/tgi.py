@@ -97,7 +97,7 @@ def generate(payload: dict[str, Any], route: str, as_list: bool) -> Response:
         requested_adapter(req.parameters.adapter_id, "parameters.adapter_id"),
     )
     if req.stream:
-        return sse.response(_token_events(generation, req, route, prompt_ids))
+        return sse.response(_token_events(generation, req, route, prompt_ids), generation.pending)
     choices = service().collect(generation, route)
     best = max(choices, key=lambda c: sum(event.logprob or 0.0 for event in c.tokens))
     body: dict[str, Any] = {"generated_text": _full_text(req, best.text)}

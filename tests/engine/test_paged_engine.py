@@ -61,7 +61,7 @@ def test_a_pool_of_four_full_sequences_serves_24_requests_by_preempting(tiny_set
     engine = start(settings)
     try:
         results = run_all(engine, prompts)
-        stats = engine.cache_stats()
+        stats = engine.stats()
     finally:
         engine.stop()
     assert [tokens for tokens, _ in results] == alone
@@ -76,7 +76,7 @@ def test_prefix_cache_hits_give_the_same_tokens_as_computing_the_prompt(tiny_set
         first = run_all(engine, prompts[:1])[0]
         again = run_all(engine, prompts[:1])[0]  # the whole prompt but its last block is cached
         sibling = run_all(engine, prompts[1:2])[0]  # shares the system prompt: a hit that ends mid-prompt
-        stats = engine.cache_stats()
+        stats = engine.stats()
     finally:
         engine.stop()
     assert first[1].cached_tokens == 0 and first[0] == alone[0]
