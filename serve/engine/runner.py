@@ -24,9 +24,10 @@ class ModelRunner:
     """Owns the model and the KV cache; ``step(plan)`` returns the sequences that got a new token, and the tokens."""
 
     def __init__(self, model: Any, cache: SlotKVCache, grammars: Any = None):
-        if not getattr(model, "_supports_attention_backend", False):
-            raise UnsupportedModel(f"{type(model).__name__} does not support pluggable attention; it cannot be batched")
-        model.set_attn_implementation(BACKEND_NAME)
+        if not getattr(model, "serve_calls_attend", False):  # lean models (serve/models/) call attend() themselves
+            if not getattr(model, "_supports_attention_backend", False):
+                raise UnsupportedModel(f"{type(model).__name__} does not support pluggable attention; it cannot be batched")
+            model.set_attn_implementation(BACKEND_NAME)
         self.model = model
         self.cache = cache
         self.grammars = grammars  # serve.engine.grammar.Grammars: masks the logits of constrained sequences

@@ -290,7 +290,7 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
     kwargs = {**placement.from_pretrained_kwargs(), **prepared.quantization.kwargs}
     log.info("loading %s from %s as %s on %s", prepared.source.name, prepared.folder, prepared.dtype, ", ".join(placement.devices))
     with _LOAD_LOCK:
-        model, tokenizer = _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
+        model, tokenizer = _load_lean(prepared, settings, placement) or _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
     try:
         attach_adapters(model, prepared.adapters)
     except AdapterError as exc:
@@ -301,6 +301,55 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
         model, tokenizer, prepared.source.name, model.device, prepared.dtype, max_context,
         plan=prepared.plan, quantization=prepared.quantization.method, adapters=tuple(prepared.adapters),
     )
+
+
+def lean_fallback_reason(prepared: PreparedModel, settings: Settings, placement: Any, config: Any) -> Optional[str]:
+    """Why this model, as configured, is served by transformers' model code rather than serve/models/ (None: lean)."""
+    from serve.models import safetensors_files, unsupported_reason
+
+    if not settings.lean_model:
+        return "LEAN_MODEL=false"
+    if prepared.quantization.method is not None:
+        return f"quantization {prepared.quantization.method} is loaded by transformers"
+    if len(placement.devices) != 1:
+        return f"the model is split over {len(placement.devices)} devices (accelerate places it)"
+    if settings.trust_remote_code and getattr(config, "auto_map", None):
+        return "the checkpoint brings its own model code (HF_MODEL_TRUST_REMOTE_CODE=true)"
+    if not safetensors_files(prepared.folder):
+        return "the lean loader reads safetensors weights only"
+    return unsupported_reason(config)
+
+
+def _load_lean(prepared: PreparedModel, settings: Settings, placement: Any) -> Optional[tuple[Any, Any]]:
+    """(model, tokenizer) from serve/models/ when it can serve this model exactly; None (reason logged) otherwise."""
+    from transformers import AutoConfig
+
+    from serve.models import CheckpointMismatch, load_pretrained
+
+    config = AutoConfig.from_pretrained(str(prepared.folder), trust_remote_code=settings.trust_remote_code)
+    reason = lean_fallback_reason(prepared, settings, placement, config)
+    if reason is None:
+        tokenizer = _tokenizer(prepared.folder, settings)
+        try:
+            model = load_pretrained(prepared.folder, config, placement.devices[0], prepared.dtype)
+            log.info("lean model: %s (%s) served by serve/models/", type(model).__name__, config.model_type)
+            return model, tokenizer
+        except CheckpointMismatch as exc:
+            reason = f"the checkpoint does not fit the lean model: {exc}"
+    log.info("transformers model code serves %s: %s", config.model_type, reason)
+    return None
+
+
+def _tokenizer(folder: Path, settings: Settings) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the tokenizer in {folder}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _from_pretrained(folder: Path, settings: Settings, dtype: Any, extra: dict[str, Any]) -> tuple[Any, Any]:
