@@ -111,3 +111,35 @@ def test_dummy_weights_from_config_run_a_forward():
     assert abs(float(qkv.weight.std()) - config.initializer_range) < 0.005 and bool((model.model.norm.weight == 1).all())
     assert model.lm_head.weight is not model.model.embed_tokens.weight  # Qwen3Config does not tie by default
     assert model.generation_config is not None and model.device.type == "cpu" and model.dtype == torch.float32
+
+
+def test_lora_on_fused_projections_equals_peft_merged_model(tiny_model_dir, tokenizer, tmp_path):
+    """Adapters on q_proj, v_proj and gate_proj only: each delta lands on its part of qkv_proj / gate_up_proj."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    folders = {}
+    for seed, targets in ((1, ["q_proj", "v_proj", "gate_proj"]), (2, ["k_proj", "up_proj", "o_proj"])):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        folders[f"a{seed}"] = tmp_path / f"a{seed}"
+        get_peft_model(base, config).save_pretrained(folders[f"a{seed}"])
+    settings = settings_for(tiny_model_dir, lora_adapters=tuple((name, str(path)) for name, path in folders.items()))
+    prompts = [tokenizer(text)["input_ids"] for text in TEXTS[:2]]
+    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
+    try:
+        assert engine.wait_ready(120), engine.load_error
+        assert isinstance(engine.loaded.model, LlamaForServing)
+        params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        cases = [(adapter, prompt) for prompt in prompts for adapter in (None, "a1", "a2")]
+        streams = [engine.submit(Request(prompt, params, adapter=adapter)) for adapter, prompt in cases]  # one batch
+        ours = [[event.token_id for event in stream if event.token_id is not None] for stream in streams]
+    finally:
+        engine.stop()
+    for (adapter, prompt), tokens in zip(cases, ours):
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, folders[adapter]).merge_and_unload() if adapter else base
+        with torch.inference_mode():
+            output = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        assert tokens == output[0, len(prompt) :].tolist(), (adapter, prompt)
+    assert ours[0] != ours[1] and ours[0] != ours[2], "an adapter changed nothing"
