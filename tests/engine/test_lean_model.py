@@ -41,11 +41,16 @@ def save_random_model(config, folder: Path, tokenizer, seed: int = 0) -> Path:
     return folder
 
 
-def hf_greedy(folder: Path, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+def generate(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+    """transformers' greedy generate, through end-of-sequence tokens like ``ignore_eos`` (min_new_tokens would
+    forbid them instead)."""
     with torch.inference_mode():
-        output = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        output = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     return output[0, len(prompt) :].tolist()
+
+
+def hf_greedy(folder: Path, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+    return generate(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval(), prompt, new_tokens)
 
 
 def engine_greedy(settings: Settings, prompts: list[list[int]], new_tokens: int = NEW_TOKENS, adapter=None) -> tuple[type, list[list[int]]]:
@@ -139,7 +144,26 @@ def test_lora_on_fused_projections_equals_peft_merged_model(tiny_model_dir, toke
     for (adapter, prompt), tokens in zip(cases, ours):
         base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
         model = PeftModel.from_pretrained(base, folders[adapter]).merge_and_unload() if adapter else base
-        with torch.inference_mode():
-            output = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-        assert tokens == output[0, len(prompt) :].tolist(), (adapter, prompt)
+        assert tokens == generate(model, prompt), (adapter, prompt)
     assert ours[0] != ours[1] and ours[0] != ours[2], "an adapter changed nothing"
+
+
+SMOL_PROMPTS = [
+    "The capital of France is", "Write a haiku about the sea.", "def add(a, b):", "Photosynthesis is the process",
+    "List three primary colors:", "Translate to French: good night", "2 + 2 =", "The best way to learn a language is",
+    "Once upon a time", "What is machine learning?", "import torch\n", "My favourite food is",
+    "Explain gravity to a child.", "SELECT name FROM", "The moon orbits", "Dear Sir or Madam,",
+    "In 1969,", "Water boils at", "A good password has", "The three laws of motion are",
+]
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_lean_equals_transformers_generate(embedded_folder, tokenizer):
+    """The real embedded model (float32): 20 prompts served together by the lean model = HF generate one by one."""
+    prompts = [tokenizer(text)["input_ids"] for text in SMOL_PROMPTS]
+    settings = settings_for(embedded_folder, max_concurrent_requests=32, max_batch_prefill_tokens=64)
+    chosen, ours = engine_greedy(settings, prompts, new_tokens=16)
+    assert chosen is LlamaForServing
+    reference = AutoModelForCausalLM.from_pretrained(str(embedded_folder), dtype=torch.float32).eval()
+    for prompt, tokens in zip(prompts, ours):
+        assert tokens == generate(reference, prompt, 16), tokenizer.decode(prompt)
