@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GemmaConfig, Llama
 
 from serve.app import engine_config
 from serve.config import Settings, load_settings
-from serve.engine import Engine, Request, SamplingParams
-from serve.model.loader import load_model
+from serve.engine import Engine, EngineConfig, Request, SamplingParams
+from serve.model.loader import LoadedModel, load_model
 from serve.models import LlamaForServing
 
 NEW_TOKENS = 10
@@ -107,8 +107,8 @@ def test_a_checkpoint_that_does_not_fit_falls_back_to_transformers(tokenizer, tm
     assert "unexpected tensor model.layers.0.self_attn.extra_gate.weight" in caplog.text
 
 
-def test_dummy_weights_from_config_run_a_forward():
-    config = FAMILIES["qwen3"](128)
+def test_dummy_weights_from_config_serve_through_the_engine(tokenizer):
+    config = FAMILIES["qwen3"](len(tokenizer))
     torch.manual_seed(0)
     model = LlamaForServing.from_config(config, "cpu", torch.float32)
     qkv = model.model.layers[0].self_attn.qkv_proj
@@ -116,6 +116,15 @@ def test_dummy_weights_from_config_run_a_forward():
     assert abs(float(qkv.weight.std()) - config.initializer_range) < 0.005 and bool((model.model.norm.weight == 1).all())
     assert model.lm_head.weight is not model.model.embed_tokens.weight  # Qwen3Config does not tie by default
     assert model.generation_config is not None and model.device.type == "cpu" and model.dtype == torch.float32
+    loaded = LoadedModel(model, tokenizer, "dummy", model.device, model.dtype, 512)
+    engine = Engine(load=lambda: loaded, config=EngineConfig(max_concurrent_requests=2)).start()
+    try:
+        assert engine.wait_ready(60), engine.load_error
+        stream = engine.submit(Request(tokenizer("Hello")["input_ids"], SamplingParams(max_new_tokens=6, ignore_eos=True)))
+        events = list(stream)
+    finally:
+        engine.stop()
+    assert events[-1].generated_tokens == 6 and events[-1].error is None
 
 
 def test_lora_on_fused_projections_equals_peft_merged_model(tiny_model_dir, tokenizer, tmp_path):
