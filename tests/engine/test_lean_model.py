@@ -36,6 +36,8 @@ def save_random_model(config, folder: Path, tokenizer, seed: int = 0) -> Path:
         for name, parameter in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 parameter.normal_(1.0 if "norm" in name else 0.0, 0.2)
+            elif ".q_proj." in name or ".k_proj." in name:  # sharp attention, so positions (RoPE) change the tokens
+                parameter.normal_(0.0, 0.4)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
