@@ -130,11 +130,14 @@ class LoraSet:
                 weight = layer.base.weight
                 rows = len(range(weight.shape[0])[out])
                 if tuple(weights.a.shape[1:]) != (weight.shape[1],) or weights.b.shape[0] != rows:
-                    raise AdapterError(f"adapter {name!r}: {path} shapes {tuple(weights.b.shape)}x{tuple(weights.a.shape)} do not fit {(rows, weight.shape[1])}")
+                    shapes = f"{tuple(weights.b.shape)}x{tuple(weights.a.shape)}"
+                    raise AdapterError(f"adapter {name!r}: {path} shapes {shapes} do not fit {(rows, weight.shape[1])}")
                 layer.add(index, LoraWeights(weights.a.to(weight), weights.b.to(weight), weights.scale), out)
         self.layers = layers
 
-    def _wrap(self, model: nn.Module, path: str, name: str, layers: dict[str, LoraLinear]) -> tuple[str, LoraLinear, slice]:
+    def _wrap(
+        self, model: nn.Module, path: str, name: str, layers: dict[str, LoraLinear]
+    ) -> tuple[str, LoraLinear, slice]:
         """(path of the wrapped layer, the wrapper, output slice of ``path`` in it): the layer itself, or the fused
         layer whose ``parts`` name ``path``'s projection (lean models fuse q/k/v and gate/up)."""
         parent_path, _, child = path.rpartition(".")

@@ -26,7 +26,8 @@ class ModelRunner:
     def __init__(self, model: Any, cache: SlotKVCache, grammars: Any = None):
         if not getattr(model, "serve_calls_attend", False):  # lean models (serve/models/) call attend() themselves
             if not getattr(model, "_supports_attention_backend", False):
-                raise UnsupportedModel(f"{type(model).__name__} does not support pluggable attention; it cannot be batched")
+                name = type(model).__name__
+                raise UnsupportedModel(f"{name} does not support pluggable attention; it cannot be batched")
             model.set_attn_implementation(BACKEND_NAME)
         self.model = model
         self.cache = cache

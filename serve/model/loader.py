@@ -290,7 +290,8 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
     kwargs = {**placement.from_pretrained_kwargs(), **prepared.quantization.kwargs}
     log.info("loading %s from %s as %s on %s", prepared.source.name, prepared.folder, prepared.dtype, ", ".join(placement.devices))
     with _LOAD_LOCK:
-        model, tokenizer = _load_lean(prepared, settings, placement) or _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
+        lean = _load_lean(prepared, settings, placement)
+        model, tokenizer = lean or _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
     try:
         attach_adapters(model, prepared.adapters)
     except AdapterError as exc:

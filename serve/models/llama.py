@@ -152,8 +152,11 @@ class LlamaForServing(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @classmethod
-    def from_config(cls, config: Any, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> "LlamaForServing":
-        """Random weights (vLLM's ``--load-format dummy``): normal(0, initializer_range) matrices, unit norms, zero biases."""
+    def from_config(
+        cls, config: Any, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32
+    ) -> "LlamaForServing":
+        """Random weights, as vLLM's ``--load-format dummy``: normal(0, initializer_range) matrices, unit norms and
+        zero biases, made directly on ``device`` in ``dtype``."""
         from transformers import GenerationConfig
 
         model = cls(config, device, dtype)
@@ -178,7 +181,11 @@ class LlamaForServing(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: Union[int, torch.Tensor] = 0, **unused: Any
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        **unused: Any,
     ) -> CausalOutput:
         """input_ids/position_ids [1, tokens] (one flat step) -> logits [1, rows, vocab] for the rows to keep.
 

@@ -86,7 +86,9 @@ def load_checkpoint(model: nn.Module, folder: Path) -> None:
             continue
         key, target = _destination(model, name)
         if target.shape != tensor.shape:
-            raise CheckpointMismatch(f"tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
+            raise CheckpointMismatch(
+                f"tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
+            )
         target.copy_(tensor)
         needed.discard(key)
     if needed:

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from serve.app import engine_config
 from serve.config import Settings, load_settings
@@ -15,12 +23,33 @@ from serve.model.loader import LoadedModel, load_model
 from serve.models import LlamaForServing
 
 NEW_TOKENS = 10
-TEXTS = ["The quick brown fox", "Hello", "def fibonacci(n):\n    if n <", "Once upon a time in a land far, far away, there"]
-SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+TEXTS = [
+    "The quick brown fox",
+    "Hello",
+    "def fibonacci(n):\n    if n <",
+    "Once upon a time in a land far, far away, there",
+]
+SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 YARN_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 64}
 FAMILIES = {
-    "llama3-rope-scaling": lambda vocab: LlamaConfig(vocab_size=vocab, rope_parameters=LLAMA3_ROPE, head_dim=32, **SHAPE),
+    "llama3-rope-scaling": lambda vocab: LlamaConfig(
+        vocab_size=vocab, rope_parameters=LLAMA3_ROPE, head_dim=32, **SHAPE
+    ),
     "llama-tied": lambda vocab: LlamaConfig(vocab_size=vocab, tie_word_embeddings=True, attention_bias=True, **SHAPE),
     "mistral": lambda vocab: MistralConfig(vocab_size=vocab, sliding_window=None, **SHAPE),
     "qwen2-yarn": lambda vocab: Qwen2Config(vocab_size=vocab, rope_parameters=YARN_ROPE, **SHAPE),
@@ -47,7 +76,9 @@ def generate(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int
     """transformers' greedy generate, through end-of-sequence tokens like ``ignore_eos`` (min_new_tokens would
     forbid them instead)."""
     with torch.inference_mode():
-        output = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        output = model.generate(
+            torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
     return output[0, len(prompt) :].tolist()
 
 
@@ -55,7 +86,9 @@ def hf_greedy(folder: Path, prompt: list[int], new_tokens: int = NEW_TOKENS) -> 
     return generate(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval(), prompt, new_tokens)
 
 
-def engine_greedy(settings: Settings, prompts: list[list[int]], new_tokens: int = NEW_TOKENS, adapter=None) -> tuple[type, list[list[int]]]:
+def engine_greedy(
+    settings: Settings, prompts: list[list[int]], new_tokens: int = NEW_TOKENS, adapter=None
+) -> tuple[type, list[list[int]]]:
     """(model class the loader chose, greedy tokens of every prompt submitted together: one continuous batch)."""
     engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
     try:
@@ -69,7 +102,13 @@ def engine_greedy(settings: Settings, prompts: list[list[int]], new_tokens: int 
 
 
 def settings_for(folder: Path, **overrides) -> Settings:
-    base = Settings(model_id=str(folder), model_dir="/nonexistent", dtype="float32", max_concurrent_requests=8, max_batch_prefill_tokens=16)
+    base = Settings(
+        model_id=str(folder),
+        model_dir="/nonexistent",
+        dtype="float32",
+        max_concurrent_requests=8,
+        max_batch_prefill_tokens=16,
+    )
     return replace(base, **overrides)
 
 
@@ -115,14 +154,18 @@ def test_dummy_weights_from_config_serve_through_the_engine(tokenizer):
     model = LlamaForServing.from_config(config, "cpu", torch.float32)
     qkv = model.model.layers[0].self_attn.qkv_proj
     assert qkv.weight.shape == (4 * 24 + 2 * 2 * 24, 64) and set(qkv.parts) == {"q_proj", "k_proj", "v_proj"}
-    assert abs(float(qkv.weight.std()) - config.initializer_range) < 0.005 and bool((model.model.norm.weight == 1).all())
+    assert abs(float(qkv.weight.std()) - config.initializer_range) < 0.005 and bool(
+        (model.model.norm.weight == 1).all()
+    )
     assert model.lm_head.weight is not model.model.embed_tokens.weight  # Qwen3Config does not tie by default
     assert model.generation_config is not None and model.device.type == "cpu" and model.dtype == torch.float32
     loaded = LoadedModel(model, tokenizer, "dummy", model.device, model.dtype, 512)
     engine = Engine(load=lambda: loaded, config=EngineConfig(max_concurrent_requests=2)).start()
     try:
         assert engine.wait_ready(60), engine.load_error
-        stream = engine.submit(Request(tokenizer("Hello")["input_ids"], SamplingParams(max_new_tokens=6, ignore_eos=True)))
+        stream = engine.submit(
+            Request(tokenizer("Hello")["input_ids"], SamplingParams(max_new_tokens=6, ignore_eos=True))
+        )
         events = list(stream)
     finally:
         engine.stop()
@@ -160,11 +203,26 @@ def test_lora_on_fused_projections_equals_peft_merged_model(tiny_model_dir, toke
 
 
 SMOL_PROMPTS = [
-    "The capital of France is", "Write a haiku about the sea.", "def add(a, b):", "Photosynthesis is the process",
-    "List three primary colors:", "Translate to French: good night", "2 + 2 =", "The best way to learn a language is",
-    "Once upon a time", "What is machine learning?", "import torch\n", "My favourite food is",
-    "Explain gravity to a child.", "SELECT name FROM", "The moon orbits", "Dear Sir or Madam,",
-    "In 1969,", "Water boils at", "A good password has", "The three laws of motion are",
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "def add(a, b):",
+    "Photosynthesis is the process",
+    "List three primary colors:",
+    "Translate to French: good night",
+    "2 + 2 =",
+    "The best way to learn a language is",
+    "Once upon a time",
+    "What is machine learning?",
+    "import torch\n",
+    "My favourite food is",
+    "Explain gravity to a child.",
+    "SELECT name FROM",
+    "The moon orbits",
+    "Dear Sir or Madam,",
+    "In 1969,",
+    "Water boils at",
+    "A good password has",
+    "The three laws of motion are",
 ]
 
 
