@@ -236,3 +236,29 @@ def test_embedded_smollm2_lean_equals_transformers_generate(embedded_folder, tok
     reference = AutoModelForCausalLM.from_pretrained(str(embedded_folder), dtype=torch.float32).eval()
     for prompt, tokens in zip(prompts, ours):
         assert tokens == generate(reference, prompt, 16), tokenizer.decode(prompt)
+
+
+def test_settings_the_lean_model_cannot_honour_fall_back_with_a_reason(tiny_model_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from serve.model.loader import ModelSource, PreparedModel, lean_fallback_reason
+    from serve.model.placement import EnginePlacement, footprint, plan_placement
+    from serve.model.quantize import Quantization
+
+    config = AutoConfig.from_pretrained(str(tiny_model_dir))
+    cpu = plan_placement("auto", 0, [], footprint(config, 4, 4), 1024)
+    prepared = PreparedModel(
+        ModelSource("local", str(tiny_model_dir), "tiny"), tiny_model_dir, torch.float32, Quantization(), cpu
+    )
+    settings, one = Settings(), cpu.engines[0]
+    assert lean_fallback_reason(prepared, settings, one, config) is None
+    quantized = replace(prepared, quantization=Quantization("gptq (pre-quantized)", {}, 0.5))
+    assert "quantization gptq" in lean_fallback_reason(quantized, settings, one, config)
+    split = EnginePlacement(("cuda:0", "cuda:1"), "auto")
+    assert "split over 2 devices" in lean_fallback_reason(prepared, settings, split, config)
+    config.auto_map = {"AutoModelForCausalLM": "custom.Model"}
+    assert "own model code" in lean_fallback_reason(prepared, replace(settings, trust_remote_code=True), one, config)
+    assert lean_fallback_reason(prepared, settings, one, config) is None  # its code is not run without trust
+    assert "safetensors" in lean_fallback_reason(replace(prepared, folder=tmp_path), settings, one, config)
+    config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    assert "rope type 'dynamic'" in lean_fallback_reason(prepared, settings, one, config)
