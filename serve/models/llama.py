@@ -126,7 +126,7 @@ class Decoder(nn.Module):
 
 class LlamaForServing(nn.Module):
     """The whole model. Built on the meta device, then materialised (uninitialised) on ``device``: use
-    ``from_config`` (random weights) or ``serve.models.weights.load_checkpoint`` to fill it."""
+    ``from_config`` (random weights) or ``serve.models.load_pretrained`` (a checkpoint) to get a filled one."""
 
     serve_calls_attend = True  # the runner does not install a transformers attention backend for this model
 

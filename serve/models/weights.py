@@ -36,8 +36,8 @@ def _tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, tor
                 yield name, handle.get_tensor(name)
 
 
-def _destination(model: nn.Module, name: str) -> tuple[str, torch.Tensor]:
-    """(key that was filled, the tensor view to copy into) for checkpoint tensor ``name``."""
+def _destination(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter, or the slice of a fused parameter, that checkpoint tensor ``name`` fills."""
     module_path, _, attribute = name.rpartition(".")
     parent_path, _, child = module_path.rpartition(".")
     try:
@@ -46,12 +46,12 @@ def _destination(model: nn.Module, name: str) -> tuple[str, torch.Tensor]:
         raise CheckpointMismatch(f"unexpected tensor {name}") from None
     module = getattr(parent, child, None)
     if isinstance(module, nn.Module) and isinstance(getattr(module, attribute, None), torch.Tensor):
-        return name, getattr(module, attribute)
+        return getattr(module, attribute)
     fused = find_part(parent, child)
     if fused is None or not isinstance(getattr(fused[1], attribute, None), torch.Tensor):
         raise CheckpointMismatch(f"unexpected tensor {name}")
     _, layer, part = fused
-    return name, getattr(layer, attribute)[part]
+    return getattr(layer, attribute)[part]
 
 
 def expected_keys(model: nn.Module) -> set[str]:
@@ -84,13 +84,13 @@ def load_checkpoint(model: nn.Module, folder: Path) -> None:
     for name, tensor in _tensors(files, device):
         if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
-        key, target = _destination(model, name)
+        target = _destination(model, name)
         if target.shape != tensor.shape:
             raise CheckpointMismatch(
                 f"tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
             )
         target.copy_(tensor)
-        needed.discard(key)
+        needed.discard(name)
     if needed:
         raise CheckpointMismatch(f"the checkpoint lacks {len(needed)} tensor(s), e.g. {', '.join(sorted(needed)[:3])}")
 
