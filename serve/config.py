@@ -45,6 +45,7 @@ class Settings:
     replicas: Optional[int] = None  # engine copies under PLACEMENT=replicas (default: one per GPU; 1 on CPU)
     quantize: Optional[str] = None
     lora_adapters: tuple[tuple[str, str], ...] = ()  # (name, path) from LORA_ADAPTERS, in order
+    lean_model: bool = True  # LEAN_MODEL: serve the Llama family with serve/models/ (false: transformers' model code)
     max_input_tokens: Optional[int] = None
     max_total_tokens: Optional[int] = None
     max_concurrent_requests: int = 128
@@ -187,6 +188,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "replicas": _read(env, ("REPLICAS",), parse_positive_int),
         "quantize": _read(env, ("HF_MODEL_QUANTIZE",), parse_choice(QUANTIZATIONS)),
         "lora_adapters": _read(env, ("LORA_ADAPTERS",), parse_adapters),
+        "lean_model": _read(env, ("LEAN_MODEL",), parse_bool),
         "max_input_tokens": _read(env, ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"), parse_positive_int),
         "max_total_tokens": _read(env, ("MAX_TOTAL_TOKENS",), parse_positive_int),
         "max_concurrent_requests": _read(env, ("MAX_CONCURRENT_REQUESTS",), parse_positive_int),

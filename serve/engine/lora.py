@@ -18,6 +18,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from serve.models.layers import find_part
+
 PEFT_PREFIX = "base_model.model."
 WEIGHT_FILES = ("adapter_model.safetensors",)
 
@@ -74,17 +76,25 @@ def _check_config(name: str, config: dict[str, Any]) -> None:
 
 
 class LoraLinear(nn.Module):
-    """A linear layer plus the LoRA deltas of several adapters, applied per token."""
+    """A linear layer plus the LoRA deltas of several adapters, applied per token.
+
+    A fused layer (q/k/v or gate/up in one matmul, ``parts`` naming their output slices) takes each adapter's
+    delta of a part on that part's slice of the output.
+    """
 
     def __init__(self, base: nn.Linear, router: "LoraSet"):
         super().__init__()
         self.base = base
         self.router = router
-        self.adapters: dict[int, LoraWeights] = {}
+        self.adapters: dict[int, list[tuple[LoraWeights, slice]]] = {}
 
     @property
     def weight(self) -> torch.Tensor:  # model code that reads a projection's weight still finds it
         return self.base.weight
+
+    def add(self, index: int, weights: LoraWeights, out: slice) -> None:
+        """Adapter ``index``'s delta on output features ``out`` of this layer."""
+        self.adapters.setdefault(index, []).append((weights, out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -92,12 +102,14 @@ class LoraLinear(nn.Module):
             return out
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
         for index in self.router.step_adapters:
-            weights = self.adapters.get(index)
-            if weights is None:
+            deltas = self.adapters.get(index)
+            if not deltas:
                 continue
             rows = self.router.rows(index, x.device)
-            delta = (flat_x.index_select(0, rows) @ weights.a.T) @ weights.b.T
-            flat_out.index_add_(0, rows, delta.to(flat_out.dtype), alpha=weights.scale)
+            picked = flat_x.index_select(0, rows)
+            for weights, part in deltas:
+                delta = (picked @ weights.a.T) @ weights.b.T
+                flat_out[:, part].index_add_(0, rows, delta.to(flat_out.dtype), alpha=weights.scale)
         return out
 
 
@@ -113,26 +125,41 @@ class LoraSet:
         layers: dict[str, LoraLinear] = {}
         for index, (name, modules) in enumerate(adapters.items(), start=1):
             for path, weights in modules.items():
-                layer = layers.get(path) or self._wrap(model, path, name)
-                layers[path] = layer
+                layer_path, layer, out = self._wrap(model, path, name, layers)
+                layers[layer_path] = layer
                 weight = layer.base.weight
-                if tuple(weights.a.shape[1:]) != (weight.shape[1],) or weights.b.shape[0] != weight.shape[0]:
-                    raise AdapterError(f"adapter {name!r}: {path} shapes {tuple(weights.b.shape)}x{tuple(weights.a.shape)} do not fit {tuple(weight.shape)}")
-                layer.adapters[index] = LoraWeights(weights.a.to(weight), weights.b.to(weight), weights.scale)
+                rows = len(range(weight.shape[0])[out])
+                if tuple(weights.a.shape[1:]) != (weight.shape[1],) or weights.b.shape[0] != rows:
+                    shapes = f"{tuple(weights.b.shape)}x{tuple(weights.a.shape)}"
+                    raise AdapterError(f"adapter {name!r}: {path} shapes {shapes} do not fit {(rows, weight.shape[1])}")
+                layer.add(index, LoraWeights(weights.a.to(weight), weights.b.to(weight), weights.scale), out)
         self.layers = layers
 
-    def _wrap(self, model: nn.Module, path: str, name: str) -> LoraLinear:
+    def _wrap(
+        self, model: nn.Module, path: str, name: str, layers: dict[str, LoraLinear]
+    ) -> tuple[str, LoraLinear, slice]:
+        """(path of the wrapped layer, the wrapper, output slice of ``path`` in it): the layer itself, or the fused
+        layer whose ``parts`` name ``path``'s projection (lean models fuse q/k/v and gate/up)."""
         parent_path, _, child = path.rpartition(".")
         try:
             parent = model.get_submodule(parent_path)
-            base = getattr(parent, child)
         except AttributeError:
             raise AdapterError(f"adapter {name!r} targets {path}, which this model does not have") from None
+        attribute, out = child, slice(None)
+        if not isinstance(getattr(parent, child, None), nn.Module):
+            fused = find_part(parent, child)
+            if fused is None:
+                raise AdapterError(f"adapter {name!r} targets {path}, which this model does not have")
+            attribute, _, out = fused
+        layer_path = f"{parent_path}.{attribute}" if parent_path else attribute
+        if layer_path in layers:
+            return layer_path, layers[layer_path], out
+        base = getattr(parent, attribute)
         if not isinstance(base, nn.Linear):
             raise AdapterError(f"adapter {name!r} targets {path}, a {type(base).__name__}; only linear layers are served")
         layer = LoraLinear(base, self)
-        setattr(parent, child, layer)
-        return layer
+        setattr(parent, attribute, layer)
+        return layer_path, layer, out
 
     def index(self, adapter: Optional[str]) -> int:
         return 0 if adapter is None else self.names.index(adapter) + 1

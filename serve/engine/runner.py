@@ -26,9 +26,11 @@ class ModelRunner:
 
     def __init__(self, model: Any, cache: PagedKVCache, grammars: Any = None, max_batch: int = 1, max_blocks: int = 1):
         """``max_batch`` sequences of up to ``max_blocks`` KV blocks each may decode in one step."""
-        if not getattr(model, "_supports_attention_backend", False):
-            raise UnsupportedModel(f"{type(model).__name__} does not support pluggable attention; it cannot be batched")
-        model.set_attn_implementation(BACKEND_NAME)
+        if not getattr(model, "serve_calls_attend", False):  # lean models (serve/models/) call attend() themselves
+            if not getattr(model, "_supports_attention_backend", False):
+                name = type(model).__name__
+                raise UnsupportedModel(f"{name} does not support pluggable attention; it cannot be batched")
+            model.set_attn_implementation(BACKEND_NAME)
         self.model = model
         self.cache = cache
         self.grammars = grammars  # serve.engine.grammar.Grammars: masks the logits of constrained sequences

@@ -293,7 +293,8 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
         if settings.load_format == "dummy":
             model, tokenizer = dummy_model(prepared, settings, placement.devices)
         else:
-            model, tokenizer = _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
+            lean = _load_lean(prepared, settings, placement)
+            model, tokenizer = lean or _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
     try:
         attach_adapters(model, prepared.adapters)
     except AdapterError as exc:
@@ -304,6 +305,55 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
         model, tokenizer, prepared.source.name, model.device, prepared.dtype, max_context,
         plan=prepared.plan, quantization=prepared.quantization.method, adapters=tuple(prepared.adapters),
     )
+
+
+def lean_fallback_reason(prepared: PreparedModel, settings: Settings, placement: Any, config: Any) -> Optional[str]:
+    """Why this model, as configured, is served by transformers' model code rather than serve/models/ (None: lean)."""
+    from serve.models import safetensors_files, unsupported_reason
+
+    if not settings.lean_model:
+        return "LEAN_MODEL=false"
+    if prepared.quantization.method is not None:
+        return f"quantization {prepared.quantization.method} is loaded by transformers"
+    if len(placement.devices) != 1:
+        return f"the model is split over {len(placement.devices)} devices (accelerate places it)"
+    if settings.trust_remote_code and getattr(config, "auto_map", None):
+        return "the checkpoint brings its own model code (HF_MODEL_TRUST_REMOTE_CODE=true)"
+    if not safetensors_files(prepared.folder):
+        return "the lean loader reads safetensors weights only"
+    return unsupported_reason(config)
+
+
+def _load_lean(prepared: PreparedModel, settings: Settings, placement: Any) -> Optional[tuple[Any, Any]]:
+    """(model, tokenizer) from serve/models/ when it can serve this model exactly; None (reason logged) otherwise."""
+    from transformers import AutoConfig
+
+    from serve.models import CheckpointMismatch, load_pretrained
+
+    config = AutoConfig.from_pretrained(str(prepared.folder), trust_remote_code=settings.trust_remote_code)
+    reason = lean_fallback_reason(prepared, settings, placement, config)
+    if reason is None:
+        tokenizer = _tokenizer(prepared.folder, settings)
+        try:
+            model = load_pretrained(prepared.folder, config, placement.devices[0], prepared.dtype)
+            log.info("lean model: %s (%s) served by serve/models/", type(model).__name__, config.model_type)
+            return model, tokenizer
+        except CheckpointMismatch as exc:
+            reason = f"the checkpoint does not fit the lean model: {exc}"
+    log.info("transformers model code serves %s: %s", config.model_type, reason)
+    return None
+
+
+def _tokenizer(folder: Path, settings: Settings) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the tokenizer in {folder}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _from_pretrained(folder: Path, settings: Settings, dtype: Any, extra: dict[str, Any]) -> tuple[Any, Any]:
@@ -350,22 +400,41 @@ def dummy_model(prepared: PreparedModel, settings: Settings, devices: tuple[str,
         raise ModelLoadError(f"could not read the config or tokenizer in {prepared.folder}: {exc}") from exc
     log.info("HF_MODEL_LOAD_FORMAT=dummy: random %s weights on %s, no checkpoint read", prepared.dtype, devices[0])
     model = build_random(config, prepared.dtype, torch.device(devices[0]), trust)
+    if settings.lean_model and not (trust and getattr(config, "auto_map", None)):
+        model = _as_lean(model, config)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def build_random(config: Any, dtype: Any, device: Any, trust_remote_code: bool = False, seed: int = DUMMY_SEED) -> Any:
-    """A causal LM of ``config`` with seeded random weights, constructed on ``device`` in ``dtype``, in eval mode.
+def _as_lean(model: Any, config: Any) -> Any:
+    """The same random weights in the lean model (serve/models/) when it serves ``config``; else ``model``.
 
-    The one place a lean model (serve/models/) would be chosen instead of transformers' class for ``config``.
-    """
+    The weights are copied from transformers' model, so a reference run of that model from the same folder and
+    seed sees the same weights."""
+    from transformers import GenerationConfig
+
+    from serve.models import LlamaForServing, unsupported_reason
+    from serve.models.weights import load_tensors
+
+    reason = unsupported_reason(config)
+    if reason is not None:
+        log.info("dummy weights: transformers model code serves %s: %s", config.model_type, reason)
+        return model
+    lean = LlamaForServing(config, model.device, model.dtype)
+    load_tensors(lean, model.state_dict().items())
+    lean.generation_config = GenerationConfig.from_model_config(config)
+    return lean
+
+
+def build_random(config: Any, dtype: Any, device: Any, trust_remote_code: bool = False, seed: int = DUMMY_SEED) -> Any:
+    """A transformers causal LM of ``config`` with seeded random weights, built on ``device`` in ``dtype``, in
+    eval mode (``dummy_model`` moves the weights into the lean model where it serves the architecture)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     with torch.device(device):  # parameters allocated on the device; from_config sets the default dtype
-        # the lean Llama-family model (serve/models/) goes here, e.g. `LeanModel.from_config(config, dtype)`
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     _randomize(model, float(getattr(config, "initializer_range", 0.02) or 0.02), seed)
     return model.eval()

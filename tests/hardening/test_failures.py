@@ -56,7 +56,7 @@ def exploding_model(tiny_model_dir, tmp_path_factory) -> tuple[Path, int]:
 def test_custom_model_code_does_not_run_by_default(exploding_model):
     folder, _ = exploding_model
     loaded = load_model(Settings(model_id=str(folder), model_dir="/nonexistent"))
-    assert type(loaded.model).__name__ == "LlamaForCausalLM"
+    assert type(loaded.model).__name__ in ("LlamaForServing", "LlamaForCausalLM")  # not the checkpoint's own
     assert not (folder / "custom-code-ran").exists()
 
 

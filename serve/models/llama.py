@@ -1,0 +1,208 @@
+"""A lean forward for the Llama family (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, SmolLM2) over the engine's KV cache.
+
+The step is one flat row of tokens (decode tokens and prompt chunks of all running sequences): every linear layer
+runs once over all of them, q/k/v and gate/up each as one fused matmul, and attention goes through the engine's
+single seam, ``serve.engine.attention.attend``. The module tree mirrors transformers' (``model.layers.N.self_attn``,
+``model.layers.N.mlp``...), so checkpoint and peft names map onto it; fused layers name their parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serve.engine.attention import attend
+from serve.models.layers import STATIC_ROPE_TYPES, FusedLinear, RMSNorm, Rotary, apply_rope, head_dim_of, rope_type
+
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def unsupported_reason(config: Any) -> Optional[str]:
+    """Why the lean model cannot serve ``config`` exactly as transformers would (None when it can)."""
+    if config.model_type not in LEAN_MODEL_TYPES:
+        return f"model type {config.model_type!r} has no lean model (lean: {', '.join(LEAN_MODEL_TYPES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} (the lean model implements silu)"
+    kind = rope_type(config)
+    if kind not in STATIC_ROPE_TYPES:
+        return f"rope type {kind!r} (the lean model implements {', '.join(STATIC_ROPE_TYPES)})"
+    if (config.rope_parameters or {}).get("partial_rotary_factor", 1.0) != 1.0:
+        return "partial rotary embeddings"
+    if getattr(config, "quantization_config", None) is not None:
+        return "a quantized checkpoint"
+    return None
+
+
+def _biases(config: Any) -> tuple[bool, bool]:
+    """(q/k/v bias, o bias) as each family's transformers code builds them."""
+    if config.model_type == "qwen2":
+        return True, False
+    bias = bool(getattr(config, "attention_bias", False))
+    return bias, bias
+
+
+@dataclass
+class CausalOutput:
+    """What the runner reads: ``logits`` [1, rows kept, vocab]."""
+
+    logits: torch.Tensor
+
+
+class Attention(nn.Module):
+    """Fused q/k/v projection, optional per-head q/k norms (Qwen3), RoPE, then the engine's cache attention."""
+
+    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.layer_idx = layer_idx  # the engine places each layer's cache by this (kv_cache.layer_devices)
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+        self.head_dim = head_dim_of(config)
+        self.scaling = self.head_dim**-0.5
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.sizes = [q_size, kv_size, kv_size]
+        qkv_bias, o_bias = _biases(config)
+        parts = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
+        self.qkv_proj = FusedLinear(config.hidden_size, parts, qkv_bias, device="meta", dtype=dtype)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias, device="meta", dtype=dtype)
+        self.q_norm = self.k_norm = None
+        if config.model_type == "qwen3":
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, device="meta", dtype=dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, device="meta", dtype=dtype)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split(self.sizes, dim=-1)
+        q = q.view(-1, self.heads, self.head_dim)
+        k = k.view(-1, self.kv_heads, self.head_dim)
+        v = v.view(-1, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = attend(self.layer_idx, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.scaling)
+        return self.o_proj(out.reshape(out.shape[0], -1))
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP with gate and up fused into one matmul."""
+
+    def __init__(self, config: Any, dtype: torch.dtype):
+        super().__init__()
+        size, bias = config.intermediate_size, bool(getattr(config, "mlp_bias", False))
+        parts = {"gate_proj": size, "up_proj": size}
+        self.gate_up_proj = FusedLinear(config.hidden_size, parts, bias, device="meta", dtype=dtype)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias, device="meta", dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks with residual connections."""
+
+    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx, dtype)
+        self.mlp = MLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device="meta", dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device="meta", dtype=dtype)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class Decoder(nn.Module):
+    """Embeddings, the decoder layers and the final norm (transformers' ``model.`` prefix)."""
+
+    def __init__(self, config: Any, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta", dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, index, dtype) for index in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device="meta", dtype=dtype)
+        self.rotary = Rotary(config)
+
+
+class LlamaForServing(nn.Module):
+    """The whole model. Built on the meta device, then materialised (uninitialised) on ``device``: use
+    ``from_config`` (random weights) or ``serve.models.load_pretrained`` (a checkpoint) to get a filled one."""
+
+    serve_calls_attend = True  # the runner does not install a transformers attention backend for this model
+
+    def __init__(self, config: Any, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        reason = unsupported_reason(config)
+        if reason is not None:
+            raise ValueError(f"the lean model cannot serve this config: {reason}")
+        self.config = config
+        self.generation_config: Any = None
+        self.model = Decoder(config, dtype)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta", dtype=dtype)
+        self.to_empty(device=device)
+        self.tie_weights()
+        self.model.rotary.reset()
+        self.requires_grad_(False)
+        self.eval()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (transformers' name for it)."""
+        return self.model.embed_tokens
+
+    def tie_weights(self) -> None:
+        """The output head shares the embedding matrix when the config ties them."""
+        if self.tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_config(
+        cls, config: Any, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32
+    ) -> "LlamaForServing":
+        """Random weights, as vLLM's ``--load-format dummy``: normal(0, initializer_range) matrices, unit norms and
+        zero biases, made directly on ``device`` in ``dtype``."""
+        from transformers import GenerationConfig
+
+        model = cls(config, device, dtype)
+        std = float(getattr(config, "initializer_range", 0.02))
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith("bias"):
+                    parameter.zero_()
+                elif parameter.dim() == 1:
+                    parameter.fill_(1.0)
+                else:
+                    parameter.normal_(0.0, std)
+        model.generation_config = GenerationConfig.from_model_config(config)
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        **unused: Any,
+    ) -> CausalOutput:
+        """input_ids/position_ids [1, tokens] (one flat step) -> logits [1, rows, vocab] for the rows to keep.
+
+        ``logits_to_keep``: a LongTensor of step positions, or an int n (the last n; 0 for all), as in transformers.
+        """
+        if input_ids.shape[0] != 1:
+            raise ValueError("the lean model takes one flattened row of tokens per step")
+        hidden = self.model.embed_tokens(input_ids[0])
+        cos, sin = self.model.rotary(position_ids[0], hidden.dtype)
+        for layer in self.model.layers:
+            hidden = layer(hidden, cos, sin)
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden.index_select(0, logits_to_keep.to(hidden.device))
+        elif logits_to_keep:
+            hidden = hidden[-logits_to_keep:]
+        return CausalOutput(self.lm_head(self.model.norm(hidden))[None])
