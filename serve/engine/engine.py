@@ -8,13 +8,14 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
+from serve.engine.adapters import AdapterNotLoaded, AdapterTable
 from serve.engine.scheduler import EngineOverloaded, Scheduler
 from serve.engine.sequence import Sequence
 from serve.engine.types import EngineConfig, FinishReason, Request, TokenEvent
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineNotReady", "EngineOverloaded", "RequestStream"]
+__all__ = ["AdapterNotLoaded", "Engine", "EngineNotReady", "EngineOverloaded", "RequestStream"]
 
 
 class EngineNotReady(RuntimeError):
@@ -92,6 +93,7 @@ class Engine:
         self.grammars: Any = None  # serve.engine.grammar.Grammars once loaded
         self.limits: Optional[Limits] = None
         self.load_error: Optional[BaseException] = None
+        self.adapters = AdapterTable()  # LoRA adapters accepted now, and swaps waiting for the next step
 
     def start(self) -> "Engine":
         """Start loading and serving in the background (idempotent)."""
@@ -122,16 +124,24 @@ class Engine:
         if not self.ready:
             raise EngineNotReady("the model is not loaded yet" if self.load_error is None else f"the model failed to load: {self.load_error}")
         stream = RequestStream(request, self, sink, index)
-        self._streams[request.id] = stream
-        try:
-            self.scheduler.admit(request)
-        except EngineOverloaded:
-            self._streams.pop(request.id, None)
-            raise
+        with self.adapters.admitting(request.adapter):  # AdapterNotLoaded for a deleted adapter
+            self._streams[request.id] = stream
+            try:
+                self.scheduler.admit(request)
+            except EngineOverloaded:
+                self._streams.pop(request.id, None)
+                raise
         return stream
 
     def cancel(self, request_id: str) -> None:
         self.scheduler.cancel(request_id)
+
+    def close_session(self, session_id: str) -> None:
+        """Unpin the session's prefix-cache blocks (its conversation's KV cache), so eviction may reuse them."""
+
+    def _uses_adapter(self, name: str) -> bool:
+        """True while an admitted request (waiting or running) uses the adapter."""
+        return any(stream.request.adapter == name for stream in list(self._streams.values()))
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
@@ -152,6 +162,8 @@ class Engine:
         if self._on_ready is not None:
             self._on_ready()
         while not self._stopping.is_set():
+            if self.adapters.busy:  # runtime adapter swaps, between steps
+                self.adapters.run_pending(getattr(self.loaded.model, "serve_lora", None), self._uses_adapter)
             self._admit_waiting()
             self._drop_cancelled()
             if not self._running:
@@ -176,6 +188,7 @@ class Engine:
         self.grammars = Grammars(self.loaded.tokenizer, self.loaded.model.config.get_text_config().vocab_size, self._eos_ids)
         self._runner = ModelRunner(self.loaded.model, SlotKVCache(shape, slots, total, devices), self.grammars)
         self.limits = Limits(max_input, total, slots * total, slots)
+        self.adapters.accept(getattr(getattr(self.loaded.model, "serve_lora", None), "names", ()))
 
     def _admit_waiting(self) -> None:
         """Move waiting requests into free cache slots; one that cannot start fails alone."""

@@ -35,18 +35,27 @@ class LoraWeights:
     scale: float
 
 
-def read_adapter(name: str, folder: Path) -> dict[str, LoraWeights]:
+def read_adapter(name: str, folder: Path, max_rank: Optional[int] = None) -> dict[str, LoraWeights]:
     """{module path in the model: weights} for a peft LoRA folder; AdapterError for what we cannot serve."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     config_path, weights_path = folder / "adapter_config.json", folder / WEIGHT_FILES[0]
     if not config_path.is_file() or not weights_path.is_file():
         raise AdapterError(f"adapter {name!r}: {folder} needs adapter_config.json and {WEIGHT_FILES[0]}")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"adapter {name!r}: {config_path} is not valid JSON: {exc}") from None
     _check_config(name, config)
-    alpha, rank = float(config.get("lora_alpha", 8)), int(config["r"])
+    alpha, rank = float(config.get("lora_alpha", 8)), int(config.get("r", 8))
+    if max_rank is not None and rank > max_rank:
+        raise AdapterError(f"adapter {name!r}: rank {rank} is greater than MAX_LORA_RANK={max_rank}")
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    tensors = load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise AdapterError(f"adapter {name!r}: {weights_path} holds no readable tensors: {exc}") from None
     modules: dict[str, LoraWeights] = {}
     for key, tensor in tensors.items():
         if not key.endswith(".lora_A.weight"):
@@ -54,6 +63,8 @@ def read_adapter(name: str, folder: Path) -> dict[str, LoraWeights]:
                 raise AdapterError(f"adapter {name!r}: unsupported weight {key} (only LoRA A/B of linear layers are served)")
             continue
         module = key[: -len(".lora_A.weight")].removeprefix(PEFT_PREFIX)
+        if max_rank is not None and tensor.shape[0] > max_rank:
+            raise AdapterError(f"adapter {name!r}: {key} has rank {tensor.shape[0]}, greater than MAX_LORA_RANK={max_rank}")
         b = tensors.get(key.replace(".lora_A.", ".lora_B."))
         if b is None:
             raise AdapterError(f"adapter {name!r}: {key} has no matching lora_B weight")
@@ -102,40 +113,57 @@ class LoraLinear(nn.Module):
 
 
 class LoraSet:
-    """The adapters of one model: names, the wrapped layers, and the adapter of every token of the current step."""
+    """The adapters of one model: names, the wrapped layers, and the adapter of every token of the current step.
+
+    Adapters may be installed and removed between steps (``install``/``remove``, on the engine thread); each keeps
+    the index it was given, so removing one never renumbers the others.
+    """
 
     def __init__(self, model: nn.Module, adapters: dict[str, dict[str, LoraWeights]]):
-        self.names = list(adapters)  # index i + 1 is adapter names[i]
+        self.model = model
+        self._indices: dict[str, int] = {}  # name -> index; 0 is the base model
+        self._next_index = 1
         self.token_adapters: Optional[torch.Tensor] = None
         self.step_adapters: list[int] = []
         self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._device = next(model.parameters()).device
-        layers: dict[str, LoraLinear] = {}
-        for index, (name, modules) in enumerate(adapters.items(), start=1):
-            for path, weights in modules.items():
-                layer = layers.get(path) or self._wrap(model, path, name)
-                layers[path] = layer
-                weight = layer.base.weight
-                if tuple(weights.a.shape[1:]) != (weight.shape[1],) or weights.b.shape[0] != weight.shape[0]:
-                    raise AdapterError(f"adapter {name!r}: {path} shapes {tuple(weights.b.shape)}x{tuple(weights.a.shape)} do not fit {tuple(weight.shape)}")
-                layer.adapters[index] = LoraWeights(weights.a.to(weight), weights.b.to(weight), weights.scale)
-        self.layers = layers
+        self.layers: dict[str, LoraLinear] = {}
+        for name, modules in adapters.items():
+            self.install(name, prepare_adapter(model, name, modules))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._indices)
+
+    def install(self, name: str, prepared: dict[str, LoraWeights]) -> None:
+        """Add an adapter whose weights ``prepare_adapter`` already checked and placed (cheap: no copies)."""
+        if name in self._indices:
+            raise AdapterError(f"adapter {name!r} is already loaded")
+        index, self._next_index = self._next_index, self._next_index + 1
+        for path, weights in prepared.items():
+            layer = self.layers.get(path) or self._wrap(self.model, path, name)
+            self.layers[path] = layer
+            layer.adapters[index] = weights
+        self._indices[name] = index
+
+    def remove(self, name: str) -> None:
+        """Drop an adapter's weights (no request may be using it: the engine waits for that)."""
+        index = self._indices.pop(name)
+        for layer in self.layers.values():
+            layer.adapters.pop(index, None)
 
     def _wrap(self, model: nn.Module, path: str, name: str) -> LoraLinear:
         parent_path, _, child = path.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_path)
-            base = getattr(parent, child)
-        except AttributeError:
-            raise AdapterError(f"adapter {name!r} targets {path}, which this model does not have") from None
-        if not isinstance(base, nn.Linear):
-            raise AdapterError(f"adapter {name!r} targets {path}, a {type(base).__name__}; only linear layers are served")
+        parent = model.get_submodule(parent_path)
+        base = getattr(parent, child)
+        if isinstance(base, LoraLinear):
+            return base
         layer = LoraLinear(base, self)
         setattr(parent, child, layer)
         return layer
 
     def index(self, adapter: Optional[str]) -> int:
-        return 0 if adapter is None else self.names.index(adapter) + 1
+        return 0 if adapter is None else self._indices[adapter]
 
     def begin_step(self, adapters_per_token: Iterable[Optional[str]]) -> None:
         """Set the adapter of every token of the next forward (in the runner's flattened order)."""
@@ -158,10 +186,38 @@ class LoraSet:
         return self._rows[key]
 
 
-def attach_adapters(model: nn.Module, folders: dict[str, Path]) -> Optional[LoraSet]:
-    """Read every adapter and wrap the model's targeted linear layers; the set is also ``model.serve_lora``."""
-    if not folders:
-        return None
-    lora = LoraSet(model, {name: read_adapter(name, Path(folder)) for name, folder in folders.items()})
+def _target(model: nn.Module, path: str, name: str) -> nn.Linear:
+    """The linear layer an adapter targets (inside a LoRA wrapper if one is there already)."""
+    parent_path, _, child = path.rpartition(".")
+    try:
+        base = getattr(model.get_submodule(parent_path), child)
+    except AttributeError:
+        raise AdapterError(f"adapter {name!r} targets {path}, which this model does not have") from None
+    base = base.base if isinstance(base, LoraLinear) else base
+    if not isinstance(base, nn.Linear):
+        raise AdapterError(f"adapter {name!r} targets {path}, a {type(base).__name__}; only linear layers are served")
+    return base
+
+
+def prepare_adapter(model: nn.Module, name: str, modules: dict[str, LoraWeights]) -> dict[str, LoraWeights]:
+    """Check an adapter's shapes against the model and move its weights to each layer's device and dtype.
+
+    Runs on the thread that registers the adapter (reads only the model), so the engine thread just links them in.
+    """
+    prepared: dict[str, LoraWeights] = {}
+    for path, weights in modules.items():
+        weight = _target(model, path, name).weight
+        if tuple(weights.a.shape[1:]) != (weight.shape[1],) or weights.b.shape[0] != weight.shape[0]:
+            raise AdapterError(f"adapter {name!r}: {path} shapes {tuple(weights.b.shape)}x{tuple(weights.a.shape)} do not fit {tuple(weight.shape)}")
+        prepared[path] = LoraWeights(weights.a.to(weight), weights.b.to(weight), weights.scale)
+    return prepared
+
+
+def attach_adapters(model: nn.Module, folders: dict[str, Path], max_rank: Optional[int] = None) -> LoraSet:
+    """Read every adapter and wrap the model's targeted linear layers; the set is also ``model.serve_lora``.
+
+    The set is attached even without adapters, so that adapters registered at run time have one to join.
+    """
+    lora = LoraSet(model, {name: read_adapter(name, Path(folder), max_rank) for name, folder in folders.items()})
     model.serve_lora = lora
     return lora

@@ -144,6 +144,11 @@ class EnginePool:
         for engine in self.engines:
             engine.cancel(request_id)
 
+    def close_session(self, session_id: str) -> None:
+        """Unpin the session's prefix-cache blocks in every engine (each engine ignores sessions it never saw)."""
+        for engine in self.engines:
+            engine.close_session(session_id)
+
     def describe(self) -> list[dict[str, Any]]:
         """Per engine: its devices, requests in flight and requests served (for /info)."""
         plan = getattr(self.loaded, "plan", None)
