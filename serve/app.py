@@ -12,6 +12,7 @@ from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from serve.adapter_registry import AdapterRegistry
+from serve.cloudwatch import reporter_for
 from serve.config import Settings, load_settings
 from serve.disconnect import DisconnectWatcher, WatchedEngine, unwatch_when_sent
 from serve.engine import Engine, EngineConfig
@@ -65,6 +66,7 @@ def _add_sagemaker_native(app: Flask, settings: Settings, engine: Engine) -> Non
     app.extensions["serve.adapters"] = AdapterRegistry(engine, settings.cache_dir, settings.max_lora_rank)
     if settings.stateful_sessions:
         app.extensions["serve.sessions"] = SessionStore(settings.sessions_expiration, engine.close_session).start()
+    app.extensions["serve.cloudwatch"] = reporter_for(settings, engine, app.extensions["serve.service"].metrics)
 
 
 def _stamp_arrival() -> None:

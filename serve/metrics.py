@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -41,6 +41,7 @@ class Metrics:
         self.queue_time = Histogram("serve_queue_seconds", "Time waiting for a cache slot", buckets=LATENCY_BUCKETS, registry=registry)
         self.generated_per_request = Histogram("serve_generated_tokens_per_request", "Tokens generated per request", buckets=TOKEN_BUCKETS, registry=registry)
         registry.register(EngineCollector(engine))
+        self.listeners: list[Callable[[TokenEvent], None]] = []  # also told of every finished generation (EMF)
 
     def observe(self, final: TokenEvent) -> None:
         """Record a finished generation from its final event."""
@@ -48,6 +49,8 @@ class Metrics:
         self.prompt_tokens.inc(final.prompt_tokens)
         self.generated_tokens.inc(final.generated_tokens)
         self.generated_per_request.observe(final.generated_tokens)
+        for listener in self.listeners:
+            listener(final)
         if final.timings is None:
             return
         self.queue_time.observe(final.timings.queue)
