@@ -87,7 +87,7 @@ class EmfReporter:
             "OutputTokensPerSecond": round((tokens - tokens_then) / max(now - then, 1e-9), 3),
             "TimeToFirstTokenP50": round(percentile(ttfts, 0.5) * 1000, 3),
             "TimeToFirstTokenP90": round(percentile(ttfts, 0.9) * 1000, 3),
-            "Throttled429": throttled - throttled_then,
+            "Throttled429": int(throttled - throttled_then),
         }
 
     def line(self) -> str:
