@@ -7,7 +7,8 @@
 env values are stringified first (the SageMaker API takes only strings; ``MESSAGES_API_ENABLED: True`` is a bool
 in the TGI docs' snippet). Optional autoscaling registers the variant with Application Auto Scaling and tracks
 ``SageMakerVariantInvocationsPerInstance`` (or, with ``--scale-on kv-cache|queue``, the server's own EMF metrics
-``KVCacheUsage`` / ``QueueLength``, which it then logs for CloudWatch). Prints the endpoint name and a predictor snippet to paste.
+``KVCacheUsage`` / ``QueueLength``, which it then logs for CloudWatch).
+Prints the endpoint name and a predictor snippet to paste.
 """
 
 from __future__ import annotations

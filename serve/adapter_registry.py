@@ -128,7 +128,9 @@ class AdapterRegistry:
             self._seed()
             entry = self._entries.get(name)
             if entry is None or entry.state != "ready":
-                raise NotFound(f"adapter {name!r} was not found" + ("" if entry is None else f" (it is {entry.state})"), "name")
+                raise NotFound(
+                    f"adapter {name!r} was not found" + ("" if entry is None else f" (it is {entry.state})"), "name"
+                )
             entry.state = "deleting"
         try:
             for future in [engine.adapters.retire(name) for engine in engines]:
@@ -141,7 +143,8 @@ class AdapterRegistry:
 
 def _conflict(existing: Entry, src: str) -> str:
     if existing.state != "ready":
-        return f"name: adapter {existing.name!r} is being {'registered' if existing.state == 'loading' else 'deleted'}; retry"
+        doing = "registered" if existing.state == "loading" else "deleted"
+        return f"name: adapter {existing.name!r} is being {doing}; retry"
     origin = existing.src or "the adapters loaded at start"
     return f"name: adapter {existing.name!r} is already registered from {origin}, not {src}; unregister it first"
 
@@ -156,7 +159,10 @@ def adapter_folder(src: str, root: Path) -> Path:
             return path
         archives = sorted(path.glob("*.tar.gz")) + sorted(path.glob("*.tgz"))
         if len(archives) != 1:
-            raise BadRequest(f"src: {src} holds no {CONFIG_FILE} and not exactly one .tar.gz archive (adapter weights missing)", "src")
+            raise BadRequest(
+                f"src: {src} holds no {CONFIG_FILE} and not exactly one .tar.gz archive (adapter weights missing)",
+                "src",
+            )
         path = archives[0]
     return _find_config(unpack(path, root), src)
 

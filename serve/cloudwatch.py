@@ -55,8 +55,16 @@ def counter_total(counter: Any, **labels: str) -> float:
 class EmfReporter:
     """Samples the engine and the app's metrics, and writes one EMF line per interval."""
 
-    def __init__(self, engine: Any, metrics: Any, namespace: str, dimensions: dict[str, str], interval: float,
-                 write: Optional[Callable[[str], None]] = None, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        engine: Any,
+        metrics: Any,
+        namespace: str,
+        dimensions: dict[str, str],
+        interval: float,
+        write: Optional[Callable[[str], None]] = None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.engine, self.metrics, self.namespace, self.interval = engine, metrics, namespace, interval
         self.dimensions = dimensions or {"Service": namespace}
         self._write = write or _stdout
@@ -74,7 +82,11 @@ class EmfReporter:
 
     def values(self) -> dict[str, float]:
         """This interval's metric values (and the start of the next interval)."""
-        now, tokens, throttled = self._clock(), counter_total(self.metrics.generated_tokens), counter_total(self.metrics.requests, status="429")
+        now, tokens, throttled = (
+            self._clock(),
+            counter_total(self.metrics.generated_tokens),
+            counter_total(self.metrics.requests, status="429"),
+        )
         then, tokens_then, throttled_then = self._last
         self._last = (now, tokens, throttled)
         with self._lock:
@@ -134,5 +146,9 @@ def reporter_for(settings: Any, engine: Any, metrics: Any) -> Optional[EmfReport
     """The started reporter when CLOUDWATCH_METRICS is on, else None."""
     if not settings.cloudwatch_metrics:
         return None
-    dimensions = {key: value for key, value in (("EndpointName", settings.endpoint_name), ("VariantName", settings.variant_name)) if value}
+    dimensions = {
+        key: value
+        for key, value in (("EndpointName", settings.endpoint_name), ("VariantName", settings.variant_name))
+        if value
+    }
     return EmfReporter(engine, metrics, settings.cloudwatch_namespace, dimensions, settings.cloudwatch_interval).start()

@@ -259,7 +259,8 @@ def _check_limits(settings: Settings) -> None:
     timeout = settings.invocation_timeout
     if timeout is not None and timeout <= settings.invocation_timeout_margin:
         raise SettingsError(
-            f"INVOCATION_TIMEOUT={timeout:g} must be greater than INVOCATION_TIMEOUT_MARGIN={settings.invocation_timeout_margin:g}"
+            f"INVOCATION_TIMEOUT={timeout:g} must be greater than "
+            f"INVOCATION_TIMEOUT_MARGIN={settings.invocation_timeout_margin:g}"
         )
     if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise SettingsError(f"LOG_LEVEL={settings.log_level!r} is not a logging level")

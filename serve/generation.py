@@ -125,7 +125,9 @@ class GenerationService:
         try:
             for index in range(n):
                 seed = None if params.seed is None else (params.seed + index) % 2**64  # same seed, same n choices (kept in torch's range)
-                request = Request(prompt_ids=prompt_ids, params=replace(params, seed=seed), adapter=adapter, session_id=session_id)
+                request = Request(
+                    prompt_ids=prompt_ids, params=replace(params, seed=seed), adapter=adapter, session_id=session_id
+                )
                 streams.append(self.engine.submit(request, sink=sink, index=index))
         except (EngineOverloaded, EngineNotReady, AdapterNotLoaded) as exc:
             for stream in streams:
@@ -160,7 +162,8 @@ class GenerationService:
         finals: dict[int, TokenEvent] = {}
         context = current_invocation()
         deadline = context.deadline if context is not None else None
-        for index, event in self.stream_events(generation, route, heartbeat=None, deadline=deadline):  # type: ignore[misc]
+        events = self.stream_events(generation, route, heartbeat=None, deadline=deadline)
+        for index, event in events:  # type: ignore[misc]
             if event.finish_reason is FinishReason.LENGTH and generation.cut_at_deadline and context is not None:
                 context.deadline_hit = True
             tokens[index].append(event)
@@ -207,7 +210,9 @@ class GenerationService:
             self.metrics.observe(final)
 
 
-def _until(generation: Generation, heartbeat: Optional[float], deadline: Optional[float]) -> Iterator[Optional[tuple[int, TokenEvent]]]:
+def _until(
+    generation: Generation, heartbeat: Optional[float], deadline: Optional[float]
+) -> Iterator[Optional[tuple[int, TokenEvent]]]:
     """``generation.events``, but at ``deadline`` the running choices are cancelled and finish as ``length``."""
     if deadline is None:
         yield from generation.events(heartbeat=heartbeat)

@@ -65,8 +65,11 @@ class SessionStore:
                 return session_id
             ended = self._ended.get(session_id)
         if ended is not None:
-            raise BadRequest(f"{SESSION_HEADER}: session {session_id} is {ended}; start a new one with "
-                             '{"requestType": "NEW_SESSION"}', SESSION_HEADER)
+            raise BadRequest(
+                f"{SESSION_HEADER}: session {session_id} is {ended}; start a new one with "
+                '{"requestType": "NEW_SESSION"}',
+                SESSION_HEADER,
+            )
         raise BadRequest(f"{SESSION_HEADER}: session {session_id!r} is unknown to this instance", SESSION_HEADER)
 
     def close(self, session_id: str) -> None:
@@ -118,5 +121,7 @@ def session_request_type(payload: Optional[object]) -> Optional[str]:
         raise BadRequest(f"requestType: must be {NEW_SESSION!r} or {CLOSE!r}, not {kind!r}", "requestType")
     extra = sorted(key for key in payload if key != "requestType")
     if extra:
-        raise BadRequest(f"requestType: a session request carries no other fields (got {', '.join(extra)})", "requestType")
+        raise BadRequest(
+            f"requestType: a session request carries no other fields (got {', '.join(extra)})", "requestType"
+        )
     return kind

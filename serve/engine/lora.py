@@ -64,7 +64,9 @@ def read_adapter(name: str, folder: Path, max_rank: Optional[int] = None) -> dic
             continue
         module = key[: -len(".lora_A.weight")].removeprefix(PEFT_PREFIX)
         if max_rank is not None and tensor.shape[0] > max_rank:
-            raise AdapterError(f"adapter {name!r}: {key} has rank {tensor.shape[0]}, greater than MAX_LORA_RANK={max_rank}")
+            raise AdapterError(
+                f"adapter {name!r}: {key} has rank {tensor.shape[0]}, greater than MAX_LORA_RANK={max_rank}"
+            )
         b = tensors.get(key.replace(".lora_A.", ".lora_B."))
         if b is None:
             raise AdapterError(f"adapter {name!r}: {key} has no matching lora_B weight")
@@ -208,7 +210,8 @@ def prepare_adapter(model: nn.Module, name: str, modules: dict[str, LoraWeights]
     for path, weights in modules.items():
         weight = _target(model, path, name).weight
         if tuple(weights.a.shape[1:]) != (weight.shape[1],) or weights.b.shape[0] != weight.shape[0]:
-            raise AdapterError(f"adapter {name!r}: {path} shapes {tuple(weights.b.shape)}x{tuple(weights.a.shape)} do not fit {tuple(weight.shape)}")
+            shapes = f"{tuple(weights.b.shape)}x{tuple(weights.a.shape)}"
+            raise AdapterError(f"adapter {name!r}: {path} shapes {shapes} do not fit {tuple(weight.shape)}")
         prepared[path] = LoraWeights(weights.a.to(weight), weights.b.to(weight), weights.scale)
     return prepared
 

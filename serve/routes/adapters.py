@@ -64,14 +64,18 @@ def _register_fields() -> dict[str, Any]:
         if isinstance(payload, dict):
             return payload
         if request.args.get("name") is None:
-            raise BadRequest('the request body must be a JSON object {"name": ..., "src": ...} (or send them as query parameters)')
+            raise BadRequest(
+                'the request body must be a JSON object {"name": ..., "src": ...} (or send them as query parameters)'
+            )
     return request.args.to_dict()
 
 
 def _text_field(fields: dict[str, Any], name: str) -> str:
     value = fields.get(name)
     if value is None:
-        raise BadRequest(f"{name}: required; send {{\"name\": \"<adapter name>\", \"src\": \"<adapter folder or .tar.gz>\"}}", name)
+        raise BadRequest(
+            f'{name}: required; send {{"name": "<adapter name>", "src": "<adapter folder or .tar.gz>"}}', name
+        )
     if not isinstance(value, str) or not value.strip():
         raise BadRequest(f"{name}: must be a non-empty string", name)
     return value.strip()

@@ -36,7 +36,8 @@ def invocations() -> Response:
         if handler is None:
             return native.mark_deadline(dispatch(json_body()), context)
         response = dispatch(handler.payload(request, json_body))
-        return native.mark_deadline(handler.render(response, request.headers.get("Accept", "application/json")), context)
+        rendered = handler.render(response, request.headers.get("Accept", "application/json"))
+        return native.mark_deadline(rendered, context)
 
 
 def dispatch(payload: dict[str, Any]) -> Response:

@@ -18,15 +18,27 @@ def emf_lines(server) -> list[dict]:
 
 
 def test_emf_lines_report_the_interval_on_stdout(tiny_model_dir, tmp_path):
-    env = {"HF_MODEL_ID": str(tiny_model_dir), "CLOUDWATCH_METRICS": "true", "CLOUDWATCH_METRICS_INTERVAL": "1",
-           "SAGEMAKER_ENDPOINT_NAME": "chat-endpoint", "SAGEMAKER_VARIANT_NAME": "AllTraffic", "MAX_CONCURRENT_REQUESTS": "1"}
+    env = {
+        "HF_MODEL_ID": str(tiny_model_dir),
+        "CLOUDWATCH_METRICS": "true",
+        "CLOUDWATCH_METRICS_INTERVAL": "1",
+        "SAGEMAKER_ENDPOINT_NAME": "chat-endpoint",
+        "SAGEMAKER_VARIANT_NAME": "AllTraffic",
+        "MAX_CONCURRENT_REQUESTS": "1",
+    }
     server = start_server(env, tmp_path)
     try:
         body = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 30, "ignore_eos": True}}
         with ThreadPoolExecutor(6) as pool:
-            statuses = list(pool.map(lambda _: requests.post(server.url + "/invocations", json=body, timeout=60).status_code, range(6)))
+            statuses = list(
+                pool.map(
+                    lambda _: requests.post(server.url + "/invocations", json=body, timeout=60).status_code, range(6)
+                )
+            )
         assert 200 in statuses and 429 in statuses and set(statuses) <= {200, 429}
-        assert wait_for(lambda: sum(line["Throttled429"] for line in emf_lines(server)) == statuses.count(429), timeout=10)
+        assert wait_for(
+            lambda: sum(line["Throttled429"] for line in emf_lines(server)) == statuses.count(429), timeout=10
+        )
         time.sleep(1.5)
         lines = emf_lines(server)
         for document in lines:

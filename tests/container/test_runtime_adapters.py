@@ -24,15 +24,23 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def folders(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runtime-adapters")
-    made = {name: make_adapter(tiny_model_dir, root / name, seed=seed) for name, seed in (("a", 1), ("b", 2), ("c", 3), ("d", 4))}
+    made = {
+        name: make_adapter(tiny_model_dir, root / name, seed=seed)
+        for name, seed in (("a", 1), ("b", 2), ("c", 3), ("d", 4))
+    }
     made["wide"] = make_adapter(tiny_model_dir, root / "wide", seed=5, rank=16)
     return made
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    env = {"HF_MODEL_ID": str(tiny_model_dir), "MAX_CONCURRENT_REQUESTS": "32", "MAX_LORA_RANK": "8", "DTYPE": "float32",
-           "SERVE_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    env = {
+        "HF_MODEL_ID": str(tiny_model_dir),
+        "MAX_CONCURRENT_REQUESTS": "32",
+        "MAX_LORA_RANK": "8",
+        "DTYPE": "float32",
+        "SERVE_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+    }
     server = start_server(env, tmp_path_factory.mktemp("logs"))
     yield server
     server.stop()
@@ -40,9 +48,15 @@ def server(tiny_model_dir, tmp_path_factory):
 
 def register(server, name: str, src, headers: dict = None, params: bool = False) -> requests.Response:
     if params:
-        return requests.post(server.url + "/adapters", params={"name": name, "src": str(src)}, headers=headers, timeout=120)
-    return requests.post(server.url + "/adapters", json={"name": name, "src": str(src), "preload": True, "pin": False},
-                         headers=headers, timeout=120)
+        return requests.post(
+            server.url + "/adapters", params={"name": name, "src": str(src)}, headers=headers, timeout=120
+        )
+    return requests.post(
+        server.url + "/adapters",
+        json={"name": name, "src": str(src), "preload": True, "pin": False},
+        headers=headers,
+        timeout=120,
+    )
 
 
 def generate_ids(server, headers: dict = None, tokens: int = 8) -> requests.Response:
@@ -56,7 +70,9 @@ def ids(response: requests.Response) -> list[int]:
 
 
 def prompt_ids(server) -> list[int]:
-    return [token["id"] for token in requests.post(server.url + "/tokenize", json={"inputs": PROMPT}, timeout=10).json()]
+    return [
+        token["id"] for token in requests.post(server.url + "/tokenize", json={"inputs": PROMPT}, timeout=10).json()
+    ]
 
 
 def test_register_use_delete_then_use_fails(server, folders, tiny_model_dir):
@@ -128,7 +144,10 @@ def test_errors_are_4xx_naming_the_problem(server, folders, tmp_path):
 
 def test_unsafe_archives_are_refused(server, tmp_path):
     outside = tmp_path / "escaped"
-    for member, message in (("../escaped", "cannot be unpacked safely"), ("/tmp/escaped-absolute", "holds no adapter_config")):
+    for member, message in (
+        ("../escaped", "cannot be unpacked safely"),
+        ("/tmp/escaped-absolute", "holds no adapter_config"),
+    ):
         archive = tmp_path / f"evil-{len(message)}.tar.gz"
         with tarfile.open(archive, "w:gz") as tar:
             info = tarfile.TarInfo(member)
@@ -153,7 +172,9 @@ def test_running_requests_finish_before_the_delete_and_new_ones_fail(server, fol
     lines = stream.iter_lines(decode_unicode=True)
     assert next(line for line in lines if line.startswith("data:"))  # running: its first token is out
     deleted = {}
-    deleter = threading.Thread(target=lambda: deleted.update(r=requests.delete(server.url + "/adapters/c", timeout=120)))
+    deleter = threading.Thread(
+        target=lambda: deleted.update(r=requests.delete(server.url + "/adapters/c", timeout=120))
+    )
     deleter.start()
     time.sleep(0.5)
     refused = generate_ids(server, {HEADER: "c"})

@@ -19,9 +19,17 @@ ASK = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 4}
 
 @pytest.fixture(scope="module")
 def server(embedded_folder, tmp_path_factory):
-    model = build_tiny_llama(tmp_path_factory.mktemp("deeper-tiny"), embedded_folder, layers=4, hidden=128)  # ~2x slower
-    env = {"HF_MODEL_ID": str(model), "SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "true", "DTYPE": "float32",
-           "SAGEMAKER_SESSIONS_EXPIRATION": "2", "INVOCATION_TIMEOUT": "3", "INVOCATION_TIMEOUT_MARGIN": "1"}
+    model = build_tiny_llama(
+        tmp_path_factory.mktemp("deeper-tiny"), embedded_folder, layers=4, hidden=128
+    )  # ~2x slower
+    env = {
+        "HF_MODEL_ID": str(model),
+        "SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "true",
+        "DTYPE": "float32",
+        "SAGEMAKER_SESSIONS_EXPIRATION": "2",
+        "INVOCATION_TIMEOUT": "3",
+        "INVOCATION_TIMEOUT_MARGIN": "1",
+    }
     server = start_server(env, tmp_path_factory.mktemp("logs"))
     yield server
     server.stop()
@@ -91,7 +99,9 @@ def test_a_long_invocation_returns_its_text_at_the_deadline(server):
     assert response.headers["X-Finish-Reason"] == "deadline" and details["finish_reason"] == "length"
     assert 0 < details["generated_tokens"] < 480 and response.json()[0]["generated_text"]
     assert elapsed < 3  # SageMaker's cut would have come at INVOCATION_TIMEOUT
-    chat = invoke(server, {"messages": [{"role": "user", "content": "Tell a story"}], "max_tokens": 400, "ignore_eos": True})
+    chat = invoke(
+        server, {"messages": [{"role": "user", "content": "Tell a story"}], "max_tokens": 400, "ignore_eos": True}
+    )
     assert chat.status_code == 200, chat.text
     assert chat.headers["X-Finish-Reason"] == "deadline" and chat.json()["choices"][0]["finish_reason"] == "length"
     assert 0 < chat.json()["usage"]["completion_tokens"] < 400 and chat.json()["choices"][0]["message"]["content"]

@@ -8,10 +8,13 @@ from tests.deploy.test_deploy_scripts import create_role, deploy, scaling_state
 DIMENSIONS = [{"Name": "EndpointName", "Value": "llm-test"}, {"Name": "VariantName", "Value": "AllTraffic"}]
 
 
-@pytest.mark.parametrize("scale_on, extra, metric, unit, target", [
-    ("kv-cache", [], "KVCacheUsage", "Percent", 70.0),
-    ("queue", ["--target", "2.5"], "QueueLength", "Count", 2.5),
-])
+@pytest.mark.parametrize(
+    "scale_on, extra, metric, unit, target",
+    [
+        ("kv-cache", [], "KVCacheUsage", "Percent", 70.0),
+        ("queue", ["--target", "2.5"], "QueueLength", "Count", 2.5),
+    ],
+)
 def test_scale_on_an_emf_metric(deploy_python, aws, scale_on, extra, metric, unit, target):
     create_role(aws)
     result = deploy(deploy_python, aws, "--max-instances", "4", "--scale-on", scale_on, *extra)
@@ -24,8 +27,13 @@ def test_scale_on_an_emf_metric(deploy_python, aws, scale_on, extra, metric, uni
     (policy,) = policies
     tracking = policy["TargetTrackingScalingPolicyConfiguration"]
     assert policy["PolicyName"] == f"{scale_on}-target-tracking" and tracking["TargetValue"] == target
-    assert tracking["CustomizedMetricSpecification"] == {"MetricName": metric, "Namespace": "sagemaker-llm-serve",
-                                                          "Dimensions": DIMENSIONS, "Statistic": "Average", "Unit": unit}
+    assert tracking["CustomizedMetricSpecification"] == {
+        "MetricName": metric,
+        "Namespace": "sagemaker-llm-serve",
+        "Dimensions": DIMENSIONS,
+        "Statistic": "Average",
+        "Unit": unit,
+    }
     cleanup = run_script(deploy_python, "cleanup.py", ["--endpoint-name", "llm-test"], aws_env(aws))
     assert cleanup.returncode == 0, cleanup.stderr[-3000:]
     assert scaling_state(aws) == ([], [])

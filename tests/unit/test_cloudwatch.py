@@ -20,8 +20,12 @@ class Clock:
 
 
 def engine(waiting=0, running=0):
-    return SimpleNamespace(ready=True, running=running, scheduler=SimpleNamespace(waiting=waiting, in_flight=waiting + running),
-                           limits=Limits(100, 200, 800, 4))
+    return SimpleNamespace(
+        ready=True,
+        running=running,
+        scheduler=SimpleNamespace(waiting=waiting, in_flight=waiting + running),
+        limits=Limits(100, 200, 800, 4),
+    )
 
 
 def finished(tokens: int, ttft: float) -> TokenEvent:
@@ -32,7 +36,9 @@ def test_a_line_is_a_valid_emf_document_with_this_intervals_values():
     clock, lines = Clock(), []
     live = engine(waiting=3, running=2)
     metrics = Metrics(live)
-    reporter = EmfReporter(live, metrics, "llm", {"EndpointName": "ep", "VariantName": "AllTraffic"}, 60, lines.append, clock)
+    reporter = EmfReporter(
+        live, metrics, "llm", {"EndpointName": "ep", "VariantName": "AllTraffic"}, 60, lines.append, clock
+    )
     for ttft in (0.1, 0.2, 0.3, 0.4, 1.0):
         metrics.observe(finished(20, ttft))
     for _ in range(2):
@@ -66,7 +72,15 @@ def test_the_schema_check_catches_broken_documents():
         {**good, "_aws": {**good["_aws"], "Timestamp": "now"}},
         {key: value for key, value in good.items() if key != "QueueLength"},
         {key: value for key, value in good.items() if key != "Service"},
-        {**good, "_aws": {**good["_aws"], "CloudWatchMetrics": [{**good["_aws"]["CloudWatchMetrics"][0], "Metrics": [{"Name": "QueueLength", "Unit": "Things"}]}]}},
+        {
+            **good,
+            "_aws": {
+                **good["_aws"],
+                "CloudWatchMetrics": [
+                    {**good["_aws"]["CloudWatchMetrics"][0], "Metrics": [{"Name": "QueueLength", "Unit": "Things"}]}
+                ],
+            },
+        },
     ):
         with pytest.raises(Exception):
             validate_emf(broken)

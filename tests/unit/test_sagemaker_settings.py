@@ -15,7 +15,9 @@ def test_off_sagemaker_there_is_no_deadline_and_no_emf():
 
 def test_on_sagemaker_the_deadline_is_60_s_and_emf_is_on():
     settings = load_settings({"SAGEMAKER_ENDPOINT_NAME": "chat", "SAGEMAKER_VARIANT_NAME": "AllTraffic"})
-    assert settings.invocation_timeout == 60 and settings.cloudwatch_metrics is True and settings.cloudwatch_interval == 60
+    assert (
+        settings.invocation_timeout == 60 and settings.cloudwatch_metrics is True and settings.cloudwatch_interval == 60
+    )
     assert (settings.endpoint_name, settings.variant_name) == ("chat", "AllTraffic")
     off = load_settings({"SAGEMAKER_ENDPOINT_NAME": "chat", "INVOCATION_TIMEOUT": "0", "CLOUDWATCH_METRICS": "false"})
     assert off.invocation_timeout is None and off.cloudwatch_metrics is False
@@ -23,9 +25,17 @@ def test_on_sagemaker_the_deadline_is_60_s_and_emf_is_on():
 
 
 def test_explicit_values_and_errors():
-    settings = load_settings({"INVOCATION_TIMEOUT": "30", "INVOCATION_TIMEOUT_MARGIN": "5", "MAX_LORA_RANK": "16",
-                              "SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "True", "SAGEMAKER_SESSIONS_EXPIRATION": "60",
-                              "CLOUDWATCH_METRICS": "1", "CLOUDWATCH_METRICS_INTERVAL": "10"})
+    settings = load_settings(
+        {
+            "INVOCATION_TIMEOUT": "30",
+            "INVOCATION_TIMEOUT_MARGIN": "5",
+            "MAX_LORA_RANK": "16",
+            "SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "True",
+            "SAGEMAKER_SESSIONS_EXPIRATION": "60",
+            "CLOUDWATCH_METRICS": "1",
+            "CLOUDWATCH_METRICS_INTERVAL": "10",
+        }
+    )
     assert (settings.invocation_timeout, settings.invocation_timeout_margin, settings.max_lora_rank) == (30, 5, 16)
     assert settings.stateful_sessions and settings.sessions_expiration == 60 and settings.cloudwatch_interval == 10
     for env, message in (

@@ -68,8 +68,12 @@ def test_requests_of_a_live_session_carry_its_id_and_close_unpins_it(tiny_settin
     created = client.post("/invocations", json={"requestType": "NEW_SESSION"})
     session_id = created.headers["X-Amzn-SageMaker-New-Session-Id"].split(";")[0]
     body = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
-    assert client.post("/invocations", json=body, headers={"X-Amzn-SageMaker-Session-Id": session_id}).status_code == 200
+    assert (
+        client.post("/invocations", json=body, headers={"X-Amzn-SageMaker-Session-Id": session_id}).status_code == 200
+    )
     assert client.post("/invocations", json=body).status_code == 200
     assert [request.session_id for request in engine.requests] == [session_id, None]
-    closed = client.post("/invocations", json={"requestType": "CLOSE"}, headers={"X-Amzn-SageMaker-Session-Id": session_id})
+    closed = client.post(
+        "/invocations", json={"requestType": "CLOSE"}, headers={"X-Amzn-SageMaker-Session-Id": session_id}
+    )
     assert closed.status_code == 200 and engine.closed == [session_id]
