@@ -9,10 +9,15 @@ No torch here: the engine module imports this before the model (and torch) loads
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional
+
+
+log = logging.getLogger(__name__)
 
 
 class AdapterNotLoaded(LookupError):
@@ -69,6 +74,7 @@ class AdapterTable:
             if kind == "remove" and in_use(name):
                 later.append((kind, name, prepared, done))
                 continue
+            started = time.perf_counter()
             try:
                 if lora is None:
                     raise AdapterNotLoaded("this model was loaded without LoRA support")
@@ -81,6 +87,7 @@ class AdapterTable:
             except Exception as exc:  # noqa: BLE001 - reported to the HTTP thread that asked
                 done.set_exception(exc)
                 continue
+            log.info("adapter %s: %s between steps in %.2f ms", name, kind, (time.perf_counter() - started) * 1000)
             done.set_result(name)
         if later:
             with self.lock:
