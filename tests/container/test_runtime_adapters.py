@@ -221,3 +221,16 @@ def test_twenty_requests_over_three_adapters_while_one_is_registered_and_another
     assert ids(generate_ids(server, {HEADER: "d"})) != expected["a"]
     assert generate_ids(server, {HEADER: "c"}).status_code == 422
     assert pings and max(pings) < 2.0
+
+
+def test_the_adapter_routes_are_documented(server):
+    paths = requests.get(server.url + "/openapi.json", timeout=10).json()["paths"]
+    register_op, delete_op = paths["/adapters"]["post"], paths["/adapters/{name}"]["delete"]
+    assert register_op["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/RegisterAdapter"
+    }
+    assert {"200", "400", "409"} <= set(register_op["responses"]) and "text/plain" in register_op["responses"]["200"][
+        "content"
+    ]
+    assert delete_op["parameters"][0]["name"] == "name" and delete_op["parameters"][0]["in"] == "path"
+    assert {"200", "404"} <= set(delete_op["responses"]) and delete_op["operationId"] == "delete_adapters_name"
