@@ -195,9 +195,10 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Optional[type], Any, tuple[str, ...
     ("GET", "/metrics"): ("Prometheus metrics", None, None, ("text/plain",)),
     ("GET", "/openapi.json"): ("This document", None, None, ("application/json",)),
     ("GET", "/docs"): ("This document as an HTML page", None, None, ("text/html",)),
-    ("POST", "/adapters"): ("Register a LoRA adapter (JSON body or query parameters); answers 'Adapter <name> registered'",
-                            RegisterAdapter, None, ("text/plain",)),
-    ("DELETE", "/adapters/{name}"): ("Unregister a LoRA adapter once its running requests finish", None, None, ("text/plain",)),
+    ("POST", "/adapters"): ("Register a LoRA adapter (JSON body or query parameters)", RegisterAdapter, None,
+                            ("text/plain",)),
+    ("DELETE", "/adapters/{name}"): ("Unregister a LoRA adapter once its running requests finish", None, None,
+                                     ("text/plain",)),
 }
 EXTRA_ERRORS = {  # statuses beyond ERROR_STATUSES that an operation answers
     ("POST", "/adapters"): {"409": "The name is registered from another src (or is being registered or deleted)"},
@@ -248,7 +249,8 @@ def _operation(method: str, path: str, doc: Optional[str], components: dict[str,
     """One operation: summary, request body from the request model, the 200 response and the error responses."""
     fallback = ((doc or f"{method} {path}").strip().splitlines()[0], None, None, ("application/json",))
     summary, request_model, response, media = OPERATIONS.get((method, path), fallback)
-    operation: dict[str, Any] = {"summary": summary, "operationId": f"{method.lower()}{re.sub(r'[/.]', '_', re.sub(r'[{}]', '', path))}"}
+    operation_id = method.lower() + re.sub(r"[/.]", "_", re.sub(r"[{}]", "", path))
+    operation: dict[str, Any] = {"summary": summary, "operationId": operation_id}
     if request_model is not None:
         body = _schema(request_model, components, "validation")
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
