@@ -256,6 +256,11 @@ def _check_limits(settings: Settings) -> None:
             )
     if settings.replicas is not None and settings.placement == "shard":
         raise SettingsError(f"REPLICAS={settings.replicas} cannot be combined with PLACEMENT=shard (one sharded copy)")
+    if settings.stateful_sessions and settings.workers > 1:
+        raise SettingsError(
+            f"SAGEMAKER_ENABLE_STATEFUL_SESSIONS=true needs SAGEMAKER_MODEL_SERVER_WORKERS=1, not {settings.workers}: "
+            "a session and its KV cache live in one worker"
+        )
     timeout = settings.invocation_timeout
     if timeout is not None and timeout <= settings.invocation_timeout_margin:
         raise SettingsError(

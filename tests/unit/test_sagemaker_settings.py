@@ -43,6 +43,10 @@ def test_explicit_values_and_errors():
         ({"INVOCATION_TIMEOUT": "2"}, "INVOCATION_TIMEOUT=2 must be greater than INVOCATION_TIMEOUT_MARGIN=3"),
         ({"SAGEMAKER_SESSIONS_EXPIRATION": "-1"}, "SAGEMAKER_SESSIONS_EXPIRATION='-1' must be greater than 0"),
         ({"MAX_LORA_RANK": "x"}, "MAX_LORA_RANK='x' is not an integer"),
+        (
+            {"SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "true", "SAGEMAKER_MODEL_SERVER_WORKERS": "2"},
+            "SAGEMAKER_ENABLE_STATEFUL_SESSIONS=true needs SAGEMAKER_MODEL_SERVER_WORKERS=1, not 2",
+        ),
     ):
         with pytest.raises(SettingsError, match=message):
             load_settings(env)
