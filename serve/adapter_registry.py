@@ -150,19 +150,17 @@ def _conflict(existing: Entry, src: str) -> str:
 
 
 def adapter_folder(src: str, root: Path) -> Path:
-    """The peft folder behind ``src``: the folder itself, or a .tar.gz (given, or the only one in it) unpacked."""
+    """The peft folder behind ``src``: the folder itself (or its one sub-folder holding the adapter), or a .tar.gz
+    (given, or the only one in the folder) unpacked."""
     path = Path(src).expanduser()
     if not path.exists():
         raise BadRequest(f"src: {src} does not exist", "src")
     if path.is_dir():
-        if (path / CONFIG_FILE).is_file():
-            return path
         archives = sorted(path.glob("*.tar.gz")) + sorted(path.glob("*.tgz"))
+        if (path / CONFIG_FILE).is_file() or not archives:
+            return _find_config(path, src)
         if len(archives) != 1:
-            raise BadRequest(
-                f"src: {src} holds no {CONFIG_FILE} and not exactly one .tar.gz archive (adapter weights missing)",
-                "src",
-            )
+            raise BadRequest(f"src: {src} holds {len(archives)} .tar.gz archives; give the path of one", "src")
         path = archives[0]
     return _find_config(unpack(path, root), src)
 
@@ -187,10 +185,10 @@ def unpack(archive: Path, root: Path) -> Path:
 
 
 def _find_config(folder: Path, src: str) -> Path:
-    """The folder holding adapter_config.json: the archive's top level or its one sub-folder."""
+    """The folder holding adapter_config.json: ``folder`` itself or its one sub-folder that holds one."""
     if (folder / CONFIG_FILE).is_file():
         return folder
     subfolders = [sub for sub in folder.iterdir() if sub.is_dir() and (sub / CONFIG_FILE).is_file()]
     if len(subfolders) == 1:
         return subfolders[0]
-    raise BadRequest(f"src: the archive in {src} holds no {CONFIG_FILE} (adapter weights missing)", "src")
+    raise BadRequest(f"src: {src} holds no {CONFIG_FILE} (adapter weights missing)", "src")

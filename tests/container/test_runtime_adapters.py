@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 import tarfile
 import threading
 import time
@@ -112,7 +113,11 @@ def test_query_parameters_a_tar_gz_and_the_alias_header(server, folders, tmp_pat
     _tar(artifact / "model.tar.gz", {"weights": folders["b"]})  # the peft files one folder down
     assert register(server, "b-folder", artifact).status_code == 200
     assert ids(generate_ids(server, {HEADER: "b-folder"})) == expected
-    for name in ("b", "b-tar", "b-folder"):
+    unpacked = tmp_path / "unpacked"  # an artifact already unpacked, its peft files one folder down
+    shutil.copytree(folders["b"], unpacked / "adapter")
+    assert register(server, "b-unpacked", unpacked).status_code == 200
+    assert ids(generate_ids(server, {HEADER: "b-unpacked"})) == expected
+    for name in ("b", "b-tar", "b-folder", "b-unpacked"):
         assert requests.delete(server.url + f"/adapters/{name}", timeout=60).status_code == 200
 
 
