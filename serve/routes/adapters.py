@@ -59,7 +59,7 @@ def _register_fields() -> dict[str, Any]:
     if raw.strip():
         try:
             payload = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             payload = None
         if isinstance(payload, dict):
             return payload

@@ -30,10 +30,10 @@ def _store() -> Optional[SessionStore]:
 
 
 def _peek_json() -> Optional[object]:
-    """The body as JSON when it is JSON, else None (custom handlers may take other content)."""
+    """The body as JSON when it is JSON, else None (custom handlers may take other content; json_body says why not)."""
     try:
         return json.loads(request.get_data(cache=True))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
 
 

@@ -144,6 +144,8 @@ def test_errors_are_4xx_naming_the_problem(server, folders, tmp_path):
     response = register(server, "x", no_weights)
     assert response.status_code == 400 and "adapter_model.safetensors" in response.json()["error"]
     assert requests.post(server.url + "/adapters", data="nonsense", timeout=10).status_code == 400
+    nested = requests.post(server.url + "/adapters", data=b"[" * 100_000 + b"]" * 100_000, timeout=10)
+    assert nested.status_code == 400 and "JSON object" in nested.json()["error"]
     assert "x" not in requests.get(server.url + "/info", timeout=10).json()["adapters"]
 
 
