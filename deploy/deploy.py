@@ -6,7 +6,9 @@
 
 env values are stringified first (the SageMaker API takes only strings; ``MESSAGES_API_ENABLED: True`` is a bool
 in the TGI docs' snippet). Optional autoscaling registers the variant with Application Auto Scaling and tracks
-``SageMakerVariantInvocationsPerInstance``. Prints the endpoint name and a predictor snippet to paste.
+``SageMakerVariantInvocationsPerInstance`` (or, with ``--scale-on kv-cache|queue``, the server's own EMF metrics
+``KVCacheUsage`` / ``QueueLength``, which it then logs for CloudWatch).
+Prints the endpoint name and a predictor snippet to paste.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ from common import (
 )
 
 
+EMF_NAMESPACE = "sagemaker-llm-serve"  # the server's CLOUDWATCH_NAMESPACE default (serve/cloudwatch.py)
+SCALE_ON = {  # --scale-on: the EMF metric, its unit and the default target
+    "invocations": ("SageMakerVariantInvocationsPerInstance", None, 10.0),
+    "kv-cache": ("KVCacheUsage", "Percent", 70.0),
+    "queue": ("QueueLength", "Count", 4.0),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-uri", default=os.environ.get("IMAGE_URI"), help="ECR image (default: $IMAGE_URI)")
@@ -63,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-instances", type=int, help="autoscaling: maximum instances (turns autoscaling on)")
     parser.add_argument("--target-invocations", type=float, default=10.0,
                         help="autoscaling: target invocations per instance per minute (default 10)")
+    parser.add_argument("--scale-on", choices=sorted(SCALE_ON), default="invocations",
+                        help="autoscaling metric: invocations per instance (SageMaker's own), or the server's EMF "
+                        "metrics kv-cache (KVCacheUsage, %%) or queue (QueueLength); default invocations")
+    parser.add_argument("--target", type=float,
+                        help="autoscaling target for --scale-on kv-cache (default 70 %%) or queue (default 4 waiting)")
     parser.add_argument("--no-wait", dest="wait", action="store_false", help="return once creation has started")
     parser.add_argument("--wait-minutes", type=int, default=30, help="how long to wait for InService (default 30)")
     args = parser.parse_args(argv)
@@ -70,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--image-uri (or IMAGE_URI) is required")
     if args.max_instances is not None and (args.min_instances or args.instance_count) > args.max_instances:
         parser.error("--min-instances must not exceed --max-instances")
+    if args.scale_on != "invocations" and args.max_instances is None:
+        parser.error("--scale-on needs --max-instances (autoscaling is off without it)")
     if args.max_instances is not None and not args.wait:
         parser.error("autoscaling needs the endpoint InService: drop --no-wait")
     try:
@@ -92,6 +109,14 @@ def container_env(args: argparse.Namespace) -> dict[str, object]:
     return hub
 
 
+def metric_env(args: argparse.Namespace, name: str) -> dict[str, object]:
+    """For scaling on the server's EMF metrics: turn them on, and name the dimensions the policy tracks."""
+    if args.scale_on == "invocations":
+        return {}
+    return {"CLOUDWATCH_METRICS": True, "CLOUDWATCH_NAMESPACE": EMF_NAMESPACE,
+            "SAGEMAKER_ENDPOINT_NAME": name, "SAGEMAKER_VARIANT_NAME": DEFAULT_VARIANT}
+
+
 def deploy_model(args: argparse.Namespace, sm_session, role: str) -> str:
     """Create model, endpoint config and endpoint through HuggingFaceModel.deploy; returns the endpoint name."""
     from sagemaker.huggingface import HuggingFaceModel
@@ -99,7 +124,7 @@ def deploy_model(args: argparse.Namespace, sm_session, role: str) -> str:
     name = args.endpoint_name or f"llm-serve-{time.strftime('%Y%m%d-%H%M%S')}"
     # We upload no inference code, but the SDK names a code location anyway; giving it one keeps it from creating
     # its default bucket (through an STS endpoint no override reaches) just for that.
-    env = stringify_env(container_env(args))
+    env = stringify_env({**container_env(args), **metric_env(args, name)})
     log.info("container env: %s", json.dumps(env))
     model = HuggingFaceModel(
         code_location=f"s3://{code_bucket(sm_session.boto_session)}/{name}",
@@ -150,18 +175,27 @@ def enable_autoscaling(session, name: str, args: argparse.Namespace) -> None:
         ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION,
         MinCapacity=low, MaxCapacity=args.max_instances,
     )
+    policy_name, target, metric = tracked_metric(args, name)
     client.put_scaling_policy(
-        PolicyName=SCALING_POLICY_NAME, ServiceNamespace="sagemaker", ResourceId=resource_id,
+        PolicyName=policy_name, ServiceNamespace="sagemaker", ResourceId=resource_id,
         ScalableDimension=SCALABLE_DIMENSION, PolicyType="TargetTrackingScaling",
-        TargetTrackingScalingPolicyConfiguration={
-            "TargetValue": args.target_invocations,
-            "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
-            "ScaleInCooldown": 300,
-            "ScaleOutCooldown": 60,
-        },
+        TargetTrackingScalingPolicyConfiguration={"TargetValue": target, **metric, "ScaleInCooldown": 300,
+                                                  "ScaleOutCooldown": 60},
     )
-    log.info("autoscaling %s: %d..%d instances, target %.0f invocations/instance/min", resource_id, low,
-             args.max_instances, args.target_invocations)
+    log.info("autoscaling %s: %d..%d instances on %s, target %g", resource_id, low, args.max_instances,
+             args.scale_on, target)
+
+
+def tracked_metric(args: argparse.Namespace, name: str) -> tuple[str, float, dict[str, object]]:
+    """(policy name, target value, metric specification) for --scale-on."""
+    if args.scale_on == "invocations":
+        spec = {"PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"}}
+        return SCALING_POLICY_NAME, args.target if args.target is not None else args.target_invocations, spec
+    metric_name, unit, default = SCALE_ON[args.scale_on]
+    dimensions = [{"Name": "EndpointName", "Value": name}, {"Name": "VariantName", "Value": DEFAULT_VARIANT}]
+    spec = {"CustomizedMetricSpecification": {"MetricName": metric_name, "Namespace": EMF_NAMESPACE,
+                                              "Dimensions": dimensions, "Statistic": "Average", "Unit": unit}}
+    return f"{args.scale_on}-target-tracking", args.target if args.target is not None else default, spec
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ from typing import Optional
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from serve.adapter_registry import AdapterRegistry
+from serve.cloudwatch import reporter_for
 from serve.config import Settings, load_settings
 from serve.disconnect import DisconnectWatcher, WatchedEngine, unwatch_when_sent
 from serve.engine import Engine, EngineConfig
@@ -19,7 +21,8 @@ from serve.generation import GenerationService
 from serve.handler import CustomHandler
 from serve.metrics import Metrics
 from serve.engine.pool import build_pool
-from serve.routes import docs, openai, sagemaker, tgi
+from serve.routes import adapters, docs, openai, sagemaker, tgi
+from serve.sessions import SessionStore
 from serve.security import check_api_key, redact_logs, scrub, secret_values
 from serve.shutdown import Drain
 
@@ -47,15 +50,30 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     app.extensions["serve.drain"] = Drain(lambda: engine.in_flight, settings.graceful_timeout, cut=service.interrupt_all)
     app.extensions["serve.secrets"] = secret_values(settings)
     redact_logs(app.extensions["serve.secrets"])
-    for module in (sagemaker, openai, tgi, docs):
+    _add_sagemaker_native(app, settings, engine)
+    for module in (sagemaker, openai, tgi, docs, adapters):
         app.register_blueprint(module.blueprint)
     _register_error_handlers(app)
+    app.before_request(_stamp_arrival)
     app.before_request(_guard)
     app.after_request(unwatch_when_sent(watcher))
     app.after_request(_release_generations)
     app.after_request(lambda response: _count(metrics, response))
     engine.start()
     return app
+
+
+def _add_sagemaker_native(app: Flask, settings: Settings, engine: Engine) -> None:
+    """Runtime adapters, stateful sessions (when enabled) and CloudWatch EMF metrics (when enabled)."""
+    app.extensions["serve.adapters"] = AdapterRegistry(engine, settings.cache_dir, settings.max_lora_rank)
+    if settings.stateful_sessions:
+        app.extensions["serve.sessions"] = SessionStore(settings.sessions_expiration, engine.close_session).start()
+    app.extensions["serve.cloudwatch"] = reporter_for(settings, engine, app.extensions["serve.service"].metrics)
+
+
+def _stamp_arrival() -> None:
+    """When the request arrived, for the invocation deadline (before any other hook spends time)."""
+    request.environ["serve.arrival"] = time.monotonic()
 
 
 def engine_config(settings: Settings) -> EngineConfig:

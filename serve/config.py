@@ -64,6 +64,17 @@ class Settings:
     log_level: str = "INFO"
     metrics_dir: Optional[str] = None  # PROMETHEUS_MULTIPROC_DIR: set by gunicorn.conf.py, one per server instance
     started_at: Optional[float] = None  # when `serve` began (set by the entrypoint), for the cold-start log line
+    # SageMaker-native operations (README "SageMaker features")
+    max_lora_rank: int = 64  # MAX_LORA_RANK: adapters of a higher rank are refused
+    stateful_sessions: bool = False  # SAGEMAKER_ENABLE_STATEFUL_SESSIONS
+    sessions_expiration: int = 1200  # SAGEMAKER_SESSIONS_EXPIRATION, seconds
+    invocation_timeout: Optional[float] = None  # INVOCATION_TIMEOUT seconds (60 on SageMaker; None: no deadline)
+    invocation_timeout_margin: float = 3.0  # INVOCATION_TIMEOUT_MARGIN: answer this many seconds before the cut
+    cloudwatch_metrics: bool = False  # CLOUDWATCH_METRICS: EMF lines on stdout (on by default on SageMaker)
+    cloudwatch_interval: float = 60.0  # CLOUDWATCH_METRICS_INTERVAL, seconds
+    cloudwatch_namespace: str = "sagemaker-llm-serve"  # CLOUDWATCH_NAMESPACE
+    endpoint_name: Optional[str] = None  # SAGEMAKER_ENDPOINT_NAME: EMF dimension
+    variant_name: Optional[str] = None  # SAGEMAKER_VARIANT_NAME: EMF dimension
 
 
 def parse_bool(name: str, raw: str) -> bool:
@@ -137,6 +148,46 @@ def parse_adapters(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def parse_seconds(name: str, raw: str) -> float:
+    """A strictly positive number of seconds; 0 or ``off`` turns the feature off (None)."""
+    value = raw.strip().lower()
+    if value in ("0", "off", "none", "false"):
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number of seconds") from None
+    if seconds < 0 or seconds != seconds:
+        raise SettingsError(f"{name}={raw!r} must be 0 (off) or a positive number of seconds")
+    return seconds
+
+
+def on_sagemaker(environ: Mapping[str, str], opt_ml: str = "/opt/ml") -> bool:
+    """True inside a SageMaker container: /opt/ml exists, or variables SageMaker and its SDK set are there."""
+    names = ("SAGEMAKER_ENDPOINT_NAME", "SAGEMAKER_REGION", "SAGEMAKER_CONTAINER_LOG_LEVEL", "SAGEMAKER_PROGRAM")
+    return os.path.isdir(opt_ml) or any(environ.get(name) for name in names)
+
+
+def _sagemaker_values(env: Mapping[str, str]) -> dict[str, object]:
+    """The settings of the SageMaker-native features; the timeout and EMF default on only on SageMaker."""
+    native = on_sagemaker(env)
+    timeout = _read(env, ("INVOCATION_TIMEOUT",), parse_seconds)
+    timeout = (60.0 if native else None) if timeout is None else (timeout or None)
+    metrics = _read(env, ("CLOUDWATCH_METRICS",), parse_bool)
+    return {
+        "max_lora_rank": _read(env, ("MAX_LORA_RANK",), parse_positive_int),
+        "stateful_sessions": _read(env, ("SAGEMAKER_ENABLE_STATEFUL_SESSIONS",), parse_bool),
+        "sessions_expiration": _read(env, ("SAGEMAKER_SESSIONS_EXPIRATION",), parse_positive_int),
+        "invocation_timeout": timeout,
+        "invocation_timeout_margin": _read(env, ("INVOCATION_TIMEOUT_MARGIN",), parse_seconds),
+        "cloudwatch_metrics": native if metrics is None else metrics,
+        "cloudwatch_interval": _read(env, ("CLOUDWATCH_METRICS_INTERVAL",), parse_seconds) or None,
+        "cloudwatch_namespace": _read(env, ("CLOUDWATCH_NAMESPACE",), _text),
+        "endpoint_name": _read(env, ("SAGEMAKER_ENDPOINT_NAME",), _text),
+        "variant_name": _read(env, ("SAGEMAKER_VARIANT_NAME",), _text),
+    }
+
+
 def _read(environ: Mapping[str, str], names: tuple, parse: Callable[[str, str], T]) -> Optional[T]:
     """The first of ``names`` that is set (non-empty), parsed; None when none is."""
     for name in names:
@@ -204,6 +255,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "log_level": _read(env, ("LOG_LEVEL",), lambda name, raw: raw.strip().upper()),
         "metrics_dir": _read(env, ("PROMETHEUS_MULTIPROC_DIR",), _text),
         "started_at": _read(env, ("SERVE_STARTED_AT",), parse_timestamp),
+        **_sagemaker_values(env),
     }
     settings = Settings(**{key: value for key, value in values.items() if value is not None})
     _check_limits(settings)
@@ -220,5 +272,16 @@ def _check_limits(settings: Settings) -> None:
             )
     if settings.replicas is not None and settings.placement == "shard":
         raise SettingsError(f"REPLICAS={settings.replicas} cannot be combined with PLACEMENT=shard (one sharded copy)")
+    if settings.stateful_sessions and settings.workers > 1:
+        raise SettingsError(
+            f"SAGEMAKER_ENABLE_STATEFUL_SESSIONS=true needs SAGEMAKER_MODEL_SERVER_WORKERS=1, not {settings.workers}: "
+            "a session and its KV cache live in one worker"
+        )
+    timeout = settings.invocation_timeout
+    if timeout is not None and timeout <= settings.invocation_timeout_margin:
+        raise SettingsError(
+            f"INVOCATION_TIMEOUT={timeout:g} must be greater than "
+            f"INVOCATION_TIMEOUT_MARGIN={settings.invocation_timeout_margin:g}"
+        )
     if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise SettingsError(f"LOG_LEVEL={settings.log_level!r} is not a logging level")

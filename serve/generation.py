@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -13,10 +14,11 @@ from flask import request as http_request
 
 from serve.config import Settings
 from serve.engine import Engine, EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
-from serve.engine.engine import Limits
+from serve.engine.engine import AdapterNotLoaded, Limits
 from serve.engine.grammar import GrammarError
 from serve.engine.types import FinishReason
 from serve.errors import GenerationFailed, NotReady, Overloaded, ShuttingDown, ValidationFailed
+from serve.invocation import current as current_invocation
 from serve.log import log_request
 from serve.metrics import Metrics
 from serve.model.prompt import PromptError, chars_per_token_bound, encode, encode_chat, render_chat
@@ -49,6 +51,7 @@ class Generation:
         self._open = set(range(len(streams)))
         self.recorded = False  # its requests were logged and counted (by stream_events)
         self.route = ""
+        self.cut_at_deadline = False  # set when the invocation deadline stopped the choices still running
 
     @property
     def request_id(self) -> str:
@@ -204,16 +207,22 @@ class GenerationService:
         params = [to_params(self._max_new_tokens(len(ids), requested_max_tokens, f)) for ids, f in zip(prompts, fields)]
         sink: "queue.Queue[tuple[int, TokenEvent]]" = queue.Queue()
         streams: list[RequestStream] = []
+        context = current_invocation()
+        session_id = context.session_id if context is not None else None
         try:
             for prompt_ids, base in zip(prompts, params):
                 for index in range(n):
                     # same seed, same n choices (kept in torch's range)
                     seed = None if base.seed is None else (base.seed + index) % 2**64
-                    request = Request(prompt_ids=prompt_ids, params=replace(base, seed=seed), adapter=adapter)
+                    request = Request(
+                        prompt_ids=prompt_ids, params=replace(base, seed=seed), adapter=adapter, session_id=session_id
+                    )
                     streams.append(self.engine.submit(request, sink=sink, index=len(streams)))
-        except (EngineOverloaded, EngineNotReady) as exc:
+        except (EngineOverloaded, EngineNotReady, AdapterNotLoaded) as exc:
             for stream in streams:
                 stream.close()
+            if isinstance(exc, AdapterNotLoaded):  # deleted between the check and the admission
+                raise ValidationFailed(f"adapter: {exc} (it was just unregistered)", "adapter") from exc
             raise (Overloaded if isinstance(exc, EngineOverloaded) else NotReady)(str(exc)) from exc
         generation = Generation(streams, sink)
         if has_request_context():  # released when the response closes, however the request ends (see release)
@@ -258,10 +267,14 @@ class GenerationService:
         """Wait for every choice; GenerationFailed (424) if the model failed."""
         tokens: dict[int, list[TokenEvent]] = {index: [] for index in range(len(generation.streams))}
         finals: dict[int, TokenEvent] = {}
-        for item in self.stream_events(generation, route, heartbeat=None):
+        context = current_invocation()
+        deadline = context.deadline if context is not None else None
+        for item in self.stream_events(generation, route, heartbeat=None, deadline=deadline):
             if item is None:  # a probe: nothing to write before the response
                 continue
             index, event = item
+            if event.finish_reason is FinishReason.LENGTH and generation.cut_at_deadline and context is not None:
+                context.deadline_hit = True
             tokens[index].append(event)
             if event.finish_reason is not None:
                 finals[index] = event
@@ -276,18 +289,22 @@ class GenerationService:
             for index, events in tokens.items()
         ]
 
-    def stream_events(self, generation: Generation, route: str, heartbeat: Optional[float]) -> Iterator[Optional[tuple[int, TokenEvent]]]:
+    def stream_events(
+        self, generation: Generation, route: str, heartbeat: Optional[float], deadline: Optional[float] = None
+    ) -> Iterator[Optional[tuple[int, TokenEvent]]]:
         """(index, event) pairs, None every ``heartbeat`` s of silence; GenerationFailed if the model failed.
 
-        However the iteration ends (finished, failed, or the client left and WSGI closed the generator), the choices
-        still running are cancelled, and each engine request is logged and counted.
+        With a ``deadline`` (``time.monotonic()``), choices still running then are stopped and end with finish
+        reason ``length`` (their text so far). However the iteration ends (finished, failed, or the client left and
+        WSGI closed the generator), the choices still running are cancelled, and each engine request is logged and
+        counted.
         """
         finals: dict[int, TokenEvent] = {}
         reason = "client_disconnected"
         with self._live_lock:
             self._live.add(generation)
         try:
-            for item in generation.events(heartbeat=heartbeat):
+            for item in _until(generation, heartbeat, deadline):
                 if item is not None and item[1].finish_reason is not None:
                     if item[1].error == SHUTTING_DOWN:
                         reason = "shutdown_deadline"
@@ -320,6 +337,27 @@ class GenerationService:
         log_request(route, request_id, final, streamed, reason)
         if final is not None:
             self.metrics.observe(final)
+
+
+def _until(
+    generation: Generation, heartbeat: Optional[float], deadline: Optional[float]
+) -> Iterator[Optional[tuple[int, TokenEvent]]]:
+    """``generation.events``, but at ``deadline`` the running choices are cancelled and finish as ``length``."""
+    if deadline is None:
+        yield from generation.events(heartbeat=heartbeat)
+        return
+    for item in generation.events(heartbeat=0.05):
+        if not generation.cut_at_deadline and time.monotonic() >= deadline:
+            generation.cut_at_deadline = True
+            generation.close()  # each open choice ends with a CANCELLED event within one engine step
+        if item is None:
+            if heartbeat is not None:
+                yield None
+            continue
+        index, event = item
+        if generation.cut_at_deadline and event.finish_reason is FinishReason.CANCELLED:
+            event = replace(event, finish_reason=FinishReason.LENGTH)
+        yield index, event
 
 
 def timing_headers(final: TokenEvent) -> dict[str, str]:

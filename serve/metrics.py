@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -120,6 +120,7 @@ class Metrics:
         self.live = LiveGauges(engine) if multiprocess_dir else None
         if self.live is None:
             registry.register(EngineCollector(engine))
+        self.listeners: list[Callable[[TokenEvent], None]] = []  # also told of every finished generation (EMF)
 
     def observe(self, final: TokenEvent) -> None:
         """Record a finished generation from its final event."""
@@ -127,6 +128,8 @@ class Metrics:
         self.prompt_tokens.inc(final.prompt_tokens)
         self.generated_tokens.inc(final.generated_tokens)
         self.generated_per_request.observe(final.generated_tokens)
+        for listener in self.listeners:
+            listener(final)
         if final.timings is None:
             return
         self.queue_time.observe(final.timings.queue)

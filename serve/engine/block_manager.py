@@ -54,6 +54,7 @@ class BlockManager:
         self._refs = [0] * num_blocks
         self._key_of: list[Optional[bytes]] = [None] * num_blocks
         self._block_of: dict[bytes, int] = {}
+        self._pins: dict[str, list[int]] = {}  # a session's conversation: blocks held for its next turn
         self._fresh = collections.deque(range(1, num_blocks))  # never used, or used and forgotten
         self._cached: collections.OrderedDict[int, None] = collections.OrderedDict()  # count 0, digest kept; LRU first
 
@@ -147,6 +148,27 @@ class BlockManager:
             else:
                 self._cached[block] = None
         table.clear()
+
+    @property
+    def pinned_blocks(self) -> int:
+        return sum(len(blocks) for blocks in self._pins.values())
+
+    def pin(self, key: str, blocks: list[int]) -> bool:
+        """Hold ``blocks`` (keyed, full) for ``key`` until ``unpin``, replacing what ``key`` held; refused (False)
+        when pins would hold more than half the pool, so pinned sessions can never starve admission."""
+        held = self._pins.pop(key, [])
+        if self.pinned_blocks + len(blocks) > self.usable_blocks // 2:
+            self.free(held)
+            return False
+        for block in blocks:
+            self._take(block)
+        self._pins[key] = list(blocks)
+        self.free(held)
+        return True
+
+    def unpin(self, key: str) -> None:
+        """Release what ``pin`` held for ``key`` (the blocks stay cached until evicted)."""
+        self.free(self._pins.pop(key, []))
 
     def _take(self, block: int) -> None:
         if self._refs[block] == 0:

@@ -10,13 +10,14 @@ import time
 from dataclasses import astuple, dataclass
 from typing import Any, Callable, Iterator, Optional
 
+from serve.engine.adapters import AdapterNotLoaded, AdapterTable
 from serve.engine.scheduler import EngineOverloaded, Scheduler
 from serve.engine.sequence import Sequence
 from serve.engine.types import EngineConfig, FinishReason, Request, TokenEvent
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineNotReady", "EngineOverloaded", "RequestStream"]
+__all__ = ["AdapterNotLoaded", "Engine", "EngineNotReady", "EngineOverloaded", "RequestStream"]
 
 
 class EngineNotReady(RuntimeError):
@@ -111,6 +112,7 @@ class Engine:
         self._peak_running = 0
         self._steps = 0
         self._busy_seconds = 0.0
+        self._closed_sessions: collections.deque[str] = collections.deque()  # from HTTP threads, for the engine
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
@@ -118,6 +120,7 @@ class Engine:
         self.grammars: Any = None  # serve.engine.grammar.Grammars once loaded
         self.limits: Optional[Limits] = None
         self.load_error: Optional[BaseException] = None
+        self.adapters = AdapterTable()  # LoRA adapters accepted now, and swaps waiting for the next step
 
     def start(self) -> "Engine":
         """Start loading and serving in the background (idempotent)."""
@@ -172,16 +175,27 @@ class Engine:
         if not self.ready:
             raise EngineNotReady("the model is not loaded yet" if self.load_error is None else f"the model failed to load: {self.load_error}")
         stream = RequestStream(request, self, sink, index)
-        self._streams[request.id] = stream
-        try:
-            self.scheduler.admit(request)
-        except EngineOverloaded:
-            self._streams.pop(request.id, None)
-            raise
+        with self.adapters.admitting(request.adapter):  # AdapterNotLoaded for a deleted adapter
+            self._streams[request.id] = stream
+            try:
+                self.scheduler.admit(request)
+            except EngineOverloaded:
+                self._streams.pop(request.id, None)
+                raise
         return stream
 
     def cancel(self, request_id: str) -> None:
         self.scheduler.cancel(request_id)
+
+    def close_session(self, session_id: str) -> None:
+        """Unpin the session's prefix-cache blocks (its conversation's KV cache), so eviction may reuse them.
+
+        Any thread may call it; the engine thread releases the blocks before its next step."""
+        self._closed_sessions.append(session_id)
+
+    def _uses_adapter(self, name: str) -> bool:
+        """True while an admitted request (waiting or running) uses the adapter."""
+        return any(stream.request.adapter == name for stream in list(self._streams.values()))
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
@@ -202,6 +216,10 @@ class Engine:
         if self._on_ready is not None:
             self._on_ready()
         while not self._stopping.is_set():
+            if self.adapters.busy:  # runtime adapter swaps, between steps
+                self.adapters.run_pending(getattr(self.loaded.model, "serve_lora", None), self._uses_adapter)
+            while self._closed_sessions:
+                self._blocks.unpin(self._closed_sessions.popleft())
             self._admit_waiting()
             self._drop_cancelled()
             if not self._running:
@@ -237,6 +255,7 @@ class Engine:
         if config.cuda_graphs:
             self._runner.capture_graphs()
         self.limits = Limits(max_input, total, (blocks - 1) * size, max_batch, size, blocks - 1)
+        self.adapters.accept(getattr(getattr(self.loaded.model, "serve_lora", None), "names", ()))
 
     def _admit_waiting(self) -> None:
         """Start preempted sequences, then waiting requests, while their blocks are free; one that cannot start
@@ -257,7 +276,7 @@ class Engine:
             return False
         watermark = self._watermark if self._running else 0
         reuse = not request.params.prompt_logprobs  # scoring a prompt needs the logits of all its positions
-        allocated = self._blocks.allocate(request.prompt_ids, request.adapter, reuse, watermark)
+        allocated = self._blocks.allocate(request.prompt_ids, self._cache_key(request.adapter), reuse, watermark)
         if allocated is None:
             return False
         self.scheduler.pop_waiting(1)
@@ -277,7 +296,8 @@ class Engine:
 
     def _allocate(self, seq: Sequence, tokens: list[int]) -> bool:
         """Blocks for a preempted sequence to resume (its own earlier blocks may still be in the prefix cache)."""
-        allocated = self._blocks.allocate(tokens, seq.request.adapter, True, self._watermark if self._running else 0)
+        key = self._cache_key(seq.request.adapter)
+        allocated = self._blocks.allocate(tokens, key, True, self._watermark if self._running else 0)
         if allocated is None:
             return False
         seq.block_table, seq.num_cached = allocated
@@ -343,17 +363,29 @@ class Engine:
             for seq in failed:
                 self._finish(seq, seq.end(FinishReason.ERROR, f"{type(exc).__name__}: {exc}"))
 
+    def _cache_key(self, adapter: Optional[str]) -> Optional[str]:
+        """What prefix-cache keys name an adapter by: its name and install number (a name deleted and registered
+        again from another folder never meets the old one's blocks)."""
+        lora = getattr(self.loaded.model, "serve_lora", None)
+        return adapter if adapter is None or lora is None else f"{adapter}#{lora.index(adapter)}"
+
     def _key_full_blocks(self, plan: Any) -> None:
         """Enter the blocks this step filled into the prefix cache (their keys and values are written now)."""
         size = self._blocks.block_size
         for seq in plan.decode + [seq for seq, _ in plan.prefill]:
             if seq.num_cached // size > seq.keyed_blocks:
                 tokens = seq.all_ids[: seq.num_cached]
-                seq.keyed_blocks = self._blocks.register_full_blocks(seq.block_table, tokens, seq.request.adapter, seq.keyed_blocks)
+                key = self._cache_key(seq.request.adapter)
+                seq.keyed_blocks = self._blocks.register_full_blocks(seq.block_table, tokens, key, seq.keyed_blocks)
 
     def _finish(self, seq: Sequence, event: TokenEvent) -> None:
-        """Send the final event and give back the blocks and the admission place."""
+        """Send the final event and give back the blocks and the admission place (a session keeps its
+        conversation's full blocks pinned for its next turn)."""
         self._running.remove(seq)
+        session = seq.request.session_id
+        if session is not None and event.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+            if not self._blocks.pin(session, seq.block_table[: seq.keyed_blocks]):
+                log.info("session %s: not pinned (pinned sessions hold half the KV pool)", session)
         self._blocks.free(seq.block_table)
         self._runner.forget(seq)
         self._streams.pop(seq.id).put(event)

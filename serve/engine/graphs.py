@@ -33,12 +33,10 @@ class GraphReport:
     probe_error: Optional[float] = None
 
 
-def capture_decode_graphs(static: StaticDecode, lora_loaded: bool) -> GraphReport:
+def capture_decode_graphs(static: StaticDecode) -> GraphReport:
     """Capture every decode shape and self-check one; on any failure leave ``static`` eager and say why."""
     if static.device.type != "cuda":
         return GraphReport(reason=f"no CUDA device ({static.device.type}): decode runs eagerly")
-    if lora_loaded:
-        return GraphReport(reason="LoRA adapters are loaded: per-token adapter routing is not capturable")
     started = time.monotonic()
     shapes = sorted(((b, w) for b in static.batches for w in static.widths), reverse=True)
     try:

@@ -37,18 +37,27 @@ class LoraWeights:
     scale: float
 
 
-def read_adapter(name: str, folder: Path) -> dict[str, LoraWeights]:
+def read_adapter(name: str, folder: Path, max_rank: Optional[int] = None) -> dict[str, LoraWeights]:
     """{module path in the model: weights} for a peft LoRA folder; AdapterError for what we cannot serve."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     config_path, weights_path = folder / "adapter_config.json", folder / WEIGHT_FILES[0]
     if not config_path.is_file() or not weights_path.is_file():
         raise AdapterError(f"adapter {name!r}: {folder} needs adapter_config.json and {WEIGHT_FILES[0]}")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"adapter {name!r}: {config_path} is not valid JSON: {exc}") from None
     _check_config(name, config)
-    alpha, rank = float(config.get("lora_alpha", 8)), int(config["r"])
+    alpha, rank = float(config.get("lora_alpha", 8)), int(config.get("r", 8))
+    if max_rank is not None and rank > max_rank:
+        raise AdapterError(f"adapter {name!r}: rank {rank} is greater than MAX_LORA_RANK={max_rank}")
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    tensors = load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise AdapterError(f"adapter {name!r}: {weights_path} holds no readable tensors: {exc}") from None
     modules: dict[str, LoraWeights] = {}
     for key, tensor in tensors.items():
         if not key.endswith(".lora_A.weight"):
@@ -56,6 +65,10 @@ def read_adapter(name: str, folder: Path) -> dict[str, LoraWeights]:
                 raise AdapterError(f"adapter {name!r}: unsupported weight {key} (only LoRA A/B of linear layers are served)")
             continue
         module = key[: -len(".lora_A.weight")].removeprefix(PEFT_PREFIX)
+        if max_rank is not None and tensor.shape[0] > max_rank:
+            raise AdapterError(
+                f"adapter {name!r}: {key} has rank {tensor.shape[0]}, greater than MAX_LORA_RANK={max_rank}"
+            )
         b = tensors.get(key.replace(".lora_A.", ".lora_B."))
         if b is None:
             raise AdapterError(f"adapter {name!r}: {key} has no matching lora_B weight")
@@ -114,55 +127,56 @@ class LoraLinear(nn.Module):
 
 
 class LoraSet:
-    """The adapters of one model: names, the wrapped layers, and the adapter of every token of the current step."""
+    """The adapters of one model: names, the wrapped layers, and the adapter of every token of the current step.
+
+    Adapters may be installed and removed between steps (``install``/``remove``, on the engine thread); each keeps
+    the index it was given, so removing one never renumbers the others.
+    """
 
     def __init__(self, model: nn.Module, adapters: dict[str, dict[str, LoraWeights]]):
-        self.names = list(adapters)  # index i + 1 is adapter names[i]
+        self.model = model
+        self._indices: dict[str, int] = {}  # name -> index; 0 is the base model
+        self._next_index = 1
         self.token_adapters: Optional[torch.Tensor] = None
         self.step_adapters: list[int] = []
         self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._device = next(model.parameters()).device
-        layers: dict[str, LoraLinear] = {}
-        for index, (name, modules) in enumerate(adapters.items(), start=1):
-            for path, weights in modules.items():
-                layer_path, layer, out = self._wrap(model, path, name, layers)
-                layers[layer_path] = layer
-                weight = layer.base.weight
-                rows = len(range(weight.shape[0])[out])
-                if tuple(weights.a.shape[1:]) != (weight.shape[1],) or weights.b.shape[0] != rows:
-                    shapes = f"{tuple(weights.b.shape)}x{tuple(weights.a.shape)}"
-                    raise AdapterError(f"adapter {name!r}: {path} shapes {shapes} do not fit {(rows, weight.shape[1])}")
-                layer.add(index, LoraWeights(weights.a.to(weight), weights.b.to(weight), weights.scale), out)
-        self.layers = layers
+        self.layers: dict[str, LoraLinear] = {}
+        for name, modules in adapters.items():
+            self.install(name, prepare_adapter(model, name, modules))
 
-    def _wrap(
-        self, model: nn.Module, path: str, name: str, layers: dict[str, LoraLinear]
-    ) -> tuple[str, LoraLinear, slice]:
-        """(path of the wrapped layer, the wrapper, output slice of ``path`` in it): the layer itself, or the fused
-        layer whose ``parts`` name ``path``'s projection (lean models fuse q/k/v and gate/up)."""
-        parent_path, _, child = path.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_path)
-        except AttributeError:
-            raise AdapterError(f"adapter {name!r} targets {path}, which this model does not have") from None
-        attribute, out = child, slice(None)
-        if not isinstance(getattr(parent, child, None), nn.Module):
-            fused = find_part(parent, child)
-            if fused is None:
-                raise AdapterError(f"adapter {name!r} targets {path}, which this model does not have")
-            attribute, _, out = fused
-        layer_path = f"{parent_path}.{attribute}" if parent_path else attribute
-        if layer_path in layers:
-            return layer_path, layers[layer_path], out
-        base = getattr(parent, attribute)
-        if not isinstance(base, nn.Linear):
-            raise AdapterError(f"adapter {name!r} targets {path}, a {type(base).__name__}; only linear layers are served")
-        layer = LoraLinear(base, self)
-        setattr(parent, attribute, layer)
-        return layer_path, layer, out
+    @property
+    def names(self) -> list[str]:
+        return list(self._indices)
+
+    def install(self, name: str, prepared: dict[str, LoraWeights]) -> None:
+        """Add an adapter whose weights ``prepare_adapter`` already checked and placed (cheap: no copies)."""
+        if name in self._indices:
+            raise AdapterError(f"adapter {name!r} is already loaded")
+        index, self._next_index = self._next_index, self._next_index + 1
+        for path, weights in prepared.items():
+            target = _target(self.model, path, name)
+            layer = self._wrap(target)
+            self.layers[target.layer_path] = layer
+            layer.add(index, weights, target.out)
+        self._indices[name] = index
+
+    def remove(self, name: str) -> None:
+        """Drop an adapter's weights (no request may be using it: the engine waits for that)."""
+        index = self._indices.pop(name)
+        for layer in self.layers.values():
+            layer.adapters.pop(index, None)
+
+    def _wrap(self, target: "Target") -> LoraLinear:
+        current = getattr(target.parent, target.attribute)
+        if isinstance(current, LoraLinear):
+            return current
+        layer = LoraLinear(current, self)
+        setattr(target.parent, target.attribute, layer)
+        return layer
 
     def index(self, adapter: Optional[str]) -> int:
-        return 0 if adapter is None else self.names.index(adapter) + 1
+        return 0 if adapter is None else self._indices[adapter]
 
     def begin_step(self, adapters_per_token: Iterable[Optional[str]]) -> None:
         """Set the adapter of every token of the next forward (in the runner's flattened order)."""
@@ -185,10 +199,64 @@ class LoraSet:
         return self._rows[key]
 
 
-def attach_adapters(model: nn.Module, folders: dict[str, Path]) -> Optional[LoraSet]:
-    """Read every adapter and wrap the model's targeted linear layers; the set is also ``model.serve_lora``."""
-    if not folders:
-        return None
-    lora = LoraSet(model, {name: read_adapter(name, Path(folder)) for name, folder in folders.items()})
+@dataclass
+class Target:
+    """Where an adapter's module path lands: a linear layer, or a slice of a fused one (lean models fuse q/k/v and
+    gate/up; the fused layer's ``parts`` name its slices)."""
+
+    parent: nn.Module
+    attribute: str
+    layer_path: str
+    base: nn.Linear
+    out: slice
+
+    @property
+    def rows(self) -> int:
+        return len(range(self.base.weight.shape[0])[self.out])
+
+
+def _target(model: nn.Module, path: str, name: str) -> Target:
+    """The linear layer (or fused slice) an adapter's ``path`` targets, inside a LoRA wrapper if one is there."""
+    parent_path, _, child = path.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_path)
+    except AttributeError:
+        raise AdapterError(f"adapter {name!r} targets {path}, which this model does not have") from None
+    attribute, out = child, slice(None)
+    if not isinstance(getattr(parent, child, None), nn.Module):
+        fused = find_part(parent, child)
+        if fused is None:
+            raise AdapterError(f"adapter {name!r} targets {path}, which this model does not have")
+        attribute, _, out = fused
+    base = getattr(parent, attribute)
+    base = base.base if isinstance(base, LoraLinear) else base
+    if not isinstance(base, nn.Linear):
+        raise AdapterError(f"adapter {name!r} targets {path}, a {type(base).__name__}; only linear layers are served")
+    layer_path = f"{parent_path}.{attribute}" if parent_path else attribute
+    return Target(parent, attribute, layer_path, base, out)
+
+
+def prepare_adapter(model: nn.Module, name: str, modules: dict[str, LoraWeights]) -> dict[str, LoraWeights]:
+    """Check an adapter's shapes against the model and move its weights to each layer's device and dtype.
+
+    Runs on the thread that registers the adapter (reads only the model), so the engine thread just links them in.
+    """
+    prepared: dict[str, LoraWeights] = {}
+    for path, weights in modules.items():
+        target = _target(model, path, name)
+        weight = target.base.weight
+        if tuple(weights.a.shape[1:]) != (weight.shape[1],) or weights.b.shape[0] != target.rows:
+            shapes = f"{tuple(weights.b.shape)}x{tuple(weights.a.shape)}"
+            raise AdapterError(f"adapter {name!r}: {path} shapes {shapes} do not fit {(target.rows, weight.shape[1])}")
+        prepared[path] = LoraWeights(weights.a.to(weight), weights.b.to(weight), weights.scale)
+    return prepared
+
+
+def attach_adapters(model: nn.Module, folders: dict[str, Path], max_rank: Optional[int] = None) -> LoraSet:
+    """Read every adapter and wrap the model's targeted linear layers; the set is also ``model.serve_lora``.
+
+    The set is attached even without adapters, so that adapters registered at run time have one to join.
+    """
+    lora = LoraSet(model, {name: read_adapter(name, Path(folder), max_rank) for name, folder in folders.items()})
     model.serve_lora = lora
     return lora

@@ -52,6 +52,7 @@ class EnginePool:
         self._on_load_failure, self._on_ready = on_load_failure, on_ready
         self.engines: list[Engine] = []
         self.served: list[int] = []
+        self._session_engines: dict[str, int] = {}  # a live session's requests go to the engine holding its cache
         self.scheduler = PoolLoad(self)
         self.load_error: Optional[BaseException] = None
         self._lock = threading.Lock()
@@ -140,7 +141,7 @@ class EnginePool:
         return sum((engine.stats() for engine in self.engines), EngineStats())
 
     def submit(self, request: Request, *args: Any, **kwargs: Any) -> RequestStream:
-        """Admit on the least-loaded engine; EngineOverloaded once MAX_CONCURRENT_REQUESTS are in flight in all."""
+        """Admit on the least-loaded engine (a live session's on its own); EngineOverloaded past the pool's cap."""
         if not self.ready:
             raise EngineNotReady("the model is not loaded yet" if self.load_error is None else f"the model failed to load: {self.load_error}")
         with self._lock:
@@ -148,6 +149,8 @@ class EnginePool:
             if sum(in_flight) >= self.config.max_concurrent_requests:
                 raise EngineOverloaded(f"{sum(in_flight)} requests in flight, the limit is {self.config.max_concurrent_requests}; retry later")
             index = min(range(len(self.engines)), key=lambda i: (in_flight[i], self.served[i]))
+            if request.session_id is not None:
+                index = self._session_engines.setdefault(request.session_id, index)
             stream = self.engines[index].submit(request, *args, **kwargs)
             self.served[index] += 1
         return stream
@@ -156,6 +159,13 @@ class EnginePool:
         """Cancel wherever the request runs (an engine ignores ids it does not hold)."""
         for engine in self.engines:
             engine.cancel(request_id)
+
+    def close_session(self, session_id: str) -> None:
+        """Unpin the session's prefix-cache blocks in every engine (each engine ignores sessions it never saw)."""
+        with self._lock:
+            self._session_engines.pop(session_id, None)
+        for engine in self.engines:
+            engine.close_session(session_id)
 
     def describe(self) -> list[dict[str, Any]]:
         """Per engine: its devices, requests in flight and requests served (for /info)."""

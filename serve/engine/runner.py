@@ -42,9 +42,16 @@ class ModelRunner:
         self.counts = TokenCounts(model.config.get_text_config().vocab_size, self.device)  # for penalties
 
     def capture_graphs(self) -> GraphReport:
-        """Capture the decode shapes as CUDA graphs (a no-op with a reason off CUDA or with LoRA adapters)."""
-        self.graphs = capture_decode_graphs(self.static, self.lora is not None)
+        """Capture the decode shapes as CUDA graphs (a no-op with a reason off CUDA). LoRA layers are captured
+        without adapter rows: only steps in which no sequence uses an adapter replay them."""
+        self._base_model_step()
+        self.graphs = capture_decode_graphs(self.static)
         return self.graphs
+
+    def _base_model_step(self) -> None:
+        """The next forward uses no adapter (LoRA wrappers, if any, add nothing)."""
+        if self.lora is not None:
+            self.lora.begin_step([])
 
     def to_host(self, tensor: torch.Tensor) -> list:
         """The one way a step reads the device: a single transfer of ``tensor`` as a Python list."""
@@ -57,7 +64,8 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> tuple[list[Sequence], list[TokenChoice]]:
         """One forward pass over the plan; sample for decode rows and for prompts whose last chunk just ran."""
-        if not plan.prefill and self.lora is None:
+        if not plan.prefill and all(seq.request.adapter is None for seq in plan.decode):
+            self._base_model_step()
             return self._static_decode(plan.decode)
         input_ids, positions, layout, sampled, logit_rows, scored = self._layout(plan)
         if self.lora is not None:

@@ -67,6 +67,7 @@ class Request:
     params: SamplingParams
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     adapter: Optional[str] = None  # a LoRA adapter's name; None is the base model
+    session_id: Optional[str] = None  # a live SageMaker stateful session: its conversation's KV blocks stay pinned
     arrival: float = field(default_factory=time.monotonic)
 
 

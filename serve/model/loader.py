@@ -296,7 +296,7 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
             lean = _load_lean(prepared, settings, placement)
             model, tokenizer = lean or _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
     try:
-        attach_adapters(model, prepared.adapters)
+        attach_adapters(model, prepared.adapters, settings.max_lora_rank)
     except AdapterError as exc:
         raise ModelLoadError(str(exc)) from exc
     max_context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)

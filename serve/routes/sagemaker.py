@@ -7,7 +7,8 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from serve.errors import ValidationFailed
-from serve.routes import openai, tgi
+from serve.invocation import invocation
+from serve.routes import native, openai, tgi
 from serve.routes.common import json_body, service, settings
 
 blueprint = Blueprint("sagemaker", __name__)
@@ -27,10 +28,16 @@ def ping() -> Response:
 
 @blueprint.post("/invocations")
 def invocations() -> Response:
-    handler = current_app.extensions.get("serve.handler")  # code/inference.py: input_fn / output_fn around dispatch
-    if handler is None:
-        return dispatch(json_body())
-    return handler.render(dispatch(handler.payload(request, json_body)), request.headers.get("Accept", "application/json"))
+    answer = native.session_response()  # {"requestType": "NEW_SESSION" | "CLOSE"}
+    if answer is not None:
+        return answer
+    with invocation(native.invocation_context()) as context:  # live session id, deadline
+        handler = current_app.extensions.get("serve.handler")  # code/inference.py: input_fn / output_fn around dispatch
+        if handler is None:
+            return native.mark_deadline(dispatch(json_body()), context)
+        response = dispatch(handler.payload(request, json_body))
+        rendered = handler.render(response, request.headers.get("Accept", "application/json"))
+        return native.mark_deadline(rendered, context)
 
 
 def dispatch(payload: dict[str, Any]) -> Response:

@@ -14,7 +14,7 @@ from serve.engine.pool import serving_info
 from serve.errors import GenerationFailed, NotReady
 from serve.generation import Choice, Generation, timing_headers
 from serve.routes import sse
-from serve.routes.adapters import requested_adapter
+from serve.routes.adapters import loaded_adapters, requested_adapter
 from serve.routes.common import json_body, service, settings, token_texts, validate
 from serve.schemas import tgi
 
@@ -56,6 +56,7 @@ def info() -> Response:
             "model_dtype": str(engine.loaded.dtype).replace("torch.", ""),
             "model_device_type": engine.loaded.device.type,
             **serving_info(engine),
+            "adapters": list(loaded_adapters()),  # with those registered at run time
             **asdict(engine.limits),
         }
     body: dict[str, Any] = {

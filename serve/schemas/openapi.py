@@ -7,6 +7,7 @@ generic entry. Responses are described by the small models below (extra fields a
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Union
 
 from flask import Flask
@@ -155,6 +156,15 @@ class TGIError(_Open):
     error_type: str
 
 
+class RegisterAdapter(BaseModel):
+    """SageMaker's register-adapter request (the same fields may come as query parameters)."""
+
+    name: str
+    src: str  # a peft folder, a .tar.gz of one, or a folder holding one .tar.gz
+    preload: bool = True
+    pin: bool = False
+
+
 INVOCATION = Union[oa.ChatCompletionRequest, oa.CompletionRequest, tgi.GenerateRequest]  # told apart by messages/prompt/inputs
 
 # what each event of a route's SSE stream carries in its data (besides the closing [DONE] and an error event)
@@ -185,6 +195,14 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Optional[type], Any, tuple[str, ...
     ("GET", "/metrics"): ("Prometheus metrics", None, None, ("text/plain",)),
     ("GET", "/openapi.json"): ("This document", None, None, ("application/json",)),
     ("GET", "/docs"): ("This document as an HTML page", None, None, ("text/html",)),
+    ("POST", "/adapters"): ("Register a LoRA adapter (JSON body or query parameters)", RegisterAdapter, None,
+                            ("text/plain",)),
+    ("DELETE", "/adapters/{name}"): ("Unregister a LoRA adapter once its running requests finish", None, None,
+                                     ("text/plain",)),
+}
+EXTRA_ERRORS = {  # statuses beyond ERROR_STATUSES that an operation answers
+    ("POST", "/adapters"): {"409": "The name is registered from another src (or is being registered or deleted)"},
+    ("DELETE", "/adapters/{name}"): {"404": "No adapter of that name is registered"},
 }
 
 
@@ -195,12 +213,16 @@ def build_openapi(app: Flask, api_key_required: bool) -> dict[str, Any]:
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
         if rule.endpoint == "static":
             continue
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)  # Flask's <name> is OpenAPI's {name}
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             view = app.view_functions[rule.endpoint]
-            operation = _operation(method, rule.rule, view.__doc__, components)
+            operation = _operation(method, path, view.__doc__, components)
+            if rule.arguments:
+                operation["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                                           for name in sorted(rule.arguments)]
             if api_key_required and rule.rule not in OPEN_PATHS:
                 operation["security"] = [{"bearer": []}]
-            paths.setdefault(rule.rule, {})[method.lower()] = operation
+            paths.setdefault(path, {})[method.lower()] = operation
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "sagemaker-llm-serve", "version": serve.__version__,
@@ -227,11 +249,14 @@ def _operation(method: str, path: str, doc: Optional[str], components: dict[str,
     """One operation: summary, request body from the request model, the 200 response and the error responses."""
     fallback = ((doc or f"{method} {path}").strip().splitlines()[0], None, None, ("application/json",))
     summary, request_model, response, media = OPERATIONS.get((method, path), fallback)
-    operation: dict[str, Any] = {"summary": summary, "operationId": f"{method.lower()}{path.replace('/', '_').replace('.', '_')}"}
+    operation_id = method.lower() + re.sub(r"[/.]", "_", re.sub(r"[{}]", "", path))
+    operation: dict[str, Any] = {"summary": summary, "operationId": operation_id}
     if request_model is not None:
         body = _schema(request_model, components, "validation")
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
     operation["responses"] = {"200": _ok(path, response, media, components), **_errors(path, request_model is not None, components)}
+    for code, text in EXTRA_ERRORS.get((method, path), {}).items():
+        operation["responses"][code] = {**operation["responses"]["401"], "description": text}
     return operation
 
 

@@ -41,3 +41,39 @@ def test_a_failing_plan_fails_the_pool():
 
     pool = EnginePool(prepare, lambda prepared: 1, lambda prepared, index: None, on_load_failure=lambda exc: reported.set()).start()
     assert reported.wait(10) and "86.4 GiB usable" in str(pool.load_error) and pool.engines == []
+
+
+class FakeEngine:
+    """Just enough of an Engine for the pool's routing: counts what it admits, records sessions it closes."""
+
+    def __init__(self):
+        self.ready, self.load_error, self.admitted, self.closed = True, None, [], []
+        self.scheduler = type("Load", (), {"in_flight": 0})()
+
+    def start(self):
+        return self
+
+    def wait_ready(self, timeout=None):
+        return True
+
+    def submit(self, request, *args, **kwargs):
+        self.admitted.append(request)
+        self.scheduler.in_flight += 1
+        return request.id
+
+    def close_session(self, session_id):
+        self.closed.append(session_id)
+
+
+def test_a_sessions_requests_stay_on_one_engine_until_it_closes():
+    engines = [FakeEngine(), FakeEngine()]
+    pool = EnginePool(lambda: None, lambda prepared: 2, lambda prepared, index: engines[index]).start()
+    assert pool.wait_ready(10)
+    for _ in range(3):  # least-loaded would alternate; the session keeps its engine
+        pool.submit(Request([1], SamplingParams(), session_id="s1"))
+    pool.submit(Request([1], SamplingParams()))
+    assert [len(engine.admitted) for engine in engines] == [3, 1]
+    pool.close_session("s1")
+    assert engines[0].closed == engines[1].closed == ["s1"]
+    pool.submit(Request([1], SamplingParams(), session_id="s1"))  # a closed id is free to land anywhere
+    assert [len(engine.admitted) for engine in engines] == [3, 2]

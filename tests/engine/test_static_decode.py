@@ -78,7 +78,7 @@ def test_a_seed_gives_the_same_tokens_whichever_bucket_it_lands_in(engine):
 
 
 def test_graph_capture_is_refused_with_a_reason_off_cuda(engine):
-    report = capture_decode_graphs(engine._runner.static, lora_loaded=False)
+    report = capture_decode_graphs(engine._runner.static)
     assert not report.enabled and "no CUDA device" in report.reason and engine._runner.static.replay == {}
     assert engine.graphs is not None and not engine.graphs.enabled
 

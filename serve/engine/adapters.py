@@ -1,0 +1,100 @@
+"""Adapters added and removed while the engine runs: which names an engine accepts, and swaps between steps.
+
+HTTP threads read and prepare an adapter's weights (``serve.engine.lora.prepare_adapter``), then hand them over
+here; the engine thread installs them at the top of its next loop iteration, so a step never waits on a file.
+Removal is two-phase: ``retire`` stops new requests at once (``submit`` checks under the same lock), and the
+engine thread drops the weights once no admitted request uses them, so requests already running finish first.
+No torch here: the engine module imports this before the model (and torch) loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+
+log = logging.getLogger(__name__)
+
+
+class AdapterNotLoaded(LookupError):
+    """A request names an adapter this engine does not serve (never registered, or deleted)."""
+
+
+class AdapterTable:
+    """The adapter names an engine accepts, plus the installs and removals waiting for the engine thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._accepted: set[str] = set()
+        self._pending: list[tuple[str, str, Any, Future]] = []  # (kind, name, prepared weights, done)
+
+    def accept(self, names: Iterable[str]) -> None:
+        """Adapters loaded with the model at start."""
+        with self.lock:
+            self._accepted.update(names)
+
+    @property
+    def names(self) -> set[str]:
+        with self.lock:
+            return set(self._accepted)
+
+    @contextmanager
+    def admitting(self, adapter: Optional[str]) -> Iterator[None]:
+        """Hold the lock while a request for ``adapter`` is admitted; AdapterNotLoaded if it is not accepted."""
+        with self.lock:
+            if adapter is not None and adapter not in self._accepted:
+                raise AdapterNotLoaded(f"adapter {adapter!r} is not loaded")
+            yield
+
+    def install(self, name: str, prepared: Any) -> Future:
+        """Queue prepared weights for the engine thread; the future resolves once requests may use them."""
+        done: Future = Future()
+        with self.lock:
+            self._pending.append(("install", name, prepared, done))
+        return done
+
+    def retire(self, name: str) -> Future:
+        """Refuse new requests for ``name`` now; the future resolves once its last request has finished."""
+        done: Future = Future()
+        with self.lock:
+            self._accepted.discard(name)
+            self._pending.append(("remove", name, None, done))
+        return done
+
+    def run_pending(self, lora: Any, in_use: Callable[[str], bool]) -> None:
+        """On the engine thread, between steps: install what is ready; remove what no request uses any more."""
+        with self.lock:
+            pending, self._pending = self._pending, []
+        later = []
+        for kind, name, prepared, done in pending:
+            if kind == "remove" and in_use(name):
+                later.append((kind, name, prepared, done))
+                continue
+            started = time.perf_counter()
+            try:
+                if lora is None:
+                    raise AdapterNotLoaded("this model was loaded without LoRA support")
+                if kind == "install":
+                    lora.install(name, prepared)
+                    with self.lock:
+                        self._accepted.add(name)
+                else:
+                    lora.remove(name)
+            except Exception as exc:  # noqa: BLE001 - reported to the HTTP thread that asked
+                done.set_exception(exc)
+                continue
+            log.info("adapter %s: %s between steps in %.2f ms", name, kind, (time.perf_counter() - started) * 1000)
+            done.set_result(name)
+        if later:
+            with self.lock:
+                self._pending[:0] = later
+
+    @property
+    def busy(self) -> bool:
+        """True while a swap waits for the engine thread."""
+        with self.lock:
+            return bool(self._pending)
