@@ -104,3 +104,27 @@ def test_a_block_already_keyed_elsewhere_stays_unkeyed_and_is_freed_fresh():
 def test_a_pool_needs_a_scratch_block_and_one_more():
     with pytest.raises(ValueError):
         BlockManager(num_blocks=1, block_size=4)
+
+
+def test_a_pinned_conversation_survives_eviction_until_unpinned():
+    blocks = BlockManager(num_blocks=9, block_size=2)  # 8 usable; pins may hold 4
+    chat = tokens(7)
+    table, _ = blocks.allocate(chat, None, reuse=True)
+    keyed = blocks.register_full_blocks(table, chat, None, known=0)
+    assert blocks.pin("session-1", table[:keyed])
+    blocks.free(table)
+    hog, _ = blocks.allocate(tokens(10, 300), None, reuse=True)  # takes every block that is not pinned
+    assert len(hog) == 5 and blocks.free_blocks == 0
+    blocks.free(hog)
+    assert blocks.allocate(chat + [1, 2], None, reuse=True)[1] == 6  # the whole conversation is still cached
+    blocks.unpin("session-1")
+    assert blocks.pinned_blocks == 0
+
+
+def test_pins_may_hold_at_most_half_the_pool():
+    blocks = BlockManager(num_blocks=9, block_size=2)
+    first, _ = blocks.allocate(tokens(8), None, reuse=True)
+    second, _ = blocks.allocate(tokens(4, 500), None, reuse=True)
+    assert blocks.pin("a", first[:3]) and not blocks.pin("b", second)
+    assert blocks.pinned_blocks == 3
+    assert blocks.pin("a", first[:1]) and blocks.pinned_blocks == 1  # a new turn replaces the old pin

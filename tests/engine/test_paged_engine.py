@@ -93,3 +93,23 @@ def test_prefix_caching_off_never_reuses(tiny_settings, prompts):
     finally:
         engine.stop()
     assert [final.cached_tokens for _, final in results] == [0, 0, 0]
+
+
+def test_a_session_keeps_its_conversation_cached_under_pressure_until_closed(tiny_settings, prompts):
+    longest = max(len(prompt) for prompt in prompts) + 8
+    engine = start(replace(tiny_settings, kv_block_size=4, max_batch_total_tokens=8 * longest, max_total_tokens=longest))
+    try:
+        turn = Request(prompt_ids=prompts[0], params=SamplingParams(max_new_tokens=4, ignore_eos=True), session_id="s1")
+        first = [event for event in engine.submit(turn)]
+        history = prompts[0] + [event.token_id for event in first if event.token_id is not None]
+        others = [[token + 1 + i for token in prompt] for i, prompt in enumerate(prompts[1:9])]  # nothing shared
+        run_all(engine, others, tokens=8)  # fills the pool: unpinned cached blocks are evicted
+        again = Request(prompt_ids=history + [5, 6], params=SamplingParams(max_new_tokens=2, ignore_eos=True), session_id="s1")
+        second = list(engine.submit(again))[-1]
+        engine.close_session("s1")
+        run_all(engine, others, tokens=8)
+        third = list(engine.submit(Request(prompt_ids=history + [5, 6], params=SamplingParams(max_new_tokens=2))))[-1]
+    finally:
+        engine.stop()
+    assert second.cached_tokens >= len(history) // 4 * 4 - 4  # the conversation's full blocks, kept through the load
+    assert third.cached_tokens < second.cached_tokens  # closed: its blocks were evicted like any others
