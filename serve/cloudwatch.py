@@ -93,7 +93,7 @@ class EmfReporter:
             ttfts, self._ttfts = self._ttfts, []
         ready = self.engine.ready
         return {
-            "QueueLength": self.engine.scheduler.waiting if ready else 0,
+            "QueueLength": self.engine.waiting if ready else 0,
             "RunningSequences": self.engine.running if ready else 0,
             "KVCacheUsage": kv_cache_percent(self.engine) if ready else 0.0,
             "OutputTokensPerSecond": round((tokens - tokens_then) / max(now - then, 1e-9), 3),

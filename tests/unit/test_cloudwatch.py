@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from serve.cloudwatch import EmfReporter, percentile
-from serve.engine.engine import Limits
+from serve.engine.engine import EngineStats, Limits
 from serve.engine.types import FinishReason, Timings, TokenEvent
 from serve.metrics import Metrics
 from tests.emf_schema import validate_emf
@@ -20,11 +20,15 @@ class Clock:
 
 
 def engine(waiting=0, running=0):
+    """An engine stand-in: ``running`` sequences holding 2 of the pool's 8 KV blocks each."""
     return SimpleNamespace(
         ready=True,
         running=running,
+        waiting=waiting,
+        in_flight=waiting + running,
         scheduler=SimpleNamespace(waiting=waiting, in_flight=waiting + running),
         limits=Limits(100, 200, 800, 4),
+        stats=lambda: EngineStats(blocks_used=2 * running, blocks_total=8),
     )
 
 
