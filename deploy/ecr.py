@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The ECR calls behind deploy/push_image.sh, through boto3 (so AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_ECR apply).
 
-    python deploy/ecr.py repository NAME   create the repository if missing; print its URI
-    python deploy/ecr.py login             print "REGISTRY PASSWORD" for `<tool> login -u AWS --password-stdin`
+python deploy/ecr.py repository NAME   create the repository if missing; print its URI
+python deploy/ecr.py login             print "REGISTRY PASSWORD" for `<tool> login -u AWS --password-stdin`
 """
 
 from __future__ import annotations

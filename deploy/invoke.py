@@ -22,14 +22,23 @@ from common import SEED_MESSAGES, boto_session, log, sagemaker_session, setup_lo
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--endpoint-name", default=os.environ.get("ENDPOINT_NAME"),
-                        help="endpoint to call (default: $ENDPOINT_NAME)")
+    parser.add_argument(
+        "--endpoint-name", default=os.environ.get("ENDPOINT_NAME"), help="endpoint to call (default: $ENDPOINT_NAME)"
+    )
     parser.add_argument("--region", help="AWS region (default: AWS_REGION / AWS_DEFAULT_REGION)")
-    parser.add_argument("--payload", choices=("messages", "inputs"), default="messages",
-                        help="request style: OpenAI messages (default) or TGI inputs")
+    parser.add_argument(
+        "--payload",
+        choices=("messages", "inputs"),
+        default="messages",
+        help="request style: OpenAI messages (default) or TGI inputs",
+    )
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    parser.add_argument("--mode", choices=("both", "predict", "stream"), default="both",
-                        help="predict, predict_stream, or both (default)")
+    parser.add_argument(
+        "--mode",
+        choices=("both", "predict", "stream"),
+        default="both",
+        help="predict, predict_stream, or both (default)",
+    )
     args = parser.parse_args(argv)
     if not args.endpoint_name:
         parser.error("--endpoint-name (or ENDPOINT_NAME) is required")
@@ -63,7 +72,7 @@ def stream_texts(lines: Iterable[bytes]) -> Iterable[str]:
         line = raw.decode("utf-8").strip()
         if not line.startswith("data:"):
             continue
-        data = line[len("data:"):].strip()
+        data = line[len("data:") :].strip()
         if data == "[DONE]":
             return
         event = json.loads(data)

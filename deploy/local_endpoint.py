@@ -84,15 +84,19 @@ class RuntimeHandler(BaseHTTPRequestHandler):
             return self._send_error(404, "UnknownOperationException", f"no operation at POST {self.path}")
         name = unquote(match["name"])
         if self.server.endpoint_name and name != self.server.endpoint_name:
-            return self._send_error(400, "ValidationError", f"Endpoint {name} not found (this local endpoint "
-                                    f"serves {self.server.endpoint_name}).")
+            return self._send_error(
+                400,
+                "ValidationError",
+                f"Endpoint {name} not found (this local endpoint serves {self.server.endpoint_name}).",
+            )
         streaming = match["op"] == "invocations-response-stream"
         accept = self.headers.get("X-Amzn-SageMaker-Accept" if streaming else "Accept")
         try:
             upstream = self._forward(body, accept)
         except OSError as error:
-            return self._send_model_error(None, f"could not reach the model container at {self.server.upstream}: "
-                                          f"{error}")
+            return self._send_model_error(
+                None, f"could not reach the model container at {self.server.upstream}: {error}"
+            )
         try:
             response = upstream.getresponse()
             if response.status >= 400:
@@ -195,8 +199,14 @@ class LocalRuntime(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], upstream: str, endpoint_name: Optional[str] = None,
-                 timeout: float = 60.0, quiet: bool = False):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        upstream: str,
+        endpoint_name: Optional[str] = None,
+        timeout: float = 60.0,
+        quiet: bool = False,
+    ):
         super().__init__(address, RuntimeHandler)
         self.upstream, self.endpoint_name = upstream.rstrip("/"), endpoint_name
         self.timeout, self.quiet = timeout, quiet
@@ -229,8 +239,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8081, help="port to listen on (default 8081; 0: any)")
     parser.add_argument("--endpoint-name", help="answer only this endpoint name (default: any name)")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds to wait on the container, like SageMaker's 60 s (default 60)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait on the container, like SageMaker's 60 s (default 60)",
+    )
     args = parser.parse_args(argv)
     server = LocalRuntime((args.host, args.port), args.upstream, args.endpoint_name, args.timeout)
     print(f"local SageMaker runtime on {server.url} -> {server.upstream}/invocations", flush=True)

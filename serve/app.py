@@ -32,7 +32,9 @@ WORKER_BOOT_ERROR = 3  # gunicorn halts the whole server when a worker exits wit
 HTTP_ERRORS = {400: BadRequest, 404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}
 
 
-def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = None, exit_on_load_failure: bool = False) -> Flask:
+def create_app(
+    settings: Optional[Settings] = None, engine: Optional[Engine] = None, exit_on_load_failure: bool = False
+) -> Flask:
     """Build the app; the engine starts loading the model in the background (``/ping`` is 503 until it is done)."""
     settings = settings or load_settings()
     if engine is None:
@@ -47,7 +49,9 @@ def create_app(settings: Optional[Settings] = None, engine: Optional[Engine] = N
     watcher = DisconnectWatcher(engine.cancel)
     service = GenerationService(WatchedEngine(engine, watcher), settings, metrics)
     app.extensions["serve.service"] = service
-    app.extensions["serve.drain"] = Drain(lambda: engine.in_flight, settings.graceful_timeout, cut=service.interrupt_all)
+    app.extensions["serve.drain"] = Drain(
+        lambda: engine.in_flight, settings.graceful_timeout, cut=service.interrupt_all
+    )
     app.extensions["serve.secrets"] = secret_values(settings)
     redact_logs(app.extensions["serve.secrets"])
     _add_sagemaker_native(app, settings, engine)
@@ -97,7 +101,8 @@ def _log_cold_start(settings: Settings) -> None:
 
 
 def _exit_worker(exc: BaseException) -> None:
-    """A model that cannot load never will: stop the worker so gunicorn (and the container) exit with the reason logged."""
+    """A model that cannot load never will: stop the worker so gunicorn (and the container) exit with the reason
+    logged."""
     log.critical("cannot serve: %s", exc)
     sys.stderr.flush()
     os._exit(WORKER_BOOT_ERROR)

@@ -15,8 +15,16 @@ PLACEMENTS = ("auto", "shard", "replicas")
 LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights from config.json (benchmarks without a checkpoint)
 # TGI's HF_MODEL_QUANTIZE values; serve/model/quantize.py says which of them this server can load and where
 QUANTIZATIONS = (
-    "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "gptq", "awq", "eetq", "fp8", "compressed-tensors",
-    "exl2", "marlin",
+    "bitsandbytes",
+    "bitsandbytes-nf4",
+    "bitsandbytes-fp4",
+    "gptq",
+    "awq",
+    "eetq",
+    "fp8",
+    "compressed-tensors",
+    "exl2",
+    "marlin",
 )
 SIX_MIB = 6 * 1024 * 1024
 

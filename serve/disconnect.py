@@ -96,8 +96,13 @@ class DisconnectWatcher:
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
 
-    def watch(self, request_id: str, sock: socket.socket, state: Optional[ResponseState] = None,
-              poke: Callable[[], None] = lambda: None) -> None:
+    def watch(
+        self,
+        request_id: str,
+        sock: socket.socket,
+        state: Optional[ResponseState] = None,
+        poke: Callable[[], None] = lambda: None,
+    ) -> None:
         log.debug("watching the client of request %s", request_id)
         with self._lock:
             self._watched[request_id] = _Watch(sock, state or ResponseState(http11=False), poke)

@@ -112,7 +112,9 @@ class GenerationService:
         if not self.engine.ready:
             raise NotReady("the model is still loading; retry when /ping answers 200")
 
-    def chat_prompt(self, messages: Iterable[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None) -> list[int]:
+    def chat_prompt(
+        self, messages: Iterable[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None
+    ) -> list[int]:
         """Token ids of the messages (and tool definitions) rendered with the chat template; contents stay text."""
         messages = list(messages)
         try:
@@ -125,7 +127,7 @@ class GenerationService:
     def text_prompt(self, text: str, truncate: Optional[int] = None, field: str = "prompt") -> list[int]:
         """Token ids of a raw prompt; ``truncate`` keeps only its last tokens (TGI), so only its tail is tokenized."""
         if truncate:
-            text = text[-(truncate + TRUNCATE_MARGIN_TOKENS) * self.chars_per_token:]
+            text = text[-(truncate + TRUNCATE_MARGIN_TOKENS) * self.chars_per_token :]
         else:
             self.check_size(text, field)
         ids = encode(self.tokenizer, text, add_special_tokens=True)
@@ -239,8 +241,9 @@ class GenerationService:
         generation.close()
         if not generation.recorded:
             generation.recorded = True
-            log.warning("request %s: its response failed or was never sent; its choices were cancelled",
-                        generation.request_id)
+            log.warning(
+                "request %s: its response failed or was never sent; its choices were cancelled", generation.request_id
+            )
             for stream in generation.streams:
                 self.record(generation.route, stream.request.id, None, False, "response_failed")
 
@@ -331,8 +334,14 @@ class GenerationService:
             generation.interrupt(SHUTTING_DOWN)
         return len(live)
 
-    def record(self, route: str, request_id: str, final: Optional[TokenEvent], streamed: bool,
-               reason: str = "client_disconnected") -> None:
+    def record(
+        self,
+        route: str,
+        request_id: str,
+        final: Optional[TokenEvent],
+        streamed: bool,
+        reason: str = "client_disconnected",
+    ) -> None:
         """Log the request's line and count it in the metrics (final is None when it was cut: ``reason`` says why)."""
         log_request(route, request_id, final, streamed, reason)
         if final is not None:

@@ -76,8 +76,17 @@ class CustomHandler:
         handler = cls(path, module)
         ignored = [name for name in IGNORED_HOOKS if hasattr(module, name)]
         if ignored:
-            log.warning("%s defines %s; this server runs its own model and calls only input_fn/output_fn", path, ", ".join(ignored))
-        log.info("custom handler %s: input_fn=%s output_fn=%s", path, handler.input_fn is not None, handler.output_fn is not None)
+            log.warning(
+                "%s defines %s; this server runs its own model and calls only input_fn/output_fn",
+                path,
+                ", ".join(ignored),
+            )
+        log.info(
+            "custom handler %s: input_fn=%s output_fn=%s",
+            path,
+            handler.input_fn is not None,
+            handler.output_fn is not None,
+        )
         return handler
 
     def payload(self, request: Request, default: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -92,7 +101,9 @@ class CustomHandler:
         except Exception as exc:  # the handler judges the body; its errors are the client's 400
             raise BadRequest(f"input_fn in {self.path.name} rejected the request: {type(exc).__name__}: {exc}") from exc
         if not isinstance(payload, dict):
-            raise ServeError(f"input_fn in {self.path.name} returned {type(payload).__name__}; it must return a dict payload")
+            raise ServeError(
+                f"input_fn in {self.path.name} returned {type(payload).__name__}; it must return a dict payload"
+            )
         return payload
 
     def render(self, response: Response, accept: str) -> Response:

@@ -20,8 +20,9 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level)
 
 
-def log_request(route: str, request_id: str, final: Optional[TokenEvent], stream: bool,
-                reason: str = "client_disconnected") -> None:
+def log_request(
+    route: str, request_id: str, final: Optional[TokenEvent], stream: bool, reason: str = "client_disconnected"
+) -> None:
     """One line per finished request: route, outcome, token counts and where the time went."""
     if final is None:
         request_log.info("route=%s id=%s stream=%s outcome=cancelled reason=%s", route, request_id, stream, reason)

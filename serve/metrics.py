@@ -78,7 +78,9 @@ class LiveGauges:
 
     def __init__(self, engine: Any, interval: float = 0.25):
         self.engine = engine
-        self.gauges = {name: Gauge(name, text, multiprocess_mode=mode, registry=None) for name, (text, mode) in GAUGES.items()}
+        self.gauges = {
+            name: Gauge(name, text, multiprocess_mode=mode, registry=None) for name, (text, mode) in GAUGES.items()
+        }
         self.counters = {name: Counter(name, text, registry=None) for name, text in COUNTERS.items()}
         self._counted = dict.fromkeys(COUNTERS, 0.0)
         self._lock = threading.Lock()
@@ -109,14 +111,32 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.multiprocess_dir = multiprocess_dir
         registry = self.registry
-        self.requests = Counter("serve_requests", "HTTP requests by route and status", ["route", "status"], registry=registry)
-        self.finished = Counter("serve_generations", "Finished generations by finish reason", ["finish_reason"], registry=registry)
+        self.requests = Counter(
+            "serve_requests", "HTTP requests by route and status", ["route", "status"], registry=registry
+        )
+        self.finished = Counter(
+            "serve_generations", "Finished generations by finish reason", ["finish_reason"], registry=registry
+        )
         self.prompt_tokens = Counter("serve_prompt_tokens", "Prompt tokens processed", registry=registry)
         self.generated_tokens = Counter("serve_generated_tokens", "Tokens generated", registry=registry)
-        self.ttft = Histogram("serve_time_to_first_token_seconds", "Queue + prefill time", buckets=LATENCY_BUCKETS, registry=registry)
-        self.tpot = Histogram("serve_time_per_output_token_seconds", "Decode time per generated token", buckets=LATENCY_BUCKETS, registry=registry)
-        self.queue_time = Histogram("serve_queue_seconds", "Time waiting for KV blocks", buckets=LATENCY_BUCKETS, registry=registry)
-        self.generated_per_request = Histogram("serve_generated_tokens_per_request", "Tokens generated per request", buckets=TOKEN_BUCKETS, registry=registry)
+        self.ttft = Histogram(
+            "serve_time_to_first_token_seconds", "Queue + prefill time", buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self.tpot = Histogram(
+            "serve_time_per_output_token_seconds",
+            "Decode time per generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_time = Histogram(
+            "serve_queue_seconds", "Time waiting for KV blocks", buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self.generated_per_request = Histogram(
+            "serve_generated_tokens_per_request",
+            "Tokens generated per request",
+            buckets=TOKEN_BUCKETS,
+            registry=registry,
+        )
         self.live = LiveGauges(engine) if multiprocess_dir else None
         if self.live is None:
             registry.register(EngineCollector(engine))

@@ -16,14 +16,21 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 STOP_MARGIN_S = 3.0
-CUT_WAIT_S = 1.0  # after the deadline, time for cut responses to send their error event before gunicorn stops  # left for gunicorn's own stop (it lingers 2 s on kept-alive connections) before the SIGKILL
+# After the deadline: time for cut responses to send their error event before gunicorn's own stop (which lingers
+# 2 s on kept-alive connections) and before the SIGKILL.
+CUT_WAIT_S = 1.0
 
 
 class Drain:
     """The worker's shutdown state: ``draining`` once SIGTERM arrived; ``then`` runs when the work is done."""
 
-    def __init__(self, in_flight: Callable[[], int], graceful_timeout: float, poll_s: float = 0.05,
-                 cut: Callable[[], int] = lambda: 0):
+    def __init__(
+        self,
+        in_flight: Callable[[], int],
+        graceful_timeout: float,
+        poll_s: float = 0.05,
+        cut: Callable[[], int] = lambda: 0,
+    ):
         self._in_flight = in_flight
         self._cut = cut  # ends what is still in flight at the deadline (in-band error events); returns how many
         self.deadline_s = max(graceful_timeout - STOP_MARGIN_S - CUT_WAIT_S, 1.0)
@@ -43,14 +50,22 @@ class Drain:
 
     def _wait_then(self, then: Callable[[], None]) -> None:
         started = time.monotonic()
-        log.info("SIGTERM: draining; %d request(s) in flight, new ones get 503 (deadline %.0f s)", self._in_flight(), self.deadline_s)
+        log.info(
+            "SIGTERM: draining; %d request(s) in flight, new ones get 503 (deadline %.0f s)",
+            self._in_flight(),
+            self.deadline_s,
+        )
         while self._in_flight() > 0 and time.monotonic() - started < self.deadline_s:
             time.sleep(self._poll_s)
         left = self._in_flight()
         if left:
             cut = self._cut()
-            log.warning("drain deadline reached with %d request(s) still in flight; cut %d response(s) with an "
-                        "in-band error saying the server is shutting down", left, cut)
+            log.warning(
+                "drain deadline reached with %d request(s) still in flight; cut %d response(s) with an "
+                "in-band error saying the server is shutting down",
+                left,
+                cut,
+            )
             ended = time.monotonic()
             while self._in_flight() > 0 and time.monotonic() - ended < CUT_WAIT_S:  # let the error events go out
                 time.sleep(self._poll_s)

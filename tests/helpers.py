@@ -133,4 +133,6 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
 
 def english_words(text: str) -> int:
     """How many ASCII alphabetic words ``text`` holds (our check that an answer is English prose)."""
-    return sum(1 for word in text.split() if word.strip(".,;:!?()\"'").isascii() and word.strip(".,;:!?()\"'").isalpha())
+    return sum(
+        1 for word in text.split() if word.strip(".,;:!?()\"'").isascii() and word.strip(".,;:!?()\"'").isalpha()
+    )

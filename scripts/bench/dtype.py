@@ -26,9 +26,12 @@ TOKENS = int(os.environ.get("BENCH_DTYPE_TOKENS", "32"))
 LEVELS = (1, 8)
 
 
-def run_level(engine: Engine, prompts: list[list[int]], concurrency: int, adapters: Optional[list] = None) -> tuple[float, list[list[int]]]:
+def run_level(
+    engine: Engine, prompts: list[list[int]], concurrency: int, adapters: Optional[list] = None
+) -> tuple[float, list[list[int]]]:
     """Generate TOKENS greedy tokens for each prompt (with its LoRA adapter, if given), ``concurrency`` at a time;
     (tok/s, token ids per prompt)."""
+
     def one(ids: list[int], adapter: Optional[str]) -> list[int]:
         stream = engine.submit(Request(ids, SamplingParams(max_new_tokens=TOKENS, ignore_eos=True), adapter=adapter))
         return [event.token_id for event in stream if event.token_id is not None]
@@ -52,7 +55,9 @@ def measure(rounds: int) -> dict:
     engines = {dtype: start(dtype) for dtype in ("float32", "bfloat16")}
     tokenizer = engines["float32"][0].tokenizer
     chats = [[{"role": "user", "content": p}] for p in PROMPTS[:8]]
-    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in chats]
+    prompts = [
+        tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in chats
+    ]
     results = {dtype: {"load_s": loaded_in, 1: 0.0, 8: 0.0} for dtype, (_, loaded_in) in engines.items()}
     for dtype, (engine, _) in engines.items():
         run_level(engine, prompts[:1], 1)  # warm-up
@@ -87,7 +92,10 @@ def main() -> None:
         print(f"| {dtype} | {r['load_s']:.1f} | {r[1]:.1f} | {r[8]:.1f} |")
     print(f"greedy outputs identical: {same}/8; mean common prefix {prefix:.1f} of {TOKENS} tokens")
     for index in range(2):
-        print(f"prompt {index}: fp32 {results['float32']['texts'][index]!r} / bf16 {results['bfloat16']['texts'][index]!r}")
+        print(
+            f"prompt {index}: fp32 {results['float32']['texts'][index]!r} / "
+            f"bf16 {results['bfloat16']['texts'][index]!r}"
+        )
 
 
 if __name__ == "__main__":

@@ -56,13 +56,27 @@ def main() -> None:
     base = gguf_to_folder(embedded_model_file(), Settings().cache_dir)
     adapter = make_adapter(base, Path(tempfile.mkdtemp()) / "a", seed=1, rank=16)
     forward_costs(base, adapter)
-    settings = Settings(dtype="float32", model_dir="/nonexistent", max_concurrent_requests=8, max_total_tokens=512, lora_adapters=(("a", str(adapter)),))
+    settings = Settings(
+        dtype="float32",
+        model_dir="/nonexistent",
+        max_concurrent_requests=8,
+        max_total_tokens=512,
+        lora_adapters=(("a", str(adapter)),),
+    )
     engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
     assert engine.wait_ready(600), engine.load_error
     chats = [[{"role": "user", "content": p}] for p in PROMPTS[:8]]
-    prompts = [engine.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in chats]
-    cases = {"c=1 base": (1, [None] * 2), "c=1 adapter": (1, ["a"] * 2), "c=8 base": (8, [None] * 8),
-             "c=8 adapter": (8, ["a"] * 8), "c=8 mixed (4 + 4)": (8, [None, "a"] * 4)}
+    prompts = [
+        engine.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
+        for c in chats
+    ]
+    cases = {
+        "c=1 base": (1, [None] * 2),
+        "c=1 adapter": (1, ["a"] * 2),
+        "c=8 base": (8, [None] * 8),
+        "c=8 adapter": (8, ["a"] * 8),
+        "c=8 mixed (4 + 4)": (8, [None, "a"] * 4),
+    }
     best = dict.fromkeys(cases, 0.0)
     run_level(engine, prompts[:1], 1)  # warm-up
     for _ in range(ROUNDS):

@@ -42,8 +42,16 @@ def device_line(plan: Plan) -> str:
     if not plan.gpu:
         return NO_GPU
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+        out = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
         return out[0] if out else "a CUDA GPU (nvidia-smi printed nothing)"
     except (OSError, subprocess.SubprocessError):
         return "a CUDA GPU (no nvidia-smi)"
@@ -65,8 +73,9 @@ def run_boxed(name: str, argv: list[str], out: Path, box_s: float) -> dict[str, 
     log_path = out / f"{name.replace(',', '+')}.log"
     env = {**os.environ, "GPU_CHECK_OUT": str(out), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             rc = process.wait(box_s)
             status = "ok" if rc == 0 else f"failed (exit {rc})"
@@ -139,8 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(gpu=nvidia_gpu_visible() and not args.cpu)
     if not plan.gpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # --cpu on a GPU machine: every stage, tests and server on the CPU
-    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device_line(plan),
-                               "gpu": plan.gpu, "versions": versions(), "plan": plan.to_dict(), "stages": {}}
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": device_line(plan),
+        "gpu": plan.gpu,
+        "versions": versions(),
+        "plan": plan.to_dict(),
+        "stages": {},
+    }
     stage_log(results["device"])
     model_folder(out, plan.shape)  # written once here, shared by the stages
     run_all(plan, out, results)

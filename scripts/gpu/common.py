@@ -52,8 +52,21 @@ def nvidia_gpu_visible() -> bool:
 def make_plan(gpu: bool) -> Plan:
     """The GPU plan (Llama-3.1-8B shape, bf16), else the tiny CPU dry run."""
     if gpu:
-        return Plan(True, "cuda:0", "bfloat16", "llama-3.1-8b", (1, 8, 32, 64), 256, 128, 128, 64,
-                    (1, 32, 64), (1, 32), True, 2048)
+        return Plan(
+            True,
+            "cuda:0",
+            "bfloat16",
+            "llama-3.1-8b",
+            (1, 8, 32, 64),
+            256,
+            128,
+            128,
+            64,
+            (1, 32, 64),
+            (1, 32),
+            True,
+            2048,
+        )
     return Plan(False, "cpu", "float32", "tiny", (1, 4), 32, 16, 8, 8, (1, 4), (1, 2), False, 64)
 
 

@@ -26,10 +26,21 @@ from serve.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: 
 from serve.model.loader import LoadedModel  # noqa: E402
 
 LLAMA_8B = dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-    vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
-    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
 )
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -50,8 +61,9 @@ def build(shape: dict, vocab: int, dtype: torch.dtype, device: torch.device) -> 
 
 def engine_for(model, tokenizer, graphs: bool, batch: int, total: int) -> Engine:
     loaded = LoadedModel(model, tokenizer, "probe", model.device, model.dtype, total)
-    config = EngineConfig(max_concurrent_requests=batch, max_total_tokens=total, max_batch_total_tokens=batch * total,
-                          cuda_graphs=graphs)
+    config = EngineConfig(
+        max_concurrent_requests=batch, max_total_tokens=total, max_batch_total_tokens=batch * total, cuda_graphs=graphs
+    )
     engine = Engine(load=lambda: loaded, config=config).start()
     assert engine.wait_ready(600), engine.load_error
     return engine
@@ -66,8 +78,12 @@ def check_tiny(tokenizer, device: torch.device) -> dict:
     model = build(TINY, len(tokenizer), torch.float32, device)
     prompts = [tokenizer(f"Prompt number {i}: tell me about item {i * 7}")["input_ids"] for i in range(8)]
     with torch.inference_mode():
-        reference = [model.generate(torch.tensor([p], device=device), max_new_tokens=20, min_new_tokens=20,
-                                    do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        reference = [
+            model.generate(
+                torch.tensor([p], device=device), max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0
+            )[0, len(p) :].tolist()
+            for p in prompts
+        ]
     result = {}
     for graphs in (True, False):
         engine = engine_for(model, tokenizer, graphs, 8, 256)
@@ -75,7 +91,8 @@ def check_tiny(tokenizer, device: torch.device) -> dict:
         streams = [engine.submit(Request(prompt_ids=p, params=params)) for p in prompts]
         ours = [tokens(s) for s in streams]
         result[f"graphs_{'on' if graphs else 'off'}"] = {
-            "equal_to_hf": sum(a == b for a, b in zip(ours, reference)), "of": len(prompts),
+            "equal_to_hf": sum(a == b for a, b in zip(ours, reference)),
+            "of": len(prompts),
             "graph_report": vars(engine.graphs) if engine.graphs else None,
         }
         engine.stop()
@@ -113,8 +130,12 @@ def decode_ms(engine: Engine, batch: int, prompt_len: int, new_tokens: int, voca
     runner.step = timed
     generator = torch.Generator().manual_seed(batch)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    streams = [engine.submit(Request(prompt_ids=torch.randint(0, vocab, (prompt_len,), generator=generator).tolist(),
-                                     params=params)) for _ in range(batch)]
+    streams = [
+        engine.submit(
+            Request(prompt_ids=torch.randint(0, vocab, (prompt_len,), generator=generator).tolist(), params=params)
+        )
+        for _ in range(batch)
+    ]
     for stream in streams:
         tokens(stream)
     runner.step = step
@@ -125,11 +146,13 @@ def step_figures(tokenizer, device: torch.device, shape: dict, batches: list[int
     model = build(shape, shape.get("vocab_size", len(tokenizer)), dtype, device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     figures = {"weight_bytes": weight_bytes, "runs": {}}
-    for graphs in ((False, True) if device.type == "cuda" else (False,)):
+    for graphs in (False, True) if device.type == "cuda" else (False,):
         engine = engine_for(model, tokenizer, graphs, max(batches), 512)
         label = "graphs" if graphs else "eager"
-        figures["runs"][label] = {"graph_report": vars(engine.graphs),
-                                  "ms": {b: decode_ms(engine, b, 128, 48, len(tokenizer)) for b in batches}}
+        figures["runs"][label] = {
+            "graph_report": vars(engine.graphs),
+            "ms": {b: decode_ms(engine, b, 128, 48, len(tokenizer)) for b in batches},
+        }
         engine.stop()
         del engine
         torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -141,8 +164,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(sys.argv[2] if len(sys.argv) > 2 else str(Path(out) / "tokenizer"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (no GPU)",
-              "torch": torch.__version__, "copy_bytes_per_s": copy_bandwidth(device)}
+    report = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (no GPU)",
+        "torch": torch.__version__,
+        "copy_bytes_per_s": copy_bandwidth(device),
+    }
     report["tiny"] = check_tiny(tokenizer, device)
     print(json.dumps(report["tiny"], default=str), flush=True)
     shape, dtype = (LLAMA_8B, torch.bfloat16) if device.type == "cuda" else (TINY, torch.float32)
@@ -155,8 +181,10 @@ def main() -> None:
 def print_table(report: dict) -> None:
     bandwidth, weights = report["copy_bytes_per_s"], report["steps"]["weight_bytes"]
     floor = 1000 * weights / bandwidth if bandwidth else float("nan")
-    print(f"\n{report['device']}, torch {report['torch']}: copy {bandwidth / 1e12:.2f} TB/s, "
-          f"weights {weights / 1e9:.2f} GB, floor {floor:.2f} ms/step (weights only)")
+    print(
+        f"\n{report['device']}, torch {report['torch']}: copy {bandwidth / 1e12:.2f} TB/s, "
+        f"weights {weights / 1e9:.2f} GB, floor {floor:.2f} ms/step (weights only)"
+    )
     print("| path | " + " | ".join(f"b={b} ms" for b in next(iter(report["steps"]["runs"].values()))["ms"]) + " |")
     for label, run in report["steps"]["runs"].items():
         print(f"| {label} | " + " | ".join(f"{ms:.2f}" for ms in run["ms"].values()) + " |")

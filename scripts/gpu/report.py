@@ -26,9 +26,14 @@ def _bandwidth_rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append(("a", "device copy bandwidth (read + written)", f"{_f(data['copy']['gb_per_s'])} GB/s"))
     floor = data.get("floor", {})
     for batch, row in floor.get("per_batch", {}).items():
-        rows.append(("a", f"decode floor, batch {batch}, {floor['context']}-token contexts",
-                     f"{_f(row['floor_ms'], 2)} ms/step ({_f(row['floor_tok_per_s'], 0)} tok/s; "
-                     f"{row['bytes'] / 1e9:.2f} GB read)"))
+        rows.append(
+            (
+                "a",
+                f"decode floor, batch {batch}, {floor['context']}-token contexts",
+                f"{_f(row['floor_ms'], 2)} ms/step ({_f(row['floor_tok_per_s'], 0)} tok/s; "
+                f"{row['bytes'] / 1e9:.2f} GB read)",
+            )
+        )
     return rows
 
 
@@ -39,11 +44,16 @@ def _tests_rows(out: Path) -> list[tuple[str, str, str]]:
     rows = [("b", "tests/gpu", summary[-1] if summary else "no pytest summary (see tests.log)")]
     div = _load(out, "divergence")
     if div:
-        rows.append(("b", f"8B bf16 vs HF, {div['requests']} requests × {div['tokens']} tokens",
-                     f"first token agrees {div['first_token_agreement']:.0%}, "
-                     f"all tokens {div['all_tokens_agree']:.0%}, "
-                     f"mean matched prefix {div['mean_matched_prefix']:.1f}; HF rank of the engine's token where "
-                     f"it diverged: {div.get('hf_rank_of_engine_token_at_divergence')}"))
+        rows.append(
+            (
+                "b",
+                f"8B bf16 vs HF, {div['requests']} requests × {div['tokens']} tokens",
+                f"first token agrees {div['first_token_agreement']:.0%}, "
+                f"all tokens {div['all_tokens_agree']:.0%}, "
+                f"mean matched prefix {div['mean_matched_prefix']:.1f}; HF rank of the engine's token where "
+                f"it diverged: {div.get('hf_rank_of_engine_token_at_divergence')}",
+            )
+        )
     return rows
 
 
@@ -56,8 +66,13 @@ def _engine_rows(data: dict[str, Any], floor: dict[str, Any]) -> list[tuple[str,
         share = f", {floor_ms / row['ms_per_step']:.0%} of the floor" if floor_ms else ""
         inside = row.get("step_method_ms_p50")
         inside = f"; inside the step method p50 {_f(inside, 2)} ms" if inside is not None else ""
-        rows.append(("c", f"engine decode step, batch {row['batch']}",
-                     f"{_f(row['ms_per_step'], 2)} ms ({_f(row['tok_per_s'], 0)} tok/s{share}{inside})"))
+        rows.append(
+            (
+                "c",
+                f"engine decode step, batch {row['batch']}",
+                f"{_f(row['ms_per_step'], 2)} ms ({_f(row['tok_per_s'], 0)} tok/s{share}{inside})",
+            )
+        )
     return rows
 
 
@@ -73,10 +88,15 @@ def _server_rows(data: dict[str, Any], floor: dict[str, Any]) -> list[tuple[str,
             rows.append(("d", f"server c={key[2:]}", level["skipped"]))
             continue
         share = f" ({level['output_tok_per_s'] / floor_1:.0%} of the b=1 floor)" if key == "c_1" and floor_1 else ""
-        rows.append(("d", f"server c={level['concurrency']} ({level['requests']} requests, {level['errors']} errors)",
-                     f"{_f(level['output_tok_per_s'])} tok/s{share}; TTFT p50/p95 {_f(level['ttft_p50_ms'])}/"
-                     f"{_f(level['ttft_p95_ms'])} ms; "
-                     f"ITL p50/p95 {_f(level.get('itl_p50_ms'))}/{_f(level.get('itl_p95_ms'))} ms"))
+        rows.append(
+            (
+                "d",
+                f"server c={level['concurrency']} ({level['requests']} requests, {level['errors']} errors)",
+                f"{_f(level['output_tok_per_s'])} tok/s{share}; TTFT p50/p95 {_f(level['ttft_p50_ms'])}/"
+                f"{_f(level['ttft_p95_ms'])} ms; "
+                f"ITL p50/p95 {_f(level.get('itl_p50_ms'))}/{_f(level.get('itl_p95_ms'))} ms",
+            )
+        )
     if data.get("peak_gpu_memory_mib") is not None:
         rows.append(("d", "peak GPU memory (device-wide, nvidia-smi)", f"{data['peak_gpu_memory_mib']:,} MiB"))
     return rows
@@ -100,10 +120,16 @@ def markdown(out: Path, results: dict[str, Any]) -> str:
     bandwidth, engine = _load(out, "bandwidth"), _load(out, "engine")
     floor = bandwidth.get("floor", {})
     plan = results["plan"]
-    lines = [f"# gpu-check, {results['date']}", "", f"**Device:** {results['device']}", "",
-             f"Versions: {', '.join(f'{k} {v}' for k, v in results['versions'].items())}. "
-             f"Shape `{plan['shape']}` (dummy weights, {plan['dtype']}); prompts {plan['prompt_tokens']} tokens, "
-             f"{plan['new_tokens']} new tokens (ignore_eos).", ""]
+    lines = [
+        f"# gpu-check, {results['date']}",
+        "",
+        f"**Device:** {results['device']}",
+        "",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in results['versions'].items())}. "
+        f"Shape `{plan['shape']}` (dummy weights, {plan['dtype']}); prompts {plan['prompt_tokens']} tokens, "
+        f"{plan['new_tokens']} new tokens (ignore_eos).",
+        "",
+    ]
     for key, row in engine.items():
         for table in (row.get("profile"), row.get("profile_outside")) if isinstance(row, dict) else ():
             if table:

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from common import ROOT, Plan, Recorder, model_folder, stage_log
 
@@ -38,12 +38,18 @@ def server_env(plan: Plan, folder: Path, port: int) -> dict[str, str]:
     site_dirs = [Path(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     extra_bins += [str(site / "bin") for site in site_dirs if (site / "bin").is_dir()]  # pip install --target
     env["PATH"] = os.pathsep.join([*extra_bins, env.get("PATH", "")])
-    env.update({
-        "HF_MODEL_ID": str(folder), "HF_MODEL_LOAD_FORMAT": "dummy", "DTYPE": plan.dtype,
-        "SM_MODEL_DIR": "/nonexistent",
-        "SAGEMAKER_BIND_TO_PORT": str(port), "MAX_CONCURRENT_REQUESTS": str(2 * max(plan.concurrencies)),
-        "MAX_TOTAL_TOKENS": str(plan.prompt_tokens + plan.new_tokens + 64), "LOG_LEVEL": "INFO",
-    })
+    env.update(
+        {
+            "HF_MODEL_ID": str(folder),
+            "HF_MODEL_LOAD_FORMAT": "dummy",
+            "DTYPE": plan.dtype,
+            "SM_MODEL_DIR": "/nonexistent",
+            "SAGEMAKER_BIND_TO_PORT": str(port),
+            "MAX_CONCURRENT_REQUESTS": str(2 * max(plan.concurrencies)),
+            "MAX_TOTAL_TOKENS": str(plan.prompt_tokens + plan.new_tokens + 64),
+            "LOG_LEVEL": "INFO",
+        }
+    )
     return env
 
 
@@ -76,8 +82,14 @@ def start(plan: Plan, folder: Path, log_path: Path, timeout: float) -> tuple[sub
     port = _free_port()
     started = time.monotonic()
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([str(ENTRYPOINT), "serve"], env=server_env(plan, folder, port), cwd=ROOT,
-                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [str(ENTRYPOINT), "serve"],
+            env=server_env(plan, folder, port),
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     while time.monotonic() - started < timeout:
         if process.poll() is not None:
@@ -133,8 +145,9 @@ def run(plan: Plan, out: Path, budget_s: float) -> None:
     try:
         record.put("info", requests.get(url + "/info", timeout=10).json())
         texts, overhead = prompts_of(url, folder, plan.prompt_tokens, 2 * max(plan.concurrencies))
-        record.put("prompt", {"tokens": plan.prompt_tokens, "chat_template_tokens": overhead,
-                              "new_tokens": plan.new_tokens})
+        record.put(
+            "prompt", {"tokens": plan.prompt_tokens, "chat_template_tokens": overhead, "new_tokens": plan.new_tokens}
+        )
         endpoint = Endpoint(url, "m", {"ignore_eos": True})
         run_level(endpoint, texts[:2], 1, 1, plan.new_tokens, 120, deadline)  # warm-up
         for concurrency in plan.concurrencies:
@@ -145,8 +158,10 @@ def run(plan: Plan, out: Path, budget_s: float) -> None:
             read_timeout = max(10.0, min(60.0, deadline - time.monotonic()))  # a stalled stream cannot eat the box
             level = run_level(endpoint, texts, concurrency, n_requests, plan.new_tokens, read_timeout, deadline)
             record.put(f"c_{concurrency}", level.to_dict())
-            stage_log(f"server c={concurrency}: {level.output_tok_per_s} tok/s, TTFT p50 {level.ttft_p50_ms} ms, "
-                      f"ITL p50 {level.itl_p50_ms} ms, errors {level.errors}")
+            stage_log(
+                f"server c={concurrency}: {level.output_tok_per_s} tok/s, TTFT p50 {level.ttft_p50_ms} ms, "
+                f"ITL p50 {level.itl_p50_ms} ms, errors {level.errors}"
+            )
     finally:
         stop(process)
         record.put("peak_gpu_memory_mib", memory.stop())

@@ -63,8 +63,13 @@ def decode_floor(plan: Plan, folder: Path, bytes_per_s: float) -> dict[str, Any]
         step_bytes = weights + batch * plan.context * kv_per_token
         ms = step_bytes / bytes_per_s * 1000
         rows[str(batch)] = {"bytes": step_bytes, "floor_ms": ms, "floor_tok_per_s": batch * 1000 / ms}
-    return {"parameters": parameter_count(config), "weight_bytes": weights, "kv_bytes_per_token": kv_per_token,
-            "context": plan.context, "per_batch": rows}
+    return {
+        "parameters": parameter_count(config),
+        "weight_bytes": weights,
+        "kv_bytes_per_token": kv_per_token,
+        "context": plan.context,
+        "per_batch": rows,
+    }
 
 
 def stage_bandwidth(plan: Plan, out: Path) -> None:
@@ -82,8 +87,14 @@ def start_engine(plan: Plan, folder: Path, max_requests: int, total_tokens: int)
     from serve.engine import Engine
     from serve.model.loader import load_model
 
-    settings = Settings(model_id=str(folder), model_dir="/nonexistent", load_format="dummy", dtype=plan.dtype,
-                        max_concurrent_requests=max_requests, max_total_tokens=total_tokens)
+    settings = Settings(
+        model_id=str(folder),
+        model_dir="/nonexistent",
+        load_format="dummy",
+        dtype=plan.dtype,
+        max_concurrent_requests=max_requests,
+        max_total_tokens=total_tokens,
+    )
     engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
     if not engine.wait_ready(300):
         raise RuntimeError(f"engine did not start: {engine.load_error}")
@@ -178,8 +189,10 @@ class OutsideProfile:
         if self._prof is not None and self.table is None:
             self._prof.stop()
             steps = self._tokens / self.batch
-            self.table = (f"torch.profiler from the driving thread, {steps:g} decode steps at batch {self.batch} "
-                          f"(divide by {steps:g}):\n{_profile_table(self._prof, self.plan)}")
+            self.table = (
+                f"torch.profiler from the driving thread, {steps:g} decode steps at batch {self.batch} "
+                f"(divide by {steps:g}):\n{_profile_table(self._prof, self.plan)}"
+            )
 
 
 def time_batch(engine: Any, plan: Plan, batch: int, hook: StepHook, profile: bool) -> dict[str, Any]:
@@ -212,8 +225,13 @@ def time_batch(engine: Any, plan: Plan, batch: int, hook: StepHook, profile: boo
             outside.advance(has_token)  # after the hooked step: a few more steps profiled from this thread
     steps = tokens / batch
     ms = (end - start) * 1000 / steps if steps else None
-    result = {"batch": batch, "steps_timed": steps, "ms_per_step": ms, "tok_per_s": batch * 1000 / ms if ms else None,
-              "step_method_ms_p50": step_ms}  # inside the step method only: the rest of ms_per_step is the loop
+    result = {
+        "batch": batch,
+        "steps_timed": steps,
+        "ms_per_step": ms,
+        "tok_per_s": batch * 1000 / ms if ms else None,
+        "step_method_ms_p50": step_ms,
+    }  # inside the step method only: the rest of ms_per_step is the loop
     if profile:
         table = hook.table or "(not profiled: the engine's step method was not found or no step followed)"
         result["profile"] = f"torch.profiler, one decode step at batch {batch}, on the engine thread:\n{table}"
@@ -243,8 +261,14 @@ def stage_engine(plan: Plan, out: Path) -> None:
 def _generate_timed(model: Any, ids: Any, new_tokens: int, plan: Plan) -> float:
     import torch
 
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  cache_implementation="static", disable_compile=not plan.hf_compile, pad_token_id=0)
+    kwargs = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        cache_implementation="static",
+        disable_compile=not plan.hf_compile,
+        pad_token_id=0,
+    )
     _sync(plan.device)
     started = time.perf_counter()
     with torch.inference_mode():
@@ -270,8 +294,16 @@ def stage_hf(plan: Plan, out: Path) -> None:
         record.put(f"batch_{batch}", {"batch": batch, "first_call_s": first})
         seconds = _generate_timed(model, ids, plan.new_tokens, plan)
         tok_per_s = batch * plan.new_tokens / seconds
-        record.put(f"batch_{batch}", {"batch": batch, "first_call_s": first, "seconds": seconds,
-                                      "tok_per_s": tok_per_s, "ms_per_step": seconds * 1000 / plan.new_tokens})
+        record.put(
+            f"batch_{batch}",
+            {
+                "batch": batch,
+                "first_call_s": first,
+                "seconds": seconds,
+                "tok_per_s": tok_per_s,
+                "ms_per_step": seconds * 1000 / plan.new_tokens,
+            },
+        )
         stage_log(f"HF static generate batch {batch}: {tok_per_s:.0f} tok/s (first call {first:.1f} s)")
 
 

@@ -13,10 +13,12 @@ import time
 
 import requests
 
-REFERENCE_MESSAGES = {"messages": [
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "What is deep learning?"},
-]}
+REFERENCE_MESSAGES = {
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is deep learning?"},
+    ]
+}
 
 
 def wait_for_ping(url: str, timeout: float) -> float:

@@ -52,7 +52,10 @@ class StepLayout:
         if device not in self._copies:
             move = lambda tensor: None if tensor is None else tensor.to(device)  # noqa: E731
             self._copies[device] = StepLayout(
-                move(self.rows), self.decode_count, move(self.decode_blocks), move(self.decode_mask),
+                move(self.rows),
+                self.decode_count,
+                move(self.decode_blocks),
+                move(self.decode_mask),
                 [replace(chunk, blocks=move(chunk.blocks), mask=move(chunk.mask)) for chunk in self.prefills],
             )
         return self._copies[device]
@@ -74,14 +77,24 @@ class active_step:
         _active.state = None
 
 
-def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, scaling: Optional[float] = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def paged_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: Optional[float] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: query [1, heads, tokens, dim], key/value [1, kv_heads, tokens, dim] ->
     output [1, tokens, heads, dim]."""
     out = attend(module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), scaling)
     return out.unsqueeze(0), None
 
 
-def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: Optional[float]) -> torch.Tensor:
+def attend(
+    layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: Optional[float]
+) -> torch.Tensor:
     """Attention of one layer for every token of the active step, over the KV cache.
 
     query [tokens, heads, dim], key/value [tokens, kv_heads, dim] (rotated) -> [tokens, heads, dim]. The step's new
@@ -101,7 +114,9 @@ def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return out
 
 
-def _decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: StepLayout, scaling: Optional[float]) -> torch.Tensor:
+def _decode_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: StepLayout, scaling: Optional[float]
+) -> torch.Tensor:
     """One new token per sequence against that sequence's blocks: [decode, heads, dim]."""
     count, heads, dim = layout.decode_count, query.shape[1], query.shape[2]
     kv_heads = keys.shape[2]
@@ -113,8 +128,13 @@ def _decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
 
 
 def _prefill_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-    chunk: PrefillChunk, scaling: Optional[float],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    chunk: PrefillChunk,
+    scaling: Optional[float],
 ) -> torch.Tensor:
     """A prompt chunk attends causally to its sequence's cached tokens and itself: [chunk, heads, dim]."""
     if chunk.position == 0:  # nothing cached before it: the step's own keys and values, no gather
@@ -123,8 +143,12 @@ def _prefill_attention(
         seen = chunk.position + chunk.end - chunk.start
         k, v = keys[chunk.blocks].flatten(0, 1)[:seen], values[chunk.blocks].flatten(0, 1)[:seen]
     out = F.scaled_dot_product_attention(
-        query[chunk.start : chunk.end].transpose(0, 1)[None], k.transpose(0, 1)[None].to(query.dtype),
-        v.transpose(0, 1)[None].to(query.dtype), attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scaling,
+        query[chunk.start : chunk.end].transpose(0, 1)[None],
+        k.transpose(0, 1)[None].to(query.dtype),
+        v.transpose(0, 1)[None].to(query.dtype),
+        attn_mask=chunk.mask,
+        is_causal=chunk.mask is None,
+        scale=scaling,
         enable_gqa=True,
     )
     return out[0].transpose(0, 1)

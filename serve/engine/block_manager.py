@@ -96,7 +96,9 @@ class BlockManager:
             found.append(block)
         return found
 
-    def allocate(self, tokens: list[int], adapter: Optional[str], reuse: bool, watermark: int = 0) -> Optional[tuple[list[int], int]]:
+    def allocate(
+        self, tokens: list[int], adapter: Optional[str], reuse: bool, watermark: int = 0
+    ) -> Optional[tuple[list[int], int]]:
         """A block table for a new sequence of ``tokens`` and how many of its tokens are already cached.
 
         None when the blocks it needs (plus ``watermark`` kept free for running sequences) are not free.

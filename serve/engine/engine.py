@@ -1,4 +1,5 @@
-"""The engine: one background thread owns the model and runs continuous batching; HTTP threads submit and read events."""
+"""The engine: one background thread owns the model and runs continuous batching; HTTP threads submit and read
+events."""
 
 from __future__ import annotations
 
@@ -163,8 +164,14 @@ class Engine:
         if blocks is None:
             return EngineStats()
         return EngineStats(
-            blocks.used_blocks, blocks.usable_blocks, blocks.stats.queried_tokens, blocks.stats.hit_tokens,
-            self._preemptions, self._peak_running, self._steps, self._busy_seconds,
+            blocks.used_blocks,
+            blocks.usable_blocks,
+            blocks.stats.queried_tokens,
+            blocks.stats.hit_tokens,
+            self._preemptions,
+            self._peak_running,
+            self._steps,
+            self._busy_seconds,
         )
 
     def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
@@ -173,7 +180,11 @@ class Engine:
         ``sink`` and ``index``: put this request's events, tagged with ``index``, into a queue shared with others.
         """
         if not self.ready:
-            raise EngineNotReady("the model is not loaded yet" if self.load_error is None else f"the model failed to load: {self.load_error}")
+            raise EngineNotReady(
+                "the model is not loaded yet"
+                if self.load_error is None
+                else f"the model failed to load: {self.load_error}"
+            )
         stream = RequestStream(request, self, sink, index)
         with self.adapters.admitting(request.adapter):  # AdapterNotLoaded for a deleted adapter
             self._streams[request.id] = stream
@@ -242,13 +253,17 @@ class Engine:
         total = min(config.max_total_tokens or min(self.loaded.max_context, 4096), self.loaded.max_context)
         max_input = min(config.max_input_tokens or total - 1, total - 1)
         shape = CacheShape.of(self.loaded.model.config, self.loaded.dtype)
-        devices = layer_devices(self.loaded.model, shape.layers)  # a model split over GPUs: each layer's cache on its GPU
+        devices = layer_devices(
+            self.loaded.model, shape.layers
+        )  # a model split over GPUs: each layer's cache on its GPU
         size = config.kv_block_size
         blocks = plan_blocks(shape, size, config.max_batch_total_tokens, default_cache_bytes(devices), total + size)
         self._blocks = BlockManager(blocks, size, config.enable_prefix_caching)
         self._watermark = max(1, self._blocks.usable_blocks // 100)  # kept free so running sequences can grow
         self._eos_ids = _eos_token_ids(self.loaded.model, self.loaded.tokenizer)
-        self.grammars = Grammars(self.loaded.tokenizer, self.loaded.model.config.get_text_config().vocab_size, self._eos_ids)
+        self.grammars = Grammars(
+            self.loaded.tokenizer, self.loaded.model.config.get_text_config().vocab_size, self._eos_ids
+        )
         max_batch = min(config.max_batch_size or config.max_concurrent_requests, config.max_concurrent_requests)
         cache = PagedKVCache(shape, blocks, size, devices)
         self._runner = ModelRunner(self.loaded.model, cache, self.grammars, max_batch, -(-total // size))
@@ -287,7 +302,9 @@ class Engine:
             self._blocks.free(table)
             log.exception("request %s could not start", request.id)
             error = f"{type(exc).__name__}: {exc}"
-            self._streams.pop(request.id).put(TokenEvent(None, "", FinishReason.ERROR, 0, len(request.prompt_ids), error=error))
+            self._streams.pop(request.id).put(
+                TokenEvent(None, "", FinishReason.ERROR, 0, len(request.prompt_ids), error=error)
+            )
             self.scheduler.finish(request.id)
             return True
         seq.block_table, seq.num_cached, seq.cached_tokens = table, cached, cached

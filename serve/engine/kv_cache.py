@@ -71,13 +71,18 @@ def default_cache_bytes(devices: Devices) -> int:
     per_layer = [devices] if isinstance(devices, torch.device) else list(devices)
     if per_layer[0].type == "cuda":
         counts = collections.Counter(per_layer)
-        return min(int(torch.cuda.mem_get_info(device)[0] * GPU_CACHE_FRACTION_OF_FREE * len(per_layer) / count) for device, count in counts.items())
+        return min(
+            int(torch.cuda.mem_get_info(device)[0] * GPU_CACHE_FRACTION_OF_FREE * len(per_layer) / count)
+            for device, count in counts.items()
+        )
     import psutil
 
     return int(min(psutil.virtual_memory().available * CPU_CACHE_FRACTION_OF_RAM, CPU_CACHE_MAX_BYTES))
 
 
-def plan_blocks(shape: CacheShape, block_size: int, max_batch_total_tokens: Optional[int], cache_bytes: int, min_tokens: int) -> int:
+def plan_blocks(
+    shape: CacheShape, block_size: int, max_batch_total_tokens: Optional[int], cache_bytes: int, min_tokens: int
+) -> int:
     """Blocks in the pool: the token budget (MAX_BATCH_TOTAL_TOKENS, or what memory allows) over the block size,
     at least room for one sequence of ``min_tokens``; plus the scratch block."""
     budget = max_batch_total_tokens or cache_bytes // shape.bytes_per_token
@@ -105,7 +110,11 @@ class PagedKVCache:
         self.values = [torch.zeros(size, dtype=shape.dtype, device=device) for device in per_layer]
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s)",
-            num_blocks, block_size, self.tokens, self.tokens * shape.bytes_per_token / 1024**3, shape.dtype,
+            num_blocks,
+            block_size,
+            self.tokens,
+            self.tokens * shape.bytes_per_token / 1024**3,
+            shape.dtype,
         )
 
     @property

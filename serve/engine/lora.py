@@ -62,7 +62,9 @@ def read_adapter(name: str, folder: Path, max_rank: Optional[int] = None) -> dic
     for key, tensor in tensors.items():
         if not key.endswith(".lora_A.weight"):
             if not key.endswith(".lora_B.weight"):
-                raise AdapterError(f"adapter {name!r}: unsupported weight {key} (only LoRA A/B of linear layers are served)")
+                raise AdapterError(
+                    f"adapter {name!r}: unsupported weight {key} (only LoRA A/B of linear layers are served)"
+                )
             continue
         module = key[: -len(".lora_A.weight")].removeprefix(PEFT_PREFIX)
         if max_rank is not None and tensor.shape[0] > max_rank:
@@ -81,7 +83,13 @@ def read_adapter(name: str, folder: Path, max_rank: Optional[int] = None) -> dic
 def _check_config(name: str, config: dict[str, Any]) -> None:
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"adapter {name!r}: peft_type {config.get('peft_type')} is not served (LoRA only)")
-    for option, default in (("use_dora", False), ("fan_in_fan_out", False), ("modules_to_save", None), ("rank_pattern", {}), ("alpha_pattern", {})):
+    for option, default in (
+        ("use_dora", False),
+        ("fan_in_fan_out", False),
+        ("modules_to_save", None),
+        ("rank_pattern", {}),
+        ("alpha_pattern", {}),
+    ):
         if config.get(option) not in (default, None, False, {}, []):
             raise AdapterError(f"adapter {name!r}: {option}={config[option]!r} is not supported")
     if config.get("bias", "none") != "none":
@@ -182,13 +190,16 @@ class LoraSet:
         """Set the adapter of every token of the next forward (in the runner's flattened order)."""
         indices = [self.index(adapter) for adapter in adapters_per_token]
         self.step_adapters = sorted(set(indices) - {0})
-        self.token_adapters = torch.tensor(indices, dtype=torch.long, device=self._device) if self.step_adapters else None
+        self.token_adapters = (
+            torch.tensor(indices, dtype=torch.long, device=self._device) if self.step_adapters else None
+        )
         self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def begin_plan(self, plan: Any) -> None:
         """``begin_step`` for a StepPlan: decode tokens first, then each prompt chunk, as the runner lays them out."""
         self.begin_step(
-            [seq.request.adapter for seq in plan.decode] + [seq.request.adapter for seq, count in plan.prefill for _ in range(count)]
+            [seq.request.adapter for seq in plan.decode]
+            + [seq.request.adapter for seq, count in plan.prefill for _ in range(count)]
         )
 
     def rows(self, index: int, device: torch.device) -> torch.Tensor:

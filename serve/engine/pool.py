@@ -143,11 +143,18 @@ class EnginePool:
     def submit(self, request: Request, *args: Any, **kwargs: Any) -> RequestStream:
         """Admit on the least-loaded engine (a live session's on its own); EngineOverloaded past the pool's cap."""
         if not self.ready:
-            raise EngineNotReady("the model is not loaded yet" if self.load_error is None else f"the model failed to load: {self.load_error}")
+            raise EngineNotReady(
+                "the model is not loaded yet"
+                if self.load_error is None
+                else f"the model failed to load: {self.load_error}"
+            )
         with self._lock:
             in_flight = [engine.scheduler.in_flight for engine in self.engines]
             if sum(in_flight) >= self.config.max_concurrent_requests:
-                raise EngineOverloaded(f"{sum(in_flight)} requests in flight, the limit is {self.config.max_concurrent_requests}; retry later")
+                raise EngineOverloaded(
+                    f"{sum(in_flight)} requests in flight, the limit is {self.config.max_concurrent_requests}; "
+                    "retry later"
+                )
             index = min(range(len(self.engines)), key=lambda i: (in_flight[i], self.served[i]))
             if request.session_id is not None:
                 index = self._session_engines.setdefault(request.session_id, index)

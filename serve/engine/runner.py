@@ -17,6 +17,7 @@ from serve.engine.sequence import Sequence
 from serve.engine.static_decode import StaticDecode
 from serve.engine.types import SamplingParams, TokenChoice
 
+
 class UnsupportedModel(RuntimeError):
     """The architecture does not route attention through transformers' attention interface."""
 
@@ -71,7 +72,9 @@ class ModelRunner:
         if self.lora is not None:
             self.lora.begin_plan(plan)  # each token's adapter, in the layout's order
         with active_step(self.cache, layout):
-            output = self.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=logit_rows)
+            output = self.model(
+                input_ids=input_ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=logit_rows
+            )
         for seq in plan.decode:
             seq.num_cached += 1
         for seq, count in plan.prefill:
@@ -100,7 +103,9 @@ class ModelRunner:
             seq.prompt_logprobs.extend(picked)
             seq.prompt_top_logprobs.extend(tops)
 
-    def _layout(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, StepLayout, list[Sequence], torch.Tensor, list]:
+    def _layout(
+        self, plan: StepPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, StepLayout, list[Sequence], torch.Tensor, list]:
         """The step's token ids, positions and cache layout: decode tokens first, then each prompt chunk."""
         size = self.cache.block_size
         ids = [seq.all_ids[-1] for seq in plan.decode]

@@ -78,7 +78,9 @@ def unpack_logprobs(row: list[float], k: int, widest: int) -> tuple[int, float, 
 
 def _uniforms(generators: Sequence[Optional[torch.Generator]], device: torch.device) -> torch.Tensor:
     """One uniform draw per row, from the row's own generator when it has one."""
-    draws = [torch.rand(1, generator=g, device=device) if g is not None else torch.rand(1, device=device) for g in generators]
+    draws = [
+        torch.rand(1, generator=g, device=device) if g is not None else torch.rand(1, device=device) for g in generators
+    ]
     return torch.cat(draws)
 
 
@@ -93,7 +95,13 @@ def sample_next_tokens(
         return greedy_choice
     device = logits.device
     rows = [
-        (p.temperature if not p.greedy else 1.0, p.top_k if p.top_k > 0 else logits.shape[-1], p.top_p, p.min_p, p.greedy)
+        (
+            p.temperature if not p.greedy else 1.0,
+            p.top_k if p.top_k > 0 else logits.shape[-1],
+            p.top_p,
+            p.min_p,
+            p.greedy,
+        )
         for p in params
     ]
     temperature, top_k, top_p, min_p, is_greedy = torch.tensor(rows, dtype=torch.float32).T.to(device)  # one copy

@@ -24,8 +24,9 @@ class StepPlan:
 
 
 class Scheduler:
-    """Requests wait FIFO until the KV blocks of their prompt are free; each step decodes every running sequence and prefills
-    waiting prompts in chunks, at most ``prefill_budget`` prompt tokens per step so decode never stalls for long."""
+    """Requests wait FIFO until the KV blocks of their prompt are free; each step decodes every running sequence and
+    prefills waiting prompts in chunks, at most ``prefill_budget`` prompt tokens per step so decode never stalls for
+    long."""
 
     def __init__(self, max_in_flight: int, prefill_budget: int):
         self.max_in_flight = max_in_flight

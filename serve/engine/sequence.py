@@ -100,7 +100,13 @@ class Sequence:
         """The final event of a sequence stopped from outside (cancelled, or the model failed)."""
         self.finish_reason = reason
         return TokenEvent(
-            None, "", reason, len(self.output_ids), len(self.request.prompt_ids), self.timings(), error,
+            None,
+            "",
+            reason,
+            len(self.output_ids),
+            len(self.request.prompt_ids),
+            self.timings(),
+            error,
             cached_tokens=self.cached_tokens,
         )
 

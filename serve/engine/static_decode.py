@@ -88,7 +88,10 @@ class StaticDecode:
         layout = StepLayout(rows, batch, tables, mask, [])
         with active_step(self.cache, layout):
             output = self.model(
-                input_ids=ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=self.logit_rows[:batch]
+                input_ids=ids[None],
+                position_ids=positions[None],
+                use_cache=False,
+                logits_to_keep=self.logit_rows[:batch],
             )
         return output.logits[0]
 

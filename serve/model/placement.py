@@ -115,7 +115,8 @@ def plan_placement(
     usable = [int(free * WEIGHT_AND_CACHE_FRACTION) for free in free_bytes_per_gpu[:gpus]]
     need = model.need(cache_tokens)
     fits_one = need <= min(usable)
-    sizes = f"{_gib(model.weight_bytes)} of weights + {_gib(need - model.weight_bytes)} of KV cache for {cache_tokens} tokens"
+    kv_bytes = _gib(need - model.weight_bytes)
+    sizes = f"{_gib(model.weight_bytes)} of weights + {kv_bytes} of KV cache for {cache_tokens} tokens"
     if mode == "replicas" or (mode == "auto" and fits_one):
         if not fits_one:
             raise PlacementError(
@@ -128,13 +129,19 @@ def plan_placement(
             f"the model needs {sizes}, more than the {_gib(sum(usable))} usable on {gpus} GPU(s); "
             "use more or larger GPUs, HF_MODEL_QUANTIZE, or a lower MAX_TOTAL_TOKENS/MAX_BATCH_TOTAL_TOKENS"
         )
-    why = "PLACEMENT=shard" if mode == "shard" else f"one copy ({sizes}) does not fit one GPU ({_gib(min(usable))} usable)"
+    why = (
+        "PLACEMENT=shard"
+        if mode == "shard"
+        else f"one copy ({sizes}) does not fit one GPU ({_gib(min(usable))} usable)"
+    )
     return _shard_plan(gpus, usable, f"{why}: one copy split over {gpus} GPU(s) ({_gib(sum(usable))} usable)")
 
 
 def _cpu_plan(mode: str, replicas: Optional[int]) -> PlacementPlan:
     if mode == "shard":
-        return PlacementPlan("shard", (EnginePlacement(("cpu",)),), "no GPU: nothing to split over; one copy on the CPU", ("cpu",))
+        return PlacementPlan(
+            "shard", (EnginePlacement(("cpu",)),), "no GPU: nothing to split over; one copy on the CPU", ("cpu",)
+        )
     count = replicas or 1
     reason = f"no GPU: {count} engine(s) on the CPU" + (" (REPLICAS)" if replicas else "")
     return PlacementPlan("replicas", tuple(EnginePlacement(("cpu",)) for _ in range(count)), reason, ("cpu",))
@@ -145,7 +152,9 @@ def _replica_plan(gpus: int, replicas: Optional[int], why: str) -> PlacementPlan
     if count > gpus:
         raise PlacementError(f"REPLICAS={count} needs {count} GPUs but SM_NUM_GPUS/visible GPUs give {gpus}")
     engines = tuple(EnginePlacement((f"cuda:{index}",), {"": index}) for index in range(count))
-    return PlacementPlan("replicas", engines, f"{why}: {count} replica(s), one per GPU", tuple(f"cuda:{i}" for i in range(count)))
+    return PlacementPlan(
+        "replicas", engines, f"{why}: {count} replica(s), one per GPU", tuple(f"cuda:{i}" for i in range(count))
+    )
 
 
 def _shard_plan(gpus: int, usable: list[int], reason: str) -> PlacementPlan:

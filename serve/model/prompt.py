@@ -21,9 +21,13 @@ class PromptError(ValueError):
 
 
 def render_chat(
-    tokenizer: Any, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None, template: Optional[str] = None
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: Optional[list[dict[str, Any]]] = None,
+    template: Optional[str] = None,
 ) -> str:
-    """Render messages with ``template`` or the tokenizer's own chat template (jinja's sandbox, as transformers runs it).
+    """Render messages with ``template`` or the tokenizer's own chat template (jinja's sandbox, as transformers runs
+    it).
 
     Tool definitions go to the template's ``tools`` variable; a template that ignores tools gets them described in
     a system message instead, so the model still knows what it may call.
@@ -55,7 +59,8 @@ def with_tools_described(messages: list[dict[str, Any]], tools: list[dict[str, A
 
 
 def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    """Token ids of ``text``; chat prompts already hold their special tokens, raw prompts get BOS if the model uses one."""
+    """Token ids of ``text``; chat prompts already hold their special tokens, raw prompts get BOS if the model uses
+    one."""
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
@@ -72,8 +77,13 @@ def chars_per_token_bound(tokenizer: Any) -> int:
     return max(longest, 1) * (4 if has_normalizer else 1)
 
 
-def encode_chat(tokenizer: Any, text: str, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None,
-                template: Optional[str] = None) -> list[int]:
+def encode_chat(
+    tokenizer: Any,
+    text: str,
+    messages: list[dict[str, Any]],
+    tools: Optional[list[dict[str, Any]]] = None,
+    template: Optional[str] = None,
+) -> list[int]:
     """Token ids of ``text`` (the messages rendered by ``render_chat``); contents are text, never control tokens.
 
     The template is rendered once more with a placeholder for each content, which tells where each content lies in
@@ -98,8 +108,13 @@ def encode_chat(tokenizer: Any, text: str, messages: list[dict[str, Any]], tools
     return ids + _as_text(tokenizer, text[position:])
 
 
-def content_spans(tokenizer: Any, text: str, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]],
-                  template: Optional[str]) -> Optional[list[tuple[int, int]]]:
+def content_spans(
+    tokenizer: Any,
+    text: str,
+    messages: list[dict[str, Any]],
+    tools: Optional[list[dict[str, Any]]],
+    template: Optional[str],
+) -> Optional[list[tuple[int, int]]]:
     """Where each message content lies in ``text``; when the template rewrites contents beyond a trim, every
     special-token string that also occurs in some content counts as user text (the safe side)."""
     marker = f"@@content-{secrets.token_hex(8)}-"

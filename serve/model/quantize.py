@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 BITSANDBYTES = {"bitsandbytes": 1.0, "bitsandbytes-nf4": 0.5, "bitsandbytes-fp4": 0.5}
-PRE_QUANTIZED = {"gptq": ("gptq",), "awq": ("awq",), "compressed-tensors": ("compressed-tensors",), "fp8": ("fp8", "fbgemm_fp8")}
+PRE_QUANTIZED = {
+    "gptq": ("gptq",),
+    "awq": ("awq",),
+    "compressed-tensors": ("compressed-tensors",),
+    "fp8": ("fp8", "fbgemm_fp8"),
+}
 UNSUPPORTED = {
     "exl2": "ExLlamaV2 checkpoints are TGI-only; use a GPTQ or AWQ export of the model",
     "marlin": "Marlin is a TGI kernel; use the model's GPTQ checkpoint (transformers picks its kernels itself)",
@@ -60,8 +65,9 @@ def resolve_quantization(requested: Optional[str], on_cuda: bool, config: Any, c
         raise QuantizationError(f"HF_MODEL_QUANTIZE={requested} is not supported: {UNSUPPORTED[requested]}")
     if requested in ("gptq", "awq", "compressed-tensors"):
         raise QuantizationError(
-            f"HF_MODEL_QUANTIZE={requested} needs a checkpoint already quantized with {requested} (its config.json has a "
-            "quantization_config); this model has none. Use such a checkpoint, or bitsandbytes/eetq/fp8 to quantize at load"
+            f"HF_MODEL_QUANTIZE={requested} needs a checkpoint already quantized with {requested} (its config.json "
+            "has a quantization_config); this model has none. Use such a checkpoint, or bitsandbytes/eetq/fp8 to "
+            "quantize at load"
         )
     if not on_cuda:
         raise QuantizationError(

@@ -35,11 +35,15 @@ def json_body() -> dict[str, Any]:
     except UnicodeDecodeError:
         raise BadRequest("the request body is not valid UTF-8") from None
     except json.JSONDecodeError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise BadRequest(
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
     except RecursionError:
         raise BadRequest("the request body is nested too deeply") from None
     except ValueError:  # Python refuses integers of more than sys.get_int_max_str_digits() digits
-        raise BadRequest(f"the request body is not valid JSON: a number has more than {sys.get_int_max_str_digits()} digits") from None
+        raise BadRequest(
+            f"the request body is not valid JSON: a number has more than {sys.get_int_max_str_digits()} digits"
+        ) from None
     if not isinstance(payload, dict):
         raise BadRequest(f"the request body must be a JSON object, not {type(payload).__name__}")
     return payload
@@ -70,7 +74,9 @@ def check_text(value: Any, path: str = "") -> None:
         if isinstance(item, str):
             if not item.isascii() and _has_surrogate(item):
                 field = where or "body"
-                raise ValidationFailed(f"{field}: the string holds a lone UTF-16 surrogate (invalid Unicode text)", field)
+                raise ValidationFailed(
+                    f"{field}: the string holds a lone UTF-16 surrogate (invalid Unicode text)", field
+                )
         elif isinstance(item, dict):
             for key, child in item.items():
                 child_path = f"{where}.{key}" if where else str(key)

@@ -107,13 +107,18 @@ def _usage_of(finals: dict[int, TokenEvent], n: int) -> dict[str, Any]:
     """Usage summed over the prompts: each prompt (and its cached part) counted once, every choice's tokens."""
     firsts = [final for index, final in finals.items() if index % n == 0]
     return oa.usage(
-        sum(final.prompt_tokens for final in firsts), sum(final.generated_tokens for final in finals.values()),
+        sum(final.prompt_tokens for final in firsts),
+        sum(final.generated_tokens for final in finals.values()),
         sum(final.cached_tokens for final in firsts),
     )
 
 
 def _chunks(
-    generation: Generation, req: oa.CompletionRequest, completion_id: str, route: str, prompts: list[list[int]],
+    generation: Generation,
+    req: oa.CompletionRequest,
+    completion_id: str,
+    route: str,
+    prompts: list[list[int]],
     echoes: list[str],
 ) -> Iterator[str]:
     """The stream: per choice, its echoed prompt (scored) with its first event, then a chunk per token."""
@@ -147,4 +152,3 @@ def _chunks(
         yield sse.DONE
     except GenerationFailed as exc:
         yield sse.event(exc.openai_body(), name="error")
-

@@ -12,11 +12,21 @@ from serve.schemas.openapi import build_openapi
 
 blueprint = Blueprint("docs", __name__)
 
-CONSTRAINTS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems")
+CONSTRAINTS = (
+    "minimum",
+    "exclusiveMinimum",
+    "maximum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+)
 STYLE = (
     "body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;color:#222}"
     "h2{border-top:1px solid #ccc;padding-top:1rem}code{background:#f3f3f3;padding:0 .2rem}"
-    "table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}"
+    "table{border-collapse:collapse;margin:.5rem 0}"
+    "td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}"
 )
 
 
@@ -44,9 +54,11 @@ def docs() -> Response:
 def render_html(document: dict[str, Any]) -> str:
     """Every operation with its request fields and responses, then every schema's fields."""
     info = document["info"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(info['title'])} API</title>",
-             f"<style>{STYLE}</style></head><body><h1>{_e(info['title'])} {_e(info['version'])}</h1>",
-             f"<p>{_e(info.get('description', ''))} Machine-readable: <a href='/openapi.json'>/openapi.json</a>.</p>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(info['title'])} API</title>",
+        f"<style>{STYLE}</style></head><body><h1>{_e(info['title'])} {_e(info['version'])}</h1>",
+        f"<p>{_e(info.get('description', ''))} Machine-readable: <a href='/openapi.json'>/openapi.json</a>.</p>",
+    ]
     for path, methods in document["paths"].items():
         for method, operation in methods.items():
             parts.append(_operation_html(path, method, operation))
@@ -66,8 +78,10 @@ def _operation_html(path: str, method: str, operation: dict[str, Any]) -> str:
         for code, response in operation["responses"].items()
     )
     secured = "<p>Requires <code>Authorization: Bearer &lt;API_KEY&gt;</code>.</p>" if operation.get("security") else ""
-    return (f"<h2 id='{_e(operation['operationId'])}'><code>{_e(method.upper())} {_e(path)}</code></h2>"
-            f"<p>{_e(operation['summary'])}</p>{secured}{request}<table><tr><th>status</th><th>meaning</th><th>content</th></tr>{rows}</table>")
+    return (
+        f"<h2 id='{_e(operation['operationId'])}'><code>{_e(method.upper())} {_e(path)}</code></h2>"
+        f"<p>{_e(operation['summary'])}</p>{secured}{request}<table><tr><th>status</th><th>meaning</th><th>content</th></tr>{rows}</table>"
+    )
 
 
 def _fields_html(schema: dict[str, Any]) -> str:

@@ -33,8 +33,13 @@ def completions_route() -> Response:
 @blueprint.get("/v1/models")
 def models() -> Response:
     name = service().engine.loaded.name if service().engine.ready else "loading"
-    adapters = [{"id": adapter, "object": "model", "created": 0, "owned_by": "local", "parent": name} for adapter in loaded_adapters()]
-    return jsonify({"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "local"}] + adapters})
+    adapters = [
+        {"id": adapter, "object": "model", "created": 0, "owned_by": "local", "parent": name}
+        for adapter in loaded_adapters()
+    ]
+    return jsonify(
+        {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "local"}] + adapters}
+    )
 
 
 def chat_completions(payload: dict[str, Any], route: str) -> Response:
@@ -46,7 +51,11 @@ def chat_completions(payload: dict[str, Any], route: str) -> Response:
     prompt_ids = service().chat_prompt((m.as_template_dict() for m in req.messages), tools)
     service().check_grammar(grammar, grammar_field)
     generation = service().start(
-        prompt_ids, req.requested_max_tokens, lambda budget: req.to_sampling_params(budget, grammar), "messages", req.n,
+        prompt_ids,
+        req.requested_max_tokens,
+        lambda budget: req.to_sampling_params(budget, grammar),
+        "messages",
+        req.n,
         requested_adapter(req.model, "model", openai_model=True),
     )
     completion_id = oa.new_id("chatcmpl")
@@ -61,9 +70,15 @@ def _chat_choice(choice: Choice, req: oa.ChatCompletionRequest) -> dict[str, Any
     calls = parse_tool_calls(choice.text, req.active_tools) if req.active_tools else None
     if calls is None and req.forced_tools and choice.final.finish_reason is FinishReason.LENGTH:
         calls = truncated_tool_call(choice.text, req.forced_tools)  # cut by max_tokens: partial arguments, as OpenAI
-    message = {"role": "assistant", "content": None, "tool_calls": calls} if calls else {"role": "assistant", "content": choice.text}
+    message = (
+        {"role": "assistant", "content": None, "tool_calls": calls}
+        if calls
+        else {"role": "assistant", "content": choice.text}
+    )
     logprobs = _chat_logprobs(choice.tokens) if req.logprobs else None
-    return oa.chat_choice(choice.index, message, oa.openai_finish_reason(choice.final.finish_reason, bool(calls)), logprobs)
+    return oa.chat_choice(
+        choice.index, message, oa.openai_finish_reason(choice.final.finish_reason, bool(calls)), logprobs
+    )
 
 
 def _chat_logprobs(events: list[TokenEvent]) -> dict[str, Any]:
@@ -72,7 +87,9 @@ def _chat_logprobs(events: list[TokenEvent]) -> dict[str, Any]:
     entries = []
     for text, event in zip(texts, events):
         top_texts = token_texts([token_id for token_id, _ in event.top_logprobs])
-        entries.append(oa.logprob_entry(text, event.logprob, [(t, lp) for t, (_, lp) in zip(top_texts, event.top_logprobs)]))
+        entries.append(
+            oa.logprob_entry(text, event.logprob, [(t, lp) for t, (_, lp) in zip(top_texts, event.top_logprobs)])
+        )
     return {"content": entries}
 
 
@@ -92,7 +109,9 @@ def _json(body: dict[str, Any], final: TokenEvent) -> Response:
     return response
 
 
-def _chat_chunks(generation: Generation, req: oa.ChatCompletionRequest, completion_id: str, route: str) -> Iterator[str]:
+def _chat_chunks(
+    generation: Generation, req: oa.ChatCompletionRequest, completion_id: str, route: str
+) -> Iterator[str]:
     def chunk(index: int, delta: dict[str, Any], reason: Optional[str] = None, logprobs: Optional[dict] = None) -> str:
         return sse.event(oa.chat_chunk(completion_id, req.model, index, delta, reason, logprobs))
 
@@ -116,7 +135,9 @@ def _chat_chunks(generation: Generation, req: oa.ChatCompletionRequest, completi
                 finals[index] = event
                 yield from _chat_ending(chunk, index, event, buffer)
         if req.include_usage:
-            yield sse.event(oa.usage_chunk(completion_id, req.model, "chat.completion.chunk", _usage_of(list(finals.values()))))
+            yield sse.event(
+                oa.usage_chunk(completion_id, req.model, "chat.completion.chunk", _usage_of(list(finals.values())))
+            )
         yield sse.DONE
     except GenerationFailed as exc:
         yield sse.event(exc.openai_body(), name="error")

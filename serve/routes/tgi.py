@@ -94,7 +94,11 @@ def generate(payload: dict[str, Any], route: str, as_list: bool) -> Response:
     prompt_ids = service().text_prompt(req.inputs, truncate=req.parameters.truncate, field="inputs")
     service().check_grammar(grammar, "parameters.grammar")
     generation = service().start(
-        prompt_ids, req.requested_max_tokens, lambda budget: req.to_sampling_params(budget, grammar), "inputs", req.best_of,
+        prompt_ids,
+        req.requested_max_tokens,
+        lambda budget: req.to_sampling_params(budget, grammar),
+        "inputs",
+        req.best_of,
         requested_adapter(req.parameters.adapter_id, "parameters.adapter_id"),
     )
     if req.stream:
@@ -106,7 +110,9 @@ def generate(payload: dict[str, Any], route: str, as_list: bool) -> Response:
         body["details"] = _details(req, best, prompt_ids)
         if len(choices) > 1:
             body["details"]["best_of_sequences"] = [
-                {"generated_text": _full_text(req, c.text), **_details(req, c, prompt_ids)} for c in choices if c is not best
+                {"generated_text": _full_text(req, c.text), **_details(req, c, prompt_ids)}
+                for c in choices
+                if c is not best
             ]
     response = jsonify([body] if as_list else body)
     response.headers.update(timing_headers(best.final))
@@ -121,20 +127,29 @@ def _details(req: tgi.GenerateRequest, choice: Choice, prompt_ids: list[int]) ->
     """TGI's details of one choice: finish reason, generated tokens with log-probabilities, prefill, top tokens."""
     tokens = _tokens(choice.tokens)
     top = [_top_tokens(event) for event in choice.tokens] if req.parameters.top_n_tokens else None
-    prefill = _prefill(prompt_ids, choice.tokens[0].prompt_logprobs) if choice.tokens and req.parameters.decoder_input_details else []
+    prefill = (
+        _prefill(prompt_ids, choice.tokens[0].prompt_logprobs)
+        if choice.tokens and req.parameters.decoder_input_details
+        else []
+    )
     return tgi.details(choice.final, choice.seed, tokens, prefill, top)
 
 
 def _tokens(events: list[TokenEvent]) -> list[dict[str, Any]]:
     special = set(service().tokenizer.all_special_ids)
     texts = token_texts([event.token_id for event in events])
-    return [tgi.token(event.token_id, text, event.logprob, event.token_id in special) for event, text in zip(events, texts)]
+    return [
+        tgi.token(event.token_id, text, event.logprob, event.token_id in special) for event, text in zip(events, texts)
+    ]
 
 
 def _top_tokens(event: TokenEvent) -> list[dict[str, Any]]:
     special = set(service().tokenizer.all_special_ids)
     texts = token_texts([token_id for token_id, _ in event.top_logprobs])
-    return [tgi.token(token_id, text, logprob, token_id in special) for (token_id, logprob), text in zip(event.top_logprobs, texts)]
+    return [
+        tgi.token(token_id, text, logprob, token_id in special)
+        for (token_id, logprob), text in zip(event.top_logprobs, texts)
+    ]
 
 
 def _prefill(prompt_ids: list[int], logprobs: Optional[tuple]) -> list[dict[str, Any]]:

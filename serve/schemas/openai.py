@@ -112,7 +112,8 @@ class ResponseFormat(LenientModel):
 class _OpenAIRequest(SamplingFields):
     stream_options: Optional[StreamOptions] = None
     logit_bias: Optional[dict[str, float]] = Field(
-        default=None, max_length=MAX_LOGIT_BIAS,
+        default=None,
+        max_length=MAX_LOGIT_BIAS,
         description="Token id (string) -> bias in [-100, 100], added to its logit",
     )
 
@@ -121,7 +122,7 @@ class _OpenAIRequest(SamplingFields):
     def _bias_entries(cls, value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
         for key, bias in (value or {}).items():
             if not key.strip().isdigit():
-                raise ValueError(f"key {key!r} is not a token id (send token ids as strings: {{\"50256\": -100}})")
+                raise ValueError(f'key {key!r} is not a token id (send token ids as strings: {{"50256": -100}})')
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"bias {bias} for token {key} is outside [-100, 100]")
         return value
@@ -240,7 +241,9 @@ class CompletionRequest(_OpenAIRequest):
         try:
             return self.response_format.grammar() if self.response_format else None
         except GrammarError as exc:
-            raise ValidationFailed(f"response_format: the JSON schema does not compile: {exc}", "response_format") from None
+            raise ValidationFailed(
+                f"response_format: the JSON schema does not compile: {exc}", "response_format"
+            ) from None
 
     @property
     def requested_max_tokens(self) -> Optional[int]:
@@ -308,17 +311,26 @@ def _envelope(completion_id: str, obj: str, model: str, choices: list[dict[str, 
     }
 
 
-def chat_completion(completion_id: str, model: str, choices: list[dict[str, Any]], usage_body: dict[str, int]) -> dict[str, Any]:
+def chat_completion(
+    completion_id: str, model: str, choices: list[dict[str, Any]], usage_body: dict[str, int]
+) -> dict[str, Any]:
     """A complete (non-streaming) chat.completion body."""
     return {**_envelope(completion_id, "chat.completion", model, choices), "usage": usage_body}
 
 
-def chat_choice(index: int, message: dict[str, Any], finish_reason: Optional[str], logprobs: Optional[dict]) -> dict[str, Any]:
+def chat_choice(
+    index: int, message: dict[str, Any], finish_reason: Optional[str], logprobs: Optional[dict]
+) -> dict[str, Any]:
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chat_chunk(
-    completion_id: str, model: str, index: int, delta: dict[str, Any], finish_reason: Optional[str] = None, logprobs: Optional[dict] = None
+    completion_id: str,
+    model: str,
+    index: int,
+    delta: dict[str, Any],
+    finish_reason: Optional[str] = None,
+    logprobs: Optional[dict] = None,
 ) -> dict[str, Any]:
     """One chat.completion.chunk of a stream, for choice ``index``."""
     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -329,7 +341,9 @@ def text_choice(index: int, text: str, finish_reason: Optional[str], logprobs: O
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def text_completion(completion_id: str, model: str, choices: list[dict[str, Any]], usage_body: Optional[dict] = None) -> dict[str, Any]:
+def text_completion(
+    completion_id: str, model: str, choices: list[dict[str, Any]], usage_body: Optional[dict] = None
+) -> dict[str, Any]:
     """A text_completion body, or one chunk of a completions stream."""
     body = _envelope(completion_id, "text_completion", model, choices)
     if usage_body is not None:

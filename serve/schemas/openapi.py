@@ -165,7 +165,9 @@ class RegisterAdapter(BaseModel):
     pin: bool = False
 
 
-INVOCATION = Union[oa.ChatCompletionRequest, oa.CompletionRequest, tgi.GenerateRequest]  # told apart by messages/prompt/inputs
+INVOCATION = Union[
+    oa.ChatCompletionRequest, oa.CompletionRequest, tgi.GenerateRequest
+]  # told apart by messages/prompt/inputs
 
 # what each event of a route's SSE stream carries in its data (besides the closing [DONE] and an error event)
 STREAM_CHUNKS: dict[str, Any] = {
@@ -180,25 +182,61 @@ STREAM_CHUNKS: dict[str, Any] = {
 # (method, path) -> summary, request model, 200 response: (model or None, media types)
 OPERATIONS: dict[tuple[str, str], tuple[str, Optional[type], Any, tuple[str, ...]]] = {
     ("GET", "/ping"): ("SageMaker health check: 200 once the model is loaded", None, Status, ("application/json",)),
-    ("POST", "/invocations"): ("SageMaker inference: chat (messages), completion (prompt) or TGI (inputs)", INVOCATION,
-                               Union[ChatCompletion, TextCompletion, list[GenerateResponse]], ("application/json", SSE)),
-    ("POST", "/v1/chat/completions"): ("OpenAI chat completion", oa.ChatCompletionRequest, ChatCompletion, ("application/json", SSE)),
-    ("POST", "/v1/completions"): ("OpenAI text completion", oa.CompletionRequest, TextCompletion, ("application/json", SSE)),
+    ("POST", "/invocations"): (
+        "SageMaker inference: chat (messages), completion (prompt) or TGI (inputs)",
+        INVOCATION,
+        Union[ChatCompletion, TextCompletion, list[GenerateResponse]],
+        ("application/json", SSE),
+    ),
+    ("POST", "/v1/chat/completions"): (
+        "OpenAI chat completion",
+        oa.ChatCompletionRequest,
+        ChatCompletion,
+        ("application/json", SSE),
+    ),
+    ("POST", "/v1/completions"): (
+        "OpenAI text completion",
+        oa.CompletionRequest,
+        TextCompletion,
+        ("application/json", SSE),
+    ),
     ("GET", "/v1/models"): ("The served model", None, ModelList, ("application/json",)),
-    ("POST", "/generate"): ("TGI generate (SSE when the body sets stream: true)", tgi.GenerateRequest, GenerateResponse, ("application/json", SSE)),
-    ("POST", "/"): ("TGI's root route (TGI's clients): /generate's answer as a one-item list, or a stream",
-                    tgi.GenerateRequest, list[GenerateResponse], ("application/json", SSE)),
+    ("POST", "/generate"): (
+        "TGI generate (SSE when the body sets stream: true)",
+        tgi.GenerateRequest,
+        GenerateResponse,
+        ("application/json", SSE),
+    ),
+    ("POST", "/"): (
+        "TGI's root route (TGI's clients): /generate's answer as a one-item list, or a stream",
+        tgi.GenerateRequest,
+        list[GenerateResponse],
+        ("application/json", SSE),
+    ),
     ("POST", "/generate_stream"): ("TGI generate, streamed as Server-Sent Events", tgi.GenerateRequest, None, (SSE,)),
-    ("POST", "/tokenize"): ("TGI tokenize: token ids with their text spans", tgi.TokenizeRequest, list[TokenSpan], ("application/json",)),
+    ("POST", "/tokenize"): (
+        "TGI tokenize: token ids with their text spans",
+        tgi.TokenizeRequest,
+        list[TokenSpan],
+        ("application/json",),
+    ),
     ("GET", "/info"): ("TGI info: model and limits", None, Info, ("application/json",)),
     ("GET", "/health"): ("TGI health: 200 once ready", None, None, ()),
     ("GET", "/metrics"): ("Prometheus metrics", None, None, ("text/plain",)),
     ("GET", "/openapi.json"): ("This document", None, None, ("application/json",)),
     ("GET", "/docs"): ("This document as an HTML page", None, None, ("text/html",)),
-    ("POST", "/adapters"): ("Register a LoRA adapter (JSON body or query parameters)", RegisterAdapter, None,
-                            ("text/plain",)),
-    ("DELETE", "/adapters/{name}"): ("Unregister a LoRA adapter once its running requests finish", None, None,
-                                     ("text/plain",)),
+    ("POST", "/adapters"): (
+        "Register a LoRA adapter (JSON body or query parameters)",
+        RegisterAdapter,
+        None,
+        ("text/plain",),
+    ),
+    ("DELETE", "/adapters/{name}"): (
+        "Unregister a LoRA adapter once its running requests finish",
+        None,
+        None,
+        ("text/plain",),
+    ),
 }
 EXTRA_ERRORS = {  # statuses beyond ERROR_STATUSES that an operation answers
     ("POST", "/adapters"): {"409": "The name is registered from another src (or is being registered or deleted)"},
@@ -218,15 +256,20 @@ def build_openapi(app: Flask, api_key_required: bool) -> dict[str, Any]:
             view = app.view_functions[rule.endpoint]
             operation = _operation(method, path, view.__doc__, components)
             if rule.arguments:
-                operation["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                                           for name in sorted(rule.arguments)]
+                operation["parameters"] = [
+                    {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                    for name in sorted(rule.arguments)
+                ]
             if api_key_required and rule.rule not in OPEN_PATHS:
                 operation["security"] = [{"bearer": []}]
             paths.setdefault(path, {})[method.lower()] = operation
     document: dict[str, Any] = {
         "openapi": "3.1.0",
-        "info": {"title": "sagemaker-llm-serve", "version": serve.__version__,
-                 "description": "SageMaker, OpenAI and TGI APIs over one continuous-batching engine."},
+        "info": {
+            "title": "sagemaker-llm-serve",
+            "version": serve.__version__,
+            "description": "SageMaker, OpenAI and TGI APIs over one continuous-batching engine.",
+        },
         "paths": paths,
         "components": {"schemas": components},
     }
@@ -254,7 +297,10 @@ def _operation(method: str, path: str, doc: Optional[str], components: dict[str,
     if request_model is not None:
         body = _schema(request_model, components, "validation")
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-    operation["responses"] = {"200": _ok(path, response, media, components), **_errors(path, request_model is not None, components)}
+    operation["responses"] = {
+        "200": _ok(path, response, media, components),
+        **_errors(path, request_model is not None, components),
+    }
     for code, text in EXTRA_ERRORS.get((method, path), {}).items():
         operation["responses"][code] = {**operation["responses"]["401"], "description": text}
     return operation
@@ -278,13 +324,29 @@ def _ok(path: str, response: Any, media: tuple[str, ...], components: dict[str, 
 def _sse_event(path: str, components: dict[str, Any]) -> dict[str, Any]:
     """One Server-Sent Event of ``path``'s stream: a JSON chunk, the closing ``[DONE]``, or an ``error`` event."""
     chunk = STREAM_CHUNKS.get(path)
-    data = {"contentMediaType": "application/json", "contentSchema": _schema(chunk, components, "serialization")} if chunk else {}
+    data = (
+        {"contentMediaType": "application/json", "contentSchema": _schema(chunk, components, "serialization")}
+        if chunk
+        else {}
+    )
     styles = {"/invocations": Union[OpenAIError, TGIError]}  # its chat and completion streams fail OpenAI-style
     error = _schema(styles.get(path, OpenAIError if path.startswith("/v1/") else TGIError), components, "serialization")
-    message = {"type": "object", "required": ["data"], "properties": {
-        "event": {"const": "message"}, "data": {"anyOf": [{"const": "[DONE]"}, {"type": "string", **data}]}}}
-    failure = {"type": "object", "required": ["data", "event"], "properties": {
-        "event": {"const": "error"}, "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": error}}}
+    message = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"const": "message"},
+            "data": {"anyOf": [{"const": "[DONE]"}, {"type": "string", **data}]},
+        },
+    }
+    failure = {
+        "type": "object",
+        "required": ["data", "event"],
+        "properties": {
+            "event": {"const": "error"},
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": error},
+        },
+    }
     return {"oneOf": [message, failure]}
 
 
@@ -296,7 +358,14 @@ def _errors(path: str, has_body: bool, components: dict[str, Any]) -> dict[str, 
     if path.startswith("/v1/") and has_body:  # OpenAI answers every invalid request with 400
         statuses = {code: text for code, text in statuses.items() if code != "422"}
         statuses["400"] = "The body is not JSON, or a field is missing, of the wrong type or out of range (see param)"
-    errors = {code: {"description": text, "content": {"application/json": {"schema": ref}}} for code, text in statuses.items()}
+    errors = {
+        code: {"description": text, "content": {"application/json": {"schema": ref}}} for code, text in statuses.items()
+    }
     if path == "/ping":
-        errors = {"503": {"description": "Loading, failed, or draining", "content": {"application/json": {"schema": _schema(Status, components, "serialization")}}}}
+        errors = {
+            "503": {
+                "description": "Loading, failed, or draining",
+                "content": {"application/json": {"schema": _schema(Status, components, "serialization")}},
+            }
+        }
     return errors

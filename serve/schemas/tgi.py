@@ -27,7 +27,11 @@ class Grammar(LenientModel):
                 if not isinstance(self.value, str):
                     raise GrammarError("a regex grammar takes the pattern as a string")
                 return regex_grammar(self.value)
-            value = self.value.get("schema", self.value) if self.type == "json_schema" and isinstance(self.value, dict) else self.value
+            value = (
+                self.value.get("schema", self.value)
+                if self.type == "json_schema" and isinstance(self.value, dict)
+                else self.value
+            )
             return json_schema_grammar(value)
         except GrammarError as exc:
             raise ValidationFailed(f"parameters.grammar: {exc}", "parameters.grammar") from None
@@ -137,7 +141,13 @@ def token(token_id: int, text: str, logprob: Optional[float], special: Optional[
     return body
 
 
-def details(final: TokenEvent, seed: Optional[int], tokens: list[dict[str, Any]], prefill: list[dict[str, Any]], top_tokens: Optional[list]) -> dict[str, Any]:
+def details(
+    final: TokenEvent,
+    seed: Optional[int],
+    tokens: list[dict[str, Any]],
+    prefill: list[dict[str, Any]],
+    top_tokens: Optional[list],
+) -> dict[str, Any]:
     """The ``details`` object of a TGI response."""
     body: dict[str, Any] = {
         "finish_reason": tgi_finish_reason(final.finish_reason, final.stop_sequence),

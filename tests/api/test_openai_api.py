@@ -6,7 +6,11 @@ import pytest
 
 from tests.helpers import sse_data
 
-CHAT = {"model": "tgi", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 8}
+CHAT = {
+    "model": "tgi",
+    "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    "max_tokens": 8,
+}
 
 
 def test_chat_completion_shape(client):
@@ -25,7 +29,10 @@ def test_chat_completion_shape(client):
 
 
 def test_chat_stream_chunks_and_done(client):
-    response = client.post("/v1/chat/completions", json={**CHAT, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}})
+    response = client.post(
+        "/v1/chat/completions",
+        json={**CHAT, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}},
+    )
     assert response.status_code == 200 and response.mimetype == "text/event-stream"
     data = sse_data(response.get_data(as_text=True))
     assert data[-1] == "[DONE]"
@@ -40,7 +47,12 @@ def test_chat_stream_chunks_and_done(client):
 def test_stream_equals_non_stream_text(client):
     request = {**CHAT, "temperature": 0, "max_tokens": 12, "ignore_eos": True}
     whole = client.post("/v1/chat/completions", json=request).json["choices"][0]["message"]["content"]
-    chunks = [json.loads(d) for d in sse_data(client.post("/v1/chat/completions", json={**request, "stream": True}).get_data(as_text=True))[:-1]]
+    chunks = [
+        json.loads(d)
+        for d in sse_data(client.post("/v1/chat/completions", json={**request, "stream": True}).get_data(as_text=True))[
+            :-1
+        ]
+    ]
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert streamed == whole
 
@@ -51,7 +63,9 @@ def test_content_parts_are_accepted(client):
 
 
 def test_completions(client):
-    response = client.post("/v1/completions", json={"model": "x", "prompt": "Hello", "max_tokens": 5, "temperature": 0, "echo": True})
+    response = client.post(
+        "/v1/completions", json={"model": "x", "prompt": "Hello", "max_tokens": 5, "temperature": 0, "echo": True}
+    )
     assert response.status_code == 200
     body = response.json
     assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
@@ -59,7 +73,9 @@ def test_completions(client):
 
 
 def test_completions_stream(client):
-    response = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "stream": True, "ignore_eos": True})
+    response = client.post(
+        "/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "stream": True, "ignore_eos": True}
+    )
     data = sse_data(response.get_data(as_text=True))
     assert data[-1] == "[DONE]"
     assert json.loads(data[-2])["choices"][0]["finish_reason"] == "length"
@@ -111,7 +127,9 @@ def test_bad_json_and_empty_body(client):
 
 def test_streaming_request_is_validated_before_the_stream(client):
     response = client.post("/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 0})
-    assert response.status_code == 400 and response.mimetype == "application/json"  # OpenAI's status for invalid requests
+    assert (
+        response.status_code == 400 and response.mimetype == "application/json"
+    )  # OpenAI's status for invalid requests
 
 
 def test_body_over_six_mib_is_413(client):
@@ -130,7 +148,9 @@ def test_default_length_is_capped_when_max_tokens_is_omitted(tiny_settings, tiny
     from serve.app import create_app
 
     capped = create_app(replace(tiny_settings, default_max_new_tokens=7), tiny_engine).test_client()
-    body = capped.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True}).json
+    body = capped.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True}
+    ).json
     assert body["usage"]["completion_tokens"] == 7 and body["choices"][0]["finish_reason"] == "length"
 
 
@@ -146,7 +166,9 @@ def test_overload_is_429_before_any_stream(tiny_settings):
     assert engine.wait_ready(60)
     try:
         client = create_app(settings, engine).test_client()
-        long_stream = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 400, "ignore_eos": True, "stream": True}, buffered=False)
+        long_stream = client.post(
+            "/v1/chat/completions", json={**CHAT, "max_tokens": 400, "ignore_eos": True, "stream": True}, buffered=False
+        )
         first_chunk = next(long_stream.response)
         assert b"chat.completion.chunk" in first_chunk
         refused = client.post("/v1/chat/completions", json={**CHAT, "stream": True})

@@ -14,8 +14,27 @@ from serve.model.loader import load_model
 from tests.helpers import build_tiny_llama, sse_data
 
 CHAT = {"messages": [{"role": "user", "content": "What is deep learning?"}], "max_tokens": 6}
-SAMPLING = {"temperature": 0.9, "top_p": 1.0, "top_k": 40, "min_p": 0.01, "typical_p": 0.95, "repetition_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": 0.5, "seed": 7}
-TGI_SAMPLING = {"temperature": 0.9, "top_p": 0.99, "top_k": 40, "typical_p": 0.95, "repetition_penalty": 1.1, "frequency_penalty": 0.5, "seed": 7, "do_sample": True}
+SAMPLING = {
+    "temperature": 0.9,
+    "top_p": 1.0,
+    "top_k": 40,
+    "min_p": 0.01,
+    "typical_p": 0.95,
+    "repetition_penalty": 1.1,
+    "frequency_penalty": 0.5,
+    "presence_penalty": 0.5,
+    "seed": 7,
+}
+TGI_SAMPLING = {
+    "temperature": 0.9,
+    "top_p": 0.99,
+    "top_k": 40,
+    "typical_p": 0.95,
+    "repetition_penalty": 1.1,
+    "frequency_penalty": 0.5,
+    "seed": 7,
+    "do_sample": True,
+}
 
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/invocations"])
@@ -37,12 +56,18 @@ def test_chat_parameters_reach_invocations_with_the_switch_off(client):
 
 def test_top_p_one_is_accepted_everywhere(client, messages_client):
     assert messages_client.post("/invocations", json={**CHAT, "top_p": 1.0}).status_code == 200
-    assert client.post("/generate", json={"inputs": "Hi", "parameters": {"top_p": 1.0, "max_new_tokens": 2}}).status_code == 200
+    assert (
+        client.post("/generate", json={"inputs": "Hi", "parameters": {"top_p": 1.0, "max_new_tokens": 2}}).status_code
+        == 200
+    )
 
 
 @pytest.mark.parametrize("route", ["/generate", "/invocations"])
 def test_tgi_sampling_parameters_and_seed(client, route):
-    payload = {"inputs": "Hello there", "parameters": {**TGI_SAMPLING, "max_new_tokens": 5, "ignore_eos": True, "details": True}}
+    payload = {
+        "inputs": "Hello there",
+        "parameters": {**TGI_SAMPLING, "max_new_tokens": 5, "ignore_eos": True, "details": True},
+    }
     first, second = (client.post(route, json=payload).json for _ in range(2))
     first, second = (body[0] if isinstance(body, list) else body for body in (first, second))
     assert first["generated_text"] == second["generated_text"] and first["details"]["generated_tokens"] == 5
@@ -50,28 +75,65 @@ def test_tgi_sampling_parameters_and_seed(client, route):
 
 
 def test_return_full_text_truncate_and_stop(client):
-    full = client.post("/generate", json={"inputs": "Hello there", "parameters": {"max_new_tokens": 3, "return_full_text": True}}).json
+    full = client.post(
+        "/generate", json={"inputs": "Hello there", "parameters": {"max_new_tokens": 3, "return_full_text": True}}
+    ).json
     assert full["generated_text"].startswith("Hello there")
-    plain = client.post("/generate", json={"inputs": "Hello there", "parameters": {"max_new_tokens": 12, "ignore_eos": True, "details": True}}).json
+    plain = client.post(
+        "/generate",
+        json={"inputs": "Hello there", "parameters": {"max_new_tokens": 12, "ignore_eos": True, "details": True}},
+    ).json
     stop = plain["generated_text"][2:5]
     if stop.strip():
-        stopped = client.post("/generate", json={"inputs": "Hello there", "parameters": {"max_new_tokens": 12, "ignore_eos": True, "stop": [stop], "details": True}}).json
+        stopped = client.post(
+            "/generate",
+            json={
+                "inputs": "Hello there",
+                "parameters": {"max_new_tokens": 12, "ignore_eos": True, "stop": [stop], "details": True},
+            },
+        ).json
         assert stop not in stopped["generated_text"] and stopped["details"]["finish_reason"] == "stop_sequence"
-    truncated = client.post("/generate", json={"inputs": "one two three four five six", "parameters": {"truncate": 2, "max_new_tokens": 1, "decoder_input_details": True, "details": True}}).json
+    truncated = client.post(
+        "/generate",
+        json={
+            "inputs": "one two three four five six",
+            "parameters": {"truncate": 2, "max_new_tokens": 1, "decoder_input_details": True, "details": True},
+        },
+    ).json
     assert len(truncated["details"]["prefill"]) == 2
 
 
 def test_tgi_details_tokens_prefill_and_top_tokens(client):
-    body = client.post("/generate", json={"inputs": "The sky is", "parameters": {"max_new_tokens": 4, "details": True, "decoder_input_details": True, "top_n_tokens": 3}}).json
+    body = client.post(
+        "/generate",
+        json={
+            "inputs": "The sky is",
+            "parameters": {"max_new_tokens": 4, "details": True, "decoder_input_details": True, "top_n_tokens": 3},
+        },
+    ).json
     details = body["details"]
-    assert [t["text"] for t in details["tokens"]] and "".join(t["text"] for t in details["tokens"]) == body["generated_text"]
+    assert [t["text"] for t in details["tokens"]] and "".join(t["text"] for t in details["tokens"]) == body[
+        "generated_text"
+    ]
     assert all(set(t) == {"id", "text", "logprob", "special"} for t in details["tokens"])
     assert details["prefill"][0]["logprob"] is None and all(t["logprob"] <= 0 for t in details["prefill"][1:])
-    assert all(len(top) == 3 and top[0]["id"] == tok["id"] for top, tok in zip(details["top_tokens"], details["tokens"]))  # greedy
+    assert all(
+        len(top) == 3 and top[0]["id"] == tok["id"] for top, tok in zip(details["top_tokens"], details["tokens"])
+    )  # greedy
 
 
 def test_best_of_returns_the_most_likely_sequence(client):
-    payload = {"inputs": "Once", "parameters": {"best_of": 3, "do_sample": True, "seed": 1, "max_new_tokens": 5, "details": True, "ignore_eos": True}}
+    payload = {
+        "inputs": "Once",
+        "parameters": {
+            "best_of": 3,
+            "do_sample": True,
+            "seed": 1,
+            "max_new_tokens": 5,
+            "details": True,
+            "ignore_eos": True,
+        },
+    }
     body = client.post("/generate", json=payload).json
     others = body["details"]["best_of_sequences"]
     assert len(others) == 2
@@ -82,16 +144,32 @@ def test_best_of_returns_the_most_likely_sequence(client):
 
 def test_best_of_rules(client):
     greedy = client.post("/generate", json={"inputs": "x", "parameters": {"best_of": 2}})
-    streamed = client.post("/generate", json={"inputs": "x", "stream": True, "parameters": {"best_of": 2, "do_sample": True}})
+    streamed = client.post(
+        "/generate", json={"inputs": "x", "stream": True, "parameters": {"best_of": 2, "do_sample": True}}
+    )
     assert greedy.status_code == 422 and "best_of" in greedy.json["error"]
     assert streamed.status_code == 422 and "best_of" in streamed.json["error"]
 
 
 def test_tgi_grammar_json_and_regex(client):
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
-    body = client.post("/generate", json={"inputs": "Answer:", "parameters": {"max_new_tokens": 20, "grammar": {"type": "json", "value": schema}}}).json
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    body = client.post(
+        "/generate",
+        json={"inputs": "Answer:", "parameters": {"max_new_tokens": 20, "grammar": {"type": "json", "value": schema}}},
+    ).json
     assert json.loads(body["generated_text"]) in ({"ok": True}, {"ok": False})
-    digits = client.post("/invocations", json={"inputs": "Code:", "parameters": {"max_new_tokens": 8, "details": True, "grammar": {"type": "regex", "value": "[0-9]{3}"}}}).json
+    digits = client.post(
+        "/invocations",
+        json={
+            "inputs": "Code:",
+            "parameters": {"max_new_tokens": 8, "details": True, "grammar": {"type": "regex", "value": "[0-9]{3}"}},
+        },
+    ).json
     assert len(digits[0]["generated_text"]) == 3 and digits[0]["generated_text"].isdigit()
     assert digits[0]["details"]["finish_reason"] == "eos_token"  # ends as soon as the grammar is complete
 
@@ -114,12 +192,21 @@ def test_bad_tgi_parameters_name_the_field(client, payload, field):
 @pytest.mark.parametrize(
     "extra, field",
     [
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}}},
+            "response_format",
+        ),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": [{"type": "function", "function": {"name": "a"}}], "tool_choice": {"type": "function", "function": {"name": "b"}}}, "tool_choice"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "a"}}],
+                "tool_choice": {"type": "function", "function": {"name": "b"}},
+            },
+            "tool_choice",
+        ),
         ({"min_p": 2}, "min_p"),
         ({"typical_p": 0}, "typical_p"),
     ],
@@ -132,14 +219,22 @@ def test_bad_openai_parameters_name_the_field(messages_client, extra, field):
 
 
 def test_tgi_stream_tokens_carry_logprobs_and_top_tokens(client):
-    response = client.post("/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3, "top_n_tokens": 2, "details": True, "ignore_eos": True}})
+    response = client.post(
+        "/generate_stream",
+        json={
+            "inputs": "Hi",
+            "parameters": {"max_new_tokens": 3, "top_n_tokens": 2, "details": True, "ignore_eos": True},
+        },
+    )
     events = [json.loads(item) for item in sse_data(response.get_data(as_text=True))]
     assert len(events) == 3 and all(e["token"]["logprob"] <= 0 and len(e["top_tokens"]) == 2 for e in events)
     assert events[-1]["details"]["generated_tokens"] == 3 and events[-1]["details"]["input_length"] >= 1
 
 
 def test_tgi_root_route_serves_generate_and_stream(client):
-    assert "generated_text" in client.post("/", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).json[0]  # TGI's list
+    assert (
+        "generated_text" in client.post("/", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).json[0]
+    )  # TGI's list
     streamed = client.post("/", json={"inputs": "Hi", "stream": True, "parameters": {"max_new_tokens": 2}})
     assert streamed.mimetype == "text/event-stream"
 
@@ -152,7 +247,9 @@ def test_auto_tool_choice_returns_prose_from_a_model_that_does_not_call(messages
 
 
 def test_chat_template_setting_overrides_the_models_template(tiny_settings, tiny_engine):
-    template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}{% if add_generation_prompt %}ANSWER:{% endif %}"
+    template = (
+        "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}{% if add_generation_prompt %}ANSWER:{% endif %}"
+    )
     app = create_app(replace(tiny_settings, chat_template=template), tiny_engine)
     with app.app_context():
         service = app.extensions["serve.service"]
@@ -182,8 +279,23 @@ def test_a_model_without_chat_template_gets_a_clear_400(templateless_client):
 
 
 def test_completions_take_response_format_too(client):
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
-    body = client.post("/v1/completions", json={"prompt": "JSON:", "max_tokens": 20, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}).json
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    body = client.post(
+        "/v1/completions",
+        json={
+            "prompt": "JSON:",
+            "max_tokens": 20,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        },
+    ).json
     assert json.loads(body["choices"][0]["text"]) in ({"ok": True}, {"ok": False})
-    bad = client.post("/v1/completions", json={"prompt": "JSON:", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 12}}}})
+    bad = client.post(
+        "/v1/completions",
+        json={"prompt": "JSON:", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 12}}}},
+    )
     assert bad.status_code == 400 and "response_format" in bad.json["error"]["message"]

@@ -21,7 +21,9 @@ def test_generate(client):
 
 
 def test_generate_return_full_text(client):
-    body = client.post("/generate", json={**GENERATE, "parameters": {"max_new_tokens": 3, "return_full_text": True}}).json
+    body = client.post(
+        "/generate", json={**GENERATE, "parameters": {"max_new_tokens": 3, "return_full_text": True}}
+    ).json
     assert body["generated_text"].startswith(GENERATE["inputs"])
 
 
@@ -47,13 +49,20 @@ def test_invocations_tgi_mode_also_takes_messages_and_prompt(client):
 
 def test_invocations_stream_in_tgi_mode(client):
     response = client.post("/invocations", json={**GENERATE, "stream": True})
-    assert response.mimetype == "text/event-stream" and json.loads(sse_data(response.get_data(as_text=True))[-1])["generated_text"] is not None
+    assert (
+        response.mimetype == "text/event-stream"
+        and json.loads(sse_data(response.get_data(as_text=True))[-1])["generated_text"] is not None
+    )
 
 
 def test_invocations_messages_api(messages_client):
-    response = messages_client.post("/invocations", json={"messages": [{"role": "user", "content": "What is deep learning?"}], "max_tokens": 4})
+    response = messages_client.post(
+        "/invocations", json={"messages": [{"role": "user", "content": "What is deep learning?"}], "max_tokens": 4}
+    )
     assert response.status_code == 200 and response.json["choices"][0]["message"]["role"] == "assistant"
-    streamed = messages_client.post("/invocations", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True})
+    streamed = messages_client.post(
+        "/invocations", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
+    )
     assert sse_data(streamed.get_data(as_text=True))[-1] == "[DONE]"
 
 
@@ -73,13 +82,18 @@ def test_tgi_errors_are_tgi_shaped(client):
 
 
 def test_truncate_keeps_the_last_tokens(client):
-    response = client.post("/generate", json={"inputs": "word " * 600, "parameters": {"truncate": 100, "max_new_tokens": 2, "details": True}})
+    response = client.post(
+        "/generate",
+        json={"inputs": "word " * 600, "parameters": {"truncate": 100, "max_new_tokens": 2, "details": True}},
+    )
     assert response.status_code == 200 and int(response.headers["x-prompt-tokens"]) == 100
 
 
 def test_info_health_tokenize(client, tiny_model_dir):
     info = client.get("/info").json
-    assert info["model_id"] == str(tiny_model_dir) and info["max_total_tokens"] == 512 and info["max_input_tokens"] == 511
+    assert (
+        info["model_id"] == str(tiny_model_dir) and info["max_total_tokens"] == 512 and info["max_input_tokens"] == 511
+    )
     assert client.get("/health").status_code == 200
     tokens = client.post("/tokenize", json={"inputs": "Hello world"}).json
     assert "".join(token["text"] for token in tokens) == "Hello world" and all("id" in token for token in tokens)

@@ -9,7 +9,9 @@ from tests.helpers import start_server
 
 @pytest.fixture(scope="package")
 def tiny_server(tiny_model_dir, tmp_path_factory):
-    server = start_server({"HF_MODEL_ID": str(tiny_model_dir), "MAX_CONCURRENT_REQUESTS": "16"}, tmp_path_factory.mktemp("logs"))
+    server = start_server(
+        {"HF_MODEL_ID": str(tiny_model_dir), "MAX_CONCURRENT_REQUESTS": "16"}, tmp_path_factory.mktemp("logs")
+    )
     yield server
     server.stop()
 

@@ -16,15 +16,31 @@ def hf_client(tiny_server):
 
 def test_chat_completion_sync_and_stream(hf_client):
     sync = hf_client.chat_completion(MESSAGES, max_tokens=8, temperature=0.0, seed=1)
-    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in hf_client.chat_completion(MESSAGES, max_tokens=8, temperature=0.0, stream=True) if chunk.choices)
+    streamed = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in hf_client.chat_completion(MESSAGES, max_tokens=8, temperature=0.0, stream=True)
+        if chunk.choices
+    )
     assert sync.choices[0].message.content == streamed
     assert sync.usage.completion_tokens >= 1
 
 
 def test_text_generation_with_details(hf_client):
-    output = hf_client.text_generation("The capital of France is", max_new_tokens=5, details=True, decoder_input_details=True, top_n_tokens=2, seed=4, do_sample=True)
+    output = hf_client.text_generation(
+        "The capital of France is",
+        max_new_tokens=5,
+        details=True,
+        decoder_input_details=True,
+        top_n_tokens=2,
+        seed=4,
+        do_sample=True,
+    )
     details = output.details
-    assert details.generated_tokens == len(details.tokens) and details.finish_reason in ("length", "eos_token", "stop_sequence")
+    assert details.generated_tokens == len(details.tokens) and details.finish_reason in (
+        "length",
+        "eos_token",
+        "stop_sequence",
+    )
     assert "".join(token.text for token in details.tokens) == output.generated_text
     assert all(token.logprob <= 0 for token in details.tokens)
     assert details.prefill[0].logprob is None and all(token.logprob <= 0 for token in details.prefill[1:])

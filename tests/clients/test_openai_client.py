@@ -7,10 +7,16 @@ import json
 import jsonschema
 import pytest
 
-MESSAGES = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "What is deep learning?"}]
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is deep learning?"},
+]
 ANSWER_SCHEMA = {
     "type": "object",
-    "properties": {"answer": {"type": "string", "enum": ["yes", "no", "maybe"]}, "score": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "properties": {
+        "answer": {"type": "string", "enum": ["yes", "no", "maybe"]},
+        "score": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
     "required": ["answer", "score"],
     "additionalProperties": False,
 }
@@ -21,7 +27,10 @@ WEATHER = {
         "description": "Current weather of a city",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string", "enum": ["Paris", "Tokyo"]}, "unit": {"type": "string", "enum": ["C", "F"]}},
+            "properties": {
+                "city": {"type": "string", "enum": ["Paris", "Tokyo"]},
+                "unit": {"type": "string", "enum": ["C", "F"]},
+            },
             "required": ["city", "unit"],
             "additionalProperties": False,
         },
@@ -31,27 +40,44 @@ TIME = {
     "type": "function",
     "function": {
         "name": "get_time",
-        "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False},
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
     },
 }
 
 
 def test_chat_sync_and_stream_agree(openai_client):
     sync = openai_client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=12, temperature=0)
-    chunks = list(openai_client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=12, temperature=0, stream=True))
+    chunks = list(
+        openai_client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=12, temperature=0, stream=True)
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert sync.choices[0].message.content == streamed
-    assert sync.choices[0].finish_reason == [c for c in chunks if c.choices and c.choices[0].finish_reason][0].choices[0].finish_reason
-    assert sync.usage.completion_tokens >= 1 and sync.usage.total_tokens == sync.usage.prompt_tokens + sync.usage.completion_tokens
+    assert (
+        sync.choices[0].finish_reason
+        == [c for c in chunks if c.choices and c.choices[0].finish_reason][0].choices[0].finish_reason
+    )
+    assert (
+        sync.usage.completion_tokens >= 1
+        and sync.usage.total_tokens == sync.usage.prompt_tokens + sync.usage.completion_tokens
+    )
 
 
 def test_n_choices_sync_and_stream(openai_client):
-    sync = openai_client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=6, n=2, seed=3, extra_body={"ignore_eos": True})
+    sync = openai_client.chat.completions.create(
+        model="tgi", messages=MESSAGES, max_tokens=6, n=2, seed=3, extra_body={"ignore_eos": True}
+    )
     assert [c.index for c in sync.choices] == [0, 1]
     assert sync.usage.completion_tokens == 12
     texts = {0: "", 1: ""}
     finished = set()
-    for chunk in openai_client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=6, n=2, seed=3, stream=True, extra_body={"ignore_eos": True}):
+    for chunk in openai_client.chat.completions.create(
+        model="tgi", messages=MESSAGES, max_tokens=6, n=2, seed=3, stream=True, extra_body={"ignore_eos": True}
+    ):
         for choice in chunk.choices:
             texts[choice.index] += choice.delta.content or ""
             if choice.finish_reason:
@@ -61,7 +87,9 @@ def test_n_choices_sync_and_stream(openai_client):
 
 
 def test_logprobs_and_top_logprobs(openai_client):
-    response = openai_client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    response = openai_client.chat.completions.create(
+        model="tgi", messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = response.choices[0].logprobs.content
     assert len(content) == response.usage.completion_tokens
     assert "".join(entry.token for entry in content) == response.choices[0].message.content
@@ -74,14 +102,36 @@ def test_logprobs_and_top_logprobs(openai_client):
 
 
 def test_logprobs_stream_with_each_token(openai_client):
-    chunks = list(openai_client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2, stream=True, extra_body={"ignore_eos": True}))
+    chunks = list(
+        openai_client.chat.completions.create(
+            model="tgi",
+            messages=MESSAGES,
+            max_tokens=4,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     entries = [entry for c in chunks if c.choices and c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
     assert len(entries) == 4 and all(len(entry.top_logprobs) == 2 for entry in entries)
 
 
 def test_seed_reproduces_sampled_text(openai_client):
     def sample(seed):
-        return openai_client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=16, temperature=1.0, seed=seed, extra_body={"ignore_eos": True}).choices[0].message.content
+        return (
+            openai_client.chat.completions.create(
+                model="tgi",
+                messages=MESSAGES,
+                max_tokens=16,
+                temperature=1.0,
+                seed=seed,
+                extra_body={"ignore_eos": True},
+            )
+            .choices[0]
+            .message.content
+        )
 
     first = sample(1234)
     assert sample(1234) == first
@@ -95,14 +145,19 @@ def test_response_format_json_schema_validates(openai_client):
         max_tokens=60,
         temperature=0.7,
         seed=5,
-        response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": ANSWER_SCHEMA, "strict": True}},
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "verdict", "schema": ANSWER_SCHEMA, "strict": True},
+        },
     )
     jsonschema.validate(json.loads(response.choices[0].message.content), ANSWER_SCHEMA)
     assert response.choices[0].finish_reason == "stop"
 
 
 def test_response_format_json_object(openai_client):
-    response = openai_client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=30, temperature=0, response_format={"type": "json_object"})
+    response = openai_client.chat.completions.create(
+        model="tgi", messages=MESSAGES, max_tokens=30, temperature=0, response_format={"type": "json_object"}
+    )
     text = response.choices[0].message.content
     if response.choices[0].finish_reason == "stop":  # a random model may run out of tokens inside a long string
         assert isinstance(json.loads(text), dict)
@@ -111,8 +166,12 @@ def test_response_format_json_object(openai_client):
 
 def test_named_tool_choice_returns_a_valid_call(openai_client):
     response = openai_client.chat.completions.create(
-        model="tgi", messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=60, temperature=0,
-        tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        model="tgi",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        max_tokens=60,
+        temperature=0,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
     choice = response.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -122,18 +181,36 @@ def test_named_tool_choice_returns_a_valid_call(openai_client):
 
 
 def test_required_tool_choice_calls_one_of_the_tools_and_streams(openai_client):
-    kwargs = dict(model="tgi", messages=[{"role": "user", "content": "What time is it?"}], max_tokens=60, temperature=0.8, seed=11, tools=[WEATHER, TIME], tool_choice="required")
+    kwargs = dict(
+        model="tgi",
+        messages=[{"role": "user", "content": "What time is it?"}],
+        max_tokens=60,
+        temperature=0.8,
+        seed=11,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+    )
     call = openai_client.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
     schemas = {"get_weather": WEATHER, "get_time": TIME}
     jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name]["function"]["parameters"])
-    deltas = [d for c in openai_client.chat.completions.create(stream=True, **kwargs) if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    deltas = [
+        d
+        for c in openai_client.chat.completions.create(stream=True, **kwargs)
+        if c.choices
+        for d in (c.choices[0].delta.tool_calls or [])
+    ]
     assert deltas and deltas[0].function.name == call.function.name
     assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
 
 
 def test_tool_results_are_accepted_on_the_next_turn(openai_client):
     first = openai_client.chat.completions.create(
-        model="tgi", messages=[{"role": "user", "content": "Weather in Tokyo?"}], max_tokens=60, temperature=0, tools=[WEATHER], tool_choice="required"
+        model="tgi",
+        messages=[{"role": "user", "content": "Weather in Tokyo?"}],
+        max_tokens=60,
+        temperature=0,
+        tools=[WEATHER],
+        tool_choice="required",
     )
     call = first.choices[0].message.tool_calls[0]
     follow_up = openai_client.chat.completions.create(
@@ -150,17 +227,37 @@ def test_tool_results_are_accepted_on_the_next_turn(openai_client):
 
 
 def test_stream_options_include_usage(openai_client):
-    chunks = list(openai_client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=5, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    chunks = list(
+        openai_client.chat.completions.create(
+            model="tgi",
+            messages=MESSAGES,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
     assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_completions_with_logprobs_n_and_echo(openai_client):
-    response = openai_client.completions.create(model="tgi", prompt="The sky is", max_tokens=4, n=2, logprobs=2, echo=True, seed=9, extra_body={"ignore_eos": True})
+    response = openai_client.completions.create(
+        model="tgi",
+        prompt="The sky is",
+        max_tokens=4,
+        n=2,
+        logprobs=2,
+        echo=True,
+        seed=9,
+        extra_body={"ignore_eos": True},
+    )
     assert [c.index for c in response.choices] == [0, 1]
     for choice in response.choices:  # echo with logprobs: the prompt's tokens are listed (and scored) first, as OpenAI
         assert choice.text.startswith("The sky is") and "".join(choice.logprobs.tokens) == choice.text
-        assert len(choice.logprobs.tokens) == response.usage.prompt_tokens + 4 and choice.logprobs.top_logprobs[0] is None
+        assert (
+            len(choice.logprobs.tokens) == response.usage.prompt_tokens + 4 and choice.logprobs.top_logprobs[0] is None
+        )
         assert all(len(top) <= 3 for top in choice.logprobs.top_logprobs[1:])  # 2 alternatives and the chosen token
         assert choice.logprobs.text_offset[0] == 0
     assert response.usage.completion_tokens == 8
@@ -170,5 +267,9 @@ def test_client_sees_a_400_for_a_bad_schema(openai_client):
     from openai import BadRequestError
 
     with pytest.raises(BadRequestError) as raised:
-        openai_client.chat.completions.create(model="tgi", messages=MESSAGES, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}})
+        openai_client.chat.completions.create(
+            model="tgi",
+            messages=MESSAGES,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}},
+        )
     assert "response_format" in str(raised.value)

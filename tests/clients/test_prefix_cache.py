@@ -8,8 +8,11 @@ SYSTEM = "You are a careful assistant who answers every question in one short se
 
 def chat(openai_client, question, **extra):
     return openai_client.chat.completions.create(
-        model="tgi", messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
-        max_tokens=3, temperature=0, **extra,
+        model="tgi",
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        max_tokens=3,
+        temperature=0,
+        **extra,
     )
 
 
@@ -25,7 +28,10 @@ def test_a_repeated_system_prompt_is_reported_as_cached_tokens(openai_client, ti
     assert second.usage.prompt_tokens_details.cached_tokens >= 16  # the shared system prompt, in whole blocks
     assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
     assert first.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens_details.cached_tokens
-    assert metric(tiny_server, "serve_prefix_cache_hits_total") - hits_before >= second.usage.prompt_tokens_details.cached_tokens
+    assert (
+        metric(tiny_server, "serve_prefix_cache_hits_total") - hits_before
+        >= second.usage.prompt_tokens_details.cached_tokens
+    )
     stream = chat(openai_client, "Name a lake.", stream=True, stream_options={"include_usage": True})
     usage = [chunk.usage for chunk in stream if chunk.usage is not None]
     assert len(usage) == 1 and usage[0].prompt_tokens_details.cached_tokens >= 16
@@ -42,7 +48,9 @@ def test_completions_report_cached_tokens(openai_client):
 def test_metrics_and_info_show_the_kv_pool(tiny_server):
     total = metric(tiny_server, "serve_kv_blocks_total")
     assert total > 0 and 0 <= metric(tiny_server, "serve_kv_blocks_used") <= total
-    assert metric(tiny_server, "serve_prefix_cache_queries_total") >= metric(tiny_server, "serve_prefix_cache_hits_total")
+    assert metric(tiny_server, "serve_prefix_cache_queries_total") >= metric(
+        tiny_server, "serve_prefix_cache_hits_total"
+    )
     assert metric(tiny_server, "serve_preemptions_total") >= 0 and metric(tiny_server, "serve_batch_peak_size") >= 1
     info = requests.get(tiny_server.url + "/info", timeout=10).json()
     assert info["kv_block_size"] == 16 and info["kv_blocks"] == total

@@ -19,7 +19,9 @@ def tgi_client(tiny_server) -> Client:
 
 
 def test_root_route_answers_a_list_as_tgi_does(tiny_server):
-    response = requests.post(tiny_server.url + "/", json={"inputs": "test", "parameters": {"max_new_tokens": 1}}, timeout=60)
+    response = requests.post(
+        tiny_server.url + "/", json={"inputs": "test", "parameters": {"max_new_tokens": 1}}, timeout=60
+    )
     assert response.status_code == 200 and isinstance(response.json(), list) and len(response.json()) == 1
     assert isinstance(response.json()[0]["generated_text"], str)
 
@@ -30,7 +32,9 @@ def test_text_generation_client_generate(tgi_client, tiny_server):
     assert details.generated_tokens == len(details.tokens) >= 1
     assert "".join(token.text for token in details.tokens) == output.generated_text
     assert details.prefill[0].logprob is None and all(token.logprob <= 0 for token in details.prefill[1:])
-    same = requests.post(tiny_server.url + "/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 4}}, timeout=60)
+    same = requests.post(
+        tiny_server.url + "/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 4}}, timeout=60
+    )
     assert same.json()["generated_text"] == output.generated_text  # greedy, as TGI's default
 
 
@@ -62,17 +66,41 @@ def test_text_generation_async_client_chat_and_generate(tiny_server):
 
 def test_explicit_nulls_through_the_openai_client(openai_client):
     messages = [{"role": "user", "content": "Hi"}]
-    nulls = dict(n=None, logprobs=None, top_logprobs=None, frequency_penalty=None, presence_penalty=None, stop=None,
-                 seed=None, temperature=None, top_p=None, logit_bias=None, stream_options=None, response_format=None)
+    nulls = dict(
+        n=None,
+        logprobs=None,
+        top_logprobs=None,
+        frequency_penalty=None,
+        presence_penalty=None,
+        stop=None,
+        seed=None,
+        temperature=None,
+        top_p=None,
+        logit_bias=None,
+        stream_options=None,
+        response_format=None,
+    )
     chat = openai_client.chat.completions.create(model="tgi", messages=messages, max_tokens=3, stream=None, **nulls)
     assert len(chat.choices) == 1 and chat.choices[0].logprobs is None
     shared = {k: v for k, v in nulls.items() if k not in ("logprobs", "top_logprobs", "response_format")}
-    completion = openai_client.completions.create(model="tgi", prompt="Hi", max_tokens=3, echo=None, logprobs=None,
-                                                  best_of=None, suffix=None, user=None, stream=None, **shared)
+    completion = openai_client.completions.create(
+        model="tgi",
+        prompt="Hi",
+        max_tokens=3,
+        echo=None,
+        logprobs=None,
+        best_of=None,
+        suffix=None,
+        user=None,
+        stream=None,
+        **shared,
+    )
     assert len(completion.choices) == 1 and completion.choices[0].logprobs is None
 
 
 def test_nulls_in_tgi_parameters(tiny_server):
     parameters = {"max_new_tokens": 2, "temperature": None, "top_k": None, "stop": None, "seed": None, "grammar": None}
-    response = requests.post(tiny_server.url + "/generate", json={"inputs": PROMPT, "parameters": parameters}, timeout=60)
+    response = requests.post(
+        tiny_server.url + "/generate", json={"inputs": PROMPT, "parameters": parameters}, timeout=60
+    )
     assert response.status_code == 200, response.text

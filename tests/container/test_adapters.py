@@ -17,7 +17,12 @@ def adapter_server(tiny_model_dir, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("model")
     sql = make_adapter(tiny_model_dir, model_dir / "adapters" / "sql", seed=1)  # found under SM_MODEL_DIR/adapters/
     chat = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("elsewhere") / "chat", seed=2)  # named in LORA_ADAPTERS
-    env = {"HF_MODEL_ID": str(tiny_model_dir), "SM_MODEL_DIR": str(model_dir), "LORA_ADAPTERS": f"chat={chat}", "MAX_CONCURRENT_REQUESTS": "8"}
+    env = {
+        "HF_MODEL_ID": str(tiny_model_dir),
+        "SM_MODEL_DIR": str(model_dir),
+        "LORA_ADAPTERS": f"chat={chat}",
+        "MAX_CONCURRENT_REQUESTS": "8",
+    }
     server = start_server(env, tmp_path_factory.mktemp("logs"))
     yield server, {"sql": sql, "chat": chat}
     server.stop()
@@ -52,7 +57,13 @@ def test_openai_model_selects_an_adapter_and_other_names_mean_the_base(adapter_s
     server, _ = adapter_server
 
     def chat(model: str, headers: dict = None) -> str:
-        body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
         response = requests.post(server.url + "/v1/chat/completions", json=body, headers=headers or {}, timeout=60)
         assert response.status_code == 200, response.text
         return response.json()["choices"][0]["message"]["content"]
@@ -62,11 +73,19 @@ def test_openai_model_selects_an_adapter_and_other_names_mean_the_base(adapter_s
 
 def test_unknown_adapters_are_4xx_naming_them(adapter_server):
     server, _ = adapter_server
-    response = requests.post(server.url + "/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "nope"}}, timeout=30)
+    response = requests.post(
+        server.url + "/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "nope"}}, timeout=30
+    )
     assert response.status_code == 422
-    assert response.json()["error"] == "parameters.adapter_id: adapter 'nope' is not loaded (loaded adapters: sql, chat)"
-    response = requests.post(server.url + "/invocations", json={"inputs": PROMPT}, headers={HEADER: "missing"}, timeout=30)
+    assert (
+        response.json()["error"] == "parameters.adapter_id: adapter 'nope' is not loaded (loaded adapters: sql, chat)"
+    )
+    response = requests.post(
+        server.url + "/invocations", json={"inputs": PROMPT}, headers={HEADER: "missing"}, timeout=30
+    )
     assert response.status_code == 422 and f"{HEADER}: adapter 'missing' is not loaded" in response.json()["error"]
     body = {"model": "tgi", "messages": [{"role": "user", "content": "Hi"}]}
     response = requests.post(server.url + "/v1/chat/completions", json=body, headers={HEADER: "missing"}, timeout=30)
-    assert response.status_code == 400 and "adapter 'missing' is not loaded" in response.json()["error"]["message"]  # OpenAI's
+    assert (
+        response.status_code == 400 and "adapter 'missing' is not loaded" in response.json()["error"]["message"]
+    )  # OpenAI's

@@ -9,7 +9,9 @@ import pytest
 from tests.helpers import ENTRYPOINT
 
 COMPAT_LIB = "libcuda.so.580.95.05"
-PROPRIETARY = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  {v}  Sun May 12 19:39:15 UTC 2024\nGCC version:  gcc 10\n"
+PROPRIETARY = (
+    "NVRM version: NVIDIA UNIX x86_64 Kernel Module  {v}  Sun May 12 19:39:15 UTC 2024\nGCC version:  gcc 10\n"
+)
 OPEN_MODULE = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  {v}  Release Build  (dvs-builder@U16)\n"
 
 
@@ -22,8 +24,12 @@ def run_entrypoint(tmp_path: Path, driver_line: str | None, with_compat: bool = 
     version_file = tmp_path / "version"
     if driver_line is not None:
         version_file.write_text(driver_line)
-    env = {**os.environ, "CUDA_COMPAT_DIR": str(compat), "NVIDIA_DRIVER_VERSION_FILE": str(version_file),
-           "LD_LIBRARY_PATH": "/usr/local/nvidia/lib64"}
+    env = {
+        **os.environ,
+        "CUDA_COMPAT_DIR": str(compat),
+        "NVIDIA_DRIVER_VERSION_FILE": str(version_file),
+        "LD_LIBRARY_PATH": "/usr/local/nvidia/lib64",
+    }
     command = [str(ENTRYPOINT), "bash", "-c", 'echo "$LD_LIBRARY_PATH"']
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30, check=True)
 

@@ -14,7 +14,7 @@ from tests.helpers import ENTRYPOINT, free_port, server_env, start_server
 pytestmark = pytest.mark.e2e
 
 DEP = "serve_handler_test_dep"  # a one-module wheel built here, installed from code/requirements.txt
-HANDLER = f'''
+HANDLER = f"""
 import json
 import {DEP}
 
@@ -28,7 +28,7 @@ def input_fn(request_body, content_type):
 
 def output_fn(prediction, accept):
     return {DEP}.PREFIX + prediction[0]["generated_text"], "text/plain"
-'''
+"""
 
 
 def build_wheel(folder: Path) -> Path:
@@ -63,9 +63,18 @@ def handler_server(tiny_model_dir, tmp_path_factory):
 
 
 def test_input_fn_and_output_fn_wrap_invocations(handler_server):
-    response = requests.post(handler_server.url + "/invocations", data="The capital of France is,5", headers={"Content-Type": "text/csv"}, timeout=60)
+    response = requests.post(
+        handler_server.url + "/invocations",
+        data="The capital of France is,5",
+        headers={"Content-Type": "text/csv"},
+        timeout=60,
+    )
     assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
-    plain = requests.post(handler_server.url + "/generate", json={"inputs": "The capital of France is", "parameters": {"max_new_tokens": 5}}, timeout=60)
+    plain = requests.post(
+        handler_server.url + "/generate",
+        json={"inputs": "The capital of France is", "parameters": {"max_new_tokens": 5}},
+        timeout=60,
+    )
     assert response.text == "handled: " + plain.json()["generated_text"]  # the dependency's prefix + our generation
     assert response.headers["x-generated-tokens"] == "5"
     log = handler_server.log()
@@ -76,7 +85,10 @@ def test_input_fn_and_output_fn_wrap_invocations(handler_server):
 def test_input_fn_errors_are_400s_naming_it(handler_server):
     response = requests.post(handler_server.url + "/invocations", json={"inputs": "hi"}, timeout=30)
     assert response.status_code == 400
-    assert "input_fn in inference.py rejected the request: ValueError: expected text/csv, got application/json" in response.json()["error"]
+    assert (
+        "input_fn in inference.py rejected the request: ValueError: expected text/csv, got application/json"
+        in response.json()["error"]
+    )
 
 
 def test_failing_requirements_stop_the_start(tmp_path):
@@ -87,4 +99,6 @@ def test_failing_requirements_stop_the_start(tmp_path):
     result = subprocess.run([str(ENTRYPOINT), "serve"], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "installing custom handler requirements" in result.stderr
-    assert "custom handler error: pip install -r" in result.stderr and "no-such-package-for-serve-tests" in result.stderr
+    assert (
+        "custom handler error: pip install -r" in result.stderr and "no-such-package-for-serve-tests" in result.stderr
+    )

@@ -14,13 +14,17 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_model_dir, tmp_path_factory):
-    server = start_server({"HF_MODEL_ID": str(tiny_model_dir), "MAX_CONCURRENT_REQUESTS": "4"}, tmp_path_factory.mktemp("logs"))
+    server = start_server(
+        {"HF_MODEL_ID": str(tiny_model_dir), "MAX_CONCURRENT_REQUESTS": "4"}, tmp_path_factory.mktemp("logs")
+    )
     yield server
     server.stop()
 
 
 def test_other_commands_are_executed_as_given():
-    result = subprocess.run([str(ENTRYPOINT), "echo", "hello from the container"], capture_output=True, text=True, timeout=10)
+    result = subprocess.run(
+        [str(ENTRYPOINT), "echo", "hello from the container"], capture_output=True, text=True, timeout=10
+    )
     assert result.returncode == 0 and result.stdout.strip() == "hello from the container"
 
 
@@ -41,7 +45,9 @@ def test_unloadable_model_exits_with_the_reason(tmp_path):
 
 def test_binds_the_sagemaker_port_and_serves(tiny_server):
     assert requests.get(f"http://127.0.0.1:{tiny_server.port}/ping", timeout=2).status_code == 200
-    response = requests.post(tiny_server.url + "/invocations", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}}, timeout=30)
+    response = requests.post(
+        tiny_server.url + "/invocations", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}}, timeout=30
+    )
     assert response.status_code == 200 and "generated_text" in response.json()[0]
     assert "route=/invocations" in tiny_server.log() and "generated_tokens=" in tiny_server.log()
     assert "cold start: ready" in tiny_server.log()
@@ -49,7 +55,11 @@ def test_binds_the_sagemaker_port_and_serves(tiny_server):
 
 def test_ping_stays_fast_while_generations_run(tiny_server):
     def long_generation():
-        requests.post(tiny_server.url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 400, "ignore_eos": True}}, timeout=120)
+        requests.post(
+            tiny_server.url + "/generate",
+            json={"inputs": "Hi", "parameters": {"max_new_tokens": 400, "ignore_eos": True}},
+            timeout=120,
+        )
 
     workers = [threading.Thread(target=long_generation) for _ in range(2)]
     [w.start() for w in workers]
@@ -75,14 +85,21 @@ def test_client_disconnect_cancels_the_generation(tiny_server):
     while "outcome=cancelled" not in tiny_server.log() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "outcome=cancelled reason=client_disconnected" in tiny_server.log()
-    assert wait_for(lambda: "serve_batch_current_size 0.0" in requests.get(tiny_server.url + "/metrics", timeout=2).text, timeout=1.0)
-    follow_up = requests.post(tiny_server.url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=30)
+    assert wait_for(
+        lambda: "serve_batch_current_size 0.0" in requests.get(tiny_server.url + "/metrics", timeout=2).text,
+        timeout=1.0,
+    )
+    follow_up = requests.post(
+        tiny_server.url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=30
+    )
     assert follow_up.status_code == 200
 
 
 def test_bad_requests_leave_the_server_healthy(tiny_server):
     for body in (b"{", b"", b"[]", b'{"inputs": 5}', b'{"inputs": "x", "parameters": {"top_p": 2}}'):
-        response = requests.post(tiny_server.url + "/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=10)
+        response = requests.post(
+            tiny_server.url + "/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=10
+        )
         assert 400 <= response.status_code < 500 and "error" in response.json()
     big = requests.post(tiny_server.url + "/invocations", data=b"x" * (7 * 1024 * 1024), timeout=30)
     assert big.status_code == 413

@@ -57,9 +57,14 @@ def test_sequential_requests_alternate(replica_server):
 
 
 def test_quantization_without_a_gpu_stops_the_start_with_the_reason(tiny_model_dir, tmp_path):
-    server = start_server({"HF_MODEL_ID": str(tiny_model_dir), "HF_MODEL_QUANTIZE": "bitsandbytes-nf4"}, tmp_path, wait=False)
+    server = start_server(
+        {"HF_MODEL_ID": str(tiny_model_dir), "HF_MODEL_QUANTIZE": "bitsandbytes-nf4"}, tmp_path, wait=False
+    )
     assert server.process.wait(180) != 0
-    assert "HF_MODEL_QUANTIZE=bitsandbytes-nf4 quantizes at load time with CUDA kernels, and no GPU is in use" in server.log()
+    assert (
+        "HF_MODEL_QUANTIZE=bitsandbytes-nf4 quantizes at load time with CUDA kernels, and no GPU is in use"
+        in server.log()
+    )
 
 
 def test_info_reports_dtype_and_no_quantization(replica_server):

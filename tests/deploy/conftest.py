@@ -72,20 +72,24 @@ def aws_env(moto_url: str, runtime_url: str | None = None, **extra: str) -> dict
 
 def client(service: str, moto_url: str):
     """A boto3 client on moto, for the tests' own checks."""
-    return boto3.client(service, endpoint_url=moto_url, region_name=REGION, aws_access_key_id="testing",
-                        aws_secret_access_key="testing")
+    return boto3.client(
+        service, endpoint_url=moto_url, region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
 
 
 def run_script(python: Path, script: str, args: list[str], env: dict[str, str], timeout: float = 300):
     """Run deploy/<script> with the deploy interpreter; returns the CompletedProcess."""
-    return subprocess.run([str(python), str(DEPLOY / script), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [str(python), str(DEPLOY / script), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 def _tiny_server(tiny_model_dir, tmp_path_factory, messages_api: str) -> Iterator[Server]:
     """Our real server (entrypoint + gunicorn) on the tiny model, with MESSAGES_API_ENABLED as given."""
-    server = start_server({"HF_MODEL_ID": str(tiny_model_dir), "MESSAGES_API_ENABLED": messages_api,
-                           "MAX_CONCURRENT_REQUESTS": "4"}, tmp_path_factory.mktemp("deploy-logs"))
+    server = start_server(
+        {"HF_MODEL_ID": str(tiny_model_dir), "MESSAGES_API_ENABLED": messages_api, "MAX_CONCURRENT_REQUESTS": "4"},
+        tmp_path_factory.mktemp("deploy-logs"),
+    )
     yield server
     server.stop()
 

@@ -27,16 +27,20 @@ def call(predictor, runtime, mode: str, payload: dict) -> dict:
             return {"result": predictor.predict(payload, custom_attributes="trace=abc")}
         return {"parts": [part.decode("utf-8") for part in predictor.predict_stream(payload)]}
     except runtime.exceptions.ModelError as error:
-        return {"model_error": str(error), "code": error.response["Error"]["Code"],
-                "original_status": error.response.get("OriginalStatusCode"),
-                "original_message": error.response.get("OriginalMessage")}
+        return {
+            "model_error": str(error),
+            "code": error.response["Error"]["Code"],
+            "original_status": error.response.get("OriginalStatusCode"),
+            "original_message": error.response.get("OriginalMessage"),
+        }
 
 
 def main() -> None:
     endpoint, calls = sys.argv[1], json.loads(sys.argv[2])
     session = sagemaker.Session(boto_session=boto3.Session(region_name=os.environ["AWS_REGION"]))
-    predictor = Predictor(endpoint, sagemaker_session=session, serializer=JSONSerializer(),
-                          deserializer=JSONDeserializer())
+    predictor = Predictor(
+        endpoint, sagemaker_session=session, serializer=JSONSerializer(), deserializer=JSONDeserializer()
+    )
     print(json.dumps([call(predictor, session.sagemaker_runtime_client, mode, payload) for mode, payload in calls]))
 
 

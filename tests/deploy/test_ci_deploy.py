@@ -16,11 +16,16 @@ pytestmark = pytest.mark.e2e
 
 
 def ci_deploy(deploy_python, moto_url: str, runtime_url: str, **extra: str) -> subprocess.CompletedProcess:
-    settings = {"IMAGE_URI": IMAGE_URI, "ENDPOINT_NAME": "llm-ci", "PYTHON": str(deploy_python),
-                "INSTANCE_TYPE": INSTANCE_TYPE, "DEPLOY_ARGS": "--max-instances 2", "INVOKE_ARGS": "--max-tokens 16"}
+    settings = {
+        "IMAGE_URI": IMAGE_URI,
+        "ENDPOINT_NAME": "llm-ci",
+        "PYTHON": str(deploy_python),
+        "INSTANCE_TYPE": INSTANCE_TYPE,
+        "DEPLOY_ARGS": "--max-instances 2",
+        "INVOKE_ARGS": "--max-tokens 16",
+    }
     env = aws_env(moto_url, runtime_url, **{**settings, **extra})
-    return subprocess.run(["bash", str(DEPLOY / "ci_deploy.sh")], env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(["bash", str(DEPLOY / "ci_deploy.sh")], env=env, capture_output=True, text=True, timeout=600)
 
 
 def assert_torn_down(moto_url: str) -> None:
@@ -35,10 +40,16 @@ def test_ci_deploy_deploys_smoke_tests_and_tears_down(deploy_python, aws, messag
     result = ci_deploy(deploy_python, aws, messages_runtime.url)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    for line in ("deploy 123456789012.dkr.ecr.us-east-1.amazonaws.com/sagemaker-llm-serve:test as llm-ci",
-                 "endpoint llm-ci is InService", "autoscaling endpoint/llm-ci/variant/AllTraffic",
-                 "predict ok", "predict_stream ok", "teardown llm-ci", "deleted endpoint llm-ci",
-                 "ci_deploy: passed"):
+    for line in (
+        "deploy 123456789012.dkr.ecr.us-east-1.amazonaws.com/sagemaker-llm-serve:test as llm-ci",
+        "endpoint llm-ci is InService",
+        "autoscaling endpoint/llm-ci/variant/AllTraffic",
+        "predict ok",
+        "predict_stream ok",
+        "teardown llm-ci",
+        "deleted endpoint llm-ci",
+        "ci_deploy: passed",
+    ):
         assert line in output
     assert '"object": "chat.completion"' in result.stdout
     assert_torn_down(aws)

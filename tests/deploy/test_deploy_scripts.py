@@ -12,8 +12,14 @@ from tests.deploy.conftest import DEPLOY, IMAGE_URI, INSTANCE_TYPE, REGION, aws_
 
 ACCOUNT = "123456789012"  # moto's account
 
-ROLE_TRUST = json.dumps({"Version": "2012-10-17", "Statement": [
-    {"Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": "sts:AssumeRole"}]})
+ROLE_TRUST = json.dumps(
+    {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": "sts:AssumeRole"}
+        ],
+    }
+)
 
 
 def create_role(moto_url: str, name: str = "sagemaker_execution_role") -> str:
@@ -27,15 +33,28 @@ def deploy(deploy_python, moto_url: str, *args: str):
 
 def scaling_state(moto_url: str) -> tuple[list, list]:
     scaling = client("application-autoscaling", moto_url)
-    return (scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"],
-            scaling.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"])
+    return (
+        scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"],
+        scaling.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"],
+    )
 
 
 def test_stringify_env_accepts_the_tgi_snippets_types():
-    hub = {"HF_MODEL_ID": "HuggingFaceH4/zephyr-7b-beta", "SM_NUM_GPUS": json.dumps(1), "MESSAGES_API_ENABLED": True,
-           "MAX_TOTAL_TOKENS": 4096, "OFF": False, "UNSET": None}
-    assert stringify_env(hub) == {"HF_MODEL_ID": "HuggingFaceH4/zephyr-7b-beta", "SM_NUM_GPUS": "1",
-                                  "MESSAGES_API_ENABLED": "true", "MAX_TOTAL_TOKENS": "4096", "OFF": "false"}
+    hub = {
+        "HF_MODEL_ID": "HuggingFaceH4/zephyr-7b-beta",
+        "SM_NUM_GPUS": json.dumps(1),
+        "MESSAGES_API_ENABLED": True,
+        "MAX_TOTAL_TOKENS": 4096,
+        "OFF": False,
+        "UNSET": None,
+    }
+    assert stringify_env(hub) == {
+        "HF_MODEL_ID": "HuggingFaceH4/zephyr-7b-beta",
+        "SM_NUM_GPUS": "1",
+        "MESSAGES_API_ENABLED": "true",
+        "MAX_TOTAL_TOKENS": "4096",
+        "OFF": "false",
+    }
 
 
 @pytest.mark.parametrize("script", ["deploy.py", "invoke.py", "cleanup.py"])
@@ -47,9 +66,22 @@ def test_help(deploy_python, script):
 
 def test_deploy_creates_model_config_endpoint_and_scaling_then_cleanup_removes_them(deploy_python, aws):
     role = create_role(aws)
-    result = deploy(deploy_python, aws, "--model-id", "HuggingFaceH4/zephyr-7b-beta", "--revision", "main",
-                    "--env", "MAX_TOTAL_TOKENS=4096", "--max-instances", "3", "--min-instances", "1",
-                    "--target-invocations", "25")
+    result = deploy(
+        deploy_python,
+        aws,
+        "--model-id",
+        "HuggingFaceH4/zephyr-7b-beta",
+        "--revision",
+        "main",
+        "--env",
+        "MAX_TOTAL_TOKENS=4096",
+        "--max-instances",
+        "3",
+        "--min-instances",
+        "1",
+        "--target-invocations",
+        "25",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "endpoint: llm-test" in result.stdout and "HuggingFacePredictor(endpoint_name='llm-test'" in result.stdout
     sm = client("sagemaker", aws)
@@ -64,8 +96,9 @@ def test_deploy_creates_model_config_endpoint_and_scaling_then_cleanup_removes_t
     assert variant["InstanceType"] == INSTANCE_TYPE and variant["InitialInstanceCount"] == 1
     assert sm.describe_endpoint(EndpointName="llm-test")["EndpointStatus"] == "InService"
     targets, policies = scaling_state(aws)
-    assert [(t["ResourceId"], t["MinCapacity"], t["MaxCapacity"]) for t in targets] == \
-        [("endpoint/llm-test/variant/AllTraffic", 1, 3)]
+    assert [(t["ResourceId"], t["MinCapacity"], t["MaxCapacity"]) for t in targets] == [
+        ("endpoint/llm-test/variant/AllTraffic", 1, 3)
+    ]
     tracking = policies[0]["TargetTrackingScalingPolicyConfiguration"]
     assert tracking["TargetValue"] == 25.0
     assert tracking["PredefinedMetricSpecification"]["PredefinedMetricType"] == "SageMakerVariantInvocationsPerInstance"
@@ -81,8 +114,21 @@ def test_deploy_creates_model_config_endpoint_and_scaling_then_cleanup_removes_t
 
 def test_explicit_role_and_options(deploy_python, aws):
     arn = create_role(aws, "my-deploy-role")
-    result = deploy(deploy_python, aws, "--role", arn, "--no-messages-api", "--num-gpus", "4", "--instance-count", "2",
-                    "--startup-timeout", "600", "--inference-ami-version", "al2-ami-sagemaker-inference-gpu-3-1")
+    result = deploy(
+        deploy_python,
+        aws,
+        "--role",
+        arn,
+        "--no-messages-api",
+        "--num-gpus",
+        "4",
+        "--instance-count",
+        "2",
+        "--startup-timeout",
+        "600",
+        "--inference-ami-version",
+        "al2-ami-sagemaker-inference-gpu-3-1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sm = client("sagemaker", aws)
     model = sm.describe_model(ModelName="llm-test")
@@ -115,8 +161,9 @@ def test_bad_flags_are_refused_before_any_call(deploy_python, aws):
 def test_half_failed_deploy_is_cleaned_up(deploy_python, aws):
     """moto refuses the default ml.g5.2xlarge after the model exists: deploy fails, cleanup still removes the model."""
     create_role(aws)
-    result = run_script(deploy_python, "deploy.py", ["--image-uri", IMAGE_URI, "--endpoint-name", "llm-half"],
-                        aws_env(aws))
+    result = run_script(
+        deploy_python, "deploy.py", ["--image-uri", IMAGE_URI, "--endpoint-name", "llm-half"], aws_env(aws)
+    )
     assert result.returncode == 1 and "deploy failed" in result.stderr and "ml.g5.2xlarge" in result.stderr
     assert "cleanup.py --endpoint-name llm-half" in result.stderr
     sm = client("sagemaker", aws)
@@ -135,9 +182,21 @@ def test_cleanup_waits_until_a_creating_endpoint_can_be_deleted(deploy_python, a
     assert deploy(deploy_python, aws, "--no-wait").returncode == 0
     endpoint = sagemaker_backends[ACCOUNT][REGION].endpoints["llm-test"]
     endpoint.endpoint_status = "Creating"
-    process = subprocess.Popen([str(deploy_python), str(DEPLOY / "cleanup.py"), "--endpoint-name", "llm-test",
-                                "--poll-seconds", "0.5", "--wait-minutes", "2"], env=aws_env(aws),
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            str(deploy_python),
+            str(DEPLOY / "cleanup.py"),
+            "--endpoint-name",
+            "llm-test",
+            "--poll-seconds",
+            "0.5",
+            "--wait-minutes",
+            "2",
+        ],
+        env=aws_env(aws),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     for line in process.stderr:  # the endpoint leaves Creating only once cleanup has seen it there
         seen.append(line)

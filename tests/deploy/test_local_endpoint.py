@@ -20,8 +20,12 @@ from tests.helpers import ROOT, free_port, sse_data
 
 pytestmark = pytest.mark.e2e
 
-SEED = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
-                     {"role": "user", "content": "What is deep learning?"}]}
+SEED = {
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is deep learning?"},
+    ]
+}
 
 
 def parse_messages(data: bytes) -> list:
@@ -38,7 +42,7 @@ class _Raw:
 
     def stream(self):
         for start in range(0, len(self.data), self.piece):
-            yield self.data[start:start + self.piece]
+            yield self.data[start : start + self.piece]
 
 
 def runtime_events(data: bytes) -> list[dict]:
@@ -52,8 +56,11 @@ def runtime_events(data: bytes) -> list[dict]:
 
 def test_encoded_message_has_the_aws_layout_and_parses():
     message = encode_event({":event-type": "PayloadPart", "x": "é"}, b"hello")
-    total, header_length, prelude_crc = int.from_bytes(message[:4], "big"), int.from_bytes(message[4:8], "big"), \
-        int.from_bytes(message[8:12], "big")
+    total, header_length, prelude_crc = (
+        int.from_bytes(message[:4], "big"),
+        int.from_bytes(message[4:8], "big"),
+        int.from_bytes(message[8:12], "big"),
+    )
     assert total == len(message) and prelude_crc == zlib.crc32(message[:8])
     assert int.from_bytes(message[-4:], "big") == zlib.crc32(message[:-4])
     assert header_length == len(message) - 16 - len(b"hello")
@@ -69,7 +76,7 @@ def test_corrupted_message_fails_botocore_checksum():
 
 
 def test_payload_parts_parse_as_sagemaker_runtime_events_across_read_boundaries():
-    pieces = [b"data: {\"a\"", b": 1}\n\n", "data: é\n\n".encode(), b""]
+    pieces = [b'data: {"a"', b": 1}\n\n", "data: é\n\n".encode(), b""]
     events = runtime_events(b"".join(payload_part(piece) for piece in pieces))
     assert [event["PayloadPart"]["Bytes"] for event in events] == pieces
 
@@ -84,8 +91,13 @@ def test_stream_error_is_raised_as_model_stream_error():
 def sdk(deploy_python, runtime, calls: list, endpoint: str = "llm-endpoint") -> list[dict]:
     """SDK calls from the deploy virtualenv through ``runtime``; each call's outcome as a dict."""
     env = aws_env("http://127.0.0.1:9", runtime.url)  # control plane unused here; port 9 refuses connections
-    result = subprocess.run([str(deploy_python), str(ROOT / "tests" / "deploy" / "sdk_calls.py"), endpoint,
-                             json.dumps(calls)], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [str(deploy_python), str(ROOT / "tests" / "deploy" / "sdk_calls.py"), endpoint, json.dumps(calls)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -94,12 +106,16 @@ def sdk(deploy_python, runtime, calls: list, endpoint: str = "llm-endpoint") -> 
 def messages_calls(deploy_python, messages_runtime) -> list[dict]:
     """predict, predict_stream, and both with a TGI payload the Messages API rejects (one SDK process)."""
     inputs = {"inputs": "What is deep learning?"}
-    return sdk(deploy_python, messages_runtime, [
-        ["predict", {**SEED, "max_tokens": 12}],
-        ["stream", {**SEED, "max_tokens": 12, "stream": True}],
-        ["predict", inputs],
-        ["stream", {**inputs, "stream": True}],
-    ])
+    return sdk(
+        deploy_python,
+        messages_runtime,
+        [
+            ["predict", {**SEED, "max_tokens": 12}],
+            ["stream", {**SEED, "max_tokens": 12, "stream": True}],
+            ["predict", inputs],
+            ["stream", {**inputs, "stream": True}],
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +158,21 @@ def test_sdk_raises_model_error_with_our_message(messages_calls):
 
 def test_boto3_passes_content_type_and_accept_through(messages_runtime):
     runtime = client("sagemaker-runtime", messages_runtime.url)
-    answer = runtime.invoke_endpoint(EndpointName="any-name", Body=json.dumps({**SEED, "max_tokens": 4}),
-                                     ContentType="application/json", Accept="application/json",
-                                     CustomAttributes="trace=1")
+    answer = runtime.invoke_endpoint(
+        EndpointName="any-name",
+        Body=json.dumps({**SEED, "max_tokens": 4}),
+        ContentType="application/json",
+        Accept="application/json",
+        CustomAttributes="trace=1",
+    )
     assert answer["ContentType"].startswith("application/json")
     assert answer["InvokedProductionVariant"] == "AllTraffic"
     assert json.loads(answer["Body"].read())["object"] == "chat.completion"
-    stream = runtime.invoke_endpoint_with_response_stream(EndpointName="any-name", ContentType="application/json",
-                                                         Body=json.dumps({**SEED, "max_tokens": 4, "stream": True}))
+    stream = runtime.invoke_endpoint_with_response_stream(
+        EndpointName="any-name",
+        ContentType="application/json",
+        Body=json.dumps({**SEED, "max_tokens": 4, "stream": True}),
+    )
     assert stream["ContentType"].startswith("text/event-stream")
     body = b"".join(event["PayloadPart"]["Bytes"] for event in stream["Body"])
     assert sse_data(body.decode())[-1] == "[DONE]"
@@ -168,8 +191,12 @@ def test_unreachable_container_and_unknown_endpoint_are_runtime_errors():
 
 
 def test_help():
-    result = subprocess.run([sys.executable, str(ROOT / "deploy" / "local_endpoint.py"), "--help"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "local_endpoint.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "--upstream" in result.stdout and "InvokeEndpointWithResponseStream" in result.stdout
 
@@ -217,16 +244,22 @@ def recorder():
 
 
 def test_headers_pass_through_both_ways(recorder):
-    answer = recorder.invoke_endpoint(EndpointName="ep", Body=b"a,b\n", ContentType="text/csv",
-                                      Accept="application/jsonlines", CustomAttributes="trace=1")
+    answer = recorder.invoke_endpoint(
+        EndpointName="ep",
+        Body=b"a,b\n",
+        ContentType="text/csv",
+        Accept="application/jsonlines",
+        CustomAttributes="trace=1",
+    )
     path, headers, body = _Recorder.seen[-1]
     assert (path, body) == ("/invocations", b"a,b\n")
     assert headers["Content-Type"] == "text/csv" and headers["Accept"] == "application/jsonlines"
     assert headers["X-Amzn-SageMaker-Custom-Attributes"] == "trace=1"
     assert answer["ContentType"] == "application/x-custom" and answer["CustomAttributes"] == "echo=trace=1"
     assert answer["Body"].read() == b"a,b\n"
-    stream = recorder.invoke_endpoint_with_response_stream(EndpointName="ep", Body=b"x", ContentType="text/plain",
-                                                           Accept="text/event-stream")
+    stream = recorder.invoke_endpoint_with_response_stream(
+        EndpointName="ep", Body=b"x", ContentType="text/plain", Accept="text/event-stream"
+    )
     assert _Recorder.seen[-1][1]["Accept"] == "text/event-stream"
     assert stream["ContentType"] == "application/x-custom"
     assert b"".join(event["PayloadPart"]["Bytes"] for event in stream["Body"]) == b"x"

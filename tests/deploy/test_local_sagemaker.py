@@ -18,17 +18,27 @@ from tests.helpers import english_words, start_server
 pytestmark = pytest.mark.e2e
 
 # The request from the SageMaker section of the reference page, exactly as written there.
-SEED_REQUEST = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
-                             {"role": "user", "content": "What is deep learning?"}]}
+SEED_REQUEST = {
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is deep learning?"},
+    ]
+}
 
 
 def sagemaker_env(model_dir: Path) -> dict[str, str]:
     """The container's environment on a SageMaker endpoint deployed by deploy/deploy.py."""
     import torch
 
-    env = {"SM_MODEL_DIR": str(model_dir), "MESSAGES_API_ENABLED": "True", "DEFAULT_MAX_NEW_TOKENS": "48",
-           "SAGEMAKER_PROGRAM": "", "SAGEMAKER_SUBMIT_DIRECTORY": "", "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
-           "SAGEMAKER_REGION": "us-east-1"}
+    env = {
+        "SM_MODEL_DIR": str(model_dir),
+        "MESSAGES_API_ENABLED": "True",
+        "DEFAULT_MAX_NEW_TOKENS": "48",
+        "SAGEMAKER_PROGRAM": "",
+        "SAGEMAKER_SUBMIT_DIRECTORY": "",
+        "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+        "SAGEMAKER_REGION": "us-east-1",
+    }
     if torch.cuda.is_available():
         env["SM_NUM_GPUS"] = str(torch.cuda.device_count())
     return env

@@ -20,13 +20,15 @@ def documented_variables() -> set[str]:
     """The environment variables ci_deploy.sh's header documents (its interface)."""
     header = CI_DEPLOY.read_text().split("\nset -", 1)[0]
     return set(re.findall(r"^#\s{3}([A-Z][A-Z0-9_]+)\s", header, flags=re.M)) | set(
-        re.findall(r"\s{2,}([A-Z][A-Z0-9_]+)\s+default", header))
+        re.findall(r"\s{2,}([A-Z][A-Z0-9_]+)\s+default", header)
+    )
 
 
 def test_ci_deploy_passes_shellcheck():
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
-    result = subprocess.run([shellcheck, "--severity=style", str(CI_DEPLOY)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [shellcheck, "--severity=style", str(CI_DEPLOY)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout
 
 

@@ -16,8 +16,13 @@ pytestmark = pytest.mark.e2e
 
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     out = tmp_path / "gpu-check"
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu" / "check.py"), str(out), "--cpu"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=560)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu" / "check.py"), str(out), "--cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=560,
+    )
     results = json.loads((out / "results.json").read_text())
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     assert run.stdout.rstrip().endswith("(a dry run of the script).**"), "the summary table is printed last"

@@ -17,7 +17,8 @@ SEED_MESSAGES = [
 ]
 
 # The seed examples send no max_tokens; at temperature 1 a 135M model can ramble for thousands of tokens. The server
-# caps the default length, as an operator fitting SageMaker's 60 s invocation timeout would; the examples stay unchanged.
+# caps the default length, as an operator fitting SageMaker's 60 s invocation timeout would; the examples stay
+# unchanged.
 BOUNDED = {"DEFAULT_MAX_NEW_TOKENS": "96"}
 
 
@@ -39,8 +40,20 @@ def messages_server(tmp_path_factory):
 def test_seed_curl_stream(smollm_server):
     body = json.dumps({"model": "tgi", "messages": SEED_MESSAGES, "stream": True, "max_tokens": 20})
     result = subprocess.run(
-        ["curl", "-sS", f"{smollm_server.url}/v1/chat/completions", "-X", "POST", "-d", body, "-H", "Content-Type: application/json"],
-        capture_output=True, text=True, timeout=120,
+        [
+            "curl",
+            "-sS",
+            f"{smollm_server.url}/v1/chat/completions",
+            "-X",
+            "POST",
+            "-d",
+            body,
+            "-H",
+            "Content-Type: application/json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     data = sse_data(result.stdout)
     assert data[-1] == "[DONE]"
@@ -65,7 +78,11 @@ def test_seed_openai_client_synchronous(smollm_server):
 
 
 def test_invocations_tgi_payload(smollm_server):
-    response = requests.post(smollm_server.url + "/invocations", json={"inputs": "What is deep learning?", "parameters": {"max_new_tokens": 30}}, timeout=120)
+    response = requests.post(
+        smollm_server.url + "/invocations",
+        json={"inputs": "What is deep learning?", "parameters": {"max_new_tokens": 30}},
+        timeout=120,
+    )
     assert response.status_code == 200
     assert english_words(response.json()[0]["generated_text"]) >= 3
 
@@ -76,5 +93,7 @@ def test_sagemaker_messages_api_predict(messages_server):
     assert response.status_code == 200
     body = response.json()
     assert body["object"] == "chat.completion" and english_words(body["choices"][0]["message"]["content"]) >= 5
-    rejected = requests.post(messages_server.url + "/invocations", json={"inputs": "What is deep learning?"}, timeout=30)
+    rejected = requests.post(
+        messages_server.url + "/invocations", json={"inputs": "What is deep learning?"}, timeout=30
+    )
     assert rejected.status_code == 422 and "messages" in rejected.json()["error"]

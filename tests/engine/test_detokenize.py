@@ -11,7 +11,11 @@ def tokenizer(embedded_folder):
 
 @pytest.mark.parametrize(
     "text",
-    ["Hello world, this is a test.", "  leading spaces and\nnew lines\n\n", "Emoji 🤖🚀 and accents: café, naïve, 日本語"],
+    [
+        "Hello world, this is a test.",
+        "  leading spaces and\nnew lines\n\n",
+        "Emoji 🤖🚀 and accents: café, naïve, 日本語",
+    ],
 )
 def test_streamed_pieces_join_to_the_full_decode(tokenizer, text):
     prompt = tokenizer("Say:", add_special_tokens=False)["input_ids"]

@@ -38,7 +38,9 @@ PROMPTS = [
 def reference_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_dir), dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
 
 
 def token_ids(events):
@@ -67,7 +69,10 @@ def test_batched_greedy_equals_each_prompt_alone(tiny_settings):
     try:
         prompts = [engine.tokenizer(text)["input_ids"] for text in PROMPTS]
         alone = [token_ids(run(engine, ids, max_new_tokens=24, ignore_eos=True)[0]) for ids in prompts]
-        streams = [engine.submit(Request(prompt_ids=ids, params=SamplingParams(max_new_tokens=24, ignore_eos=True))) for ids in prompts]
+        streams = [
+            engine.submit(Request(prompt_ids=ids, params=SamplingParams(max_new_tokens=24, ignore_eos=True)))
+            for ids in prompts
+        ]
         together = [token_ids(list(stream)) for stream in streams]
     finally:
         engine.stop()
@@ -102,7 +107,9 @@ def test_stop_string_ends_generation_with_stop(tiny_engine):
 
 
 def test_cancel_stops_a_running_request(tiny_engine):
-    stream = tiny_engine.submit(Request(prompt_ids=[1, 2, 3], params=SamplingParams(max_new_tokens=400, ignore_eos=True)))
+    stream = tiny_engine.submit(
+        Request(prompt_ids=[1, 2, 3], params=SamplingParams(max_new_tokens=400, ignore_eos=True))
+    )
     events = stream.events()
     next(events)  # generation has started
     stream.close()
@@ -115,7 +122,11 @@ def test_concurrent_submits_all_complete(tiny_engine):
     results = {}
 
     def worker(index):
-        events = list(tiny_engine.submit(Request(prompt_ids=[1, 2, index + 3], params=SamplingParams(max_new_tokens=5, ignore_eos=True))))
+        events = list(
+            tiny_engine.submit(
+                Request(prompt_ids=[1, 2, index + 3], params=SamplingParams(max_new_tokens=5, ignore_eos=True))
+            )
+        )
         results[index] = events[-1]
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
@@ -181,7 +192,9 @@ def test_generation_failure_fails_only_that_request(tiny_settings):
     try:
         failed = list(engine.submit(Request(prompt_ids=[TRIGGER, 1, 2], params=SamplingParams(max_new_tokens=3))))[-1]
         assert failed.finish_reason is FinishReason.ERROR and "injected failure" in failed.error
-        ok = list(engine.submit(Request(prompt_ids=[5, 1, 2], params=SamplingParams(max_new_tokens=3, ignore_eos=True))))[-1]
+        ok = list(
+            engine.submit(Request(prompt_ids=[5, 1, 2], params=SamplingParams(max_new_tokens=3, ignore_eos=True)))
+        )[-1]
         assert ok.finish_reason is FinishReason.LENGTH
     finally:
         engine.stop()

@@ -8,7 +8,14 @@ from serve.engine.kv_cache import CacheShape, PagedKVCache, layer_devices
 
 
 def tiny_llama(layers: int = 3) -> LlamaForCausalLM:
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -23,13 +30,19 @@ def test_layer_devices_follow_the_attention_modules():
 def test_cache_tensors_are_allocated_per_layer_device():
     shape = CacheShape.of(tiny_llama(2).config, torch.float32)
     cache = PagedKVCache(shape, num_blocks=3, block_size=4, devices=[torch.device("cpu"), torch.device("meta")])
-    assert [k.device.type for k in cache.keys] == ["cpu", "meta"] and [v.device.type for v in cache.values] == ["cpu", "meta"]
+    assert [k.device.type for k in cache.keys] == ["cpu", "meta"] and [v.device.type for v in cache.values] == [
+        "cpu",
+        "meta",
+    ]
 
 
 def test_a_layout_moves_to_another_device_once_per_step():
     layout = StepLayout(
-        rows=torch.tensor([3, 9]), decode_count=1, decode_blocks=torch.tensor([[1]]),
-        decode_mask=torch.ones(1, 1, 1, 4, dtype=torch.bool), prefills=[PrefillChunk(1, 2, 0, torch.tensor([2]), None)],
+        rows=torch.tensor([3, 9]),
+        decode_count=1,
+        decode_blocks=torch.tensor([[1]]),
+        decode_mask=torch.ones(1, 1, 1, 4, dtype=torch.bool),
+        prefills=[PrefillChunk(1, 2, 0, torch.tensor([2]), None)],
     )
     assert layout.on(torch.device("cpu")) is layout
     moved = layout.on(torch.device("meta"))

@@ -1,4 +1,5 @@
-"""LoRA adapters in the engine: each request's tokens get its own adapter, and greedy output equals peft's merged model."""
+"""LoRA adapters in the engine: each request's tokens get its own adapter, and greedy output equals peft's merged
+model."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -31,14 +32,19 @@ def merged_greedy(base_dir: Path, adapter: Path, prompt: list[int]) -> list[int]
     """peft's own answer: the adapter merged into the weights, then transformers' greedy generate."""
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload() if adapter else base
-    output = merged.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    output = merged.generate(
+        torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+    )
     return output[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {"sql": make_adapter(tiny_model_dir, root / "sql", seed=1), "chat": make_adapter(tiny_model_dir, root / "chat", seed=2, rank=4, rslora=True)}
+    return {
+        "sql": make_adapter(tiny_model_dir, root / "sql", seed=1),
+        "chat": make_adapter(tiny_model_dir, root / "chat", seed=2, rank=4, rslora=True),
+    }
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,18 @@ from serve.model.loader import load_model
 
 SHARED = "You are a helpful assistant. Answer briefly and precisely, in plain words. Question: "
 QUESTIONS = [
-    "what is two plus two?", "name a colour.", "why is the sea salty?", "who wrote Hamlet?", "what is a prime?",
-    "how far is the moon?", "what do bees make?", "what is rust?", "why do cats purr?", "what is a noun?",
-    "how does rain form?", "what is a comet?",
+    "what is two plus two?",
+    "name a colour.",
+    "why is the sea salty?",
+    "who wrote Hamlet?",
+    "what is a prime?",
+    "how far is the moon?",
+    "what do bees make?",
+    "what is rust?",
+    "why do cats purr?",
+    "what is a noun?",
+    "how does rain form?",
+    "what is a comet?",
 ]
 
 
@@ -55,8 +64,12 @@ def alone(tiny_settings, prompts):
 def test_a_pool_of_four_full_sequences_serves_24_requests_by_preempting(tiny_settings, prompts, alone):
     longest = max(len(prompt) for prompt in prompts) + 24
     settings = replace(
-        tiny_settings, max_total_tokens=longest, kv_block_size=4, max_batch_total_tokens=4 * longest,
-        max_concurrent_requests=24, max_batch_prefill_tokens=64,
+        tiny_settings,
+        max_total_tokens=longest,
+        kv_block_size=4,
+        max_batch_total_tokens=4 * longest,
+        max_concurrent_requests=24,
+        max_batch_prefill_tokens=64,
     )
     engine = start(settings)
     try:
@@ -97,14 +110,18 @@ def test_prefix_caching_off_never_reuses(tiny_settings, prompts):
 
 def test_a_session_keeps_its_conversation_cached_under_pressure_until_closed(tiny_settings, prompts):
     longest = max(len(prompt) for prompt in prompts) + 8
-    engine = start(replace(tiny_settings, kv_block_size=4, max_batch_total_tokens=8 * longest, max_total_tokens=longest))
+    engine = start(
+        replace(tiny_settings, kv_block_size=4, max_batch_total_tokens=8 * longest, max_total_tokens=longest)
+    )
     try:
         turn = Request(prompt_ids=prompts[0], params=SamplingParams(max_new_tokens=4, ignore_eos=True), session_id="s1")
         first = [event for event in engine.submit(turn)]
         history = prompts[0] + [event.token_id for event in first if event.token_id is not None]
         others = [[token + 1 + i for token in prompt] for i, prompt in enumerate(prompts[1:9])]  # nothing shared
         run_all(engine, others, tokens=8)  # fills the pool: unpinned cached blocks are evicted
-        again = Request(prompt_ids=history + [5, 6], params=SamplingParams(max_new_tokens=2, ignore_eos=True), session_id="s1")
+        again = Request(
+            prompt_ids=history + [5, 6], params=SamplingParams(max_new_tokens=2, ignore_eos=True), session_id="s1"
+        )
         second = list(engine.submit(again))[-1]
         engine.close_session("s1")
         run_all(engine, others, tokens=8)

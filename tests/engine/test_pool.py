@@ -22,7 +22,9 @@ def test_one_failing_copy_fails_the_pool_with_its_reason():
         return Engine(load=failing_load if index == 1 else (lambda: threading.Event().wait(30)), config=EngineConfig())
 
     pool = EnginePool(
-        prepare=lambda: "prepared", plan_engines=lambda prepared: 2, make_engine=make_engine,
+        prepare=lambda: "prepared",
+        plan_engines=lambda prepared: 2,
+        make_engine=make_engine,
         on_load_failure=lambda exc: (failures.append(exc), reported.set()),
     ).start()
     assert reported.wait(30)
@@ -39,7 +41,9 @@ def test_a_failing_plan_fails_the_pool():
     def prepare():
         raise ValueError("the model needs 140 GiB, more than the 86.4 GiB usable on 4 GPU(s)")
 
-    pool = EnginePool(prepare, lambda prepared: 1, lambda prepared, index: None, on_load_failure=lambda exc: reported.set()).start()
+    pool = EnginePool(
+        prepare, lambda prepared: 1, lambda prepared, index: None, on_load_failure=lambda exc: reported.set()
+    ).start()
     assert reported.wait(10) and "86.4 GiB usable" in str(pool.load_error) and pool.engines == []
 
 

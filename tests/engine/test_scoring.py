@@ -1,4 +1,5 @@
-"""Engine contracts behind /v1/completions scoring and logit_bias, through submit(): what a rewritten runner must keep."""
+"""Engine contracts behind /v1/completions scoring and logit_bias, through submit(): what a rewritten runner must
+keep."""
 
 import torch
 
@@ -33,5 +34,8 @@ def test_max_new_tokens_zero_scores_the_prompt_and_finishes_without_a_token(tiny
 
 def test_logit_bias_forces_a_token_per_request(tiny_engine):
     prompt = tiny_engine.tokenizer("Hello")["input_ids"]
-    forced = [events_of(tiny_engine, prompt, max_new_tokens=3, ignore_eos=True, logit_bias=((token, 100.0),)) for token in (42, 4242)]
+    forced = [
+        events_of(tiny_engine, prompt, max_new_tokens=3, ignore_eos=True, logit_bias=((token, 100.0),))
+        for token in (42, 4242)
+    ]
     assert [[event.token_id for event in events] for events in forced] == [[42] * 3, [4242] * 3]

@@ -20,7 +20,9 @@ def test_buckets_cover_every_batch_and_width_up_to_the_cap():
 
 @pytest.fixture(scope="module")
 def engine(tiny_settings):
-    engine = Engine(load=lambda: load_model(tiny_settings), config=engine_config(replace(tiny_settings, kv_block_size=4)))
+    engine = Engine(
+        load=lambda: load_model(tiny_settings), config=engine_config(replace(tiny_settings, kv_block_size=4))
+    )
     engine.start()
     assert engine.wait_ready(120), engine.load_error
     yield engine
@@ -51,7 +53,9 @@ def test_one_host_read_per_step_for_greedy_sampled_and_penalized_rows(engine):
     kinds = [
         SamplingParams(max_new_tokens=9, ignore_eos=True),
         SamplingParams(max_new_tokens=9, ignore_eos=True, temperature=0.8, top_p=0.9, top_k=20, seed=3),
-        SamplingParams(max_new_tokens=9, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2),
+        SamplingParams(
+            max_new_tokens=9, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2
+        ),
         SamplingParams(max_new_tokens=9, ignore_eos=True, logprobs=3),
     ]
     log, restore = counted_steps(engine)
@@ -66,10 +70,14 @@ def test_one_host_read_per_step_for_greedy_sampled_and_penalized_rows(engine):
 
 def test_a_seed_gives_the_same_tokens_whichever_bucket_it_lands_in(engine):
     prompt = engine.tokenizer("Once upon a time")["input_ids"]
-    seeded = Request(prompt_ids=prompt, params=SamplingParams(max_new_tokens=12, temperature=1.0, seed=42, ignore_eos=True))
+    seeded = Request(
+        prompt_ids=prompt, params=SamplingParams(max_new_tokens=12, temperature=1.0, seed=42, ignore_eos=True)
+    )
     alone = tokens(engine.submit(seeded))  # batch bucket 1
     others = [
-        engine.submit(Request(prompt_ids=prompt[:-1] + [i + 5], params=SamplingParams(max_new_tokens=12, ignore_eos=True)))
+        engine.submit(
+            Request(prompt_ids=prompt[:-1] + [i + 5], params=SamplingParams(max_new_tokens=12, ignore_eos=True))
+        )
         for i in range(5)
     ]
     together = tokens(engine.submit(replace(seeded, id="again")))  # bucket 8 with the five others

@@ -55,9 +55,15 @@ def hf_greedy(model, prompts: list[list[int]], new_tokens: int) -> list[list[int
 
     ids = torch.tensor(prompts, device=DEVICE)
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return out[:, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :].tolist()
 
 
 def hf_rank(model, prompt: list[int], generated: list[int], position: int) -> int:
@@ -86,8 +92,14 @@ def engine_greedy(folder: Path, dtype_name: str, prompts: list[list[int]], new_t
     from serve.engine import Engine, Request, SamplingParams
     from serve.model.loader import load_model
 
-    settings = Settings(model_id=str(folder), model_dir="/nonexistent", load_format="dummy", dtype=dtype_name,
-                        max_concurrent_requests=max(len(prompts), 2), max_total_tokens=len(prompts[0]) + new_tokens + 8)
+    settings = Settings(
+        model_id=str(folder),
+        model_dir="/nonexistent",
+        load_format="dummy",
+        dtype=dtype_name,
+        max_concurrent_requests=max(len(prompts), 2),
+        max_total_tokens=len(prompts[0]) + new_tokens + 8,
+    )
     engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
     assert engine.wait_ready(300), f"engine failed to load: {engine.load_error}"
     try:
@@ -146,7 +158,8 @@ def test_llama8b_bf16_32_concurrent_requests_track_hf(tmp_path_factory):
     got = engine_greedy(folder, "bfloat16", prompts, 32)
     report = divergence(expected, got)
     report["hf_rank_of_engine_token_at_divergence"] = [
-        hf_rank(model, prompt, tokens, at) for prompt, tokens, at in zip(prompts, got, report["matched_prefixes"])
+        hf_rank(model, prompt, tokens, at)
+        for prompt, tokens, at in zip(prompts, got, report["matched_prefixes"])
         if at < len(tokens)
     ]
     del model

@@ -31,7 +31,9 @@ def hardened_server(tiny_model_dir, tmp_path_factory) -> Server:
 def healthy(server: Server) -> None:
     """The server still answers /ping and serves an ordinary request."""
     assert requests.get(server.url + "/ping", timeout=10).status_code == 200
-    response = requests.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}}, timeout=60)
+    response = requests.post(
+        server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}}, timeout=60
+    )
     assert response.status_code == 200, response.text
     assert isinstance(response.json()["generated_text"], str)
 

@@ -30,7 +30,10 @@ def test_tokenize_and_tgi_inputs_keep_special_tokens(hardened_server):
     response = requests.post(hardened_server.url + "/tokenize", json={"inputs": "<|im_start|>"}, timeout=60)
     assert response.status_code == 200
     assert [token["text"] for token in response.json()] == ["<|im_start|>"]
-    generate = {"inputs": "<|im_start|>user", "parameters": {"max_new_tokens": 1, "decoder_input_details": True, "details": True}}
+    generate = {
+        "inputs": "<|im_start|>user",
+        "parameters": {"max_new_tokens": 1, "decoder_input_details": True, "details": True},
+    }
     details = requests.post(hardened_server.url + "/generate", json=generate, timeout=60).json()["details"]
     assert [token["text"] for token in details["prefill"]] == ["<|im_start|>", "user"]
 
@@ -44,8 +47,12 @@ def test_ordinary_messages_tokenize_as_before(embedded_folder):
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_folder))
     for messages in (
         [{"role": "user", "content": "What is deep learning?"}],
-        [{"role": "system", "content": "  Be brief.  "}, {"role": "user", "content": "Hi!\n\nTwo lines "},
-         {"role": "assistant", "content": "Hello, how can I help?"}, {"role": "user", "content": "Write 12 words."}],
+        [
+            {"role": "system", "content": "  Be brief.  "},
+            {"role": "user", "content": "Hi!\n\nTwo lines "},
+            {"role": "assistant", "content": "Hello, how can I help?"},
+            {"role": "user", "content": "Write 12 words."},
+        ],
     ):
         text = render_chat(tokenizer, messages)
         assert encode_chat(tokenizer, text, messages) == tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -15,8 +15,13 @@ from tests.helpers import sse_data, wait_for
 
 pytestmark = pytest.mark.e2e
 
-CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": LONG, "ignore_eos": True, "stream": True,
-        "stream_options": {"include_usage": True}}
+CHAT = {
+    "messages": [{"role": "user", "content": "Hi"}],
+    "max_tokens": LONG,
+    "ignore_eos": True,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
 
 
 def open_stream(url: str) -> requests.Response:
@@ -69,10 +74,12 @@ def test_drops_while_queued_and_mid_stream_cancel_and_others_finish(hardened_ser
 
 
 def test_drop_before_the_first_byte_cancels(hardened_server):
-    url = hardened_server.url
     before = cancellations(hardened_server)
     body = json.dumps({"inputs": "Hi", "parameters": {"max_new_tokens": LONG, "ignore_eos": True}}).encode()
-    head = f"POST /generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    head = (
+        "POST /generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
     with socket.create_connection(("127.0.0.1", hardened_server.port)) as sock:
         sock.sendall(head.encode() + body)  # and hang up without reading a byte
     assert wait_for(lambda: cancellations(hardened_server) == before + 1, timeout=5)
@@ -85,7 +92,11 @@ def test_non_streaming_client_that_leaves_is_cancelled(hardened_server):
     url = hardened_server.url
     before = len(cancelled_ids(hardened_server.log()))
     with pytest.raises(requests.Timeout):
-        requests.post(url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": LONG, "ignore_eos": True}}, timeout=(5, 0.3))
+        requests.post(
+            url + "/generate",
+            json={"inputs": "Hi", "parameters": {"max_new_tokens": LONG, "ignore_eos": True}},
+            timeout=(5, 0.3),
+        )
     assert wait_for(lambda: len(cancelled_ids(hardened_server.log())) > before, timeout=5)
     assert wait_for(lambda: gauge(hardened_server, "serve_batch_current_size") == 0, timeout=1.0)
     healthy(hardened_server)

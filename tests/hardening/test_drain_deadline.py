@@ -51,7 +51,9 @@ def test_streams_cut_at_the_drain_deadline_end_with_an_error_event(tiny_model_di
             assert "event: error" in body, body[-500:]
             error = json.loads(sse_data(body)[-1])["error"]
             assert "shutting down" in error["message"] and error["code"] == 503
-        logged = re.search(r"drain deadline reached with \d+ request\(s\) still in flight; cut (\d+) response", server.log())
+        logged = re.search(
+            r"drain deadline reached with \d+ request\(s\) still in flight; cut (\d+) response", server.log()
+        )
         assert logged and int(logged.group(1)) == len(cut), server.log()[-3000:]
         assert server.log().count("outcome=cancelled reason=shutdown_deadline") == len(cut)
     finally:

@@ -97,4 +97,4 @@ def test_failing_forward_mid_stream_sends_an_error_event(exploding_server):
     assert "event: error" in tgi_stream.text and json.loads(sse_data(tgi_stream.text)[-1])["error_type"] == "generation"
     ok = requests.post(url + "/v1/chat/completions", json=chat("hello", True), timeout=60)
     assert sse_data(ok.text)[-1] == "[DONE]"
-    assert (Path(exploding_server.log_path).exists() and "engine step failed" in exploding_server.log())
+    assert Path(exploding_server.log_path).exists() and "engine step failed" in exploding_server.log()

@@ -19,8 +19,10 @@ TOKENS = 12
 def half_closed_exchange(port: int, path: str, body: dict) -> tuple[int, bytes]:
     """Send the request, shut the write side, read until the server closes; the final status and body."""
     payload = json.dumps(body).encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         sock.sendall(head + payload)
         sock.shutdown(socket.SHUT_WR)
@@ -58,8 +60,13 @@ def test_half_closed_client_gets_the_whole_completion(hardened_server):
 
 
 def test_half_closed_client_gets_the_whole_stream(hardened_server):
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": TOKENS, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": TOKENS,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     status, answer = half_closed_exchange(hardened_server.port, "/v1/chat/completions", body)
     assert status == 200, answer[:300]
     data = sse_data(answer.decode())

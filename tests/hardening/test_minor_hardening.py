@@ -22,8 +22,15 @@ def two_workers(tiny_model_dir, tmp_path_factory) -> tuple[Server, object]:
     home = tmp_path_factory.mktemp("home")
     template = home / "chat{v2}.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    env = {"HF_MODEL_ID": str(tiny_model_dir), "SAGEMAKER_MODEL_SERVER_WORKERS": "2", "API_KEY": SHORT_KEY,
-           "CHAT_TEMPLATE": str(template), "HOME": str(home), "LOG_LEVEL": "DEBUG", "SERVE_CACHE_DIR": str(home / "cache")}
+    env = {
+        "HF_MODEL_ID": str(tiny_model_dir),
+        "SAGEMAKER_MODEL_SERVER_WORKERS": "2",
+        "API_KEY": SHORT_KEY,
+        "CHAT_TEMPLATE": str(template),
+        "HOME": str(home),
+        "LOG_LEVEL": "DEBUG",
+        "SERVE_CACHE_DIR": str(home / "cache"),
+    }
     saved = os.environ.pop("XDG_RUNTIME_DIR", None)
     try:
         server = start_server(env, tmp_path_factory.mktemp("two-workers"), timeout=300)
@@ -48,8 +55,12 @@ def test_metrics_count_every_workers_requests(two_workers):
     server, _ = two_workers
     for _ in range(REQUESTS):
         with requests.Session() as fresh:  # a new connection each: the kernel spreads them over the workers
-            response = fresh.post(server.url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}},
-                                  headers=auth(), timeout=60)
+            response = fresh.post(
+                server.url + "/generate",
+                json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}},
+                headers=auth(),
+                timeout=60,
+            )
             assert response.status_code == 200, response.text
     pids = set()
     for _ in range(8):

@@ -7,7 +7,11 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from serve.schemas import openai as oa
 from serve.schemas import tgi
@@ -16,16 +20,28 @@ from tests.hardening.conftest import healthy
 pytestmark = pytest.mark.e2e
 
 ROUTES = {
-    "/ping": "get", "/invocations": "post", "/v1/chat/completions": "post", "/v1/completions": "post",
-    "/v1/models": "get", "/generate": "post", "/generate_stream": "post", "/tokenize": "post", "/info": "get",
-    "/health": "get", "/metrics": "get", "/openapi.json": "get", "/docs": "get", "/": "post",
+    "/ping": "get",
+    "/invocations": "post",
+    "/v1/chat/completions": "post",
+    "/v1/completions": "post",
+    "/v1/models": "get",
+    "/generate": "post",
+    "/generate_stream": "post",
+    "/tokenize": "post",
+    "/info": "get",
+    "/health": "get",
+    "/metrics": "get",
+    "/openapi.json": "get",
+    "/docs": "get",
+    "/": "post",
 }
 FUZZ_EXAMPLES = 10
 FUZZ_TOKENS = 4
 
 
 def bound_generation(case) -> None:
-    """Keep fuzzed generations short (a schema-valid length can take minutes on a busy CPU); every other field as drawn."""
+    """Keep fuzzed generations short (a schema-valid length can take minutes on a busy CPU); every other field as
+    drawn."""
     body = case.body if isinstance(case.body, dict) else None
     if body is None:
         return
@@ -49,7 +65,9 @@ def test_openapi_documents_every_route_with_the_request_models(hardened_server):
     for model in (oa.ChatCompletionRequest, oa.CompletionRequest, tgi.GenerateRequest, tgi.TokenizeRequest):
         assert set(model.model_fields) <= set(schemas[model.__name__]["properties"]), model.__name__
     chat = document["paths"]["/v1/chat/completions"]["post"]
-    assert chat["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+    assert chat["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ChatCompletionRequest"
+    }
     assert {"200", "400", "413", "429"} <= set(chat["responses"]) and "422" not in chat["responses"]  # OpenAI's 400s
     assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
     messages = schemas["ChatCompletionRequest"]["properties"]["messages"]
@@ -78,7 +96,13 @@ def test_fuzzed_requests_get_no_5xx_and_match_the_schema(api_schema, hardened_se
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
     @given(case=operation.as_strategy())
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     def fuzz(case):
         bound_generation(case)
         case.call_and_validate(base_url=hardened_server.url, checks=checks, timeout=60)

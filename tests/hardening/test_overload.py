@@ -19,8 +19,13 @@ TOKENS = 24
 
 
 def stream_chat(url: str, results: list, barrier: threading.Barrier) -> None:
-    body = {"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": TOKENS, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "max_tokens": TOKENS,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     barrier.wait()
     response = requests.post(url + "/v1/chat/completions", json=body, timeout=120)
     results.append((response.status_code, response.text))

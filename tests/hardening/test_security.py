@@ -20,11 +20,24 @@ pytestmark = pytest.mark.e2e
 
 API_KEY = "sk-test-7f3a9c0d2e"
 HF_TOKEN = "hf_SECRETtoken1234567890abcdef"
-PROTECTED = [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/generate"),
-             ("POST", "/generate_stream"), ("POST", "/tokenize"), ("GET", "/info"), ("GET", "/health"), ("GET", "/metrics")]
-BODIES = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
-          "/v1/completions": {"prompt": "Hi", "max_tokens": 2}, "/generate": {"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
-          "/generate_stream": {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, "/tokenize": {"inputs": "Hi"}}
+PROTECTED = [
+    ("GET", "/v1/models"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("POST", "/generate"),
+    ("POST", "/generate_stream"),
+    ("POST", "/tokenize"),
+    ("GET", "/info"),
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+]
+BODIES = {
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+    "/v1/completions": {"prompt": "Hi", "max_tokens": 2},
+    "/generate": {"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
+    "/generate_stream": {"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
+    "/tokenize": {"inputs": "Hi"},
+}
 # A chat template that tries to reach Python internals when a message says so (rendered in jinja's sandbox, it cannot)
 ESCAPING_TEMPLATE = (
     "{% for message in messages %}"
@@ -57,7 +70,12 @@ def call(server, method: str, path: str, headers: dict) -> requests.Response:
 
 @pytest.mark.parametrize("method, path", PROTECTED)
 def test_api_key_is_required_on_openai_and_tgi_routes(secure_server, method, path):
-    for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {API_KEY}"}, {"Authorization": "Bearer"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-key"},
+        {"Authorization": f"Basic {API_KEY}"},
+        {"Authorization": "Bearer"},
+    ):
         refused = call(secure_server, method, path, headers)
         assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer", (headers, refused.text)
         error = refused.json()["error"]
@@ -68,11 +86,16 @@ def test_api_key_is_required_on_openai_and_tgi_routes(secure_server, method, pat
 
 def test_ping_invocations_and_docs_stay_open(secure_server):
     assert requests.get(secure_server.url + "/ping", timeout=10).status_code == 200
-    invoked = requests.post(secure_server.url + "/invocations", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=60)
+    invoked = requests.post(
+        secure_server.url + "/invocations", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=60
+    )
     assert invoked.status_code == 200
     document = requests.get(secure_server.url + "/openapi.json", timeout=10).json()
     assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
-    assert document["paths"]["/generate"]["post"]["security"] == [{"bearer": []}] and "security" not in document["paths"]["/ping"]["get"]
+    assert (
+        document["paths"]["/generate"]["post"]["security"] == [{"bearer": []}]
+        and "security" not in document["paths"]["/ping"]["get"]
+    )
 
 
 @pytest.mark.parametrize("content", ["shell", "classes"])
@@ -82,17 +105,36 @@ def test_chat_template_cannot_reach_python_internals(secure_server, marker, cont
     assert refused.status_code == 422, refused.text
     assert "messages" in refused.json()["error"] and "unsafe" in refused.json()["error"]
     assert not marker.exists()
-    fine = requests.post(secure_server.url + "/invocations", json={**body, "messages": [{"role": "user", "content": "Hi"}]}, timeout=60)
+    fine = requests.post(
+        secure_server.url + "/invocations", json={**body, "messages": [{"role": "user", "content": "Hi"}]}, timeout=60
+    )
     assert fine.status_code == 200
 
 
 def test_secrets_never_in_logs_info_or_error_bodies(secure_server):
     auth = {"Authorization": f"Bearer {API_KEY}"}
     bodies = [requests.get(secure_server.url + "/info", headers=auth, timeout=10).text]
-    bodies.append(requests.get(secure_server.url + "/info", headers={"Authorization": f"Bearer {API_KEY}x"}, timeout=10).text)
-    bodies.append(requests.post(secure_server.url + "/generate", json={"inputs": HF_TOKEN, "parameters": {"top_p": 9}}, headers=auth, timeout=10).text)
-    bodies.append(requests.post(secure_server.url + "/v1/completions", data=b"{" + HF_TOKEN.encode(), headers=auth, timeout=10).text)
-    bodies.append(requests.post(secure_server.url + "/invocations", json={"messages": [{"role": HF_TOKEN, "content": "x"}]}, timeout=10).text)
+    bodies.append(
+        requests.get(secure_server.url + "/info", headers={"Authorization": f"Bearer {API_KEY}x"}, timeout=10).text
+    )
+    bodies.append(
+        requests.post(
+            secure_server.url + "/generate",
+            json={"inputs": HF_TOKEN, "parameters": {"top_p": 9}},
+            headers=auth,
+            timeout=10,
+        ).text
+    )
+    bodies.append(
+        requests.post(
+            secure_server.url + "/v1/completions", data=b"{" + HF_TOKEN.encode(), headers=auth, timeout=10
+        ).text
+    )
+    bodies.append(
+        requests.post(
+            secure_server.url + "/invocations", json={"messages": [{"role": HF_TOKEN, "content": "x"}]}, timeout=10
+        ).text
+    )
     for body in bodies:
         assert API_KEY not in body and HF_TOKEN not in body, body
     log = secure_server.log()

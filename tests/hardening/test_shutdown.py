@@ -22,14 +22,21 @@ GRACEFUL_TIMEOUT = 25  # serve.config.Settings.graceful_timeout, below SageMaker
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tiny_model_dir, tmp_path):
     server = start_server({"HF_MODEL_ID": str(tiny_model_dir), "MAX_CONCURRENT_REQUESTS": "4"}, tmp_path)
     try:
-        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": TOKENS, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
+        chat = {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": TOKENS,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         streaming = requests.post(server.url + "/v1/chat/completions", json=chat, stream=True, timeout=60)
         lines = streaming.iter_lines()
         next(lines)
         blocking: list = []
         generate = {"inputs": "Hello", "parameters": {"max_new_tokens": TOKENS, "ignore_eos": True}}
-        waiter = threading.Thread(target=lambda: blocking.append(requests.post(server.url + "/generate", json=generate, timeout=60)))
+        waiter = threading.Thread(
+            target=lambda: blocking.append(requests.post(server.url + "/generate", json=generate, timeout=60))
+        )
         waiter.start()
         assert wait_for(lambda: gauge(server, "serve_requests_in_flight") == 2, timeout=10)
         kept_alive = requests.Session()
@@ -41,7 +48,11 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tiny_model_dir, 
         ping = requests.get(server.url + "/ping", timeout=10)
         assert ping.json() == {"status": "draining"}
         assert kept_alive.get(server.url + "/ping", timeout=10).status_code == 503  # on a connection opened before
-        for path, body in (("/v1/chat/completions", {**chat, "stream": False}), ("/generate", generate), ("/invocations", generate)):
+        for path, body in (
+            ("/v1/chat/completions", {**chat, "stream": False}),
+            ("/generate", generate),
+            ("/invocations", generate),
+        ):
             refused = requests.post(server.url + path, json=body, timeout=10)
             assert refused.status_code == 503, (path, refused.text)
             error = refused.json()["error"]

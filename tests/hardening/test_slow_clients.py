@@ -112,8 +112,11 @@ def hold_and_check(server, seconds: float) -> None:
         times = ping_times(server.url, seconds)
     finally:
         attack.close()
-    print(f"{SLOWLORIS} slowloris + {IDLE} idle for {seconds:.0f} s: {len(times)} pings, slowest {max(times):.3f} s, "
-          f"{attack.reopened} connections reopened; stream: {len(arrivals)} events over {arrivals[-1] - arrivals[0]:.2f} s")
+    print(
+        f"{SLOWLORIS} slowloris + {IDLE} idle for {seconds:.0f} s: {len(times)} pings, slowest {max(times):.3f} s, "
+        f"{attack.reopened} connections reopened; "
+        f"stream: {len(arrivals)} events over {arrivals[-1] - arrivals[0]:.2f} s"
+    )
     assert max(times) < 2.0
     assert len(arrivals) == 32 and len({round(t, 3) for t in arrivals}) > 16  # token by token, not in one piece
     healthy(server)

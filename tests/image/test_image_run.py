@@ -26,8 +26,12 @@ TGI_INPUTS = {"inputs": "What is deep learning?", "parameters": {"max_new_tokens
 # What a SageMaker user sets, plus the limits an operator of a small CPU instance would set: a short default length
 # and a small KV cache (a default one is GiBs to zero at start). SM_NUM_GPUS: the CPU test build sees no GPU, and
 # the server takes only positive counts, so it is sent empty (= unset); SERVE_TEST_SM_NUM_GPUS overrides.
-SAGEMAKER_ENV = {"SM_NUM_GPUS": os.environ.get("SERVE_TEST_SM_NUM_GPUS", ""), "DEFAULT_MAX_NEW_TOKENS": "32",
-                 "MAX_TOTAL_TOKENS": "1024", "MAX_BATCH_TOTAL_TOKENS": "4096"}
+SAGEMAKER_ENV = {
+    "SM_NUM_GPUS": os.environ.get("SERVE_TEST_SM_NUM_GPUS", ""),
+    "DEFAULT_MAX_NEW_TOKENS": "32",
+    "MAX_TOTAL_TOKENS": "1024",
+    "MAX_BATCH_TOTAL_TOKENS": "4096",
+}
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +82,12 @@ def test_messages_api_from_opt_ml_model(container, model_dir, tmp_path):
     server = serve_and_wait(container, model_dir, tmp_path, {"MESSAGES_API_ENABLED": "true"})
     try:
         # `make docker-test`'s script: wait for /ping, send the reference messages request to /invocations
-        smoke = subprocess.run([sys.executable, str(ROOT / "scripts/image/smoke.py"), "--url", server.url,
-                                "--timeout", "60"], capture_output=True, text=True, timeout=300)
+        smoke = subprocess.run(
+            [sys.executable, str(ROOT / "scripts/image/smoke.py"), "--url", server.url, "--timeout", "60"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert smoke.returncode == 0, smoke.stderr
         body = json.loads(smoke.stdout.split("\n", 1)[1])
         answer = body["choices"][0]["message"]["content"]

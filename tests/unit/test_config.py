@@ -80,7 +80,12 @@ def test_settings_are_frozen():
 
 def test_placement_replicas_quantize_and_adapters():
     settings = load_settings(
-        {"PLACEMENT": "Replicas", "REPLICAS": "2", "HF_MODEL_QUANTIZE": "bitsandbytes-nf4", "LORA_ADAPTERS": "sql=/a/sql, chat = /b/chat,"}
+        {
+            "PLACEMENT": "Replicas",
+            "REPLICAS": "2",
+            "HF_MODEL_QUANTIZE": "bitsandbytes-nf4",
+            "LORA_ADAPTERS": "sql=/a/sql, chat = /b/chat,",
+        }
     )
     assert (settings.placement, settings.replicas, settings.quantize) == ("replicas", 2, "bitsandbytes-nf4")
     assert settings.lora_adapters == (("sql", "/a/sql"), ("chat", "/b/chat"))
@@ -126,7 +131,9 @@ def test_chat_template_is_an_existing_file_whatever_its_name_or_jinja_text(tmp_p
     braces = tmp_path / "template{v2}.jinja"
     braces.write_text("{{ messages[0]['content'] }}")
     assert load_settings({"CHAT_TEMPLATE": str(braces)}).chat_template == "{{ messages[0]['content'] }}"
-    assert load_settings({"CHAT_TEMPLATE": "{% for m in messages %}{{ m.content }}{% endfor %}"}).chat_template.startswith("{%")
+    assert load_settings(
+        {"CHAT_TEMPLATE": "{% for m in messages %}{{ m.content }}{% endfor %}"}
+    ).chat_template.startswith("{%")
     for value in (str(tmp_path / "missing{1}.jinja"), str(tmp_path / "missing.jinja")):
         with pytest.raises(SettingsError, match="CHAT_TEMPLATE=.*neither a Jinja template"):
             load_settings({"CHAT_TEMPLATE": value})

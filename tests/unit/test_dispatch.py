@@ -19,7 +19,12 @@ def test_messages_api_enabled_rejects_inputs_with_a_hint():
 
 @pytest.mark.parametrize(
     "payload, kind",
-    [({"inputs": "hi"}, GENERATE), (MESSAGES, CHAT), ({"prompt": "hi"}, COMPLETION), ({"inputs": "x", "messages": []}, GENERATE)],
+    [
+        ({"inputs": "hi"}, GENERATE),
+        (MESSAGES, CHAT),
+        ({"prompt": "hi"}, COMPLETION),
+        ({"inputs": "x", "messages": []}, GENERATE),
+    ],
 )
 def test_tgi_mode_dispatches_by_shape(payload, kind):
     assert payload_kind(payload, messages_api_enabled=False) == kind

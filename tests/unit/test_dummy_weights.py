@@ -41,7 +41,10 @@ def test_folder_has_no_weights_and_a_padded_tokenizer_that_encodes_as_before(tin
     assert not list(tiny_dummy.glob("*.safetensors")) and (tiny_dummy / "chat_template.jinja").is_file()
     config = json.loads((tiny_dummy / "config.json").read_text())
     assert config["vocab_size"] == SHAPES["tiny"]["vocab_size"] and config["rope_scaling"]["rope_type"] == "llama3"
-    padded, original = AutoTokenizer.from_pretrained(str(tiny_dummy)), AutoTokenizer.from_pretrained(str(embedded_folder))
+    padded, original = (
+        AutoTokenizer.from_pretrained(str(tiny_dummy)),
+        AutoTokenizer.from_pretrained(str(embedded_folder)),
+    )
     assert len(padded) == config["vocab_size"] > len(original)
     text = "Hello <|im_start|>user\nÇa va? 你好 1234 zqab"
     assert padded.encode(text) == original.encode(text)

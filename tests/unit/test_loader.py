@@ -82,7 +82,9 @@ def test_native_bf16_is_read_from_cpu_flags():
 
 def test_unreachable_hub_gives_a_clear_message(tmp_path):
     with pytest.raises(ModelLoadError) as caught:
-        download_from_hub(settings(model_id="sagemaker-llm-serve-tests/no-such-model", model_revision="main", cache_dir=str(tmp_path)))
+        download_from_hub(
+            settings(model_id="sagemaker-llm-serve-tests/no-such-model", model_revision="main", cache_dir=str(tmp_path))
+        )
     message = str(caught.value)
     assert "HF_MODEL_ID='sagemaker-llm-serve-tests/no-such-model'" in message and "/opt/ml/model" in message
 
@@ -106,7 +108,9 @@ def test_adapter_folders_from_the_model_dir_and_lora_adapters(tmp_path):
     (tmp_path / "model" / "adapters" / "notes").mkdir()  # no adapter_config.json: not an adapter
     (tmp_path / "extra").mkdir()
     (tmp_path / "extra" / "adapter_config.json").write_text("{}")
-    found = adapter_folders(settings(model_dir=str(tmp_path / "model"), lora_adapters=(("extra", str(tmp_path / "extra")),)))
+    found = adapter_folders(
+        settings(model_dir=str(tmp_path / "model"), lora_adapters=(("extra", str(tmp_path / "extra")),))
+    )
     assert list(found) == ["a-chat", "b-sql", "extra"] and found["extra"] == tmp_path / "extra"
     with pytest.raises(ModelLoadError, match="LORA_ADAPTERS: adapter 'gone' at /nowhere has no adapter_config.json"):
         adapter_folders(settings(lora_adapters=(("gone", "/nowhere"),)))

@@ -8,16 +8,32 @@ from serve.model.placement import MIN_CACHE_SLOTS, PlacementError, footprint, pa
 
 GIB = 1024**3
 LLAMA_1B = SimpleNamespace(  # Llama-3.2-1B
-    hidden_size=2048, num_hidden_layers=16, vocab_size=128256, num_attention_heads=32, num_key_value_heads=8,
-    head_dim=64, intermediate_size=8192, tie_word_embeddings=True,
+    hidden_size=2048,
+    num_hidden_layers=16,
+    vocab_size=128256,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    intermediate_size=8192,
+    tie_word_embeddings=True,
 )
 MISTRAL_7B = SimpleNamespace(
-    hidden_size=4096, num_hidden_layers=32, vocab_size=32000, num_attention_heads=32, num_key_value_heads=8,
-    intermediate_size=14336, tie_word_embeddings=False,
+    hidden_size=4096,
+    num_hidden_layers=32,
+    vocab_size=32000,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    tie_word_embeddings=False,
 )
 LLAMA_70B = SimpleNamespace(  # Llama-3-70B
-    hidden_size=8192, num_hidden_layers=80, vocab_size=128256, num_attention_heads=64, num_key_value_heads=8,
-    intermediate_size=28672, tie_word_embeddings=False,
+    hidden_size=8192,
+    num_hidden_layers=80,
+    vocab_size=128256,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    intermediate_size=28672,
+    tie_word_embeddings=False,
 )
 MODELS = {"1B": LLAMA_1B, "7B": MISTRAL_7B, "70B": LLAMA_70B}
 CACHE_TOKENS = MIN_CACHE_SLOTS * 4096
@@ -25,10 +41,18 @@ CACHE_TOKENS = MIN_CACHE_SLOTS * 4096
 # (model, gpus, GiB per GPU) -> expected mode, or None when it cannot fit at all (bf16 weights and cache)
 EXPECTED = {
     **{(model, gpus, size): "replicas" for model in ("1B", "7B") for gpus in (1, 2, 4, 8) for size in (24, 40, 80)},
-    ("70B", 1, 24): None, ("70B", 1, 40): None, ("70B", 1, 80): None,
-    ("70B", 2, 24): None, ("70B", 2, 40): None, ("70B", 2, 80): "shard",
-    ("70B", 4, 24): None, ("70B", 4, 40): "shard", ("70B", 4, 80): "shard",
-    ("70B", 8, 24): "shard", ("70B", 8, 40): "shard", ("70B", 8, 80): "shard",
+    ("70B", 1, 24): None,
+    ("70B", 1, 40): None,
+    ("70B", 1, 80): None,
+    ("70B", 2, 24): None,
+    ("70B", 2, 40): None,
+    ("70B", 2, 80): "shard",
+    ("70B", 4, 24): None,
+    ("70B", 4, 40): "shard",
+    ("70B", 4, 80): "shard",
+    ("70B", 8, 24): "shard",
+    ("70B", 8, 40): "shard",
+    ("70B", 8, 80): "shard",
 }
 
 

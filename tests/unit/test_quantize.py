@@ -18,7 +18,10 @@ def test_plain_model_without_quantization():
     assert resolve_quantization(None, on_cuda=False, config=PLAIN, compute_dtype=torch.float32).method is None
 
 
-@pytest.mark.parametrize("method, eight_bit, quant_type", [("bitsandbytes", True, None), ("bitsandbytes-nf4", False, "nf4"), ("bitsandbytes-fp4", False, "fp4")])
+@pytest.mark.parametrize(
+    "method, eight_bit, quant_type",
+    [("bitsandbytes", True, None), ("bitsandbytes-nf4", False, "nf4"), ("bitsandbytes-fp4", False, "fp4")],
+)
 def test_bitsandbytes_on_cuda_maps_to_bitsandbytes_config(monkeypatch, method, eight_bit, quant_type):
     monkeypatch.setattr(quantize, "_require_package", lambda package, requested: None)  # the CUDA image ships it
     result = resolve_quantization(method, on_cuda=True, config=PLAIN, compute_dtype=torch.bfloat16)
@@ -38,13 +41,21 @@ def test_fp8_quantizes_at_load_on_cuda_and_loads_fp8_checkpoints_as_they_are():
 def test_pre_quantized_checkpoints_load_through_their_config():
     result = resolve_quantization("gptq", on_cuda=True, config=GPTQ_4BIT, compute_dtype=torch.float16)
     assert (result.method, result.kwargs, result.bytes_per_parameter) == ("gptq (pre-quantized)", {}, 0.5)
-    assert resolve_quantization(None, on_cuda=True, config=GPTQ_4BIT, compute_dtype=torch.float16).method == "gptq (pre-quantized)"
+    assert (
+        resolve_quantization(None, on_cuda=True, config=GPTQ_4BIT, compute_dtype=torch.float16).method
+        == "gptq (pre-quantized)"
+    )
 
 
 @pytest.mark.parametrize(
     "method, on_cuda, config, message",
     [
-        ("bitsandbytes", False, PLAIN, "HF_MODEL_QUANTIZE=bitsandbytes quantizes at load time with CUDA kernels, and no GPU"),
+        (
+            "bitsandbytes",
+            False,
+            PLAIN,
+            "HF_MODEL_QUANTIZE=bitsandbytes quantizes at load time with CUDA kernels, and no GPU",
+        ),
         ("bitsandbytes-nf4", False, PLAIN, "no GPU is in use"),
         ("fp8", False, PLAIN, "no GPU is in use"),
         ("gptq", True, PLAIN, "HF_MODEL_QUANTIZE=gptq needs a checkpoint already quantized with gptq"),

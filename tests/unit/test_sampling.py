@@ -5,8 +5,8 @@ from serve.engine.penalties import TokenCounts, apply_penalties, count_sampled
 from serve.engine.sampling import make_generator, sample_next_tokens
 from serve.engine.types import SamplingParams
 
+
 def sample(logits, params, generators=None):
-    rows = len(params)
     generators = generators or [make_generator(p, torch.device("cpu")) for p in params]
     return sample_next_tokens(logits.clone(), params, generators)
 
@@ -30,7 +30,10 @@ def test_tiny_top_p_keeps_only_the_best_token():
 
 def test_same_seed_same_tokens_different_seed_differs():
     logits = torch.zeros(1, 1000)
-    draws = lambda seed: [int(sample(logits, [SamplingParams(temperature=1.0, seed=seed)])[0]) for _ in range(1)]
+
+    def draws(seed):
+        return [int(sample(logits, [SamplingParams(temperature=1.0, seed=seed)])[0])]
+
     first = [draws(7)[0] for _ in range(3)]
     assert len(set(first)) == 1
     assert {draws(seed)[0] for seed in range(20)} != {first[0]}
@@ -102,7 +105,11 @@ def test_chosen_logprobs_and_top_alternatives():
 def test_logit_bias_is_per_row_and_batched():
     logits = torch.zeros(3, 6)
     logits[:, 2] = 5.0  # every row's argmax is 2 without bias
-    params = [SamplingParams(logit_bias=((2, -100.0),)), SamplingParams(logit_bias=((4, 100.0), (2, -100.0))), SamplingParams()]
+    params = [
+        SamplingParams(logit_bias=((2, -100.0),)),
+        SamplingParams(logit_bias=((4, 100.0), (2, -100.0))),
+        SamplingParams(),
+    ]
     assert sample(logits, params).tolist() == [0, 4, 2]
     sampled = [SamplingParams(temperature=1.0, seed=seed, logit_bias=((5, 100.0),)) for seed in range(3)]
     assert sample(torch.randn(3, 6), sampled).tolist() == [5, 5, 5]  # +100 forces under sampling too

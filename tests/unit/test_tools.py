@@ -2,13 +2,21 @@
 
 from serve.schemas.tools import Tool, ToolCallBuffer, call_schema, parse_tool_calls
 
-WEATHER = Tool.model_validate({"function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})
+WEATHER = Tool.model_validate(
+    {"function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+)
 
 
 def test_plain_json_and_tagged_calls_are_read():
-    for text in ('{"name": "get_weather", "arguments": {"city": "Paris"}}', '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', '```json\n[{"name": "get_weather", "parameters": {"city": "Paris"}}]\n```'):
+    for text in (
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+        '```json\n[{"name": "get_weather", "parameters": {"city": "Paris"}}]\n```',
+    ):
         (call,) = parse_tool_calls(text, [WEATHER])
-        assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'} and call["id"].startswith("call_")
+        assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'} and call["id"].startswith(
+            "call_"
+        )
 
 
 def test_prose_and_unknown_functions_are_not_calls():
@@ -30,7 +38,10 @@ def test_buffer_streams_prose_at_once_and_holds_a_call():
 def test_call_schema_pins_the_name_of_each_tool():
     other = Tool.model_validate({"function": {"name": "get_time"}})
     schema = call_schema([WEATHER, other])
-    assert [variant["properties"]["name"] for variant in schema["anyOf"]] == [{"const": "get_weather"}, {"const": "get_time"}]
+    assert [variant["properties"]["name"] for variant in schema["anyOf"]] == [
+        {"const": "get_weather"},
+        {"const": "get_time"},
+    ]
     assert call_schema([WEATHER])["properties"]["arguments"] == WEATHER.function.parameters
 
 
