@@ -79,7 +79,12 @@ def noise(url: str, stop: threading.Event, index: int) -> None:
 
 
 def main() -> None:
-    env = {"SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "true", "MESSAGES_API_ENABLED": "true"}
+    env = {
+        "SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "true",
+        "MESSAGES_API_ENABLED": "true",
+        # a pool small enough that the unrelated traffic evicts what nothing pins
+        "MAX_BATCH_TOTAL_TOKENS": os.environ.get("BENCH_SESSION_KV_TOKENS", "8192"),
+    }
     if os.environ.get("BENCH_SESSION_MODEL"):
         env["HF_MODEL_ID"] = os.environ["BENCH_SESSION_MODEL"]
     server = start_server(env, Path(tempfile.mkdtemp(prefix="bench-sessions-")), timeout=600)
