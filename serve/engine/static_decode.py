@@ -51,9 +51,16 @@ class StaticDecode:
         self.staging = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
         self.logit_rows = torch.arange(max_batch, device=device)
         self.replay: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}  # captured shapes (graphs.py)
+        # Pad to buckets where graphs replay fixed shapes (CUDA). Eagerly, padding only adds work (padded rows run
+        # the whole model, wider tables gather more KV), so the CPU runs each step at its exact shape; tests that
+        # prove the padded path on the CPU turn this on.
+        self.pad = device.type == "cuda"
 
     def shape_for(self, batch: int, widest: int) -> tuple[int, int]:
-        """The smallest (batch, width) bucket that holds ``batch`` sequences of up to ``widest`` blocks."""
+        """The smallest (batch, width) bucket that holds ``batch`` sequences of up to ``widest`` blocks (the exact
+        shape when not padding)."""
+        if not self.pad:
+            return batch, widest
         return _fit(batch, self.batches), _fit(widest, self.widths)
 
     def load(self, rows: list[tuple[int, int, list[int]]], shape: Optional[tuple[int, int]] = None) -> tuple[int, int]:

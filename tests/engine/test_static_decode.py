@@ -12,6 +12,16 @@ from serve.engine.static_decode import batch_buckets, width_buckets
 from serve.model.loader import load_model
 
 
+def test_the_cpu_runs_exact_shapes_and_pads_only_when_asked(engine):
+    static = engine._runner.static
+    static.pad = False
+    try:
+        assert static.shape_for(3, 5) == (3, 5)
+    finally:
+        static.pad = True
+    assert static.shape_for(3, 5) == (4, 8)
+
+
 def test_buckets_cover_every_batch_and_width_up_to_the_cap():
     assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
     assert batch_buckets(10) == [1, 2, 4, 8, 10]
@@ -25,6 +35,7 @@ def engine(tiny_settings):
     )
     engine.start()
     assert engine.wait_ready(120), engine.load_error
+    engine._runner.static.pad = True  # padded buckets, as a GPU runs them (the CPU runs exact shapes otherwise)
     yield engine
     engine.stop()
 
