@@ -172,9 +172,13 @@ def test_unsafe_archives_are_refused(server, tmp_path):
     assert not outside.exists() and not Path("/tmp/escaped-absolute").exists()
 
 
+LONG_STREAM = 440  # with the prompt, within the tiny model's 512 positions
+
+
 def test_running_requests_finish_before_the_delete_and_new_ones_fail(server, folders):
     assert register(server, "c", folders["c"]).status_code == 200
-    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 120, "ignore_eos": True}, "stream": True}
+    # long enough to still run while the delete waits (a tiny model on an idle machine makes ~1,000 tokens/s)
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": LONG_STREAM, "ignore_eos": True}, "stream": True}
     stream = requests.post(server.url + "/generate_stream", json=body, headers={HEADER: "c"}, stream=True, timeout=120)
     lines = stream.iter_lines(decode_unicode=True)
     assert next(line for line in lines if line.startswith("data:"))  # running: its first token is out
@@ -183,7 +187,7 @@ def test_running_requests_finish_before_the_delete_and_new_ones_fail(server, fol
         target=lambda: deleted.update(r=requests.delete(server.url + "/adapters/c", timeout=120))
     )
     deleter.start()
-    time.sleep(0.5)
+    time.sleep(0.2)
     refused = generate_ids(server, {HEADER: "c"})
     assert refused.status_code == 422 and "adapter 'c' is not loaded" in refused.json()["error"]
     assert deleter.is_alive()  # still waiting on the running stream
@@ -191,7 +195,7 @@ def test_running_requests_finish_before_the_delete_and_new_ones_fail(server, fol
     deleter.join(60)
     assert deleted["r"].status_code == 200
     final = json.loads(events[-1])
-    assert final["index"] == 120 and final["generated_text"]  # all 120 tokens, on the adapter it started with
+    assert final["index"] == LONG_STREAM and final["generated_text"]  # every token, on the adapter it started with
 
 
 def test_twenty_requests_over_three_adapters_while_one_is_registered_and_another_deleted(server, folders):
