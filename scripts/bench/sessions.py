@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.helpers import start_server  # noqa: E402
 
 TURNS = 6
-WORDS_PER_TURN = int(os.environ.get("BENCH_SESSION_WORDS", "180"))  # ~250 tokens a message: ~1,500 by turn 6
-NOISE_CLIENTS = int(os.environ.get("BENCH_SESSION_NOISE", "2"))
+WORDS_PER_TURN = int(os.environ.get("BENCH_SESSION_WORDS", "40"))  # ~250 tokens a message: ~1,500 by turn 6
+NOISE_CLIENTS = int(os.environ.get("BENCH_SESSION_NOISE", "4"))
+THINK_S = float(os.environ.get("BENCH_SESSION_THINK", "5"))  # the user reading and typing: others churn the cache
 TOPICS = ["rivers", "mountains", "harbours", "forests", "deserts", "glaciers", "islands", "canyons"]
 
 
@@ -65,6 +66,7 @@ def conversation(url: str, topic: str, session: bool) -> list[float]:
         ttft, _ = first_token_seconds(url, history, headers)
         ttfts.append(ttft)
         history.append({"role": "assistant", "content": f"Noted, part {turn} about {topic}."})
+        time.sleep(THINK_S)
     if session:
         requests.post(url + "/invocations", json={"requestType": "CLOSE"}, headers=headers, timeout=60)
     return ttfts
@@ -83,7 +85,7 @@ def main() -> None:
         "SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "true",
         "MESSAGES_API_ENABLED": "true",
         # a pool small enough that the unrelated traffic evicts what nothing pins
-        "MAX_BATCH_TOTAL_TOKENS": os.environ.get("BENCH_SESSION_KV_TOKENS", "8192"),
+        "MAX_BATCH_TOTAL_TOKENS": os.environ.get("BENCH_SESSION_KV_TOKENS", "4096"),
     }
     if os.environ.get("BENCH_SESSION_MODEL"):
         env["HF_MODEL_ID"] = os.environ["BENCH_SESSION_MODEL"]
