@@ -46,6 +46,14 @@ def test_openai_sampling_fields_are_honoured_and_seeded(messages_client, route):
     assert first.json["usage"]["completion_tokens"] == 5  # max_completion_tokens wins over max_tokens
 
 
+OK_SCHEMA = {  # an answer that must be {"ok": true} or {"ok": false}
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}},
+    "required": ["ok"],
+    "additionalProperties": False,
+}
+
+
 def test_chat_parameters_reach_invocations_with_the_switch_off(client):
     body = {**CHAT, **SAMPLING, "n": 2, "logprobs": True, "top_logprobs": 1, "ignore_eos": True}
     response = client.post("/invocations", json=body)  # MESSAGES_API_ENABLED off: dispatched by the messages key
@@ -152,12 +160,7 @@ def test_best_of_rules(client):
 
 
 def test_tgi_grammar_json_and_regex(client):
-    schema = {
-        "type": "object",
-        "properties": {"ok": {"type": "boolean"}},
-        "required": ["ok"],
-        "additionalProperties": False,
-    }
+    schema = OK_SCHEMA
     body = client.post(
         "/generate",
         json={"inputs": "Answer:", "parameters": {"max_new_tokens": 20, "grammar": {"type": "json", "value": schema}}},
@@ -279,12 +282,7 @@ def test_a_model_without_chat_template_gets_a_clear_400(templateless_client):
 
 
 def test_completions_take_response_format_too(client):
-    schema = {
-        "type": "object",
-        "properties": {"ok": {"type": "boolean"}},
-        "required": ["ok"],
-        "additionalProperties": False,
-    }
+    schema = OK_SCHEMA
     body = client.post(
         "/v1/completions",
         json={
