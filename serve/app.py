@@ -92,6 +92,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         kv_block_size=settings.kv_block_size,
         enable_prefix_caching=settings.enable_prefix_caching,
         cuda_graphs=settings.cuda_graphs,
+        compile_cache_dir=settings.cache_dir if settings.compile else None,
     )
 
 

@@ -267,6 +267,8 @@ class Engine:
         max_batch = min(config.max_batch_size or config.max_concurrent_requests, config.max_concurrent_requests)
         cache = PagedKVCache(shape, blocks, size, devices)
         self._runner = ModelRunner(self.loaded.model, cache, self.grammars, max_batch, -(-total // size))
+        if config.compile_cache_dir:  # before the graphs, so that they capture the compiled kernels
+            self._runner.compile_layers(config.compile_cache_dir)
         if config.cuda_graphs:
             self._runner.capture_graphs()
         self.limits = Limits(max_input, total, (blocks - 1) * size, max_batch, size, blocks - 1)

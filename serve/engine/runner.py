@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
@@ -16,6 +17,10 @@ from serve.engine.scheduler import StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.static_decode import StaticDecode
 from serve.engine.types import SamplingParams, TokenChoice
+from serve.models.compile import CompileReport, compile_layers
+
+log = logging.getLogger(__name__)
+COMPILE_PROBE_TOKENS = (1, 2, 3)  # 1 is specialised; 2 makes the token count dynamic; 3 proves it is reused
 
 
 class UnsupportedModel(RuntimeError):
@@ -39,6 +44,7 @@ class ModelRunner:
         self.lora = getattr(model, "serve_lora", None)  # serve.engine.lora.LoraSet when adapters are loaded
         self.static = StaticDecode(model, cache, self.device, max_batch, max_blocks)
         self.graphs = GraphReport(reason="not captured")
+        self.compiled = CompileReport()
         self.host_reads = 0  # device-to-host transfers so far (to_host); tests count them per step
         self.counts = TokenCounts(model.config.get_text_config().vocab_size, self.device)  # for penalties
 
@@ -48,6 +54,40 @@ class ModelRunner:
         self._base_model_step()
         self.graphs = capture_decode_graphs(self.static)
         return self.graphs
+
+    def compile_layers(self, cache_dir: str) -> CompileReport:
+        """COMPILE: torch.compile the lean model's layer halves (cache under ``cache_dir``), warmed up on the token
+        counts that make the compiled graphs serve every later shape, and self-checked against eager."""
+        self._base_model_step()
+        self.compiled = compile_layers(self.model, cache_dir, self._probe_logits)
+        return self.compiled
+
+    def _run_eagerly(self, reason: str) -> None:
+        """Turn COMPILE off from now on (the model's eager layer halves)."""
+        from serve.models.llama import after_attention, before_attention
+
+        self.model.layer_halves = (before_attention, after_attention)
+        self.compiled = CompileReport(reason=f"off since: {reason}", seconds=self.compiled.seconds)
+        log.warning("COMPILE off: %s; the model runs eagerly", reason)
+
+    @torch.inference_mode()
+    def _probe_logits(self) -> torch.Tensor:
+        """Logits of random decode tokens that each see only their own key and value in the scratch block, for
+        1, 2 and 3 tokens (a fixed seed: the same on every call)."""
+        size, vocab = self.cache.block_size, self.model.config.get_text_config().vocab_size
+        generator = torch.Generator().manual_seed(0)
+        logits = []
+        for count in COMPILE_PROBE_TOKENS:
+            ids = torch.randint(0, vocab, (count,), generator=generator).to(self.device)
+            positions = torch.arange(count) % size
+            span = torch.arange(size)
+            mask = (span[None, :] == positions[:, None])[:, None, None, :].to(self.device)
+            tables = self._tensor([[SCRATCH_BLOCK]] * count)
+            layout = StepLayout(self._tensor((SCRATCH_BLOCK * size + positions).tolist()), count, tables, mask, [])
+            with active_step(self.cache, layout):
+                output = self.model(input_ids=ids[None], position_ids=positions.to(self.device)[None], use_cache=False)
+            logits.append(output.logits[0].float().clone())
+        return torch.cat(logits)
 
     def _base_model_step(self) -> None:
         """The next forward uses no adapter (LoRA wrappers, if any, add nothing)."""
@@ -65,6 +105,8 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> tuple[list[Sequence], list[TokenChoice]]:
         """One forward pass over the plan; sample for decode rows and for prompts whose last chunk just ran."""
+        if self.compiled.enabled and self.lora is not None and self.lora.layers:
+            self._run_eagerly("a LoRA adapter was loaded (its per-step rows are not traced)")
         if not plan.prefill and all(seq.request.adapter is None for seq in plan.decode):
             self._base_model_step()
             return self._static_decode(plan.decode)

@@ -57,6 +57,7 @@ class EngineConfig:
     kv_block_size: int = 16
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # capture decode shapes as CUDA graphs (ignored without CUDA)
+    compile_cache_dir: Optional[str] = None  # COMPILE: torch.compile the lean model's layers, inductor cache here
 
 
 @dataclass

@@ -72,14 +72,20 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, device="meta", dtype=dtype)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, device="meta", dtype=dtype)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def project(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries [tokens, heads, dim] and keys, and values [tokens, kv_heads, dim]."""
         q, k, v = self.qkv_proj(hidden).split(self.sizes, dim=-1)
         q = q.view(-1, self.heads, self.head_dim)
         k = k.view(-1, self.kv_heads, self.head_dim)
         v = v.view(-1, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = attend(self.layer_idx, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.scaling)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        out = attend(self.layer_idx, *self.project(hidden, cos, sin), self.scaling)
         return self.o_proj(out.reshape(out.shape[0], -1))
 
 
@@ -109,8 +115,30 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device="meta", dtype=dtype)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return run_layer(self, hidden, cos, sin, before_attention, after_attention)
+
+
+def before_attention(
+    layer: DecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's work up to attention: input norm, fused q/k/v, q/k norms, RoPE (what COMPILE compiles)."""
+    return layer.self_attn.project(layer.input_layernorm(hidden), cos, sin)
+
+
+def after_attention(layer: DecoderLayer, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """A layer's work after attention: o projection, residual, norm, MLP, residual (what COMPILE compiles)."""
+    hidden = hidden + layer.self_attn.o_proj(attended.reshape(attended.shape[0], -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def run_layer(
+    layer: DecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, before: Any, after: Any
+) -> torch.Tensor:
+    """One decoder layer with its two halves given (eager, or compiled by serve/models/compile.py) around the
+    engine's attention, which always runs eagerly."""
+    attn = layer.self_attn
+    q, k, v = before(layer, hidden, cos, sin)
+    return after(layer, hidden, attend(attn.layer_idx, q, k, v, attn.scaling))
 
 
 class Decoder(nn.Module):
@@ -140,6 +168,7 @@ class LlamaForServing(nn.Module):
         self.model = Decoder(config, dtype)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta", dtype=dtype)
+        self.layer_halves: tuple[Any, Any] = (before_attention, after_attention)  # compiled ones under COMPILE
         self.to_empty(device=device)
         self.tie_weights()
         self.model.rotary.reset()
@@ -199,8 +228,9 @@ class LlamaForServing(nn.Module):
             raise ValueError("the lean model takes one flattened row of tokens per step")
         hidden = self.model.embed_tokens(input_ids[0])
         cos, sin = self.model.rotary(position_ids[0], hidden.dtype)
+        before, after = self.layer_halves
         for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin)
+            hidden = run_layer(layer, hidden, cos, sin, before, after)
         if isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden.index_select(0, logits_to_keep.to(hidden.device))
         elif logits_to_keep:

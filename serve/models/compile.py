@@ -1,0 +1,119 @@
+"""COMPILE: ``torch.compile`` of the lean model's per-layer pieces, with inductor's cache on disk and an eager
+fallback.
+
+Each decoder layer runs as two halves around the engine's paged attention (``serve.models.llama.run_layer``):
+before it (input norm, fused q/k/v, q/k norms, RoPE) and after it (o projection, residual, norm, MLP, residual).
+Those two functions are compiled once and shared by every layer (the layer's weights are graph inputs, so all
+layers reuse one compiled graph). Attention — the KV-cache write and gather — stays eager behind ``attend``.
+
+Shapes: the token dimension varies from step to step (the decode batch, prompt chunks). Dynamo specialises the
+first size it sees and, on the next, recompiles once with that dimension symbolic ("automatic dynamic"); a size
+of 1 is always specialised. So start-up compiles each half for 1 token and for a dynamic count, and later steps
+reuse those graphs instead of recompiling per shape (``warm_up`` runs both before serving).
+
+Inductor's cache (compiled kernels and FX graphs) lives in ``<SERVE_CACHE_DIR>/inductor``, so a second start of
+the same model and torch reuses it. Any compile error or a probe that differs from eager turns COMPILE off with
+the reason logged; a failure on a later call falls back to eager for good: never wrong tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PROBE_TOLERANCE = 1e-3  # relative, float32 logits: inductor reorders reductions, nothing more
+RECOMPILE_LIMIT = 16  # per compiled function: 1 token, the dynamic size, devices of a split model
+
+
+@dataclass
+class CompileReport:
+    """What start-up did about COMPILE (shown in /info next to the CUDA graphs)."""
+
+    enabled: bool = False
+    reason: str = "off (COMPILE=false)"
+    seconds: float = 0.0  # compiling (or loading from the cache) and the self-check
+    cache_dir: Optional[str] = None
+    probe_error: Optional[float] = None
+
+
+def use_cache_dir(cache_dir: str) -> str:
+    """Point inductor's cache (and Triton's, which lives under it) at ``<cache_dir>/inductor``; returns it."""
+    folder = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), "inductor")
+    os.makedirs(folder, exist_ok=True)
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") != folder:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+        try:
+            from torch._inductor.utils import clear_caches
+
+            clear_caches()  # paths inductor memoised for an earlier folder
+        except Exception:  # noqa: BLE001 - a torch without it memoised nothing
+            pass
+    return folder
+
+
+class Guarded:
+    """A compiled function that falls back to ``eager`` for good the first time it raises."""
+
+    def __init__(self, name: str, eager: Callable, compiled: Callable):
+        self.name, self.eager, self.compiled = name, eager, compiled
+        self.failure: Optional[str] = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.failure is None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any compile or run error: eager from now on
+                self.failure = f"{type(exc).__name__}: {str(exc)[:500]}"
+                log.warning("COMPILE: %s failed (%s); it runs eagerly from now on", self.name, self.failure)
+        return self.eager(*args)
+
+
+def compile_layers(model: Any, cache_dir: str, warm_up: Optional[Callable[[], torch.Tensor]] = None) -> CompileReport:
+    """Compile ``model``'s layer halves (a lean model: ``layer_halves``), warm them up, self-check against eager.
+
+    ``warm_up`` runs the model's forward over the shapes serving will use and returns logits; it runs once eagerly
+    and once compiled, and the two must agree. On any failure the model is left eager and the report says why.
+    """
+    from serve.models import llama
+
+    if not hasattr(model, "layer_halves"):
+        return CompileReport(reason="not a lean model (LEAN_MODEL serves this model with transformers' code)")
+    if getattr(getattr(model, "serve_lora", None), "layers", None):
+        return CompileReport(reason="LoRA adapters are loaded: their per-step rows are not traced")
+    eager = (llama.before_attention, llama.after_attention)
+    started = time.monotonic()
+    try:
+        folder = use_cache_dir(cache_dir)
+        import torch._dynamo
+
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
+        compiled = tuple(Guarded(fn.__name__, fn, torch.compile(fn, dynamic=None)) for fn in eager)
+        with torch.inference_mode():
+            expected = warm_up() if warm_up is not None else None
+            model.layer_halves = compiled
+            got = warm_up() if warm_up is not None else None
+        failures = [piece.failure for piece in compiled if piece.failure]
+        if failures:
+            raise RuntimeError(failures[0])
+        error = None
+        if expected is not None:
+            error = float((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-6))
+            if not error <= PROBE_TOLERANCE:  # also catches NaN
+                model.layer_halves = eager
+                log.warning("COMPILE off: compiled logits differ from eager by %.3g (relative)", error)
+                return CompileReport(reason=f"self-check failed: relative error {error:.3g}", probe_error=error)
+    except Exception as exc:  # noqa: BLE001 - any failure means: serve eagerly
+        model.layer_halves = eager
+        log.warning("COMPILE off: %s: %s; the model runs eagerly", type(exc).__name__, str(exc)[:500])
+        return CompileReport(reason=f"compile failed: {type(exc).__name__}: {str(exc)[:500]}")
+    seconds = time.monotonic() - started
+    log.info("COMPILE: layer halves compiled in %.1f s (cache %s, self-check error %s)", seconds, folder, error)
+    return CompileReport(True, "compiled", round(seconds, 2), folder, error)
