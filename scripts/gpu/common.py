@@ -35,6 +35,7 @@ class Plan:
     hf_batches: tuple[int, ...]
     hf_compile: bool
     copy_mib: int
+    compile_batches: tuple[int, ...] = (1,)  # the COMPILE stages (start-up, then these decode batches)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +67,7 @@ def make_plan(gpu: bool) -> Plan:
             (1, 32),
             True,
             2048,
+            (1, 32),
         )
     return Plan(False, "cpu", "float32", "tiny", (1, 4), 32, 16, 8, 8, (1, 4), (1, 2), False, 64)
 

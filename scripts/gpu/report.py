@@ -76,6 +76,28 @@ def _engine_rows(data: dict[str, Any], floor: dict[str, Any]) -> list[tuple[str,
     return rows
 
 
+def _compile_rows(data: dict[str, Any], engine: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    for key in ("cold", "warm"):
+        start = data.get(key)
+        if start:
+            report = start.get("report") or {}
+            state = "compiled" if report.get("enabled") else f"NOT compiled: {report.get('reason')}"
+            rows.append(
+                (
+                    "c",
+                    f"COMPILE start-up, {key} inductor cache",
+                    f"ready in {_f(start['ready_s'])} s, compile + self-check {_f(report.get('seconds'))} s ({state})",
+                )
+            )
+    for key, row in data.items():
+        if key.startswith("batch_") and row.get("ms_per_step") is not None:
+            eager = engine.get(key, {}).get("ms_per_step")
+            versus = f" (engine stage without COMPILE: {_f(eager, 2)} ms)" if eager else ""
+            rows.append(("c", f"COMPILE decode step, batch {row['batch']}", f"{_f(row['ms_per_step'], 2)} ms{versus}"))
+    return rows
+
+
 def _server_rows(data: dict[str, Any], floor: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows = []
     if "cold_start_s" in data:
@@ -130,7 +152,7 @@ def markdown(out: Path, results: dict[str, Any]) -> str:
         f"{plan['new_tokens']} new tokens (ignore_eos).",
         "",
     ]
-    for key, row in engine.items():
+    for key, row in [*engine.items(), *_load(out, "compile").items()]:
         for table in (row.get("profile"), row.get("profile_outside")) if isinstance(row, dict) else ():
             if table:
                 lines += ["```", table.rstrip(), "```", ""]
@@ -138,6 +160,7 @@ def markdown(out: Path, results: dict[str, Any]) -> str:
     for name, stage in results["stages"].items():
         lines.append(f"| {name} | {stage.get('status', '')[:300]} | {stage.get('seconds', '')} |")
     rows = _bandwidth_rows(bandwidth) + _tests_rows(out) + _engine_rows(engine, floor)
+    rows += _compile_rows(_load(out, "compile"), engine)
     rows += _server_rows(_load(out, "server"), floor) + _hf_rows(_load(out, "hf"))
     lines += ["", "| | measure | value |", "|---|---|---|"] + [f"| {s} | {m} | {v} |" for s, m, v in rows]
     if not results["gpu"]:

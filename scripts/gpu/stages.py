@@ -80,8 +80,8 @@ def stage_bandwidth(plan: Plan, out: Path) -> None:
     record.put("floor", decode_floor(plan, model_folder(out, plan.shape), copy["bytes_per_s"]))
 
 
-def start_engine(plan: Plan, folder: Path, max_requests: int, total_tokens: int) -> Any:
-    """Our Engine on the dummy-weights folder, loaded the way the server loads it."""
+def start_engine(plan: Plan, folder: Path, max_requests: int, total_tokens: int, **overrides: Any) -> Any:
+    """Our Engine on the dummy-weights folder, loaded the way the server loads it (``overrides``: more settings)."""
     from serve.app import engine_config
     from serve.config import Settings
     from serve.engine import Engine
@@ -94,6 +94,7 @@ def start_engine(plan: Plan, folder: Path, max_requests: int, total_tokens: int)
         dtype=plan.dtype,
         max_concurrent_requests=max_requests,
         max_total_tokens=total_tokens,
+        **overrides,
     )
     engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
     if not engine.wait_ready(300):
@@ -258,6 +259,47 @@ def stage_engine(plan: Plan, out: Path) -> None:
         engine.stop()
 
 
+def _compile_start(plan: Plan, out: Path, batches: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
+    """An engine with COMPILE on, its inductor cache in OUT/compile-cache: (engine, start-up figures)."""
+    folder = model_folder(out, plan.shape)
+    started = time.perf_counter()
+    engine = start_engine(
+        plan, folder, max(batches), plan.prompt_tokens + plan.step_tokens + 8, compile=True, cache_dir=str(out)
+    )
+    report = getattr(getattr(engine, "_runner", None), "compiled", None)  # serve/engine/runner.py's CompileReport
+    figures = {"ready_s": time.perf_counter() - started, "report": vars(report) if report is not None else None}
+    stage_log(f"COMPILE start: ready in {figures['ready_s']:.1f} s, {figures['report']}")
+    return engine, figures
+
+
+def stage_compile(plan: Plan, out: Path) -> None:
+    """COMPILE=true from an empty inductor cache: start-up cost, then ms per decode step (graphs on where CUDA)."""
+    import shutil
+
+    shutil.rmtree(out / "inductor", ignore_errors=True)  # use_cache_dir puts it under the cache dir given
+    record = Recorder(out / "compile.json")
+    batches = plan.compile_batches
+    engine, figures = _compile_start(plan, out, batches)
+    record.put("cold", figures)
+    try:
+        hook = StepHook(engine, plan)
+        time_batch(engine, plan, 1, hook, profile=False)  # warm-up
+        for batch in batches:
+            row = time_batch(engine, plan, batch, hook, profile=batch == 1)
+            record.put(f"batch_{batch}", row)
+            stage_log(f"COMPILE engine batch {batch}: {row['ms_per_step']} ms per decode step")
+    finally:
+        engine.stop()
+
+
+def stage_compile_warm(plan: Plan, out: Path) -> None:
+    """COMPILE=true again in a fresh process, with the cache the compile stage filled: the warm start-up."""
+    record = Recorder(out / "compile.json")
+    engine, figures = _compile_start(plan, out, plan.compile_batches)
+    engine.stop()
+    record.put("warm", figures)
+
+
 def _generate_timed(model: Any, ids: Any, new_tokens: int, plan: Plan) -> float:
     import torch
 
@@ -307,7 +349,13 @@ def stage_hf(plan: Plan, out: Path) -> None:
         stage_log(f"HF static generate batch {batch}: {tok_per_s:.0f} tok/s (first call {first:.1f} s)")
 
 
-STAGES = {"bandwidth": stage_bandwidth, "engine": stage_engine, "hf": stage_hf}
+STAGES = {
+    "bandwidth": stage_bandwidth,
+    "engine": stage_engine,
+    "compile": stage_compile,
+    "compile_warm": stage_compile_warm,
+    "hf": stage_hf,
+}
 
 
 def main() -> int:
