@@ -29,7 +29,7 @@ import torch
 log = logging.getLogger(__name__)
 
 PROBE_TOLERANCE = 1e-3  # relative, float32 logits: inductor reorders reductions, nothing more
-RECOMPILE_LIMIT = 16  # per compiled function: 1 token, the dynamic size, devices of a split model
+RECOMPILE_LIMIT = 64  # per compiled function: 1 token and the dynamic size, per device (replicas, split models)
 
 
 @dataclass
