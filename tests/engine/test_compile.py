@@ -68,7 +68,6 @@ def fresh_start(cache: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # two cold-to-warm compiles in fresh processes: about a minute of CPU
 def test_a_second_start_in_a_fresh_process_reuses_the_cache(compile_cache):
     cold = fresh_start(compile_cache)
     warm = fresh_start(compile_cache)
