@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from serve.app import create_app, engine_config
+from serve.app import create_app
+from serve.wiring import engine_config
 from serve.config import Settings
 from serve.engine import Engine
-from serve.model.loader import embedded_model_file, gguf_to_folder, load_model
+from serve.model.source import embedded_model_file, gguf_to_folder
+from serve.model.loader import load_model
 from tests.helpers import build_tiny_llama
 
 

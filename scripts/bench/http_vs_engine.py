@@ -21,7 +21,8 @@ from load import Endpoint, Prompt, run_level  # noqa: E402
 from serve.app import engine_config  # noqa: E402
 from serve.config import Settings  # noqa: E402
 from serve.engine import Engine, Request, SamplingParams  # noqa: E402
-from serve.model.loader import embedded_model_file, gguf_to_folder, load_model  # noqa: E402
+from serve.model.source import embedded_model_file, gguf_to_folder  # noqa: E402
+from serve.model.loader import load_model  # noqa: E402
 from tests.helpers import build_tiny_llama, start_server  # noqa: E402
 
 CLIENTS, REQUESTS, TOKENS = 64, 128, 64

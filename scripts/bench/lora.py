@@ -19,7 +19,8 @@ from prompts import PROMPTS  # noqa: E402
 from serve.app import engine_config  # noqa: E402
 from serve.config import Settings  # noqa: E402
 from serve.engine import Engine  # noqa: E402
-from serve.model.loader import embedded_model_file, gguf_to_folder, load_model  # noqa: E402
+from serve.model.source import embedded_model_file, gguf_to_folder  # noqa: E402
+from serve.model.loader import load_model  # noqa: E402
 from tests.engine.test_lora import make_adapter  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_LORA_ROUNDS", "3"))

@@ -16,7 +16,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from serve.app import engine_config
+from serve.wiring import engine_config
 from serve.config import Settings, load_settings
 from serve.engine import Engine, EngineConfig, Request, SamplingParams
 from serve.model.loader import LoadedModel, load_model
@@ -241,7 +241,8 @@ def test_embedded_smollm2_lean_equals_transformers_generate(embedded_folder, tok
 def test_settings_the_lean_model_cannot_honour_fall_back_with_a_reason(tiny_model_dir, tmp_path):
     from transformers import AutoConfig
 
-    from serve.model.loader import ModelSource, PreparedModel, lean_fallback_reason
+    from serve.model.source import ModelSource
+    from serve.model.loader import PreparedModel, lean_fallback_reason
     from serve.model.placement import EnginePlacement, footprint, plan_placement
     from serve.model.quantize import Quantization
 
