@@ -13,9 +13,11 @@ from flask import g, has_request_context
 from flask import request as http_request
 
 from serve.config import Settings
-from serve.engine import Engine, EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
+from serve.disconnect import DisconnectWatcher
+from serve.engine import EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
 from serve.engine.engine import AdapterNotLoaded, Limits
 from serve.engine.grammar import GrammarError
+from serve.engine.interface import EngineClient
 from serve.engine.types import FinishReason
 from serve.errors import GenerationFailed, NotReady, Overloaded, ShuttingDown, ValidationFailed
 from serve.invocation import current as current_invocation
@@ -90,10 +92,13 @@ class Generation:
 class GenerationService:
     """What routes call: prompt -> admitted requests -> streamed events or collected choices."""
 
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics):
+    def __init__(
+        self, engine: EngineClient, settings: Settings, metrics: Metrics, watcher: Optional[DisconnectWatcher] = None
+    ):
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        self.watcher = watcher  # cancels the requests of clients that hang up
         self._chars_per_token: Optional[tuple[Any, int]] = None
         self._live: set[Generation] = set()  # generations being read (stream_events), for the shutdown deadline
         self._live_lock = threading.Lock()
@@ -220,6 +225,8 @@ class GenerationService:
                         prompt_ids=prompt_ids, params=replace(base, seed=seed), adapter=adapter, session_id=session_id
                     )
                     streams.append(self.engine.submit(request, sink=sink, index=len(streams)))
+                    if self.watcher is not None:
+                        self.watcher.watch_current_client(request.id, sink)
         except (EngineOverloaded, EngineNotReady, AdapterNotLoaded) as exc:
             for stream in streams:
                 stream.close()

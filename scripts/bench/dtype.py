@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prompts import PROMPTS  # noqa: E402
 
-from serve.app import engine_config  # noqa: E402
+from serve.wiring import engine_config  # noqa: E402
 from serve.config import Settings  # noqa: E402
 from serve.engine import Engine, Request, SamplingParams  # noqa: E402
 from serve.model.loader import cpu_has_native_bf16, load_model  # noqa: E402

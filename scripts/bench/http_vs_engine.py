@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from load import Endpoint, Prompt, run_level  # noqa: E402
 
-from serve.app import engine_config  # noqa: E402
+from serve.wiring import engine_config  # noqa: E402
 from serve.config import Settings  # noqa: E402
 from serve.engine import Engine, Request, SamplingParams  # noqa: E402
 from serve.model.source import embedded_model_file, gguf_to_folder  # noqa: E402

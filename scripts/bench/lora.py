@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dtype import run_level  # noqa: E402
 from prompts import PROMPTS  # noqa: E402
 
-from serve.app import engine_config  # noqa: E402
+from serve.wiring import engine_config  # noqa: E402
 from serve.config import Settings  # noqa: E402
 from serve.engine import Engine  # noqa: E402
 from serve.model.source import embedded_model_file, gguf_to_folder  # noqa: E402

@@ -82,7 +82,7 @@ def stage_bandwidth(plan: Plan, out: Path) -> None:
 
 def start_engine(plan: Plan, folder: Path, max_requests: int, total_tokens: int) -> Any:
     """Our Engine on the dummy-weights folder, loaded the way the server loads it."""
-    from serve.app import engine_config
+    from serve.wiring import engine_config
     from serve.config import Settings
     from serve.engine import Engine
     from serve.model.loader import load_model

@@ -54,6 +54,15 @@ class EngineStats:
         return EngineStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """One engine (one copy of the model) as /info shows it: its load and what start-up did about CUDA graphs."""
+
+    in_flight: int
+    served: int
+    graphs: Any = None  # serve.engine.graphs.GraphReport once loaded
+
+
 class RequestStream:
     """The events of one request, in order; closing the stream early cancels the request.
 
@@ -111,6 +120,7 @@ class Engine:
         self._preempted: collections.deque[Sequence] = collections.deque()  # resumed before new requests
         self._preemptions = 0
         self._peak_running = 0
+        self._served = 0
         self._steps = 0
         self._busy_seconds = 0.0
         self._closed_sessions: collections.deque[str] = collections.deque()  # from HTTP threads, for the engine
@@ -158,6 +168,18 @@ class Engine:
         """What start-up did about CUDA graphs (serve.engine.graphs.GraphReport), once loaded."""
         return self._runner.graphs if self.limits is not None else None
 
+    @property
+    def engines(self) -> list["Engine"]:
+        return [self]
+
+    @property
+    def served(self) -> int:
+        """Requests admitted since start."""
+        return self._served
+
+    def describe(self) -> list[EngineLoad]:
+        return [EngineLoad(self.in_flight, self._served, self.graphs)]
+
     def stats(self) -> EngineStats:
         """The KV pool's use and the prefix cache's counters (zeros before the model is loaded)."""
         blocks = getattr(self, "_blocks", None)
@@ -193,6 +215,7 @@ class Engine:
             except EngineOverloaded:
                 self._streams.pop(request.id, None)
                 raise
+        self._served += 1
         return stream
 
     def cancel(self, request_id: str) -> None:

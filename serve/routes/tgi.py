@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any, Iterator, Optional
 
 from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST
 
-import serve
 from serve.engine import TokenEvent
-from serve.engine.pool import serving_info
 from serve.errors import GenerationFailed, NotReady
+from serve.info import info_body
 from serve.generation import Choice, Generation, timing_headers
 from serve.routes import sse
 from serve.routes.adapters import loaded_adapters, requested_adapter
@@ -48,27 +46,7 @@ def health() -> Response:
 
 @blueprint.get("/info")
 def info() -> Response:
-    engine = service().engine
-    loaded: dict[str, Any] = {}
-    if engine.ready:
-        loaded = {
-            "model_id": engine.loaded.name,
-            "model_dtype": str(engine.loaded.dtype).replace("torch.", ""),
-            "model_device_type": engine.loaded.device.type,
-            **serving_info(engine),
-            "adapters": list(loaded_adapters()),  # with those registered at run time
-            **asdict(engine.limits),
-        }
-    body: dict[str, Any] = {
-        "model_id": None,
-        **loaded,
-        "max_concurrent_requests": settings().max_concurrent_requests,
-        "max_batch_prefill_tokens": engine.config.max_batch_prefill_tokens,
-        "messages_api_enabled": settings().messages_api_enabled,
-        "router": "sagemaker-llm-serve",
-        "version": serve.__version__,
-    }
-    return jsonify(body)
+    return jsonify(info_body(service().engine, settings(), loaded_adapters()))
 
 
 @blueprint.get("/metrics")

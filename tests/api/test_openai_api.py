@@ -157,7 +157,8 @@ def test_default_length_is_capped_when_max_tokens_is_omitted(tiny_settings, tiny
 def test_overload_is_429_before_any_stream(tiny_settings):
     from dataclasses import replace
 
-    from serve.app import create_app, engine_config
+    from serve.app import create_app
+    from serve.wiring import engine_config
     from serve.engine import Engine
     from serve.model.loader import load_model
 

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from serve.app import engine_config
+from serve.wiring import engine_config
 from serve.engine import Engine, Request, SamplingParams
 from serve.engine.lora import AdapterError, read_adapter
 from serve.model.loader import load_model

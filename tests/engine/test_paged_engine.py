@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from serve.app import engine_config
+from serve.wiring import engine_config
 from serve.engine import Engine, Request, SamplingParams
 from serve.model.loader import load_model
 

@@ -87,7 +87,7 @@ def release_memory() -> None:
 
 def engine_greedy(folder: Path, dtype_name: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """The same prompts submitted to our Engine at once (HF_MODEL_LOAD_FORMAT=dummy, same seed)."""
-    from serve.app import engine_config
+    from serve.wiring import engine_config
     from serve.config import Settings
     from serve.engine import Engine, Request, SamplingParams
     from serve.model.loader import load_model

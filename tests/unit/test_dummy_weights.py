@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve.app import create_app, engine_config
+from serve.app import create_app
+from serve.wiring import engine_config
 from serve.config import Settings, SettingsError, load_settings
 from serve.engine import Engine
 from serve.model.loader import load_model
