@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 
 from serve.app import create_app
-from serve.wiring import engine_config
+from serve.wiring import single_engine
 from serve.config import Settings
 from serve.engine import Engine
 from serve.model.source import embedded_model_file, gguf_to_folder
-from serve.model.loader import load_model
 from tests.helpers import build_tiny_llama
 
 
@@ -45,7 +44,7 @@ def tiny_settings(tiny_model_dir) -> Settings:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_settings) -> Engine:
-    engine = Engine(load=lambda: load_model(tiny_settings), config=engine_config(tiny_settings))
+    engine = single_engine(tiny_settings)
     engine.start()
     assert engine.wait_ready(120), f"tiny engine failed to load: {engine.load_error}"
     yield engine
