@@ -15,7 +15,8 @@ from flask import request as http_request
 from serve.config import Settings
 from serve.disconnect import DisconnectWatcher
 from serve.engine import EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
-from serve.engine.engine import AdapterNotLoaded, Limits
+from serve.engine.engine import AdapterNotLoaded
+from serve.engine.types import Limits
 from serve.engine.grammar import GrammarError
 from serve.engine.interface import EngineClient
 from serve.engine.types import FinishReason

@@ -9,8 +9,8 @@ from __future__ import annotations
 import queue
 from typing import Any, Optional, Protocol
 
-from serve.engine.engine import Engine, EngineLoad, EngineStats, Limits, RequestStream
-from serve.engine.types import EngineConfig, Request
+from serve.engine.engine import Engine, RequestStream
+from serve.engine.types import EngineConfig, EngineLoad, EngineStats, Limits, Request
 
 
 class EngineClient(Protocol):

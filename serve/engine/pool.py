@@ -14,9 +14,9 @@ import threading
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
-from serve.engine.engine import Engine, EngineLoad, EngineNotReady, EngineStats, Limits, RequestStream
+from serve.engine.engine import Engine, EngineNotReady, RequestStream
 from serve.engine.scheduler import EngineOverloaded
-from serve.engine.types import EngineConfig, Request
+from serve.engine.types import EngineConfig, EngineLoad, EngineStats, Limits, Request
 
 log = logging.getLogger(__name__)
 

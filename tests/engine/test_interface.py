@@ -2,7 +2,8 @@
 
 import pytest
 
-from serve.engine.engine import Engine, EngineLoad
+from serve.engine.engine import Engine
+from serve.engine.types import EngineLoad
 from serve.engine.interface import EngineClient
 from serve.engine.pool import EnginePool
 
