@@ -1,4 +1,8 @@
-"""The response bodies on the wire, key for key and in order: what the builders in serve.schemas produce."""
+"""The response bodies on the wire, key for key and in order, and each one its pydantic model's dump.
+
+The builders of serve.schemas produce them; the per-token ones write dicts directly, so ``conforms`` holds each
+body equal to what its model (the one /openapi.json documents) makes of it.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,11 @@ import pytest
 
 from serve.engine.types import FinishReason, TokenEvent
 from serve.errors import GenerationFailed, NotReady, Unauthorized, ValidationFailed
+from serve.schemas.error_bodies import OpenAIError, TGIError
+from pydantic import BaseModel
+
 from serve.schemas import openai as oa
+from serve.schemas import openai_responses as responses
 from serve.schemas import tgi
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "calc", "arguments": '{"x": 1}'}}
@@ -19,6 +27,11 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8, "prompt_
 def same(body: Any, expected: Any) -> None:
     """Equal, with the keys in the same order (clients see the JSON text)."""
     assert json.dumps(body) == json.dumps(expected)
+
+
+def conforms(model: type[BaseModel], body: dict[str, Any]) -> None:
+    """``body`` is exactly its model's dump: nothing the model lacks, nothing it would add, null where it sends null."""
+    same(model.model_validate(body).model_dump(), body)
 
 
 def envelope(obj: str, choices: list) -> dict[str, Any]:
@@ -40,6 +53,7 @@ def frozen_clock(monkeypatch):
 def test_usage_counts_the_cached_prompt_tokens():
     same(oa.usage(3, 5, 2), USAGE)
     same(oa.usage(3, 5), {**USAGE, "prompt_tokens_details": {"cached_tokens": 0}})
+    conforms(responses.Usage, oa.usage(3, 5, 2))
 
 
 def test_chat_completion_with_a_text_and_a_tool_call_choice():
@@ -71,6 +85,8 @@ def test_chat_completion_with_a_text_and_a_tool_call_choice():
         },
     ]
     same(body, {**envelope("chat.completion", choices), "usage": USAGE})
+    conforms(responses.ChatCompletion, body)
+    conforms(responses.TokenLogprob, entry)
 
 
 @pytest.mark.parametrize(
@@ -85,6 +101,7 @@ def test_chat_completion_with_a_text_and_a_tool_call_choice():
 def test_chat_chunk_sends_the_delta_as_given(delta):
     choice = {"index": 2, "delta": delta, "logprobs": None, "finish_reason": None}
     same(oa.chat_chunk("x-1", "m", 2, delta), envelope("chat.completion.chunk", [choice]))
+    conforms(responses.ChatCompletionChunk, oa.chat_chunk("x-1", "m", 2, delta))
 
 
 def test_chat_chunk_with_a_finish_reason_and_logprobs():
@@ -93,6 +110,7 @@ def test_chat_chunk_with_a_finish_reason_and_logprobs():
     expected = {"content": [{"token": "a", "logprob": -0.1, "bytes": [97], "top_logprobs": []}]}
     choice = {"index": 0, "delta": {}, "logprobs": expected, "finish_reason": "length"}
     same(body, envelope("chat.completion.chunk", [choice]))
+    conforms(responses.ChatCompletionChunk, body)
 
 
 def test_text_completion_with_and_without_usage():
@@ -116,11 +134,14 @@ def test_text_completion_with_and_without_usage():
     plain = oa.text_choice(1, "", None)
     expected_plain = {"index": 1, "text": "", "logprobs": None, "finish_reason": None}
     same(oa.text_completion("x-1", "m", [plain]), envelope("text_completion", [expected_plain]))
+    conforms(responses.TextCompletion, oa.text_completion("x-1", "m", [choice], oa.usage(3, 5, 2)))
+    conforms(responses.TextCompletion, oa.text_completion("x-1", "m", [plain]))
 
 
 @pytest.mark.parametrize("obj", ["chat.completion.chunk", "text_completion"])
 def test_usage_chunk_has_no_choices(obj):
     same(oa.usage_chunk("x-1", "m", obj, oa.usage(3, 5, 2)), {**envelope(obj, []), "usage": USAGE})
+    conforms(responses.CHUNK_MODELS[obj], oa.usage_chunk("x-1", "m", obj, oa.usage(3, 5, 2)))
 
 
 def final(reason: FinishReason = FinishReason.STOP, stop: str | None = None) -> TokenEvent:
@@ -130,6 +151,8 @@ def final(reason: FinishReason = FinishReason.STOP, stop: str | None = None) -> 
 def test_tgi_tokens_carry_special_only_when_known():
     same(tgi.token(5, "a", -0.5, False), {"id": 5, "text": "a", "logprob": -0.5, "special": False})
     same(tgi.token(5, "a", None), {"id": 5, "text": "a", "logprob": None})
+    conforms(tgi.Token, tgi.token(5, "a", -0.5, False))
+    conforms(tgi.Token, tgi.token(5, "a", None))
 
 
 def test_tgi_details_with_and_without_top_tokens():
@@ -150,6 +173,7 @@ def test_tgi_details_with_and_without_top_tokens():
         {**base, "finish_reason": "stop_sequence", "seed": 3, "top_tokens": top},
     )
     same(tgi.details(final(FinishReason.LENGTH), 3, [], [], None)["finish_reason"], "length")
+    conforms(tgi.Details, tgi.details(final(FinishReason.STOP, "\n"), 3, tokens, prefill, top))
 
 
 def test_tgi_stream_bodies():
@@ -164,6 +188,9 @@ def test_tgi_stream_bodies():
         tgi.stream_token(2, token, top),
         {"index": 2, "token": token, "generated_text": None, "details": None, "top_tokens": top},
     )
+    last = {**tgi.stream_token(2, token, top), "generated_text": "ab", "details": tgi.stream_details(final(), None)}
+    conforms(tgi.StreamResponse, last)
+    conforms(tgi.StreamResponse, tgi.stream_token(1, token, None))
 
 
 def test_tgi_bodies_are_plain_dicts_the_routes_may_extend():
@@ -172,6 +199,9 @@ def test_tgi_bodies_are_plain_dicts_the_routes_may_extend():
     details = tgi.details(final(), None, [], [], None)
     details["best_of_sequences"] = []
     assert type(body) is dict and type(details) is dict
+    details["best_of_sequences"] = [{"generated_text": "b", **tgi.details(final(), 4, [], [], None)}]
+    conforms(tgi.GenerateResponse, {"generated_text": "a", "details": details})
+    conforms(tgi.GenerateResponse, {"generated_text": "a"})
 
 
 @pytest.mark.parametrize(
@@ -207,3 +237,5 @@ def test_tgi_bodies_are_plain_dicts_the_routes_may_extend():
 def test_error_bodies_of_both_styles(error, openai, tgi_body):
     same(error.openai_body(), {"error": openai})
     same(error.tgi_body(), tgi_body)
+    conforms(OpenAIError, error.openai_body())
+    conforms(TGIError, error.tgi_body())
