@@ -16,7 +16,7 @@ from serve.cloudwatch import reporter_for
 from serve.config import Settings, load_settings
 from serve.disconnect import DisconnectWatcher, unwatch_when_sent
 from serve.engine.interface import EngineClient
-from serve.errors import BadRequest, MethodNotAllowed, NotFound, NotReady, PayloadTooLarge, ServeError
+from serve.errors import BadRequest, MethodNotAllowed, NotFound, NotReady, PayloadTooLarge, ServeError, error_body
 from serve.generation import GenerationService
 from serve.handler import CustomHandler
 from serve.metrics import Metrics
@@ -122,13 +122,13 @@ def _guard() -> Optional[tuple[Response, int]]:
 
 
 def _render(error: ServeError) -> tuple[Response, int]:
-    """OpenAI-style body on /v1/*, TGI-style everywhere else; configured secrets never appear in it."""
+    """The error in the style of the request's path (serve.errors.error_style); configured secrets never appear."""
     error.message = scrub(error.message, current_app.extensions.get("serve.secrets", ()))
-    openai_style = request.path.startswith("/v1/")
-    response = jsonify(error.openai_body() if openai_style else error.tgi_body())
+    body, status = error_body(error, request.path)
+    response = jsonify(body)
     if error.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
-    return response, error.openai_status if openai_style else error.status
+    return response, status
 
 
 def _register_error_handlers(app: Flask) -> None:
