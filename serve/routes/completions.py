@@ -11,9 +11,9 @@ from serve.engine import TokenEvent
 from serve.errors import GenerationFailed
 from serve.generation import Choice, Generation, timing_headers
 from serve.routes import sse
-from serve.routes.adapters import requested_adapter
-from serve.routes.common import service, token_texts, validate
+from serve.routes.common import service, token_texts
 from serve.schemas import openai as oa
+from serve.validation import validate_completion
 
 Top = list[tuple[str, float]]
 Entries = tuple[list[str], list[Optional[float]], list[Optional[dict]]]  # token texts, log-probabilities, alternatives
@@ -21,15 +21,9 @@ Entries = tuple[list[str], list[Optional[float]], list[Optional[dict]]]  # token
 
 def completions(payload: dict[str, Any], route: str) -> Response:
     """Serve one text completion request."""
-    req = validate(oa.CompletionRequest, payload)
-    req.check_length()
-    grammar = req.grammar()
-    service().check_token_ids((token for token, _ in req.bias_entries), "logit_bias")
-    prompts = [_prompt_ids(prompt, index, len(req.prompts)) for index, prompt in enumerate(req.prompts)]
-    service().check_grammar(grammar, "response_format")
-    adapter = requested_adapter(req.model, "model", openai_model=True)
-    to_params = lambda budget: req.to_sampling_params(budget, grammar)  # noqa: E731
-    generation = service().start_many(prompts, req.requested_max_tokens, to_params, "prompt", req.n, adapter)
+    valid = validate_completion(payload)
+    req, prompts = valid.body, list(valid.prompts)
+    generation = service().start(valid)
     echoes = [_echo_text(prompt) if req.echo else "" for prompt in req.prompts]
     completion_id = oa.new_id("cmpl")
     if req.stream:
@@ -40,14 +34,6 @@ def completions(payload: dict[str, Any], route: str) -> Response:
     response = jsonify(body)
     response.headers.update(timing_headers(choices[0].final))
     return response
-
-
-def _prompt_ids(prompt: Any, index: int, count: int) -> list[int]:
-    """One prompt's token ids: a string is encoded, a list of ids is checked against the vocabulary."""
-    if isinstance(prompt, str):
-        return service().text_prompt(prompt)
-    service().check_token_ids(prompt, "prompt" if count == 1 else f"prompt[{index}]")
-    return list(prompt)
 
 
 def _echo_text(prompt: Any) -> str:

@@ -11,11 +11,12 @@ from serve.engine.types import FinishReason
 from serve.errors import GenerationFailed
 from serve.generation import Choice, Generation, timing_headers
 from serve.routes import sse
-from serve.routes.adapters import loaded_adapters, requested_adapter
-from serve.routes.common import json_body, service, token_texts, validate
+from serve.routes.adapters import loaded_adapters
+from serve.routes.common import json_body, service, token_texts
 from serve.routes.completions import completions
 from serve.schemas import openai as oa
 from serve.schemas.tools import ToolCallBuffer, parse_tool_calls, truncated_tool_call
+from serve.validation import validate_chat
 
 blueprint = Blueprint("openai", __name__)
 
@@ -44,20 +45,9 @@ def models() -> Response:
 
 def chat_completions(payload: dict[str, Any], route: str) -> Response:
     """Serve one chat completion request (also reached from /invocations)."""
-    req = validate(oa.ChatCompletionRequest, payload)
-    grammar, grammar_field = req.grammar()
-    service().check_token_ids((token for token, _ in req.bias_entries), "logit_bias")
-    tools = [tool.model_dump(exclude_none=True) for tool in req.active_tools]
-    prompt_ids = service().chat_prompt((m.as_template_dict() for m in req.messages), tools)
-    service().check_grammar(grammar, grammar_field)
-    generation = service().start(
-        prompt_ids,
-        req.requested_max_tokens,
-        lambda budget: req.to_sampling_params(budget, grammar),
-        "messages",
-        req.n,
-        requested_adapter(req.model, "model", openai_model=True),
-    )
+    valid = validate_chat(payload)
+    req = valid.body
+    generation = service().start(valid)
     completion_id = oa.new_id("chatcmpl")
     if req.stream:
         return sse.response(_chat_chunks(generation, req, completion_id, route), generation.pending)

@@ -14,9 +14,10 @@ from serve.engine.pool import serving_info
 from serve.errors import GenerationFailed, NotReady
 from serve.generation import Choice, Generation, timing_headers
 from serve.routes import sse
-from serve.routes.adapters import loaded_adapters, requested_adapter
+from serve.routes.adapters import loaded_adapters
 from serve.routes.common import json_body, service, settings, token_texts, validate
 from serve.schemas import tgi
+from serve.validation import validate_generate
 
 blueprint = Blueprint("tgi", __name__)
 
@@ -89,18 +90,9 @@ def tokenize() -> Response:
 
 def generate(payload: dict[str, Any], route: str, as_list: bool) -> Response:
     """Serve one TGI generate request; ``as_list`` wraps the body in a list, as TGI's /invocations does."""
-    req = validate(tgi.GenerateRequest, payload)
-    grammar = req.parameters.grammar.text() if req.parameters.grammar else None
-    prompt_ids = service().text_prompt(req.inputs, truncate=req.parameters.truncate, field="inputs")
-    service().check_grammar(grammar, "parameters.grammar")
-    generation = service().start(
-        prompt_ids,
-        req.requested_max_tokens,
-        lambda budget: req.to_sampling_params(budget, grammar),
-        "inputs",
-        req.best_of,
-        requested_adapter(req.parameters.adapter_id, "parameters.adapter_id"),
-    )
+    valid = validate_generate(payload)
+    req, prompt_ids = valid.body, valid.prompt_ids
+    generation = service().start(valid)
     if req.stream:
         return sse.response(_token_events(generation, req, route, prompt_ids), generation.pending)
     choices = service().collect(generation, route)
