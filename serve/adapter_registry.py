@@ -57,7 +57,7 @@ class AdapterRegistry:
     def _engines(self) -> list[Any]:
         if not self._engine.ready:
             raise NotReady("the model is still loading; retry when /ping answers 200")
-        return list(getattr(self._engine, "engines", None) or [self._engine])
+        return list(self._engine.engines)
 
     def _seed(self) -> None:
         """Adopt the adapters loaded with the model at start (once the model is loaded); call with the lock held."""

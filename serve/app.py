@@ -14,17 +14,17 @@ from werkzeug.exceptions import HTTPException
 from serve.adapter_registry import AdapterRegistry
 from serve.cloudwatch import reporter_for
 from serve.config import Settings, load_settings
-from serve.disconnect import DisconnectWatcher, WatchedEngine, unwatch_when_sent
-from serve.engine import Engine, EngineConfig
-from serve.errors import BadRequest, MethodNotAllowed, NotFound, NotReady, PayloadTooLarge, ServeError
+from serve.disconnect import DisconnectWatcher, unwatch_when_sent
+from serve.engine.interface import EngineClient
+from serve.errors import BadRequest, MethodNotAllowed, NotFound, NotReady, PayloadTooLarge, ServeError, error_body
 from serve.generation import GenerationService
 from serve.handler import CustomHandler
 from serve.metrics import Metrics
-from serve.engine.pool import build_pool
 from serve.routes import adapters, docs, openai, sagemaker, tgi
 from serve.sessions import SessionStore
 from serve.security import check_api_key, redact_logs, scrub, secret_values
 from serve.shutdown import Drain
+from serve.wiring import build_engine
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,13 @@ HTTP_ERRORS = {400: BadRequest, 404: NotFound, 405: MethodNotAllowed, 413: Paylo
 
 
 def create_app(
-    settings: Optional[Settings] = None, engine: Optional[Engine] = None, exit_on_load_failure: bool = False
+    settings: Optional[Settings] = None, engine: Optional[EngineClient] = None, exit_on_load_failure: bool = False
 ) -> Flask:
     """Build the app; the engine starts loading the model in the background (``/ping`` is 503 until it is done)."""
     settings = settings or load_settings()
     if engine is None:
         on_failure = _exit_worker if exit_on_load_failure else None
-        engine = build_pool(settings, engine_config(settings), on_failure, lambda: _log_cold_start(settings))
+        engine = build_engine(settings, on_failure, lambda: _log_cold_start(settings))
     app = Flask("serve", static_folder=None)  # no route serves files from disk
     app.config["MAX_CONTENT_LENGTH"] = settings.max_payload_bytes
     app.json.sort_keys = False
@@ -47,7 +47,7 @@ def create_app(
     app.extensions["serve.handler"] = CustomHandler.load(settings.model_dir)
     metrics = Metrics(engine, settings.metrics_dir)
     watcher = DisconnectWatcher(engine.cancel)
-    service = GenerationService(WatchedEngine(engine, watcher), settings, metrics)
+    service = GenerationService(engine, settings, metrics, watcher)
     app.extensions["serve.service"] = service
     app.extensions["serve.drain"] = Drain(
         lambda: engine.in_flight, settings.graceful_timeout, cut=service.interrupt_all
@@ -67,7 +67,7 @@ def create_app(
     return app
 
 
-def _add_sagemaker_native(app: Flask, settings: Settings, engine: Engine) -> None:
+def _add_sagemaker_native(app: Flask, settings: Settings, engine: EngineClient) -> None:
     """Runtime adapters, stateful sessions (when enabled) and CloudWatch EMF metrics (when enabled)."""
     app.extensions["serve.adapters"] = AdapterRegistry(engine, settings.cache_dir, settings.max_lora_rank)
     if settings.stateful_sessions:
@@ -78,22 +78,6 @@ def _add_sagemaker_native(app: Flask, settings: Settings, engine: Engine) -> Non
 def _stamp_arrival() -> None:
     """When the request arrived, for the invocation deadline (before any other hook spends time)."""
     request.environ["serve.arrival"] = time.monotonic()
-
-
-def engine_config(settings: Settings) -> EngineConfig:
-    """The engine's share of the settings."""
-    return EngineConfig(
-        max_concurrent_requests=settings.max_concurrent_requests,
-        max_total_tokens=settings.max_total_tokens,
-        max_input_tokens=settings.max_input_tokens,
-        max_batch_total_tokens=settings.max_batch_total_tokens,
-        max_batch_prefill_tokens=settings.max_batch_prefill_tokens,
-        max_batch_size=settings.max_batch_size,
-        kv_block_size=settings.kv_block_size,
-        enable_prefix_caching=settings.enable_prefix_caching,
-        cuda_graphs=settings.cuda_graphs,
-        compile_cache_dir=settings.cache_dir if settings.compile else None,
-    )
 
 
 def _log_cold_start(settings: Settings) -> None:
@@ -138,13 +122,13 @@ def _guard() -> Optional[tuple[Response, int]]:
 
 
 def _render(error: ServeError) -> tuple[Response, int]:
-    """OpenAI-style body on /v1/*, TGI-style everywhere else; configured secrets never appear in it."""
+    """The error in the style of the request's path (serve.errors.error_style); configured secrets never appear."""
     error.message = scrub(error.message, current_app.extensions.get("serve.secrets", ()))
-    openai_style = request.path.startswith("/v1/")
-    response = jsonify(error.openai_body() if openai_style else error.tgi_body())
+    body, status = error_body(error, request.path)
+    response = jsonify(body)
     if error.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
-    return response, error.openai_status if openai_style else error.status
+    return response, status
 
 
 def _register_error_handlers(app: Flask) -> None:

@@ -9,11 +9,12 @@ half-close (the client shut its write side and still reads), so it is probed fir
 from __future__ import annotations
 
 import logging
+import queue
 import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from flask import Response, g, has_request_context, request
 
@@ -110,6 +111,18 @@ class DisconnectWatcher:
                 self._thread = threading.Thread(target=self._run, name="disconnect-watcher", daemon=True)
                 self._thread.start()
 
+    def watch_current_client(self, request_id: str, sink: Optional[queue.Queue] = None) -> None:
+        """Watch the client of the HTTP request being served (gunicorn passes its socket) for engine request
+        ``request_id``; a probe of a streaming response puts a keep-alive marker into ``sink``."""
+        sock = request.environ.get("gunicorn.socket") if has_request_context() else None
+        if not isinstance(sock, socket.socket):
+            return
+        if "serve_response_state" not in g:
+            g.serve_response_state = ResponseState(http11=request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1")
+        poke = (lambda: sink.put((-1, None))) if sink is not None else (lambda: None)  # a keep-alive, now
+        self.watch(request_id, sock, g.serve_response_state, poke)
+        g.setdefault("serve_watched", []).append(request_id)
+
     def unwatch(self, request_id: str) -> None:
         with self._lock:
             self._watched.pop(request_id, None)
@@ -133,33 +146,6 @@ class DisconnectWatcher:
             for request_id in gone:
                 log.info("client of request %s disconnected; cancelling it", request_id)
                 self._cancel(request_id)
-
-
-class WatchedEngine:
-    """The engine as routes see it: ``submit`` also watches the current request's client socket; all else delegates."""
-
-    def __init__(self, engine: Any, watcher: DisconnectWatcher):
-        self._engine = engine
-        self._watcher = watcher
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:  # isinstance() checks (an engine or a pool?) see the wrapped engine
-        return type(self._engine)
-
-    def submit(self, engine_request: Any, *args: Any, **kwargs: Any) -> Any:
-        stream = self._engine.submit(engine_request, *args, **kwargs)
-        sock = request.environ.get("gunicorn.socket") if has_request_context() else None
-        if isinstance(sock, socket.socket):
-            if "serve_response_state" not in g:
-                g.serve_response_state = ResponseState(http11=request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1")
-            sink = kwargs.get("sink")
-            poke = (lambda: sink.put((-1, None))) if sink is not None else (lambda: None)  # a keep-alive, now
-            self._watcher.watch(engine_request.id, sock, g.serve_response_state, poke)
-            g.setdefault("serve_watched", []).append(engine_request.id)
-        return stream
 
 
 def unwatch_when_sent(watcher: DisconnectWatcher) -> Callable[[Response], Response]:

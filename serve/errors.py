@@ -1,8 +1,11 @@
-"""One exception hierarchy for every client-visible failure, rendered per API style."""
+"""One exception hierarchy for every client-visible failure, rendered per API style, and which style a path gets."""
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Optional
+
+from serve.schemas.error_bodies import OpenAIError, OpenAIErrorDetail, TGIError
 
 
 class ServeError(Exception):
@@ -24,18 +27,17 @@ class ServeError(Exception):
     def openai_body(self) -> dict[str, Any]:
         """The OpenAI-style body: ``{"error": {"message", "type", "param", "code"}}``."""
         invalid = self.openai_status == 400
-        return {
-            "error": {
-                "message": self.message,
-                "type": "invalid_request_error" if invalid else self.error_type,
-                "param": self.param,
-                "code": "invalid_value" if self.status == 422 else self.status,
-            }
-        }
+        detail = OpenAIErrorDetail(
+            message=self.message,
+            type="invalid_request_error" if invalid else self.error_type,
+            param=self.param,
+            code="invalid_value" if self.status == 422 else self.status,
+        )
+        return OpenAIError(error=detail).model_dump()
 
     def tgi_body(self) -> dict[str, Any]:
         """The TGI-style body: ``{"error": "...", "error_type": "..."}``."""
-        return {"error": self.message, "error_type": self.error_type}
+        return TGIError(error=self.message, error_type=self.error_type).model_dump()
 
 
 class BadRequest(ServeError):
@@ -100,3 +102,28 @@ class Unauthorized(ServeError):
 
     status = 401
     error_type = "authentication_error"
+
+
+class ErrorStyle(str, enum.Enum):
+    """How an error is written: OpenAI's ``{"error": {...}}`` (invalid requests as 400) or TGI's flat body."""
+
+    OPENAI = "openai"
+    TGI = "tgi"
+
+
+def error_style(path: str, stream: Optional[ErrorStyle] = None) -> ErrorStyle:
+    """The style of an error on ``path``: OpenAI's on /v1/*, TGI's everywhere else (SageMaker's TGI container).
+
+    ``stream``: the style of the stream the error interrupts, for an in-band ``error`` event. A stream's events
+    keep its API's style whatever the path (a chat stream on /invocations fails OpenAI-style).
+    """
+    if stream is not None:
+        return stream
+    return ErrorStyle.OPENAI if path.startswith("/v1/") else ErrorStyle.TGI
+
+
+def error_body(error: ServeError, path: str, stream: Optional[ErrorStyle] = None) -> tuple[dict[str, Any], int]:
+    """The body and HTTP status of ``error`` on ``path``, in the style :func:`error_style` picks."""
+    if error_style(path, stream) is ErrorStyle.OPENAI:
+        return error.openai_body(), error.openai_status
+    return error.tgi_body(), error.status

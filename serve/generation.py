@@ -1,4 +1,4 @@
-"""Between routes and engine: encode prompts, check token limits, admit, and collect results."""
+"""Between routes and engine: encode and check prompts (for serve.routes.validation), admit, and collect results."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Generic, Iterable, Iterator, Optional, TypeVar
 
 from flask import g, has_request_context
 from flask import request as http_request
 
 from serve.config import Settings
-from serve.engine import Engine, EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
-from serve.engine.engine import AdapterNotLoaded, Limits
+from serve.disconnect import DisconnectWatcher
+from serve.engine import EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
+from serve.engine.engine import AdapterNotLoaded
+from serve.engine.types import Limits
 from serve.engine.grammar import GrammarError
+from serve.engine.interface import EngineClient
 from serve.engine.types import FinishReason
 from serve.errors import GenerationFailed, NotReady, Overloaded, ShuttingDown, ValidationFailed
 from serve.invocation import current as current_invocation
@@ -23,12 +26,34 @@ from serve.log import log_request
 from serve.metrics import Metrics
 from serve.model.prompt import PromptError, chars_per_token_bound, encode, encode_chat, render_chat
 
+Body = TypeVar("Body")
+
 log = logging.getLogger(__name__)
 
 SHUTTING_DOWN = (
     "the server is shutting down (drain deadline reached); the generation was cut, retry on another instance"
 )
 TRUNCATE_MARGIN_TOKENS = 64  # tokens more than TGI's `truncate` keeps, tokenized so the cut never shows in what is kept
+
+
+@dataclass(frozen=True)
+class ValidRequest(Generic[Body]):
+    """A request ready for admission: its parsed body, each prompt's token ids and its resolved engine parameters.
+
+    ``params[p]`` goes with ``prompts[p]`` (max_new_tokens within the limits, grammar compiled); each prompt gets
+    ``n`` choices; ``adapter`` is a loaded adapter's name, or None for the base model.
+    """
+
+    body: Body
+    prompts: tuple[list[int], ...]
+    params: tuple[SamplingParams, ...]
+    n: int = 1
+    adapter: Optional[str] = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The token ids of the first prompt (the only one but for text completions)."""
+        return self.prompts[0]
 
 
 @dataclass
@@ -88,12 +113,16 @@ class Generation:
 
 
 class GenerationService:
-    """What routes call: prompt -> admitted requests -> streamed events or collected choices."""
+    """What routes call: prompt checks (for serve.routes.validation), then a ValidRequest -> admitted requests ->
+    streamed events or collected choices."""
 
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics):
+    def __init__(
+        self, engine: EngineClient, settings: Settings, metrics: Metrics, watcher: Optional[DisconnectWatcher] = None
+    ):
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        self.watcher = watcher  # cancels the requests of clients that hang up
         self._chars_per_token: Optional[tuple[Any, int]] = None
         self._live: set[Generation] = set()  # generations being read (stream_events), for the shutdown deadline
         self._live_lock = threading.Lock()
@@ -183,43 +212,16 @@ class GenerationService:
         except GrammarError as exc:
             raise ValidationFailed(f"{field}: {exc}", field) from None
 
-    def start(
-        self,
-        prompt_ids: list[int],
-        requested_max_tokens: Optional[int],
-        to_params: Callable[[int], SamplingParams],
-        prompt_field: str,
-        n: int = 1,
-        adapter: Optional[str] = None,
-    ) -> Generation:
-        """Check the limits, then admit ``n`` choices; raises a 4xx/5xx ServeError before any byte is sent."""
-        return self.start_many([prompt_ids], requested_max_tokens, to_params, prompt_field, n, adapter)
-
-    def start_many(
-        self,
-        prompts: list[list[int]],
-        requested_max_tokens: Optional[int],
-        to_params: Callable[[int], SamplingParams],
-        prompt_field: str,
-        n: int = 1,
-        adapter: Optional[str] = None,
-    ) -> Generation:
-        """``n`` choices for each prompt, as one Generation: choice ``p * n + i`` is the i-th choice of prompt p."""
-        fields = [prompt_field if len(prompts) == 1 else f"{prompt_field}[{p}]" for p in range(len(prompts))]
-        params = [to_params(self._max_new_tokens(len(ids), requested_max_tokens, f)) for ids, f in zip(prompts, fields)]
+    def start(self, valid: ValidRequest) -> Generation:
+        """Admit a validated request: ``n`` choices for each prompt, as one Generation (choice ``p * n + i`` is the
+        i-th choice of prompt p); raises a ServeError before any byte is sent when the engine cannot take them."""
         sink: "queue.Queue[tuple[int, TokenEvent]]" = queue.Queue()
         streams: list[RequestStream] = []
-        context = current_invocation()
-        session_id = context.session_id if context is not None else None
         try:
-            for prompt_ids, base in zip(prompts, params):
-                for index in range(n):
-                    # same seed, same n choices (kept in torch's range)
-                    seed = None if base.seed is None else (base.seed + index) % 2**64
-                    request = Request(
-                        prompt_ids=prompt_ids, params=replace(base, seed=seed), adapter=adapter, session_id=session_id
-                    )
-                    streams.append(self.engine.submit(request, sink=sink, index=len(streams)))
+            for request in _engine_requests(valid):
+                streams.append(self.engine.submit(request, sink=sink, index=len(streams)))
+                if self.watcher is not None:
+                    self.watcher.watch_current_client(request.id, sink)
         except (EngineOverloaded, EngineNotReady, AdapterNotLoaded) as exc:
             for stream in streams:
                 stream.close()
@@ -246,25 +248,6 @@ class GenerationService:
             )
             for stream in generation.streams:
                 self.record(generation.route, stream.request.id, None, False, "response_failed")
-
-    def _max_new_tokens(self, prompt_tokens: int, requested: Optional[int], prompt_field: str) -> int:
-        limits = self.limits
-        if prompt_tokens == 0:
-            raise ValidationFailed(f"{prompt_field}: the prompt is empty", prompt_field)
-        if prompt_tokens > limits.max_input_tokens:
-            raise ValidationFailed(
-                f"{prompt_field}: the prompt has {prompt_tokens} tokens, more than MAX_INPUT_TOKENS="
-                f"{limits.max_input_tokens}",
-                prompt_field,
-            )
-        room = limits.max_total_tokens - prompt_tokens
-        if requested is not None and requested > room:
-            raise ValidationFailed(
-                f"max_tokens: {requested} new tokens plus the {prompt_tokens} prompt tokens exceed "
-                f"MAX_TOTAL_TOKENS={limits.max_total_tokens}; ask for at most {room}",
-                "max_tokens",
-            )
-        return min(room, self.settings.default_max_new_tokens) if requested is None else requested
 
     def collect(self, generation: Generation, route: str) -> list[Choice]:
         """Wait for every choice; GenerationFailed (424) if the model failed."""
@@ -346,6 +329,18 @@ class GenerationService:
         log_request(route, request_id, final, streamed, reason)
         if final is not None:
             self.metrics.observe(final)
+
+
+def _engine_requests(valid: ValidRequest) -> Iterator[Request]:
+    """The engine requests of ``valid``, in choice order: ``n`` for each prompt, seeds counting up from its seed."""
+    context = current_invocation()
+    session_id = context.session_id if context is not None else None
+    for prompt_ids, base in zip(valid.prompts, valid.params):
+        for index in range(valid.n):
+            # same seed, same n choices (kept in torch's range)
+            seed = None if base.seed is None else (base.seed + index) % 2**64
+            params = replace(base, seed=seed)
+            yield Request(prompt_ids=prompt_ids, params=params, adapter=valid.adapter, session_id=session_id)
 
 
 def _until(

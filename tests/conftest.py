@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from serve.app import create_app, engine_config
+from serve.app import create_app
+from serve.wiring import single_engine
 from serve.config import Settings
 from serve.engine import Engine
-from serve.model.loader import embedded_model_file, gguf_to_folder, load_model
+from serve.model.source import embedded_model_file, gguf_to_folder
 from tests.helpers import build_tiny_llama
 
 
@@ -43,7 +44,7 @@ def tiny_settings(tiny_model_dir) -> Settings:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_settings) -> Engine:
-    engine = Engine(load=lambda: load_model(tiny_settings), config=engine_config(tiny_settings))
+    engine = single_engine(tiny_settings)
     engine.start()
     assert engine.wait_ready(120), f"tiny engine failed to load: {engine.load_error}"
     yield engine

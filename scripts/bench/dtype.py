@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prompts import PROMPTS  # noqa: E402
 
-from serve.app import engine_config  # noqa: E402
+from serve.wiring import single_engine  # noqa: E402
 from serve.config import Settings  # noqa: E402
 from serve.engine import Engine, Request, SamplingParams  # noqa: E402
-from serve.model.loader import cpu_has_native_bf16, load_model  # noqa: E402
+from serve.model.loader import cpu_has_native_bf16  # noqa: E402
 
 TOKENS = int(os.environ.get("BENCH_DTYPE_TOKENS", "32"))
 LEVELS = (1, 8)
@@ -45,7 +45,7 @@ def run_level(
 def start(dtype: str) -> tuple[Engine, float]:
     settings = Settings(dtype=dtype, model_dir="/nonexistent", max_concurrent_requests=8, max_total_tokens=512)
     started = time.monotonic()
-    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
+    engine = single_engine(settings).start()
     assert engine.wait_ready(600), engine.load_error
     return engine, time.monotonic() - started
 

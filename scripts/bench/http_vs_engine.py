@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from load import Endpoint, Prompt, run_level  # noqa: E402
 
-from serve.app import engine_config  # noqa: E402
+from serve.wiring import single_engine  # noqa: E402
 from serve.config import Settings  # noqa: E402
-from serve.engine import Engine, Request, SamplingParams  # noqa: E402
-from serve.model.loader import embedded_model_file, gguf_to_folder, load_model  # noqa: E402
+from serve.engine import Request, SamplingParams  # noqa: E402
+from serve.model.source import embedded_model_file, gguf_to_folder  # noqa: E402
 from tests.helpers import build_tiny_llama, start_server  # noqa: E402
 
 CLIENTS, REQUESTS, TOKENS = 64, 128, 64
@@ -39,7 +39,7 @@ def busy(url: str) -> tuple[float, float]:
 def direct(model_dir: Path, prompts: list[list[int]]) -> tuple[float, float]:
     """tok/s and busy share with the engine driven from 64 threads' worth of requests, no HTTP."""
     settings = Settings(model_id=str(model_dir), model_dir="/nonexistent", max_concurrent_requests=CLIENTS)
-    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
+    engine = single_engine(settings).start()
     assert engine.wait_ready(300), engine.load_error
     params = SamplingParams(max_new_tokens=TOKENS, ignore_eos=True)
     started, before = time.perf_counter(), engine.stats().busy_seconds

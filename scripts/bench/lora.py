@@ -16,10 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dtype import run_level  # noqa: E402
 from prompts import PROMPTS  # noqa: E402
 
-from serve.app import engine_config  # noqa: E402
+from serve.wiring import single_engine  # noqa: E402
 from serve.config import Settings  # noqa: E402
-from serve.engine import Engine  # noqa: E402
-from serve.model.loader import embedded_model_file, gguf_to_folder, load_model  # noqa: E402
+from serve.model.source import embedded_model_file, gguf_to_folder  # noqa: E402
 from tests.engine.test_lora import make_adapter  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_LORA_ROUNDS", "3"))
@@ -63,7 +62,7 @@ def main() -> None:
         max_total_tokens=512,
         lora_adapters=(("a", str(adapter)),),
     )
-    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
+    engine = single_engine(settings).start()
     assert engine.wait_ready(600), engine.load_error
     chats = [[{"role": "user", "content": p}] for p in PROMPTS[:8]]
     prompts = [

@@ -26,10 +26,22 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from serve.config import Settings  # noqa: E402
-from serve.model.loader import embedded_model_file, gguf_to_folder  # noqa: E402
+from serve.model.source import embedded_model_file, gguf_to_folder  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 PAD_PREFIX = "Ġzq"  # byte-level BPE: "Ġ" is a space, so an extra entry decodes to " zq<letters>"
+
+
+def llama3_scaling(original_context: int) -> dict:
+    """Llama 3.1's RoPE scaling (factor 8) over an original context of ``original_context`` tokens."""
+    return {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": original_context,
+    }
+
 
 _LLAMA_COMMON: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -55,13 +67,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "vocab_size": 128256,
         "max_position_embeddings": 131072,
         "rope_theta": 500000.0,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        "rope_scaling": llama3_scaling(original_context=8192),
         "torch_dtype": "bfloat16",
     },
     "tiny": {  # the 8B's structure (GQA, llama3 RoPE scaling, untied head, vocab past the tokenizer) at CPU-test size
@@ -75,13 +81,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "vocab_size": 49152 + 256,
         "max_position_embeddings": 2048,
         "rope_theta": 500000.0,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 256,
-        },
+        "rope_scaling": llama3_scaling(original_context=256),
         "torch_dtype": "float32",
     },
 }

@@ -82,10 +82,8 @@ def stage_bandwidth(plan: Plan, out: Path) -> None:
 
 def start_engine(plan: Plan, folder: Path, max_requests: int, total_tokens: int, **overrides: Any) -> Any:
     """Our Engine on the dummy-weights folder, loaded the way the server loads it (``overrides``: more settings)."""
-    from serve.app import engine_config
+    from serve.wiring import single_engine
     from serve.config import Settings
-    from serve.engine import Engine
-    from serve.model.loader import load_model
 
     settings = Settings(
         model_id=str(folder),
@@ -96,7 +94,7 @@ def start_engine(plan: Plan, folder: Path, max_requests: int, total_tokens: int,
         max_total_tokens=total_tokens,
         **overrides,
     )
-    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
+    engine = single_engine(settings).start()
     if not engine.wait_ready(300):
         raise RuntimeError(f"engine did not start: {engine.load_error}")
     return engine

@@ -8,13 +8,13 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import astuple, dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from serve.engine.adapters import AdapterNotLoaded, AdapterTable
 from serve.engine.scheduler import EngineOverloaded, Scheduler
 from serve.engine.sequence import Sequence
-from serve.engine.types import EngineConfig, FinishReason, Request, TokenEvent
+from serve.engine.stopping import eos_token_ids
+from serve.engine.types import EngineConfig, EngineLoad, EngineStats, FinishReason, Limits, Request, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -23,35 +23,6 @@ __all__ = ["AdapterNotLoaded", "Engine", "EngineNotReady", "EngineOverloaded", "
 
 class EngineNotReady(RuntimeError):
     """The model has not finished loading, failed to load, or the engine is stopping."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Token limits in force once the model is loaded."""
-
-    max_input_tokens: int
-    max_total_tokens: int
-    max_batch_total_tokens: int  # tokens the KV pool holds
-    max_batch_size: int  # sequences that may run at once
-    kv_block_size: int = 16
-    kv_blocks: int = 0  # blocks in the pool (scratch excluded)
-
-
-@dataclass
-class EngineStats:
-    """The KV pool, the prefix cache and the engine thread's work, for /metrics (summed over a pool's engines)."""
-
-    blocks_used: int = 0
-    blocks_total: int = 0
-    prefix_queried_tokens: int = 0
-    prefix_hit_tokens: int = 0
-    preemptions: int = 0
-    peak_running: int = 0
-    steps: int = 0
-    busy_seconds: float = 0.0  # time the engine thread spent in steps (its busy share: this over wall time)
-
-    def __add__(self, other: "EngineStats") -> "EngineStats":
-        return EngineStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 class RequestStream:
@@ -111,6 +82,7 @@ class Engine:
         self._preempted: collections.deque[Sequence] = collections.deque()  # resumed before new requests
         self._preemptions = 0
         self._peak_running = 0
+        self._served = 0
         self._steps = 0
         self._busy_seconds = 0.0
         self._closed_sessions: collections.deque[str] = collections.deque()  # from HTTP threads, for the engine
@@ -158,6 +130,19 @@ class Engine:
         """What start-up did about CUDA graphs (serve.engine.graphs.GraphReport), once loaded."""
         return self._runner.graphs if self.limits is not None else None
 
+    @property
+    def engines(self) -> list["Engine"]:
+        return [self]
+
+    @property
+    def served(self) -> int:
+        """Requests admitted since start."""
+        return self._served
+
+    def describe(self) -> list[EngineLoad]:
+        compiled = self._runner.compiled if self.limits is not None else None
+        return [EngineLoad(self.in_flight, self._served, self.graphs, compiled)]
+
     def stats(self) -> EngineStats:
         """The KV pool's use and the prefix cache's counters (zeros before the model is loaded)."""
         blocks = getattr(self, "_blocks", None)
@@ -193,6 +178,7 @@ class Engine:
             except EngineOverloaded:
                 self._streams.pop(request.id, None)
                 raise
+        self._served += 1
         return stream
 
     def cancel(self, request_id: str) -> None:
@@ -260,7 +246,7 @@ class Engine:
         blocks = plan_blocks(shape, size, config.max_batch_total_tokens, default_cache_bytes(devices), total + size)
         self._blocks = BlockManager(blocks, size, config.enable_prefix_caching)
         self._watermark = max(1, self._blocks.usable_blocks // 100)  # kept free so running sequences can grow
-        self._eos_ids = _eos_token_ids(self.loaded.model, self.loaded.tokenizer)
+        self._eos_ids = eos_token_ids(self.loaded.model, self.loaded.tokenizer)
         self.grammars = Grammars(
             self.loaded.tokenizer, self.loaded.model.config.get_text_config().vocab_size, self._eos_ids
         )
@@ -409,16 +395,3 @@ class Engine:
         self._runner.forget(seq)
         self._streams.pop(seq.id).put(event)
         self.scheduler.finish(seq.id)
-
-
-def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    """End-of-sequence ids from the generation config (int or list) and the tokenizer."""
-    ids: set[int] = set()
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(config_eos, int):
-        ids.add(config_eos)
-    elif config_eos:
-        ids.update(int(token) for token in config_eos)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return frozenset(ids)

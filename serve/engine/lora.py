@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from serve.models.layers import find_part
+from serve.engine.fused import find_part
 
 PEFT_PREFIX = "base_model.model."
 WEIGHT_FILES = ("adapter_model.safetensors",)

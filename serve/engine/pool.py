@@ -1,7 +1,7 @@
 """Several engines behind one front: PLACEMENT=replicas runs one engine (one copy of the model) per GPU.
 
-``EnginePool`` has the interface GenerationService, the routes and the metrics use on an ``Engine`` (submit,
-cancel, ready, limits, tokenizer, scheduler counts). Planning happens on a background thread, as loading does:
+``EnginePool`` implements ``EngineClient`` (serve.engine.interface), as one ``Engine`` does. Planning happens on
+a background thread, as loading does:
 ``prepare()`` fetches the model and decides the placement, then one engine per planned copy loads and starts.
 Each request goes to the engine with the fewest requests in flight (ties: the one that has served fewest).
 """
@@ -9,30 +9,16 @@ Each request goes to the engine with the fewest requests in flight (ties: the on
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
-from serve.engine.engine import EngineStats, Engine, EngineNotReady, Limits, RequestStream
+from serve.engine.engine import Engine, EngineNotReady, RequestStream
 from serve.engine.scheduler import EngineOverloaded
-from serve.engine.types import EngineConfig, Request
+from serve.engine.types import EngineConfig, EngineLoad, EngineStats, Limits, Request
 
 log = logging.getLogger(__name__)
-
-
-class PoolLoad:
-    """The pool's queue and in-flight counts, summed over its engines (what metrics and draining read)."""
-
-    def __init__(self, pool: "EnginePool"):
-        self._pool = pool
-
-    @property
-    def waiting(self) -> int:
-        return sum(engine.waiting for engine in self._pool.engines)
-
-    @property
-    def in_flight(self) -> int:
-        return sum(engine.scheduler.in_flight for engine in self._pool.engines)
 
 
 class EnginePool:
@@ -51,9 +37,7 @@ class EnginePool:
         self.config = config
         self._on_load_failure, self._on_ready = on_load_failure, on_ready
         self.engines: list[Engine] = []
-        self.served: list[int] = []
         self._session_engines: dict[str, int] = {}  # a live session's requests go to the engine holding its cache
-        self.scheduler = PoolLoad(self)
         self.load_error: Optional[BaseException] = None
         self._lock = threading.Lock()
         self._ready = threading.Event()
@@ -72,7 +56,6 @@ class EnginePool:
             count = self._plan_engines(prepared)
             with self._lock:
                 self.engines = [self._make_engine(prepared, index) for index in range(count)]
-                self.served = [0] * count
             for engine in self.engines:
                 engine.start()
             while not all(engine.wait_ready(0.1) for engine in self.engines):
@@ -130,17 +113,17 @@ class EnginePool:
 
     @property
     def waiting(self) -> int:
-        return self.scheduler.waiting
+        return sum(engine.waiting for engine in self.engines)
 
     @property
     def in_flight(self) -> int:
-        return self.scheduler.in_flight
+        return sum(engine.in_flight for engine in self.engines)
 
     def stats(self) -> EngineStats:
         """The KV pools and prefix caches of all engines, summed."""
         return sum((engine.stats() for engine in self.engines), EngineStats())
 
-    def submit(self, request: Request, *args: Any, **kwargs: Any) -> RequestStream:
+    def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
         """Admit on the least-loaded engine (a live session's on its own); EngineOverloaded past the pool's cap."""
         if not self.ready:
             raise EngineNotReady(
@@ -149,18 +132,16 @@ class EnginePool:
                 else f"the model failed to load: {self.load_error}"
             )
         with self._lock:
-            in_flight = [engine.scheduler.in_flight for engine in self.engines]
+            in_flight = [engine.in_flight for engine in self.engines]
             if sum(in_flight) >= self.config.max_concurrent_requests:
                 raise EngineOverloaded(
                     f"{sum(in_flight)} requests in flight, the limit is {self.config.max_concurrent_requests}; "
                     "retry later"
                 )
-            index = min(range(len(self.engines)), key=lambda i: (in_flight[i], self.served[i]))
+            chosen = min(range(len(self.engines)), key=lambda i: (in_flight[i], self.engines[i].served))
             if request.session_id is not None:
-                index = self._session_engines.setdefault(request.session_id, index)
-            stream = self.engines[index].submit(request, *args, **kwargs)
-            self.served[index] += 1
-        return stream
+                chosen = self._session_engines.setdefault(request.session_id, chosen)
+            return self.engines[chosen].submit(request, sink, index)
 
     def cancel(self, request_id: str) -> None:
         """Cancel wherever the request runs (an engine ignores ids it does not hold)."""
@@ -174,58 +155,10 @@ class EnginePool:
         for engine in self.engines:
             engine.close_session(session_id)
 
-    def describe(self) -> list[dict[str, Any]]:
-        """Per engine: its devices, requests in flight and requests served (for /info)."""
-        plan = getattr(self.loaded, "plan", None)
-        return [
-            {
-                "devices": list(plan.engines[index].devices) if plan else [],
-                "in_flight": engine.scheduler.in_flight,
-                "served": self.served[index],
-            }
-            for index, engine in enumerate(self.engines)
-        ]
+    def describe(self) -> list[EngineLoad]:
+        return [load for engine in self.engines for load in engine.describe()]
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
         for engine in self.engines:
             engine.stop(timeout)
-
-
-def build_pool(
-    settings: Any,
-    config: EngineConfig,
-    on_load_failure: Optional[Callable[[BaseException], None]] = None,
-    on_ready: Optional[Callable[[], None]] = None,
-) -> EnginePool:
-    """The server's engines: the loader prepares the model and plans its placement, then one engine per copy loads."""
-    from serve.model.loader import load_model, prepare_model
-
-    def make_engine(prepared: Any, index: int) -> Engine:
-        return Engine(load=lambda: load_model(settings, prepared, index), config=config)
-
-    return EnginePool(
-        prepare=lambda: prepare_model(settings),
-        plan_engines=lambda prepared: len(prepared.plan.engines),
-        make_engine=make_engine,
-        config=config,
-        on_load_failure=on_load_failure,
-        on_ready=on_ready,
-    )
-
-
-def serving_info(engine: Any) -> dict[str, Any]:
-    """Placement, devices and quantization of a loaded engine or pool, and per-engine load for a pool (/info)."""
-    loaded = engine.loaded
-    plan = getattr(loaded, "plan", None)
-    info: dict[str, Any] = {
-        "placement": plan.describe() if plan is not None else None,
-        "devices": list(plan.devices) if plan is not None else [str(loaded.device)],
-        "quantization": getattr(loaded, "quantization", None),
-        "adapters": list(getattr(loaded, "adapters", ())),
-    }
-    graphs = engine.engines[0].graphs if isinstance(engine, EnginePool) else engine.graphs
-    info["cuda_graphs"] = asdict(graphs) if graphs is not None else None
-    if isinstance(engine, EnginePool):
-        info["engines"] = engine.describe()
-    return info

@@ -17,7 +17,7 @@ from serve.engine.scheduler import StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.static_decode import StaticDecode
 from serve.engine.types import SamplingParams, TokenChoice
-from serve.models.compile import CompileReport, compile_layers
+from serve.engine.compile import CompileReport, compile_layers
 
 log = logging.getLogger(__name__)
 COMPILE_PROBE_TOKENS = (1, 2, 3)  # 1 is specialised; 2 makes the token count dynamic; 3 proves it is reused

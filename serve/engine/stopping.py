@@ -1,8 +1,9 @@
-"""Stop strings, matched on decoded text even when they span token boundaries."""
+"""When a sequence stops: its end-of-sequence ids, and stop strings matched on decoded text even when they span
+token boundaries."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 
 class StopStringMatcher:
@@ -47,3 +48,16 @@ class StopStringMatcher:
             if any(stop.startswith(tail) for stop in self.stops):
                 return size
         return 0
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids from the generation config (int or list) and the tokenizer."""
+    ids: set[int] = set()
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif config_eos:
+        ids.update(int(token) for token in config_eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)

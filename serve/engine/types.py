@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import astuple, dataclass, field
+from typing import Any, Optional
 
 
 class FinishReason(str, enum.Enum):
@@ -114,3 +114,43 @@ class TokenEvent:
     prompt_logprobs: Optional[tuple[Optional[float], ...]] = None  # first event only, when asked for
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     prompt_top_logprobs: Optional[tuple[tuple[tuple[int, float], ...], ...]] = None  # with it: the likeliest
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Token limits in force once the model is loaded."""
+
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_total_tokens: int  # tokens the KV pool holds
+    max_batch_size: int  # sequences that may run at once
+    kv_block_size: int = 16
+    kv_blocks: int = 0  # blocks in the pool (scratch excluded)
+
+
+@dataclass
+class EngineStats:
+    """The KV pool, the prefix cache and the engine thread's work, for /metrics (summed over a pool's engines)."""
+
+    blocks_used: int = 0
+    blocks_total: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    preemptions: int = 0
+    peak_running: int = 0
+    steps: int = 0
+    busy_seconds: float = 0.0  # time the engine thread spent in steps (its busy share: this over wall time)
+
+    def __add__(self, other: "EngineStats") -> "EngineStats":
+        return EngineStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """One engine (one copy of the model) as /info shows it: its load and what start-up did about CUDA graphs and
+    COMPILE."""
+
+    in_flight: int
+    served: int
+    graphs: Any = None  # serve.engine.graphs.GraphReport once loaded
+    compiled: Any = None  # serve.engine.compile.CompileReport once loaded

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,16 +25,6 @@ class FusedLinear(nn.Linear):
         for name, size in parts.items():
             self.parts[name] = slice(start, start + size)
             start += size
-
-
-def find_part(parent: nn.Module, child: str) -> Optional[tuple[str, nn.Module, slice]]:
-    """(attribute, fused layer, output slice) of the fused layer of ``parent`` that holds projection ``child``."""
-    for attribute, module in parent.named_children():
-        base = getattr(module, "base", module)  # a layer wrapped by serve.engine.lora keeps its base
-        parts = getattr(base, "parts", None)
-        if parts and child in parts:
-            return attribute, base, parts[child]
-    return None
 
 
 class RMSNorm(nn.Module):

@@ -134,7 +134,7 @@ def after_attention(layer: DecoderLayer, hidden: torch.Tensor, attended: torch.T
 def run_layer(
     layer: DecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, before: Any, after: Any
 ) -> torch.Tensor:
-    """One decoder layer with its two halves given (eager, or compiled by serve/models/compile.py) around the
+    """One decoder layer with its two halves given (eager, or compiled by serve/engine/compile.py) around the
     engine's attention, which always runs eagerly."""
     attn = layer.self_attn
     q, k, v = before(layer, hidden, cos, sin)

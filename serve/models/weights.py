@@ -9,7 +9,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from serve.models.layers import find_part
+from serve.engine.fused import find_part
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed from the config
 

@@ -3,33 +3,28 @@ or token ids, ``n`` choices each; ``echo`` with ``logprobs`` scores the prompt (
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 from flask import Response, jsonify
 
 from serve.engine import TokenEvent
-from serve.errors import GenerationFailed
+from serve.errors import ErrorStyle
 from serve.generation import Choice, Generation, timing_headers
 from serve.routes import sse
-from serve.routes.adapters import requested_adapter
-from serve.routes.common import service, token_texts, validate
+from serve.routes.common import service, token_texts
 from serve.schemas import openai as oa
+from serve.routes.validation import validate_completion
 
 Top = list[tuple[str, float]]
+Usage = Callable[[dict[int, TokenEvent]], dict[str, Any]]  # every choice's final event -> the usage object
 Entries = tuple[list[str], list[Optional[float]], list[Optional[dict]]]  # token texts, log-probabilities, alternatives
 
 
 def completions(payload: dict[str, Any], route: str) -> Response:
     """Serve one text completion request."""
-    req = validate(oa.CompletionRequest, payload)
-    req.check_length()
-    grammar = req.grammar()
-    service().check_token_ids((token for token, _ in req.bias_entries), "logit_bias")
-    prompts = [_prompt_ids(prompt, index, len(req.prompts)) for index, prompt in enumerate(req.prompts)]
-    service().check_grammar(grammar, "response_format")
-    adapter = requested_adapter(req.model, "model", openai_model=True)
-    to_params = lambda budget: req.to_sampling_params(budget, grammar)  # noqa: E731
-    generation = service().start_many(prompts, req.requested_max_tokens, to_params, "prompt", req.n, adapter)
+    valid = validate_completion(payload)
+    req, prompts = valid.body, list(valid.prompts)
+    generation = service().start(valid)
     echoes = [_echo_text(prompt) if req.echo else "" for prompt in req.prompts]
     completion_id = oa.new_id("cmpl")
     if req.stream:
@@ -40,14 +35,6 @@ def completions(payload: dict[str, Any], route: str) -> Response:
     response = jsonify(body)
     response.headers.update(timing_headers(choices[0].final))
     return response
-
-
-def _prompt_ids(prompt: Any, index: int, count: int) -> list[int]:
-    """One prompt's token ids: a string is encoded, a list of ids is checked against the vocabulary."""
-    if isinstance(prompt, str):
-        return service().text_prompt(prompt)
-    service().check_token_ids(prompt, "prompt" if count == 1 else f"prompt[{index}]")
-    return list(prompt)
 
 
 def _echo_text(prompt: Any) -> str:
@@ -126,29 +113,33 @@ def _chunks(
     def chunk(index: int, text: str, reason: Optional[str], logprobs: Optional[dict]) -> str:
         return sse.event(oa.text_completion(completion_id, req.model, [oa.text_choice(index, text, reason, logprobs)]))
 
-    finals: dict[int, TokenEvent] = {}
     offsets: dict[int, int] = {}
-    try:
-        for item in service().stream_events(generation, route, sse.KEEPALIVE_SECONDS):
-            if item is None:
-                yield sse.KEEPALIVE
-                continue
-            index, event = item
-            prompt = index // req.n
-            if index not in offsets:  # this choice's first event: the echo goes first
-                offsets[index] = len(echoes[prompt])
-                if echoes[prompt]:
-                    scored = _logprobs(req, [], prompts[prompt], event, 0) if req.scores_prompt else None
-                    yield chunk(index, echoes[prompt], None, scored)
-            tokens = [event] if event.token_id is not None else []
-            logprobs = _logprobs(req, tokens, None, event, offsets[index])
-            offsets[index] += len(event.text)
-            if event.text or event.finish_reason is not None or tokens:
-                yield chunk(index, event.text, oa.openai_finish_reason(event.finish_reason), logprobs)
-            if event.finish_reason is not None:
-                finals[index] = event
+
+    def render(index: int, event: TokenEvent) -> Iterator[str]:
+        prompt = index // req.n
+        if index not in offsets:  # this choice's first event: the echo goes first
+            offsets[index] = len(echoes[prompt])
+            if echoes[prompt]:
+                scored = _logprobs(req, [], prompts[prompt], event, 0) if req.scores_prompt else None
+                yield chunk(index, echoes[prompt], None, scored)
+        tokens = [event] if event.token_id is not None else []
+        logprobs = _logprobs(req, tokens, None, event, offsets[index])
+        offsets[index] += len(event.text)
+        if event.text or event.finish_reason is not None or tokens:
+            yield chunk(index, event.text, oa.openai_finish_reason(event.finish_reason), logprobs)
+
+    end = stream_end(req, completion_id, "text_completion", lambda finals: _usage_of(finals, req.n))
+    return sse.stream(generation, route, render, ErrorStyle.OPENAI, end)
+
+
+def stream_end(
+    req: Union[oa.ChatCompletionRequest, oa.CompletionRequest], completion_id: str, obj: str, usage: Usage
+) -> sse.End:
+    """How an OpenAI stream ends: the usage chunk when ``stream_options.include_usage`` asks for it, then [DONE]."""
+
+    def end(finals: dict[int, TokenEvent]) -> Iterator[str]:
         if req.include_usage:
-            yield sse.event(oa.usage_chunk(completion_id, req.model, "text_completion", _usage_of(finals, req.n)))
+            yield sse.event(oa.usage_chunk(completion_id, req.model, obj, usage(finals)))
         yield sse.DONE
-    except GenerationFailed as exc:
-        yield sse.event(exc.openai_body(), name="error")
+
+    return end

@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from serve.schemas.openapi import build_openapi
+from serve.openapi import build_openapi
 
 blueprint = Blueprint("docs", __name__)
 

@@ -8,14 +8,15 @@ from flask import Blueprint, Response, jsonify
 
 from serve.engine import TokenEvent
 from serve.engine.types import FinishReason
-from serve.errors import GenerationFailed
+from serve.errors import ErrorStyle
 from serve.generation import Choice, Generation, timing_headers
 from serve.routes import sse
-from serve.routes.adapters import loaded_adapters, requested_adapter
-from serve.routes.common import json_body, service, token_texts, validate
-from serve.routes.completions import completions
+from serve.routes.adapters import loaded_adapters
+from serve.routes.common import json_body, service, token_texts
+from serve.routes.completions import completions, stream_end
 from serve.schemas import openai as oa
 from serve.schemas.tools import ToolCallBuffer, parse_tool_calls, truncated_tool_call
+from serve.routes.validation import validate_chat
 
 blueprint = Blueprint("openai", __name__)
 
@@ -44,20 +45,9 @@ def models() -> Response:
 
 def chat_completions(payload: dict[str, Any], route: str) -> Response:
     """Serve one chat completion request (also reached from /invocations)."""
-    req = validate(oa.ChatCompletionRequest, payload)
-    grammar, grammar_field = req.grammar()
-    service().check_token_ids((token for token, _ in req.bias_entries), "logit_bias")
-    tools = [tool.model_dump(exclude_none=True) for tool in req.active_tools]
-    prompt_ids = service().chat_prompt((m.as_template_dict() for m in req.messages), tools)
-    service().check_grammar(grammar, grammar_field)
-    generation = service().start(
-        prompt_ids,
-        req.requested_max_tokens,
-        lambda budget: req.to_sampling_params(budget, grammar),
-        "messages",
-        req.n,
-        requested_adapter(req.model, "model", openai_model=True),
-    )
+    valid = validate_chat(payload)
+    req = valid.body
+    generation = service().start(valid)
     completion_id = oa.new_id("chatcmpl")
     if req.stream:
         return sse.response(_chat_chunks(generation, req, completion_id, route), generation.pending)
@@ -112,35 +102,27 @@ def _json(body: dict[str, Any], final: TokenEvent) -> Response:
 def _chat_chunks(
     generation: Generation, req: oa.ChatCompletionRequest, completion_id: str, route: str
 ) -> Iterator[str]:
+    """The stream: each choice's role chunk, then its content (or tool calls) and finish reason; usage, [DONE]."""
+
     def chunk(index: int, delta: dict[str, Any], reason: Optional[str] = None, logprobs: Optional[dict] = None) -> str:
         return sse.event(oa.chat_chunk(completion_id, req.model, index, delta, reason, logprobs))
 
     tools, forced = req.forced_tools or req.active_tools, bool(req.forced_tools)
     buffers = [ToolCallBuffer(tools, forced) if req.active_tools else None for _ in range(req.n)]
-    finals: dict[int, TokenEvent] = {}
+
+    def render(index: int, event: TokenEvent) -> Iterator[str]:
+        buffer = buffers[index]
+        text = buffer.feed(event.text) if buffer else event.text
+        logprobs = _chat_logprobs([event]) if req.logprobs and event.token_id is not None else None
+        if text or logprobs:
+            yield chunk(index, {"content": text}, logprobs=logprobs)
+        if event.finish_reason is not None:
+            yield from _chat_ending(chunk, index, event, buffer)
+
     for index in range(req.n):
         yield chunk(index, {"role": "assistant", "content": ""})
-    try:
-        for item in service().stream_events(generation, route, sse.KEEPALIVE_SECONDS):
-            if item is None:
-                yield sse.KEEPALIVE
-                continue
-            index, event = item
-            buffer = buffers[index]
-            text = buffer.feed(event.text) if buffer else event.text
-            logprobs = _chat_logprobs([event]) if req.logprobs and event.token_id is not None else None
-            if text or logprobs:
-                yield chunk(index, {"content": text}, logprobs=logprobs)
-            if event.finish_reason is not None:
-                finals[index] = event
-                yield from _chat_ending(chunk, index, event, buffer)
-        if req.include_usage:
-            yield sse.event(
-                oa.usage_chunk(completion_id, req.model, "chat.completion.chunk", _usage_of(list(finals.values())))
-            )
-        yield sse.DONE
-    except GenerationFailed as exc:
-        yield sse.event(exc.openai_body(), name="error")
+    end = stream_end(req, completion_id, "chat.completion.chunk", lambda finals: _usage_of(list(finals.values())))
+    yield from sse.stream(generation, route, render, ErrorStyle.OPENAI, end)
 
 
 def _chat_ending(chunk: Any, index: int, final: TokenEvent, buffer: Optional[ToolCallBuffer]) -> Iterator[str]:

@@ -1,11 +1,20 @@
-"""Server-Sent Events framing: data lines, keep-alive comments, in-band errors, the [DONE] marker."""
+"""Server-Sent Events: the streaming loop every route shares, and its framing (data lines, keep-alive comments,
+in-band errors, the [DONE] marker)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from flask import Response, stream_with_context
+
+from serve.engine import TokenEvent
+from serve.errors import ErrorStyle, GenerationFailed, error_body
+from serve.generation import Generation
+from serve.routes.common import service
+
+Render = Callable[[int, TokenEvent], Iterable[str]]  # one (choice index, event) -> its SSE chunks
+End = Callable[[dict[int, TokenEvent]], Iterable[str]]  # every choice's final event -> the stream's last chunks
 
 KEEPALIVE = ": keep-alive\n\n"
 DONE = "data: [DONE]\n\n"
@@ -18,6 +27,28 @@ def event(data: Any, name: Optional[str] = None) -> str:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     prefix = f"event: {name}\n" if name else ""
     return f"{prefix}data: {payload}\n\n"
+
+
+def stream(
+    generation: Generation, route: str, render: Render, style: ErrorStyle, end: Optional[End] = None
+) -> Iterator[str]:
+    """The chunks of a streamed generation: each event as ``render`` has it, a keep-alive comment on silence, then
+    ``end(finals)`` once every choice has finished; a failed generation ends it with ``event: error`` whose body
+    has the stream's API ``style``."""
+    finals: dict[int, TokenEvent] = {}
+    try:
+        for item in service().stream_events(generation, route, KEEPALIVE_SECONDS):
+            if item is None:
+                yield KEEPALIVE
+                continue
+            index, token = item
+            yield from render(index, token)
+            if token.finish_reason is not None:
+                finals[index] = token
+        if end is not None:
+            yield from end(finals)
+    except GenerationFailed as exc:
+        yield event(error_body(exc, route, style)[0], name="error")
 
 
 def coalesce(chunks: Iterator[str], pending: Callable[[], bool]) -> Iterator[str]:

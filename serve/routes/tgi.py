@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import itertools
 from typing import Any, Iterator, Optional
 
 from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST
 
-import serve
 from serve.engine import TokenEvent
-from serve.engine.pool import serving_info
-from serve.errors import GenerationFailed, NotReady
+from serve.errors import ErrorStyle, NotReady
+from serve.info import info_body
 from serve.generation import Choice, Generation, timing_headers
 from serve.routes import sse
-from serve.routes.adapters import loaded_adapters, requested_adapter
+from serve.routes.adapters import loaded_adapters
 from serve.routes.common import json_body, service, settings, token_texts, validate
 from serve.schemas import tgi
+from serve.routes.validation import validate_generate
 
 blueprint = Blueprint("tgi", __name__)
 
@@ -48,27 +48,7 @@ def health() -> Response:
 
 @blueprint.get("/info")
 def info() -> Response:
-    engine = service().engine
-    loaded: dict[str, Any] = {}
-    if engine.ready:
-        loaded = {
-            "model_id": engine.loaded.name,
-            "model_dtype": str(engine.loaded.dtype).replace("torch.", ""),
-            "model_device_type": engine.loaded.device.type,
-            **serving_info(engine),
-            "adapters": list(loaded_adapters()),  # with those registered at run time
-            **asdict(engine.limits),
-        }
-    body: dict[str, Any] = {
-        "model_id": None,
-        **loaded,
-        "max_concurrent_requests": settings().max_concurrent_requests,
-        "max_batch_prefill_tokens": engine.config.max_batch_prefill_tokens,
-        "messages_api_enabled": settings().messages_api_enabled,
-        "router": "sagemaker-llm-serve",
-        "version": serve.__version__,
-    }
-    return jsonify(body)
+    return jsonify(info_body(service().engine, settings(), loaded_adapters()))
 
 
 @blueprint.get("/metrics")
@@ -89,20 +69,11 @@ def tokenize() -> Response:
 
 def generate(payload: dict[str, Any], route: str, as_list: bool) -> Response:
     """Serve one TGI generate request; ``as_list`` wraps the body in a list, as TGI's /invocations does."""
-    req = validate(tgi.GenerateRequest, payload)
-    grammar = req.parameters.grammar.text() if req.parameters.grammar else None
-    prompt_ids = service().text_prompt(req.inputs, truncate=req.parameters.truncate, field="inputs")
-    service().check_grammar(grammar, "parameters.grammar")
-    generation = service().start(
-        prompt_ids,
-        req.requested_max_tokens,
-        lambda budget: req.to_sampling_params(budget, grammar),
-        "inputs",
-        req.best_of,
-        requested_adapter(req.parameters.adapter_id, "parameters.adapter_id"),
-    )
+    valid = validate_generate(payload)
+    req, prompt_ids = valid.body, valid.prompt_ids
+    generation = service().start(valid)
     if req.stream:
-        return sse.response(_token_events(generation, req, route, prompt_ids), generation.pending)
+        return sse.response(_token_events(generation, req, route), generation.pending)
     choices = service().collect(generation, route)
     best = max(choices, key=lambda c: sum(event.logprob or 0.0 for event in c.tokens))
     body: dict[str, Any] = {"generated_text": _full_text(req, best.text)}
@@ -158,24 +129,25 @@ def _prefill(prompt_ids: list[int], logprobs: Optional[tuple]) -> list[dict[str,
     return [tgi.token(token_id, text, score) for token_id, text, score in zip(prompt_ids, texts, scores)]
 
 
-def _token_events(generation: Generation, req: tgi.GenerateRequest, route: str, prompt_ids: list[int]) -> Iterator[str]:
+def _token_events(generation: Generation, req: tgi.GenerateRequest, route: str) -> Iterator[str]:
+    """The stream: one event per generated token, the last with the whole text (and details when asked for)."""
     pieces: list[str] = [req.inputs] if req.parameters.return_full_text else []
-    index = 0
-    try:
-        for item in service().stream_events(generation, route, sse.KEEPALIVE_SECONDS):
-            if item is None:
-                yield sse.KEEPALIVE
-                continue
-            event = item[1]
-            if event.token_id is None:
-                continue
-            index += 1
-            pieces.append(event.text)
-            token_body = dict(_tokens([event])[0], text=event.text)
-            body = tgi.stream_token(index, token_body, _top_tokens(event) if req.parameters.top_n_tokens else None)
-            if event.finish_reason is not None:
-                body["generated_text"] = "".join(pieces)
-                body["details"] = tgi.stream_details(event, req.parameters.seed) if req.parameters.details else None
-            yield sse.event(body)
-    except GenerationFailed as exc:
-        yield sse.event(exc.tgi_body(), name="error")
+    numbers = itertools.count(1)
+
+    def render(_index: int, event: TokenEvent) -> list[str]:
+        if event.token_id is None:
+            return []
+        pieces.append(event.text)
+        return [sse.event(_stream_token(req, next(numbers), event, pieces))]
+
+    return sse.stream(generation, route, render, ErrorStyle.TGI)
+
+
+def _stream_token(req: tgi.GenerateRequest, number: int, event: TokenEvent, pieces: list[str]) -> dict[str, Any]:
+    """One streamed token's body; the last one also carries the generated text and the details."""
+    token_body = dict(_tokens([event])[0], text=event.text)
+    body = tgi.stream_token(number, token_body, _top_tokens(event) if req.parameters.top_n_tokens else None)
+    if event.finish_reason is not None:
+        body["generated_text"] = "".join(pieces)
+        body["details"] = tgi.stream_details(event, req.parameters.seed) if req.parameters.details else None
+    return body

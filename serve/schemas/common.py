@@ -1,4 +1,4 @@
-"""Pieces shared by the request models of every API style."""
+"""Pieces shared by the request and response models of every API style."""
 
 from __future__ import annotations
 
@@ -35,6 +35,25 @@ def _optional_keys(model: type[BaseModel]) -> frozenset[str]:
     """The names and aliases of a model's fields that have a default."""
     fields = model.model_fields.items()
     return frozenset(key for name, f in fields if not f.is_required() for key in (name, f.alias) if key)
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+def _never_null(schema: dict[str, Any]) -> None:
+    """The documented schema of an ``absent_when_none`` field: its type without the null that is never sent."""
+    kinds = [kind for kind in schema.pop("anyOf", []) if kind != {"type": "null"}]
+    schema.pop("default", None)
+    if len(kinds) == 1:
+        schema.update(kinds[0])
+    elif kinds:
+        schema["anyOf"] = kinds
+
+
+def absent_when_none(description: Optional[str] = None) -> Any:
+    """A response field left out of the body, rather than sent as null, when it has no value."""
+    return Field(default=None, exclude_if=_is_none, description=description, json_schema_extra=_never_null)
 
 
 def normalize_stop(stop: Union[str, list[str], None]) -> tuple[str, ...]:

@@ -1,16 +1,14 @@
-"""OpenAI chat and text completion requests, and the response bodies and stream chunks we send back."""
+"""OpenAI chat and text completion requests; the response models and their builders (serve.schemas.openai_responses)
+are imported here, so one module serves the routes."""
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-import serve
 from serve.engine.grammar import GrammarError, json_schema_grammar
-from serve.engine.types import FinishReason, SamplingParams
+from serve.engine.types import SamplingParams
 from serve.errors import ValidationFailed
 from serve.schemas.common import (
     MAX_LOGIT_BIAS,
@@ -20,10 +18,27 @@ from serve.schemas.common import (
     SamplingFields,
     normalize_stop,
 )
+from serve.schemas.openai_responses import (  # noqa: F401 (re-exported: the routes build bodies through this module)
+    SYSTEM_FINGERPRINT,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ModelList,
+    TextCompletion,
+    chat_choice,
+    chat_chunk,
+    chat_completion,
+    completion_logprobs,
+    logprob_entry,
+    new_id,
+    openai_finish_reason,
+    text_choice,
+    text_completion,
+    usage,
+    usage_chunk,
+)
 from serve.schemas.tools import NamedToolChoice, Tool, ToolChoice, call_schema, forced_tools, template_tool_calls
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
-SYSTEM_FINGERPRINT = f"sagemaker-llm-serve-{serve.__version__}"
 
 
 class TextPart(LenientModel):
@@ -276,107 +291,3 @@ class CompletionRequest(_OpenAIRequest):
         """max_tokens 0 only scores the prompt, which needs echo (OpenAI's rule)."""
         if self.max_tokens == 0 and not self.echo:
             raise ValidationFailed("max_tokens: 0 is only allowed with echo: true (scoring the prompt)", "max_tokens")
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def openai_finish_reason(reason: Optional[FinishReason], tool_calls: bool = False) -> Optional[str]:
-    if reason is None:
-        return None
-    if reason is FinishReason.LENGTH:
-        return "length"
-    return "tool_calls" if tool_calls else "stop"
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    """OpenAI's usage object; ``cached_tokens``: prompt tokens served from the prefix cache."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def _envelope(completion_id: str, obj: str, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "id": completion_id,
-        "object": obj,
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,  # a string, as TGI sends: text-generation's client requires one
-        "choices": choices,
-    }
-
-
-def chat_completion(
-    completion_id: str, model: str, choices: list[dict[str, Any]], usage_body: dict[str, int]
-) -> dict[str, Any]:
-    """A complete (non-streaming) chat.completion body."""
-    return {**_envelope(completion_id, "chat.completion", model, choices), "usage": usage_body}
-
-
-def chat_choice(
-    index: int, message: dict[str, Any], finish_reason: Optional[str], logprobs: Optional[dict]
-) -> dict[str, Any]:
-    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def chat_chunk(
-    completion_id: str,
-    model: str,
-    index: int,
-    delta: dict[str, Any],
-    finish_reason: Optional[str] = None,
-    logprobs: Optional[dict] = None,
-) -> dict[str, Any]:
-    """One chat.completion.chunk of a stream, for choice ``index``."""
-    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    return _envelope(completion_id, "chat.completion.chunk", model, [choice])
-
-
-def text_choice(index: int, text: str, finish_reason: Optional[str], logprobs: Optional[dict] = None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def text_completion(
-    completion_id: str, model: str, choices: list[dict[str, Any]], usage_body: Optional[dict] = None
-) -> dict[str, Any]:
-    """A text_completion body, or one chunk of a completions stream."""
-    body = _envelope(completion_id, "text_completion", model, choices)
-    if usage_body is not None:
-        body["usage"] = usage_body
-    return body
-
-
-def usage_chunk(completion_id: str, model: str, obj: str, usage_body: dict[str, Any]) -> dict[str, Any]:
-    """The last chunk of a stream with ``stream_options.include_usage``: no choices, only usage."""
-    return {**_envelope(completion_id, obj, model, []), "usage": usage_body}
-
-
-def logprob_entry(text: str, logprob: float, top: list[tuple[str, float]]) -> dict[str, Any]:
-    """One token of a chat ``logprobs.content`` list, with its most likely alternatives."""
-    return {
-        "token": text,
-        "logprob": logprob,
-        "bytes": list(text.encode("utf-8")),
-        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))} for t, lp in top],
-    }
-
-
-def completion_logprobs(
-    texts: list[str], logprobs: list[Optional[float]], tops: list[Optional[dict[str, float]]], offset: int
-) -> dict[str, Any]:
-    """The legacy completions ``logprobs`` object: parallel lists, top alternatives as {token: logprob} maps."""
-    offsets = []
-    for text in texts:
-        offsets.append(offset)
-        offset += len(text)
-    return {
-        "tokens": texts,
-        "token_logprobs": logprobs,
-        "top_logprobs": tops,
-        "text_offset": offsets,
-    }

@@ -1,15 +1,20 @@
-"""TGI ``/generate`` requests (``{"inputs": ..., "parameters": {...}}``) and the bodies TGI clients expect."""
+"""TGI ``/generate`` requests (``{"inputs": ..., "parameters": {...}}``) and the bodies TGI clients expect.
+
+Response models first, then their builders: ``stream_details`` builds its model and dumps it; ``token`` and
+``stream_token`` (once per token) and ``details`` (a list per token) write the model's dump directly, as the model
+costs several times as much there. tests/unit/test_response_bodies.py holds each equal to its model's dump.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve.engine.grammar import GrammarError, json_schema_grammar, regex_grammar
 from serve.engine.types import FinishReason, SamplingParams, TokenEvent
 from serve.errors import ValidationFailed
-from serve.schemas.common import MAX_CHOICES, MAX_TOP_LOGPROBS, LenientModel, check_stop
+from serve.schemas.common import MAX_CHOICES, MAX_TOP_LOGPROBS, LenientModel, absent_when_none, check_stop
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
 
@@ -127,6 +132,75 @@ class TokenizeRequest(LenientModel):
     inputs: str
 
 
+TGIFinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: Optional[float]
+    special: Optional[bool] = absent_when_none("Whether it is a special token (not given for prompt tokens)")
+
+
+class StreamDetails(BaseModel):
+    finish_reason: TGIFinishReason
+    generated_tokens: int
+    seed: Optional[int]
+    input_length: int
+
+
+class BestOfSequence(BaseModel):
+    generated_text: str
+    finish_reason: TGIFinishReason
+    generated_tokens: int
+    seed: Optional[int]
+    input_length: int
+    prefill: list[Token]
+    tokens: list[Token]
+    top_tokens: Optional[list[list[Token]]] = absent_when_none()
+
+
+class Details(StreamDetails):
+    """``details: true``: the generated tokens (and prompt tokens with ``decoder_input_details``)."""
+
+    prefill: list[Token]
+    tokens: list[Token]
+    top_tokens: Optional[list[list[Token]]] = absent_when_none("With top_n_tokens: each token's likeliest")
+    best_of_sequences: Optional[list[BestOfSequence]] = absent_when_none("With best_of > 1: the other choices")
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Optional[Details] = absent_when_none()
+
+
+class StreamResponse(BaseModel):
+    """One /generate_stream event; the last one carries the whole generated_text (and details, when asked)."""
+
+    index: int
+    token: Token
+    generated_text: Optional[str]
+    details: Optional[StreamDetails]
+    top_tokens: Optional[list[Token]] = absent_when_none()
+
+
+class TokenSpan(BaseModel):
+    id: int
+    text: str
+    start: int
+    stop: int
+
+
+class Info(BaseModel):
+    """/info: the model and the server's limits (more fields once the model is loaded)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model_id: Optional[str] = None
+    max_concurrent_requests: int
+    version: str
+
+
 def tgi_finish_reason(reason: FinishReason, stop_sequence: Optional[str]) -> str:
     if reason is FinishReason.LENGTH:
         return "length"
@@ -134,7 +208,7 @@ def tgi_finish_reason(reason: FinishReason, stop_sequence: Optional[str]) -> str
 
 
 def token(token_id: int, text: str, logprob: Optional[float], special: Optional[bool] = None) -> dict[str, Any]:
-    """One TGI token object (prefill tokens carry no ``special``)."""
+    """One Token (prefill tokens carry no ``special``)."""
     body: dict[str, Any] = {"id": token_id, "text": text, "logprob": logprob}
     if special is not None:
         body["special"] = special
@@ -148,32 +222,25 @@ def details(
     prefill: list[dict[str, Any]],
     top_tokens: Optional[list],
 ) -> dict[str, Any]:
-    """The ``details`` object of a TGI response."""
-    body: dict[str, Any] = {
-        "finish_reason": tgi_finish_reason(final.finish_reason, final.stop_sequence),
-        "generated_tokens": final.generated_tokens,
-        "seed": seed,
-        "input_length": final.prompt_tokens,
-        "prefill": prefill,
-        "tokens": tokens,
-    }
+    """The Details of a TGI response."""
+    body: dict[str, Any] = {**stream_details(final, seed), "prefill": prefill, "tokens": tokens}
     if top_tokens is not None:
         body["top_tokens"] = top_tokens
     return body
 
 
 def stream_details(final: TokenEvent, seed: Optional[int]) -> dict[str, Any]:
-    """The ``details`` of the last ``/generate_stream`` event."""
-    return {
-        "finish_reason": tgi_finish_reason(final.finish_reason, final.stop_sequence),
-        "generated_tokens": final.generated_tokens,
-        "seed": seed,
-        "input_length": final.prompt_tokens,
-    }
+    """The StreamDetails of the last ``/generate_stream`` event."""
+    return StreamDetails(
+        finish_reason=tgi_finish_reason(final.finish_reason, final.stop_sequence),
+        generated_tokens=final.generated_tokens,
+        seed=seed,
+        input_length=final.prompt_tokens,
+    ).model_dump()
 
 
 def stream_token(index: int, token_body: dict[str, Any], top_tokens: Optional[list]) -> dict[str, Any]:
-    """One ``/generate_stream`` event for a generated token."""
+    """One StreamResponse: a ``/generate_stream`` event for a generated token."""
     body: dict[str, Any] = {"index": index, "token": token_body, "generated_text": None, "details": None}
     if top_tokens is not None:
         body["top_tokens"] = top_tokens

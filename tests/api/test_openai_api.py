@@ -157,12 +157,11 @@ def test_default_length_is_capped_when_max_tokens_is_omitted(tiny_settings, tiny
 def test_overload_is_429_before_any_stream(tiny_settings):
     from dataclasses import replace
 
-    from serve.app import create_app, engine_config
-    from serve.engine import Engine
-    from serve.model.loader import load_model
+    from serve.app import create_app
+    from serve.wiring import single_engine
 
     settings = replace(tiny_settings, max_concurrent_requests=1)
-    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
+    engine = single_engine(settings).start()
     assert engine.wait_ready(60)
     try:
         client = create_app(settings, engine).test_client()

@@ -94,6 +94,10 @@ def test_info_health_tokenize(client, tiny_model_dir):
     assert (
         info["model_id"] == str(tiny_model_dir) and info["max_total_tokens"] == 512 and info["max_input_tokens"] == 511
     )
+    assert info["compile"]["enabled"] is False and info["compile"]["reason"] == "off (COMPILE=false)"
+    assert info["cuda_graphs"]["enabled"] is False and info["engines"] == [
+        {"devices": ["cpu"], "in_flight": 0, "served": info["engines"][0]["served"]}
+    ]
     assert client.get("/health").status_code == 200
     tokens = client.post("/tokenize", json={"inputs": "Hello world"}).json
     assert "".join(token["text"] for token in tokens) == "Hello world" and all("id" in token for token in tokens)

@@ -1,4 +1,4 @@
-"""COMPILE (serve/models/compile.py): torch.compile of the lean model's layer halves on the CPU (inductor, g++).
+"""COMPILE (serve/engine/compile.py): torch.compile of the lean model's layer halves on the CPU (inductor, g++).
 
 Greedy tokens with COMPILE on equal eager ones token for token (float32), serving mixed shapes compiles nothing
 after start-up, a second start in a fresh process loads the compiled graphs from the cache under SERVE_CACHE_DIR,
@@ -17,10 +17,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from serve.app import engine_config
+from serve.wiring import engine_config, single_engine
 from serve.config import Settings, load_settings
 from serve.engine import Engine, Request, SamplingParams
-from serve.model.loader import load_model
 from serve.models import LlamaForServing
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +78,7 @@ def test_a_second_start_in_a_fresh_process_reuses_the_cache(compile_cache):
 
 def greedy(settings: Settings, prompts: list[list[int]], new_tokens: int = 12) -> tuple[Engine, list[list[int]]]:
     """Greedy tokens of ``prompts`` submitted together (one continuous batch: decode batches 1-4, prompt chunks)."""
-    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
+    engine = single_engine(settings).start()
     try:
         assert engine.wait_ready(300), engine.load_error
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -105,7 +104,7 @@ def test_compiled_greedy_tokens_equal_eager_and_serving_compiles_nothing_more(
         max_batch_prefill_tokens=8,  # prompts run in chunks of several sizes beside decode tokens
     )
     _, eager = greedy(settings, prompts)
-    engine = Engine(load=lambda: load_model(settings), config=engine_config(replace(settings, compile=True)))
+    engine = single_engine(replace(settings, compile=True))
     engine.start()
     try:
         assert engine.wait_ready(300), engine.load_error

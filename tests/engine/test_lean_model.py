@@ -16,7 +16,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from serve.app import engine_config
+from serve.wiring import single_engine
 from serve.config import Settings, load_settings
 from serve.engine import Engine, EngineConfig, Request, SamplingParams
 from serve.model.loader import LoadedModel, load_model
@@ -90,7 +90,7 @@ def engine_greedy(
     settings: Settings, prompts: list[list[int]], new_tokens: int = NEW_TOKENS, adapter=None
 ) -> tuple[type, list[list[int]]]:
     """(model class the loader chose, greedy tokens of every prompt submitted together: one continuous batch)."""
-    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
+    engine = single_engine(settings).start()
     try:
         assert engine.wait_ready(120), engine.load_error
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -185,7 +185,7 @@ def test_lora_on_fused_projections_equals_peft_merged_model(tiny_model_dir, toke
         get_peft_model(base, config).save_pretrained(folders[f"a{seed}"])
     settings = settings_for(tiny_model_dir, lora_adapters=tuple((name, str(path)) for name, path in folders.items()))
     prompts = [tokenizer(text)["input_ids"] for text in TEXTS[:2]]
-    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
+    engine = single_engine(settings).start()
     try:
         assert engine.wait_ready(120), engine.load_error
         assert isinstance(engine.loaded.model, LlamaForServing)
@@ -241,7 +241,8 @@ def test_embedded_smollm2_lean_equals_transformers_generate(embedded_folder, tok
 def test_settings_the_lean_model_cannot_honour_fall_back_with_a_reason(tiny_model_dir, tmp_path):
     from transformers import AutoConfig
 
-    from serve.model.loader import ModelSource, PreparedModel, lean_fallback_reason
+    from serve.model.source import ModelSource
+    from serve.model.loader import PreparedModel, lean_fallback_reason
     from serve.model.placement import EnginePlacement, footprint, plan_placement
     from serve.model.quantize import Quantization
 

@@ -9,10 +9,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from serve.app import engine_config
-from serve.engine import Engine, Request, SamplingParams
+from serve.wiring import single_engine
+from serve.engine import Request, SamplingParams
 from serve.engine.lora import AdapterError, read_adapter
-from serve.model.loader import load_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = [[1, 504, 3458, 282, 4649, 314], [1, 9556, 2492, 253, 655], [1, 378, 2365, 282]]
@@ -51,7 +50,7 @@ def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 def lora_engine(tiny_settings, adapters):
     pairs = tuple((name, str(path)) for name, path in adapters.items())
     settings = replace(tiny_settings, lora_adapters=pairs, dtype="float32", max_concurrent_requests=16)
-    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
+    engine = single_engine(settings).start()
     assert engine.wait_ready(120), engine.load_error
     yield engine
     engine.stop()

@@ -4,9 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from serve.app import engine_config
-from serve.engine import Engine, Request, SamplingParams
-from serve.model.loader import load_model
+from serve.wiring import single_engine
+from serve.engine import Request, SamplingParams
 
 SHARED = "You are a helpful assistant. Answer briefly and precisely, in plain words. Question: "
 QUESTIONS = [
@@ -26,7 +25,7 @@ QUESTIONS = [
 
 
 def start(settings):
-    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
+    engine = single_engine(settings).start()
     assert engine.wait_ready(120), engine.load_error
     return engine
 

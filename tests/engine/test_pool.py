@@ -52,7 +52,7 @@ class FakeEngine:
 
     def __init__(self):
         self.ready, self.load_error, self.admitted, self.closed = True, None, [], []
-        self.scheduler = type("Load", (), {"in_flight": 0})()
+        self.in_flight = self.served = 0
 
     def start(self):
         return self
@@ -60,9 +60,10 @@ class FakeEngine:
     def wait_ready(self, timeout=None):
         return True
 
-    def submit(self, request, *args, **kwargs):
+    def submit(self, request, sink=None, index=0):
         self.admitted.append(request)
-        self.scheduler.in_flight += 1
+        self.in_flight += 1
+        self.served += 1
         return request.id
 
     def close_session(self, session_id):

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from serve.app import engine_config
+from serve.wiring import engine_config
 from serve.engine import Engine, Request, SamplingParams
 from serve.engine.graphs import capture_decode_graphs
 from serve.engine.static_decode import batch_buckets, width_buckets

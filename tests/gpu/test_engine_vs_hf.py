@@ -87,10 +87,9 @@ def release_memory() -> None:
 
 def engine_greedy(folder: Path, dtype_name: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """The same prompts submitted to our Engine at once (HF_MODEL_LOAD_FORMAT=dummy, same seed)."""
-    from serve.app import engine_config
+    from serve.wiring import single_engine
     from serve.config import Settings
-    from serve.engine import Engine, Request, SamplingParams
-    from serve.model.loader import load_model
+    from serve.engine import Request, SamplingParams
 
     settings = Settings(
         model_id=str(folder),
@@ -100,7 +99,7 @@ def engine_greedy(folder: Path, dtype_name: str, prompts: list[list[int]], new_t
         max_concurrent_requests=max(len(prompts), 2),
         max_total_tokens=len(prompts[0]) + new_tokens + 8,
     )
-    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
+    engine = single_engine(settings).start()
     assert engine.wait_ready(300), f"engine failed to load: {engine.load_error}"
     try:
         sink: queue.Queue = queue.Queue()

@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 
-from serve.disconnect import DisconnectWatcher, WatchedEngine, client_gone
+from serve.disconnect import DisconnectWatcher, client_gone
 from serve.shutdown import Drain
 from tests.helpers import wait_for
 
@@ -58,15 +58,3 @@ def test_watcher_cancels_the_request_of_a_closed_socket_only():
     stays_peer.close()
     time.sleep(0.1)
     assert cancelled == ["left"] and watcher.watching == 0
-
-
-def test_watched_engine_delegates_and_keeps_the_engine_type():
-    class FakeEngine:
-        ready = True
-
-        def submit(self, request, **kwargs):
-            return ("stream", request, kwargs)
-
-    wrapped = WatchedEngine(FakeEngine(), DisconnectWatcher(lambda request_id: None))
-    assert isinstance(wrapped, FakeEngine) and wrapped.ready
-    assert wrapped.submit("r", index=1) == ("stream", "r", {"index": 1})  # outside a request: nothing to watch

@@ -11,7 +11,8 @@ import pytest
 import requests
 
 from serve.config import Settings
-from serve.model.loader import ModelLoadError, load_model
+from serve.model.source import ModelLoadError
+from serve.model.loader import load_model
 from serve.security import RedactSecrets, check_api_key, scrub
 from serve.errors import Unauthorized
 from tests.helpers import start_server

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from serve.cloudwatch import EmfReporter, percentile
-from serve.engine.engine import EngineStats, Limits
+from serve.engine.types import EngineStats, Limits
 from serve.engine.types import FinishReason, Timings, TokenEvent
 from serve.metrics import Metrics
 from tests.emf_schema import validate_emf

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve.app import create_app, engine_config
+from serve.app import create_app
+from serve.wiring import single_engine
 from serve.config import Settings, SettingsError, load_settings
-from serve.engine import Engine
 from serve.model.loader import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "gpu"))
@@ -70,7 +70,7 @@ def test_ids_past_the_tokenizer_stream_as_empty_text(tmp_path, embedded_folder):
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 4 * 49152}))
     settings = dummy_settings(folder, dtype="float32", max_concurrent_requests=4, max_total_tokens=256)
-    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
+    engine = single_engine(settings).start()
     assert engine.wait_ready(120), engine.load_error
     try:
         client = create_app(settings, engine).test_client()

@@ -4,15 +4,8 @@ import pytest
 import torch
 
 from serve.config import Settings
-from serve.model.loader import (
-    EMBEDDED_NAME,
-    adapter_folders,
-    ModelLoadError,
-    download_from_hub,
-    cpu_has_native_bf16,
-    resolve_dtype,
-    resolve_source,
-)
+from serve.model.source import EMBEDDED_NAME, ModelLoadError, adapter_folders, download_from_hub, resolve_source
+from serve.model.loader import cpu_has_native_bf16, resolve_dtype
 
 
 def settings(**kwargs) -> Settings:

@@ -1,8 +1,9 @@
-"""The OpenAPI 3.1 document, assembled at run time from the app's routes and the pydantic request models.
+"""The OpenAPI 3.1 document, assembled at run time from the app's routes and the pydantic models of serve.schemas.
 
-Request bodies come from the request models' ``model_json_schema()``, so a field added to a model is documented
-without touching this module; every route of the app is listed, a route this module has no details for with a
-generic entry. Responses are described by the small models below (extra fields allowed, as bodies grow).
+Request bodies and responses come from the model classes the routes validate requests with and build bodies from,
+so a field added to a model is documented without touching this module; every route of the app is listed, a route
+this module has no details for with a generic entry. Errors are documented in the style serve.errors.error_style
+picks for the path (and, inside a stream, for the stream's API).
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import re
 from typing import Any, Optional, Union
 
 from flask import Flask
-from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 
 import serve
-from serve.security import OPEN_PATHS
+from serve.errors import ErrorStyle, error_style
 from serve.schemas import openai as oa
 from serve.schemas import tgi
+from serve.schemas.error_bodies import OpenAIError, TGIError
+from serve.schemas.sagemaker import RegisterAdapter, Status
+from serve.security import OPEN_PATHS
 
 REF = "#/components/schemas/{model}"
 ERROR_STATUSES = {
@@ -29,154 +33,23 @@ ERROR_STATUSES = {
     "503": "The model is loading, or the server is shutting down",
 }
 SSE = "text/event-stream"
-
-
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class Usage(_Open):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ChatMessageOut(_Open):
-    role: str
-    content: Optional[str] = None
-
-
-class ChatChoice(_Open):
-    index: int
-    message: ChatMessageOut
-    finish_reason: Optional[str] = None
-
-
-class ChatCompletion(_Open):
-    id: str
-    object: str
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class TextChoice(_Open):
-    index: int
-    text: str
-    finish_reason: Optional[str] = None
-
-
-class TextCompletion(_Open):
-    id: str
-    object: str
-    created: int
-    model: str
-    choices: list[TextChoice]
-    usage: Optional[Usage] = None
-
-
-class ChunkChoice(_Open):
-    index: int
-    delta: dict[str, Any]
-    finish_reason: Optional[str] = None
-
-
-class ChatCompletionChunk(_Open):
-    """One chunk of a chat stream; the last one has no choices and the usage (stream_options.include_usage)."""
-
-    id: str
-    object: str
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Optional[Usage] = None
-
-
-class StreamedToken(_Open):
-    id: int
-    text: str
-    special: bool
-
-
-class StreamToken(_Open):
-    """One /generate_stream event; the last one carries the whole generated_text."""
-
-    index: int
-    token: StreamedToken
-    generated_text: Optional[str] = None
-    details: Optional[dict[str, Any]] = None
-
-
-class GenerateResponse(_Open):
-    generated_text: str
-    details: Optional[dict[str, Any]] = None
-
-
-class TokenSpan(_Open):
-    id: int
-    text: str
-    start: int
-    stop: int
-
-
-class ModelCard(_Open):
-    id: str
-    object: str
-
-
-class ModelList(_Open):
-    object: str
-    data: list[ModelCard]
-
-
-class Status(_Open):
-    status: str
-
-
-class Info(_Open):
-    model_id: Optional[str] = None
-    max_concurrent_requests: int
-    version: str
-
-
-class OpenAIErrorDetail(_Open):
-    message: str
-    type: str
-    param: Optional[str] = None
-    code: Optional[Union[int, str]] = None
-
-
-class OpenAIError(_Open):
-    error: OpenAIErrorDetail
-
-
-class TGIError(_Open):
-    error: str
-    error_type: str
-
-
-class RegisterAdapter(BaseModel):
-    """SageMaker's register-adapter request (the same fields may come as query parameters)."""
-
-    name: str
-    src: str  # a peft folder, a .tar.gz of one, or a folder holding one .tar.gz
-    preload: bool = True
-    pin: bool = False
-
+ERROR_MODELS: dict[ErrorStyle, type[BaseModel]] = {ErrorStyle.OPENAI: OpenAIError, ErrorStyle.TGI: TGIError}
 
 INVOCATION = Union[
     oa.ChatCompletionRequest, oa.CompletionRequest, tgi.GenerateRequest
 ]  # told apart by messages/prompt/inputs
 
-# what each event of a route's SSE stream carries in its data (besides the closing [DONE] and an error event)
-STREAM_CHUNKS: dict[str, Any] = {
-    "/invocations": Union[ChatCompletionChunk, TextCompletion, StreamToken],
-    "/v1/chat/completions": ChatCompletionChunk,
-    "/v1/completions": TextCompletion,
-    "/generate": StreamToken,
-    "/": StreamToken,
-    "/generate_stream": StreamToken,
+# the streams a route may answer with: what each event's data carries, and the style of the stream's errors
+CHAT_STREAM = (oa.ChatCompletionChunk, ErrorStyle.OPENAI)
+COMPLETION_STREAM = (oa.TextCompletion, ErrorStyle.OPENAI)
+TGI_STREAM = (tgi.StreamResponse, ErrorStyle.TGI)
+STREAMS: dict[str, tuple[tuple[type[BaseModel], ErrorStyle], ...]] = {
+    "/invocations": (CHAT_STREAM, COMPLETION_STREAM, TGI_STREAM),
+    "/v1/chat/completions": (CHAT_STREAM,),
+    "/v1/completions": (COMPLETION_STREAM,),
+    "/generate": (TGI_STREAM,),
+    "/": (TGI_STREAM,),
+    "/generate_stream": (TGI_STREAM,),
 }
 
 # (method, path) -> summary, request model, 200 response: (model or None, media types)
@@ -185,42 +58,42 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Optional[type], Any, tuple[str, ...
     ("POST", "/invocations"): (
         "SageMaker inference: chat (messages), completion (prompt) or TGI (inputs)",
         INVOCATION,
-        Union[ChatCompletion, TextCompletion, list[GenerateResponse]],
+        Union[oa.ChatCompletion, oa.TextCompletion, list[tgi.GenerateResponse]],
         ("application/json", SSE),
     ),
     ("POST", "/v1/chat/completions"): (
         "OpenAI chat completion",
         oa.ChatCompletionRequest,
-        ChatCompletion,
+        oa.ChatCompletion,
         ("application/json", SSE),
     ),
     ("POST", "/v1/completions"): (
         "OpenAI text completion",
         oa.CompletionRequest,
-        TextCompletion,
+        oa.TextCompletion,
         ("application/json", SSE),
     ),
-    ("GET", "/v1/models"): ("The served model", None, ModelList, ("application/json",)),
+    ("GET", "/v1/models"): ("The served model", None, oa.ModelList, ("application/json",)),
     ("POST", "/generate"): (
         "TGI generate (SSE when the body sets stream: true)",
         tgi.GenerateRequest,
-        GenerateResponse,
+        tgi.GenerateResponse,
         ("application/json", SSE),
     ),
     ("POST", "/"): (
         "TGI's root route (TGI's clients): /generate's answer as a one-item list, or a stream",
         tgi.GenerateRequest,
-        list[GenerateResponse],
+        list[tgi.GenerateResponse],
         ("application/json", SSE),
     ),
     ("POST", "/generate_stream"): ("TGI generate, streamed as Server-Sent Events", tgi.GenerateRequest, None, (SSE,)),
     ("POST", "/tokenize"): (
         "TGI tokenize: token ids with their text spans",
         tgi.TokenizeRequest,
-        list[TokenSpan],
+        list[tgi.TokenSpan],
         ("application/json",),
     ),
-    ("GET", "/info"): ("TGI info: model and limits", None, Info, ("application/json",)),
+    ("GET", "/info"): ("TGI info: model and limits", None, tgi.Info, ("application/json",)),
     ("GET", "/health"): ("TGI health: 200 once ready", None, None, ()),
     ("GET", "/metrics"): ("Prometheus metrics", None, None, ("text/plain",)),
     ("GET", "/openapi.json"): ("This document", None, None, ("application/json",)),
@@ -281,10 +154,13 @@ def build_openapi(app: Flask, api_key_required: bool) -> dict[str, Any]:
 def _schema(kind: Any, components: dict[str, Any], mode: str) -> dict[str, Any]:
     """A JSON schema for ``kind``; named models go to ``components`` and are referenced."""
     schema = TypeAdapter(kind).json_schema(ref_template=REF, mode=mode)
-    components.update(schema.pop("$defs", {}))
+    named = schema.pop("$defs", {})
     if isinstance(kind, type) and issubclass(kind, BaseModel):
-        components[kind.__name__] = schema
-        return {"$ref": REF.format(model=kind.__name__)}
+        named[kind.__name__] = schema
+        schema = {"$ref": REF.format(model=kind.__name__)}
+    for name, definition in named.items():
+        if components.setdefault(name, definition) != definition:  # two models of one name, or one of two modes
+            raise ValueError(f"two different schemas are named {name}")
     return schema
 
 
@@ -323,14 +199,13 @@ def _ok(path: str, response: Any, media: tuple[str, ...], components: dict[str, 
 
 def _sse_event(path: str, components: dict[str, Any]) -> dict[str, Any]:
     """One Server-Sent Event of ``path``'s stream: a JSON chunk, the closing ``[DONE]``, or an ``error`` event."""
-    chunk = STREAM_CHUNKS.get(path)
-    data = (
-        {"contentMediaType": "application/json", "contentSchema": _schema(chunk, components, "serialization")}
-        if chunk
-        else {}
-    )
-    styles = {"/invocations": Union[OpenAIError, TGIError]}  # its chat and completion streams fail OpenAI-style
-    error = _schema(styles.get(path, OpenAIError if path.startswith("/v1/") else TGIError), components, "serialization")
+    streams = STREAMS.get(path, ())
+    data = {}
+    if streams:
+        chunk = _schema(_one_of(kind for kind, _ in streams), components, "serialization")
+        data = {"contentMediaType": "application/json", "contentSchema": chunk}
+    styles = [error_style(path, style) for _, style in streams] or [error_style(path)]
+    error = _schema(_one_of(ERROR_MODELS[style] for style in styles), components, "serialization")
     message = {
         "type": "object",
         "required": ["data"],
@@ -350,12 +225,18 @@ def _sse_event(path: str, components: dict[str, Any]) -> dict[str, Any]:
     return {"oneOf": [message, failure]}
 
 
+def _one_of(kinds: Any) -> Any:
+    """The union of ``kinds`` (repeats dropped), or the one kind."""
+    unique = tuple(dict.fromkeys(kinds))
+    return unique[0] if len(unique) == 1 else Union[unique]
+
+
 def _errors(path: str, has_body: bool, components: dict[str, Any]) -> dict[str, Any]:
-    """The error responses of a route: OpenAI-style bodies on /v1/*, TGI-style elsewhere."""
-    error_model = OpenAIError if path.startswith("/v1/") else TGIError
-    ref = _schema(error_model, components, "serialization")
+    """The error responses of a route, in the style serve.errors.error_style picks for its path."""
+    style = error_style(path)
+    ref = _schema(ERROR_MODELS[style], components, "serialization")
     statuses = ERROR_STATUSES if has_body else {code: ERROR_STATUSES[code] for code in ("401", "503")}
-    if path.startswith("/v1/") and has_body:  # OpenAI answers every invalid request with 400
+    if style is ErrorStyle.OPENAI and has_body:  # OpenAI answers every invalid request with 400
         statuses = {code: text for code, text in statuses.items() if code != "422"}
         statuses["400"] = "The body is not JSON, or a field is missing, of the wrong type or out of range (see param)"
     errors = {

@@ -1,0 +1,56 @@
+"""The body of TGI's ``/info``: the model, its placement and limits, each engine's load, and the server's settings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Iterable
+
+import serve
+from serve.config import Settings
+from serve.engine.interface import EngineClient
+
+
+def info_body(engine: EngineClient, settings: Settings, adapters: Iterable[str]) -> dict[str, Any]:
+    """What /info answers; the model's fields are null until it has loaded."""
+    body: dict[str, Any] = {"model_id": None}
+    if engine.ready:
+        body.update(_model_info(engine, adapters))
+    body.update(
+        {
+            "max_concurrent_requests": settings.max_concurrent_requests,
+            "max_batch_prefill_tokens": engine.config.max_batch_prefill_tokens,
+            "messages_api_enabled": settings.messages_api_enabled,
+            "router": "sagemaker-llm-serve",
+            "version": serve.__version__,
+        }
+    )
+    return body
+
+
+def _model_info(engine: EngineClient, adapters: Iterable[str]) -> dict[str, Any]:
+    """The loaded model: name, dtype, device, placement, quantization, CUDA graphs, COMPILE, engines, limits."""
+    loaded = engine.loaded
+    plan = getattr(loaded, "plan", None)
+    loads = engine.describe()
+    graphs = loads[0].graphs if loads else None
+    compiled = loads[0].compiled if loads else None
+    return {
+        "model_id": loaded.name,
+        "model_dtype": str(loaded.dtype).replace("torch.", ""),
+        "model_device_type": loaded.device.type,
+        "placement": plan.describe() if plan is not None else None,
+        "devices": list(plan.devices) if plan is not None else [str(loaded.device)],
+        "quantization": getattr(loaded, "quantization", None),
+        "adapters": list(adapters),  # those loaded at start and those registered at run time
+        "cuda_graphs": asdict(graphs) if graphs is not None else None,
+        "compile": asdict(compiled) if compiled is not None else None,
+        "engines": [
+            {
+                "devices": list(plan.engines[index].devices) if plan is not None else [str(loaded.device)],
+                "in_flight": load.in_flight,
+                "served": load.served,
+            }
+            for index, load in enumerate(loads)
+        ],
+        **asdict(engine.limits),
+    }
