@@ -4,6 +4,7 @@ transformers, LoRA adapters attached; or dummy weights of the same shape (HF_MOD
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -119,6 +120,8 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
     started = time.monotonic()
     prepared = prepared or prepare_model(settings)
     placement = prepared.plan.engines[engine_index]
+    if all(device == "cpu" for device in placement.devices):
+        use_cpu_threads(settings.torch_threads)
     kwargs = {**placement.from_pretrained_kwargs(), **prepared.quantization.kwargs}
     log.info(
         "loading %s from %s as %s on %s",
@@ -156,6 +159,23 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
         quantization=prepared.quantization.method,
         adapters=tuple(prepared.adapters),
     )
+
+
+def use_cpu_threads(requested: Optional[int], cores: Optional[int] = None) -> int:
+    """Set the calling (engine) thread's torch compute threads: TORCH_THREADS when set, else every core but one.
+
+    The spare core is the HTTP side's: gunicorn's threads parse, detokenize and write while the engine computes. Two
+    compute threads that must meet at every matmul lose far more to a third busy thread on their cores than they
+    gain (docs/gpu.md, torch threads). Returns the count set.
+    """
+    import torch
+
+    cores = cores or len(os.sched_getaffinity(0))
+    threads = requested or max(1, cores - 1)
+    torch.set_num_threads(threads)
+    spare = "" if requested else " (one left to the HTTP side)"
+    log.info("torch computes on %d thread(s) of %d core(s)%s", threads, cores, spare)
+    return threads
 
 
 def lean_fallback_reason(prepared: PreparedModel, settings: Settings, placement: Any, config: Any) -> Optional[str]:

@@ -137,3 +137,11 @@ def test_chat_template_is_an_existing_file_whatever_its_name_or_jinja_text(tmp_p
     for value in (str(tmp_path / "missing{1}.jinja"), str(tmp_path / "missing.jinja")):
         with pytest.raises(SettingsError, match="CHAT_TEMPLATE=.*neither a Jinja template"):
             load_settings({"CHAT_TEMPLATE": value})
+
+
+def test_torch_threads_come_from_torch_threads_or_omp_num_threads():
+    assert load_settings({}).torch_threads is None
+    assert load_settings({"OMP_NUM_THREADS": "3"}).torch_threads == 3
+    assert load_settings({"TORCH_THREADS": "1", "OMP_NUM_THREADS": "3"}).torch_threads == 1
+    with pytest.raises(SettingsError, match="TORCH_THREADS"):
+        load_settings({"TORCH_THREADS": "0"})

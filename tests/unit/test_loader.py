@@ -5,7 +5,7 @@ import torch
 
 from serve.config import Settings
 from serve.model.source import EMBEDDED_NAME, ModelLoadError, adapter_folders, download_from_hub, resolve_source
-from serve.model.loader import cpu_has_native_bf16, resolve_dtype
+from serve.model.loader import cpu_has_native_bf16, resolve_dtype, use_cpu_threads
 
 
 def settings(**kwargs) -> Settings:
@@ -107,3 +107,25 @@ def test_adapter_folders_from_the_model_dir_and_lora_adapters(tmp_path):
     assert list(found) == ["a-chat", "b-sql", "extra"] and found["extra"] == tmp_path / "extra"
     with pytest.raises(ModelLoadError, match="LORA_ADAPTERS: adapter 'gone' at /nowhere has no adapter_config.json"):
         adapter_folders(settings(lora_adapters=(("gone", "/nowhere"),)))
+
+
+def threads_set_on_a_thread(requested, cores):
+    """use_cpu_threads on a fresh thread, as the engine calls it on its own; (returned, what torch then reports)."""
+    import threading
+
+    seen = {}
+
+    def engine_thread():
+        seen["set"] = use_cpu_threads(requested, cores)
+        seen["torch"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=engine_thread)
+    thread.start()
+    thread.join()
+    return seen["set"], seen["torch"]
+
+
+def test_the_engine_leaves_one_core_to_the_http_side_unless_told():
+    assert threads_set_on_a_thread(None, cores=4) == (3, 3)
+    assert threads_set_on_a_thread(None, cores=1) == (1, 1)
+    assert threads_set_on_a_thread(2, cores=4) == (2, 2)
