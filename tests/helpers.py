@@ -95,11 +95,21 @@ def start_server(extra_env: dict[str, str], log_dir: Path, wait: bool = True, ti
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     server = Server(process, port, log_path)
     if wait:
         wait_healthy(server, timeout)
     return server
+
+
+def _die_with_parent() -> None:
+    """In the server's process before exec: SIGTERM it when the test process dies (a pytest killed by its timeout
+    or by hand skips every fixture's teardown; its servers must not outlive it)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_healthy(server: Server, timeout: float) -> None:
