@@ -243,10 +243,18 @@ def test_tgi_root_route_serves_generate_and_stream(client):
 
 
 def test_auto_tool_choice_returns_prose_from_a_model_that_does_not_call(messages_client):
+    """tool_choice auto (and its default) leaves the random model free: it writes prose, which comes back as content
+    (every generated token of it), not as a call nor a grammar-forced JSON envelope."""
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    body = messages_client.post("/invocations", json={**CHAT, "tools": tools, "temperature": 0}).json
-    choice = body["choices"][0]
-    assert choice["finish_reason"] in ("stop", "length") or choice["message"].get("tool_calls")
+    for choice_field in ({}, {"tool_choice": "auto"}):
+        request = {**CHAT, "tools": tools, "temperature": 0, "ignore_eos": True, "logprobs": True, **choice_field}
+        response = messages_client.post("/invocations", json=request)
+        assert response.status_code == 200, response.json
+        (choice,) = response.json["choices"]
+        assert choice["finish_reason"] == "length" and not choice["message"].get("tool_calls"), choice
+        tokens = [entry["token"] for entry in choice["logprobs"]["content"]]
+        assert len(tokens) == response.json["usage"]["completion_tokens"] == CHAT["max_tokens"]
+        assert choice["message"]["content"] == "".join(tokens) and not choice["message"]["content"].startswith("{")
 
 
 def test_chat_template_setting_overrides_the_models_template(tiny_settings, tiny_engine):
