@@ -10,7 +10,7 @@ from serve.app import create_app, engine_config
 from serve.config import Settings
 from serve.engine import Engine
 from serve.model.loader import embedded_model_file, gguf_to_folder, load_model
-from tests.helpers import build_tiny_llama
+from tests.helpers import TINY_KV_TOKENS, build_tiny_llama
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,7 +38,14 @@ def tiny_model_dir(tmp_path_factory, embedded_folder) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_settings(tiny_model_dir) -> Settings:
-    return Settings(model_id=str(tiny_model_dir), model_dir="/nonexistent", max_concurrent_requests=8)
+    # A KV pool of 16k tokens (1024 blocks, ~16 MB here), not the default 20% of free RAM: that is zeroed at every
+    # engine start and stays resident; a dozen engines in one test process ran the machine out of memory.
+    return Settings(
+        model_id=str(tiny_model_dir),
+        model_dir="/nonexistent",
+        max_concurrent_requests=8,
+        max_batch_total_tokens=TINY_KV_TOKENS,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "container" / "entrypoint.sh"
 
 
+TINY_KV_TOKENS = 16384  # the tiny model's KV pool in in-process engines: its context is 512 tokens
+
+
 def build_tiny_llama(target: Path, tokenizer_source: Path, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
     """A random Llama with the embedded model's tokenizer and chat template, small enough for fast tests."""
     import torch

@@ -7,11 +7,11 @@ from dataclasses import replace
 
 import pytest
 
-from serve.app import create_app
+from serve.app import create_app, engine_config
 from serve.config import Settings
 from serve.engine import Engine
 from serve.model.loader import load_model
-from tests.helpers import build_tiny_llama, sse_data
+from tests.helpers import TINY_KV_TOKENS, build_tiny_llama, sse_data
 
 CHAT = {"messages": [{"role": "user", "content": "What is deep learning?"}], "max_tokens": 6}
 SAMPLING = {
@@ -275,8 +275,10 @@ def templateless_client(tmp_path_factory, embedded_folder):
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    settings = Settings(model_id=str(folder), model_dir="/nonexistent", max_concurrent_requests=4)
-    engine = Engine(load=lambda: load_model(settings)).start()
+    settings = Settings(
+        model_id=str(folder), model_dir="/nonexistent", max_concurrent_requests=4, max_batch_total_tokens=TINY_KV_TOKENS
+    )
+    engine = Engine(load=lambda: load_model(settings), config=engine_config(settings)).start()
     assert engine.wait_ready(120), engine.load_error
     yield create_app(settings, engine).test_client()
     engine.stop()
