@@ -10,7 +10,7 @@ from serve.app import create_app, engine_config
 from serve.config import Settings
 from serve.engine import Engine
 from serve.model.loader import embedded_model_file, gguf_to_folder, load_model
-from tests.helpers import TINY_KV_TOKENS, build_tiny_llama
+from tests.helpers import TINY_KV_TOKENS, build_tiny_llama, start_server
 
 
 def pytest_collection_modifyitems(config, items):
@@ -69,3 +69,17 @@ def messages_client(tiny_settings, tiny_engine):
     from dataclasses import replace
 
     return create_app(replace(tiny_settings, messages_api_enabled=True), tiny_engine).test_client()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir, tmp_path_factory):
+    """Real gunicorn (the entrypoint) on the tiny random Llama, shared by tests/clients and tests/container: each
+    start costs seconds of CPU. Tests that change its state undo it; the log is shared, so count, don't just find."""
+    env = {
+        "HF_MODEL_ID": str(tiny_model_dir),
+        "MAX_CONCURRENT_REQUESTS": "16",
+        "MAX_BATCH_TOTAL_TOKENS": str(TINY_KV_TOKENS),  # it lives all session: a small pool, not 20% of free RAM
+    }
+    server = start_server(env, tmp_path_factory.mktemp("tiny-server-logs"))
+    yield server
+    server.stop()

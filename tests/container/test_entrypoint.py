@@ -11,15 +11,6 @@ from tests.helpers import ENTRYPOINT, free_port, server_env, start_server, wait_
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def tiny_server(tiny_model_dir, tmp_path_factory):
-    server = start_server(
-        {"HF_MODEL_ID": str(tiny_model_dir), "MAX_CONCURRENT_REQUESTS": "4"}, tmp_path_factory.mktemp("logs")
-    )
-    yield server
-    server.stop()
-
-
 def test_other_commands_are_executed_as_given():
     result = subprocess.run(
         [str(ENTRYPOINT), "echo", "hello from the container"], capture_output=True, text=True, timeout=10

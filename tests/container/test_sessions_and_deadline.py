@@ -36,13 +36,6 @@ def server(embedded_folder, tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def plain_server(tiny_model_dir, tmp_path_factory):
-    server = start_server({"HF_MODEL_ID": str(tiny_model_dir)}, tmp_path_factory.mktemp("logs"))
-    yield server
-    server.stop()
-
-
 def invoke(server, body, session: str = None) -> requests.Response:
     headers = {SESSION: session} if session else {}
     return requests.post(server.url + "/invocations", json=body, headers=headers, timeout=60)
@@ -76,7 +69,8 @@ def test_sessions_expire_on_their_own(server):
     assert response.status_code == 400 and f"session {session_id} is expired" in response.json()["error"]
 
 
-def test_bad_session_requests_are_400s(server, plain_server):
+def test_bad_session_requests_are_400s(server, tiny_server):
+    plain_server = tiny_server  # sessions not enabled
     cases = [
         (server, {"requestType": "OPEN"}, None, "requestType: must be 'NEW_SESSION' or 'CLOSE'"),
         (server, {"requestType": "NEW_SESSION", "inputs": "hi"}, None, "carries no other fields (got inputs)"),
