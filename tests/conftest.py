@@ -11,7 +11,7 @@ from serve.wiring import single_engine
 from serve.config import Settings
 from serve.engine import Engine
 from serve.model.source import embedded_model_file, gguf_to_folder
-from tests.helpers import build_tiny_llama
+from tests.helpers import TINY_KV_TOKENS, build_tiny_llama, start_server
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,7 +39,14 @@ def tiny_model_dir(tmp_path_factory, embedded_folder) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_settings(tiny_model_dir) -> Settings:
-    return Settings(model_id=str(tiny_model_dir), model_dir="/nonexistent", max_concurrent_requests=8)
+    # A KV pool of 16k tokens (1024 blocks, ~16 MB here), not the default 20% of free RAM: that is zeroed at every
+    # engine start and stays resident; a dozen engines in one test process ran the machine out of memory.
+    return Settings(
+        model_id=str(tiny_model_dir),
+        model_dir="/nonexistent",
+        max_concurrent_requests=8,
+        max_batch_total_tokens=TINY_KV_TOKENS,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +70,17 @@ def messages_client(tiny_settings, tiny_engine):
     from dataclasses import replace
 
     return create_app(replace(tiny_settings, messages_api_enabled=True), tiny_engine).test_client()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir, tmp_path_factory):
+    """Real gunicorn (the entrypoint) on the tiny random Llama, shared by tests/clients and tests/container: each
+    start costs seconds of CPU. Tests that change its state undo it; the log is shared, so count, don't just find."""
+    env = {
+        "HF_MODEL_ID": str(tiny_model_dir),
+        "MAX_CONCURRENT_REQUESTS": "16",
+        "MAX_BATCH_TOTAL_TOKENS": str(TINY_KV_TOKENS),  # it lives all session: a small pool, not 20% of free RAM
+    }
+    server = start_server(env, tmp_path_factory.mktemp("tiny-server-logs"))
+    yield server
+    server.stop()

@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "container" / "entrypoint.sh"
 
 
+TINY_KV_TOKENS = 16384  # the tiny model's KV pool in in-process engines: its context is 512 tokens
+
+
 def build_tiny_llama(target: Path, tokenizer_source: Path, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
     """A random Llama with the embedded model's tokenizer and chat template, small enough for fast tests."""
     import torch
@@ -80,6 +83,8 @@ def server_env(extra: dict[str, str], port: int) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["SAGEMAKER_BIND_TO_PORT"] = str(port)
     env.setdefault("SM_MODEL_DIR", "/nonexistent-sagemaker-model-dir")
+    # a KV pool the size tests need, not 20% of free RAM zeroed per server (several servers live at once)
+    env.setdefault("MAX_BATCH_TOTAL_TOKENS", str(TINY_KV_TOKENS))
     env.update(extra)
     return env
 

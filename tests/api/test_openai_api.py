@@ -58,8 +58,17 @@ def test_stream_equals_non_stream_text(client):
 
 
 def test_content_parts_are_accepted(client):
-    request = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_tokens": 2}
-    assert client.post("/v1/chat/completions", json=request).status_code == 200
+    """Text parts reach the prompt joined: the same prompt and the same greedy answer as the plain string."""
+    greedy = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "deep learning?"}]
+    as_parts, as_text = (
+        client.post("/v1/chat/completions", json={**greedy, "messages": [{"role": "user", "content": content}]})
+        for content in (parts, "What is deep learning?")
+    )
+    assert as_parts.status_code == 200 and as_text.status_code == 200, as_parts.json
+    usage, expected = as_parts.json["usage"], as_text.json["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (expected["prompt_tokens"], 6)
+    assert as_parts.json["choices"][0]["message"] == as_text.json["choices"][0]["message"]
 
 
 def test_completions(client):
@@ -87,8 +96,16 @@ def test_models_lists_the_served_model(client, tiny_model_dir):
 
 
 def test_unknown_fields_are_ignored(client):
-    request = {**CHAT, "user": "abc", "logit_bias": {}, "parallel_tool_calls": False}
-    assert client.post("/v1/chat/completions", json=request).status_code == 200
+    """Extras OpenAI clients send (top level and per message) change nothing: the same prompt, the same answer."""
+    plain = {**CHAT, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    messages = [{**message, "x_note": "ignored", "weight": 3} for message in CHAT["messages"]]
+    extras = {"user": "abc", "parallel_tool_calls": False, "store": False, "metadata": {"k": "v"}, "x_future": [1]}
+    with_extras = client.post("/v1/chat/completions", json={**plain, **extras, "messages": messages})
+    without = client.post("/v1/chat/completions", json=plain)
+    assert with_extras.status_code == 200 and without.status_code == 200, with_extras.json
+    usage, expected = with_extras.json["usage"], without.json["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (expected["prompt_tokens"], 6)
+    assert with_extras.json["choices"][0]["message"] == without.json["choices"][0]["message"]
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,9 @@ from dataclasses import replace
 import pytest
 
 from serve.app import create_app
+from serve.wiring import single_engine
 from serve.config import Settings
-from serve.engine import Engine
-from serve.model.loader import load_model
-from tests.helpers import build_tiny_llama, sse_data
+from tests.helpers import TINY_KV_TOKENS, build_tiny_llama, sse_data
 
 CHAT = {"messages": [{"role": "user", "content": "What is deep learning?"}], "max_tokens": 6}
 SAMPLING = {
@@ -243,10 +242,18 @@ def test_tgi_root_route_serves_generate_and_stream(client):
 
 
 def test_auto_tool_choice_returns_prose_from_a_model_that_does_not_call(messages_client):
+    """tool_choice auto (and its default) leaves the random model free: it writes prose, which comes back as content
+    (every generated token of it), not as a call nor a grammar-forced JSON envelope."""
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    body = messages_client.post("/invocations", json={**CHAT, "tools": tools, "temperature": 0}).json
-    choice = body["choices"][0]
-    assert choice["finish_reason"] in ("stop", "length") or choice["message"].get("tool_calls")
+    for choice_field in ({}, {"tool_choice": "auto"}):
+        request = {**CHAT, "tools": tools, "temperature": 0, "ignore_eos": True, "logprobs": True, **choice_field}
+        response = messages_client.post("/invocations", json=request)
+        assert response.status_code == 200, response.json
+        (choice,) = response.json["choices"]
+        assert choice["finish_reason"] == "length" and not choice["message"].get("tool_calls"), choice
+        tokens = [entry["token"] for entry in choice["logprobs"]["content"]]
+        assert len(tokens) == response.json["usage"]["completion_tokens"] == CHAT["max_tokens"]
+        assert choice["message"]["content"] == "".join(tokens) and not choice["message"]["content"].startswith("{")
 
 
 def test_chat_template_setting_overrides_the_models_template(tiny_settings, tiny_engine):
@@ -267,8 +274,10 @@ def templateless_client(tmp_path_factory, embedded_folder):
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    settings = Settings(model_id=str(folder), model_dir="/nonexistent", max_concurrent_requests=4)
-    engine = Engine(load=lambda: load_model(settings)).start()
+    settings = Settings(
+        model_id=str(folder), model_dir="/nonexistent", max_concurrent_requests=4, max_batch_total_tokens=TINY_KV_TOKENS
+    )
+    engine = single_engine(settings).start()
     assert engine.wait_ready(120), engine.load_error
     yield create_app(settings, engine).test_client()
     engine.stop()

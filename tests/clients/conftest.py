@@ -1,19 +1,8 @@
-"""A real gunicorn server on the tiny random Llama, shared by the client-library tests of this folder."""
+"""The client libraries against ``tiny_server`` (tests/conftest.py: real gunicorn on the tiny random Llama)."""
 
 from __future__ import annotations
 
 import pytest
-
-from tests.helpers import start_server
-
-
-@pytest.fixture(scope="package")
-def tiny_server(tiny_model_dir, tmp_path_factory):
-    server = start_server(
-        {"HF_MODEL_ID": str(tiny_model_dir), "MAX_CONCURRENT_REQUESTS": "16"}, tmp_path_factory.mktemp("logs")
-    )
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="package")

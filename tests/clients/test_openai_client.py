@@ -213,17 +213,28 @@ def test_tool_results_are_accepted_on_the_next_turn(openai_client):
         tool_choice="required",
     )
     call = first.choices[0].message.tool_calls[0]
-    follow_up = openai_client.chat.completions.create(
-        model="tgi",
-        max_tokens=8,
-        tools=[WEATHER],
-        messages=[
-            {"role": "user", "content": "Weather in Tokyo?"},
-            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-            {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'},
-        ],
-    )
-    assert follow_up.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    question = {"role": "user", "content": "Weather in Tokyo?"}
+    asked = {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]}
+
+    def follow_up(*history, max_tokens=1):
+        return openai_client.chat.completions.create(
+            model="tgi",
+            max_tokens=max_tokens,
+            temperature=0,
+            tools=[WEATHER],
+            messages=[question, *history],
+            extra_body={"ignore_eos": True},
+        )
+
+    result = {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}
+    answered = follow_up(asked, result, max_tokens=8)
+    choice = answered.choices[0]
+    assert choice.finish_reason == "length" and choice.message.tool_calls is None and choice.message.content
+    assert answered.usage.completion_tokens == 8
+    # the call and its result are both in the prompt: each adds tokens, a longer result adds more
+    longer = follow_up(asked, {**result, "content": '{"temperature": 21, "sky": "clear"}'})
+    call_only, question_only = follow_up(asked).usage.prompt_tokens, follow_up().usage.prompt_tokens
+    assert longer.usage.prompt_tokens > answered.usage.prompt_tokens > call_only > question_only
 
 
 def test_stream_options_include_usage(openai_client):

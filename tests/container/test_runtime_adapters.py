@@ -247,16 +247,8 @@ def test_the_adapter_routes_are_documented(server):
     assert {"200", "404"} <= set(delete_op["responses"]) and delete_op["operationId"] == "delete_adapters_name"
 
 
-def test_with_replicas_every_engine_copy_gets_the_adapter(tiny_model_dir, folders, tmp_path):
-    env = {
-        "HF_MODEL_ID": str(tiny_model_dir),
-        "PLACEMENT": "replicas",
-        "REPLICAS": "2",
-        "DTYPE": "float32",
-        "MAX_BATCH_TOTAL_TOKENS": "4096",
-        "SERVE_CACHE_DIR": str(tmp_path / "cache"),
-    }
-    replicas = start_server(env, tmp_path, timeout=300)
+def test_with_replicas_every_engine_copy_gets_the_adapter(replica_server, folders):
+    replicas = replica_server  # shared with test_replicas.py: what this test registers, it deletes
     try:
         assert register(replicas, "a", folders["a"]).status_code == 200
         with ThreadPoolExecutor(4) as pool:  # concurrent requests spread over both engines
@@ -264,7 +256,7 @@ def test_with_replicas_every_engine_copy_gets_the_adapter(tiny_model_dir, folder
         engines = requests.get(replicas.url + "/info", timeout=10).json()["engines"]
         assert all(engine["served"] >= 1 for engine in engines) and len(engines) == 2
         assert all(answer == answers[0] for answer in answers) and answers[0] != ids(generate_ids(replicas))
-        assert requests.delete(replicas.url + "/adapters/a", timeout=60).status_code == 200
-        assert generate_ids(replicas, {HEADER: "a"}).status_code == 422
     finally:
-        replicas.stop()
+        deleted = requests.delete(replicas.url + "/adapters/a", timeout=60)
+    assert deleted.status_code == 200
+    assert generate_ids(replicas, {HEADER: "a"}).status_code == 422

@@ -2,6 +2,7 @@
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import pytest
@@ -31,13 +32,6 @@ def server(embedded_folder, tmp_path_factory):
         "INVOCATION_TIMEOUT_MARGIN": "1",
     }
     server = start_server(env, tmp_path_factory.mktemp("logs"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def plain_server(tiny_model_dir, tmp_path_factory):
-    server = start_server({"HF_MODEL_ID": str(tiny_model_dir)}, tmp_path_factory.mktemp("logs"))
     yield server
     server.stop()
 
@@ -75,7 +69,8 @@ def test_sessions_expire_on_their_own(server):
     assert response.status_code == 400 and f"session {session_id} is expired" in response.json()["error"]
 
 
-def test_bad_session_requests_are_400s(server, plain_server):
+def test_bad_session_requests_are_400s(server, tiny_server):
+    plain_server = tiny_server  # sessions not enabled
     cases = [
         (server, {"requestType": "OPEN"}, None, "requestType: must be 'NEW_SESSION' or 'CLOSE'"),
         (server, {"requestType": "NEW_SESSION", "inputs": "hi"}, None, "carries no other fields (got inputs)"),
@@ -111,9 +106,17 @@ def test_short_answers_and_streams_are_not_cut(server):
     short = invoke(server, ASK)
     assert short.status_code == 200 and "X-Finish-Reason" not in short.headers
     body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 480, "ignore_eos": True}, "stream": True}
-    started = time.monotonic()
-    stream = requests.post(server.url + "/invocations", json=body, timeout=120)
+
+    def timed(route: str, payload: dict) -> tuple[requests.Response, float]:
+        started = time.monotonic()
+        response = requests.post(server.url + route, json=payload, timeout=120)
+        return response, time.monotonic() - started
+
+    with ThreadPoolExecutor(2) as pool:  # both run past the cut at once, in one batch: the test waits for one
+        streamed = pool.submit(timed, "/invocations", body)
+        generated = pool.submit(timed, "/generate", {**body, "stream": False})
+        (stream, stream_seconds), (direct, direct_seconds) = streamed.result(), generated.result()
     events = sse_data(stream.text)
-    assert '"index":480' in events[-1].replace(" ", "") and time.monotonic() - started > 2  # past the cut
-    direct = requests.post(server.url + "/generate", json={**body, "stream": False}, timeout=120)
+    assert '"index":480' in events[-1].replace(" ", "") and stream_seconds > 2  # past the cut
     assert direct.status_code == 200 and "X-Finish-Reason" not in direct.headers  # only /invocations has the cut
+    assert direct.json()["generated_text"] and direct_seconds > 2

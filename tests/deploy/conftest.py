@@ -101,9 +101,9 @@ def messages_server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="session")
-def tgi_server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
-    """MESSAGES_API_ENABLED off: /invocations speaks TGI."""
-    yield from _tiny_server(tiny_model_dir, tmp_path_factory, "false")
+def tgi_server(tiny_server) -> Server:
+    """MESSAGES_API_ENABLED off (the default): /invocations speaks TGI. The session's shared tiny server is one."""
+    return tiny_server
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import torch
 
 from serve.engine import Engine, EngineConfig, EngineNotReady, EngineOverloaded, FinishReason, Request, SamplingParams
 from serve.model.loader import LoadedModel, load_model
-from tests.helpers import wait_for
+from tests.helpers import TINY_KV_TOKENS, wait_for
 
 
 def run(engine, prompt_ids, **params):
@@ -64,7 +64,10 @@ def test_batched_greedy_equals_each_prompt_alone(tiny_settings):
 
     float32 on CPU; the prefill budget is small so long prompts are split into chunks that share steps with decode.
     """
-    engine = Engine(load=lambda: load_model(tiny_settings), config=EngineConfig(max_batch_prefill_tokens=16)).start()
+    engine = Engine(
+        load=lambda: load_model(tiny_settings),
+        config=EngineConfig(max_batch_prefill_tokens=16, max_batch_total_tokens=TINY_KV_TOKENS),
+    ).start()
     assert engine.wait_ready(60)
     try:
         prompts = [engine.tokenizer(text)["input_ids"] for text in PROMPTS]
@@ -136,7 +139,10 @@ def test_concurrent_submits_all_complete(tiny_engine):
 
 
 def test_admission_cap_raises_overloaded(tiny_settings):
-    engine = Engine(load=lambda: load_model(tiny_settings), config=EngineConfig(max_concurrent_requests=1)).start()
+    engine = Engine(
+        load=lambda: load_model(tiny_settings),
+        config=EngineConfig(max_concurrent_requests=1, max_batch_total_tokens=TINY_KV_TOKENS),
+    ).start()
     assert engine.wait_ready(60)
     try:
         first = engine.submit(Request(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=300, ignore_eos=True)))
@@ -187,7 +193,7 @@ def test_generation_failure_fails_only_that_request(tiny_settings):
         model = exploding_llama(tiny_settings.model_id)
         return LoadedModel(model, loaded.tokenizer, loaded.name, model.device, loaded.dtype, loaded.max_context)
 
-    engine = Engine(load=load).start()
+    engine = Engine(load=load, config=EngineConfig(max_batch_total_tokens=TINY_KV_TOKENS)).start()
     assert engine.wait_ready(60)
     try:
         failed = list(engine.submit(Request(prompt_ids=[TRIGGER, 1, 2], params=SamplingParams(max_new_tokens=3))))[-1]
@@ -201,7 +207,10 @@ def test_generation_failure_fails_only_that_request(tiny_settings):
 
 
 def test_cancelled_while_waiting_for_a_slot_is_dropped_at_once(tiny_settings):
-    engine = Engine(load=lambda: load_model(tiny_settings), config=EngineConfig(max_batch_size=1)).start()
+    engine = Engine(
+        load=lambda: load_model(tiny_settings),
+        config=EngineConfig(max_batch_size=1, max_batch_total_tokens=TINY_KV_TOKENS),
+    ).start()
     assert engine.wait_ready(60) and engine.limits.max_batch_size == 1
     try:
         running = engine.submit(Request(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=450, ignore_eos=True)))
