@@ -132,6 +132,17 @@ def wait_healthy(server: Server, timeout: float) -> None:
     raise RuntimeError(f"server not healthy after {timeout} s:\n{server.log()[-4000:]}")
 
 
+def streamed_chat(max_tokens: int, content: str = "Hi") -> dict:
+    """A streamed chat body that runs exactly ``max_tokens`` tokens (``ignore_eos``) and ends with a usage chunk."""
+    return {
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
 def sse_data(body: str) -> list[str]:
     """The ``data:`` payloads of an SSE body, in order."""
     return [line[len("data: ") :] for line in body.splitlines() if line.startswith("data: ")]

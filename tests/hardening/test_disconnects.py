@@ -11,17 +11,11 @@ import pytest
 import requests
 
 from tests.hardening.conftest import LONG, gauge, healthy
-from tests.helpers import sse_data, wait_for
+from tests.helpers import sse_data, streamed_chat, wait_for
 
 pytestmark = pytest.mark.e2e
 
-CHAT = {
-    "messages": [{"role": "user", "content": "Hi"}],
-    "max_tokens": LONG,
-    "ignore_eos": True,
-    "stream": True,
-    "stream_options": {"include_usage": True},
-}
+CHAT = streamed_chat(LONG)
 
 
 def open_stream(url: str) -> requests.Response:

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from tests.hardening.conftest import healthy
-from tests.helpers import sse_data
+from tests.helpers import sse_data, streamed_chat
 
 pytestmark = pytest.mark.e2e
 
@@ -60,13 +60,7 @@ def test_half_closed_client_gets_the_whole_completion(hardened_server):
 
 
 def test_half_closed_client_gets_the_whole_stream(hardened_server):
-    body = {
-        "messages": [{"role": "user", "content": "Hi"}],
-        "max_tokens": TOKENS,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = streamed_chat(TOKENS)
     status, answer = half_closed_exchange(hardened_server.port, "/v1/chat/completions", body)
     assert status == 200, answer[:300]
     data = sse_data(answer.decode())

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.hardening.conftest import HARDENED_ENV, gauge, healthy
-from tests.helpers import sse_data, wait_for
+from tests.helpers import sse_data, streamed_chat, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -19,13 +19,7 @@ TOKENS = 24
 
 
 def stream_chat(url: str, results: list, barrier: threading.Barrier) -> None:
-    body = {
-        "messages": [{"role": "user", "content": "Tell me a story"}],
-        "max_tokens": TOKENS,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = streamed_chat(TOKENS, "Tell me a story")
     barrier.wait()
     response = requests.post(url + "/v1/chat/completions", json=body, timeout=120)
     results.append((response.status_code, response.text))

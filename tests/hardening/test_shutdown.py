@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from tests.hardening.conftest import gauge
-from tests.helpers import sse_data, start_server, wait_for
+from tests.helpers import sse_data, start_server, streamed_chat, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -22,13 +22,7 @@ GRACEFUL_TIMEOUT = 25  # serve.config.Settings.graceful_timeout, below SageMaker
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tiny_model_dir, tmp_path):
     server = start_server({"HF_MODEL_ID": str(tiny_model_dir), "MAX_CONCURRENT_REQUESTS": "4"}, tmp_path)
     try:
-        chat = {
-            "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": TOKENS,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        chat = streamed_chat(TOKENS)
         streaming = requests.post(server.url + "/v1/chat/completions", json=chat, stream=True, timeout=60)
         lines = streaming.iter_lines()
         next(lines)
