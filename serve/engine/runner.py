@@ -47,6 +47,7 @@ class ModelRunner:
         self.compiled = CompileReport()
         self.host_reads = 0  # device-to-host transfers so far (to_host); tests count them per step
         self.counts = TokenCounts(model.config.get_text_config().vocab_size, self.device)  # for penalties
+        self.cpu_threads: Optional[tuple[int, int]] = None  # (light, heavy) torch threads on the CPU, set at load
 
     def capture_graphs(self) -> GraphReport:
         """Capture the decode shapes as CUDA graphs (a no-op with a reason off CUDA). LoRA layers are captured
@@ -105,6 +106,8 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> tuple[list[Sequence], list[TokenChoice]]:
         """One forward pass over the plan; sample for decode rows and for prompts whose last chunk just ran."""
+        if self.cpu_threads is not None:
+            _use_threads(step_threads(plan, *self.cpu_threads))
         if self.compiled.enabled and self.lora is not None and self.lora.layers:
             self._run_eagerly("a LoRA adapter was loaded (its per-step rows are not traced)")
         if not plan.prefill and all(seq.request.adapter is None for seq in plan.decode):
@@ -241,3 +244,17 @@ class ModelRunner:
             token, logprob, top = unpack_logprobs(row, p.logprobs or 0, widest)
             choices.append(TokenChoice(token, logprob, top) if p.logprobs is not None else TokenChoice(token))
         return choices
+
+
+HEAVY_STEP_TOKENS = 128  # a step of this many tokens is matmul-bound: worth every core, even one the HTTP side uses
+
+
+def step_threads(plan: StepPlan, light: int, heavy: int) -> int:
+    """The torch threads for one CPU step: ``heavy`` for a step of long prompt chunks, ``light`` otherwise."""
+    tokens = len(plan.decode) + sum(count for _, count in plan.prefill)
+    return heavy if tokens >= HEAVY_STEP_TOKENS else light
+
+
+def _use_threads(threads: int) -> None:
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

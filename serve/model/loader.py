@@ -36,6 +36,7 @@ class LoadedModel:
     plan: Optional[PlacementPlan] = None
     quantization: Optional[str] = None
     adapters: tuple[str, ...] = ()
+    cpu_threads: Optional[tuple[int, int]] = None  # torch threads for light and heavy steps, on the CPU
 
 
 def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
@@ -120,8 +121,8 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
     started = time.monotonic()
     prepared = prepared or prepare_model(settings)
     placement = prepared.plan.engines[engine_index]
-    if all(device == "cpu" for device in placement.devices):
-        use_cpu_threads(settings.torch_threads)
+    on_cpu = all(device == "cpu" for device in placement.devices)
+    cpu_threads = use_cpu_threads(settings.torch_threads) if on_cpu else None
     kwargs = {**placement.from_pretrained_kwargs(), **prepared.quantization.kwargs}
     log.info(
         "loading %s from %s as %s on %s",
@@ -158,23 +159,25 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
         plan=prepared.plan,
         quantization=prepared.quantization.method,
         adapters=tuple(prepared.adapters),
+        cpu_threads=cpu_threads,
     )
 
 
-def use_cpu_threads(requested: Optional[int], cores: Optional[int] = None) -> int:
-    """Set the calling (engine) thread's torch compute threads: TORCH_THREADS when set, else every core but one.
+def use_cpu_threads(requested: Optional[int], cores: Optional[int] = None) -> tuple[int, int]:
+    """The engine's torch compute threads on the CPU, (for light steps, for heavy steps); sets the light count on
+    the calling (engine) thread.
 
-    The spare core is the HTTP side's: gunicorn's threads parse, detokenize and write while the engine computes. Two
-    compute threads that must meet at every matmul lose far more to a third busy thread on their cores than they
-    gain (docs/gpu.md, torch threads). Returns the count set.
+    TORCH_THREADS fixes both. Otherwise light steps (decode) leave one core to the HTTP side, whose gunicorn threads
+    parse, detokenize and write while the engine computes: two compute threads that must meet at every op lose far
+    more to a busy third thread on their cores than they gain. Heavy steps (long prompt chunks, seconds of matmuls)
+    use every core (serve.engine.runner switches per step).
     """
     import torch
 
     cores = cores or len(os.sched_getaffinity(0))
-    threads = requested or max(1, cores - 1)
-    torch.set_num_threads(threads)
-    spare = "" if requested else " (one left to the HTTP side)"
-    log.info("torch computes on %d thread(s) of %d core(s)%s", threads, cores, spare)
+    threads = (requested, requested) if requested else (max(1, cores - 1), cores)
+    torch.set_num_threads(threads[0])
+    log.info("torch computes on %d thread(s), %d for long prompt chunks, of %d core(s)", *threads, cores)
     return threads
 
 
