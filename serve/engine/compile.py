@@ -76,18 +76,17 @@ class Guarded:
 
 
 def compile_layers(model: Any, cache_dir: str, warm_up: Optional[Callable[[], torch.Tensor]] = None) -> CompileReport:
-    """Compile ``model``'s layer halves (a lean model: ``layer_halves``), warm them up, self-check against eager.
+    """Compile ``model``'s layer halves (a lean model: ``eager_layer_halves``, served through ``layer_halves``), warm
+    them up, self-check against eager.
 
     ``warm_up`` runs the model's forward over the shapes serving will use and returns logits; it runs once eagerly
     and once compiled, and the two must agree. On any failure the model is left eager and the report says why.
     """
-    from serve.models import llama
-
-    if not hasattr(model, "layer_halves"):
+    if not hasattr(model, "eager_layer_halves"):
         return CompileReport(reason="not a lean model (LEAN_MODEL serves this model with transformers' code)")
     if getattr(getattr(model, "serve_lora", None), "layers", None):
         return CompileReport(reason="LoRA adapters are loaded: their per-step rows are not traced")
-    eager = (llama.before_attention, llama.after_attention)
+    eager = model.eager_layer_halves
     started = time.monotonic()
     try:
         folder = use_cache_dir(cache_dir)

@@ -65,9 +65,7 @@ class ModelRunner:
 
     def _run_eagerly(self, reason: str) -> None:
         """Turn COMPILE off from now on (the model's eager layer halves)."""
-        from serve.models.llama import after_attention, before_attention
-
-        self.model.layer_halves = (before_attention, after_attention)
+        self.model.layer_halves = self.model.eager_layer_halves
         self.compiled = CompileReport(reason=f"off since: {reason}", seconds=self.compiled.seconds)
         log.warning("COMPILE off: %s; the model runs eagerly", reason)
 

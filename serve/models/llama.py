@@ -168,7 +168,8 @@ class LlamaForServing(nn.Module):
         self.model = Decoder(config, dtype)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta", dtype=dtype)
-        self.layer_halves: tuple[Any, Any] = (before_attention, after_attention)  # compiled ones under COMPILE
+        self.eager_layer_halves = (before_attention, after_attention)  # what the engine's COMPILE compiles
+        self.layer_halves: tuple[Any, Any] = self.eager_layer_halves  # compiled ones under COMPILE
         self.to_empty(device=device)
         self.tie_weights()
         self.model.rotary.reset()
