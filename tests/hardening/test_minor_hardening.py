@@ -51,6 +51,13 @@ def counter(text: str, route: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def serve_ready(url: str) -> bool:
+    """``serve_ready`` is 1 over every live worker (the gauge's minimum)."""
+    with requests.Session() as fresh:
+        text = fresh.get(url + "/metrics", headers=auth(), timeout=30).text
+    return re.search(r"^serve_ready 1\.0$", text, re.MULTILINE) is not None
+
+
 def test_metrics_count_every_workers_requests(two_workers):
     server, _ = two_workers
     for _ in range(REQUESTS):
@@ -62,6 +69,7 @@ def test_metrics_count_every_workers_requests(two_workers):
                 timeout=60,
             )
             assert response.status_code == 200, response.text
+    assert wait_for(lambda: serve_ready(server.url), timeout=10)  # each worker's gauges refresh every 0.25 s
     pids = set()
     for _ in range(8):
         with requests.Session() as fresh:
