@@ -5,7 +5,7 @@ The engine package knows nothing of model loading; this module is where the two 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from serve.config import Settings
 from serve.engine.engine import Engine
@@ -51,8 +51,6 @@ def build_engine(
     )
 
 
-def single_engine(settings: Settings, loaded: Any = None) -> Engine:
-    """One engine (not started) over the model the settings name, or over an already ``loaded`` model."""
-    return Engine(
-        load=(lambda: loaded) if loaded is not None else (lambda: load_model(settings)), config=engine_config(settings)
-    )
+def single_engine(settings: Settings) -> Engine:
+    """One engine (not started) over the model the settings name."""
+    return Engine(load=lambda: load_model(settings), config=engine_config(settings))

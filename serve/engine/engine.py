@@ -252,8 +252,8 @@ class Engine:
         )
         max_batch = min(config.max_batch_size or config.max_concurrent_requests, config.max_concurrent_requests)
         cache = PagedKVCache(shape, blocks, size, devices)
-        self._runner = ModelRunner(self.loaded.model, cache, self.grammars, max_batch, -(-total // size))
-        self._runner.cpu_threads = getattr(self.loaded, "cpu_threads", None)
+        cpu_threads = getattr(self.loaded, "cpu_threads", None)
+        self._runner = ModelRunner(self.loaded.model, cache, self.grammars, max_batch, -(-total // size), cpu_threads)
         if config.compile_cache_dir:  # before the graphs, so that they capture the compiled kernels
             self._runner.compile_layers(config.compile_cache_dir)
         if config.cuda_graphs:

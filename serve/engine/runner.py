@@ -30,8 +30,17 @@ class UnsupportedModel(RuntimeError):
 class ModelRunner:
     """Owns the model and the KV cache; ``step(plan)`` returns the sequences that got a new token, and the tokens."""
 
-    def __init__(self, model: Any, cache: PagedKVCache, grammars: Any = None, max_batch: int = 1, max_blocks: int = 1):
-        """``max_batch`` sequences of up to ``max_blocks`` KV blocks each may decode in one step."""
+    def __init__(
+        self,
+        model: Any,
+        cache: PagedKVCache,
+        grammars: Any = None,
+        max_batch: int = 1,
+        max_blocks: int = 1,
+        cpu_threads: Optional[tuple[int, int]] = None,
+    ):
+        """``max_batch`` sequences of up to ``max_blocks`` KV blocks each may decode in one step; ``cpu_threads``:
+        torch threads for light and heavy steps on the CPU (None: leave torch's count alone)."""
         if not getattr(model, "serve_calls_attend", False):  # lean models (serve/models/) call attend() themselves
             if not getattr(model, "_supports_attention_backend", False):
                 name = type(model).__name__
@@ -47,7 +56,7 @@ class ModelRunner:
         self.compiled = CompileReport()
         self.host_reads = 0  # device-to-host transfers so far (to_host); tests count them per step
         self.counts = TokenCounts(model.config.get_text_config().vocab_size, self.device)  # for penalties
-        self.cpu_threads: Optional[tuple[int, int]] = None  # (light, heavy) torch threads on the CPU, set at load
+        self.cpu_threads = cpu_threads
 
     def capture_graphs(self) -> GraphReport:
         """Capture the decode shapes as CUDA graphs (a no-op with a reason off CUDA). LoRA layers are captured
