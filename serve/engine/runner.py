@@ -37,10 +37,10 @@ class ModelRunner:
         grammars: Any = None,
         max_batch: int = 1,
         max_blocks: int = 1,
-        cpu_threads: Optional[tuple[int, int]] = None,
+        cpu_threads: Optional[int] = None,
     ):
         """``max_batch`` sequences of up to ``max_blocks`` KV blocks each may decode in one step; ``cpu_threads``:
-        torch threads for light and heavy steps on the CPU (None: leave torch's count alone)."""
+        torch's threads for every step on the CPU (None: leave torch's count alone)."""
         if not getattr(model, "serve_calls_attend", False):  # lean models (serve/models/) call attend() themselves
             if not getattr(model, "_supports_attention_backend", False):
                 name = type(model).__name__
@@ -113,8 +113,8 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> tuple[list[Sequence], list[TokenChoice]]:
         """One forward pass over the plan; sample for decode rows and for prompts whose last chunk just ran."""
-        if self.cpu_threads is not None:
-            _use_threads(step_threads(plan, *self.cpu_threads))
+        if self.cpu_threads is not None and torch.get_num_threads() != self.cpu_threads:
+            torch.set_num_threads(self.cpu_threads)  # per thread: the engine's own thread computes with this many
         if self.compiled.enabled and self.lora is not None and self.lora.layers:
             self._run_eagerly("a LoRA adapter was loaded (its per-step rows are not traced)")
         if not plan.prefill and all(seq.request.adapter is None for seq in plan.decode):
@@ -251,17 +251,3 @@ class ModelRunner:
             token, logprob, top = unpack_logprobs(row, p.logprobs or 0, widest)
             choices.append(TokenChoice(token, logprob, top) if p.logprobs is not None else TokenChoice(token))
         return choices
-
-
-HEAVY_STEP_TOKENS = 128  # a step of this many tokens is matmul-bound: worth every core, even one the HTTP side uses
-
-
-def step_threads(plan: StepPlan, light: int, heavy: int) -> int:
-    """The torch threads for one CPU step: ``heavy`` for a step of long prompt chunks, ``light`` otherwise."""
-    tokens = len(plan.decode) + sum(count for _, count in plan.prefill)
-    return heavy if tokens >= HEAVY_STEP_TOKENS else light
-
-
-def _use_threads(threads: int) -> None:
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)

@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # rope types whose frequencies are fixed at start-up (dynamic and longrope change them with the sequence length)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-class FusedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """``nn.Linear`` whose weight can be handed to oneDNN once, in its own blocked layout (``pack``, CPU only).
+
+    A packed layer multiplies through ``mkldnn._linear_pointwise`` without reordering the weight on every call;
+    its ``weight`` then keeps only its shape, dtype and device (what LoRA checks), unless another module shares it.
+    """
+
+    packed: Optional[torch.Tensor] = None
+
+    def pack(self, rows_hint: int) -> None:
+        """Reorder the weight for oneDNN, tuned for steps of about ``rows_hint`` rows (the dense copy stays)."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows_hint)
+
+    def drop_dense(self) -> None:
+        """Free the dense weight of a packed layer, keeping a storage-less tensor of its shape, dtype and device."""
+        shape_only = torch.empty((), dtype=self.weight.dtype, device=self.weight.device).expand(self.weight.shape)
+        self.weight = nn.Parameter(shape_only, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+
+
+class FusedLinear(Linear):
     """One linear layer computing several of the checkpoint's projections at once (q/k/v, or gate/up).
 
     ``parts`` maps each checkpoint projection's name (``q_proj``...) to its slice of the output features, so weight
@@ -93,3 +118,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+PACK_ROWS_HINT = 32  # oneDNN's blocking for ~32-row steps: best here over batch 1-32 decode (docs/benchmarks.md)
+PACK_TOLERANCE = 1e-4  # relative error of a packed layer against the dense matmul (fp32 reorderings: ~1e-7)
+
+
+def pack_for_cpu(model: nn.Module, rows_hint: int = PACK_ROWS_HINT) -> str:
+    """Pack every ``Linear`` of a float32 CPU model for oneDNN, each checked against its dense matmul on a probe
+    before its dense weight goes. Returns what was done; a layer that fails its check stops the packing, leaving it
+    and the rest dense (correct either way) and saying why."""
+    layers = [module for module in model.modules() if isinstance(module, Linear)]
+    if not layers:
+        return "dense: no packable linear layers"
+    weight = layers[0].weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return f"dense: oneDNN packing is used for float32 on the CPU (the model is {weight.dtype} on {weight.device})"
+    if not torch.backends.mkldnn.is_available():
+        return "dense: this torch build has no oneDNN"
+    shared = {id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)}
+    generator = torch.Generator().manual_seed(0)
+    for index, layer in enumerate(layers):
+        probe = torch.randn(3, layer.in_features, generator=generator)
+        expected = F.linear(probe, layer.weight, layer.bias)
+        layer.pack(rows_hint)
+        error = float((layer(probe) - expected).norm() / expected.norm().clamp(min=1e-30))
+        if not error <= PACK_TOLERANCE:
+            layer.packed = None
+            return f"{index} of {len(layers)} layers packed: a packed layer was off by {error:.1e} (dense from there)"
+        if id(layer.weight) not in shared:
+            layer.drop_dense()
+    return f"oneDNN-packed: {len(layers)} linear layers"

@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from serve.engine.attention import attend
-from serve.models.layers import STATIC_ROPE_TYPES, FusedLinear, RMSNorm, Rotary, apply_rope, head_dim_of, rope_type
+from serve.models.layers import (
+    STATIC_ROPE_TYPES,
+    FusedLinear,
+    Linear,
+    RMSNorm,
+    Rotary,
+    apply_rope,
+    head_dim_of,
+    rope_type,
+)
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -66,7 +75,7 @@ class Attention(nn.Module):
         qkv_bias, o_bias = _biases(config)
         parts = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
         self.qkv_proj = FusedLinear(config.hidden_size, parts, qkv_bias, device="meta", dtype=dtype)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=o_bias, device="meta", dtype=dtype)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias, device="meta", dtype=dtype)
         self.q_norm = self.k_norm = None
         if config.model_type == "qwen3":
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, device="meta", dtype=dtype)
@@ -97,7 +106,7 @@ class MLP(nn.Module):
         size, bias = config.intermediate_size, bool(getattr(config, "mlp_bias", False))
         parts = {"gate_proj": size, "up_proj": size}
         self.gate_up_proj = FusedLinear(config.hidden_size, parts, bias, device="meta", dtype=dtype)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias, device="meta", dtype=dtype)
+        self.down_proj = Linear(size, config.hidden_size, bias=bias, device="meta", dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -167,7 +176,7 @@ class LlamaForServing(nn.Module):
         self.generation_config: Any = None
         self.model = Decoder(config, dtype)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta", dtype=dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, device="meta", dtype=dtype)
         self.eager_layer_halves = (before_attention, after_attention)  # what the engine's COMPILE compiles
         self.layer_halves: tuple[Any, Any] = self.eager_layer_halves  # compiled ones under COMPILE
         self.to_empty(device=device)

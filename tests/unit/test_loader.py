@@ -125,7 +125,7 @@ def threads_set_on_a_thread(requested, cores):
     return seen["set"], seen["torch"]
 
 
-def test_the_engine_leaves_one_core_to_the_http_side_unless_told():
-    assert threads_set_on_a_thread(None, cores=4) == ((3, 4), 3)  # light steps on 3, heavy ones on all 4
-    assert threads_set_on_a_thread(None, cores=1) == ((1, 1), 1)
-    assert threads_set_on_a_thread(2, cores=4) == ((2, 2), 2)  # TORCH_THREADS fixes both
+def test_the_engine_computes_on_every_core_unless_told():
+    assert threads_set_on_a_thread(None, cores=4) == (4, 4)
+    assert threads_set_on_a_thread(None, cores=1) == (1, 1)
+    assert threads_set_on_a_thread(2, cores=4) == (2, 2)  # TORCH_THREADS
