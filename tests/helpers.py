@@ -85,6 +85,7 @@ def server_env(extra: dict[str, str], port: int) -> dict[str, str]:
     env.setdefault("SM_MODEL_DIR", "/nonexistent-sagemaker-model-dir")
     # a KV pool the size tests need, not 20% of free RAM zeroed per server (several servers live at once)
     env.setdefault("MAX_BATCH_TOTAL_TOKENS", str(TINY_KV_TOKENS))
+    env.setdefault("DTYPE", "float32")  # "auto" is bf16 on AMX hosts: the same tokens and layout on every host
     env.update(extra)
     return env
 

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import pytest
 import requests
 
-from tests.helpers import build_tiny_llama, sse_data, start_server
+from tests.helpers import sse_data, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -19,12 +19,9 @@ ASK = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 4}
 
 
 @pytest.fixture(scope="module")
-def server(embedded_folder, tmp_path_factory):
-    model = build_tiny_llama(
-        tmp_path_factory.mktemp("deeper-tiny"), embedded_folder, layers=4, hidden=128
-    )  # ~2x slower
+def server(slow_model_dir, tmp_path_factory):
     env = {
-        "HF_MODEL_ID": str(model),
+        "HF_MODEL_ID": str(slow_model_dir),  # 480 tokens take longer than the 2 s to the cut on any host
         "SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "true",
         "DTYPE": "float32",
         "SAGEMAKER_SESSIONS_EXPIRATION": "2",

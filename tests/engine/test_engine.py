@@ -191,7 +191,7 @@ def test_generation_failure_fails_only_that_request(tiny_settings):
     def load():
         loaded = load_model(tiny_settings)
         model = exploding_llama(tiny_settings.model_id)
-        return LoadedModel(model, loaded.tokenizer, loaded.name, model.device, loaded.dtype, loaded.max_context)
+        return LoadedModel(model, loaded.tokenizer, loaded.name, model.device, model.dtype, loaded.max_context)
 
     engine = Engine(load=load, config=EngineConfig(max_batch_total_tokens=TINY_KV_TOKENS)).start()
     assert engine.wait_ready(60)

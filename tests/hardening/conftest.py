@@ -18,12 +18,12 @@ HARDENED_ENV = {
     "MAX_TOTAL_TOKENS": "512",
     "DEFAULT_MAX_NEW_TOKENS": "8",
 }
-LONG = 440  # tokens: a few seconds of generation on the tiny model, long enough to drop or interrupt
+LONG = 440  # tokens: a few seconds of generation on the deep tiny model, long enough to drop or interrupt
 
 
 @pytest.fixture(scope="session")
-def hardened_server(tiny_model_dir, tmp_path_factory) -> Server:
-    server = start_server({"HF_MODEL_ID": str(tiny_model_dir), **HARDENED_ENV}, tmp_path_factory.mktemp("hardened"))
+def hardened_server(slow_model_dir, tmp_path_factory) -> Server:
+    server = start_server({"HF_MODEL_ID": str(slow_model_dir), **HARDENED_ENV}, tmp_path_factory.mktemp("hardened"))
     yield server
     server.stop()
 

@@ -16,11 +16,11 @@ from tests.helpers import sse_data, start_server, wait_for
 
 pytestmark = pytest.mark.e2e
 
-STREAMS = 8  # one cache slot: they run one after another, far longer than the 21 s drain deadline
+STREAMS = 16  # one at a time on the deep tiny model (~4 s each): far longer than the 21 s drain deadline
 
 
-def test_streams_cut_at_the_drain_deadline_end_with_an_error_event(tiny_model_dir, tmp_path):
-    env = {"HF_MODEL_ID": str(tiny_model_dir), "MAX_BATCH_SIZE": "1", "MAX_CONCURRENT_REQUESTS": "16"}
+def test_streams_cut_at_the_drain_deadline_end_with_an_error_event(slow_model_dir, tmp_path):
+    env = {"HF_MODEL_ID": str(slow_model_dir), "MAX_BATCH_SIZE": "1", "MAX_CONCURRENT_REQUESTS": "24"}
     server = start_server(env, tmp_path)
     try:
         chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 480, "ignore_eos": True, "stream": True}

@@ -68,8 +68,9 @@ def test_dtype_auto_is_bf16_on_cuda_and_native_bf16_cpus():
 def test_native_bf16_is_read_from_cpu_flags():
     epyc_zen3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
     sapphire_rapids = "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    epyc_zen4 = "flags\t\t: avx2 avx512f avx512_bf16\n"  # bf16 dot products, no AMX: packed float32 is faster
     graviton3 = "Features\t: fp asimd sve bf16 i8mm\n"
-    assert not cpu_has_native_bf16(epyc_zen3)
+    assert not cpu_has_native_bf16(epyc_zen3) and not cpu_has_native_bf16(epyc_zen4)
     assert cpu_has_native_bf16(sapphire_rapids) and cpu_has_native_bf16(graviton3)
 
 
