@@ -4,9 +4,8 @@ import json
 import threading
 
 from serve.app import create_app
-from serve.config import Settings
-from serve.engine import Engine
-from tests.helpers import sse_data
+from serve.engine import Engine, EngineConfig
+from tests.helpers import TINY_KV_TOKENS, sse_data
 
 GENERATE = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 6, "ignore_eos": True}}
 
@@ -111,14 +110,19 @@ def test_ping_is_503_until_the_model_is_loaded(tiny_settings, tiny_engine):
         release.wait(10)
         return tiny_engine.loaded
 
-    app = create_app(Settings(), Engine(load=gated_load))
-    client = app.test_client()
-    assert client.get("/ping").status_code == 503
-    assert client.post("/invocations", json=GENERATE).status_code == 503
-    release.set()
-    engine = app.extensions["serve.service"].engine
-    assert engine.wait_ready(10)
-    assert client.get("/ping").status_code == 200
+    # a 16k-token KV pool, not the default 20% of free RAM, and stopped: it would stay resident for the whole suite
+    engine = Engine(load=gated_load, config=EngineConfig(max_batch_total_tokens=TINY_KV_TOKENS))
+    app = create_app(tiny_settings, engine)
+    try:
+        client = app.test_client()
+        assert client.get("/ping").status_code == 503
+        assert client.post("/invocations", json=GENERATE).status_code == 503
+        release.set()
+        assert engine.wait_ready(10)
+        assert client.get("/ping").status_code == 200
+    finally:
+        release.set()
+        engine.stop()
 
 
 def test_metrics_count_requests_tokens_and_engine_state(client):

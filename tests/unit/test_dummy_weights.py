@@ -13,6 +13,7 @@ from serve.app import create_app
 from serve.wiring import single_engine
 from serve.config import Settings, SettingsError, load_settings
 from serve.model.loader import load_model
+from tests.helpers import TINY_KV_TOKENS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "gpu"))
 
@@ -71,7 +72,9 @@ def test_ids_past_the_tokenizer_stream_as_empty_text(tmp_path, embedded_folder):
     folder = write_folder(tmp_path / "wide", "tiny", embedded_folder, pad=False)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 4 * 49152}))
-    settings = dummy_settings(folder, dtype="float32", max_concurrent_requests=4, max_total_tokens=256)
+    settings = dummy_settings(
+        folder, dtype="float32", max_concurrent_requests=4, max_total_tokens=256, max_batch_total_tokens=TINY_KV_TOKENS
+    )
     engine = single_engine(settings).start()
     assert engine.wait_ready(120), engine.load_error
     try:
