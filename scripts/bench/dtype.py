@@ -20,7 +20,7 @@ from prompts import PROMPTS  # noqa: E402
 from serve.wiring import single_engine  # noqa: E402
 from serve.config import Settings  # noqa: E402
 from serve.engine import Engine, Request, SamplingParams  # noqa: E402
-from serve.model.loader import cpu_has_native_bf16  # noqa: E402
+from serve.model.loader import cpu_prefers_bf16  # noqa: E402
 
 TOKENS = int(os.environ.get("BENCH_DTYPE_TOKENS", "32"))
 LEVELS = (1, 8)
@@ -85,7 +85,8 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
 def main() -> None:
     results = measure(int(os.environ.get("BENCH_DTYPE_ROUNDS", "3")))
     same, prefix = agreement(results["float32"]["outputs"], results["bfloat16"]["outputs"])
-    print(f"native bf16 on this CPU: {cpu_has_native_bf16()}; load average after the run {os.getloadavg()[0]:.1f}")
+    load = os.getloadavg()[0]
+    print(f"DTYPE=auto prefers bf16 on this CPU: {cpu_prefers_bf16()}; load average after the run {load:.1f}")
     print("| dtype | load (s) | c=1 tok/s | c=8 tok/s |")
     print("| --- | ---: | ---: | ---: |")
     for dtype, r in results.items():

@@ -40,7 +40,7 @@ class LoadedModel:
     cpu_weights: Optional[str] = None  # on the CPU: oneDNN-packed or dense, and why (serve.models.layers.pack_for_cpu)
 
 
-def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
+def cpu_prefers_bf16(cpuinfo: Optional[str] = None) -> bool:
     """True when the CPU multiplies bfloat16 fast enough to prefer it (x86 AMX, Arm bf16); reads /proc/cpuinfo.
 
     ``avx512_bf16`` alone (AMD Zen 4) does not count: there bf16 ran at 0.79x / 0.90x / 1.06x of our packed float32
@@ -59,12 +59,13 @@ def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
 
 
 def resolve_dtype(name: str, on_cuda: bool, cpu_bf16: Optional[bool] = None) -> Any:
-    """``auto`` is bfloat16 on CUDA and on CPUs with native bf16, float32 on other CPUs; otherwise the named dtype."""
+    """``auto`` is bfloat16 on CUDA and on CPUs that prefer it (``cpu_prefers_bf16``), float32 on other CPUs;
+    otherwise the named dtype."""
     import torch
 
     if name == "auto":
-        native = cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
-        return torch.bfloat16 if on_cuda or native else torch.float32
+        prefers = cpu_prefers_bf16() if cpu_bf16 is None else cpu_bf16
+        return torch.bfloat16 if on_cuda or prefers else torch.float32
     return getattr(torch, name)
 
 

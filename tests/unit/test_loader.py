@@ -5,7 +5,7 @@ import torch
 
 from serve.config import Settings
 from serve.model.source import EMBEDDED_NAME, ModelLoadError, adapter_folders, download_from_hub, resolve_source
-from serve.model.loader import cpu_has_native_bf16, resolve_dtype, use_cpu_threads
+from serve.model.loader import cpu_prefers_bf16, resolve_dtype, use_cpu_threads
 
 
 def settings(**kwargs) -> Settings:
@@ -58,20 +58,20 @@ def test_model_id_wins_over_model_dir(tmp_path):
     assert resolve_source(settings(model_id="org/model", model_dir=str(tmp_path))).kind == "hub"
 
 
-def test_dtype_auto_is_bf16_on_cuda_and_native_bf16_cpus():
+def test_dtype_auto_is_bf16_on_cuda_and_on_cpus_that_prefer_it():
     assert resolve_dtype("auto", on_cuda=True, cpu_bf16=False) is torch.bfloat16
     assert resolve_dtype("auto", on_cuda=False, cpu_bf16=True) is torch.bfloat16
     assert resolve_dtype("auto", on_cuda=False, cpu_bf16=False) is torch.float32
     assert resolve_dtype("float16", on_cuda=False) is torch.float16
 
 
-def test_native_bf16_is_read_from_cpu_flags():
+def test_bf16_preference_is_read_from_cpu_flags():
     epyc_zen3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
     sapphire_rapids = "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
     epyc_zen4 = "flags\t\t: avx2 avx512f avx512_bf16\n"  # bf16 dot products, no AMX: packed float32 is faster
     graviton3 = "Features\t: fp asimd sve bf16 i8mm\n"
-    assert not cpu_has_native_bf16(epyc_zen3) and not cpu_has_native_bf16(epyc_zen4)
-    assert cpu_has_native_bf16(sapphire_rapids) and cpu_has_native_bf16(graviton3)
+    assert not cpu_prefers_bf16(epyc_zen3) and not cpu_prefers_bf16(epyc_zen4)
+    assert cpu_prefers_bf16(sapphire_rapids) and cpu_prefers_bf16(graviton3)
 
 
 def test_unreachable_hub_gives_a_clear_message(tmp_path):
