@@ -1,7 +1,8 @@
 """LoRA adapters registered and unregistered at run time (SageMaker inference components for adapters).
 
-``register`` reads and prepares the weights on the calling HTTP thread, once per engine copy, and hands them to
-each engine, which links them in between two steps. ``unregister`` stops new requests at once and returns when
+``register`` reads and checks the weights on the calling HTTP thread, then hands them to each engine copy, which
+prepares them for its model (on a thread of the engine process, under ENGINE_PROCESS) and links them in between
+two steps. ``unregister`` stops new requests at once and returns when
 the requests already running on the adapter have finished and its weights are gone. Adapters given at start
 (``SM_MODEL_DIR/adapters``, ``LORA_ADAPTERS``) are listed here too and can be unregistered the same way.
 """
@@ -104,22 +105,21 @@ class AdapterRegistry:
         return True
 
     def _load(self, name: str, src: str, engines: list[Any]) -> None:
-        from serve.engine.lora import AdapterError, prepare_adapter, read_adapter
+        from serve.engine.lora import AdapterError, read_adapter
 
         folder = adapter_folder(src, self._root)
         installed: list[Any] = []
         try:
             modules = read_adapter(name, folder, self._max_rank)
             for engine in engines:
-                prepared = prepare_adapter(engine.loaded.model, name, modules)
-                engine.adapters.install(name, prepared).result(SWAP_TIMEOUT)
+                engine.install_adapter(name, modules).result(SWAP_TIMEOUT)
                 installed.append(engine)
         except AdapterError as exc:
             raise BadRequest(f"src: {exc}", "src") from None
         finally:
             if len(installed) != len(engines):
                 for engine in installed:
-                    engine.adapters.retire(name)
+                    engine.retire_adapter(name)
 
     def unregister(self, name: str) -> None:
         """Refuse new requests for ``name`` now; return once its running requests finished and it is unloaded."""
@@ -133,7 +133,7 @@ class AdapterRegistry:
                 )
             entry.state = "deleting"
         try:
-            for future in [engine.adapters.retire(name) for engine in engines]:
+            for future in [engine.retire_adapter(name) for engine in engines]:
                 future.result()
         finally:
             with self._lock:

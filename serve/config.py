@@ -66,6 +66,7 @@ class Settings:
     cuda_graphs: bool = True  # CUDA_GRAPHS: capture decode steps as CUDA graphs on a GPU
     compile: bool = False  # COMPILE: torch.compile the lean model's per-layer pieces (inductor cache in cache_dir)
     pack_cpu_weights: bool = True  # PACK_CPU_WEIGHTS: oneDNN-packed float32 weights for the lean model on the CPU
+    engine_process: bool = True  # ENGINE_PROCESS: each engine runs in a process of its own (no GIL shared with HTTP)
     torch_threads: Optional[int] = None  # TORCH_THREADS / OMP_NUM_THREADS: CPU compute threads; None: all cores but one
     max_payload_bytes: int = SIX_MIB
     port: int = 8080
@@ -263,6 +264,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "cuda_graphs": _read(env, ("CUDA_GRAPHS",), parse_bool),
         "compile": _read(env, ("COMPILE",), parse_bool),
         "pack_cpu_weights": _read(env, ("PACK_CPU_WEIGHTS",), parse_bool),
+        "engine_process": _read(env, ("ENGINE_PROCESS",), parse_bool),
         "torch_threads": _read(env, ("TORCH_THREADS", "OMP_NUM_THREADS"), parse_positive_int),
         "port": _read(env, ("SAGEMAKER_BIND_TO_PORT",), parse_positive_int),
         "workers": _read(env, ("SAGEMAKER_MODEL_SERVER_WORKERS",), parse_positive_int),

@@ -1,17 +1,24 @@
 """Wiring at the top: settings -> the model loader -> one engine per copy of the model -> the pool the app serves.
 
+With ENGINE_PROCESS (the default) each copy's engine runs in a spawned process of its own (serve.engine.process);
+``serve_engine_copy`` is that process's entry.
+
 The engine package knows nothing of model loading; this module is where the two meet.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import signal
+from typing import Any, Callable, Optional, Union
 
 from serve.config import Settings
 from serve.engine.engine import Engine
 from serve.engine.pool import EnginePool
+from serve.engine.process import EngineProcess, host_engine
 from serve.engine.types import EngineConfig
+from serve.log import configure_logging
 from serve.model.loader import PreparedModel, load_model, prepare_model
+from serve.security import redact_logs, secret_values
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -38,7 +45,9 @@ def build_engine(
     """The server's engines: the loader prepares the model and plans its placement, then one engine per copy loads."""
     config = engine_config(settings)
 
-    def make_engine(prepared: PreparedModel, index: int) -> Engine:
+    def make_engine(prepared: PreparedModel, index: int) -> Union[Engine, EngineProcess]:
+        if settings.engine_process:
+            return EngineProcess(serve_engine_copy, (settings, prepared, index), config)
         return Engine(load=lambda: load_model(settings, prepared, index), config=config)
 
     return EnginePool(
@@ -54,3 +63,13 @@ def build_engine(
 def single_engine(settings: Settings) -> Engine:
     """One engine (not started) over the model the settings name."""
     return Engine(load=lambda: load_model(settings), config=engine_config(settings))
+
+
+def serve_engine_copy(conn: Any, settings: Settings, prepared: PreparedModel, index: int) -> None:
+    """The engine process's entry (ENGINE_PROCESS): load engine ``index``'s copy and serve the front over ``conn``.
+
+    Ctrl-C reaches the whole process group; the worker decides when its engine stops (or the closed pipe does)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(settings.log_level)
+    redact_logs(secret_values(settings))
+    host_engine(conn, lambda: load_model(settings, prepared, index), engine_config(settings))

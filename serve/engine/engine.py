@@ -8,6 +8,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any, Callable, Iterator, Optional
 
 from serve.engine.adapters import AdapterNotLoaded, AdapterTable
@@ -71,9 +72,13 @@ class Engine:
         config: EngineConfig = EngineConfig(),
         on_load_failure: Optional[Callable[[BaseException], None]] = None,
         on_ready: Optional[Callable[[], None]] = None,
+        flush_events: Optional[Callable[[], None]] = None,
     ):
+        """``flush_events``: called after each step and before each idle wait, where a sink that batches the
+        step's events (serve.engine.process) sends them."""
         self._load = load
         self._on_ready = on_ready
+        self._flush_events = flush_events
         self.config = config
         self._on_load_failure = on_load_failure
         self.scheduler = Scheduler(config.max_concurrent_requests, config.max_batch_prefill_tokens)
@@ -91,6 +96,7 @@ class Engine:
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
         self.loaded: Any = None
         self.grammars: Any = None  # serve.engine.grammar.Grammars once loaded
+        self.eos_ids: Any = None  # the token ids that end a sequence, once loaded
         self.limits: Optional[Limits] = None
         self.load_error: Optional[BaseException] = None
         self.adapters = AdapterTable()  # LoRA adapters accepted now, and swaps waiting for the next step
@@ -190,6 +196,17 @@ class Engine:
         Any thread may call it; the engine thread releases the blocks before its next step."""
         self._closed_sessions.append(session_id)
 
+    def install_adapter(self, name: str, modules: Any) -> Future:
+        """Prepare an adapter's weights (read by serve.engine.lora.read_adapter) on the calling thread; the future
+        resolves once the engine thread has linked them in, between two steps."""
+        from serve.engine.lora import prepare_adapter
+
+        return self.adapters.install(name, prepare_adapter(self.loaded.model, name, modules))
+
+    def retire_adapter(self, name: str) -> Future:
+        """Refuse new requests for the adapter now; the future resolves once its last request finished."""
+        return self.adapters.retire(name)
+
     def _uses_adapter(self, name: str) -> bool:
         """True while an admitted request (waiting or running) uses the adapter."""
         return any(stream.request.adapter == name for stream in list(self._streams.values()))
@@ -220,12 +237,18 @@ class Engine:
             self._admit_waiting()
             self._drop_cancelled()
             if not self._running:
+                self._flush()
                 self.scheduler.wait_for_work(timeout=0.1)
                 continue
             started = time.perf_counter()
             self._step()
             self._steps += 1
             self._busy_seconds += time.perf_counter() - started
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._flush_events is not None:
+            self._flush_events()
 
     def _prepare(self) -> None:
         """Load the model, size the KV pool, build the runner (torch is imported here, off the HTTP threads)."""
@@ -246,9 +269,9 @@ class Engine:
         blocks = plan_blocks(shape, size, config.max_batch_total_tokens, default_cache_bytes(devices), total + size)
         self._blocks = BlockManager(blocks, size, config.enable_prefix_caching)
         self._watermark = max(1, self._blocks.usable_blocks // 100)  # kept free so running sequences can grow
-        self._eos_ids = eos_token_ids(self.loaded.model, self.loaded.tokenizer)
+        self.eos_ids = eos_token_ids(self.loaded.model, self.loaded.tokenizer)
         self.grammars = Grammars(
-            self.loaded.tokenizer, self.loaded.model.config.get_text_config().vocab_size, self._eos_ids
+            self.loaded.tokenizer, self.loaded.model.config.get_text_config().vocab_size, self.eos_ids
         )
         max_batch = min(config.max_batch_size or config.max_concurrent_requests, config.max_concurrent_requests)
         cache = PagedKVCache(shape, blocks, size, devices)
@@ -313,7 +336,7 @@ class Engine:
         """A running sequence with its RNG and grammar matcher."""
         generator = self._runner.generator_for(request.params)
         matcher = self.grammars.matcher(request.params.grammar)
-        return Sequence(request, self.loaded.tokenizer, self._eos_ids, generator, matcher)
+        return Sequence(request, self.loaded.tokenizer, self.eos_ids, generator, matcher)
 
     def _grow_decoding(self) -> None:
         """Give each decoding sequence the block its next token needs; when none is free, preempt the most

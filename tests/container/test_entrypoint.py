@@ -3,6 +3,7 @@
 import subprocess
 import time
 
+import psutil
 import pytest
 import requests
 
@@ -103,4 +104,41 @@ def test_bad_requests_leave_the_server_healthy(tiny_server):
 
 def test_sigterm_stops_the_server_cleanly(tiny_model_dir, tmp_path):
     server = start_server({"HF_MODEL_ID": str(tiny_model_dir)}, tmp_path)
+    descendants = psutil.Process(server.process.pid).children(recursive=True)
+    assert any("spawn_main" in " ".join(child.cmdline()) for child in descendants), "no engine process"
     assert server.stop(timeout=30) == 0
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    assert alive == [], f"left running: {alive}"
+
+
+def test_a_killed_worker_takes_its_engine_process_with_it(tiny_model_dir, tmp_path):
+    server = start_server({"HF_MODEL_ID": str(tiny_model_dir)}, tmp_path)
+    try:
+        (worker,) = psutil.Process(server.process.pid).children()
+        helpers = worker.children()  # the engine process and multiprocessing's resource tracker
+        assert any("spawn_main" in " ".join(child.cmdline()) for child in helpers)
+        worker.kill()  # no atexit, no stop message: only the closed pipe tells the engine process
+        _, alive = psutil.wait_procs(helpers, timeout=15)
+        assert alive == [], "the engine process outlived its worker"
+        assert wait_for(lambda: _pings(server.url), 120, 0.5)  # gunicorn's new worker, with a new engine
+    finally:
+        server.stop()
+
+
+def test_the_engine_can_stay_a_thread_of_the_worker(tiny_model_dir, tmp_path):
+    server = start_server({"HF_MODEL_ID": str(tiny_model_dir), "ENGINE_PROCESS": "false"}, tmp_path)
+    try:
+        (worker,) = psutil.Process(server.process.pid).children()
+        assert worker.children() == []
+        body = {"inputs": "Hello", "parameters": {"max_new_tokens": 4}}
+        answer = requests.post(server.url + "/invocations", json=body, timeout=30)
+        assert answer.status_code == 200 and answer.json()[0]["generated_text"]
+    finally:
+        server.stop()
+
+
+def _pings(url: str) -> bool:
+    try:
+        return requests.get(url + "/ping", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False

@@ -143,7 +143,7 @@ def bare_engine(blocks: int, block_size: int = 4, max_batch: int = 8, max_in_fli
     engine.grammars = SimpleNamespace(matcher=lambda grammar: None)
     engine._blocks = BlockManager(blocks, block_size)
     engine._watermark = 0
-    engine._eos_ids = frozenset()
+    engine.eos_ids = frozenset()
     engine._runner = FakeRunner()
     engine.limits = Limits(256, 512, (blocks - 1) * block_size, max_batch, block_size, blocks - 1)
     engine._ready.set()

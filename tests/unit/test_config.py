@@ -145,3 +145,10 @@ def test_torch_threads_come_from_torch_threads_or_omp_num_threads():
     assert load_settings({"TORCH_THREADS": "1", "OMP_NUM_THREADS": "3"}).torch_threads == 1
     with pytest.raises(SettingsError, match="TORCH_THREADS"):
         load_settings({"TORCH_THREADS": "0"})
+
+
+def test_engine_process_is_on_unless_turned_off():
+    assert load_settings({}).engine_process is True
+    assert load_settings({"ENGINE_PROCESS": "false"}).engine_process is False
+    with pytest.raises(SettingsError, match="ENGINE_PROCESS"):
+        load_settings({"ENGINE_PROCESS": "sometimes"})
