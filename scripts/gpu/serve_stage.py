@@ -1,6 +1,8 @@
 """The server stage of gpu-check: the real entrypoint (gunicorn) on the dummy-weights model, driven by the bench
 load generator (scripts/bench/load.py) at each concurrency: output tok/s, TTFT and inter-token latency p50/p95,
-cold start (process start -> /ping 200) and peak GPU memory (nvidia-smi, device-wide)."""
+cold start (process start -> /ping 200) and peak GPU memory (nvidia-smi, device-wide). Time allowing, the
+concurrencies above 1 again with the engine as a thread of the worker (ENGINE_PROCESS=false, keys ``thread_c_N``):
+the A/B of the engine process."""
 
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+THREAD_RUN_MIN_S = 45.0  # what the ENGINE_PROCESS=false rerun needs at least (a start and two levels)
 
 
 def server_env(plan: Plan, folder: Path, port: int) -> dict[str, str]:
@@ -77,14 +82,16 @@ class GpuMemory:
         return self.peak_mib
 
 
-def start(plan: Plan, folder: Path, log_path: Path, timeout: float) -> tuple[subprocess.Popen, str, float]:
+def start(
+    plan: Plan, folder: Path, log_path: Path, timeout: float, extra_env: Optional[dict[str, str]] = None
+) -> tuple[subprocess.Popen, str, float]:
     """Start ``entrypoint.sh serve``; return the process, its URL and the cold start (start -> /ping 200) in s."""
     port = _free_port()
     started = time.monotonic()
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [str(ENTRYPOINT), "serve"],
-            env=server_env(plan, folder, port),
+            env={**server_env(plan, folder, port), **(extra_env or {})},
             cwd=ROOT,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -106,7 +113,8 @@ def start(plan: Plan, folder: Path, log_path: Path, timeout: float) -> tuple[sub
 
 
 def stop(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (graceful drain), SIGKILL after 30 s."""
+    """SIGTERM the server's process group (graceful drain), SIGKILL after 30 s; returns once every process of the
+    group is gone (the engine process holds the GPU memory the next server sizes its KV pool from)."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -114,6 +122,22 @@ def stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+    waited = time.monotonic()
+    while _group_alive(process.pid) and time.monotonic() - waited < 60:  # a zombie nobody reaps counts too: bounded
+        if time.monotonic() - waited > 30:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+        time.sleep(0.1)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def prompts_of(url: str, folder: Path, tokens: int, count: int) -> tuple[list[str], int]:
@@ -139,29 +163,56 @@ def run(plan: Plan, out: Path, budget_s: float) -> None:
     record = Recorder(out / "server.json")
     folder = model_folder(out, plan.shape)
     memory = GpuMemory(plan.gpu)
-    process, url, cold = start(plan, folder, out / "server.log", timeout=min(240.0, budget_s * 0.6))
-    record.put("cold_start_s", cold)
-    stage_log(f"server ready in {cold:.1f} s (process start -> /ping 200)")
     try:
-        record.put("info", requests.get(url + "/info", timeout=10).json())
+        cold = serve_levels(plan, folder, out / "server.log", deadline, record, plan.concurrencies)
+        record.put("cold_start_s", cold)
+        busy_levels = [concurrency for concurrency in plan.concurrencies if concurrency > 1]
+        if deadline - time.monotonic() < THREAD_RUN_MIN_S:
+            record.put("thread", {"skipped": "the stage's time box ran out"})
+            return
+        thread = {"ENGINE_PROCESS": "false"}
+        cold = serve_levels(plan, folder, out / "server-thread.log", deadline, record, busy_levels, thread, "thread_")
+        record.put("thread_cold_start_s", cold)
+    finally:
+        record.put("peak_gpu_memory_mib", memory.stop())
+
+
+def serve_levels(
+    plan: Plan,
+    folder: Path,
+    log_path: Path,
+    deadline: float,
+    record: Recorder,
+    concurrencies: list[int],
+    extra_env: Optional[dict[str, str]] = None,
+    prefix: str = "",
+) -> float:
+    """Start a server, run each level (recorded as ``{prefix}c_N``), stop it; returns its cold start in s."""
+    budget = deadline - time.monotonic()
+    process, url, cold = start(plan, folder, log_path, min(240.0, budget * 0.6), extra_env)
+    stage_log(f"server{' ' + str(extra_env) if extra_env else ''} ready in {cold:.1f} s (process start -> /ping 200)")
+    try:
+        if not prefix:
+            record.put("info", requests.get(url + "/info", timeout=10).json())
         texts, overhead = prompts_of(url, folder, plan.prompt_tokens, 2 * max(plan.concurrencies))
         record.put(
             "prompt", {"tokens": plan.prompt_tokens, "chat_template_tokens": overhead, "new_tokens": plan.new_tokens}
         )
         endpoint = Endpoint(url, "m", {"ignore_eos": True})
         run_level(endpoint, texts[:2], 1, 1, plan.new_tokens, 120, deadline)  # warm-up
-        for concurrency in plan.concurrencies:
+        for concurrency in concurrencies:
+            key = f"{prefix}c_{concurrency}"
             if time.monotonic() > deadline - 5:
-                record.put(f"c_{concurrency}", {"skipped": "the stage's time box ran out"})
+                record.put(key, {"skipped": "the stage's time box ran out"})
                 continue
             n_requests = 3 if concurrency == 1 else (2 * concurrency if plan.gpu else concurrency)
             read_timeout = max(10.0, min(60.0, deadline - time.monotonic()))  # a stalled stream cannot eat the box
             level = run_level(endpoint, texts, concurrency, n_requests, plan.new_tokens, read_timeout, deadline)
-            record.put(f"c_{concurrency}", level.to_dict())
+            record.put(key, level.to_dict())
             stage_log(
-                f"server c={concurrency}: {level.output_tok_per_s} tok/s, TTFT p50 {level.ttft_p50_ms} ms, "
+                f"server {key}: {level.output_tok_per_s} tok/s, TTFT p50 {level.ttft_p50_ms} ms, "
                 f"ITL p50 {level.itl_p50_ms} ms, errors {level.errors}"
             )
     finally:
         stop(process)
-        record.put("peak_gpu_memory_mib", memory.stop())
+    return cold
