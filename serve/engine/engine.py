@@ -25,6 +25,11 @@ __all__ = ["AdapterNotLoaded", "Engine", "EngineNotReady", "EngineOverloaded", "
 class EngineNotReady(RuntimeError):
     """The model has not finished loading, failed to load, or the engine is stopping."""
 
+    @classmethod
+    def because(cls, load_error: Optional[BaseException]) -> "EngineNotReady":
+        """Still loading (no error yet), or the reason the load failed."""
+        return cls("the model is not loaded yet" if load_error is None else f"the model failed to load: {load_error}")
+
 
 class RequestStream:
     """The events of one request, in order; closing the stream early cancels the request.
@@ -171,11 +176,7 @@ class Engine:
         ``sink`` and ``index``: put this request's events, tagged with ``index``, into a queue shared with others.
         """
         if not self.ready:
-            raise EngineNotReady(
-                "the model is not loaded yet"
-                if self.load_error is None
-                else f"the model failed to load: {self.load_error}"
-            )
+            raise EngineNotReady.because(self.load_error)
         stream = RequestStream(request, self, sink, index)
         with self.adapters.admitting(request.adapter):  # AdapterNotLoaded for a deleted adapter
             self._streams[request.id] = stream

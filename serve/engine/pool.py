@@ -126,11 +126,7 @@ class EnginePool:
     def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
         """Admit on the least-loaded engine (a live session's on its own); EngineOverloaded past the pool's cap."""
         if not self.ready:
-            raise EngineNotReady(
-                "the model is not loaded yet"
-                if self.load_error is None
-                else f"the model failed to load: {self.load_error}"
-            )
+            raise EngineNotReady.because(self.load_error)
         with self._lock:
             in_flight = [engine.in_flight for engine in self.engines]
             if sum(in_flight) >= self.config.max_concurrent_requests:

@@ -152,11 +152,7 @@ class EngineProcess:
     def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
         """Admit a request (the same errors as ``Engine.submit``) and send it to the engine process."""
         if not self.ready:
-            raise EngineNotReady(
-                "the model is not loaded yet"
-                if self.load_error is None
-                else f"the model failed to load: {self.load_error}"
-            )
+            raise EngineNotReady.because(self.load_error)
         stream = RequestStream(request, self, sink, index)  # type: ignore[arg-type]  # it only calls cancel()
         with self._lock:
             if request.adapter is not None and request.adapter not in self._adapters:
