@@ -69,9 +69,11 @@ def test_bf16_preference_is_read_from_cpu_flags():
     epyc_zen3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
     sapphire_rapids = "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
     epyc_zen4 = "flags\t\t: avx2 avx512f avx512_bf16\n"  # bf16 dot products, no AMX: packed float32 is faster
+    epyc_zen5 = "flags\t\t: avx2 avx512f avx512_bf16 avx512_vp2intersect\n"  # full-width bf16: bf16 is faster
+    tiger_lake = "flags\t\t: avx2 avx512f avx512_vp2intersect\n"  # no bf16 instructions at all
     graviton3 = "Features\t: fp asimd sve bf16 i8mm\n"
-    assert not cpu_prefers_bf16(epyc_zen3) and not cpu_prefers_bf16(epyc_zen4)
-    assert cpu_prefers_bf16(sapphire_rapids) and cpu_prefers_bf16(graviton3)
+    assert not any(map(cpu_prefers_bf16, (epyc_zen3, epyc_zen4, tiger_lake)))
+    assert all(map(cpu_prefers_bf16, (sapphire_rapids, epyc_zen5, graviton3)))
 
 
 def test_unreachable_hub_gives_a_clear_message(tmp_path):
