@@ -16,6 +16,7 @@ the child only; the child exits when the pipe closes, so a worker that dies leav
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import multiprocessing
@@ -105,6 +106,7 @@ class EngineProcess:
             self._process.start()
             child_end.close()
             self._reader.start()
+            atexit.register(self.stop)  # before multiprocessing's own exit hook SIGTERMs it: a clean, quiet stop
         return self
 
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
@@ -187,6 +189,8 @@ class EngineProcess:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the engine process to stop; past ``timeout`` it is terminated."""
+        if self._stopping.is_set() and not self._reader.is_alive():
+            return  # stopped already
         self._stopping.set()
         if self._process is None:
             return

@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import psutil
 import pytest
@@ -19,6 +22,7 @@ from serve.engine.process import EngineProcess, EngineProcessError
 from serve.engine.scheduler import EngineOverloaded
 from serve.model.loader import prepare_model
 from serve.wiring import build_engine, engine_config, serve_engine_copy
+from tests.helpers import TINY_KV_TOKENS
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
 
@@ -142,3 +146,27 @@ def test_stop_ends_the_engine_process(process_settings):
     process = psutil.Process(engine.engines[0].pid)
     engine.stop()
     assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_front_that_exits_stops_its_engine_process_quietly(tiny_model_dir, tmp_path):
+    """No stop() called (a worker's normal exit): the engine process is asked to stop, not found dead."""
+    script = tmp_path / "front.py"
+    script.write_text(
+        "import sys\n"
+        "from serve.config import Settings\n"
+        "from serve.wiring import build_engine\n"
+        "from serve.log import configure_logging\n"
+        "if __name__ == '__main__':\n"
+        "    configure_logging()\n"
+        f"    settings = Settings(model_id={str(tiny_model_dir)!r}, model_dir='/nonexistent', dtype='float32',\n"
+        f"                        max_batch_total_tokens={TINY_KV_TOKENS})\n"
+        "    engine = build_engine(settings).start()\n"
+        "    assert engine.wait_ready(120), engine.load_error\n"
+        "    print('pid', engine.engines[0].pid, flush=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pid = int(done.stdout.split()[-1])
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert "engine process exited" not in done.stderr, done.stderr[-2000:]
