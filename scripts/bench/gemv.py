@@ -1,0 +1,62 @@
+"""How fast can a batch-1 decode step read its float32 weights on this CPU? Each torch kernel for a linear layer,
+run over the embedded SmolLM2's 30 layers of distinct weights (424 MB, far past the L3 cache), against a plain
+``sum`` over the same bytes (the host's read bandwidth).
+
+Run: .venv/bin/python scripts/bench/gemv.py [THREADS]   (prints ms per 30 layers and GB/s per kernel)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+import torch
+
+SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (in, out): q/k/v fused, o, gate/up fused, down
+LAYERS = 30
+REPS = 10
+
+
+def timed(calls: list[Callable[[], object]]) -> float:
+    """Seconds for one pass over ``calls`` (best of REPS, after warm-up passes)."""
+    for _ in range(3):
+        for call in calls:
+            call()
+    best = float("inf")
+    for _ in range(REPS):
+        started = time.perf_counter()
+        for call in calls:
+            call()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def main() -> None:
+    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads())
+    weights = [torch.randn(out, inp) for _ in range(LAYERS) for inp, out in SHAPES]
+    total = sum(weight.numel() * 4 for weight in weights)
+    rows = {inp: torch.randn(1, inp) for inp, _ in SHAPES}
+    packed = [(torch.ops.mkldnn._reorder_linear_weight(weight, 1), weight.shape[1]) for weight in weights]
+    mkl = [(torch.ops.mkl._mkl_reorder_linear_weight(weight, 1), weight) for weight in weights]
+    transposed = [weight.t().contiguous() for weight in weights]
+    kernels = {
+        "sum over the same bytes (read bandwidth)": [lambda w=w: w.sum() for w in weights],
+        "F.linear, dense (MKL)": [lambda w=w: torch.nn.functional.linear(rows[w.shape[1]], w) for w in weights],
+        "oneDNN packed (_linear_pointwise, what PACK_CPU_WEIGHTS uses)": [
+            lambda p=p, i=i: torch.ops.mkldnn._linear_pointwise(rows[i], p, None, "none", [None], "") for p, i in packed
+        ],
+        "MKL packed (_mkl_linear)": [
+            lambda p=p, w=w: torch.ops.mkl._mkl_linear(rows[w.shape[1]], p, w, None, 1) for p, w in mkl
+        ],
+        "x @ W^T stored transposed": [lambda w=w: rows[w.shape[0]] @ w for w in transposed],
+    }
+    print(f"{LAYERS} layers, {total / 1e6:.0f} MB of float32 weights, {torch.get_num_threads()} thread(s)")
+    print("| kernel | ms per step's linears | GB/s |\n| --- | ---: | ---: |")
+    for name, calls in kernels.items():
+        seconds = timed(calls)
+        print(f"| {name} | {seconds * 1e3:.2f} | {total / seconds / 1e9:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
