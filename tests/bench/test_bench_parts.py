@@ -19,7 +19,7 @@ import prompts  # noqa: E402
 import report_workloads as rw  # noqa: E402
 import server_metrics as sm  # noqa: E402
 import workloads  # noqa: E402
-from report import SystemResult  # noqa: E402
+from report import SystemResult, cpu_identity  # noqa: E402
 
 
 def words(text: str) -> int:
@@ -252,3 +252,17 @@ def test_the_plot_is_written_and_linked(tmp_path):
     rw.write_all({"standard": standard}, cfg, INFO)
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     assert "](b.png)" in cfg.output_md.read_text()
+
+
+def test_the_machine_line_tells_cpu_generations_apart():
+    zen5 = (
+        "processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+        "flags\t\t: avx2 avx512f avx512_bf16 avx512_vp2intersect\n"
+    )
+    zen4 = zen5.replace("26", "25").replace(" avx512_vp2intersect", "")
+    assert cpu_identity(zen5) == "AMD EPYC (family 26 model 2; avx2, avx512f, avx512_bf16, avx512_vp2intersect)"
+    assert cpu_identity(zen4) == "AMD EPYC (family 25 model 2; avx2, avx512f, avx512_bf16)"
+    assert (
+        cpu_identity("Features\t: fp asimd\n")
+        == "? (none of avx2, avx512f, avx512_bf16, avx512_vp2intersect, amx_bf16)"
+    )
