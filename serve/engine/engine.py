@@ -315,9 +315,7 @@ class Engine:
             self._blocks.free(table)
             log.exception("request %s could not start", request.id)
             error = f"{type(exc).__name__}: {exc}"
-            self._streams.pop(request.id).put(
-                TokenEvent(None, "", FinishReason.ERROR, 0, len(request.prompt_ids), error=error)
-            )
+            self._streams.pop(request.id).put(TokenEvent.ending(request, FinishReason.ERROR, error))
             self.scheduler.finish(request.id)
             return True
         seq.block_table, seq.num_cached, seq.cached_tokens = table, cached, cached
@@ -364,7 +362,7 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         for request in self.scheduler.pop_cancelled_waiting():
-            self._streams.pop(request.id).put(TokenEvent(None, "", FinishReason.CANCELLED, 0, len(request.prompt_ids)))
+            self._streams.pop(request.id).put(TokenEvent.ending(request, FinishReason.CANCELLED))
             self.scheduler.finish(request.id)
         for seq in [seq for seq in self._running if self.scheduler.is_cancelled(seq.id)]:
             self._finish(seq, seq.end(FinishReason.CANCELLED))

@@ -130,10 +130,7 @@ class EnginePool:
         with self._lock:
             in_flight = [engine.in_flight for engine in self.engines]
             if sum(in_flight) >= self.config.max_concurrent_requests:
-                raise EngineOverloaded(
-                    f"{sum(in_flight)} requests in flight, the limit is {self.config.max_concurrent_requests}; "
-                    "retry later"
-                )
+                raise EngineOverloaded.at(sum(in_flight), self.config.max_concurrent_requests)
             chosen = min(range(len(self.engines)), key=lambda i: (in_flight[i], self.engines[i].served))
             if request.session_id is not None:
                 chosen = self._session_engines.setdefault(request.session_id, chosen)

@@ -160,10 +160,7 @@ class EngineProcess:
             if request.adapter is not None and request.adapter not in self._adapters:
                 raise AdapterNotLoaded(f"adapter {request.adapter!r} is not loaded")
             if len(self._streams) >= self.config.max_concurrent_requests:
-                raise EngineOverloaded(
-                    f"{len(self._streams)} requests in flight, the limit is "
-                    f"{self.config.max_concurrent_requests}; retry later"
-                )
+                raise EngineOverloaded.at(len(self._streams), self.config.max_concurrent_requests)
             key = next(self._keys)
             self._streams[key] = stream
             self._served += 1
@@ -297,8 +294,7 @@ class EngineProcess:
             calls, self._calls = self._calls, {}
         reason = str(self.load_error or "the engine stopped")
         for stream in streams.values():
-            prompt = len(stream.request.prompt_ids)
-            stream.put(TokenEvent(None, "", FinishReason.ERROR, 0, prompt, error=reason))
+            stream.put(TokenEvent.ending(stream.request, FinishReason.ERROR, reason))
         for done in calls.values():
             done.set_exception(EngineProcessError(reason))
 
@@ -368,8 +364,7 @@ def _command(engine: Engine, outbox: Outbox, message: tuple) -> None:
         try:
             engine.submit(request, outbox, key)  # type: ignore[arg-type]  # the outbox takes (key, event) puts
         except (EngineNotReady, EngineOverloaded, AdapterNotLoaded) as exc:
-            prompt = len(request.prompt_ids)
-            outbox.put((key, TokenEvent(None, "", FinishReason.ERROR, 0, prompt, error=str(exc))))
+            outbox.put((key, TokenEvent.ending(request, FinishReason.ERROR, str(exc))))
             outbox.flush(engine)
     elif kind == "cancel":
         engine.cancel(message[1])

@@ -14,6 +14,10 @@ from serve.engine.types import Request
 class EngineOverloaded(RuntimeError):
     """More requests than the admission cap are in flight."""
 
+    @classmethod
+    def at(cls, in_flight: int, limit: int) -> "EngineOverloaded":
+        return cls(f"{in_flight} requests in flight, the limit is {limit}; retry later")
+
 
 @dataclass
 class StepPlan:
@@ -40,9 +44,7 @@ class Scheduler:
         """Queue a request (HTTP thread), or raise EngineOverloaded when the cap is reached."""
         with self._condition:
             if len(self._in_flight) >= self.max_in_flight:
-                raise EngineOverloaded(
-                    f"{len(self._in_flight)} requests in flight, the limit is {self.max_in_flight}; retry later"
-                )
+                raise EngineOverloaded.at(len(self._in_flight), self.max_in_flight)
             self._in_flight.add(request.id)
             self._waiting.append(request)
             self._condition.notify()

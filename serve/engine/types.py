@@ -115,6 +115,11 @@ class TokenEvent:
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     prompt_top_logprobs: Optional[tuple[tuple[tuple[int, float], ...], ...]] = None  # with it: the likeliest
 
+    @classmethod
+    def ending(cls, request: "Request", reason: FinishReason, error: Optional[str] = None) -> "TokenEvent":
+        """The final event of a request that ends before it produced a token (cancelled while waiting, failed)."""
+        return cls(None, "", reason, 0, len(request.prompt_ids), error=error)
+
 
 @dataclass(frozen=True)
 class Limits:
