@@ -133,12 +133,12 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
             proc.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             continue
-        if not _group_alive(pgid):
+        if not group_alive(pgid):
             break
     _reap(proc)
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     """Whether any process of the group is still running."""
     try:
         os.killpg(pgid, 0)

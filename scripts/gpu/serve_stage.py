@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 
 import requests  # noqa: E402
 from load import Endpoint, run_level  # noqa: E402
+from peers import group_alive  # noqa: E402
 
 ENTRYPOINT = ROOT / "container" / "entrypoint.sh"
 FILLER = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
@@ -123,21 +124,13 @@ def stop(process: subprocess.Popen) -> None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     waited = time.monotonic()
-    while _group_alive(process.pid) and time.monotonic() - waited < 60:  # a zombie nobody reaps counts too: bounded
+    while group_alive(process.pid) and time.monotonic() - waited < 60:  # a zombie nobody reaps counts too: bounded
         if time.monotonic() - waited > 30:
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 break
         time.sleep(0.1)
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def prompts_of(url: str, folder: Path, tokens: int, count: int) -> tuple[list[str], int]:
