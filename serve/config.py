@@ -13,6 +13,7 @@ FALSE_WORDS = {"0", "false", "no", "off", ""}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PLACEMENTS = ("auto", "shard", "replicas")
 LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights from config.json (benchmarks without a checkpoint)
+CPU_KERNELS = ("panels", "onednn")  # panels: serve/models/cpu_kernel.c where it builds, else oneDNN
 # TGI's HF_MODEL_QUANTIZE values; serve/model/quantize.py says which of them this server can load and where
 QUANTIZATIONS = (
     "bitsandbytes",
@@ -65,7 +66,8 @@ class Settings:
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # CUDA_GRAPHS: capture decode steps as CUDA graphs on a GPU
     compile: bool = False  # COMPILE: torch.compile the lean model's per-layer pieces (inductor cache in cache_dir)
-    pack_cpu_weights: bool = True  # PACK_CPU_WEIGHTS: oneDNN-packed float32 weights for the lean model on the CPU
+    pack_cpu_weights: bool = True  # PACK_CPU_WEIGHTS: the lean model's float32 weights packed for a CPU kernel
+    cpu_kernel: str = "panels"  # CPU_KERNEL: which kernel packed weights go to ("panels", else oneDNN; "onednn")
     engine_process: bool = True  # ENGINE_PROCESS: each engine runs in a process of its own (no GIL shared with HTTP)
     torch_threads: Optional[int] = None  # TORCH_THREADS / OMP_NUM_THREADS: CPU compute threads; None: all cores but one
     max_payload_bytes: int = SIX_MIB
@@ -264,6 +266,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "cuda_graphs": _read(env, ("CUDA_GRAPHS",), parse_bool),
         "compile": _read(env, ("COMPILE",), parse_bool),
         "pack_cpu_weights": _read(env, ("PACK_CPU_WEIGHTS",), parse_bool),
+        "cpu_kernel": _read(env, ("CPU_KERNEL",), parse_choice(CPU_KERNELS)),
         "engine_process": _read(env, ("ENGINE_PROCESS",), parse_bool),
         "torch_threads": _read(env, ("TORCH_THREADS", "OMP_NUM_THREADS"), parse_positive_int),
         "port": _read(env, ("SAGEMAKER_BIND_TO_PORT",), parse_positive_int),

@@ -1,17 +1,24 @@
-"""How fast can a batch-1 decode step read its float32 weights on this CPU? Each torch kernel for a linear layer,
-run over the embedded SmolLM2's 30 layers of distinct weights (424 MB, far past the L3 cache), against a plain
-``sum`` over the same bytes (the host's read bandwidth).
+"""How fast can a decode step read its float32 weights on this CPU? Each kernel for a linear layer (torch's, and
+our panel kernel, serve/models/cpu_kernel.c), run over the embedded SmolLM2's 30 layers of distinct weights
+(424 MB, far past the L3 cache) for a step of ROWS rows, against a plain ``sum`` over the same bytes (the host's
+read bandwidth).
 
-Run: .venv/bin/python scripts/bench/gemv.py [THREADS]   (prints ms per 30 layers and GB/s per kernel)
+Run: .venv/bin/python scripts/bench/gemv.py [THREADS] [ROWS]   (prints ms per 30 layers and GB/s per kernel)
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from serve.config import Settings  # noqa: E402
+from serve.models.cpu_kernel import load_panel_kernel  # noqa: E402
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (in, out): q/k/v fused, o, gate/up fused, down
 LAYERS = 30
@@ -36,14 +43,15 @@ def main() -> None:
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads())
     weights = [torch.randn(out, inp) for _ in range(LAYERS) for inp, out in SHAPES]
     total = sum(weight.numel() * 4 for weight in weights)
-    rows = {inp: torch.randn(1, inp) for inp, _ in SHAPES}
-    packed = [(torch.ops.mkldnn._reorder_linear_weight(weight, 1), weight.shape[1]) for weight in weights]
+    count = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    rows = {inp: torch.randn(count, inp) for inp, _ in SHAPES}
+    packed = [(torch.ops.mkldnn._reorder_linear_weight(weight, count), weight.shape[1]) for weight in weights]
     mkl = [(torch.ops.mkl._mkl_reorder_linear_weight(weight, 1), weight) for weight in weights]
     transposed = [weight.t().contiguous() for weight in weights]
     kernels = {
         "sum over the same bytes (read bandwidth)": [lambda w=w: w.sum() for w in weights],
         "F.linear, dense (MKL)": [lambda w=w: torch.nn.functional.linear(rows[w.shape[1]], w) for w in weights],
-        "oneDNN packed (_linear_pointwise, what PACK_CPU_WEIGHTS uses)": [
+        "oneDNN packed (_linear_pointwise, CPU_KERNEL=onednn)": [
             lambda p=p, i=i: torch.ops.mkldnn._linear_pointwise(rows[i], p, None, "none", [None], "") for p, i in packed
         ],
         "MKL packed (_mkl_linear)": [
@@ -51,7 +59,16 @@ def main() -> None:
         ],
         "x @ W^T stored transposed": [lambda w=w: rows[w.shape[0]] @ w for w in transposed],
     }
-    print(f"{LAYERS} layers, {total / 1e6:.0f} MB of float32 weights, {torch.get_num_threads()} thread(s)")
+    kernel, why_not = load_panel_kernel(Settings().cache_dir)
+    if kernel is not None:
+        panels = [(kernel.pack(weight), weight.shape) for weight in weights]
+        kernels["panel kernel (what PACK_CPU_WEIGHTS uses)"] = [
+            lambda p=p, s=s: kernel.linear(rows[s[1]], p, None, s[0]) for p, s in panels
+        ]
+    else:
+        print(f"no panel kernel: {why_not}")
+    threads = torch.get_num_threads()
+    print(f"{LAYERS} layers, {total / 1e6:.0f} MB of float32 weights, {threads} thread(s), {count} row(s)")
     print("| kernel | ms per step's linears | GB/s |\n| --- | ---: | ---: |")
     for name, calls in kernels.items():
         seconds = timed(calls)

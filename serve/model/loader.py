@@ -37,7 +37,7 @@ class LoadedModel:
     quantization: Optional[str] = None
     adapters: tuple[str, ...] = ()
     cpu_threads: Optional[int] = None  # torch's compute threads on the CPU
-    cpu_weights: Optional[str] = None  # on the CPU: oneDNN-packed or dense, and why (serve.models.layers.pack_for_cpu)
+    cpu_weights: Optional[str] = None  # on the CPU: the kernel packed for, or dense, and why (layers.pack_for_cpu)
 
 
 def cpu_prefers_bf16(cpuinfo: Optional[str] = None) -> bool:
@@ -47,16 +47,9 @@ def cpu_prefers_bf16(cpuinfo: Optional[str] = None) -> bool:
     ``avx512_bf16`` alone (AMD Zen 4, 256-bit data paths) does not count: there bf16 ran at 0.79x / 0.90x / 1.06x of
     our packed float32 at batch 1 / 8 / 32. With ``avx512_vp2intersect`` beside it (Zen 5, full 512-bit paths) it
     ran at 1.11x / 1.14x / 1.26x (README, "dtype")."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            return False
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            flags.update(value.split())
+    from serve.models.cpu_kernel import cpu_flags
+
+    flags = cpu_flags(cpuinfo)
     zen5 = {"avx512_bf16", "avx512_vp2intersect"} <= flags
     return zen5 or bool(flags & {"amx_bf16", "bf16"})
 
@@ -174,17 +167,21 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
 
 
 def _pack_cpu_weights(model: Any, settings: Settings) -> str:
-    """Hand the lean model's float32 weights to oneDNN in its blocked layout (PACK_CPU_WEIGHTS, on by default): a
-    decode step reads them without reordering, 1.3-1.8x faster here; each layer is checked against the dense
+    """Hand the lean model's float32 weights to a CPU kernel in its own layout (PACK_CPU_WEIGHTS, on by default):
+    the panel kernel (CPU_KERNEL=panels, where it builds) or oneDNN. Each layer is checked against the dense
     matmul first. Returns what /info shows."""
+    from serve.models.cpu_kernel import load_panel_kernel
     from serve.models.layers import pack_for_cpu
 
     if not settings.pack_cpu_weights:
         layout = "dense: PACK_CPU_WEIGHTS=false"
     elif settings.compile:  # inductor cannot trace the packed layers; COMPILE gains less on the CPU (docs/gpu.md)
         layout = "dense: COMPILE=true compiles the dense layers"
+    elif settings.cpu_kernel == "onednn":
+        layout = pack_for_cpu(model) + " (CPU_KERNEL=onednn)"
     else:
-        layout = pack_for_cpu(model)
+        kernel, why_not = load_panel_kernel(settings.cache_dir)
+        layout = pack_for_cpu(model, kernel) + (f" (no panel kernel: {why_not})" if kernel is None else "")
     log.info("CPU weights: %s", layout)
     return layout
 

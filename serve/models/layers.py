@@ -12,18 +12,38 @@ from torch import nn
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` whose weight can be handed to oneDNN once, in its own blocked layout (``pack``, CPU only).
+class OneDNN:
+    """oneDNN's blocked layout for a float32 weight, tuned for steps of about PACK_ROWS_HINT rows."""
 
-    A packed layer multiplies through ``mkldnn._linear_pointwise`` without reordering the weight on every call;
-    its ``weight`` then keeps only its shape, dtype and device (what LoRA checks), unless another module shares it.
+    label = "oneDNN-packed"
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+
+    def linear(
+        self, x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], out_features: int
+    ) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose weight can be handed once to a CPU kernel in the kernel's own layout (``pack``): the
+    panel kernel (serve/models/cpu_kernel.c) or oneDNN.
+
+    A packed layer multiplies through its kernel without reordering the weight on every call; its ``weight`` then
+    keeps only its shape, dtype and device (what LoRA checks), unless another module shares it.
     """
 
     packed: Optional[torch.Tensor] = None
+    kernel: Any = None
 
-    def pack(self, rows_hint: int) -> None:
-        """Reorder the weight for oneDNN, tuned for steps of about ``rows_hint`` rows (the dense copy stays)."""
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows_hint)
+    def pack(self, kernel: Any) -> None:
+        """Reorder the weight for ``kernel`` (OneDNN or a PanelKernel); the dense copy stays until drop_dense."""
+        self.packed, self.kernel = kernel.pack(self.weight), kernel
+
+    def unpack(self) -> None:
+        """Back to the dense weight (while it is still held)."""
+        self.packed = self.kernel = None
 
     def drop_dense(self) -> None:
         """Free the dense weight of a packed layer, keeping a storage-less tensor of its shape, dtype and device."""
@@ -33,7 +53,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+        return self.kernel.linear(x, self.packed, self.bias, self.out_features)
 
 
 class FusedLinear(Linear):
@@ -124,28 +144,29 @@ PACK_ROWS_HINT = 32  # oneDNN's blocking for ~32-row steps: best here over batch
 PACK_TOLERANCE = 1e-4  # relative error of a packed layer against the dense matmul (fp32 reorderings: ~1e-7)
 
 
-def pack_for_cpu(model: nn.Module, rows_hint: int = PACK_ROWS_HINT) -> str:
-    """Pack every ``Linear`` of a float32 CPU model for oneDNN, each checked against its dense matmul on a probe
-    before its dense weight goes. Returns what was done; a layer that fails its check stops the packing, leaving it
-    and the rest dense (correct either way) and saying why."""
+def pack_for_cpu(model: nn.Module, kernel: Any = None) -> str:
+    """Pack every ``Linear`` of a float32 CPU model for ``kernel`` (default: oneDNN), each checked against its dense
+    matmul on a probe before its dense weight goes. Returns what was done; a layer that fails its check stops the
+    packing, leaving it and the rest dense (correct either way) and saying why."""
+    kernel = kernel or OneDNN()
     layers = [module for module in model.modules() if isinstance(module, Linear)]
     if not layers:
         return "dense: no packable linear layers"
     weight = layers[0].weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return f"dense: oneDNN packing is used for float32 on the CPU (the model is {weight.dtype} on {weight.device})"
-    if not torch.backends.mkldnn.is_available():
+        return f"dense: CPU kernels take float32 on the CPU (the model is {weight.dtype} on {weight.device})"
+    if isinstance(kernel, OneDNN) and not torch.backends.mkldnn.is_available():
         return "dense: this torch build has no oneDNN"
     shared = {id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)}
     generator = torch.Generator().manual_seed(0)
     for index, layer in enumerate(layers):
         probe = torch.randn(3, layer.in_features, generator=generator)
         expected = F.linear(probe, layer.weight, layer.bias)
-        layer.pack(rows_hint)
+        layer.pack(kernel)
         error = float((layer(probe) - expected).norm() / expected.norm().clamp(min=1e-30))
         if not error <= PACK_TOLERANCE:
-            layer.packed = None
+            layer.unpack()
             return f"{index} of {len(layers)} layers packed: a packed layer was off by {error:.1e} (dense from there)"
         if id(layer.weight) not in shared:
             layer.drop_dense()
-    return f"oneDNN-packed: {len(layers)} linear layers"
+    return f"{kernel.label}: {len(layers)} linear layers"

@@ -1,5 +1,6 @@
-"""PACK_CPU_WEIGHTS: the lean model's float32 linear layers handed to oneDNN in its blocked layout on the CPU, each
-checked against the dense matmul before its dense weight is freed; anything else stays dense and says why.
+"""PACK_CPU_WEIGHTS: the lean model's float32 linear layers handed to a CPU kernel in its own layout (the panel
+kernel of serve/models/cpu_kernel.c, or oneDNN), each checked against the dense matmul before its dense weight is
+freed; anything else stays dense and says why. The panel kernel itself: tests/engine/test_cpu_kernel.py.
 
 (Greedy tokens of packed models equal transformers' generate: tests/engine/test_lean_model.py loads through the
 loader, which packs by default.)"""
@@ -10,10 +11,11 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from serve.config import load_settings
+from serve.config import SettingsError, load_settings
 from serve.models import LlamaForServing
 from serve.models import layers as layers_module
-from serve.models.layers import Linear, pack_for_cpu
+from serve.models.cpu_kernel import load_panel_kernel
+from serve.models.layers import Linear, OneDNN, pack_for_cpu
 
 SHAPE = dict(
     vocab_size=300,
@@ -40,13 +42,23 @@ def probe(layer: Linear, rows: int = 5) -> torch.Tensor:
     return torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(rows))
 
 
+def kernel_named(name: str, cache_dir: str):
+    if name == "onednn":
+        return OneDNN()
+    kernel, why_not = load_panel_kernel(cache_dir)
+    assert kernel is not None, why_not  # every machine the suite runs on has AVX2 and a C compiler
+    return kernel
+
+
+@pytest.mark.parametrize("kernel_name", ["panels", "onednn"])
 @pytest.mark.parametrize("tied", [True, False])
-def test_packed_layers_equal_dense_and_free_their_dense_weights(tied):
+def test_packed_layers_equal_dense_and_free_their_dense_weights(tied, kernel_name, tmp_path):
     model = tiny_model(tied)
     dense = copy.deepcopy(model)
-    assert pack_for_cpu(model) == f"oneDNN-packed: {LINEARS} linear layers"
+    kernel = kernel_named(kernel_name, str(tmp_path))
+    assert pack_for_cpu(model, kernel) == f"{kernel.label}: {LINEARS} linear layers"
     for packed, reference in zip(linears(model), linears(dense)):
-        assert packed.packed is not None and packed.weight.shape == reference.weight.shape
+        assert packed.kernel is kernel and packed.weight.shape == reference.weight.shape
         for rows in (1, 7, 40):  # one packing serves every step size
             torch.testing.assert_close(packed(probe(packed, rows)), reference(probe(reference, rows)))
     freed = [layer for layer in linears(model) if layer is not model.lm_head or not tied]
@@ -69,12 +81,14 @@ def test_a_layer_failing_its_check_stops_the_packing_and_stays_dense(monkeypatch
 
 def test_other_dtypes_and_the_setting_keep_dense_weights():
     model = tiny_model(tied=False, dtype=torch.bfloat16)
-    assert pack_for_cpu(model).startswith(
-        "dense: oneDNN packing is used for float32 on the CPU (the model is torch.bfloat16"
-    )
+    assert pack_for_cpu(model).startswith("dense: CPU kernels take float32 on the CPU (the model is torch.bfloat16")
     assert all(layer.packed is None for layer in linears(model))
     assert load_settings({"PACK_CPU_WEIGHTS": "false"}).pack_cpu_weights is False
     assert load_settings({}).pack_cpu_weights is True
+    assert load_settings({}).cpu_kernel == "panels"
+    assert load_settings({"CPU_KERNEL": "oneDNN"}).cpu_kernel == "onednn"
+    with pytest.raises(SettingsError, match="CPU_KERNEL='mkl' is not one of panels, onednn"):
+        load_settings({"CPU_KERNEL": "mkl"})
 
 
 def test_the_loader_reports_the_layout(tiny_settings):
@@ -83,6 +97,20 @@ def test_the_loader_reports_the_layout(tiny_settings):
     from serve.model.loader import load_model
 
     loaded = load_model(tiny_settings)
-    assert loaded.cpu_weights.startswith("oneDNN-packed: ")
+    assert loaded.cpu_weights == f"panel kernel (AVX2+FMA): {LINEARS} linear layers"
+    onednn = load_model(replace(tiny_settings, cpu_kernel="onednn")).cpu_weights
+    assert onednn == f"oneDNN-packed: {LINEARS} linear layers (CPU_KERNEL=onednn)"
     assert load_model(replace(tiny_settings, pack_cpu_weights=False)).cpu_weights == "dense: PACK_CPU_WEIGHTS=false"
     assert load_model(replace(tiny_settings, compile=True)).cpu_weights.startswith("dense: COMPILE=true")
+
+
+def test_without_a_compiler_the_loader_packs_for_onednn_and_says_why(tiny_settings, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from serve.model.loader import load_model
+
+    monkeypatch.setenv("CC", "no-such-cc")
+    settings = replace(tiny_settings, cache_dir=str(tmp_path / "fresh"))  # nothing built there yet
+    assert load_model(settings).cpu_weights == (
+        f"oneDNN-packed: {LINEARS} linear layers (no panel kernel: no C compiler (no-such-cc) on PATH)"
+    )

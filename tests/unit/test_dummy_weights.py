@@ -59,7 +59,7 @@ def test_dummy_model_is_random_seeded_and_on_the_asked_dtype(tiny_dummy):
     assert embed.device.type == "cpu" and embed.dtype == torch.float32
     embed = embed.detach()
     assert 0.015 < float(embed.std()) < 0.025 and float(embed.abs().max()) > 0  # N(0, 0.02), not zeros
-    probe = embed[:3]  # the linear layers are packed for oneDNN (dense weights freed): compare what they compute
+    probe = embed[:3]  # the linear layers are packed for a CPU kernel (dense weights freed): compare what they compute
     with torch.inference_mode():
         assert torch.equal(first.lm_head(probe), again.lm_head(probe))  # same seed, same weights
     assert torch.equal(first.model.norm.weight, torch.ones_like(first.model.norm.weight))
