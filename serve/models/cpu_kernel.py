@@ -1,13 +1,17 @@
 """The CPU panel kernel (``cpu_kernel.c``): float32 linear layers over weights repacked into 16-feature panels.
 
-At batch 1 to 32 a decode step on the CPU is mostly the reading of weights. On the 2-core AMD EPYC hosts we test
-on, oneDNN's packed GEMM reads them at ~70% of what a plain ``sum`` reads; this kernel streams each panel front to
-back and is 1.1-1.4x faster than oneDNN at 1 to 32 rows and even at 128 (README, "The CPU panel kernel").
+At batch 1 to 32 a decode step on the CPU is mostly the reading of weights. On the 2-core AMD EPYC Zen 3 host we
+measured, oneDNN's packed GEMM read them at ~60-70% of what a plain ``sum`` reads; this kernel streams each panel
+front to back and ran the model's linear layers 1.2-1.4x as fast as oneDNN at 1 to 32 rows, 1.1-1.2x at the 128 to
+512 rows of prefill chunks (README, "The CPU panel kernel").
 
-It is compiled here, at first use, with the machine's C compiler (``CC``, else ``cc`` or ``gcc``; ~0.5 s) into
-``<SERVE_CACHE_DIR>/kernels``, named by a hash of the source, flags and compiler, so later starts load it. Where it
-cannot be used (not x86-64 with AVX2 and FMA, no compiler, a failed build) ``load_panel_kernel`` says why and the
-caller keeps oneDNN's packing.
+The library is named by a hash of the source and flags. It is looked for beside this file (the image builds it
+there, in a build stage of its own: ``python3 serve/models/cpu_kernel.py FOLDER``, so the image needs no compiler),
+then in ``<SERVE_CACHE_DIR>/kernels``; if absent, it is compiled there at first use with the machine's C compiler
+(``CC``, else ``cc`` or ``gcc``; ~0.5 s). Where it cannot be used (not x86-64 with AVX2 and FMA, no library and no
+compiler, a failed build) ``load_panel_kernel`` says why and the caller keeps oneDNN's packing.
+
+This module imports torch only to run the kernel, so the image's build stage can run it with a bare python3.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +69,10 @@ class PanelKernel:
         self.library.serve_linear_panels.argtypes = [pointer, size, pointer, size, size, pointer, pointer, ctypes.c_int]
         self.library.serve_linear_panels.restype = None
 
-    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+    def pack(self, weight: "torch.Tensor") -> "torch.Tensor":
         """A float32 weight [out, in] as panels [ceil(out / 16) * in * 16] (padded with zeros)."""
+        import torch
+
         weight = weight.detach().contiguous()
         out_features, in_features = weight.shape
         panels = torch.empty(-(-out_features // PANEL) * in_features * PANEL, dtype=torch.float32)
@@ -72,9 +80,11 @@ class PanelKernel:
         return panels
 
     def linear(
-        self, x: torch.Tensor, panels: torch.Tensor, bias: Optional[torch.Tensor], out_features: int
-    ) -> torch.Tensor:
+        self, x: "torch.Tensor", panels: "torch.Tensor", bias: "Optional[torch.Tensor]", out_features: int
+    ) -> "torch.Tensor":
         """``x @ weight.T + bias`` for x [..., in] float32, from the weight's panels."""
+        import torch
+
         in_features = x.shape[-1]
         rows = x.reshape(-1, in_features).contiguous()
         out = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
@@ -110,32 +120,36 @@ def unusable_reason(flags: Optional[set[str]] = None) -> Optional[str]:
     return None
 
 
+def library_name() -> str:
+    """The built library's file name: a hash of the source and the flags it is compiled with."""
+    return f"serve_panels-{hashlib.sha256(SOURCE.read_bytes() + ' '.join(FLAGS).encode()).hexdigest()[:16]}.so"
+
+
 @functools.lru_cache(maxsize=None)
 def load_panel_kernel(cache_dir: str) -> tuple[Optional[PanelKernel], str]:
-    """(the kernel, "") or (None, why not): built into ``<cache_dir>/kernels`` on first use, loaded after."""
+    """(the kernel, "") or (None, why not): the library beside this file or in ``<cache_dir>/kernels``, built
+    there on first use when neither has it."""
     reason = unusable_reason()
     if reason:
         return None, reason
-    cc = compiler()
-    if cc is None:
-        return None, f"no C compiler ({os.environ.get('CC') or 'cc or gcc'}) on PATH"
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
-    folder = Path(os.path.expanduser(cache_dir)) / "kernels"
-    path = folder / f"serve_panels-{digest}.so"
+    built = Path(os.path.expanduser(cache_dir)) / "kernels" / library_name()
+    path = next((path for path in (SOURCE.with_name(library_name()), built) if path.exists()), None)
     try:
-        if not path.exists():
-            _build(cc, folder, path)
+        if path is None:
+            cc = compiler()
+            if cc is None:
+                return None, f"no C compiler ({os.environ.get('CC') or 'cc or gcc'}) on PATH to build it"
+            path = build(cc, built)
         return PanelKernel(path), ""
     except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"building it failed: {str(exc).strip()[-300:]}"
+        return None, f"{'loading' if path else 'building'} it failed: {str(exc).strip()[-300:]}"
 
 
-def _build(cc: str, folder: Path, path: Path) -> None:
+def build(cc: str, path: Path) -> Path:
     """Compile the kernel to a temporary file beside ``path``, then move it into place (concurrent starts race
     harmlessly: the last rename wins with the same bytes)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".so", dir=folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(handle)
     try:
         result = subprocess.run(
@@ -145,6 +159,19 @@ def _build(cc: str, folder: Path, path: Path) -> None:
             raise subprocess.SubprocessError(f"{cc} exited with {result.returncode}: {result.stderr}")
         os.replace(temporary, path)
         log.info("CPU panel kernel built with %s into %s", cc, path)
+        return path
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+if __name__ == "__main__":  # the image's build stage: python3 cpu_kernel.py FOLDER (nothing built off x86-64)
+    Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
+    not_x86 = unusable_reason(flags={"avx2", "fma"})  # the build host's own flags do not matter, only its ISA
+    if not_x86:
+        print(f"no panel kernel: {not_x86}")
+        sys.exit(0)
+    cc = compiler()
+    if cc is None:
+        sys.exit("no C compiler (CC, cc or gcc) on PATH")
+    print(build(cc, Path(sys.argv[1]) / library_name()))

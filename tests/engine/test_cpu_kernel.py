@@ -2,6 +2,7 @@
 result for a row whatever batch it is in, built once per cache folder, and a clear reason wherever it cannot run."""
 
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -91,3 +92,26 @@ def test_cpus_without_avx2_and_fma_are_named():
 def test_another_architecture_is_named(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "aarch64")
     assert load_panel_kernel(str(tmp_path / "arm")) == (None, "the CPU is aarch64, not x86-64")
+
+
+def test_a_library_built_beside_the_source_needs_no_compiler(tmp_path, monkeypatch):
+    """The image's build stage runs cpu_kernel.py with a bare python3 (no torch) to build the library into
+    serve/models/; the served image has no compiler and loads that file."""
+    source = tmp_path / "models" / "cpu_kernel.c"
+    source.parent.mkdir()
+    source.write_bytes(cpu_kernel.SOURCE.read_bytes())
+    script = (
+        "import runpy, sys; sys.argv = ['cpu_kernel.py', sys.argv[1]];"
+        f"runpy.run_path({str(cpu_kernel.__file__)!r}, run_name='__main__');"
+        "assert 'torch' not in sys.modules, 'the build stage has no torch'"
+    )
+    built = subprocess.run(
+        [sys.executable, "-c", script, str(source.parent)], capture_output=True, text=True, timeout=120
+    )
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.strip() == str(source.parent / cpu_kernel.library_name())
+    monkeypatch.setattr(cpu_kernel, "SOURCE", source)
+    monkeypatch.setenv("CC", "no-such-cc")
+    kernel, why_not = load_panel_kernel(str(tmp_path / "empty-cache"))
+    assert kernel is not None and kernel.path == source.parent / cpu_kernel.library_name(), why_not
+    assert not (tmp_path / "empty-cache").exists()

@@ -112,5 +112,5 @@ def test_without_a_compiler_the_loader_packs_for_onednn_and_says_why(tiny_settin
     monkeypatch.setenv("CC", "no-such-cc")
     settings = replace(tiny_settings, cache_dir=str(tmp_path / "fresh"))  # nothing built there yet
     assert load_model(settings).cpu_weights == (
-        f"oneDNN-packed: {LINEARS} linear layers (no panel kernel: no C compiler (no-such-cc) on PATH)"
+        f"oneDNN-packed: {LINEARS} linear layers (no panel kernel: no C compiler (no-such-cc) on PATH to build it)"
     )
