@@ -42,7 +42,7 @@ def _model_info(engine: EngineClient, adapters: Iterable[str]) -> dict[str, Any]
         "placement": plan.describe() if plan is not None else None,
         "devices": list(plan.devices) if plan is not None else [str(loaded.device)],
         "quantization": getattr(loaded, "quantization", None),
-        "cpu_weights": getattr(loaded, "cpu_weights", None),  # oneDNN-packed or dense, and why (None: on a GPU)
+        "cpu_weights": getattr(loaded, "cpu_weights", None),  # the CPU kernel or dense, and why (None: on a GPU)
         "adapters": list(adapters),  # those loaded at start and those registered at run time
         "cuda_graphs": asdict(graphs) if graphs is not None else None,
         "compile": asdict(compiled) if compiled is not None else None,

@@ -68,8 +68,14 @@ def test_torch_default_is_the_pin_that_make_test_uses(parser):
     assert parser.baseimage.startswith("nvidia/cuda:") and "-base-" in parser.baseimage  # cudart + forward compat
 
 
-def test_a_code_change_does_not_reinstall_dependencies(parser):
+def served_stage(parser: DockerfileParser) -> list[str]:
+    """The final stage's instructions ("INSTRUCTION value"), after its FROM."""
     steps = [f"{item['instruction']} {item['value']}" for item in parser.structure]
+    return steps[max(index for index, step in enumerate(steps) if step.startswith("FROM ")) :]
+
+
+def test_a_code_change_does_not_reinstall_dependencies(parser):
+    steps = served_stage(parser)
 
     def first(text: str) -> int:
         return next(index for index, step in enumerate(steps) if text in step)
@@ -79,6 +85,16 @@ def test_a_code_change_does_not_reinstall_dependencies(parser):
     code = min(first("COPY container/"), first("COPY serve/"))
     assert torch < requirements < installed < code
     assert not [step for step in steps[code:] if step.startswith("RUN")]  # nothing is installed after the code
+
+
+def test_the_cpu_kernel_is_built_in_a_stage_of_its_own_and_no_compiler_is_served(parser):
+    assert instructions(parser, "FROM") == ["${BASE_IMAGE} AS cpu-kernel", "${BASE_IMAGE}"]
+    steps = served_stage(parser)
+    assert "COPY --from=cpu-kernel /build/out/ serve/models/" in steps
+    assert steps.index("COPY --from=cpu-kernel /build/out/ serve/models/") > steps.index("COPY serve/ serve/")
+    assert not [step for step in steps if "gcc" in step]  # the served image carries no compiler
+    kernel_stage = [f"{item['instruction']} {item['value']}" for item in parser.structure][: -len(steps)]
+    assert "RUN python3 /build/cpu_kernel.py /build/out" in kernel_stage
 
 
 def test_no_model_unless_a_build_arg_asks(parser):

@@ -78,6 +78,14 @@ def test_any_other_argument_is_executed_as_given(container):
     assert result.stdout.split() == [torch_version_in_image(), "given"]
 
 
+def test_the_served_image_has_the_cpu_kernel_and_no_compiler(container):
+    listing = container.execute(["sh", "-c", "ls /opt/program/serve/models/; command -v cc gcc || true"])
+    assert listing.returncode == 0, listing.stderr
+    names = listing.stdout.split()
+    assert [name for name in names if name.startswith("serve_panels-") and name.endswith(".so")], names
+    assert not [name for name in names if name.endswith(("/cc", "/gcc"))], names
+
+
 def test_messages_api_from_opt_ml_model(container, model_dir, tmp_path):
     server = serve_and_wait(container, model_dir, tmp_path, {"MESSAGES_API_ENABLED": "true"})
     try:
@@ -94,6 +102,10 @@ def test_messages_api_from_opt_ml_model(container, model_dir, tmp_path):
         print(f"[image] messages answer: {answer[:200]!r}")
         assert body["object"] == "chat.completion" and english_words(answer) >= 5, answer
         assert "/opt/ml/model" in server.log()  # the mounted folder is the model source
+        # the kernel built in the Dockerfile's cpu-kernel stage serves the float32 layers (no compiler in the image)
+        info = requests.get(server.url + "/info", timeout=30).json()
+        if info["model_dtype"] == "float32":  # DTYPE=auto: bfloat16 on CPUs that prefer it, which stays dense
+            assert info["cpu_weights"].startswith("panel kernel (AVX2+FMA): "), info["cpu_weights"]
     finally:
         stop_and_check(server)
 
