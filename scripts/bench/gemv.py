@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from serve.config import Settings  # noqa: E402
+from serve.config import load_settings  # noqa: E402
 from serve.models.cpu_kernel import load_panel_kernel  # noqa: E402
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (in, out): q/k/v fused, o, gate/up fused, down
@@ -59,7 +59,7 @@ def main() -> None:
         ],
         "x @ W^T stored transposed": [lambda w=w: rows[w.shape[0]] @ w for w in transposed],
     }
-    kernel, why_not = load_panel_kernel(Settings().cache_dir)
+    kernel, why_not = load_panel_kernel(load_settings().cache_dir)
     if kernel is not None:
         panels = [(kernel.pack(weight), weight.shape) for weight in weights]
         kernels["panel kernel (what PACK_CPU_WEIGHTS uses)"] = [

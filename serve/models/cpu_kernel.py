@@ -61,7 +61,9 @@ class PanelKernel:
     label = "panel kernel (AVX2+FMA)"
 
     def __init__(self, path: Path):
-        self.path = path
+        import torch  # once here, not in every call of the decode loop
+
+        self.torch, self.path = torch, path
         self.library = ctypes.CDLL(str(path))
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         self.library.serve_pack_panels.argtypes = [pointer, size, size, pointer]
@@ -71,11 +73,9 @@ class PanelKernel:
 
     def pack(self, weight: "torch.Tensor") -> "torch.Tensor":
         """A float32 weight [out, in] as panels [ceil(out / 16) * in * 16] (padded with zeros)."""
-        import torch
-
         weight = weight.detach().contiguous()
         out_features, in_features = weight.shape
-        panels = torch.empty(-(-out_features // PANEL) * in_features * PANEL, dtype=torch.float32)
+        panels = self.torch.empty(-(-out_features // PANEL) * in_features * PANEL, dtype=self.torch.float32)
         self.library.serve_pack_panels(weight.data_ptr(), out_features, in_features, panels.data_ptr())
         return panels
 
@@ -83,11 +83,9 @@ class PanelKernel:
         self, x: "torch.Tensor", panels: "torch.Tensor", bias: "Optional[torch.Tensor]", out_features: int
     ) -> "torch.Tensor":
         """``x @ weight.T + bias`` for x [..., in] float32, from the weight's panels."""
-        import torch
-
         in_features = x.shape[-1]
         rows = x.reshape(-1, in_features).contiguous()
-        out = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+        out = self.torch.empty(rows.shape[0], out_features, dtype=self.torch.float32)
         if rows.shape[0]:
             self.library.serve_linear_panels(
                 rows.data_ptr(),
@@ -97,7 +95,7 @@ class PanelKernel:
                 in_features,
                 None if bias is None else bias.data_ptr(),
                 out.data_ptr(),
-                torch.get_num_threads(),
+                self.torch.get_num_threads(),
             )
         return out.view(*x.shape[:-1], out_features)
 
@@ -132,8 +130,9 @@ def load_panel_kernel(cache_dir: str) -> tuple[Optional[PanelKernel], str]:
     reason = unusable_reason()
     if reason:
         return None, reason
-    built = Path(os.path.expanduser(cache_dir)) / "kernels" / library_name()
-    path = next((path for path in (SOURCE.with_name(library_name()), built) if path.exists()), None)
+    name = library_name()
+    built = Path(os.path.expanduser(cache_dir)) / "kernels" / name
+    path = next((path for path in (SOURCE.with_name(name), built) if path.exists()), None)
     try:
         if path is None:
             cc = compiler()
