@@ -56,6 +56,15 @@ class Linear(nn.Linear):
         return self.kernel.linear(x, self.packed, self.bias, self.out_features)
 
 
+def linear_plus(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + layer(x)`` for 2-D ``x``: one GEMM that adds the residual in its epilogue when ``layer`` is a
+    dense bias-free ``Linear`` (a GPU's case: one kernel instead of two); otherwise the layer, then the sum (packed
+    CPU kernels, biases, LoRA wrappers)."""
+    if isinstance(layer, Linear) and layer.packed is None and layer.bias is None:
+        return torch.addmm(residual, x, layer.weight.t())
+    return residual + layer(x)
+
+
 class FusedLinear(Linear):
     """One linear layer computing several of the checkpoint's projections at once (q/k/v, or gate/up).
 
@@ -81,10 +90,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # torch's fused op: one kernel on a GPU (the statistics in float32) where the spelled-out formula is eight
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_type(config: Any) -> str:
@@ -132,12 +139,14 @@ class Rotary(nn.Module):
         return (angles.cos() * self.scale).to(dtype), (angles.sin() * self.scale).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [tokens, heads, dim] by the positions' angles (cos/sin [tokens, dim]), half-split layout."""
+def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [tokens, heads, dim] in place by the positions' angles (cos/sin [tokens, dim]), half-split layout.
+
+    In place, so that one call can rotate the queries and keys of a fused q/k/v output together (four kernels)."""
     cos, sin = cos[:, None, :], sin[:, None, :]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return x.mul_(cos).addcmul_(rotated, sin)
 
 
 PACK_ROWS_HINT = 32  # oneDNN's blocking for ~32-row steps: best here over batch 1-32 decode (docs/benchmarks.md)

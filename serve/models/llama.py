@@ -22,9 +22,10 @@ from serve.models.layers import (
     Linear,
     RMSNorm,
     Rotary,
-    apply_rope,
     head_dim_of,
+    linear_plus,
     rope_type,
+    rotate_,
 )
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -62,7 +63,8 @@ class CausalOutput:
 
 
 class Attention(nn.Module):
-    """Fused q/k/v projection, optional per-head q/k norms (Qwen3), RoPE, then the engine's cache attention."""
+    """Fused q/k/v projection, optional per-head q/k norms (Qwen3) and RoPE (``run_layer`` then calls the engine's
+    attention with them); the o projection."""
 
     def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype):
         super().__init__()
@@ -71,7 +73,6 @@ class Attention(nn.Module):
         self.head_dim = head_dim_of(config)
         self.scaling = self.head_dim**-0.5
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.sizes = [q_size, kv_size, kv_size]
         qkv_bias, o_bias = _biases(config)
         parts = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
         self.qkv_proj = FusedLinear(config.hidden_size, parts, qkv_bias, device="meta", dtype=dtype)
@@ -84,18 +85,16 @@ class Attention(nn.Module):
     def project(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rotated queries [tokens, heads, dim] and keys, and values [tokens, kv_heads, dim]."""
-        q, k, v = self.qkv_proj(hidden).split(self.sizes, dim=-1)
-        q = q.view(-1, self.heads, self.head_dim)
-        k = k.view(-1, self.kv_heads, self.head_dim)
-        v = v.view(-1, self.kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        out = attend(self.layer_idx, *self.project(hidden, cos, sin), self.scaling)
-        return self.o_proj(out.reshape(out.shape[0], -1))
+        """Rotated queries [tokens, heads, dim] and keys, and values [tokens, kv_heads, dim]: views of the fused
+        projection's output, whose query and key heads are rotated together in place."""
+        qkv = self.qkv_proj(hidden)
+        heads = qkv.view(qkv.shape[0], -1, self.head_dim)  # [tokens, heads + 2 * kv_heads, dim]
+        kv_end = self.heads + self.kv_heads
+        q, k, v = heads[:, : self.heads], heads[:, self.heads : kv_end], heads[:, kv_end:]
+        if self.q_norm is None:
+            rotate_(heads[:, :kv_end], cos, sin)
+            return q, k, v
+        return rotate_(self.q_norm(q), cos, sin), rotate_(self.k_norm(k), cos, sin), v
 
 
 class MLP(nn.Module):
@@ -108,9 +107,10 @@ class MLP(nn.Module):
         self.gate_up_proj = FusedLinear(config.hidden_size, parts, bias, device="meta", dtype=dtype)
         self.down_proj = Linear(size, config.hidden_size, bias=bias, device="meta", dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual`` + the MLP of ``x`` (its down projection adds the residual in the same GEMM where it can)."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return linear_plus(self.down_proj, F.silu(gate) * up, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -136,8 +136,8 @@ def before_attention(
 
 def after_attention(layer: DecoderLayer, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
     """A layer's work after attention: o projection, residual, norm, MLP, residual (what COMPILE compiles)."""
-    hidden = hidden + layer.self_attn.o_proj(attended.reshape(attended.shape[0], -1))
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    hidden = linear_plus(layer.self_attn.o_proj, attended.reshape(attended.shape[0], -1), hidden)
+    return layer.mlp(layer.post_attention_layernorm(hidden), hidden)
 
 
 def run_layer(
