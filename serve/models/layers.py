@@ -120,7 +120,8 @@ def head_dim_of(config: Any) -> int:
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for the step's positions, computed once per forward and shared by every layer."""
+    """cos/sin tables for the step's positions, computed once per forward and shared by every layer. The sin
+    table's first half is negated (``rotate_`` then needs no negation kernel per layer)."""
 
     def __init__(self, config: Any):
         super().__init__()
@@ -136,17 +137,19 @@ class Rotary(nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
-        return (angles.cos() * self.scale).to(dtype), (angles.sin() * self.scale).to(dtype)
+        sin = angles.sin() * self.scale
+        sin[:, : freqs.shape[1]].neg_()
+        return (angles.cos() * self.scale).to(dtype), sin.to(dtype)
 
 
-def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [tokens, heads, dim] in place by the positions' angles (cos/sin [tokens, dim]), half-split layout.
+def rotate_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [tokens, heads, dim] in place by the positions' angles, half-split layout: cos/signed_sin
+    [tokens, dim] as ``Rotary`` makes them (sin with its first half negated, so x * cos + swap(x) * signed_sin).
 
-    In place, so that one call can rotate the queries and keys of a fused q/k/v output together (four kernels)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    In place, so that one call rotates the queries and keys of a fused q/k/v output together (three kernels)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x.mul_(cos).addcmul_(rotated, sin)
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return x.mul_(cos[:, None, :]).addcmul_(swapped, signed_sin[:, None, :])
 
 
 PACK_ROWS_HINT = 32  # oneDNN's blocking for ~32-row steps: best here over batch 1-32 decode (docs/benchmarks.md)

@@ -237,7 +237,7 @@ class LlamaForServing(nn.Module):
         if input_ids.shape[0] != 1:
             raise ValueError("the lean model takes one flattened row of tokens per step")
         hidden = self.model.embed_tokens(input_ids[0])
-        cos, sin = self.model.rotary(position_ids[0], hidden.dtype)
+        cos, sin = self.model.rotary(position_ids[0], hidden.dtype)  # sin: first half negated (Rotary)
         before, after = self.layer_halves
         for layer in self.model.layers:
             hidden = run_layer(layer, hidden, cos, sin, before, after)
