@@ -73,6 +73,10 @@ def _engine_rows(data: dict[str, Any], floor: dict[str, Any]) -> list[tuple[str,
                 f"{_f(row['ms_per_step'], 2)} ms ({_f(row['tok_per_s'], 0)} tok/s{share}{inside})",
             )
         )
+        prompts = row.get("prompt_steps_ms")
+        if prompts:
+            steps = ", ".join(_f(ms, 2) for ms in prompts)
+            rows.append(("c", f"engine prompt steps (eager), batch {row['batch']}", f"{steps} ms"))
     return rows
 
 

@@ -112,9 +112,21 @@ def _profiler(plan: Plan) -> Any:
 def _profile_table(prof: Any, plan: Plan) -> str:
     sort = "self_device_time_total" if plan.gpu else "self_cpu_time_total"
     try:
-        return prof.key_averages().table(sort_by=sort, row_limit=15)
+        table = prof.key_averages().table(sort_by=sort, row_limit=15)
     except (KeyError, AttributeError, RuntimeError):  # an older torch names device time after CUDA
-        return prof.key_averages().table(sort_by=sort.replace("device", "cuda"), row_limit=15)
+        table = prof.key_averages().table(sort_by=sort.replace("device", "cuda"), row_limit=15)
+    return f"{_kernel_count(prof)}\n{table}" if plan.gpu else table
+
+
+def _kernel_count(prof: Any) -> str:
+    """How many device kernels the profiled span launched (the figure scripts/bench/step_ops.py predicts)."""
+    try:
+        from torch.autograd import DeviceType
+
+        kernels = sum(1 for event in prof.events() if event.device_type == DeviceType.CUDA)
+    except (AttributeError, RuntimeError, ImportError) as exc:
+        return f"device kernels: not counted ({type(exc).__name__})"
+    return f"device kernels launched: {kernels}"
 
 
 class StepHook:
@@ -204,7 +216,8 @@ def time_batch(engine: Any, plan: Plan, batch: int, hook: StepHook, profile: boo
         engine.submit(Request(prompt, params), sink=sink, index=index)
     counts, done, start, end, tokens = [0] * batch, 0, None, None, 0
     outside = OutsideProfile(plan, batch) if profile and plan.gpu else None
-    step_ms = None
+    step_ms, prefill_ms = None, []
+    hook.start_timing()  # the steps until every request has its first token: the prompts' (eager) steps
     while done < batch:
         index, event = sink.get(timeout=300)
         now = time.perf_counter()
@@ -219,6 +232,7 @@ def time_batch(engine: Any, plan: Plan, batch: int, hook: StepHook, profile: boo
                     hook.arm()  # the next step, all rows still decoding
         elif start is None and min(counts) >= 1:
             start = now
+            prefill_ms = [round(seconds * 1000, 2) for seconds in hook.step_s]
             hook.start_timing()
         elif outside is not None and hook.table is not None:
             outside.advance(has_token)  # after the hooked step: a few more steps profiled from this thread
@@ -230,6 +244,7 @@ def time_batch(engine: Any, plan: Plan, batch: int, hook: StepHook, profile: boo
         "ms_per_step": ms,
         "tok_per_s": batch * 1000 / ms if ms else None,
         "step_method_ms_p50": step_ms,
+        "prompt_steps_ms": prefill_ms,  # each step until every request had its first token (the prompts' steps)
     }  # inside the step method only: the rest of ms_per_step is the loop
     if profile:
         table = hook.table or "(not profiled: the engine's step method was not found or no step followed)"

@@ -86,13 +86,17 @@ def encode_chat(
 ) -> list[int]:
     """Token ids of ``text`` (the messages rendered by ``render_chat``); contents are text, never control tokens.
 
-    The template is rendered once more with a placeholder for each content, which tells where each content lies in
-    ``text``. A special-token string there (``<|im_start|>`` typed by a user) is tokenized as the characters it is;
-    the template's own markers stay special. Prompts without such strings tokenize exactly as before.
+    When a content holds a special-token string (``<|im_start|>`` typed by a user), the template is rendered once
+    more with a placeholder for each content, which tells where each content lies in ``text``; such a string there is
+    tokenized as the characters it is, while the template's own markers stay special. Prompts without such strings
+    (nearly all) are tokenized as they are, with no second render.
     """
-    spans = content_spans(tokenizer, text, messages, tools, template)
     specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
-    if spans is None or not specials:
+    contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
+    if not any(token in content for token in specials for content in contents):  # the usual case: one render
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    spans = content_spans(tokenizer, text, messages, tools, template)
+    if spans is None:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     found = list(re.finditer("|".join(re.escape(token) for token in specials), text))
     if not any(start <= m.start() < end for m in found for start, end in spans):

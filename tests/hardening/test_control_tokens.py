@@ -56,8 +56,20 @@ def test_ordinary_messages_tokenize_as_before(embedded_folder):
     ):
         text = render_chat(tokenizer, messages)
         assert encode_chat(tokenizer, text, messages) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert_renders_once(tokenizer, messages)
     trimmed = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
     messages = [{"role": "user", "content": "  <|im_start|>  "}]
     text = render_chat(tokenizer, messages, template=trimmed)
     ids = encode_chat(tokenizer, text, messages, template=trimmed)
     assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 1  # the template's marker, not the content's
+
+
+def assert_renders_once(tokenizer, messages) -> None:
+    """Messages without special-token strings are tokenized from the one rendered text (no placeholder render)."""
+    from unittest import mock
+
+    from serve.model import prompt
+
+    text = prompt.render_chat(tokenizer, messages)
+    with mock.patch.object(prompt, "content_spans", side_effect=AssertionError("rendered twice")):
+        assert prompt.encode_chat(tokenizer, text, messages) == tokenizer(text, add_special_tokens=False)["input_ids"]
