@@ -35,6 +35,10 @@ def _free_port() -> int:
 
 
 THREAD_RUN_MIN_S = 45.0  # what the ENGINE_PROCESS=false rerun needs at least (a start and two levels)
+# Once ready, the front builds its grammar vocabulary in a thread (llguidance, ~1 s of Rust holding the GIL for a
+# 49k vocabulary on a 2-core Zen 3): pipe hops and HTTP threads wait 5-15 ms meanwhile (scripts/bench/ttft.py), so
+# the timed levels start after it.
+FRONT_SETTLE_S = 3.0
 
 
 def server_env(plan: Plan, folder: Path, port: int) -> dict[str, str]:
@@ -193,6 +197,7 @@ def serve_levels(
         )
         endpoint = Endpoint(url, "m", {"ignore_eos": True})
         run_level(endpoint, texts[:2], 1, 1, plan.new_tokens, 120, deadline)  # warm-up
+        time.sleep(FRONT_SETTLE_S)
         for concurrency in concurrencies:
             key = f"{prefix}c_{concurrency}"
             if time.monotonic() > deadline - 5:
