@@ -77,11 +77,14 @@ def unpack_logprobs(row: list[float], k: int, widest: int) -> tuple[int, float, 
 
 
 def _uniforms(generators: Sequence[Optional[torch.Generator]], device: torch.device) -> torch.Tensor:
-    """One uniform draw per row, from the row's own generator when it has one."""
-    draws = [
-        torch.rand(1, generator=g, device=device) if g is not None else torch.rand(1, device=device) for g in generators
-    ]
-    return torch.cat(draws)
+    """One uniform draw per row: rows without a seed share one call on the default RNG (one kernel whatever the
+    batch); a seeded row draws from its own generator, so its tokens do not depend on its neighbours."""
+    draws = torch.rand(len(generators), device=device)
+    seeded = [row for row, generator in enumerate(generators) if generator is not None]
+    if seeded:
+        own = torch.cat([torch.rand(1, generator=generators[row], device=device) for row in seeded])
+        draws[torch.tensor(seeded, device=device)] = own
+    return draws
 
 
 def sample_next_tokens(
