@@ -197,7 +197,7 @@ def serve_levels(
         )
         endpoint = Endpoint(url, "m", {"ignore_eos": True})
         run_level(endpoint, texts[:2], 1, 1, plan.new_tokens, 120, deadline)  # warm-up
-        time.sleep(FRONT_SETTLE_S)
+        time.sleep(FRONT_SETTLE_S if plan.gpu else 0.0)
         for concurrency in concurrencies:
             key = f"{prefix}c_{concurrency}"
             if time.monotonic() > deadline - 5:
