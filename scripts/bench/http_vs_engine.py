@@ -12,12 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from load import Endpoint, Prompt, run_level  # noqa: E402
+from server_metrics import scrape  # noqa: E402
 
 from serve.wiring import single_engine  # noqa: E402
 from serve.config import Settings  # noqa: E402
@@ -30,11 +30,8 @@ CLIENTS, REQUESTS, TOKENS = 64, 128, 64
 
 def busy(url: str) -> tuple[float, float]:
     """The engine's busy seconds and steps so far, from /metrics."""
-    values = {}
-    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
-        name, _, value = line.partition(" ")
-        values[name] = value
-    return float(values["serve_engine_busy_seconds_total"]), float(values["serve_engine_steps_total"])
+    values = scrape(url) or {}
+    return values["serve_engine_busy_seconds_total"], values["serve_engine_steps_total"]
 
 
 def direct(model_dir: Path, prompts: list[list[int]]) -> tuple[float, float, float]:

@@ -32,6 +32,7 @@ from transformers import LlamaConfig  # noqa: E402
 
 from serve.engine.kv_cache import CacheShape, PagedKVCache  # noqa: E402
 from serve.engine.runner import ModelRunner  # noqa: E402
+from serve.engine.types import Request, SamplingParams  # noqa: E402
 from serve.engine.scheduler import StepPlan  # noqa: E402
 from serve.models.llama import LlamaForServing  # noqa: E402
 
@@ -110,38 +111,42 @@ def build_runner(layers: int, max_batch: int, context: int, dtype: torch.dtype, 
     return ModelRunner(model, cache, None, max_batch, blocks_each)
 
 
-def decode_step(runner: ModelRunner, batch: int, context: int):
-    """A closure running one static decode step of ``batch`` sequences at position ``context``, as the engine does."""
-    blocks_each = -(-(context + 1) // runner.cache.block_size)
-    rows = [(7 + i, context, [1 + i * blocks_each + b for b in range(blocks_each)]) for i in range(batch)]
+class StepSequence:
+    """What ``ModelRunner.step`` reads of a sequence: a greedy request, its ids, its place in the cache."""
+
+    def __init__(self, ids: list[int], cached: int, table: list[int]):
+        self.request = Request(prompt_ids=ids, params=SamplingParams())
+        self.id, self.generator, self.matcher, self.scores_prompt = self.request.id, None, None, False
+        self.prefill_ids, self.all_ids, self.block_table = ids, ids, table
+        self.start = cached
+        self.num_cached, self.prompt_left = cached, len(ids) - cached
+
+
+def engine_step(runner: ModelRunner, plan: StepPlan):
+    """A closure running ``plan`` through the runner's own ``step`` (the static decode path for a decode-only plan,
+    the eager path for a prompt chunk), each time from the same place in the cache."""
+    sequences = plan.decode + [seq for seq, _ in plan.prefill]
 
     def run() -> None:
-        shape = runner.static.load(rows)
-        runner.static.forward(*shape)[:batch].argmax(-1).tolist()
+        for seq in sequences:
+            seq.num_cached = seq.start
+        runner.step(plan)
 
     return run
+
+
+def decode_step(runner: ModelRunner, batch: int, context: int):
+    """One decode step of ``batch`` sequences at position ``context``, each with its own blocks."""
+    blocks_each = -(-(context + 1) // runner.cache.block_size)
+    tables = [[1 + i * blocks_each + b for b in range(blocks_each)] for i in range(batch)]
+    decode = [StepSequence([7 + i] * (context + 1), context, table) for i, table in enumerate(tables)]
+    return engine_step(runner, StepPlan(decode, []))
 
 
 def prefill_step(runner: ModelRunner, chunk: int):
-    """A closure running one eager step over a ``chunk``-token prompt chunk (the runner's mixed-step path)."""
-
-    class Chunk:  # the few Sequence attributes the runner's layout reads
-        def __init__(self) -> None:
-            self.prefill_ids = [(11 * i) % 500 for i in range(chunk)]
-            self.num_cached, self.prompt_left = 0, chunk
-            self.block_table = list(range(1, 2 + chunk // runner.cache.block_size))
-            self.scores_prompt = False
-
-    def run() -> None:
-        seq = Chunk()
-        ids, positions, layout, _, rows, _ = runner._layout(StepPlan([], [(seq, chunk)]))
-        from serve.engine.attention import active_step
-
-        with active_step(runner.cache, layout):
-            logits = runner.model(input_ids=ids[None], position_ids=positions[None], logits_to_keep=rows).logits
-        logits[0].argmax(-1).tolist()
-
-    return run
+    """One eager step over a whole ``chunk``-token prompt (its first token sampled at the end, as the engine does)."""
+    seq = StepSequence([(11 * i) % 500 for i in range(chunk)], 0, list(range(1, 2 + chunk // runner.cache.block_size)))
+    return engine_step(runner, StepPlan([], [(seq, chunk)]))
 
 
 def count_ops(run) -> tuple[int, int]:

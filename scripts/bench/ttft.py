@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from load import Endpoint, stream_chat  # noqa: E402
+from server_metrics import scrape  # noqa: E402
 
 from serve.config import Settings  # noqa: E402
 from serve.engine import Request, SamplingParams  # noqa: E402
@@ -68,12 +69,9 @@ def direct(model_dir: Path, prompt_ids: list[int], count: int) -> dict[str, floa
 
 def server_ttft(url: str) -> tuple[float, float]:
     """(sum, count) of the server's queue + prefill histogram."""
-    values = {}
-    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
-        key, _, value = line.partition(" ")
-        values[key] = value
+    values = scrape(url) or {}
     name = "serve_time_to_first_token_seconds"
-    return float(values[f"{name}_sum"]), float(values[f"{name}_count"])
+    return values[f"{name}_sum"], values[f"{name}_count"]
 
 
 def through_http(model_dir: Path, engine_process: bool, count: int) -> dict[str, float]:

@@ -94,13 +94,13 @@ def encode_chat(
     specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
     contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
     if not any(token in content for token in specials for content in contents):  # the usual case: one render
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode(tokenizer, text, add_special_tokens=False)
     spans = content_spans(tokenizer, text, messages, tools, template)
     if spans is None:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode(tokenizer, text, add_special_tokens=False)
     found = list(re.finditer("|".join(re.escape(token) for token in specials), text))
     if not any(start <= m.start() < end for m in found for start, end in spans):
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode(tokenizer, text, add_special_tokens=False)
     ids: list[int] = []
     position = 0
     for match in found:
