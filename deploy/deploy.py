@@ -38,7 +38,7 @@ from common import (
 )
 
 
-EMF_NAMESPACE = "sagemaker-llm-serve"  # the server's CLOUDWATCH_NAMESPACE default (serve/cloudwatch.py)
+EMF_NAMESPACE = "sagemaker-llm-serve"  # the server's CLOUDWATCH_NAMESPACE default (serve/sagemaker/emf.py)
 SCALE_ON = {  # --scale-on: the EMF metric, its unit and the default target
     "invocations": ("SageMakerVariantInvocationsPerInstance", None, 10.0),
     "kv-cache": ("KVCacheUsage", "Percent", 70.0),

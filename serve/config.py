@@ -13,8 +13,8 @@ FALSE_WORDS = {"0", "false", "no", "off", ""}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PLACEMENTS = ("auto", "shard", "replicas")
 LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights from config.json (benchmarks without a checkpoint)
-CPU_KERNELS = ("panels", "onednn")  # panels: serve/models/cpu_kernel.c where it builds, else oneDNN
-# TGI's HF_MODEL_QUANTIZE values; serve/model/quantize.py says which of them this server can load and where
+CPU_KERNELS = ("panels", "onednn")  # panels: serve/modeling/cpu_kernel.c where it builds, else oneDNN
+# TGI's HF_MODEL_QUANTIZE values; serve/loading/quantize.py says which of them this server can load and where
 QUANTIZATIONS = (
     "bitsandbytes",
     "bitsandbytes-nf4",
@@ -54,7 +54,7 @@ class Settings:
     replicas: Optional[int] = None  # engine copies under PLACEMENT=replicas (default: one per GPU; 1 on CPU)
     quantize: Optional[str] = None
     lora_adapters: tuple[tuple[str, str], ...] = ()  # (name, path) from LORA_ADAPTERS, in order
-    lean_model: bool = True  # LEAN_MODEL: serve the Llama family with serve/models/ (false: transformers' model code)
+    lean_model: bool = True  # LEAN_MODEL: serve the Llama family with serve/modeling/ (false: transformers' model code)
     max_input_tokens: Optional[int] = None
     max_total_tokens: Optional[int] = None
     max_concurrent_requests: int = 128

@@ -17,8 +17,8 @@ from serve.engine.pool import EnginePool
 from serve.engine.process import EngineProcess, host_engine
 from serve.engine.types import EngineConfig
 from serve.log import configure_logging
-from serve.model.loader import PreparedModel, load_model, prepare_model
-from serve.security import redact_logs, secret_values
+from serve.loading.loader import PreparedModel, load_model, prepare_model
+from serve.http.security import redact_logs, secret_values
 
 
 def engine_config(settings: Settings) -> EngineConfig:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from serve.app import create_app
+from serve.http.app import create_app
 from serve.wiring import single_engine
 from serve.config import Settings
 from serve.engine import Engine
-from serve.model.source import embedded_model_file, gguf_to_folder
+from serve.loading.source import embedded_model_file, gguf_to_folder
 from tests.helpers import TINY_KV_TOKENS, build_tiny_llama, start_server
 
 

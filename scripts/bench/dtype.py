@@ -20,7 +20,7 @@ from prompts import PROMPTS  # noqa: E402
 from serve.wiring import single_engine  # noqa: E402
 from serve.config import Settings  # noqa: E402
 from serve.engine import Engine, Request, SamplingParams  # noqa: E402
-from serve.model.loader import cpu_prefers_bf16  # noqa: E402
+from serve.loading.loader import cpu_prefers_bf16  # noqa: E402
 
 TOKENS = int(os.environ.get("BENCH_DTYPE_TOKENS", "32"))
 LEVELS = (1, 8)

@@ -1,5 +1,5 @@
 """How fast can a decode step read its float32 weights on this CPU? Each kernel for a linear layer (torch's, and
-our panel kernel, serve/models/cpu_kernel.c), run over the embedded SmolLM2's 30 layers of distinct weights
+our panel kernel, serve/modeling/cpu_kernel.c), run over the embedded SmolLM2's 30 layers of distinct weights
 (424 MB, far past the L3 cache) for a step of ROWS rows, against a plain ``sum`` over the same bytes (the host's
 read bandwidth).
 
@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from serve.config import load_settings  # noqa: E402
-from serve.models.cpu_kernel import load_panel_kernel  # noqa: E402
+from serve.modeling.cpu_kernel import load_panel_kernel  # noqa: E402
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (in, out): q/k/v fused, o, gate/up fused, down
 LAYERS = 30

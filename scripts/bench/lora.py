@@ -18,8 +18,8 @@ from prompts import PROMPTS  # noqa: E402
 
 from serve.wiring import single_engine  # noqa: E402
 from serve.config import Settings  # noqa: E402
-from serve.model.source import embedded_model_file, gguf_to_folder  # noqa: E402
-from tests.engine.test_lora import make_adapter  # noqa: E402
+from serve.loading.source import embedded_model_file, gguf_to_folder  # noqa: E402
+from tests.unit.test_lora import make_adapter  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_LORA_ROUNDS", "3"))
 

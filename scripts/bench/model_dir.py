@@ -16,7 +16,7 @@ def loader_folder() -> Path:
     """The safetensors folder our loader makes from the embedded GGUF."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `serve`
     from serve.config import load_settings
-    from serve.model.source import embedded_model_file, gguf_to_folder
+    from serve.loading.source import embedded_model_file, gguf_to_folder
 
     return gguf_to_folder(embedded_model_file(), load_settings().cache_dir)
 

@@ -34,7 +34,7 @@ from serve.engine.kv_cache import CacheShape, PagedKVCache  # noqa: E402
 from serve.engine.runner import ModelRunner  # noqa: E402
 from serve.engine.types import Request, SamplingParams  # noqa: E402
 from serve.engine.scheduler import StepPlan  # noqa: E402
-from serve.models.llama import LlamaForServing  # noqa: E402
+from serve.modeling.llama import LlamaForServing  # noqa: E402
 
 # Operators that neither compute nor copy: views, shape queries and allocations launch no kernel.
 NO_KERNEL = {

@@ -33,7 +33,7 @@ from server_metrics import scrape  # noqa: E402
 
 from serve.config import Settings  # noqa: E402
 from serve.engine import Request, SamplingParams  # noqa: E402
-from serve.model.source import embedded_model_file, gguf_to_folder  # noqa: E402
+from serve.loading.source import embedded_model_file, gguf_to_folder  # noqa: E402
 from serve.wiring import single_engine  # noqa: E402
 from tests.helpers import build_tiny_llama, start_server  # noqa: E402
 

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from serve.config import Settings  # noqa: E402
 from serve.engine.kv_cache import CacheShape, PagedKVCache  # noqa: E402
 from serve.engine.runner import ModelRunner  # noqa: E402
-from serve.model.loader import load_model  # noqa: E402
+from serve.loading.loader import load_model  # noqa: E402
 
 
 def build_runner(model_id: str, max_batch: int, context: int, block: int = 16) -> ModelRunner:

@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from serve.config import Settings  # noqa: E402
-from serve.model.source import embedded_model_file, gguf_to_folder  # noqa: E402
+from serve.loading.source import embedded_model_file, gguf_to_folder  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 PAD_PREFIX = "Ġzq"  # byte-level BPE: "Ġ" is a space, so an extra entry decodes to " zq<letters>"

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from serve.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
-from serve.model.loader import LoadedModel  # noqa: E402
+from serve.loading.loader import LoadedModel  # noqa: E402
 
 LLAMA_8B = dict(
     hidden_size=4096,

@@ -52,7 +52,7 @@ def decode_floor(plan: Plan, folder: Path, bytes_per_s: float) -> dict[str, Any]
     """Bytes read per decode step (all weights once + every sequence's KV) and the time at ``bytes_per_s``."""
     from transformers import AutoConfig
 
-    from serve.model.placement import footprint, parameter_count
+    from serve.loading.placement import footprint, parameter_count
 
     config = AutoConfig.from_pretrained(str(folder))
     itemsize = 2 if plan.dtype in ("bfloat16", "float16") else 4
@@ -337,7 +337,7 @@ def stage_hf(plan: Plan, out: Path) -> None:
     import torch
     from transformers import AutoConfig
 
-    from serve.model.loader import build_random
+    from serve.loading.loader import build_random
 
     record = Recorder(out / "hf.json")
     config = AutoConfig.from_pretrained(str(model_folder(out, plan.shape)))

@@ -1,7 +1,7 @@
 """Export the embedded SmolLM2 as a plain transformers folder, as a SageMaker model.tar.gz unpacks at /opt/ml/model.
 
 Usage: python scripts/image/export_model.py DEST  (DEST is replaced). The conversion is the server's own
-(serve.model.source.gguf_to_folder, cached under SERVE_CACHE_DIR); the files are hard-linked when possible.
+(serve.loading.source.gguf_to_folder, cached under SERVE_CACHE_DIR); the files are hard-linked when possible.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from serve.config import load_settings  # noqa: E402
-from serve.model.source import embedded_model_file, gguf_to_folder  # noqa: E402
+from serve.loading.source import embedded_model_file, gguf_to_folder  # noqa: E402
 
 
 def _link_or_copy(source: str, target: str) -> None:

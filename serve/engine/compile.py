@@ -1,7 +1,7 @@
 """COMPILE: ``torch.compile`` of the lean model's per-layer pieces, with inductor's cache on disk and an eager
 fallback.
 
-Each decoder layer runs as two halves around the engine's paged attention (``serve.models.llama.run_layer``):
+Each decoder layer runs as two halves around the engine's paged attention (``serve.modeling.llama.run_layer``):
 before it (input norm, fused q/k/v, q/k norms, RoPE) and after it (o projection, residual, norm, MLP, residual).
 Those two functions are compiled once and shared by every layer (the layer's weights are graph inputs, so all
 layers reuse one compiled graph). Attention — the KV-cache write and gather — stays eager behind ``attend``.

@@ -1,7 +1,7 @@
 """How fused projections are addressed: a fused layer (q/k/v in one matrix, gate/up in another) lists its parts.
 
 A model's fused layer has ``parts``: projection name -> the slice of its output rows that projection owns. LoRA
-deltas (serve.engine.lora) and checkpoint weights (serve.models.weights) both find a projection's rows here.
+deltas (serve.engine.lora) and checkpoint weights (serve.modeling.weights) both find a projection's rows here.
 """
 
 from __future__ import annotations

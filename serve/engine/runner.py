@@ -41,7 +41,7 @@ class ModelRunner:
     ):
         """``max_batch`` sequences of up to ``max_blocks`` KV blocks each may decode in one step; ``cpu_threads``:
         torch's threads for every step on the CPU (None: leave torch's count alone)."""
-        if not getattr(model, "serve_calls_attend", False):  # lean models (serve/models/) call attend() themselves
+        if not getattr(model, "serve_calls_attend", False):  # lean models (serve/modeling/) call attend() themselves
             if not getattr(model, "_supports_attention_backend", False):
                 name = type(model).__name__
                 raise UnsupportedModel(f"{name} does not support pluggable attention; it cannot be batched")

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, TypeAdapter
 
-from serve.schemas import openai_responses as oa
-from serve.schemas import tgi
-from serve.schemas.error_bodies import OpenAIError, TGIError
-from serve.schemas.sagemaker import Status
+from serve.http.schemas import openai_responses as oa
+from serve.http.schemas import tgi
+from serve.http.schemas.error_bodies import OpenAIError, TGIError
+from serve.http.schemas.sagemaker import Status
 from tests.helpers import sse_data
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}

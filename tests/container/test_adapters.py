@@ -3,7 +3,7 @@
 import pytest
 import requests
 
-from tests.engine.test_lora import make_adapter, merged_greedy
+from tests.unit.test_lora import make_adapter, merged_greedy
 from tests.helpers import start_server
 
 pytestmark = pytest.mark.e2e

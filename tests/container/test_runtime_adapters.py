@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.engine.test_lora import make_adapter, merged_greedy
+from tests.unit.test_lora import make_adapter, merged_greedy
 from tests.helpers import sse_data, start_server
 
 pytestmark = pytest.mark.e2e

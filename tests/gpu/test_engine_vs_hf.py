@@ -44,7 +44,7 @@ def hf_model(folder: Path, dtype_name: str):
     import torch
     from transformers import AutoConfig
 
-    from serve.model.loader import build_random
+    from serve.loading.loader import build_random
 
     return build_random(AutoConfig.from_pretrained(str(folder)), getattr(torch, dtype_name), torch.device(DEVICE))
 

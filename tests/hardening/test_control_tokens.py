@@ -42,7 +42,7 @@ def test_ordinary_messages_tokenize_as_before(embedded_folder):
     """Rendering with placeholders and tokenizing the pieces gives the same ids as tokenizing the whole prompt."""
     from transformers import AutoTokenizer
 
-    from serve.model.prompt import encode_chat, render_chat
+    from serve.front.prompt import encode_chat, render_chat
 
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_folder))
     for messages in (
@@ -68,7 +68,7 @@ def assert_renders_once(tokenizer, messages) -> None:
     """Messages without special-token strings are tokenized from the one rendered text (no placeholder render)."""
     from unittest import mock
 
-    from serve.model import prompt
+    from serve.front import prompt
 
     text = prompt.render_chat(tokenizer, messages)
     with mock.patch.object(prompt, "content_spans", side_effect=AssertionError("rendered twice")):

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from serve.config import Settings
-from serve.model.loader import load_model
+from serve.loading.loader import load_model
 from tests.helpers import sse_data, start_server
 
 pytestmark = pytest.mark.e2e

@@ -79,7 +79,7 @@ def test_chunked_body_within_the_limit_is_served(hardened_server):
 
 def test_failure_while_rendering_a_stream_cancels_what_it_admitted(client, tiny_engine, monkeypatch):
     """Any failure after admission (here the second role chunk of n=2 fails to render) releases every choice."""
-    from serve.schemas import openai as oa
+    from serve.http.schemas import openai as oa
 
     real, calls = oa.chat_chunk, []
 

@@ -13,8 +13,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from serve.schemas import openai as oa
-from serve.schemas import tgi
+from serve.http.schemas import openai as oa
+from serve.http.schemas import tgi
 from tests.hardening.conftest import healthy
 
 pytestmark = pytest.mark.e2e

@@ -6,8 +6,8 @@ import socket
 import threading
 import time
 
-from serve.disconnect import DisconnectWatcher, client_gone
-from serve.shutdown import Drain
+from serve.http.disconnect import DisconnectWatcher, client_gone
+from serve.http.shutdown import Drain
 from tests.helpers import wait_for
 
 

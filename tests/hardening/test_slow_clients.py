@@ -132,7 +132,7 @@ def test_slow_and_silent_clients_for_60_seconds(hardened_server):
 
 
 def test_a_thread_gets_a_request_only_once_its_head_and_known_body_are_in():
-    from serve.worker import MAX_HEAD_BYTES, head_complete
+    from serve.http.worker import MAX_HEAD_BYTES, head_complete
 
     head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
     assert head_complete(b"POST /generate HTTP/1.1\r\nHost: x\r\n") is None  # headers still arriving

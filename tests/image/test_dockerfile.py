@@ -90,8 +90,8 @@ def test_a_code_change_does_not_reinstall_dependencies(parser):
 def test_the_cpu_kernel_is_built_in_a_stage_of_its_own_and_no_compiler_is_served(parser):
     assert instructions(parser, "FROM") == ["${BASE_IMAGE} AS cpu-kernel", "${BASE_IMAGE}"]
     steps = served_stage(parser)
-    assert "COPY --from=cpu-kernel /build/out/ serve/models/" in steps
-    assert steps.index("COPY --from=cpu-kernel /build/out/ serve/models/") > steps.index("COPY serve/ serve/")
+    assert "COPY --from=cpu-kernel /build/out/ serve/modeling/" in steps
+    assert steps.index("COPY --from=cpu-kernel /build/out/ serve/modeling/") > steps.index("COPY serve/ serve/")
     assert not [step for step in steps if "gcc" in step]  # the served image carries no compiler
     kernel_stage = [f"{item['instruction']} {item['value']}" for item in parser.structure][: -len(steps)]
     assert "RUN python3 /build/cpu_kernel.py /build/out" in kernel_stage

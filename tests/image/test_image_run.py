@@ -79,7 +79,7 @@ def test_any_other_argument_is_executed_as_given(container):
 
 
 def test_the_served_image_has_the_cpu_kernel_and_no_compiler(container):
-    listing = container.execute(["sh", "-c", "ls /opt/program/serve/models/; command -v cc gcc || true"])
+    listing = container.execute(["sh", "-c", "ls /opt/program/serve/modeling/; command -v cc gcc || true"])
     assert listing.returncode == 0, listing.stderr
     names = listing.stdout.split()
     assert [name for name in names if name.startswith("serve_panels-") and name.endswith(".so")], names

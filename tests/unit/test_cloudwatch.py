@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from serve.cloudwatch import EmfReporter, percentile
+from serve.sagemaker.emf import EmfReporter, percentile
 from serve.engine.types import EngineStats, Limits
 from serve.engine.types import FinishReason, Timings, TokenEvent
 from serve.metrics import Metrics

@@ -1,7 +1,7 @@
 import pytest
 
-from serve.errors import ValidationFailed
-from serve.routes.sagemaker import CHAT, COMPLETION, GENERATE, payload_kind
+from serve.http.errors import ValidationFailed
+from serve.sagemaker.invocations import CHAT, COMPLETION, GENERATE, payload_kind
 
 MESSAGES = {"messages": [{"role": "user", "content": "hi"}]}
 

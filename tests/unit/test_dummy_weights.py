@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve.app import create_app
+from serve.http.app import create_app
 from serve.wiring import single_engine
 from serve.config import Settings, SettingsError, load_settings
-from serve.model.loader import load_model
+from serve.loading.loader import load_model
 from tests.helpers import TINY_KV_TOKENS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "gpu"))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from serve.config import Settings
-from serve.model.source import EMBEDDED_NAME, ModelLoadError, adapter_folders, download_from_hub, resolve_source
-from serve.model.loader import cpu_prefers_bf16, resolve_dtype, use_cpu_threads
+from serve.loading.source import EMBEDDED_NAME, ModelLoadError, adapter_folders, download_from_hub, resolve_source
+from serve.loading.loader import cpu_prefers_bf16, resolve_dtype, use_cpu_threads
 
 
 def settings(**kwargs) -> Settings:

@@ -1,5 +1,5 @@
-"""The OpenAPI document (serve.openapi) without a model: response schemas are the response models' own, errors are
-documented in the style serve.errors.error_style picks, and serve.schemas stays free of HTTP code."""
+"""The OpenAPI document (serve.http.openapi) without a model: response schemas are the response models' own, errors are
+documented in the style serve.http.errors.error_style picks, and serve.http.schemas stays free of HTTP code."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from typing import Any, Iterator
 import pytest
 from flask import Flask
 
-from serve.errors import ErrorStyle, error_style
-from serve.openapi import ERROR_MODELS, REF, build_openapi
-from serve.routes import adapters, docs, openai, sagemaker, tgi
-from serve.schemas import openai_responses as responses
-from serve.schemas import tgi as tgi_schemas
-from serve.schemas.error_bodies import OpenAIError, TGIError
-from serve.schemas.sagemaker import Status
+from serve.http.errors import ErrorStyle, error_style
+from serve.http.openapi import ERROR_MODELS, REF, build_openapi
+from serve.http.routes import docs, openai, tgi
+from serve.sagemaker import adapter_routes as adapters
+from serve.sagemaker import invocations as sagemaker
+from serve.http.schemas import openai_responses as responses
+from serve.http.schemas import tgi as tgi_schemas
+from serve.http.schemas.error_bodies import OpenAIError, TGIError
+from serve.http.schemas.sagemaker import Status
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "serve" / "schemas"
 RESPONSE_MODELS = (
@@ -124,4 +126,6 @@ def test_schemas_hold_no_http_code(source):
             imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module or "")
-    assert not {name for name in imported if name.split(".")[0] in ("flask", "werkzeug") or name == "serve.security"}
+    assert not {
+        name for name in imported if name.split(".")[0] in ("flask", "werkzeug") or name == "serve.http.security"
+    }

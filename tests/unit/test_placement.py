@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from serve.model.placement import MIN_CACHE_SLOTS, PlacementError, footprint, parameter_count, plan_placement
+from serve.loading.placement import MIN_CACHE_SLOTS, PlacementError, footprint, parameter_count, plan_placement
 
 GIB = 1024**3
 LLAMA_1B = SimpleNamespace(  # Llama-3.2-1B

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import BitsAndBytesConfig, FineGrainedFP8Config
 
-from serve.model import quantize
-from serve.model.quantize import QuantizationError, resolve_quantization
+from serve.loading import quantize
+from serve.loading.quantize import QuantizationError, resolve_quantization
 
 PLAIN = SimpleNamespace()
 GPTQ_4BIT = SimpleNamespace(quantization_config={"quant_method": "gptq", "bits": 4})

@@ -1,6 +1,6 @@
 """The response bodies on the wire, key for key and in order, and each one its pydantic model's dump.
 
-The builders of serve.schemas produce them; the per-token ones write dicts directly, so ``conforms`` holds each
+The builders of serve.http.schemas produce them; the per-token ones write dicts directly, so ``conforms`` holds each
 body equal to what its model (the one /openapi.json documents) makes of it.
 """
 
@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 
 from serve.engine.types import FinishReason, TokenEvent
-from serve.errors import GenerationFailed, NotReady, Unauthorized, ValidationFailed
-from serve.schemas.error_bodies import OpenAIError, TGIError
+from serve.http.errors import GenerationFailed, NotReady, Unauthorized, ValidationFailed
+from serve.http.schemas.error_bodies import OpenAIError, TGIError
 from pydantic import BaseModel
 
-from serve.schemas import openai as oa
-from serve.schemas import openai_responses as responses
-from serve.schemas import tgi
+from serve.http.schemas import openai as oa
+from serve.http.schemas import openai_responses as responses
+from serve.http.schemas import tgi
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "calc", "arguments": '{"x": 1}'}}
 USAGE = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8, "prompt_tokens_details": {"cached_tokens": 2}}

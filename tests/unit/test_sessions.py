@@ -4,9 +4,9 @@ from dataclasses import replace
 
 import pytest
 
-from serve.app import create_app
-from serve.errors import BadRequest
-from serve.sessions import SessionStore, session_request_type
+from serve.http.app import create_app
+from serve.http.errors import BadRequest
+from serve.sagemaker.sessions import SessionStore, session_request_type
 
 
 class Clock:

@@ -1,6 +1,6 @@
 """SSE writes: events that are already waiting share one write; nothing is held back once none waits."""
 
-from serve.routes.sse import MAX_CHUNKS_PER_WRITE, coalesce
+from serve.http.routes.sse import MAX_CHUNKS_PER_WRITE, coalesce
 
 
 def test_waiting_events_share_a_write_and_the_last_is_never_held_back():

@@ -1,6 +1,6 @@
 """Reading tool calls back from model text, and holding streamed text that may be a call."""
 
-from serve.schemas.tools import Tool, ToolCallBuffer, call_schema, parse_tool_calls
+from serve.http.schemas.tools import Tool, ToolCallBuffer, call_schema, parse_tool_calls
 
 WEATHER = Tool.model_validate(
     {"function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
@@ -46,7 +46,7 @@ def test_call_schema_pins_the_name_of_each_tool():
 
 
 def test_a_forced_call_cut_by_max_tokens_keeps_name_and_partial_arguments():
-    from serve.schemas.tools import truncated_tool_call
+    from serve.http.schemas.tools import truncated_tool_call
 
     tools = [Tool.model_validate({"function": {"name": "calc"}}), Tool.model_validate({"function": {"name": "clock"}})]
     call = truncated_tool_call('{"name": "calc", "arguments": {"a": 1, "b', tools)[0]["function"]

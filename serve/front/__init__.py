@@ -1,0 +1,1 @@
+"""The front's side of the engine boundary: prompts rendered and encoded, requests admitted, results collected."""

@@ -1,0 +1,1 @@
+"""The HTTP layer: the Flask app, its routes and schemas, SSE, OpenAPI, security, slow clients and shutdown."""

@@ -1,0 +1,350 @@
+"""Load the model found by serve.loading.source onto its devices: dtype, quantization, placement, the lean model or
+transformers, LoRA adapters attached; or dummy weights of the same shape (HF_MODEL_LOAD_FORMAT=dummy)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from serve.config import Settings
+from serve.loading.placement import MIN_CACHE_SLOTS, PlacementError, PlacementPlan, footprint, plan_placement
+from serve.loading.quantize import Quantization, QuantizationError, resolve_quantization
+from serve.loading.source import ModelLoadError, ModelSource, adapter_folders, local_folder, resolve_source
+
+log = logging.getLogger(__name__)
+
+# from_pretrained patches process-wide state (default dtype, weight init) while it runs: two engines of a pool
+# loading at once in one process corrupt each other's weights, so copies load one after the other
+_LOAD_LOCK = threading.Lock()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    device: Any
+    dtype: Any
+    max_context: int
+    plan: Optional[PlacementPlan] = None
+    quantization: Optional[str] = None
+    adapters: tuple[str, ...] = ()
+    cpu_threads: Optional[int] = None  # torch's compute threads on the CPU
+    cpu_weights: Optional[str] = None  # on the CPU: the kernel packed for, or dense, and why (layers.pack_for_cpu)
+
+
+def cpu_prefers_bf16(cpuinfo: Optional[str] = None) -> bool:
+    """True when the CPU multiplies bfloat16 fast enough to prefer it (x86 AMX, Arm bf16, AMD Zen 5); reads
+    /proc/cpuinfo.
+
+    ``avx512_bf16`` alone (AMD Zen 4, 256-bit data paths) does not count: there bf16 ran at 0.79x / 0.90x / 1.06x of
+    our packed float32 at batch 1 / 8 / 32. With ``avx512_vp2intersect`` beside it (Zen 5, full 512-bit paths) it
+    ran at 1.11x / 1.14x / 1.26x (README, "dtype")."""
+    from serve.modeling.cpu_kernel import cpu_flags
+
+    flags = cpu_flags(cpuinfo)
+    zen5 = {"avx512_bf16", "avx512_vp2intersect"} <= flags
+    return zen5 or bool(flags & {"amx_bf16", "bf16"})
+
+
+def resolve_dtype(name: str, on_cuda: bool, cpu_bf16: Optional[bool] = None) -> Any:
+    """``auto`` is bfloat16 on CUDA and on CPUs that prefer it (``cpu_prefers_bf16``), float32 on other CPUs;
+    otherwise the named dtype."""
+    import torch
+
+    if name == "auto":
+        prefers = cpu_prefers_bf16() if cpu_bf16 is None else cpu_bf16
+        return torch.bfloat16 if on_cuda or prefers else torch.float32
+    return getattr(torch, name)
+
+
+def _visible_gpu_free_bytes() -> list[int]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.mem_get_info(index)[0] for index in range(torch.cuda.device_count())]
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A local folder plus the decisions made before loading: dtype, quantization and placement."""
+
+    source: ModelSource
+    folder: Path
+    dtype: Any
+    quantization: Quantization
+    plan: PlacementPlan
+    adapters: dict[str, Path] = field(default_factory=dict)
+
+
+def prepare_model(settings: Settings) -> PreparedModel:
+    """Resolve and fetch the model, then decide dtype, quantization and placement from its config and the GPUs."""
+    from transformers import AutoConfig
+
+    source = resolve_source(settings)
+    log.info("model source: %s %s", source.kind, source.location)
+    folder = local_folder(source, settings)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read the model config in {folder}: {exc}") from exc
+    free = _visible_gpu_free_bytes()
+    on_cuda = bool(free)
+    dtype = resolve_dtype(settings.dtype, on_cuda)
+    try:
+        quantization = resolve_quantization(settings.quantize, on_cuda, config, dtype)
+        dtype_bytes = dtype.itemsize
+        model = footprint(config, quantization.bytes_per_parameter or dtype_bytes, dtype_bytes)
+        slot = settings.max_total_tokens or min(int(getattr(config, "max_position_embeddings", 0) or 4096), 4096)
+        cache_tokens = settings.max_batch_total_tokens or MIN_CACHE_SLOTS * slot
+        plan = plan_placement(settings.placement, settings.num_gpus, free, model, cache_tokens, settings.replicas)
+    except (PlacementError, QuantizationError) as exc:
+        raise ModelLoadError(str(exc)) from exc
+    log.info(
+        "placement: %s on %s (PLACEMENT=%s): %s", plan.mode, ", ".join(plan.devices), settings.placement, plan.reason
+    )
+    return PreparedModel(source, folder, dtype, quantization, plan, adapter_folders(settings))
+
+
+def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, engine_index: int = 0) -> LoadedModel:
+    """Load engine ``engine_index``'s copy of the model (preparing it first when not given); ModelLoadError on
+    failure."""
+    from serve.engine.lora import AdapterError, attach_adapters
+
+    started = time.monotonic()
+    prepared = prepared or prepare_model(settings)
+    placement = prepared.plan.engines[engine_index]
+    on_cpu = all(device == "cpu" for device in placement.devices)
+    cpu_threads = use_cpu_threads(settings.torch_threads) if on_cpu else None
+    kwargs = {**placement.from_pretrained_kwargs(), **prepared.quantization.kwargs}
+    log.info(
+        "loading %s from %s as %s on %s",
+        prepared.source.name,
+        prepared.folder,
+        prepared.dtype,
+        ", ".join(placement.devices),
+    )
+    with _LOAD_LOCK:
+        if settings.load_format == "dummy":
+            model, tokenizer = dummy_model(prepared, settings, placement.devices)
+        else:
+            lean = _load_lean(prepared, settings, placement)
+            model, tokenizer = lean or _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
+    cpu_weights = _pack_cpu_weights(model, settings) if on_cpu else None
+    try:
+        attach_adapters(model, prepared.adapters, settings.max_lora_rank)
+    except AdapterError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    max_context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    log.info(
+        "model loaded in %.1f s: %s on %s, context %d tokens",
+        time.monotonic() - started,
+        prepared.source.name,
+        model.device,
+        max_context,
+    )
+    return LoadedModel(
+        model,
+        tokenizer,
+        prepared.source.name,
+        model.device,
+        prepared.dtype,
+        max_context,
+        plan=prepared.plan,
+        quantization=prepared.quantization.method,
+        adapters=tuple(prepared.adapters),
+        cpu_threads=cpu_threads,
+        cpu_weights=cpu_weights,
+    )
+
+
+def _pack_cpu_weights(model: Any, settings: Settings) -> str:
+    """Hand the lean model's float32 weights to a CPU kernel in its own layout (PACK_CPU_WEIGHTS, on by default):
+    the panel kernel (CPU_KERNEL=panels, where it builds) or oneDNN. Each layer is checked against the dense
+    matmul first. Returns what /info shows."""
+    from serve.modeling.cpu_kernel import load_panel_kernel
+    from serve.modeling.layers import pack_for_cpu
+
+    if not settings.pack_cpu_weights:
+        layout = "dense: PACK_CPU_WEIGHTS=false"
+    elif settings.compile:  # inductor cannot trace the packed layers; COMPILE gains less on the CPU (docs/gpu.md)
+        layout = "dense: COMPILE=true compiles the dense layers"
+    elif settings.cpu_kernel == "onednn":
+        layout = pack_for_cpu(model) + " (CPU_KERNEL=onednn)"
+    else:
+        kernel, why_not = load_panel_kernel(settings.cache_dir)
+        layout = pack_for_cpu(model, kernel) + (f" (no panel kernel: {why_not})" if kernel is None else "")
+    log.info("CPU weights: %s", layout)
+    return layout
+
+
+def use_cpu_threads(requested: Optional[int], cores: Optional[int] = None) -> int:
+    """The engine's torch compute threads on the CPU, set on the calling (engine) thread: TORCH_THREADS, or every
+    core. Measured with `make bench` on 2 cores (README, "The HTTP side and the engine's threads"): with the
+    oneDNN-packed weights, 2 threads beat 1 by 10% at c=1 and 35-40% at c=32, the HTTP side included. On a machine
+    shared with other busy work, one thread fewer than the free cores avoids waiting at every op for a descheduled
+    thread."""
+    import torch
+
+    cores = cores or len(os.sched_getaffinity(0))
+    threads = requested or cores
+    torch.set_num_threads(threads)
+    log.info("torch computes on %d thread(s) of %d core(s)", threads, cores)
+    return threads
+
+
+def lean_fallback_reason(prepared: PreparedModel, settings: Settings, placement: Any, config: Any) -> Optional[str]:
+    """Why this model, as configured, is served by transformers' model code rather than serve/modeling/ (None: lean)."""
+    from serve.modeling import safetensors_files, unsupported_reason
+
+    if not settings.lean_model:
+        return "LEAN_MODEL=false"
+    if prepared.quantization.method is not None:
+        return f"quantization {prepared.quantization.method} is loaded by transformers"
+    if len(placement.devices) != 1:
+        return f"the model is split over {len(placement.devices)} devices (accelerate places it)"
+    if settings.trust_remote_code and getattr(config, "auto_map", None):
+        return "the checkpoint brings its own model code (HF_MODEL_TRUST_REMOTE_CODE=true)"
+    if not safetensors_files(prepared.folder):
+        return "the lean loader reads safetensors weights only"
+    return unsupported_reason(config)
+
+
+def _load_lean(prepared: PreparedModel, settings: Settings, placement: Any) -> Optional[tuple[Any, Any]]:
+    """(model, tokenizer) from serve/modeling/ when it can serve this model exactly; None (reason logged) otherwise."""
+    from transformers import AutoConfig
+
+    from serve.modeling import CheckpointMismatch, load_pretrained
+
+    config = AutoConfig.from_pretrained(str(prepared.folder), trust_remote_code=settings.trust_remote_code)
+    reason = lean_fallback_reason(prepared, settings, placement, config)
+    if reason is None:
+        tokenizer = _tokenizer(prepared.folder, settings)
+        try:
+            model = load_pretrained(prepared.folder, config, placement.devices[0], prepared.dtype)
+            log.info("lean model: %s (%s) served by serve/modeling/", type(model).__name__, config.model_type)
+            return model, tokenizer
+        except CheckpointMismatch as exc:
+            reason = f"the checkpoint does not fit the lean model: {exc}"
+    log.info("transformers model code serves %s: %s", config.model_type, reason)
+    return None
+
+
+def _tokenizer(folder: Path, settings: Settings) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the tokenizer in {folder}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _from_pretrained(folder: Path, settings: Settings, dtype: Any, extra: dict[str, Any]) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trust = settings.trust_remote_code
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder),
+            dtype=dtype,
+            trust_remote_code=trust,
+            use_safetensors=None if settings.allow_unsafe_weights else True,
+            **extra,
+        )
+    except (OSError, ValueError) as exc:
+        hint = (
+            ""
+            if settings.allow_unsafe_weights
+            else " (pickle weights, *.bin and *.pt, are refused: only safetensors load unless "
+            "ALLOW_PICKLE_WEIGHTS=true)"
+        )
+        raise ModelLoadError(f"could not load the model in {folder}: {exc}{hint}") from exc
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+DUMMY_SEED = 0
+
+
+def dummy_model(prepared: PreparedModel, settings: Settings, devices: tuple[str, ...]) -> tuple[Any, Any]:
+    """HF_MODEL_LOAD_FORMAT=dummy: the model of ``config.json`` with random weights, built on its device and dtype.
+
+    Parameters are allocated directly on the target device (no CPU copy first) and drawn from a small normal
+    distribution with a fixed seed, so two engines (and HF reference runs) built from one folder agree.
+    """
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    if len(devices) != 1 or prepared.quantization.method:
+        raise ModelLoadError("HF_MODEL_LOAD_FORMAT=dummy needs one device per engine and no HF_MODEL_QUANTIZE")
+    trust = settings.trust_remote_code
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(prepared.folder), trust_remote_code=trust)
+        config = AutoConfig.from_pretrained(str(prepared.folder), trust_remote_code=trust)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read the config or tokenizer in {prepared.folder}: {exc}") from exc
+    log.info("HF_MODEL_LOAD_FORMAT=dummy: random %s weights on %s, no checkpoint read", prepared.dtype, devices[0])
+    model = build_random(config, prepared.dtype, torch.device(devices[0]), trust)
+    if settings.lean_model and not (trust and getattr(config, "auto_map", None)):
+        model = _as_lean(model, config)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _as_lean(model: Any, config: Any) -> Any:
+    """The same random weights in the lean model (serve/modeling/) when it serves ``config``; else ``model``.
+
+    The weights are copied from transformers' model, so a reference run of that model from the same folder and
+    seed sees the same weights."""
+    from transformers import GenerationConfig
+
+    from serve.modeling import LlamaForServing, unsupported_reason
+    from serve.modeling.weights import load_tensors
+
+    reason = unsupported_reason(config)
+    if reason is not None:
+        log.info("dummy weights: transformers model code serves %s: %s", config.model_type, reason)
+        return model
+    lean = LlamaForServing(config, model.device, model.dtype)
+    load_tensors(lean, model.state_dict().items())
+    lean.generation_config = GenerationConfig.from_model_config(config)
+    return lean
+
+
+def build_random(config: Any, dtype: Any, device: Any, trust_remote_code: bool = False, seed: int = DUMMY_SEED) -> Any:
+    """A transformers causal LM of ``config`` with seeded random weights, built on ``device`` in ``dtype``, in
+    eval mode (``dummy_model`` moves the weights into the lean model where it serves the architecture)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):  # parameters allocated on the device; from_config sets the default dtype
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    _randomize(model, float(getattr(config, "initializer_range", 0.02) or 0.02), seed)
+    return model.eval()
+
+
+def _randomize(model: Any, std: float, seed: int) -> None:
+    """Matrices (projections, embeddings) ~ N(0, std); vectors (norm scales, biases) keep their built values."""
+    import torch
+
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, std, generator=generator)

@@ -1,1 +1,0 @@
-"""Model loading and prompt rendering."""

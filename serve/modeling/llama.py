@@ -1,0 +1,248 @@
+"""A lean forward for the Llama family (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, SmolLM2) over the engine's KV cache.
+
+The step is one flat row of tokens (decode tokens and prompt chunks of all running sequences): every linear layer
+runs once over all of them, q/k/v and gate/up each as one fused matmul, and attention goes through the engine's
+single seam, ``serve.engine.attention.attend``. The module tree mirrors transformers' (``model.layers.N.self_attn``,
+``model.layers.N.mlp``...), so checkpoint and peft names map onto it; fused layers name their parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serve.engine.attention import attend
+from serve.modeling.layers import (
+    STATIC_ROPE_TYPES,
+    FusedLinear,
+    Linear,
+    RMSNorm,
+    Rotary,
+    head_dim_of,
+    linear_plus,
+    rope_type,
+    rotate_,
+)
+
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def unsupported_reason(config: Any) -> Optional[str]:
+    """Why the lean model cannot serve ``config`` exactly as transformers would (None when it can)."""
+    if config.model_type not in LEAN_MODEL_TYPES:
+        return f"model type {config.model_type!r} has no lean model (lean: {', '.join(LEAN_MODEL_TYPES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} (the lean model implements silu)"
+    kind = rope_type(config)
+    if kind not in STATIC_ROPE_TYPES:
+        return f"rope type {kind!r} (the lean model implements {', '.join(STATIC_ROPE_TYPES)})"
+    if (config.rope_parameters or {}).get("partial_rotary_factor", 1.0) != 1.0:
+        return "partial rotary embeddings"
+    if getattr(config, "quantization_config", None) is not None:
+        return "a quantized checkpoint"
+    return None
+
+
+def _biases(config: Any) -> tuple[bool, bool]:
+    """(q/k/v bias, o bias) as each family's transformers code builds them."""
+    if config.model_type == "qwen2":
+        return True, False
+    bias = bool(getattr(config, "attention_bias", False))
+    return bias, bias
+
+
+@dataclass
+class CausalOutput:
+    """What the runner reads: ``logits`` [1, rows kept, vocab]."""
+
+    logits: torch.Tensor
+
+
+class Attention(nn.Module):
+    """Fused q/k/v projection, optional per-head q/k norms (Qwen3) and RoPE (``run_layer`` then calls the engine's
+    attention with them); the o projection."""
+
+    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.layer_idx = layer_idx  # the engine places each layer's cache by this (kv_cache.layer_devices)
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+        self.head_dim = head_dim_of(config)
+        self.scaling = self.head_dim**-0.5
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        qkv_bias, o_bias = _biases(config)
+        parts = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
+        self.qkv_proj = FusedLinear(config.hidden_size, parts, qkv_bias, device="meta", dtype=dtype)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias, device="meta", dtype=dtype)
+        self.q_norm = self.k_norm = None
+        if config.model_type == "qwen3":
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, device="meta", dtype=dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, device="meta", dtype=dtype)
+
+    def project(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries [tokens, heads, dim] and keys, and values [tokens, kv_heads, dim]: views of the fused
+        projection's output, whose query and key heads are rotated together in place."""
+        qkv = self.qkv_proj(hidden)
+        heads = qkv.view(qkv.shape[0], -1, self.head_dim)  # [tokens, heads + 2 * kv_heads, dim]
+        kv_end = self.heads + self.kv_heads
+        q, k, v = heads[:, : self.heads], heads[:, self.heads : kv_end], heads[:, kv_end:]
+        if self.q_norm is None:
+            rotate_(heads[:, :kv_end], cos, sin)
+            return q, k, v
+        return rotate_(self.q_norm(q), cos, sin), rotate_(self.k_norm(k), cos, sin), v
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP with gate and up fused into one matmul."""
+
+    def __init__(self, config: Any, dtype: torch.dtype):
+        super().__init__()
+        size, bias = config.intermediate_size, bool(getattr(config, "mlp_bias", False))
+        parts = {"gate_proj": size, "up_proj": size}
+        self.gate_up_proj = FusedLinear(config.hidden_size, parts, bias, device="meta", dtype=dtype)
+        self.down_proj = Linear(size, config.hidden_size, bias=bias, device="meta", dtype=dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual`` + the MLP of ``x`` (its down projection adds the residual in the same GEMM where it can)."""
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return linear_plus(self.down_proj, F.silu(gate) * up, residual)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks with residual connections."""
+
+    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx, dtype)
+        self.mlp = MLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device="meta", dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device="meta", dtype=dtype)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return run_layer(self, hidden, cos, sin, before_attention, after_attention)
+
+
+def before_attention(
+    layer: DecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's work up to attention: input norm, fused q/k/v, q/k norms, RoPE (what COMPILE compiles)."""
+    return layer.self_attn.project(layer.input_layernorm(hidden), cos, sin)
+
+
+def after_attention(layer: DecoderLayer, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """A layer's work after attention: o projection, residual, norm, MLP, residual (what COMPILE compiles)."""
+    hidden = linear_plus(layer.self_attn.o_proj, attended.reshape(attended.shape[0], -1), hidden)
+    return layer.mlp(layer.post_attention_layernorm(hidden), hidden)
+
+
+def run_layer(
+    layer: DecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, before: Any, after: Any
+) -> torch.Tensor:
+    """One decoder layer with its two halves given (eager, or compiled by serve/engine/compile.py) around the
+    engine's attention, which always runs eagerly."""
+    attn = layer.self_attn
+    q, k, v = before(layer, hidden, cos, sin)
+    return after(layer, hidden, attend(attn.layer_idx, q, k, v, attn.scaling))
+
+
+class Decoder(nn.Module):
+    """Embeddings, the decoder layers and the final norm (transformers' ``model.`` prefix)."""
+
+    def __init__(self, config: Any, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta", dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, index, dtype) for index in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device="meta", dtype=dtype)
+        self.rotary = Rotary(config)
+
+
+class LlamaForServing(nn.Module):
+    """The whole model. Built on the meta device, then materialised (uninitialised) on ``device``: use
+    ``from_config`` (random weights) or ``serve.modeling.load_pretrained`` (a checkpoint) to get a filled one."""
+
+    serve_calls_attend = True  # the runner does not install a transformers attention backend for this model
+
+    def __init__(self, config: Any, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        reason = unsupported_reason(config)
+        if reason is not None:
+            raise ValueError(f"the lean model cannot serve this config: {reason}")
+        self.config = config
+        self.generation_config: Any = None
+        self.model = Decoder(config, dtype)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, device="meta", dtype=dtype)
+        self.eager_layer_halves = (before_attention, after_attention)  # what the engine's COMPILE compiles
+        self.layer_halves: tuple[Any, Any] = self.eager_layer_halves  # compiled ones under COMPILE
+        self.to_empty(device=device)
+        self.tie_weights()
+        self.model.rotary.reset()
+        self.requires_grad_(False)
+        self.eval()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (transformers' name for it)."""
+        return self.model.embed_tokens
+
+    def tie_weights(self) -> None:
+        """The output head shares the embedding matrix when the config ties them."""
+        if self.tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_config(
+        cls, config: Any, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32
+    ) -> "LlamaForServing":
+        """Random weights, as vLLM's ``--load-format dummy``: normal(0, initializer_range) matrices, unit norms and
+        zero biases, made directly on ``device`` in ``dtype``."""
+        from transformers import GenerationConfig
+
+        model = cls(config, device, dtype)
+        std = float(getattr(config, "initializer_range", 0.02))
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith("bias"):
+                    parameter.zero_()
+                elif parameter.dim() == 1:
+                    parameter.fill_(1.0)
+                else:
+                    parameter.normal_(0.0, std)
+        model.generation_config = GenerationConfig.from_model_config(config)
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        **unused: Any,
+    ) -> CausalOutput:
+        """input_ids/position_ids [1, tokens] (one flat step) -> logits [1, rows, vocab] for the rows to keep.
+
+        ``logits_to_keep``: a LongTensor of step positions, or an int n (the last n; 0 for all), as in transformers.
+        """
+        if input_ids.shape[0] != 1:
+            raise ValueError("the lean model takes one flattened row of tokens per step")
+        hidden = self.model.embed_tokens(input_ids[0])
+        cos, sin = self.model.rotary(position_ids[0], hidden.dtype)  # sin: first half negated (Rotary)
+        before, after = self.layer_halves
+        for layer in self.model.layers:
+            hidden = run_layer(layer, hidden, cos, sin, before, after)
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden.index_select(0, logits_to_keep.to(hidden.device))
+        elif logits_to_keep:
+            hidden = hidden[-logits_to_keep:]
+        return CausalOutput(self.lm_head(self.model.norm(hidden))[None])

@@ -1,0 +1,108 @@
+"""LoRA adapters over HTTP: which adapter a request asks for, and SageMaker's register / unregister routes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from flask import Blueprint, Response, current_app, request
+
+from serve.sagemaker.adapters import AdapterRegistry
+from serve.http.errors import BadRequest, NotReady, ValidationFailed
+from serve.http.routes.common import service
+
+HEADER = "X-Amzn-SageMaker-Adapter-Identifier"
+ALIAS_HEADER = "X-Amzn-SageMaker-Adapter-Alias"
+
+blueprint = Blueprint("adapters", __name__)
+
+
+def registry() -> AdapterRegistry:
+    return current_app.extensions["serve.adapters"]
+
+
+def loaded_adapters() -> tuple[str, ...]:
+    return registry().names() if service().engine.ready else ()
+
+
+def requested_adapter(value: Optional[str], field: str, openai_model: bool = False) -> Optional[str]:
+    """The adapter's name, or None for the base model; a 422 naming an adapter that is not loaded.
+
+    The SageMaker headers win over the body (the identifier, else the alias an adapter was registered under).
+    OpenAI's ``model`` selects an adapter when it names one; any other model name means the base model (clients
+    send all sorts of names there).
+    """
+    header, param = "", field
+    for name in (HEADER, ALIAS_HEADER):
+        header = (request.headers.get(name) or "").strip()
+        if header:
+            param = name
+            break
+    name = header or value
+    if not name:
+        return None
+    if not service().engine.ready:
+        raise NotReady("the model is still loading; retry when /ping answers 200")
+    found = registry().resolve(name)
+    if found is not None:
+        return found
+    if openai_model and not header:
+        return None
+    names = loaded_adapters()
+    loaded = ", ".join(names) if names else "none"
+    raise ValidationFailed(f"{param}: adapter {name!r} is not loaded (loaded adapters: {loaded})", param)
+
+
+def _register_fields() -> dict[str, Any]:
+    """The JSON body's fields, or the query parameters when there is no JSON body (both forms are accepted)."""
+    raw = request.get_data(cache=True)
+    if raw.strip():
+        try:
+            payload = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            payload = None
+        if isinstance(payload, dict):
+            return payload
+        if request.args.get("name") is None:
+            raise BadRequest(
+                'the request body must be a JSON object {"name": ..., "src": ...} (or send them as query parameters)'
+            )
+    return request.args.to_dict()
+
+
+def _text_field(fields: dict[str, Any], name: str) -> str:
+    value = fields.get(name)
+    if value is None:
+        raise BadRequest(
+            f'{name}: required; send {{"name": "<adapter name>", "src": "<adapter folder or .tar.gz>"}}', name
+        )
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest(f"{name}: must be a non-empty string", name)
+    return value.strip()
+
+
+def _flag(fields: dict[str, Any], name: str) -> None:
+    """``preload`` and ``pin`` are accepted as the standard has them (every adapter is loaded and stays loaded)."""
+    value = fields.get(name)
+    if value is not None and not isinstance(value, bool) and str(value).lower() not in ("true", "false", "1", "0"):
+        raise BadRequest(f"{name}: must be a boolean", name)
+
+
+@blueprint.post("/adapters")
+def register_adapter() -> Response:
+    """Load a peft LoRA folder (or .tar.gz) as a named adapter; 200 with the standard's message."""
+    fields = _register_fields()
+    name, src = _text_field(fields, "name"), _text_field(fields, "src")
+    for flag in ("preload", "pin"):
+        _flag(fields, flag)
+    alias = (request.headers.get(ALIAS_HEADER) or "").strip() or None
+    registry().register(name, src, alias)
+    return Response(f"Adapter {alias or name} registered", 200, mimetype="text/plain")
+
+
+@blueprint.delete("/adapters/<name>")
+def unregister_adapter(name: str) -> Response:
+    """Unload an adapter once the requests running on it have finished; 404 when it is not registered."""
+    alias = (request.headers.get(ALIAS_HEADER) or "").strip() or None
+    registry().unregister(name)
+    return Response(f"Adapter {alias or name} unregistered", 200, mimetype="text/plain")

@@ -1,0 +1,75 @@
+"""SageMaker's routes: /ping and /invocations (Messages API switch, else dispatch by payload shape)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from serve.http.errors import ValidationFailed
+from serve.sagemaker.invocation import invocation
+from serve.http.routes import openai, tgi
+from serve.sagemaker import native
+from serve.http.routes.common import json_body, service, settings
+
+blueprint = Blueprint("sagemaker", __name__)
+
+CHAT, COMPLETION, GENERATE = "chat", "completion", "generate"
+
+
+@blueprint.get("/ping")
+def ping() -> Response:
+    """200 once the model is loaded, 503 before (and while shutting down); never waits on generation."""
+    engine = service().engine
+    if engine.ready:
+        return jsonify({"status": "healthy"})
+    status = "failed" if engine.load_error is not None else "loading"
+    return jsonify({"status": status}), 503
+
+
+@blueprint.post("/invocations")
+def invocations() -> Response:
+    answer = native.session_response()  # {"requestType": "NEW_SESSION" | "CLOSE"}
+    if answer is not None:
+        return answer
+    with invocation(native.invocation_context()) as context:  # live session id, deadline
+        handler = current_app.extensions.get(
+            "serve.sagemaker.custom_handler"
+        )  # code/inference.py: input_fn / output_fn around dispatch
+        if handler is None:
+            return native.mark_deadline(dispatch(json_body()), context)
+        response = dispatch(handler.payload(request, json_body))
+        rendered = handler.render(response, request.headers.get("Accept", "application/json"))
+        return native.mark_deadline(rendered, context)
+
+
+def dispatch(payload: dict[str, Any]) -> Response:
+    """Route an /invocations payload by its shape (or the MESSAGES_API_ENABLED switch)."""
+    kind = payload_kind(payload, settings().messages_api_enabled)
+    if kind == CHAT:
+        return openai.chat_completions(payload, route="/invocations")
+    if kind == COMPLETION:
+        return openai.completions(payload, route="/invocations")
+    return tgi.generate(payload, route="/invocations", as_list=True)
+
+
+def payload_kind(payload: dict[str, Any], messages_api_enabled: bool) -> str:
+    """Which API an /invocations body speaks: chat (``messages``), completion (``prompt``) or TGI (``inputs``)."""
+    if messages_api_enabled:
+        if "messages" in payload:
+            return CHAT
+        hint = ' (TGI-style "inputs" is not accepted while MESSAGES_API_ENABLED is true)' if "inputs" in payload else ""
+        raise ValidationFailed(
+            'messages: MESSAGES_API_ENABLED is true, so /invocations expects {"messages": [{"role": "user", '
+            f'"content": "..."}}]}}{hint}',
+            "messages",
+        )
+    if "inputs" in payload:
+        return GENERATE
+    if "messages" in payload:
+        return CHAT
+    if "prompt" in payload:
+        return COMPLETION
+    raise ValidationFailed(
+        'inputs: send {"inputs": "..."} (TGI), {"messages": [...]} (chat) or {"prompt": "..."} (completion)', "inputs"
+    )

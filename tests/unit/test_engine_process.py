@@ -1,0 +1,172 @@
+"""ENGINE_PROCESS: an engine in a spawned process answers exactly as the in-process engine does, and its failures
+reach the front as errors, never as hung streams or orphan processes."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import psutil
+import pytest
+
+from serve.engine import FinishReason, Request, SamplingParams
+from serve.engine.adapters import AdapterNotLoaded
+from serve.engine.interface import EngineClient
+from serve.engine.process import EngineProcess, EngineProcessError
+from serve.engine.scheduler import EngineOverloaded
+from serve.loading.loader import prepare_model
+from serve.wiring import build_engine, engine_config, serve_engine_copy
+from tests.helpers import TINY_KV_TOKENS
+
+PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
+
+
+@pytest.fixture(scope="module")
+def process_settings(tiny_settings):
+    return replace(tiny_settings, engine_process=True, max_concurrent_requests=4)
+
+
+@pytest.fixture(scope="module")
+def engine_process(process_settings):
+    engine = EngineProcess(
+        serve_engine_copy, (process_settings, prepare_model(process_settings), 0), engine_config(process_settings)
+    ).start()
+    assert engine.wait_ready(120), engine.load_error
+    yield engine
+    engine.stop()
+
+
+def generate(engine, text: str, tokens: int = 12, **params) -> list[int]:
+    ids = engine.tokenizer(text)["input_ids"]
+    stream = engine.submit(Request(prompt_ids=ids, params=SamplingParams(max_new_tokens=tokens, **params)))
+    events = list(stream)
+    assert events[-1].finish_reason is FinishReason.LENGTH, events[-1]
+    return [event.token_id for event in events if event.token_id is not None]
+
+
+def test_it_implements_every_member_of_the_engine_interface():
+    members = {name for name in vars(EngineClient) if not name.startswith("_")} | set(EngineClient.__annotations__)
+    engine = EngineProcess(serve_engine_copy, ())
+    assert [name for name in members if not hasattr(type(engine), name) and name not in vars(engine)] == []
+
+
+def test_greedy_and_seeded_tokens_equal_the_in_process_engines(engine_process, tiny_engine):
+    for text in PROMPTS:
+        assert generate(engine_process, text) == generate(tiny_engine, text)
+    sampled = {"temperature": 0.8, "top_p": 0.9, "seed": 7}
+    assert generate(engine_process, PROMPTS[0], **sampled) == generate(tiny_engine, PROMPTS[0], **sampled)
+
+
+def test_the_front_knows_the_model_limits_and_counters_without_its_weights(engine_process, tiny_engine):
+    assert engine_process.limits == replace(tiny_engine.limits, max_batch_size=4)  # its own cap
+    assert engine_process.loaded.name == tiny_engine.loaded.name
+    assert engine_process.loaded.model.config.vocab_size == tiny_engine.loaded.model.config.vocab_size
+    assert not hasattr(engine_process.loaded.model, "forward")  # a description, not the model
+    engine_process.grammars.check('start: "yes" | "no"')
+    before = engine_process.stats().steps
+    generate(engine_process, PROMPTS[1])
+    deadline = time.monotonic() + 5
+    while engine_process.stats().steps < before + 12 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine_process.stats().steps >= before + 12
+    assert engine_process.in_flight == 0
+    assert engine_process.describe()[0].served == engine_process.served > 0
+
+
+def test_a_cancelled_request_ends_cancelled_and_leaves_the_count(engine_process):
+    ids = engine_process.tokenizer(PROMPTS[0])["input_ids"]
+    stream = engine_process.submit(Request(prompt_ids=ids, params=SamplingParams(max_new_tokens=1000)))
+    first = next(iter(stream))
+    assert first.finish_reason is None
+    stream.close()
+    final = [event for event in stream][-1]
+    assert final.finish_reason is FinishReason.CANCELLED
+    assert engine_process.in_flight == 0
+
+
+def test_the_cap_and_unknown_adapters_are_refused_in_the_front(engine_process):
+    ids = engine_process.tokenizer(PROMPTS[0])["input_ids"]
+    with pytest.raises(AdapterNotLoaded):
+        engine_process.submit(Request(prompt_ids=ids, params=SamplingParams(), adapter="nope"))
+    sink: queue.Queue = queue.Queue()
+    long = SamplingParams(max_new_tokens=1000)
+    streams = [engine_process.submit(Request(prompt_ids=ids, params=long), sink, i) for i in range(4)]
+    with pytest.raises(EngineOverloaded):
+        engine_process.submit(Request(prompt_ids=ids, params=long))
+    for stream in streams:
+        stream.close()
+    finals = 0
+    while finals < 4:
+        _, event = sink.get(timeout=30)
+        finals += event.finish_reason is not None
+    assert engine_process.in_flight == 0
+
+
+def test_a_killed_engine_process_fails_its_streams_and_stops_serving(process_settings):
+    engine = build_engine(process_settings).start()
+    assert engine.wait_ready(120), engine.load_error
+    (copy,) = engine.engines
+    ids = engine.tokenizer(PROMPTS[0])["input_ids"]
+    stream = engine.submit(Request(prompt_ids=ids, params=SamplingParams(max_new_tokens=1000)))
+    assert next(iter(stream)).finish_reason is None
+    os.kill(copy.pid, signal.SIGKILL)
+    final = [event for event in stream][-1]
+    assert final.finish_reason is FinishReason.ERROR and "engine process exited" in final.error
+    assert not engine.ready and isinstance(copy.load_error, EngineProcessError)
+    assert engine.in_flight == 0
+    engine.stop()
+
+
+def test_a_load_failure_reaches_the_front_and_the_process_ends(process_settings, tiny_model_dir, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())  # no weights beside it
+    broken = replace(process_settings, model_id=str(tmp_path))
+    failures = []
+    engine = build_engine(broken, on_load_failure=failures.append).start()
+    deadline = time.monotonic() + 60
+    while not failures:
+        assert time.monotonic() < deadline, "no load failure reported"
+        time.sleep(0.1)
+    assert not engine.ready and "safetensors" in str(failures[0]), failures
+    pid = engine.engines[0].pid
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the engine process outlived its load failure"
+        time.sleep(0.1)
+    engine.stop()
+
+
+def test_stop_ends_the_engine_process(process_settings):
+    engine = build_engine(process_settings).start()
+    assert engine.wait_ready(120), engine.load_error
+    process = psutil.Process(engine.engines[0].pid)
+    engine.stop()
+    assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_front_that_exits_stops_its_engine_process_quietly(tiny_model_dir, tmp_path):
+    """No stop() called (a worker's normal exit): the engine process is asked to stop, not found dead."""
+    script = tmp_path / "front.py"
+    script.write_text(
+        "import sys\n"
+        "from serve.config import Settings\n"
+        "from serve.wiring import build_engine\n"
+        "from serve.log import configure_logging\n"
+        "if __name__ == '__main__':\n"
+        "    configure_logging()\n"
+        f"    settings = Settings(model_id={str(tiny_model_dir)!r}, model_dir='/nonexistent', dtype='float32',\n"
+        f"                        max_batch_total_tokens={TINY_KV_TOKENS})\n"
+        "    engine = build_engine(settings).start()\n"
+        "    assert engine.wait_ready(120), engine.load_error\n"
+        "    print('pid', engine.engines[0].pid, flush=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pid = int(done.stdout.split()[-1])
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert "engine process exited" not in done.stderr, done.stderr[-2000:]

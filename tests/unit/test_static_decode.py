@@ -1,0 +1,113 @@
+"""The static-shape decode path (what a GPU captures as CUDA graphs), proven on the CPU: bucketed shapes, padded
+rows that touch only the scratch block, one device-to-host read per step, seeds independent of the bucket."""
+
+from dataclasses import replace
+
+import pytest
+
+from serve.wiring import engine_config
+from serve.engine import Engine, Request, SamplingParams
+from serve.engine.graphs import capture_decode_graphs
+from serve.engine.static_decode import batch_buckets, width_buckets
+from serve.loading.loader import load_model
+
+
+def test_the_cpu_runs_exact_shapes_and_pads_only_when_asked(engine):
+    static = engine._runner.static
+    static.pad = False
+    try:
+        assert static.shape_for(3, 5) == (3, 5)
+    finally:
+        static.pad = True
+    assert static.shape_for(3, 5) == (4, 8)
+
+
+def test_buckets_cover_every_batch_and_width_up_to_the_cap():
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    assert batch_buckets(10) == [1, 2, 4, 8, 10]
+    assert width_buckets(100) == [4, 8, 16, 32, 64, 100] and width_buckets(4) == [4]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_settings):
+    engine = Engine(
+        load=lambda: load_model(tiny_settings), config=engine_config(replace(tiny_settings, kv_block_size=4))
+    )
+    engine.start()
+    assert engine.wait_ready(120), engine.load_error
+    engine._runner.static.pad = True  # padded buckets, as a GPU runs them (the CPU runs exact shapes otherwise)
+    yield engine
+    engine.stop()
+
+
+def tokens(stream):
+    return [event.token_id for event in stream if event.token_id is not None]
+
+
+def counted_steps(engine):
+    """Wrap the runner's step to count steps and host reads per step."""
+    runner = engine._runner
+    step, log = runner.step, []
+
+    def counting(plan):
+        before = runner.host_reads
+        result = step(plan)
+        log.append((bool(plan.prefill), runner.host_reads - before))
+        return result
+
+    runner.step = counting
+    return log, lambda: setattr(runner, "step", step)
+
+
+def test_one_host_read_per_step_for_greedy_sampled_and_penalized_rows(engine):
+    prompt = engine.tokenizer("Count the ways:")["input_ids"]
+    kinds = [
+        SamplingParams(max_new_tokens=9, ignore_eos=True),
+        SamplingParams(max_new_tokens=9, ignore_eos=True, temperature=0.8, top_p=0.9, top_k=20, seed=3),
+        SamplingParams(
+            max_new_tokens=9, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2
+        ),
+        SamplingParams(max_new_tokens=9, ignore_eos=True, logprobs=3),
+    ]
+    log, restore = counted_steps(engine)
+    try:
+        streams = [engine.submit(Request(prompt_ids=prompt, params=params)) for params in kinds]
+        assert all(len(tokens(stream)) == 9 for stream in streams)
+    finally:
+        restore()
+    decode_steps = [reads for prefill, reads in log if not prefill]
+    assert len(decode_steps) >= 8 and set(decode_steps) == {1}
+
+
+def test_a_seed_gives_the_same_tokens_whichever_bucket_it_lands_in(engine):
+    prompt = engine.tokenizer("Once upon a time")["input_ids"]
+    seeded = Request(
+        prompt_ids=prompt, params=SamplingParams(max_new_tokens=12, temperature=1.0, seed=42, ignore_eos=True)
+    )
+    alone = tokens(engine.submit(seeded))  # batch bucket 1
+    others = [
+        engine.submit(
+            Request(prompt_ids=prompt[:-1] + [i + 5], params=SamplingParams(max_new_tokens=12, ignore_eos=True))
+        )
+        for i in range(5)
+    ]
+    together = tokens(engine.submit(replace(seeded, id="again")))  # bucket 8 with the five others
+    assert all(len(tokens(stream)) == 12 for stream in others)
+    assert together == alone
+
+
+def test_graph_capture_is_refused_with_a_reason_off_cuda(engine):
+    report = capture_decode_graphs(engine._runner.static)
+    assert not report.enabled and "no CUDA device" in report.reason and engine._runner.static.replay == {}
+    assert engine.graphs is not None and not engine.graphs.enabled
+
+
+def test_every_captured_shape_can_be_loaded_with_a_probe_that_touches_only_scratch(engine):
+    static = engine._runner.static
+    cache = engine._runner.cache
+    before = [keys[1:].clone() for keys in cache.keys]  # every block but scratch
+    for batch, width in [(1, static.widths[-1]), (static.batches[-1], static.widths[0]), (2, static.widths[1])]:
+        static.load_probe(batch, width)
+        logits = static.run(batch, width)
+        assert logits.shape == (batch, engine.loaded.model.config.vocab_size) and logits.isfinite().all()
+    assert all((keys[1:] == old).all() for keys, old in zip(cache.keys, before))
