@@ -48,6 +48,23 @@ SCALE_ON = {  # --scale-on: the EMF metric, its unit and the default target
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    add_endpoint_arguments(parser)
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra container env")
+    add_scaling_arguments(parser)
+    parser.add_argument("--no-wait", dest="wait", action="store_false", help="return once creation has started")
+    parser.add_argument("--wait-minutes", type=int, default=30, help="how long to wait for InService (default 30)")
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    try:
+        args.extra_env = parse_env_pairs(args.env)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The image, the model and what the container is told about it."""
     parser.add_argument("--image-uri", default=os.environ.get("IMAGE_URI"), help="ECR image (default: $IMAGE_URI)")
     parser.add_argument(
         "--model-id",
@@ -65,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="MESSAGES_API_ENABLED: /invocations takes OpenAI messages (default on)",
     )
+
+
+def add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """The instances, the role, the endpoint's name and start-up, the region."""
     parser.add_argument("--instance-type", default="ml.g5.2xlarge", help="default ml.g5.2xlarge")
     parser.add_argument("--instance-count", type=int, default=1, help="initial instances (default 1)")
     parser.add_argument(
@@ -88,7 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="e.g. al2-ami-sagemaker-inference-gpu-3-1 (a current NVIDIA driver); default: SageMaker's choice",
     )
     parser.add_argument("--region", help="AWS region (default: AWS_REGION / AWS_DEFAULT_REGION)")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra container env")
+
+
+def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Autoscaling: the instance bounds, the metric and its target."""
     parser.add_argument("--min-instances", type=int, help="autoscaling: minimum instances")
     parser.add_argument("--max-instances", type=int, help="autoscaling: maximum instances (turns autoscaling on)")
     parser.add_argument(
@@ -109,9 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         help="autoscaling target for --scale-on kv-cache (default 70 %%) or queue (default 4 waiting)",
     )
-    parser.add_argument("--no-wait", dest="wait", action="store_false", help="return once creation has started")
-    parser.add_argument("--wait-minutes", type=int, default=30, help="how long to wait for InService (default 30)")
-    args = parser.parse_args(argv)
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse combinations that cannot work (parser.error exits with the usage)."""
     if not args.image_uri:
         parser.error("--image-uri (or IMAGE_URI) is required")
     if args.max_instances is not None and (args.min_instances or args.instance_count) > args.max_instances:
@@ -120,11 +145,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--scale-on needs --max-instances (autoscaling is off without it)")
     if args.max_instances is not None and not args.wait:
         parser.error("autoscaling needs the endpoint InService: drop --no-wait")
-    try:
-        args.extra_env = parse_env_pairs(args.env)
-    except ValueError as error:
-        parser.error(str(error))
-    return args
 
 
 def container_env(args: argparse.Namespace) -> dict[str, object]:

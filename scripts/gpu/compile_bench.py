@@ -77,27 +77,26 @@ def _busy() -> None:
         sum(range(10000))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "sagemaker-llm-serve"))
+    parser.add_argument("--cache-dir", default=Settings().cache_dir)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--threads-ab", default="", help="e.g. 1,2: also interleave these torch thread counts (eager)")
     parser.add_argument("--side-load", type=int, default=0, help="busy processes running beside the measurement")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="eager only (e.g. threads or profile alone)")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    batches = [int(b) for b in args.batches.split(",")]
-    started = time.monotonic()
-    runner = build_runner(args.model, max(batches), args.context)
-    result: dict = {"threads": torch.get_num_threads(), "load_s": round(time.monotonic() - started, 1)}
+    return parser.parse_args()
+
+
+def prepare_variants(runner: ModelRunner, args: argparse.Namespace, first_batch: int, result: dict) -> dict:
+    """label -> (layer halves, torch threads): eager, compiled (unless --no-compile or it failed), eager at each
+    --threads-ab count; records the compile report and the --profile table in ``result``."""
     eager = runner.model.layer_halves
     compiled = None
     if not args.no_compile:
@@ -107,7 +106,7 @@ def main() -> None:
         compiled = runner.model.layer_halves if report.enabled else None
     if args.profile:
         runner.model.layer_halves = eager
-        result["profile"] = profile_step(runner, decode_rows(runner, batches[0], args.context))
+        result["profile"] = profile_step(runner, decode_rows(runner, first_batch, args.context))
         print(result["profile"], flush=True)
     threads = torch.get_num_threads()
     variants = {"eager": (eager, threads)}
@@ -115,29 +114,46 @@ def main() -> None:
         variants["compiled"] = (compiled, threads)
     for count in (int(n) for n in args.threads_ab.split(",") if n):
         variants[f"eager threads={count}"] = (eager, count)
+    return variants
+
+
+def measure_batch(runner: ModelRunner, variants: dict, batch: int, args: argparse.Namespace) -> dict:
+    """Median wall and CPU ms per decode step of each variant at ``batch``, the variants interleaved rep by rep."""
+    threads = torch.get_num_threads()
+    rows = decode_rows(runner, batch, args.context)
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label in variants}
+    for rep in range(args.reps + 1):  # the first round warms every variant up and is not kept
+        for label, (halves, count) in variants.items():
+            runner.model.layer_halves = halves
+            torch.set_num_threads(count)
+            measured = step_ms(runner, rows, args.steps if rep else 2)
+            if rep:
+                times[label].append(measured)
+    torch.set_num_threads(threads)
+    return {
+        label: {
+            "wall": round(statistics.median(w for w, _ in t), 2),
+            "cpu": round(statistics.median(c for _, c in t), 2),
+            "wall_all": [round(w, 1) for w, _ in t],
+        }
+        for label, t in times.items()
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    started = time.monotonic()
+    runner = build_runner(args.model, max(batches), args.context)
+    result: dict = {"threads": torch.get_num_threads(), "load_s": round(time.monotonic() - started, 1), "ms": {}}
+    variants = prepare_variants(runner, args, batches[0], result)
     side = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(args.side_load)]
     for process in side:
         process.start()
-    result["ms"] = {}
     for batch in batches:
-        rows = decode_rows(runner, batch, args.context)
-        times: dict[str, list[tuple[float, float]]] = {label: [] for label in variants}
-        for rep in range(args.reps + 1):  # the first round warms every variant up and is not kept
-            for label, (halves, count) in variants.items():
-                runner.model.layer_halves = halves
-                torch.set_num_threads(count)
-                measured = step_ms(runner, rows, args.steps if rep else 2)
-                if rep:
-                    times[label].append(measured)
-        torch.set_num_threads(threads)
-        result["ms"][batch] = {
-            label: {
-                "wall": round(statistics.median(w for w, _ in t), 2),
-                "cpu": round(statistics.median(c for _, c in t), 2),
-                "wall_all": [round(w, 1) for w, _ in t],
-            }
-            for label, t in times.items()
-        }
+        result["ms"][batch] = measure_batch(runner, variants, batch, args)
         print(f"batch {batch}:", result["ms"][batch], flush=True)
     for process in side:
         process.terminate()
