@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, TypeVar
 
+from serve.engine.types import EngineConfig
+
 T = TypeVar("T")
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -55,20 +57,21 @@ class Settings:
     quantize: Optional[str] = None
     lora_adapters: tuple[tuple[str, str], ...] = ()  # (name, path) from LORA_ADAPTERS, in order
     lean_model: bool = True  # LEAN_MODEL: serve the Llama family with serve/modeling/ (false: transformers' model code)
-    max_input_tokens: Optional[int] = None
-    max_total_tokens: Optional[int] = None
-    max_concurrent_requests: int = 128
+    # the engine's limits: the same names as EngineConfig's fields, whose defaults are the only ones
+    max_input_tokens: Optional[int] = EngineConfig.max_input_tokens
+    max_total_tokens: Optional[int] = EngineConfig.max_total_tokens
+    max_concurrent_requests: int = EngineConfig.max_concurrent_requests
+    max_batch_total_tokens: Optional[int] = EngineConfig.max_batch_total_tokens
+    max_batch_prefill_tokens: int = EngineConfig.max_batch_prefill_tokens
+    max_batch_size: Optional[int] = EngineConfig.max_batch_size
+    kv_block_size: int = EngineConfig.kv_block_size  # tokens per KV-cache block
+    enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
+    cuda_graphs: bool = EngineConfig.cuda_graphs  # CUDA_GRAPHS: capture decode steps as CUDA graphs on a GPU
     default_max_new_tokens: int = 1024
-    max_batch_total_tokens: Optional[int] = None
-    max_batch_prefill_tokens: int = 512
-    max_batch_size: Optional[int] = None
-    kv_block_size: int = 16  # tokens per KV-cache block
-    enable_prefix_caching: bool = True
-    cuda_graphs: bool = True  # CUDA_GRAPHS: capture decode steps as CUDA graphs on a GPU
     compile: bool = False  # COMPILE: torch.compile the lean model's per-layer pieces (inductor cache in cache_dir)
     pack_cpu_weights: bool = True  # PACK_CPU_WEIGHTS: the lean model's float32 weights packed for a CPU kernel
     cpu_kernel: str = "panels"  # CPU_KERNEL: which kernel packed weights go to ("panels", else oneDNN; "onednn")
-    engine_process: bool = True  # ENGINE_PROCESS: each engine runs in a process of its own (no GIL shared with HTTP)
+    c_compiler: Optional[str] = None  # CC: builds the panel kernel where no built library is found (else cc or gcc)
     torch_threads: Optional[int] = None  # TORCH_THREADS / OMP_NUM_THREADS: CPU compute threads; None: all cores but one
     max_payload_bytes: int = SIX_MIB
     port: int = 8080
@@ -267,7 +270,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "compile": _read(env, ("COMPILE",), parse_bool),
         "pack_cpu_weights": _read(env, ("PACK_CPU_WEIGHTS",), parse_bool),
         "cpu_kernel": _read(env, ("CPU_KERNEL",), parse_choice(CPU_KERNELS)),
-        "engine_process": _read(env, ("ENGINE_PROCESS",), parse_bool),
+        "c_compiler": _read(env, ("CC",), _text),
         "torch_threads": _read(env, ("TORCH_THREADS", "OMP_NUM_THREADS"), parse_positive_int),
         "port": _read(env, ("SAGEMAKER_BIND_TO_PORT",), parse_positive_int),
         "workers": _read(env, ("SAGEMAKER_MODEL_SERVER_WORKERS",), parse_positive_int),

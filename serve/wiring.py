@@ -9,6 +9,7 @@ The engine package knows nothing of model loading; this module is where the two 
 from __future__ import annotations
 
 import signal
+from dataclasses import fields
 from typing import Any, Callable, Optional, Union
 
 from serve.config import Settings
@@ -22,19 +23,12 @@ from serve.http.security import redact_logs, secret_values
 
 
 def engine_config(settings: Settings) -> EngineConfig:
-    """The engine's share of the settings."""
-    return EngineConfig(
-        max_concurrent_requests=settings.max_concurrent_requests,
-        max_total_tokens=settings.max_total_tokens,
-        max_input_tokens=settings.max_input_tokens,
-        max_batch_total_tokens=settings.max_batch_total_tokens,
-        max_batch_prefill_tokens=settings.max_batch_prefill_tokens,
-        max_batch_size=settings.max_batch_size,
-        kv_block_size=settings.kv_block_size,
-        enable_prefix_caching=settings.enable_prefix_caching,
-        cuda_graphs=settings.cuda_graphs,
-        compile_cache_dir=settings.cache_dir if settings.compile else None,
-    )
+    """The engine's share of the settings: each EngineConfig field from the setting of the same name (whose default
+    is EngineConfig's), and COMPILE's cache folder."""
+    limits = {
+        item.name: getattr(settings, item.name) for item in fields(EngineConfig) if item.name != "compile_cache_dir"
+    }
+    return EngineConfig(**limits, compile_cache_dir=settings.cache_dir if settings.compile else None)
 
 
 def build_engine(

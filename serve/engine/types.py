@@ -46,7 +46,8 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Engine limits (TGI's names): None means derived from the model and free memory at load time."""
+    """Engine limits (TGI's names): None means derived from the model and free memory at load time. The defaults
+    here are the only ones: the settings of the same names take theirs from this class."""
 
     max_concurrent_requests: int = 128
     max_total_tokens: Optional[int] = None
@@ -58,6 +59,15 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # capture decode shapes as CUDA graphs (ignored without CUDA)
     compile_cache_dir: Optional[str] = None  # COMPILE: torch.compile the lean model's layers, inductor cache here
+
+
+CONTEXT_CAP = 4096  # tokens a sequence may hold when max_total_tokens is not set and the model allows more
+
+
+def total_token_limit(max_context: int, max_total_tokens: Optional[int] = None) -> int:
+    """Tokens one sequence may hold, prompt and output: ``max_total_tokens`` when set, else the model's context
+    capped at CONTEXT_CAP; never more than the model's context."""
+    return min(max_total_tokens or min(max_context, CONTEXT_CAP), max_context)
 
 
 @dataclass
@@ -129,7 +139,7 @@ class Limits:
     max_total_tokens: int
     max_batch_total_tokens: int  # tokens the KV pool holds
     max_batch_size: int  # sequences that may run at once
-    kv_block_size: int = 16
+    kv_block_size: int = EngineConfig.kv_block_size
     kv_blocks: int = 0  # blocks in the pool (scratch excluded)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from serve.config import Settings
+from serve.engine.types import CONTEXT_CAP, total_token_limit
 from serve.loading.placement import MIN_CACHE_SLOTS, PlacementError, PlacementPlan, footprint, plan_placement
 from serve.loading.quantize import Quantization, QuantizationError, resolve_quantization
 from serve.loading.source import ModelLoadError, ModelSource, adapter_folders, local_folder, resolve_source
@@ -52,6 +53,11 @@ def cpu_prefers_bf16(cpuinfo: Optional[str] = None) -> bool:
     flags = cpu_flags(cpuinfo)
     zen5 = {"avx512_bf16", "avx512_vp2intersect"} <= flags
     return zen5 or bool(flags & {"amx_bf16", "bf16"})
+
+
+def model_context(config: Any) -> int:
+    """The model's context in tokens: its config's ``max_position_embeddings``, else CONTEXT_CAP."""
+    return int(getattr(config, "max_position_embeddings", 0) or CONTEXT_CAP)
 
 
 def resolve_dtype(name: str, on_cuda: bool, cpu_bf16: Optional[bool] = None) -> Any:
@@ -103,7 +109,7 @@ def prepare_model(settings: Settings) -> PreparedModel:
         quantization = resolve_quantization(settings.quantize, on_cuda, config, dtype)
         dtype_bytes = dtype.itemsize
         model = footprint(config, quantization.bytes_per_parameter or dtype_bytes, dtype_bytes)
-        slot = settings.max_total_tokens or min(int(getattr(config, "max_position_embeddings", 0) or 4096), 4096)
+        slot = total_token_limit(model_context(config), settings.max_total_tokens)
         cache_tokens = settings.max_batch_total_tokens or MIN_CACHE_SLOTS * slot
         plan = plan_placement(settings.placement, settings.num_gpus, free, model, cache_tokens, settings.replicas)
     except (PlacementError, QuantizationError) as exc:
@@ -143,7 +149,7 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
         attach_adapters(model, prepared.adapters, settings.max_lora_rank)
     except AdapterError as exc:
         raise ModelLoadError(str(exc)) from exc
-    max_context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    max_context = model_context(model.config)
     log.info(
         "model loaded in %.1f s: %s on %s, context %d tokens",
         time.monotonic() - started,
@@ -180,7 +186,7 @@ def _pack_cpu_weights(model: Any, settings: Settings) -> str:
     elif settings.cpu_kernel == "onednn":
         layout = pack_for_cpu(model) + " (CPU_KERNEL=onednn)"
     else:
-        kernel, why_not = load_panel_kernel(settings.cache_dir)
+        kernel, why_not = load_panel_kernel(settings.cache_dir, settings.c_compiler)
         layout = pack_for_cpu(model, kernel) + (f" (no panel kernel: {why_not})" if kernel is None else "")
     log.info("CPU weights: %s", layout)
     return layout

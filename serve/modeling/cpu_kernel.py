@@ -8,8 +8,8 @@ front to back and ran the model's linear layers 1.2-1.4x as fast as oneDNN at 1 
 The library is named by a hash of the source and flags. It is looked for beside this file (the image builds it
 there, in a build stage of its own: ``python3 serve/modeling/cpu_kernel.py FOLDER``, so the image needs no compiler),
 then in ``<SERVE_CACHE_DIR>/kernels``; if absent, it is compiled there at first use with the machine's C compiler
-(``CC``, else ``cc`` or ``gcc``; ~0.5 s). Where it cannot be used (not x86-64 with AVX2 and FMA, no library and no
-compiler, a failed build) ``load_panel_kernel`` says why and the caller keeps oneDNN's packing.
+(the ``CC`` setting, else ``cc`` or ``gcc``; ~0.5 s). Where it cannot be used (not x86-64 with AVX2 and FMA, no
+library and no compiler, a failed build) ``load_panel_kernel`` says why and the caller keeps oneDNN's packing.
 
 This module imports torch only to run the kernel, so the image's build stage can run it with a bare python3.
 """
@@ -100,9 +100,9 @@ class PanelKernel:
         return out.view(*x.shape[:-1], out_features)
 
 
-def compiler() -> Optional[str]:
-    """The C compiler to build with: ``CC`` when set, else ``cc`` or ``gcc`` on PATH (None: none found)."""
-    named = os.environ.get("CC")
+def compiler(named: Optional[str] = None) -> Optional[str]:
+    """The C compiler to build with: ``named`` (the CC setting) when given, else ``cc`` or ``gcc`` on PATH (None:
+    none found)."""
     if named:
         return shutil.which(named)
     return shutil.which("cc") or shutil.which("gcc")
@@ -124,9 +124,9 @@ def library_name() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load_panel_kernel(cache_dir: str) -> tuple[Optional[PanelKernel], str]:
+def load_panel_kernel(cache_dir: str, c_compiler: Optional[str] = None) -> tuple[Optional[PanelKernel], str]:
     """(the kernel, "") or (None, why not): the library beside this file or in ``<cache_dir>/kernels``, built
-    there on first use when neither has it."""
+    there on first use with ``compiler(c_compiler)`` when neither has it."""
     reason = unusable_reason()
     if reason:
         return None, reason
@@ -135,9 +135,9 @@ def load_panel_kernel(cache_dir: str) -> tuple[Optional[PanelKernel], str]:
     path = next((path for path in (SOURCE.with_name(name), built) if path.exists()), None)
     try:
         if path is None:
-            cc = compiler()
+            cc = compiler(c_compiler)
             if cc is None:
-                return None, f"no C compiler ({os.environ.get('CC') or 'cc or gcc'}) on PATH to build it"
+                return None, f"no C compiler ({c_compiler or 'cc or gcc'}) on PATH to build it"
             path = build(cc, built)
         return PanelKernel(path), ""
     except (OSError, subprocess.SubprocessError) as exc:
@@ -164,13 +164,14 @@ def build(cc: str, path: Path) -> Path:
             os.unlink(temporary)
 
 
-if __name__ == "__main__":  # the image's build stage: python3 cpu_kernel.py FOLDER (nothing built off x86-64)
+if __name__ == "__main__":  # the image's build stage: python3 cpu_kernel.py FOLDER [COMPILER] (none off x86-64)
     Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
     not_x86 = unusable_reason(flags={"avx2", "fma"})  # the build host's own flags do not matter, only its ISA
     if not_x86:
         print(f"no panel kernel: {not_x86}")
         sys.exit(0)
-    cc = compiler()
+    named = sys.argv[2] if len(sys.argv) > 2 else None
+    cc = compiler(named)
     if cc is None:
-        sys.exit("no C compiler (CC, cc or gcc) on PATH")
+        sys.exit(f"no C compiler ({named or 'cc or gcc'}) on PATH")
     print(build(cc, Path(sys.argv[1]) / library_name()))

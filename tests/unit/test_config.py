@@ -1,120 +1,216 @@
+"""serve/config.py: every variable parsed into its setting, aliases and their precedence, bounds, and errors that
+name the variable."""
+
 import dataclasses
 
 import pytest
 
 from serve.config import Settings, SettingsError, load_settings
+from serve.engine.types import EngineConfig
+from serve.wiring import engine_config
+
+# (variable, what a user writes, the setting, its parsed value): every value differs from the setting's default
+VARIABLES = [
+    ("HF_MODEL_ID", " org/model ", "model_id", "org/model"),
+    ("HF_MODEL_REVISION", "abc123", "model_revision", "abc123"),
+    ("HF_TOKEN", "hf_x", "hf_token", "hf_x"),
+    ("SM_MODEL_DIR", "/models/here", "model_dir", "/models/here"),
+    ("SERVE_CACHE_DIR", "/cache/here", "cache_dir", "/cache/here"),
+    ("SM_NUM_GPUS", "1", "num_gpus", 1),  # json.dumps(1), as the reference deploy snippet sends it
+    ("MESSAGES_API_ENABLED", "True", "messages_api_enabled", True),  # str(True), as our deploy scripts send it
+    ("HF_MODEL_TRUST_REMOTE_CODE", "1", "trust_remote_code", True),
+    ("ALLOW_PICKLE_WEIGHTS", "yes", "allow_unsafe_weights", True),
+    ("API_KEY", " k-123456 ", "api_key", "k-123456"),
+    ("DTYPE", "BFloat16", "dtype", "bfloat16"),
+    ("HF_MODEL_LOAD_FORMAT", "Dummy", "load_format", "dummy"),
+    ("CHAT_TEMPLATE", "{{ messages[0].content }}", "chat_template", "{{ messages[0].content }}"),
+    ("PLACEMENT", "Replicas", "placement", "replicas"),
+    ("REPLICAS", "2", "replicas", 2),
+    ("HF_MODEL_QUANTIZE", "bitsandbytes-NF4", "quantize", "bitsandbytes-nf4"),
+    ("LORA_ADAPTERS", "sql=/a/sql, chat = /b/chat,", "lora_adapters", (("sql", "/a/sql"), ("chat", "/b/chat"))),
+    ("LEAN_MODEL", "false", "lean_model", False),
+    ("MAX_INPUT_TOKENS", "1024", "max_input_tokens", 1024),
+    ("MAX_TOTAL_TOKENS", "2048", "max_total_tokens", 2048),
+    ("MAX_CONCURRENT_REQUESTS", " 16 ", "max_concurrent_requests", 16),
+    ("DEFAULT_MAX_NEW_TOKENS", "64", "default_max_new_tokens", 64),
+    ("MAX_BATCH_TOTAL_TOKENS", "8192", "max_batch_total_tokens", 8192),
+    ("MAX_BATCH_PREFILL_TOKENS", "256", "max_batch_prefill_tokens", 256),
+    ("MAX_BATCH_SIZE", "4", "max_batch_size", 4),
+    ("KV_BLOCK_SIZE", "32", "kv_block_size", 32),
+    ("ENABLE_PREFIX_CACHING", "off", "enable_prefix_caching", False),
+    ("CUDA_GRAPHS", "No", "cuda_graphs", False),
+    ("COMPILE", "on", "compile", True),
+    ("PACK_CPU_WEIGHTS", "0", "pack_cpu_weights", False),
+    ("CPU_KERNEL", "oneDNN", "cpu_kernel", "onednn"),
+    ("CC", " clang ", "c_compiler", "clang"),
+    ("TORCH_THREADS", "3", "torch_threads", 3),
+    ("SAGEMAKER_BIND_TO_PORT", "9000", "port", 9000),
+    ("SAGEMAKER_MODEL_SERVER_WORKERS", "2", "workers", 2),
+    ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
+    ("PROMETHEUS_MULTIPROC_DIR", "/metrics/here", "metrics_dir", "/metrics/here"),
+    ("SERVE_STARTED_AT", "12.5", "started_at", 12.5),
+    ("MAX_LORA_RANK", "16", "max_lora_rank", 16),
+    ("SAGEMAKER_ENABLE_STATEFUL_SESSIONS", "TRUE", "stateful_sessions", True),
+    ("SAGEMAKER_SESSIONS_EXPIRATION", "60", "sessions_expiration", 60),
+    ("INVOCATION_TIMEOUT", "30", "invocation_timeout", 30.0),
+    ("INVOCATION_TIMEOUT_MARGIN", "0.5", "invocation_timeout_margin", 0.5),
+    ("CLOUDWATCH_METRICS", "1", "cloudwatch_metrics", True),
+    ("CLOUDWATCH_METRICS_INTERVAL", "10", "cloudwatch_interval", 10.0),
+    ("CLOUDWATCH_NAMESPACE", "team-llm", "cloudwatch_namespace", "team-llm"),
+    ("SAGEMAKER_ENDPOINT_NAME", "chat", "endpoint_name", "chat"),
+    ("SAGEMAKER_VARIANT_NAME", "AllTraffic", "variant_name", "AllTraffic"),
+]
+NOT_FROM_THE_ENVIRONMENT = {"max_payload_bytes", "graceful_timeout"}
 
 
-def test_defaults_need_no_environment():
-    settings = load_settings({})
-    assert settings == Settings()
-    assert settings.port == 8080 and settings.max_concurrent_requests == 128
-    assert settings.model_id is None and settings.messages_api_enabled is False and settings.dtype == "auto"
+@pytest.mark.parametrize("variable, raw, name, parsed", VARIABLES)
+def test_each_variable_is_parsed_into_its_setting(variable, raw, name, parsed):
+    assert parsed != getattr(Settings(), name), "a row must show parsing, not the default"
+    assert getattr(load_settings({variable: raw}), name) == parsed
 
 
-@pytest.mark.parametrize("raw", ["true", "True", "TRUE", "1", "yes", " true "])
+def test_every_setting_but_the_fixed_ones_comes_from_a_variable():
+    read = {name for _, _, name, _ in VARIABLES}
+    assert read == {field.name for field in dataclasses.fields(Settings)} - NOT_FROM_THE_ENVIRONMENT
+
+
+def test_no_environment_and_empty_values_give_the_defaults():
+    assert load_settings({}) == Settings()
+    assert load_settings({"HF_MODEL_ID": "", "SM_NUM_GPUS": " ", "COMPILE": "  "}) == Settings()
+
+
+@pytest.mark.parametrize(
+    "primary, alias, name, primary_raw, alias_raw, primary_value, alias_value",
+    [
+        ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "hf_token", "a", "b", "a", "b"),
+        ("ALLOW_PICKLE_WEIGHTS", "HF_MODEL_ALLOW_UNSAFE_WEIGHTS", "allow_unsafe_weights", "false", "true", False, True),
+        ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH", "max_input_tokens", "77", "99", 77, 99),
+        ("TORCH_THREADS", "OMP_NUM_THREADS", "torch_threads", "1", "3", 1, 3),
+    ],
+)
+def test_an_alias_counts_alone_and_the_primary_name_wins(
+    primary, alias, name, primary_raw, alias_raw, primary_value, alias_value
+):
+    assert getattr(load_settings({alias: alias_raw}), name) == alias_value
+    assert getattr(load_settings({primary: primary_raw, alias: alias_raw}), name) == primary_value
+    assert getattr(load_settings({primary: " ", alias: alias_raw}), name) == alias_value  # empty is unset
+
+
+@pytest.mark.parametrize("raw", ["true", "True", "TRUE", "1", "yes", "on", " true "])
 def test_true_spellings(raw):
     assert load_settings({"MESSAGES_API_ENABLED": raw}).messages_api_enabled is True
 
 
-@pytest.mark.parametrize("raw", ["false", "False", "0", "no"])
+@pytest.mark.parametrize("raw", ["false", "False", "0", "no", "OFF"])
 def test_false_spellings(raw):
-    assert load_settings({"MESSAGES_API_ENABLED": raw}).messages_api_enabled is False
+    assert load_settings({"CUDA_GRAPHS": raw}).cuda_graphs is False
 
 
 @pytest.mark.parametrize(
-    "env, variable",
+    "raw, message",
     [
-        ({"SM_NUM_GPUS": "abc"}, "SM_NUM_GPUS"),
-        ({"SM_NUM_GPUS": "-1"}, "SM_NUM_GPUS"),
-        ({"MESSAGES_API_ENABLED": "maybe"}, "MESSAGES_API_ENABLED"),
-        ({"HF_MODEL_TRUST_REMOTE_CODE": "sure"}, "HF_MODEL_TRUST_REMOTE_CODE"),
-        ({"MAX_INPUT_TOKENS": "-5"}, "MAX_INPUT_TOKENS"),
-        ({"MAX_TOTAL_TOKENS": "1.5"}, "MAX_TOTAL_TOKENS"),
-        ({"MAX_CONCURRENT_REQUESTS": "lots"}, "MAX_CONCURRENT_REQUESTS"),
-        ({"DTYPE": "float8"}, "DTYPE"),
-        ({"SAGEMAKER_BIND_TO_PORT": "http"}, "SAGEMAKER_BIND_TO_PORT"),
-        ({"MAX_INPUT_TOKENS": "100", "MAX_TOTAL_TOKENS": "100"}, "MAX_INPUT_TOKENS"),
+        ("0", "must be greater than 0"),
+        ("-5", "must be greater than 0"),
+        ("1.5", "is not an integer"),
+        ("1e3", "is not an integer"),
+        ("lots", "is not an integer"),
     ],
 )
-def test_malformed_values_name_the_variable(env, variable):
-    with pytest.raises(SettingsError, match=variable):
-        load_settings(env)
+def test_counts_are_positive_integers(raw, message):
+    with pytest.raises(SettingsError, match=f"^MAX_BATCH_SIZE={raw!r} {message}"):
+        load_settings({"MAX_BATCH_SIZE": raw})
 
 
-def test_sagemaker_style_values():
-    settings = load_settings(
-        {
-            "HF_MODEL_ID": "HuggingFaceH4/zephyr-7b-beta",
-            "HF_MODEL_REVISION": "abc123",
-            "SM_NUM_GPUS": "1",  # json.dumps(1), as the reference deploy snippet sends it
-            "MESSAGES_API_ENABLED": "True",  # str(True), as our deploy scripts stringify it
-            "HF_MODEL_TRUST_REMOTE_CODE": "1",
-            "MAX_INPUT_TOKENS": "1024",
-            "MAX_TOTAL_TOKENS": "2048",
-            "MAX_CONCURRENT_REQUESTS": "16",
-            "DTYPE": "BFloat16",
-            "SAGEMAKER_BIND_TO_PORT": "9000",
-        }
-    )
-    assert settings.model_id == "HuggingFaceH4/zephyr-7b-beta" and settings.model_revision == "abc123"
-    assert settings.num_gpus == 1 and settings.messages_api_enabled and settings.trust_remote_code
-    assert (settings.max_input_tokens, settings.max_total_tokens) == (1024, 2048)
-    assert settings.max_concurrent_requests == 16 and settings.dtype == "bfloat16" and settings.port == 9000
-
-
-def test_aliases_users_already_set():
-    settings = load_settings({"HUGGING_FACE_HUB_TOKEN": "hf_x", "MAX_INPUT_LENGTH": "77"})
-    assert settings.hf_token == "hf_x" and settings.max_input_tokens == 77
-    assert load_settings({"HF_TOKEN": "a", "HUGGING_FACE_HUB_TOKEN": "b"}).hf_token == "a"
-
-
-def test_empty_values_mean_unset():
-    assert load_settings({"HF_MODEL_ID": "", "SM_NUM_GPUS": " "}) == Settings()
-
-
-def test_settings_are_frozen():
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        load_settings({}).port = 1
-
-
-def test_placement_replicas_quantize_and_adapters():
-    settings = load_settings(
-        {
-            "PLACEMENT": "Replicas",
-            "REPLICAS": "2",
-            "HF_MODEL_QUANTIZE": "bitsandbytes-nf4",
-            "LORA_ADAPTERS": "sql=/a/sql, chat = /b/chat,",
-        }
-    )
-    assert (settings.placement, settings.replicas, settings.quantize) == ("replicas", 2, "bitsandbytes-nf4")
-    assert settings.lora_adapters == (("sql", "/a/sql"), ("chat", "/b/chat"))
-    assert load_settings({}).placement == "auto" and load_settings({}).lora_adapters == ()
+def test_a_gpu_count_may_be_zero_for_the_cpu_but_not_negative():
+    assert load_settings({"SM_NUM_GPUS": "0"}).num_gpus == 0
+    with pytest.raises(SettingsError, match="SM_NUM_GPUS='-1' must be greater than 0"):
+        load_settings({"SM_NUM_GPUS": "-1"})
 
 
 @pytest.mark.parametrize(
     "env, message",
     [
+        ({"SM_NUM_GPUS": "abc"}, "SM_NUM_GPUS='abc' is not an integer"),
+        ({"MESSAGES_API_ENABLED": "maybe"}, "MESSAGES_API_ENABLED='maybe' is not a boolean"),
+        ({"ALLOW_PICKLE_WEIGHTS": "perhaps"}, "ALLOW_PICKLE_WEIGHTS='perhaps' is not a boolean"),
+        ({"HF_MODEL_ALLOW_UNSAFE_WEIGHTS": "sure"}, "HF_MODEL_ALLOW_UNSAFE_WEIGHTS='sure' is not a boolean"),
+        ({"MAX_INPUT_LENGTH": "-2"}, "MAX_INPUT_LENGTH='-2' must be greater than 0"),
+        ({"OMP_NUM_THREADS": "two"}, "OMP_NUM_THREADS='two' is not an integer"),
+        ({"DTYPE": "float8"}, "DTYPE='float8' is not one of auto, float32, bfloat16, float16"),
+        ({"HF_MODEL_LOAD_FORMAT": "gguf"}, "HF_MODEL_LOAD_FORMAT='gguf' is not one of auto, dummy"),
+        ({"CPU_KERNEL": "fast"}, "CPU_KERNEL='fast' is not one of panels, onednn"),
         ({"PLACEMENT": "spread"}, "PLACEMENT='spread' is not one of auto, shard, replicas"),
         ({"HF_MODEL_QUANTIZE": "int3"}, "HF_MODEL_QUANTIZE='int3' is not one of"),
-        ({"REPLICAS": "0"}, "REPLICAS='0' must be greater than 0"),
-        ({"PLACEMENT": "shard", "REPLICAS": "2"}, "REPLICAS=2 cannot be combined with PLACEMENT=shard"),
         ({"LORA_ADAPTERS": "sql"}, "LORA_ADAPTERS: 'sql' is not of the form adapter_name=path"),
-        ({"LORA_ADAPTERS": "a=/x,a=/y"}, "adapter 'a' is listed twice"),
+        ({"LORA_ADAPTERS": "a=/x,a=/y"}, "LORA_ADAPTERS: adapter 'a' is listed twice"),
+        ({"LOG_LEVEL": "loud"}, "LOG_LEVEL='LOUD' is not a logging level"),
+        ({"SERVE_STARTED_AT": "yesterday"}, "SERVE_STARTED_AT='yesterday' is not a Unix timestamp"),
+        ({"INVOCATION_TIMEOUT": "nan"}, "INVOCATION_TIMEOUT='nan' must be 0"),
+        ({"CLOUDWATCH_METRICS_INTERVAL": "-1"}, "CLOUDWATCH_METRICS_INTERVAL='-1' must be 0"),
+        ({"CHAT_TEMPLATE": "no braces here"}, "CHAT_TEMPLATE='no braces here' is neither a Jinja template"),
     ],
 )
-def test_placement_quantize_and_adapter_errors_name_the_variable(env, message):
+def test_malformed_values_name_the_variable(env, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
         load_settings(env)
 
 
-def test_api_key_and_pickle_weights_settings():
-    settings = load_settings({"API_KEY": " k-123456 ", "ALLOW_PICKLE_WEIGHTS": "true"})
-    assert settings.api_key == "k-123456" and settings.allow_unsafe_weights is True
-    assert load_settings({"HF_MODEL_ALLOW_UNSAFE_WEIGHTS": "1"}).allow_unsafe_weights is True  # the older name
-    assert load_settings({}).allow_unsafe_weights is False and load_settings({}).api_key is None
-    with pytest.raises(SettingsError, match="ALLOW_PICKLE_WEIGHTS"):
-        load_settings({"ALLOW_PICKLE_WEIGHTS": "perhaps"})
+@pytest.mark.parametrize(
+    "env, fixed, message",
+    [
+        (
+            {"MAX_INPUT_TOKENS": "100", "MAX_TOTAL_TOKENS": "100"},
+            {"MAX_INPUT_TOKENS": "99"},
+            "MAX_INPUT_TOKENS=100 must be less than MAX_TOTAL_TOKENS=100",
+        ),
+        ({"PLACEMENT": "shard", "REPLICAS": "2"}, {"PLACEMENT": "replicas"}, "REPLICAS=2 cannot be combined"),
+        (
+            {"SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "true", "SAGEMAKER_MODEL_SERVER_WORKERS": "2"},
+            {"SAGEMAKER_MODEL_SERVER_WORKERS": "1"},
+            "SAGEMAKER_ENABLE_STATEFUL_SESSIONS=true needs SAGEMAKER_MODEL_SERVER_WORKERS=1, not 2",
+        ),
+        (
+            {"INVOCATION_TIMEOUT": "5", "INVOCATION_TIMEOUT_MARGIN": "5"},
+            {"INVOCATION_TIMEOUT_MARGIN": "4.5"},
+            "INVOCATION_TIMEOUT=5 must be greater than INVOCATION_TIMEOUT_MARGIN=5",
+        ),
+    ],
+)
+def test_settings_that_contradict_each_other_are_refused(env, fixed, message):
+    with pytest.raises(SettingsError, match=message):
+        load_settings(env)
+    load_settings({**env, **fixed})  # one of them changed: accepted
+
+
+def test_the_engine_gets_its_limits_and_takes_its_defaults_from_one_place():
+    env = {
+        "MAX_CONCURRENT_REQUESTS": "6",
+        "MAX_TOTAL_TOKENS": "300",
+        "MAX_INPUT_TOKENS": "200",
+        "MAX_BATCH_TOTAL_TOKENS": "4096",
+        "MAX_BATCH_PREFILL_TOKENS": "64",
+        "MAX_BATCH_SIZE": "3",
+        "KV_BLOCK_SIZE": "8",
+        "ENABLE_PREFIX_CACHING": "false",
+        "CUDA_GRAPHS": "false",
+    }
+    assert engine_config(load_settings(env)) == EngineConfig(
+        max_concurrent_requests=6,
+        max_total_tokens=300,
+        max_input_tokens=200,
+        max_batch_total_tokens=4096,
+        max_batch_prefill_tokens=64,
+        max_batch_size=3,
+        kv_block_size=8,
+        enable_prefix_caching=False,
+        cuda_graphs=False,
+    )
+    assert engine_config(Settings()) == EngineConfig()
+
+
+def test_settings_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load_settings({}).port = 1
 
 
 def test_secrets_are_not_in_the_settings_repr():
@@ -123,32 +219,10 @@ def test_secrets_are_not_in_the_settings_repr():
     assert "k-123456" not in repr(settings) and "hf_abcdef123" not in repr(settings)
 
 
-def test_sm_num_gpus_zero_means_the_cpu():
-    assert load_settings({"SM_NUM_GPUS": "0"}).num_gpus == 0
-
-
 def test_chat_template_is_an_existing_file_whatever_its_name_or_jinja_text(tmp_path):
     braces = tmp_path / "template{v2}.jinja"
     braces.write_text("{{ messages[0]['content'] }}")
     assert load_settings({"CHAT_TEMPLATE": str(braces)}).chat_template == "{{ messages[0]['content'] }}"
-    assert load_settings(
-        {"CHAT_TEMPLATE": "{% for m in messages %}{{ m.content }}{% endfor %}"}
-    ).chat_template.startswith("{%")
     for value in (str(tmp_path / "missing{1}.jinja"), str(tmp_path / "missing.jinja")):
         with pytest.raises(SettingsError, match="CHAT_TEMPLATE=.*neither a Jinja template"):
             load_settings({"CHAT_TEMPLATE": value})
-
-
-def test_torch_threads_come_from_torch_threads_or_omp_num_threads():
-    assert load_settings({}).torch_threads is None
-    assert load_settings({"OMP_NUM_THREADS": "3"}).torch_threads == 3
-    assert load_settings({"TORCH_THREADS": "1", "OMP_NUM_THREADS": "3"}).torch_threads == 1
-    with pytest.raises(SettingsError, match="TORCH_THREADS"):
-        load_settings({"TORCH_THREADS": "0"})
-
-
-def test_engine_process_is_on_unless_turned_off():
-    assert load_settings({}).engine_process is True
-    assert load_settings({"ENGINE_PROCESS": "false"}).engine_process is False
-    with pytest.raises(SettingsError, match="ENGINE_PROCESS"):
-        load_settings({"ENGINE_PROCESS": "sometimes"})

@@ -71,11 +71,20 @@ def test_it_is_built_once_per_cache_folder(tmp_path, monkeypatch):
     assert again is not None and again.path == first.path, why_not
 
 
-def test_a_failed_build_is_a_reason_not_an_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("CC", "false")  # a "compiler" that exits 1
-    kernel, why_not = load_panel_kernel(str(tmp_path))
+def test_a_failed_build_is_a_reason_not_an_error(tmp_path):
+    kernel, why_not = load_panel_kernel(str(tmp_path), "false")  # the CC setting: a "compiler" that exits 1
     assert kernel is None and why_not.startswith("building it failed: ") and "exited with 1" in why_not
     assert not any((tmp_path / "kernels").iterdir())  # no temporary file left behind
+
+
+def test_a_named_compiler_missing_from_path_is_the_reason(tmp_path, monkeypatch):
+    source = tmp_path / "cpu_kernel.c"  # no library built beside this copy
+    source.write_bytes(cpu_kernel.SOURCE.read_bytes())
+    monkeypatch.setattr(cpu_kernel, "SOURCE", source)
+    assert load_panel_kernel(str(tmp_path / "cache"), "no-such-cc") == (
+        None,
+        "no C compiler (no-such-cc) on PATH to build it",
+    )
 
 
 def test_cpus_without_avx2_and_fma_are_named():
@@ -111,7 +120,6 @@ def test_a_library_built_beside_the_source_needs_no_compiler(tmp_path, monkeypat
     assert built.returncode == 0, built.stderr
     assert built.stdout.strip() == str(source.parent / cpu_kernel.library_name())
     monkeypatch.setattr(cpu_kernel, "SOURCE", source)
-    monkeypatch.setenv("CC", "no-such-cc")
-    kernel, why_not = load_panel_kernel(str(tmp_path / "empty-cache"))
+    kernel, why_not = load_panel_kernel(str(tmp_path / "empty-cache"), "no-such-cc")
     assert kernel is not None and kernel.path == source.parent / cpu_kernel.library_name(), why_not
     assert not (tmp_path / "empty-cache").exists()
