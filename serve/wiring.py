@@ -1,7 +1,8 @@
-"""Wiring at the top: settings -> the model loader -> one engine per copy of the model -> the pool the app serves.
+"""Wiring at the top: settings -> the model loader -> one engine process per copy of the model -> the pool the app
+serves.
 
-With ENGINE_PROCESS (the default) each copy's engine runs in a spawned process of its own (serve.engine.process);
-``serve_engine_copy`` is that process's entry.
+Each copy's engine runs in a spawned process of its own (serve.engine.process); ``serve_engine_copy`` is that
+process's entry. The front loads its own tokenizer from the model folder (``load_tokenizer``).
 
 The engine package knows nothing of model loading; this module is where the two meet.
 """
@@ -10,15 +11,16 @@ from __future__ import annotations
 
 import signal
 from dataclasses import fields
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 from serve.config import Settings
 from serve.engine.engine import Engine
 from serve.engine.pool import EnginePool
-from serve.engine.process import EngineProcess, host_engine
+from serve.engine.host import host_engine
+from serve.engine.process import EngineProcess
 from serve.engine.types import EngineConfig
 from serve.log import configure_logging
-from serve.loading.loader import PreparedModel, load_model, prepare_model
+from serve.loading.loader import PreparedModel, load_model, load_tokenizer, prepare_model
 from serve.http.security import redact_logs, secret_values
 
 
@@ -36,13 +38,12 @@ def build_engine(
     on_load_failure: Optional[Callable[[BaseException], None]] = None,
     on_ready: Optional[Callable[[], None]] = None,
 ) -> EnginePool:
-    """The server's engines: the loader prepares the model and plans its placement, then one engine per copy loads."""
+    """The server's engines: the loader prepares the model and plans its placement, then one engine process per
+    copy loads."""
     config = engine_config(settings)
 
-    def make_engine(prepared: PreparedModel, index: int) -> Union[Engine, EngineProcess]:
-        if settings.engine_process:
-            return EngineProcess(serve_engine_copy, (settings, prepared, index), config)
-        return Engine(load=lambda: load_model(settings, prepared, index), config=config)
+    def make_engine(prepared: PreparedModel, index: int) -> EngineProcess:
+        return EngineProcess(serve_engine_copy, (settings, prepared, index), config)
 
     return EnginePool(
         prepare=lambda: prepare_model(settings),
@@ -51,16 +52,17 @@ def build_engine(
         config=config,
         on_load_failure=on_load_failure,
         on_ready=on_ready,
+        load_tokenizer=lambda prepared: load_tokenizer(settings, prepared),
     )
 
 
 def single_engine(settings: Settings) -> Engine:
-    """One engine (not started) over the model the settings name."""
+    """One in-process engine (not started) over the model the settings name (tests and benchmarks drive it)."""
     return Engine(load=lambda: load_model(settings), config=engine_config(settings))
 
 
 def serve_engine_copy(conn: Any, settings: Settings, prepared: PreparedModel, index: int) -> None:
-    """The engine process's entry (ENGINE_PROCESS): load engine ``index``'s copy and serve the front over ``conn``.
+    """The engine process's entry: load engine ``index``'s copy and serve the front over ``conn``.
 
     Ctrl-C reaches the whole process group; the worker decides when its engine stops (or the closed pipe does)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

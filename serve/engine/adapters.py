@@ -1,7 +1,7 @@
 """Adapters added and removed while the engine runs: which names an engine accepts, and swaps between steps.
 
-HTTP threads read and prepare an adapter's weights (``serve.engine.lora.prepare_adapter``), then hand them over
-here; the engine thread installs them at the top of its next loop iteration, so a step never waits on a file.
+A thread of the engine process reads and prepares an adapter's weights (``serve.engine.lora``), then hands them
+over here; the engine thread installs them at the top of its next loop iteration, so a step never waits on a file.
 Removal is two-phase: ``retire`` stops new requests at once (``submit`` checks under the same lock), and the
 engine thread drops the weights once no admitted request uses them, so requests already running finish first.
 No torch here: the engine module imports this before the model (and torch) loads.
@@ -18,6 +18,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 
 log = logging.getLogger(__name__)
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be served; the message names the adapter and the reason."""
 
 
 class AdapterNotLoaded(LookupError):

@@ -18,14 +18,11 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from serve.engine.adapters import AdapterError
 from serve.engine.fused import find_part
 
 PEFT_PREFIX = "base_model.model."
 WEIGHT_FILES = ("adapter_model.safetensors",)
-
-
-class AdapterError(ValueError):
-    """An adapter folder that cannot be served; the message names the adapter and the reason."""
 
 
 @dataclass
@@ -35,6 +32,16 @@ class LoraWeights:
     a: torch.Tensor  # [rank, in_features]
     b: torch.Tensor  # [out_features, rank]
     scale: float
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter's weights ({module path: LoRA weights}) and its install number, which the engine keys its
+    prefix-cache blocks by (a name deleted and registered again gets a new number, so it never meets the old one's
+    blocks)."""
+
+    number: int
+    modules: dict[str, LoraWeights]
 
 
 def read_adapter(name: str, folder: Path, max_rank: Optional[int] = None) -> dict[str, LoraWeights]:
@@ -137,37 +144,43 @@ class LoraLinear(nn.Module):
 class LoraSet:
     """The adapters of one model: names, the wrapped layers, and the adapter of every token of the current step.
 
-    Adapters may be installed and removed between steps (``install``/``remove``, on the engine thread); each keeps
-    the index it was given, so removing one never renumbers the others.
+    Adapters may be installed and removed between steps (``install``/``remove``, on the engine thread); each is
+    indexed by its install number (the adapters given at load are numbered 1..n in order; the front's registry
+    numbers those it registers later), so removing one never renumbers the others.
     """
 
     def __init__(self, model: nn.Module, adapters: dict[str, dict[str, LoraWeights]]):
         self.model = model
-        self._indices: dict[str, int] = {}  # name -> index; 0 is the base model
-        self._next_index = 1
+        self._indices: dict[str, int] = {}  # name -> install number; 0 is the base model
         self.token_adapters: Optional[torch.Tensor] = None
         self.step_adapters: list[int] = []
         self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._device = next(model.parameters()).device
         self.layers: dict[str, LoraLinear] = {}
-        for name, modules in adapters.items():
-            self.install(name, prepare_adapter(model, name, modules))
+        for number, (name, modules) in enumerate(adapters.items(), 1):
+            self.install(name, prepare_adapter(model, name, AdapterWeights(number, modules)))
 
     @property
     def names(self) -> list[str]:
         return list(self._indices)
 
-    def install(self, name: str, prepared: dict[str, LoraWeights]) -> None:
+    @property
+    def numbers(self) -> dict[str, int]:
+        """Each adapter's install number, by name."""
+        return dict(self._indices)
+
+    def install(self, name: str, prepared: AdapterWeights) -> None:
         """Add an adapter whose weights ``prepare_adapter`` already checked and placed (cheap: no copies)."""
         if name in self._indices:
             raise AdapterError(f"adapter {name!r} is already loaded")
-        index, self._next_index = self._next_index, self._next_index + 1
-        for path, weights in prepared.items():
+        if prepared.number <= 0 or prepared.number in self._indices.values():
+            raise AdapterError(f"adapter {name!r}: install number {prepared.number} is taken")
+        for path, weights in prepared.modules.items():
             target = _target(self.model, path, name)
             layer = self._wrap(target)
             self.layers[target.layer_path] = layer
-            layer.add(index, weights, target.out)
-        self._indices[name] = index
+            layer.add(prepared.number, weights, target.out)
+        self._indices[name] = prepared.number
 
     def remove(self, name: str) -> None:
         """Drop an adapter's weights (no request may be using it: the engine waits for that)."""
@@ -247,20 +260,20 @@ def _target(model: nn.Module, path: str, name: str) -> Target:
     return Target(parent, attribute, layer_path, base, out)
 
 
-def prepare_adapter(model: nn.Module, name: str, modules: dict[str, LoraWeights]) -> dict[str, LoraWeights]:
+def prepare_adapter(model: nn.Module, name: str, adapter: AdapterWeights) -> AdapterWeights:
     """Check an adapter's shapes against the model and move its weights to each layer's device and dtype.
 
-    Runs on the thread that registers the adapter (reads only the model), so the engine thread just links them in.
+    Runs on the thread that installs the adapter (reads only the model), so the engine thread just links them in.
     """
     prepared: dict[str, LoraWeights] = {}
-    for path, weights in modules.items():
+    for path, weights in adapter.modules.items():
         target = _target(model, path, name)
         weight = target.base.weight
         if tuple(weights.a.shape[1:]) != (weight.shape[1],) or weights.b.shape[0] != target.rows:
             shapes = f"{tuple(weights.b.shape)}x{tuple(weights.a.shape)}"
             raise AdapterError(f"adapter {name!r}: {path} shapes {shapes} do not fit {(target.rows, weight.shape[1])}")
         prepared[path] = LoraWeights(weights.a.to(weight), weights.b.to(weight), weights.scale)
-    return prepared
+    return AdapterWeights(adapter.number, prepared)
 
 
 def attach_adapters(model: nn.Module, folders: dict[str, Path], max_rank: Optional[int] = None) -> LoraSet:

@@ -1,9 +1,11 @@
-"""Several engines behind one front: PLACEMENT=replicas runs one engine (one copy of the model) per GPU.
+"""Several copies of the model behind one front: PLACEMENT=replicas runs one engine (one copy) per GPU.
 
-``EnginePool`` implements ``EngineClient`` (serve.engine.interface), as one ``Engine`` does. Planning happens on
-a background thread, as loading does:
-``prepare()`` fetches the model and decides the placement, then one engine per planned copy loads and starts.
-Each request goes to the engine with the fewest requests in flight (ties: the one that has served fewest).
+``EnginePool`` implements ``EngineClient`` (serve.engine.interface) and is the one place that decides admission:
+the cap on requests in flight (429, ``EngineOverloaded``) over every copy, and, through the adapter registry's
+gate, which adapters requests may name. Planning happens on a background thread, as loading does: ``prepare()``
+fetches the model and decides the placement, then one copy per planned engine loads and starts while the front
+loads its own tokenizer. Each request goes to the copy with the fewest requests in flight (ties: the one that has
+served fewest); a live session's requests stay on the copy holding its cache.
 """
 
 from __future__ import annotations
@@ -11,32 +13,49 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
-from serve.engine.engine import Engine, EngineNotReady, RequestStream
-from serve.engine.scheduler import EngineOverloaded
+from serve.engine.engine import EngineNotReady
+from serve.engine.grammar import GRAMMAR_CHECK, GrammarCheck
+from serve.engine.interface import EngineCopy, Stream
 from serve.engine.types import EngineConfig, EngineLoad, EngineStats, Limits, Request
 
 log = logging.getLogger(__name__)
 
+AdapterGate = Callable[[str], AbstractContextManager[None]]
+
+
+class EngineOverloaded(RuntimeError):
+    """More requests than the admission cap are in flight."""
+
+    @classmethod
+    def at(cls, in_flight: int, limit: int) -> "EngineOverloaded":
+        return cls(f"{in_flight} requests in flight, the limit is {limit}; retry later")
+
 
 class EnginePool:
-    """Engines made by ``make_engine(prepared, index)`` for each copy that ``plan_engines(prepared)`` counts."""
+    """Copies made by ``make_engine(prepared, index)`` for each one that ``plan_engines(prepared)`` counts; the
+    front's tokenizer from ``load_tokenizer(prepared)``."""
 
     def __init__(
         self,
         prepare: Callable[[], Any],
         plan_engines: Callable[[Any], int],
-        make_engine: Callable[[Any, int], Engine],
+        make_engine: Callable[[Any, int], EngineCopy],
         config: EngineConfig = EngineConfig(),
         on_load_failure: Optional[Callable[[BaseException], None]] = None,
         on_ready: Optional[Callable[[], None]] = None,
+        load_tokenizer: Callable[[Any], Any] = lambda prepared: None,
     ):
         self._prepare, self._plan_engines, self._make_engine = prepare, plan_engines, make_engine
+        self._load_tokenizer = load_tokenizer
         self.config = config
         self._on_load_failure, self._on_ready = on_load_failure, on_ready
-        self.engines: list[Engine] = []
+        self.engines: list[EngineCopy] = []
+        self._tokenizer: Any = None
+        self._adapter_gate: Optional[AdapterGate] = None
         self._session_engines: dict[str, int] = {}  # a live session's requests go to the engine holding its cache
         self.load_error: Optional[BaseException] = None
         self._lock = threading.Lock()
@@ -50,7 +69,9 @@ class EnginePool:
         return self
 
     def _main(self) -> None:
-        """Prepare, start every engine, and wait until all are ready (or one fails)."""
+        """Prepare, start every copy, load the front's tokenizer meanwhile, and wait until all are ready (or one
+        fails: a copy's load error is the one reported, else the tokenizer's; the copy loads the same tokenizer first,
+        so it fails as fast)."""
         try:
             prepared = self._prepare()
             count = self._plan_engines(prepared)
@@ -58,15 +79,16 @@ class EnginePool:
                 self.engines = [self._make_engine(prepared, index) for index in range(count)]
             for engine in self.engines:
                 engine.start()
-            while not all(engine.wait_ready(0.1) for engine in self.engines):
-                errors = [engine.load_error for engine in self.engines if engine.load_error is not None]
-                if errors:
-                    raise errors[0]
-                if self._stopping.is_set():
-                    return
+            tokenizer_error = self._tokenizer_loaded(prepared)
+            if not self._copies_ready():
+                return
+            if tokenizer_error is not None:
+                raise tokenizer_error
         except BaseException as exc:  # noqa: BLE001 - reported like a single engine's load failure
             self.load_error = exc
             log.error("engine pool failed to start: %s", exc)
+            for engine in self.engines:
+                engine.stop(0.5)
             if self._on_load_failure is not None:
                 self._on_load_failure(exc)
             return
@@ -74,6 +96,24 @@ class EnginePool:
         log.info("engine pool ready: %d engine(s)", len(self.engines))
         if self._on_ready is not None:
             self._on_ready()
+
+    def _tokenizer_loaded(self, prepared: Any) -> Optional[BaseException]:
+        """Load the front's tokenizer while the copies load; the error, if it failed."""
+        try:
+            self._tokenizer = self._load_tokenizer(prepared)
+        except Exception as exc:  # noqa: BLE001 - raised once the copies had their chance to fail first
+            return exc
+        return None
+
+    def _copies_ready(self) -> bool:
+        """Wait until every copy is ready (True) or the pool stops (False); raise the first copy's load error."""
+        while not all(engine.wait_ready(0.1) for engine in self.engines):
+            errors = [engine.load_error for engine in self.engines if engine.load_error is not None]
+            if errors:
+                raise errors[0]
+            if self._stopping.is_set():
+                return False
+        return True
 
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
         return self._ready.wait(timeout)
@@ -88,11 +128,13 @@ class EnginePool:
 
     @property
     def tokenizer(self) -> Any:
-        return self.engines[0].tokenizer
+        """The front's own tokenizer, loaded from the model folder (never sent over from a copy)."""
+        return self._tokenizer
 
     @property
-    def grammars(self) -> Any:
-        return self.engines[0].grammars
+    def grammars(self) -> GrammarCheck:
+        """Checks grammars at the edge; the copies build the vocabulary their matchers need."""
+        return GRAMMAR_CHECK
 
     @property
     def limits(self) -> Optional[Limits]:
@@ -123,11 +165,17 @@ class EnginePool:
         """The KV pools and prefix caches of all engines, summed."""
         return sum((engine.stats() for engine in self.engines), EngineStats())
 
-    def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
-        """Admit on the least-loaded engine (a live session's on its own); EngineOverloaded past the pool's cap."""
+    def gate_adapters(self, gate: AdapterGate) -> None:
+        """Admit a request naming an adapter only inside ``gate(name)`` (the adapter registry: AdapterNotLoaded
+        for a name it does not hold, and its retire sent only after the admissions it let through)."""
+        self._adapter_gate = gate
+
+    def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> Stream:
+        """Admit on the least-loaded copy (a live session's on its own); EngineOverloaded past the pool's cap."""
         if not self.ready:
             raise EngineNotReady.because(self.load_error)
-        with self._lock:
+        gate = self._adapter_gate
+        with nullcontext() if request.adapter is None or gate is None else gate(request.adapter), self._lock:
             in_flight = [engine.in_flight for engine in self.engines]
             if sum(in_flight) >= self.config.max_concurrent_requests:
                 raise EngineOverloaded.at(sum(in_flight), self.config.max_concurrent_requests)

@@ -1,17 +1,13 @@
-"""One engine in a process of its own (ENGINE_PROCESS): the HTTP worker's threads and the engine's step stop
+"""One copy of the model, in an engine process of its own: the HTTP worker's threads and the engine's step stop
 sharing one GIL.
 
-``EngineProcess`` stands in the gunicorn worker for an ``Engine`` (what ``EnginePool`` needs of one); a spawned
-child runs the real ``Engine`` through ``host_engine``. They talk over one duplex pipe:
-
-- front -> host: ``("submit", key, request)``, ``("cancel", request_id)``, ``("close_session", session_id)``,
-  ``("install", call, name, modules)``, ``("retire", call, name)``, ``("stop",)``;
-- host -> front: ``("ready", card)``, ``("failed", reason)``, ``("events", [(key, event), ...], snapshot)`` (all
-  the events of one engine step in one message), ``("done", call, error)``.
+``EngineProcess`` is the front's handle on one copy (what ``EnginePool`` needs of one); a spawned child runs the
+real ``Engine`` through ``serve.engine.host.host_engine``. They talk over one duplex pipe, in the typed messages of
+``serve.engine.protocol``; this side decodes what arrives in one place (``_handlers``, on its one reader thread).
 
 The front counts its own requests in flight (a request leaves the count when its final event arrives), so the
-admission cap, the pool's choice of engine and the shutdown drain never wait on the child. Torch is imported by
-the child only; the child exits when the pipe closes, so a worker that dies leaves no engine behind.
+pool's admission cap, its choice of copy and the shutdown drain never wait on the child. Torch is imported by the
+child only; the child exits when the pipe closes, so a worker that dies leaves no engine behind.
 """
 
 from __future__ import annotations
@@ -22,51 +18,71 @@ import logging
 import multiprocessing
 import queue
 import threading
-import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field, is_dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from serve.engine.adapters import AdapterNotLoaded
-from serve.engine.engine import Engine, EngineNotReady, RequestStream
-from serve.engine.scheduler import EngineOverloaded
+from serve.engine.adapters import AdapterError
+from serve.engine.engine import EngineNotReady
+from serve.engine.protocol import (
+    CallDone,
+    Cancel,
+    CloseSession,
+    Events,
+    Failed,
+    InstallAdapter,
+    ModelCard,
+    Ready,
+    RetireAdapter,
+    Snapshot,
+    Stop,
+    Submit,
+    ToCore,
+    dispatch,
+)
 from serve.engine.types import EngineConfig, EngineLoad, EngineStats, FinishReason, Limits, Request, TokenEvent
 
 log = logging.getLogger(__name__)
-
-SNAPSHOT_INTERVAL_S = 0.25  # an idle engine still reports its counters this often
 
 
 class EngineProcessError(RuntimeError):
     """The engine process failed to load its model, or exited while serving."""
 
 
-@dataclass(frozen=True)
-class ModelView:
-    """What the front knows of the model whose weights live in the engine process."""
+class FrontStream:
+    """The events of one request sent to an engine process, in order; closing it early cancels the request.
 
-    config: Any  # the transformers config
-    device: Any
-    dtype: Any
+    Several streams may share one ``sink`` queue (the n choices of one client request); each puts
+    ``(index, event)`` pairs into it, and the reader of the sink tells them apart by index.
+    """
 
+    def __init__(self, request: Request, cancel: Callable[[str], None], sink: Optional[queue.Queue], index: int):
+        self.request = request
+        self.index = index
+        self._cancel = cancel
+        self._events: "queue.Queue[tuple[int, TokenEvent]]" = queue.Queue() if sink is None else sink
+        self._finished = False
 
-@dataclass(frozen=True)
-class Card:
-    """Sent once, when the engine is ready: the loaded model as the front sees it, and the engine's limits."""
+    def put(self, event: TokenEvent) -> None:
+        self._events.put((self.index, event))
 
-    loaded: Any  # the loader's LoadedModel with ``model`` a ModelView (tokenizer, name, placement, ...)
-    limits: Limits
-    eos_ids: frozenset[int]
-    load: EngineLoad  # CUDA graphs and COMPILE, as start-up left them
+    def events(self, heartbeat: Optional[float] = None) -> Iterator[Optional[TokenEvent]]:
+        """Yield events until the final one; yield None every ``heartbeat`` seconds of silence."""
+        while not self._finished:
+            try:
+                _, event = self._events.get(timeout=heartbeat)
+            except queue.Empty:
+                yield None
+                continue
+            self._finished = event.finish_reason is not None
+            yield event
 
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return (event for event in self.events() if event is not None)
 
-@dataclass(frozen=True)
-class Snapshot:
-    """The engine's counters, sent with every batch of events (and every SNAPSHOT_INTERVAL_S when idle)."""
-
-    waiting: int = 0
-    running: int = 0
-    stats: EngineStats = field(default_factory=EngineStats)
+    def close(self) -> None:
+        """Cancel the request if it has not finished (the client went away)."""
+        if not self._finished:
+            self._cancel(self.request.id)
 
 
 class EngineProcess:
@@ -75,25 +91,29 @@ class EngineProcess:
     def __init__(self, target: Callable[..., None], args: tuple, config: EngineConfig = EngineConfig()):
         self.config = config
         self.load_error: Optional[BaseException] = None
-        self.loaded: Any = None
+        self.loaded: Optional[ModelCard] = None
         self.limits: Optional[Limits] = None
-        self._grammars: Any = None
-        self._grammars_built = threading.Event()
+        self.eos_ids: frozenset[int] = frozenset()
+        self._load_report: Optional[EngineLoad] = None
         self._target, self._args = target, args
         self._process: Optional[multiprocessing.process.BaseProcess] = None
         self._conn: Any = None
         self._send_lock = threading.Lock()
-        self._lock = threading.Lock()  # the streams in flight and the accepted adapters
-        self._streams: dict[int, RequestStream] = {}
-        self._keys = itertools.count()
+        self._lock = threading.Lock()  # the streams and calls in flight
+        self._streams: dict[int, FrontStream] = {}
         self._calls: dict[int, Future] = {}
-        self._adapters: set[str] = set()
-        self._card: Optional[Card] = None
+        self._keys = itertools.count()
         self._snapshot = Snapshot()
         self._served = 0
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._reader = threading.Thread(target=self._read, name="engine-process-reader", daemon=True)
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            Events: self._on_events,
+            Ready: self._on_ready,
+            CallDone: self._on_call_done,
+            Failed: self._on_failed,
+        }
 
     def start(self) -> "EngineProcess":
         """Spawn the engine process (idempotent); it loads the model and reports ready or failed."""
@@ -121,14 +141,6 @@ class EngineProcess:
         return self._process.pid if self._process is not None else None
 
     @property
-    def tokenizer(self) -> Any:
-        return self.loaded.tokenizer
-
-    @property
-    def engines(self) -> list["EngineProcess"]:
-        return [self]
-
-    @property
     def in_flight(self) -> int:
         return len(self._streams)
 
@@ -148,41 +160,36 @@ class EngineProcess:
         return self._snapshot.stats
 
     def describe(self) -> list[EngineLoad]:
-        graphs, compiled = (self._card.load.graphs, self._card.load.compiled) if self._card else (None, None)
+        report = self._load_report
+        graphs, compiled = (report.graphs, report.compiled) if report is not None else (None, None)
         return [EngineLoad(self.in_flight, self._served, graphs, compiled)]
 
-    def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
-        """Admit a request (the same errors as ``Engine.submit``) and send it to the engine process."""
+    def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> FrontStream:
+        """Send a request to the engine process (the pool decided it may run); EngineNotReady when it cannot."""
         if not self.ready:
             raise EngineNotReady.because(self.load_error)
-        stream = RequestStream(request, self, sink, index)  # type: ignore[arg-type]  # it only calls cancel()
+        stream = FrontStream(request, self.cancel, sink, index)
         with self._lock:
-            if request.adapter is not None and request.adapter not in self._adapters:
-                raise AdapterNotLoaded(f"adapter {request.adapter!r} is not loaded")
-            if len(self._streams) >= self.config.max_concurrent_requests:
-                raise EngineOverloaded.at(len(self._streams), self.config.max_concurrent_requests)
             key = next(self._keys)
             self._streams[key] = stream
             self._served += 1
-        self._send(("submit", key, request))
+        self._send(Submit(key, request))
         return stream
 
     def cancel(self, request_id: str) -> None:
-        self._send(("cancel", request_id))
+        self._send(Cancel(request_id))
 
     def close_session(self, session_id: str) -> None:
-        self._send(("close_session", session_id))
+        self._send(CloseSession(session_id))
 
-    def install_adapter(self, name: str, modules: Any) -> Future:
-        """The engine process prepares and links the adapter; the future resolves once requests may use it."""
-        done = self._call("install", name, modules)
-        done.add_done_callback(lambda future: future.exception() is None and self._accept(name))
-        return done
+    def install_adapter(self, name: str, number: int, folder: str, max_rank: Optional[int] = None) -> Future:
+        """The engine process reads, prepares and links the adapter; the future resolves once requests may use it
+        (AdapterError when the folder cannot be served)."""
+        return self._call(lambda call: InstallAdapter(call, name, number, folder, max_rank))
 
     def retire_adapter(self, name: str) -> Future:
-        with self._lock:
-            self._adapters.discard(name)
-        return self._call("retire", name)
+        """Sent in order with the submits: the future resolves once the adapter's last request has finished."""
+        return self._call(lambda call: RetireAdapter(call, name))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the engine process to stop; past ``timeout`` it is terminated."""
@@ -191,7 +198,7 @@ class EngineProcess:
         self._stopping.set()
         if self._process is None:
             return
-        self._send(("stop",))
+        self._send(Stop())
         self._process.join(timeout)
         if self._process.is_alive():
             self._process.terminate()
@@ -201,21 +208,17 @@ class EngineProcess:
             self._process.join()
         self._reader.join(1.0)
 
-    def _accept(self, name: str) -> None:
-        with self._lock:
-            self._adapters.add(name)
-
-    def _call(self, kind: str, *args: Any) -> Future:
+    def _call(self, message: Callable[[int], ToCore]) -> Future:
         done: Future = Future()
         with self._lock:
             call = next(self._keys)
             self._calls[call] = done
-        if not self._send((kind, call, *args)):
+        if not self._send(message(call)):
             self._calls.pop(call, None)
             done.set_exception(EngineProcessError("the engine process is not running"))
         return done
 
-    def _send(self, message: tuple) -> bool:
+    def _send(self, message: ToCore) -> bool:
         """Send to the engine process; False when it is gone (the reader fails what was in flight)."""
         try:
             with self._send_lock:
@@ -225,53 +228,17 @@ class EngineProcess:
             return False
 
     def _read(self) -> None:
-        """The front's one reader: delivers each batch of events to its streams, and the replies to calls."""
+        """The front's one reader: decodes every message from the engine process."""
         while True:
             try:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 break
-            kind = message[0]
-            if kind == "events":
-                self._deliver(message[1])
-                self._snapshot = message[2]
-            elif kind == "ready":
-                self._on_ready(message[1])
-            elif kind == "done":
-                done = self._calls.pop(message[1], None)
-                if done is not None:
-                    error = message[2]
-                    done.set_result(None) if error is None else done.set_exception(error)
-            elif kind == "failed":
-                self.load_error = EngineProcessError(message[1])
-                self._send(("stop",))  # nothing more to do there
+            dispatch(message, self._handlers, "front")
         self._on_exit()
 
-    def _on_ready(self, card: Card) -> None:
-        self._card, self.loaded, self.limits = card, card.loaded, card.limits
-        with self._lock:
-            self._adapters.update(getattr(card.loaded, "adapters", ()))
-        threading.Thread(target=self._build_grammars, args=(card,), name="grammars", daemon=True).start()
-        self._ready.set()
-
-    def _build_grammars(self, card: Card) -> None:
-        """The front's own llguidance vocabulary, to check grammars at the edge (about a second for 49k tokens:
-        off the path to ready; the first grammar request waits for it)."""
-        from serve.engine.grammar import Grammars
-
-        try:
-            vocab_size = card.loaded.model.config.get_text_config().vocab_size
-            self._grammars = Grammars(card.loaded.tokenizer, vocab_size, card.eos_ids)
-        finally:
-            self._grammars_built.set()
-
-    @property
-    def grammars(self) -> Any:
-        self._grammars_built.wait()
-        return self._grammars
-
-    def _deliver(self, events: list[tuple[int, TokenEvent]]) -> None:
-        for key, event in events:
+    def _on_events(self, message: Events) -> None:
+        for key, event in message.events:
             if event.finish_reason is None:
                 stream = self._streams.get(key)
             else:
@@ -279,6 +246,26 @@ class EngineProcess:
                     stream = self._streams.pop(key, None)
             if stream is not None:
                 stream.put(event)
+        self._snapshot = message.snapshot
+
+    def _on_ready(self, message: Ready) -> None:
+        self.loaded, self.limits, self.eos_ids = message.model, message.limits, message.eos_ids
+        self._load_report = message.load
+        self._ready.set()
+
+    def _on_call_done(self, message: CallDone) -> None:
+        with self._lock:
+            done = self._calls.pop(message.call, None)
+        if done is None:
+            return
+        if message.error is None:
+            done.set_result(None)
+        else:
+            done.set_exception((AdapterError if message.refused else EngineProcessError)(message.error))
+
+    def _on_failed(self, message: Failed) -> None:
+        self.load_error = EngineProcessError(message.reason)
+        self._send(Stop())  # nothing more to do there
 
     def _on_exit(self) -> None:
         """The pipe closed: fail what was in flight, and stop serving if the process died unasked."""
@@ -297,92 +284,3 @@ class EngineProcess:
             stream.put(TokenEvent.ending(stream.request, FinishReason.ERROR, reason))
         for done in calls.values():
             done.set_exception(EngineProcessError(reason))
-
-
-class Outbox:
-    """In the engine process: the sink every stream puts ``(key, event)`` into; ``flush`` sends them as one
-    message with the engine's counters."""
-
-    def __init__(self, conn: Any):
-        self._conn = conn
-        self._lock = threading.Lock()
-        self._events: list[tuple[int, TokenEvent]] = []
-        self._last_sent = 0.0
-
-    def put(self, item: tuple[int, TokenEvent]) -> None:
-        with self._lock:
-            self._events.append(item)
-
-    def flush(self, engine: Engine) -> None:
-        """After an engine step (or before an idle wait): the events so far, and the counters."""
-        with self._lock:
-            events, self._events = self._events, []
-        now = time.monotonic()
-        if events or now - self._last_sent >= SNAPSHOT_INTERVAL_S:
-            self._last_sent = now
-            self.send(("events", events, Snapshot(engine.waiting, engine.running, engine.stats())))
-
-    def send(self, message: tuple) -> None:
-        try:
-            with self._lock:
-                self._conn.send(message)
-        except (OSError, ValueError):
-            pass  # the front is gone; the command loop sees the pipe close and stops the engine
-
-
-def host_engine(conn: Any, load: Callable[[], Any], config: EngineConfig) -> None:
-    """In the engine process: run an ``Engine`` over ``load`` and serve the front's commands until told to stop
-    or until the pipe closes."""
-    outbox = Outbox(conn)
-    engine: Engine
-
-    def on_ready() -> None:
-        outbox.send(("ready", _card(engine)))
-
-    def on_failure(exc: BaseException) -> None:
-        outbox.send(("failed", str(exc)))
-
-    engine = Engine(load, config, on_failure, on_ready, flush_events=lambda: outbox.flush(engine))
-    engine.start()
-    try:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                break
-            if message[0] == "stop":
-                break
-            _command(engine, outbox, message)
-    finally:
-        engine.stop()
-
-
-def _command(engine: Engine, outbox: Outbox, message: tuple) -> None:
-    kind = message[0]
-    if kind == "submit":
-        key, request = message[1], message[2]
-        try:
-            engine.submit(request, outbox, key)  # type: ignore[arg-type]  # the outbox takes (key, event) puts
-        except (EngineNotReady, EngineOverloaded, AdapterNotLoaded) as exc:
-            outbox.put((key, TokenEvent.ending(request, FinishReason.ERROR, str(exc))))
-            outbox.flush(engine)
-    elif kind == "cancel":
-        engine.cancel(message[1])
-    elif kind == "close_session":
-        engine.close_session(message[1])
-    elif kind in ("install", "retire"):
-        call = message[1]
-        try:
-            done = engine.install_adapter(*message[2:]) if kind == "install" else engine.retire_adapter(message[2])
-        except Exception as exc:  # noqa: BLE001 - reported to the front's caller
-            outbox.send(("done", call, exc))
-            return
-        done.add_done_callback(lambda future: outbox.send(("done", call, future.exception())))
-
-
-def _card(engine: Engine) -> Card:
-    """The loaded model as the front may know it: everything but the weights."""
-    loaded, model = engine.loaded, engine.loaded.model
-    view = ModelView(model.config, getattr(model, "device", None), getattr(model, "dtype", None))
-    front = replace(loaded, model=view) if is_dataclass(loaded) else loaded
-    return Card(front, engine.limits, frozenset(engine.eos_ids), engine.describe()[0])

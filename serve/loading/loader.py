@@ -244,6 +244,12 @@ def _load_lean(prepared: PreparedModel, settings: Settings, placement: Any) -> O
     return None
 
 
+def load_tokenizer(settings: Settings, prepared: PreparedModel) -> Any:
+    """The model's tokenizer, from the folder ``prepare_model`` fetched (a .gguf already converted there): what the
+    front tokenizes with, the engine process loading its own beside the weights."""
+    return _tokenizer(prepared.folder, settings)
+
+
 def _tokenizer(folder: Path, settings: Settings) -> Any:
     from transformers import AutoTokenizer
 

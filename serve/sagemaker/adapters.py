@@ -1,10 +1,12 @@
 """LoRA adapters registered and unregistered at run time (SageMaker inference components for adapters).
 
-``register`` reads and checks the weights on the calling HTTP thread, then hands them to each engine copy, which
-prepares them for its model (on a thread of the engine process, under ENGINE_PROCESS) and links them in between
-two steps. ``unregister`` stops new requests at once and returns when
-the requests already running on the adapter have finished and its weights are gone. Adapters given at start
-(``SM_MODEL_DIR/adapters``, ``LORA_ADAPTERS``) are listed here too and can be unregistered the same way.
+The registry is the front's one record of adapters: names, sources, aliases, folders and install numbers. It
+also gates admission: the pool admits a request naming an adapter only while the registry holds it ready
+(``admitting``). ``register`` finds the peft folder, gives the adapter the next install number and sends both to
+each engine copy, whose process reads the weights, prepares them for its model and links them in between two
+steps. ``unregister`` stops new requests at once and returns when the requests already running on the adapter
+have finished and its weights are gone. Adapters given at start (``SM_MODEL_DIR/adapters``, ``LORA_ADAPTERS``) are
+listed here too, with the numbers the copies gave them, and can be unregistered the same way.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import shutil
 import tarfile
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
+from serve.engine.adapters import AdapterError, AdapterNotLoaded
 from serve.http.errors import BadRequest, NotFound, NotReady, ServeError
 
 log = logging.getLogger(__name__)
@@ -36,24 +40,30 @@ class AdapterConflict(ServeError):
 
 @dataclass
 class Entry:
-    """One adapter known to the server; ``state`` is loading, ready or deleting."""
+    """One adapter known to the server; ``state`` is loading, ready or deleting; ``number`` its install number."""
 
     name: str
     src: Optional[str]
     alias: Optional[str]
     state: str
+    number: int
+    folder: Optional[Path] = None
 
 
 class AdapterRegistry:
     """Names, sources and aliases of the served adapters, and their loading into every engine copy."""
 
     def __init__(self, engine: Any, cache_dir: str, max_rank: Optional[int]):
-        self._engine = engine  # an Engine or an EnginePool
+        self._engine = engine  # an EnginePool (of engine processes); an in-process Engine gates adapters itself
         self._root = Path(cache_dir) / "adapters"
         self._max_rank = max_rank
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
+        self._last_number = 0
         self._seeded = False
+        gate = getattr(engine, "gate_adapters", None)
+        if gate is not None:
+            gate(self.admitting)
 
     def _engines(self) -> list[Any]:
         if not self._engine.ready:
@@ -63,9 +73,23 @@ class AdapterRegistry:
     def _seed(self) -> None:
         """Adopt the adapters loaded with the model at start (once the model is loaded); call with the lock held."""
         if not self._seeded and self._engine.ready:
-            for name in getattr(self._engine.loaded, "adapters", ()):
-                self._entries.setdefault(name, Entry(name, None, None, "ready"))
+            started = getattr(self._engine.loaded, "adapters", ())
+            numbers = started if isinstance(started, dict) else {name: n for n, name in enumerate(started, 1)}
+            for name, number in numbers.items():
+                self._entries.setdefault(name, Entry(name, None, None, "ready", number))
+            self._last_number = max([self._last_number, *numbers.values()])
             self._seeded = True
+
+    @contextmanager
+    def admitting(self, name: str) -> Iterator[None]:
+        """Hold the registry while a request for ``name`` is sent (so a retire goes out after it);
+        AdapterNotLoaded when ``name`` is not ready."""
+        with self._lock:
+            self._seed()
+            entry = self._entries.get(name)
+            if entry is None or entry.state != "ready":
+                raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
+            yield
 
     def names(self) -> tuple[str, ...]:
         """The adapters requests may use now, in the order they were added."""
@@ -92,9 +116,10 @@ class AdapterRegistry:
                 if existing.state == "ready" and existing.src == src:
                     return False
                 raise AdapterConflict(_conflict(existing, src), "name")
-            self._entries[name] = Entry(name, src, alias, "loading")
+            self._last_number += 1
+            entry = self._entries[name] = Entry(name, src, alias, "loading", self._last_number)
         try:
-            self._load(name, src, engines)
+            self._load(entry, engines)
         except BaseException:
             with self._lock:
                 self._entries.pop(name, None)
@@ -104,22 +129,20 @@ class AdapterRegistry:
         log.info("adapter %s registered from %s", name, src)
         return True
 
-    def _load(self, name: str, src: str, engines: list[Any]) -> None:
-        from serve.engine.lora import AdapterError, read_adapter
-
-        folder = adapter_folder(src, self._root)
+    def _load(self, entry: Entry, engines: list[Any]) -> None:
+        """Install in every copy (each reads the folder itself); on a failure, retire it where it was installed."""
+        entry.folder = adapter_folder(entry.src or "", self._root)
         installed: list[Any] = []
         try:
-            modules = read_adapter(name, folder, self._max_rank)
             for engine in engines:
-                engine.install_adapter(name, modules).result(SWAP_TIMEOUT)
+                engine.install_adapter(entry.name, entry.number, str(entry.folder), self._max_rank).result(SWAP_TIMEOUT)
                 installed.append(engine)
         except AdapterError as exc:
             raise BadRequest(f"src: {exc}", "src") from None
         finally:
             if len(installed) != len(engines):
                 for engine in installed:
-                    engine.retire_adapter(name)
+                    engine.retire_adapter(entry.name)
 
     def unregister(self, name: str) -> None:
         """Refuse new requests for ``name`` now; return once its running requests finished and it is unloaded."""

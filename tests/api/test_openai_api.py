@@ -175,11 +175,11 @@ def test_overload_is_429_before_any_stream(tiny_settings):
     from dataclasses import replace
 
     from serve.http.app import create_app
-    from serve.wiring import single_engine
+    from serve.wiring import build_engine
 
     settings = replace(tiny_settings, max_concurrent_requests=1)
-    engine = single_engine(settings).start()
-    assert engine.wait_ready(60)
+    engine = build_engine(settings).start()  # the pool decides the 429
+    assert engine.wait_ready(60), engine.load_error
     try:
         client = create_app(settings, engine).test_client()
         long_stream = client.post(

@@ -1,10 +1,9 @@
-"""ENGINE_PROCESS: an engine in a spawned process answers exactly as the in-process engine does, and its failures
-reach the front as errors, never as hung streams or orphan processes."""
+"""An engine in a spawned process answers exactly as the in-process engine does, takes adapters through typed
+messages, and its failures reach the front as errors, never as hung streams or orphan processes."""
 
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -16,20 +15,24 @@ import psutil
 import pytest
 
 from serve.engine import FinishReason, Request, SamplingParams
-from serve.engine.adapters import AdapterNotLoaded
-from serve.engine.interface import EngineClient
+from serve.engine.adapters import AdapterError
 from serve.engine.process import EngineProcess, EngineProcessError
-from serve.engine.scheduler import EngineOverloaded
-from serve.loading.loader import prepare_model
+from serve.loading.loader import load_tokenizer, prepare_model
 from serve.wiring import build_engine, engine_config, serve_engine_copy
 from tests.helpers import TINY_KV_TOKENS
+from tests.unit.test_lora import make_adapter
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
 
 
 @pytest.fixture(scope="module")
 def process_settings(tiny_settings):
-    return replace(tiny_settings, engine_process=True, max_concurrent_requests=4)
+    return replace(tiny_settings, max_concurrent_requests=4)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(process_settings):
+    return load_tokenizer(process_settings, prepare_model(process_settings))
 
 
 @pytest.fixture(scope="module")
@@ -42,35 +45,32 @@ def engine_process(process_settings):
     engine.stop()
 
 
-def generate(engine, text: str, tokens: int = 12, **params) -> list[int]:
-    ids = engine.tokenizer(text)["input_ids"]
-    stream = engine.submit(Request(prompt_ids=ids, params=SamplingParams(max_new_tokens=tokens, **params)))
-    events = list(stream)
+def generate(engine, tokenizer, text: str, tokens: int = 12, adapter=None, **params) -> list[int]:
+    ids = tokenizer(text)["input_ids"]
+    request = Request(prompt_ids=ids, params=SamplingParams(max_new_tokens=tokens, **params), adapter=adapter)
+    events = list(engine.submit(request))
     assert events[-1].finish_reason is FinishReason.LENGTH, events[-1]
     return [event.token_id for event in events if event.token_id is not None]
 
 
-def test_it_implements_every_member_of_the_engine_interface():
-    members = {name for name in vars(EngineClient) if not name.startswith("_")} | set(EngineClient.__annotations__)
-    engine = EngineProcess(serve_engine_copy, ())
-    assert [name for name in members if not hasattr(type(engine), name) and name not in vars(engine)] == []
-
-
-def test_greedy_and_seeded_tokens_equal_the_in_process_engines(engine_process, tiny_engine):
+def test_greedy_and_seeded_tokens_equal_the_in_process_engines(engine_process, tiny_engine, tokenizer):
     for text in PROMPTS:
-        assert generate(engine_process, text) == generate(tiny_engine, text)
+        assert generate(engine_process, tokenizer, text) == generate(tiny_engine, tokenizer, text)
     sampled = {"temperature": 0.8, "top_p": 0.9, "seed": 7}
-    assert generate(engine_process, PROMPTS[0], **sampled) == generate(tiny_engine, PROMPTS[0], **sampled)
+    ours = generate(engine_process, tokenizer, PROMPTS[0], **sampled)
+    assert ours == generate(tiny_engine, tokenizer, PROMPTS[0], **sampled)
 
 
-def test_the_front_knows_the_model_limits_and_counters_without_its_weights(engine_process, tiny_engine):
+def test_the_front_knows_the_model_limits_and_counters_without_its_weights(engine_process, tiny_engine, tokenizer):
     assert engine_process.limits == replace(tiny_engine.limits, max_batch_size=4)  # its own cap
     assert engine_process.loaded.name == tiny_engine.loaded.name
     assert engine_process.loaded.model.config.vocab_size == tiny_engine.loaded.model.config.vocab_size
+    assert (engine_process.loaded.device.type, engine_process.loaded.dtype) == ("cpu", "torch.float32")
     assert not hasattr(engine_process.loaded.model, "forward")  # a description, not the model
-    engine_process.grammars.check('start: "yes" | "no"')
+    assert not hasattr(engine_process.loaded, "tokenizer")  # the front loads its own
+    assert engine_process.eos_ids == frozenset(tiny_engine.eos_ids)
     before = engine_process.stats().steps
-    generate(engine_process, PROMPTS[1])
+    generate(engine_process, tokenizer, PROMPTS[1])
     deadline = time.monotonic() + 5
     while engine_process.stats().steps < before + 12 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -79,8 +79,8 @@ def test_the_front_knows_the_model_limits_and_counters_without_its_weights(engin
     assert engine_process.describe()[0].served == engine_process.served > 0
 
 
-def test_a_cancelled_request_ends_cancelled_and_leaves_the_count(engine_process):
-    ids = engine_process.tokenizer(PROMPTS[0])["input_ids"]
+def test_a_cancelled_request_ends_cancelled_and_leaves_the_count(engine_process, tokenizer):
+    ids = tokenizer(PROMPTS[0])["input_ids"]
     stream = engine_process.submit(Request(prompt_ids=ids, params=SamplingParams(max_new_tokens=1000)))
     first = next(iter(stream))
     assert first.finish_reason is None
@@ -90,21 +90,21 @@ def test_a_cancelled_request_ends_cancelled_and_leaves_the_count(engine_process)
     assert engine_process.in_flight == 0
 
 
-def test_the_cap_and_unknown_adapters_are_refused_in_the_front(engine_process):
-    ids = engine_process.tokenizer(PROMPTS[0])["input_ids"]
-    with pytest.raises(AdapterNotLoaded):
-        engine_process.submit(Request(prompt_ids=ids, params=SamplingParams(), adapter="nope"))
-    sink: queue.Queue = queue.Queue()
-    long = SamplingParams(max_new_tokens=1000)
-    streams = [engine_process.submit(Request(prompt_ids=ids, params=long), sink, i) for i in range(4)]
-    with pytest.raises(EngineOverloaded):
-        engine_process.submit(Request(prompt_ids=ids, params=long))
-    for stream in streams:
-        stream.close()
-    finals = 0
-    while finals < 4:
-        _, event = sink.get(timeout=30)
-        finals += event.finish_reason is not None
+def test_an_adapter_is_installed_from_its_folder_and_retired_by_message(engine_process, tokenizer, tmp_path):
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    unknown = list(engine_process.submit(Request(prompt_ids=ids, params=SamplingParams(), adapter="sql")))
+    assert unknown[-1].finish_reason is FinishReason.ERROR and unknown[-1].error == "adapter 'sql' is not loaded"
+    with pytest.raises(AdapterError, match="adapter 'sql'.*needs adapter_config.json"):
+        engine_process.install_adapter("sql", 1, str(tmp_path)).result(60)
+    folder = make_adapter(Path(engine_process.loaded.name), tmp_path / "sql", seed=1)
+    engine_process.install_adapter("sql", 7, str(folder)).result(60)
+    base = generate(engine_process, tokenizer, PROMPTS[0])
+    assert generate(engine_process, tokenizer, PROMPTS[0], adapter="sql") != base
+    with pytest.raises(AdapterError, match="install number 7 is taken"):
+        engine_process.install_adapter("chat", 7, str(folder)).result(60)
+    engine_process.retire_adapter("sql").result(60)
+    gone = list(engine_process.submit(Request(prompt_ids=ids, params=SamplingParams(), adapter="sql")))
+    assert gone[-1].finish_reason is FinishReason.ERROR
     assert engine_process.in_flight == 0
 
 
@@ -112,7 +112,7 @@ def test_a_killed_engine_process_fails_its_streams_and_stops_serving(process_set
     engine = build_engine(process_settings).start()
     assert engine.wait_ready(120), engine.load_error
     (copy,) = engine.engines
-    ids = engine.tokenizer(PROMPTS[0])["input_ids"]
+    ids = engine.tokenizer(PROMPTS[0])["input_ids"]  # the pool's own tokenizer
     stream = engine.submit(Request(prompt_ids=ids, params=SamplingParams(max_new_tokens=1000)))
     assert next(iter(stream)).finish_reason is None
     os.kill(copy.pid, signal.SIGKILL)
