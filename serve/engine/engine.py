@@ -3,19 +3,18 @@ events."""
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 from serve.engine.adapters import AdapterNotLoaded, AdapterTable
-from serve.engine.scheduler import EngineOverloaded, Scheduler
+from serve.engine.scheduler import EngineOverloaded, Event, Scheduler, StepOutput, StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.stopping import eos_token_ids
-from serve.engine.types import EngineConfig, EngineLoad, EngineStats, FinishReason, Limits, Request, TokenEvent
+from serve.engine.types import EngineConfig, EngineLoad, EngineStats, Limits, Request, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,11 @@ class RequestStream:
 
 
 class Engine:
-    """Owns the model. ``submit()`` returns a RequestStream; ``cancel()`` drops a request before the next step."""
+    """Owns the model. ``submit()`` returns a RequestStream; ``cancel()`` drops a request before the next step.
+
+    The engine thread's step is ``scheduler.schedule()``, ``runner.step(plan)``, ``scheduler.postprocess()``; the
+    engine delivers the events they return to the requests' streams.
+    """
 
     def __init__(
         self,
@@ -86,16 +89,11 @@ class Engine:
         self._flush_events = flush_events
         self.config = config
         self._on_load_failure = on_load_failure
-        self.scheduler = Scheduler(config.max_concurrent_requests, config.max_batch_prefill_tokens)
+        self.scheduler: Optional[Scheduler] = None  # once loaded: it sizes the KV pool
         self._streams: dict[str, RequestStream] = {}
-        self._running: list[Sequence] = []  # in admission order: the last is preempted first
-        self._preempted: collections.deque[Sequence] = collections.deque()  # resumed before new requests
-        self._preemptions = 0
-        self._peak_running = 0
         self._served = 0
         self._steps = 0
         self._busy_seconds = 0.0
-        self._closed_sessions: collections.deque[str] = collections.deque()  # from HTTP threads, for the engine
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
@@ -125,16 +123,16 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return len(self.scheduler.running) if self.scheduler is not None else 0
 
     @property
     def waiting(self) -> int:
         """Requests admitted and not running: queued, or preempted and waiting to resume."""
-        return self.scheduler.waiting + len(self._preempted)
+        return self.scheduler.waiting if self.scheduler is not None else 0
 
     @property
     def in_flight(self) -> int:
-        return self.scheduler.in_flight
+        return self.scheduler.in_flight if self.scheduler is not None else 0
 
     @property
     def graphs(self) -> Any:
@@ -156,22 +154,24 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """The KV pool's use and the prefix cache's counters (zeros before the model is loaded)."""
-        blocks = getattr(self, "_blocks", None)
-        if blocks is None:
+        scheduler = self.scheduler
+        if scheduler is None:
             return EngineStats()
+        blocks = scheduler.blocks
         return EngineStats(
             blocks.used_blocks,
             blocks.usable_blocks,
             blocks.stats.queried_tokens,
             blocks.stats.hit_tokens,
-            self._preemptions,
-            self._peak_running,
+            scheduler.preemptions,
+            scheduler.peak_running,
             self._steps,
             self._busy_seconds,
         )
 
     def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
-        """Admit a request (EngineOverloaded past the cap, EngineNotReady before load) and return its stream.
+        """Queue a request (EngineNotReady before load; the front decides how many may be in flight) and return its
+        stream.
 
         ``sink`` and ``index``: put this request's events, tagged with ``index``, into a queue shared with others.
         """
@@ -180,22 +180,20 @@ class Engine:
         stream = RequestStream(request, self, sink, index)
         with self.adapters.admitting(request.adapter):  # AdapterNotLoaded for a deleted adapter
             self._streams[request.id] = stream
-            try:
-                self.scheduler.admit(request)
-            except EngineOverloaded:
-                self._streams.pop(request.id, None)
-                raise
+            self.scheduler.add(request)
         self._served += 1
         return stream
 
     def cancel(self, request_id: str) -> None:
-        self.scheduler.cancel(request_id)
+        if self.scheduler is not None:
+            self.scheduler.cancel(request_id)
 
     def close_session(self, session_id: str) -> None:
         """Unpin the session's prefix-cache blocks (its conversation's KV cache), so eviction may reuse them.
 
         Any thread may call it; the engine thread releases the blocks before its next step."""
-        self._closed_sessions.append(session_id)
+        if self.scheduler is not None:
+            self.scheduler.close_session(session_id)
 
     def install_adapter(self, name: str, modules: Any) -> Future:
         """Prepare an adapter's weights (read by serve.engine.lora.read_adapter) on the calling thread; the future
@@ -218,6 +216,22 @@ class Engine:
             self._thread.join(timeout)
 
     def _main(self) -> None:
+        if not self._start_serving():
+            return
+        while not self._stopping.is_set():
+            if self.adapters.busy:  # runtime adapter swaps, between steps
+                self.adapters.run_pending(getattr(self.loaded.model, "serve_lora", None), self._uses_adapter)
+            plan = self.scheduler.schedule()
+            self._deliver(plan.ended)
+            if plan.empty:
+                self._flush()
+                self.scheduler.wait_for_work(timeout=0.1)
+                continue
+            self._step(plan)
+            self._flush()
+
+    def _start_serving(self) -> bool:
+        """Load the model and announce the outcome; False when the load failed."""
         try:
             self._prepare()
         except BaseException as exc:  # noqa: BLE001 - reported, then the worker decides to exit
@@ -225,34 +239,37 @@ class Engine:
             log.error("model load failed: %s", exc)
             if self._on_load_failure is not None:
                 self._on_load_failure(exc)
-            return
+            return False
         self._ready.set()
         log.info("engine ready: %s", self.limits)
         if self._on_ready is not None:
             self._on_ready()
-        while not self._stopping.is_set():
-            if self.adapters.busy:  # runtime adapter swaps, between steps
-                self.adapters.run_pending(getattr(self.loaded.model, "serve_lora", None), self._uses_adapter)
-            while self._closed_sessions:
-                self._blocks.unpin(self._closed_sessions.popleft())
-            self._admit_waiting()
-            self._drop_cancelled()
-            if not self._running:
-                self._flush()
-                self.scheduler.wait_for_work(timeout=0.1)
-                continue
-            started = time.perf_counter()
-            self._step()
-            self._steps += 1
-            self._busy_seconds += time.perf_counter() - started
-            self._flush()
+        return True
+
+    def _step(self, plan: StepPlan) -> None:
+        """One forward pass over the plan; a failure fails only the sequences of this step."""
+        started = time.perf_counter()
+        try:
+            output: Union[StepOutput, Exception] = self._runner.step(plan)
+        except Exception as exc:  # noqa: BLE001 - the engine keeps serving the others
+            output = exc
+        self._deliver(self.scheduler.postprocess(plan, output))
+        self._steps += 1
+        self._busy_seconds += time.perf_counter() - started
+
+    def _deliver(self, events: list[Event]) -> None:
+        """Put each event into its request's stream; a final event retires the stream."""
+        for request_id, event in events:
+            stream = self._streams[request_id] if event.finish_reason is None else self._streams.pop(request_id)
+            stream.put(event)
 
     def _flush(self) -> None:
         if self._flush_events is not None:
             self._flush_events()
 
     def _prepare(self) -> None:
-        """Load the model, size the KV pool, build the runner (torch is imported here, off the HTTP threads)."""
+        """Load the model, size the KV pool, build the runner and the scheduler (torch is imported here, off the
+        HTTP threads)."""
         from serve.engine.block_manager import BlockManager
         from serve.engine.grammar import Grammars
         from serve.engine.kv_cache import CacheShape, PagedKVCache, default_cache_bytes, layer_devices, plan_blocks
@@ -263,17 +280,12 @@ class Engine:
         total = min(config.max_total_tokens or min(self.loaded.max_context, 4096), self.loaded.max_context)
         max_input = min(config.max_input_tokens or total - 1, total - 1)
         shape = CacheShape.of(self.loaded.model.config, self.loaded.dtype)
-        devices = layer_devices(
-            self.loaded.model, shape.layers
-        )  # a model split over GPUs: each layer's cache on its GPU
+        devices = layer_devices(self.loaded.model, shape.layers)  # a model split over GPUs: a cache per layer's GPU
         size = config.kv_block_size
         blocks = plan_blocks(shape, size, config.max_batch_total_tokens, default_cache_bytes(devices), total + size)
-        self._blocks = BlockManager(blocks, size, config.enable_prefix_caching)
-        self._watermark = max(1, self._blocks.usable_blocks // 100)  # kept free so running sequences can grow
         self.eos_ids = eos_token_ids(self.loaded.model, self.loaded.tokenizer)
-        self.grammars = Grammars(
-            self.loaded.tokenizer, self.loaded.model.config.get_text_config().vocab_size, self.eos_ids
-        )
+        vocab = self.loaded.model.config.get_text_config().vocab_size
+        self.grammars = Grammars(self.loaded.tokenizer, vocab, self.eos_ids)
         max_batch = min(config.max_batch_size or config.max_concurrent_requests, config.max_concurrent_requests)
         cache = PagedKVCache(shape, blocks, size, devices)
         cpu_threads = getattr(self.loaded, "cpu_threads", None)
@@ -282,139 +294,20 @@ class Engine:
             self._runner.compile_layers(config.compile_cache_dir)
         if config.cuda_graphs:
             self._runner.capture_graphs()
+        pool = BlockManager(blocks, size, config.enable_prefix_caching)
+        budget = config.max_batch_prefill_tokens
+        self.scheduler = Scheduler(pool, max_batch, budget, self._new_sequence, self._runner.forget, self._cache_key)
         self.limits = Limits(max_input, total, (blocks - 1) * size, max_batch, size, blocks - 1)
         self.adapters.accept(getattr(getattr(self.loaded.model, "serve_lora", None), "names", ()))
 
-    def _admit_waiting(self) -> None:
-        """Start preempted sequences, then waiting requests, while their blocks are free; one that cannot start
-        fails alone."""
-        while len(self._running) < self.limits.max_batch_size:
-            if self._preempted:
-                if not self._allocate(self._preempted[0], self._preempted[0].prefill_ids):
-                    return
-                self._running.append(self._preempted.popleft())
-            elif not self._start_next_request():
-                return
-            self._peak_running = max(self._peak_running, len(self._running))
-
-    def _start_next_request(self) -> bool:
-        """Admit the oldest waiting request if its prompt's blocks are free; False when it must wait."""
-        request = self.scheduler.peek_waiting()
-        if request is None:
-            return False
-        watermark = self._watermark if self._running else 0
-        reuse = not request.params.prompt_logprobs  # scoring a prompt needs the logits of all its positions
-        allocated = self._blocks.allocate(request.prompt_ids, self._cache_key(request.adapter), reuse, watermark)
-        if allocated is None:
-            return False
-        self.scheduler.pop_waiting(1)
-        table, cached = allocated
-        try:
-            seq = self._new_sequence(request)
-        except Exception as exc:  # noqa: BLE001 - the engine keeps serving the others
-            self._blocks.free(table)
-            log.exception("request %s could not start", request.id)
-            error = f"{type(exc).__name__}: {exc}"
-            self._streams.pop(request.id).put(TokenEvent.ending(request, FinishReason.ERROR, error))
-            self.scheduler.finish(request.id)
-            return True
-        seq.block_table, seq.num_cached, seq.cached_tokens = table, cached, cached
-        self._running.append(seq)
-        return True
-
-    def _allocate(self, seq: Sequence, tokens: list[int]) -> bool:
-        """Blocks for a preempted sequence to resume (its own earlier blocks may still be in the prefix cache)."""
-        key = self._cache_key(seq.request.adapter)
-        allocated = self._blocks.allocate(tokens, key, True, self._watermark if self._running else 0)
-        if allocated is None:
-            return False
-        seq.block_table, seq.num_cached = allocated
-        return True
-
     def _new_sequence(self, request: Request) -> Sequence:
-        """A running sequence with its RNG and grammar matcher."""
+        """A request's Sequence, with its RNG and grammar matcher (raises for a request that cannot start)."""
         generator = self._runner.generator_for(request.params)
         matcher = self.grammars.matcher(request.params.grammar)
         return Sequence(request, self.loaded.tokenizer, self.eos_ids, generator, matcher)
-
-    def _grow_decoding(self) -> None:
-        """Give each decoding sequence the block its next token needs; when none is free, preempt the most
-        recently admitted sequence (its blocks come back) until it fits."""
-        size = self._blocks.block_size
-        for seq in list(self._running):
-            if seq not in self._running or seq.prompt_left or seq.num_cached < len(seq.block_table) * size:
-                continue
-            while not self._blocks.append_block(seq.block_table):
-                victim = self._running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Take a running sequence's blocks back and queue it to resume first; its client sees no gap."""
-        self._running.remove(seq)
-        self._blocks.free(seq.block_table)
-        self._runner.forget(seq)
-        seq.preempt()
-        self._preempted.appendleft(seq)
-        self._preemptions += 1
-        log.info("preempted request %s after %d tokens (KV pool full)", seq.id, len(seq.output_ids))
-
-    def _drop_cancelled(self) -> None:
-        for request in self.scheduler.pop_cancelled_waiting():
-            self._streams.pop(request.id).put(TokenEvent.ending(request, FinishReason.CANCELLED))
-            self.scheduler.finish(request.id)
-        for seq in [seq for seq in self._running if self.scheduler.is_cancelled(seq.id)]:
-            self._finish(seq, seq.end(FinishReason.CANCELLED))
-        for seq in [seq for seq in self._preempted if self.scheduler.is_cancelled(seq.id)]:
-            self._preempted.remove(seq)
-            self._runner.forget(seq)
-            self._streams.pop(seq.id).put(seq.end(FinishReason.CANCELLED))
-            self.scheduler.finish(seq.id)
-
-    def _step(self) -> None:
-        """One forward pass for the planned sequences; a failure fails only the sequences of this step."""
-        self._grow_decoding()
-        plan = self.scheduler.plan(self._running)
-        try:
-            sampled, choices = self._runner.step(plan)
-            self._key_full_blocks(plan)
-            for seq, choice in zip(sampled, choices):
-                event = seq.append(choice)
-                if event.finish_reason is not None:
-                    self._finish(seq, event)
-                else:
-                    self._streams[seq.id].put(event)
-        except Exception as exc:  # noqa: BLE001 - the engine keeps serving the others
-            failed = [seq for seq in plan.decode + [seq for seq, _ in plan.prefill] if seq in self._running]
-            log.exception("engine step failed; failing its %d requests", len(failed))
-            for seq in failed:
-                self._finish(seq, seq.end(FinishReason.ERROR, f"{type(exc).__name__}: {exc}"))
 
     def _cache_key(self, adapter: Optional[str]) -> Optional[str]:
         """What prefix-cache keys name an adapter by: its name and install number (a name deleted and registered
         again from another folder never meets the old one's blocks)."""
         lora = getattr(self.loaded.model, "serve_lora", None)
         return adapter if adapter is None or lora is None else f"{adapter}#{lora.index(adapter)}"
-
-    def _key_full_blocks(self, plan: Any) -> None:
-        """Enter the blocks this step filled into the prefix cache (their keys and values are written now)."""
-        size = self._blocks.block_size
-        for seq in plan.decode + [seq for seq, _ in plan.prefill]:
-            if seq.num_cached // size > seq.keyed_blocks:
-                tokens = seq.all_ids[: seq.num_cached]
-                key = self._cache_key(seq.request.adapter)
-                seq.keyed_blocks = self._blocks.register_full_blocks(seq.block_table, tokens, key, seq.keyed_blocks)
-
-    def _finish(self, seq: Sequence, event: TokenEvent) -> None:
-        """Send the final event and give back the blocks and the admission place (a session keeps its
-        conversation's full blocks pinned for its next turn)."""
-        self._running.remove(seq)
-        session = seq.request.session_id
-        if session is not None and event.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
-            if not self._blocks.pin(session, seq.block_table[: seq.keyed_blocks]):
-                log.info("session %s: not pinned (pinned sessions hold half the KV pool)", session)
-        self._blocks.free(seq.block_table)
-        self._runner.forget(seq)
-        self._streams.pop(seq.id).put(event)
-        self.scheduler.finish(seq.id)

@@ -1,14 +1,23 @@
-"""Admission, the waiting queue and the per-step plan: who may enter, who runs this step, who was cancelled."""
+"""The engine core's scheduler: the waiting queue, the running and preempted sequences, their KV blocks, session
+pins and cancels, and each step's plan. The engine's step is ``schedule()``, the runner's ``step(plan)``, then
+``postprocess(plan, output)``, which returns the clients' events; the scheduler never sees a client's stream."""
 
 from __future__ import annotations
 
 import collections
+import logging
 import threading
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
 
+from serve.engine.block_manager import BlockManager
 from serve.engine.sequence import Sequence
-from serve.engine.types import Request
+from serve.engine.types import FinishReason, Request, TokenChoice, TokenEvent
+
+log = logging.getLogger(__name__)
+
+Event = tuple[str, TokenEvent]  # a request's id and one of its events
+StepOutput = tuple[list[Sequence], list[TokenChoice]]  # what ModelRunner.step returns: who sampled, and what
 
 
 class EngineOverloaded(RuntimeError):
@@ -21,33 +30,80 @@ class EngineOverloaded(RuntimeError):
 
 @dataclass
 class StepPlan:
-    """Who runs in one step: decode sequences (one token each) and prompt chunks (sequence, token count)."""
+    """Who runs in one step: decode sequences (one token each) and prompt chunks (sequence, token count); and the
+    requests that ended while it was planned (cancelled, or could not start), whose final events are due."""
 
     decode: list[Sequence]
     prefill: list[tuple[Sequence, int]]
+    ended: list[Event] = field(default_factory=list)
+
+    @property
+    def sequences(self) -> list[Sequence]:
+        return self.decode + [seq for seq, _ in self.prefill]
+
+    @property
+    def empty(self) -> bool:
+        """Nothing for the model to run."""
+        return not self.decode and not self.prefill
 
 
 class Scheduler:
-    """Requests wait FIFO until the KV blocks of their prompt are free; each step decodes every running sequence and
-    prefills waiting prompts in chunks, at most ``prefill_budget`` prompt tokens per step so decode never stalls for
-    long."""
+    """Requests wait FIFO until the batch has room and the KV blocks of their prompt are free; preempted sequences
+    resume before any new request starts. Each step decodes every running sequence and prefills prompts in chunks,
+    at most ``prefill_budget`` prompt tokens per step, so decode never stalls for long. When a decoding sequence
+    needs a block and none is free, the most recently admitted sequence is preempted.
 
-    def __init__(self, max_in_flight: int, prefill_budget: int):
-        self.max_in_flight = max_in_flight
+    ``new_sequence`` makes a request's Sequence (its RNG, its grammar matcher); ``forget`` drops what the runner
+    keeps for a sequence that stops running; ``cache_key`` names an adapter in prefix-cache keys. ``add``,
+    ``cancel``, ``close_session`` and the counts are for any thread; the rest is for the engine thread alone.
+    """
+
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_batch: int,
+        prefill_budget: int,
+        new_sequence: Callable[[Request], Sequence],
+        forget: Callable[[Sequence], None] = lambda seq: None,
+        cache_key: Callable[[Optional[str]], Optional[str]] = lambda adapter: adapter,
+        watermark: Optional[int] = None,
+    ):
+        """``watermark``: blocks kept free for running sequences to grow into (default 1% of the pool)."""
+        self.blocks = blocks
+        self.max_batch = max_batch
         self.prefill_budget = prefill_budget
+        self.watermark = max(1, blocks.usable_blocks // 100) if watermark is None else watermark
+        self._new_sequence = new_sequence
+        self._forget = forget
+        self._cache_key = cache_key
+        self.running: list[Sequence] = []  # in admission order: the last is preempted first
+        self.preempted: collections.deque[Sequence] = collections.deque()  # resumed before new requests
+        self.preemptions = 0
+        self.peak_running = 0
         self._waiting: collections.deque[Request] = collections.deque()
         self._in_flight: set[str] = set()
         self._cancelled: set[str] = set()
+        self._closed_sessions: collections.deque[str] = collections.deque()
         self._condition = threading.Condition()
 
-    def admit(self, request: Request) -> None:
-        """Queue a request (HTTP thread), or raise EngineOverloaded when the cap is reached."""
+    # --- any thread ---------------------------------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a request (the front decides whether it may come in)."""
         with self._condition:
-            if len(self._in_flight) >= self.max_in_flight:
-                raise EngineOverloaded.at(len(self._in_flight), self.max_in_flight)
             self._in_flight.add(request.id)
             self._waiting.append(request)
             self._condition.notify()
+
+    def cancel(self, request_id: str) -> None:
+        """Mark a request cancelled; it is dropped before the next step (ids not in flight are ignored)."""
+        with self._condition:
+            if request_id in self._in_flight:
+                self._cancelled.add(request_id)
+
+    def close_session(self, session_id: str) -> None:
+        """Unpin the session's blocks before the next step (the blocks stay cached until evicted)."""
+        self._closed_sessions.append(session_id)
 
     def wait_for_work(self, timeout: float) -> None:
         """Block the idle engine until a request arrives (or ``timeout``)."""
@@ -55,58 +111,183 @@ class Scheduler:
             if not self._waiting:
                 self._condition.wait(timeout)
 
-    def peek_waiting(self) -> Optional[Request]:
-        """The oldest waiting request, left in the queue (None when none waits)."""
+    @property
+    def in_flight(self) -> int:
+        """Requests added and not finished: waiting, running or preempted."""
         with self._condition:
-            return self._waiting[0] if self._waiting else None
+            return len(self._in_flight)
 
-    def pop_waiting(self, limit: int) -> list[Request]:
-        """Up to ``limit`` of the oldest waiting requests."""
+    @property
+    def waiting(self) -> int:
+        """Requests not running: queued, or preempted and waiting to resume."""
         with self._condition:
-            return [self._waiting.popleft() for _ in range(min(limit, len(self._waiting)))]
+            return len(self._waiting) + len(self.preempted)
 
-    def pop_cancelled_waiting(self) -> list[Request]:
-        """Waiting requests whose clients already left: they never get blocks."""
-        with self._condition:
-            gone = [request for request in self._waiting if request.id in self._cancelled]
-            for request in gone:
-                self._waiting.remove(request)
-            return gone
+    # --- the engine thread --------------------------------------------------------------------------------------
 
-    def plan(self, running: list[Sequence]) -> StepPlan:
+    def schedule(self) -> StepPlan:
+        """Release closed sessions' pins, drop cancelled requests, start what fits (preempted sequences first), give
+        each decoding sequence room for its next token (preempting when the pool is full), and plan the step."""
+        while self._closed_sessions:
+            self.blocks.unpin(self._closed_sessions.popleft())
+        ended = self._drop_cancelled()
+        ended += self._admit()
+        self._grow_decoding()
+        plan = self._plan()
+        plan.ended = ended
+        return plan
+
+    def postprocess(self, plan: StepPlan, output: Union[StepOutput, Exception]) -> list[Event]:
+        """Record the step's tokens (or its failure, which fails only the sequences of this step); returns the
+        events for the clients, finishing the sequences that ended."""
+        if isinstance(output, Exception):
+            return self._fail(plan, output)
+        events: list[Event] = []
+        try:
+            self._key_full_blocks(plan)
+            for seq, choice in zip(*output):
+                event = seq.append(choice)
+                events.append((seq.id, event) if event.finish_reason is None else self._finish(seq, event))
+        except Exception as exc:  # noqa: BLE001 - the engine keeps serving the others
+            events += self._fail(plan, exc)
+        return events
+
+    def _plan(self) -> StepPlan:
         """Decode every prefilled sequence; spend the prefill budget on prompts, oldest first."""
-        decode = [seq for seq in running if seq.prompt_left == 0]
+        decode = [seq for seq in self.running if seq.prompt_left == 0]
         prefill: list[tuple[Sequence, int]] = []
         budget = self.prefill_budget
-        for seq in running:
+        for seq in self.running:
             if seq.prompt_left and budget > 0:
                 count = min(seq.prompt_left, budget)
                 prefill.append((seq, count))
                 budget -= count
         return StepPlan(decode, prefill)
 
-    def cancel(self, request_id: str) -> None:
-        """Mark a request cancelled; the engine drops it before its next step."""
-        with self._condition:
-            if request_id in self._in_flight:
-                self._cancelled.add(request_id)
+    def _admit(self) -> list[Event]:
+        """Resume preempted sequences, then start waiting requests, while the batch has room and their blocks are
+        free; returns the final events of requests that could not start."""
+        ended: list[Event] = []
+        while len(self.running) < self.max_batch:
+            if self.preempted:
+                if not self._resume(self.preempted[0]):
+                    break
+                self.running.append(self.preempted.popleft())
+            elif not self._start_next(ended):
+                break
+            self.peak_running = max(self.peak_running, len(self.running))
+        return ended
 
-    def is_cancelled(self, request_id: str) -> bool:
-        with self._condition:
-            return request_id in self._cancelled
+    def _headroom(self) -> int:
+        """Blocks a new allocation must leave free: the watermark, while others run and may grow."""
+        return self.watermark if self.running else 0
 
-    def finish(self, request_id: str) -> None:
-        """Free the request's admission place."""
+    def _resume(self, seq: Sequence) -> bool:
+        """Blocks for a preempted sequence to resume (its own earlier blocks may still be in the prefix cache)."""
+        allocated = self.blocks.allocate(seq.prefill_ids, self._cache_key(seq.request.adapter), True, self._headroom())
+        if allocated is None:
+            return False
+        seq.block_table, seq.num_cached = allocated
+        return True
+
+    def _start_next(self, ended: list[Event]) -> bool:
+        """Start the oldest waiting request if its prompt's blocks are free (False: it must wait). One whose
+        sequence cannot be made fails alone: its final event goes to ``ended``."""
+        with self._condition:
+            request = self._waiting[0] if self._waiting else None
+        if request is None:
+            return False
+        reuse = not request.params.prompt_logprobs  # scoring a prompt needs the logits of all its positions
+        allocated = self.blocks.allocate(request.prompt_ids, self._cache_key(request.adapter), reuse, self._headroom())
+        if allocated is None:
+            return False
+        with self._condition:
+            self._waiting.popleft()
+        table, cached = allocated
+        try:
+            seq = self._new_sequence(request)
+        except Exception as exc:  # noqa: BLE001 - the engine keeps serving the others
+            self.blocks.free(table)
+            log.exception("request %s could not start", request.id)
+            error = f"{type(exc).__name__}: {exc}"
+            ended.append(self._release(request.id, TokenEvent.ending(request, FinishReason.ERROR, error)))
+            return True
+        seq.block_table, seq.num_cached, seq.cached_tokens = table, cached, cached
+        self.running.append(seq)
+        return True
+
+    def _grow_decoding(self) -> None:
+        """Give each decoding sequence the block its next token needs; when none is free, preempt the most
+        recently admitted sequence (its blocks come back) until it fits."""
+        size = self.blocks.block_size
+        for seq in list(self.running):
+            if seq not in self.running or seq.prompt_left or seq.num_cached < len(seq.block_table) * size:
+                continue
+            while not self.blocks.append_block(seq.block_table):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Take a running sequence's blocks back and queue it to resume first; its client sees no gap."""
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        self._forget(seq)
+        seq.preempt()
+        self.preempted.appendleft(seq)
+        self.preemptions += 1
+        log.info("preempted request %s after %d tokens (KV pool full)", seq.id, len(seq.output_ids))
+
+    def _drop_cancelled(self) -> list[Event]:
+        """End the cancelled requests wherever they are: waiting ones never get blocks."""
+        with self._condition:
+            if not self._cancelled:
+                return []
+            cancelled = set(self._cancelled)
+            gone = [request for request in self._waiting if request.id in cancelled]
+            for request in gone:
+                self._waiting.remove(request)
+        ended = [self._release(request.id, TokenEvent.ending(request, FinishReason.CANCELLED)) for request in gone]
+        for seq in [seq for seq in self.running if seq.id in cancelled]:
+            ended.append(self._finish(seq, seq.end(FinishReason.CANCELLED)))
+        for seq in [seq for seq in self.preempted if seq.id in cancelled]:
+            self.preempted.remove(seq)
+            self._forget(seq)
+            ended.append(self._release(seq.id, seq.end(FinishReason.CANCELLED)))
+        return ended
+
+    def _key_full_blocks(self, plan: StepPlan) -> None:
+        """Enter the blocks this step filled into the prefix cache (their keys and values are written now)."""
+        size = self.blocks.block_size
+        for seq in plan.sequences:
+            if seq.num_cached // size > seq.keyed_blocks:
+                tokens = seq.all_ids[: seq.num_cached]
+                key = self._cache_key(seq.request.adapter)
+                seq.keyed_blocks = self.blocks.register_full_blocks(seq.block_table, tokens, key, seq.keyed_blocks)
+
+    def _fail(self, plan: StepPlan, exc: Exception) -> list[Event]:
+        """End this step's sequences that still run with an ERROR event."""
+        failed = [seq for seq in plan.sequences if seq in self.running]
+        log.error("engine step failed; failing its %d requests", len(failed), exc_info=exc)
+        error = f"{type(exc).__name__}: {exc}"
+        return [self._finish(seq, seq.end(FinishReason.ERROR, error)) for seq in failed]
+
+    def _finish(self, seq: Sequence, event: TokenEvent) -> Event:
+        """Give back a running sequence's blocks and its place (a session keeps its conversation's full blocks
+        pinned for its next turn); returns its final event."""
+        self.running.remove(seq)
+        session = seq.request.session_id
+        if session is not None and event.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+            if not self.blocks.pin(session, seq.block_table[: seq.keyed_blocks]):
+                log.info("session %s: not pinned (pinned sessions hold half the KV pool)", session)
+        self.blocks.free(seq.block_table)
+        self._forget(seq)
+        return self._release(seq.id, event)
+
+    def _release(self, request_id: str, event: TokenEvent) -> Event:
+        """Free a request's place in flight; its final event is the caller's to deliver."""
         with self._condition:
             self._in_flight.discard(request_id)
             self._cancelled.discard(request_id)
-
-    @property
-    def in_flight(self) -> int:
-        with self._condition:
-            return len(self._in_flight)
-
-    @property
-    def waiting(self) -> int:
-        with self._condition:
-            return len(self._waiting)
+        return request_id, event

@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from serve.engine import Engine, EngineConfig, EngineNotReady, EngineOverloaded, FinishReason, Request, SamplingParams
+from serve.engine import Engine, EngineConfig, EngineNotReady, FinishReason, Request, SamplingParams
 from serve.loading.loader import LoadedModel, load_model
 from tests.helpers import TINY_KV_TOKENS, wait_for
 
@@ -138,19 +138,19 @@ def test_concurrent_submits_all_complete(tiny_engine):
     assert len(results) == 6 and all(r.finish_reason is FinishReason.LENGTH for r in results.values())
 
 
-def test_admission_cap_raises_overloaded(tiny_settings):
+def test_the_core_queues_past_the_admission_cap_which_the_front_enforces(tiny_settings):
     engine = Engine(
         load=lambda: load_model(tiny_settings),
         config=EngineConfig(max_concurrent_requests=1, max_batch_total_tokens=TINY_KV_TOKENS),
     ).start()
-    assert engine.wait_ready(60)
+    assert engine.wait_ready(60) and engine.limits.max_batch_size == 1
     try:
         first = engine.submit(Request(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=300, ignore_eos=True)))
-        with pytest.raises(EngineOverloaded):
-            engine.submit(Request(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=1)))
+        queued = engine.submit(Request(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=1, ignore_eos=True)))
+        assert engine.in_flight == 2 and engine.served == 2
         first.close()
-        assert wait_for(lambda: engine.scheduler.in_flight == 0)
-        assert list(engine.submit(Request(prompt_ids=[1], params=SamplingParams(max_new_tokens=1))))[-1].finish_reason
+        assert list(queued)[-1].finish_reason is FinishReason.LENGTH
+        assert wait_for(lambda: engine.scheduler.in_flight == 0 and engine.running == 0)
     finally:
         engine.stop()
 

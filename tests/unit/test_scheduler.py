@@ -1,19 +1,16 @@
-"""The scheduler without a model: admission, the FIFO queue, the prefill budget, cancels, and (through the engine's
-step loop with a stand-in runner) the batch cap, blocks given back, and preempted sequences resumed first."""
+"""The scheduler without a model: a real BlockManager and real Sequences, stepped by a stand-in runner. The FIFO
+queue, the batch cap, the prefill budget, preemption and resumption, session pins, cancels, failures, and blocks
+given back."""
 
 from __future__ import annotations
 
+import collections
 import threading
-import time
-from types import SimpleNamespace
-
-import pytest
 
 from serve.engine.block_manager import BlockManager
-from serve.engine.engine import Engine, Limits
-from serve.engine.scheduler import EngineOverloaded, Scheduler
+from serve.engine.scheduler import Scheduler
 from serve.engine.sequence import Sequence
-from serve.engine.types import EngineConfig, FinishReason, Request, SamplingParams, TokenChoice
+from serve.engine.types import FinishReason, Request, SamplingParams, TokenChoice
 
 
 class FakeTokenizer:
@@ -23,107 +20,12 @@ class FakeTokenizer:
         return "".join(f"<{token}>" for token in ids)
 
 
-def request(prompt_len: int, name: str, max_new_tokens: int = 16, first: int = 100) -> Request:
-    return Request(list(range(first, first + prompt_len)), SamplingParams(max_new_tokens=max_new_tokens), id=name)
-
-
-def sequence(prompt_len: int, name: str) -> Sequence:
-    return Sequence(request(prompt_len, name), FakeTokenizer(), frozenset())
-
-
-# --- the Scheduler alone ---------------------------------------------------------------------------------------------
-
-
-def test_admission_cap_refuses_past_max_in_flight_until_a_request_finishes():
-    scheduler = Scheduler(max_in_flight=2, prefill_budget=64)
-    scheduler.admit(request(4, "a"))
-    scheduler.admit(request(4, "b"))
-    with pytest.raises(EngineOverloaded, match="2 requests in flight, the limit is 2"):
-        scheduler.admit(request(4, "c"))
-    assert scheduler.in_flight == 2 and scheduler.waiting == 2  # the refused one left no trace
-    scheduler.pop_waiting(1)  # running now: still in flight, still counted
-    with pytest.raises(EngineOverloaded):
-        scheduler.admit(request(4, "c"))
-    scheduler.finish("a")
-    scheduler.admit(request(4, "c"))
-    assert scheduler.in_flight == 2 and scheduler.waiting == 2
-
-
-def test_waiting_requests_leave_in_arrival_order():
-    scheduler = Scheduler(max_in_flight=8, prefill_budget=64)
-    for name in "abcde":
-        scheduler.admit(request(4, name))
-    assert scheduler.peek_waiting().id == "a" and scheduler.waiting == 5  # peeking leaves it queued
-    assert [r.id for r in scheduler.pop_waiting(2)] == ["a", "b"]
-    scheduler.admit(request(4, "f"))
-    assert [r.id for r in scheduler.pop_waiting(10)] == ["c", "d", "e", "f"]
-    assert scheduler.pop_waiting(3) == [] and scheduler.peek_waiting() is None
-
-
-def test_plan_decodes_every_prefilled_sequence_and_spends_the_prefill_budget_oldest_first():
-    scheduler = Scheduler(max_in_flight=8, prefill_budget=10)
-    done, old, young, last = sequence(5, "done"), sequence(6, "old"), sequence(7, "young"), sequence(3, "last")
-    done.num_cached = 5
-    plan = scheduler.plan([old, done, young, last])
-    assert plan.decode == [done]
-    assert [(seq.id, count) for seq, count in plan.prefill] == [("old", 6), ("young", 4)]  # "last" gets nothing
-
-
-def test_a_long_prompt_is_prefilled_in_budget_sized_chunks_across_steps():
-    scheduler = Scheduler(max_in_flight=8, prefill_budget=16)
-    long, decoding = sequence(40, "long"), sequence(3, "decoding")
-    decoding.num_cached = 3
-    chunks = []
-    while long.prompt_left:
-        plan = scheduler.plan([decoding, long])
-        assert plan.decode == [decoding]  # decode goes on while the long prompt is prefilled
-        ((seq, count),) = plan.prefill
-        chunks.append(count)
-        seq.num_cached += count  # what the runner's forward pass does
-    assert chunks == [16, 16, 8]
-    assert scheduler.plan([decoding, long]).decode == [decoding, long]
-
-
-def test_cancel_of_a_waiting_request_takes_it_out_of_the_queue():
-    scheduler = Scheduler(max_in_flight=8, prefill_budget=64)
-    for name in "abc":
-        scheduler.admit(request(4, name))
-    scheduler.cancel("b")
-    scheduler.cancel("nobody")  # not in flight: ignored
-    assert scheduler.is_cancelled("b") and not scheduler.is_cancelled("nobody")
-    assert [r.id for r in scheduler.pop_cancelled_waiting()] == ["b"]
-    assert [r.id for r in scheduler.pop_waiting(5)] == ["a", "c"]
-    scheduler.finish("b")
-    assert not scheduler.is_cancelled("b") and scheduler.in_flight == 2
-
-
-def test_an_idle_wait_ends_when_a_request_is_admitted():
-    scheduler = Scheduler(max_in_flight=8, prefill_budget=64)
-    started = time.monotonic()
-    scheduler.wait_for_work(timeout=0.05)  # nothing comes: waits out its timeout
-    assert time.monotonic() - started >= 0.04
-    threading.Timer(0.05, scheduler.admit, [request(4, "a")]).start()
-    started = time.monotonic()
-    scheduler.wait_for_work(timeout=5)
-    assert time.monotonic() - started < 2 and scheduler.waiting == 1
-
-
-# --- the engine's step loop around it, with a stand-in runner --------------------------------------------------------
-
-
 class FakeRunner:
     """Does what ModelRunner.step does to the sequences (cache progress) without a model; samples 1000 + the
     number of cached tokens, so a sequence that resumes at the wrong place gets different tokens."""
 
     def __init__(self):
         self.plans: list[tuple[list[str], list[tuple[str, int]]]] = []
-        self.forgotten: list[str] = []
-
-    def generator_for(self, params):
-        return None
-
-    def forget(self, seq):
-        self.forgotten.append(seq.id)
 
     def step(self, plan):
         self.plans.append(([seq.id for seq in plan.decode], [(seq.id, count) for seq, count in plan.prefill]))
@@ -135,128 +37,285 @@ class FakeRunner:
         return sampled, [TokenChoice(1000 + seq.num_cached) for seq in sampled]
 
 
-def bare_engine(blocks: int, block_size: int = 4, max_batch: int = 8, max_in_flight: int = 16, budget: int = 512):
-    """An Engine whose load step is replaced by a stand-in runner and a real block manager; no thread runs."""
-    config = EngineConfig(max_in_flight, max_batch_prefill_tokens=budget, kv_block_size=block_size)
-    engine = Engine(load=lambda: None, config=config)
-    engine.loaded = SimpleNamespace(tokenizer=FakeTokenizer(), model=SimpleNamespace())
-    engine.grammars = SimpleNamespace(matcher=lambda grammar: None)
-    engine._blocks = BlockManager(blocks, block_size)
-    engine._watermark = 0
-    engine.eos_ids = frozenset()
-    engine._runner = FakeRunner()
-    engine.limits = Limits(256, 512, (blocks - 1) * block_size, max_batch, block_size, blocks - 1)
-    engine._ready.set()
-    return engine
+class Harness:
+    """A Scheduler over a real pool, a stand-in runner, and every event it produced, per request."""
+
+    def __init__(self, blocks: int, block_size=4, max_batch=8, budget=512, fail_on=(), watermark=0):
+        self.forgotten: list[str] = []
+        self.fail_on = set(fail_on)  # request ids whose sequence cannot be made
+        self.pool = BlockManager(blocks, block_size)
+        self.scheduler = Scheduler(self.pool, max_batch, budget, self.new_sequence, self.forget, watermark=watermark)
+        self.runner = FakeRunner()
+        self.events: dict[str, list] = collections.defaultdict(list)
+
+    def new_sequence(self, request: Request) -> Sequence:
+        if request.id in self.fail_on:
+            raise ValueError("no generator for this seed")
+        return Sequence(request, FakeTokenizer(), frozenset())
+
+    def forget(self, seq: Sequence) -> None:
+        self.forgotten.append(seq.id)
+
+    def add(self, prompt_len: int, name: str, max_new_tokens: int = 16, first: int = 100, session=None) -> None:
+        prompt = list(range(first, first + prompt_len))
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+        self.scheduler.add(Request(prompt, params, id=name, session_id=session))
+
+    def tick(self, output=None) -> None:
+        """One turn of the engine loop: schedule, run (or fail with ``output``), postprocess."""
+        plan = self.scheduler.schedule()
+        self.record(plan.ended)
+        if not plan.empty:
+            self.record(self.scheduler.postprocess(plan, output if output is not None else self.runner.step(plan)))
+
+    def record(self, events) -> None:
+        for request_id, event in events:
+            self.events[request_id].append(event)
+
+    def running(self) -> list[str]:
+        return [seq.id for seq in self.scheduler.running]
+
+    def preempted(self) -> list[str]:
+        return [seq.id for seq in self.scheduler.preempted]
+
+    def final(self, name: str):
+        *_, last = self.events[name]
+        return last
+
+    def tokens(self, name: str) -> list[int]:
+        return [event.token_id for event in self.events[name] if event.token_id is not None]
 
 
-def tick(engine: Engine) -> None:
-    """One turn of the engine thread's loop."""
-    engine._admit_waiting()
-    engine._drop_cancelled()
-    if engine._running:
-        engine._step()
-
-
-def running_ids(engine: Engine) -> list[str]:
-    return [seq.id for seq in engine._running]
-
-
-def events(stream) -> list:
-    drained = []
-    while not stream._events.empty():
-        drained.append(stream._events.get_nowait()[1])
-    return drained
-
-
-def test_max_batch_size_caps_the_running_batch_and_the_rest_wait_in_order():
-    engine = bare_engine(blocks=64, max_batch=2)
+def test_max_batch_caps_the_running_batch_and_the_rest_wait_in_order():
+    run = Harness(blocks=64, max_batch=2)
     for name in "abcd":
-        engine.submit(request(4, name, max_new_tokens=2))
-    tick(engine)
-    assert running_ids(engine) == ["a", "b"] and engine.waiting == 2
-    assert engine._runner.plans[0] == ([], [("a", 4), ("b", 4)])
-    tick(engine)  # a and b make their second token and finish
-    assert running_ids(engine) == [] and engine.in_flight == 2
-    tick(engine)
-    assert running_ids(engine) == ["c", "d"] and engine.waiting == 0
+        run.add(4, name, max_new_tokens=2)
+    run.tick()
+    assert run.running() == ["a", "b"] and run.scheduler.waiting == 2 and run.scheduler.in_flight == 4
+    assert run.runner.plans[0] == ([], [("a", 4), ("b", 4)])
+    run.tick()  # a and b make their second token and finish
+    assert run.running() == [] and run.scheduler.in_flight == 2
+    assert run.final("a").finish_reason is FinishReason.LENGTH and run.tokens("a") == [1004, 1005]
+    run.tick()
+    assert run.running() == ["c", "d"] and run.scheduler.waiting == 0 and run.scheduler.peak_running == 2
 
 
 def test_admission_is_fifo_a_small_prompt_does_not_overtake_one_waiting_for_blocks():
-    engine = bare_engine(blocks=5, block_size=4)  # 4 usable blocks
-    big = engine.submit(request(12, "big", max_new_tokens=2))  # 3 blocks
-    engine.submit(request(12, "bigger", max_new_tokens=4, first=300))  # 3 more: must wait for "big"
-    engine.submit(request(2, "small", max_new_tokens=4, first=500))  # 1 block would fit, but it is behind "bigger"
-    tick(engine)
-    assert running_ids(engine) == ["big"] and engine.waiting == 2
-    tick(engine)  # "big" finishes and gives its blocks back
-    assert [event.finish_reason for event in events(big)][-1] is FinishReason.LENGTH
-    tick(engine)
-    assert running_ids(engine) == ["bigger", "small"]  # both fit now, in arrival order
+    run = Harness(blocks=5, block_size=4)  # 4 usable blocks
+    run.add(12, "big", max_new_tokens=2)  # 3 blocks
+    run.add(12, "bigger", max_new_tokens=4, first=300)  # 3 more: must wait for "big"
+    run.add(2, "small", max_new_tokens=4, first=500)  # 1 block would fit, but it is behind "bigger"
+    run.tick()
+    assert run.running() == ["big"] and run.scheduler.waiting == 2
+    run.tick()  # "big" finishes and gives its blocks back
+    assert run.final("big").finish_reason is FinishReason.LENGTH
+    run.tick()
+    assert run.running() == ["bigger", "small"]  # both fit now, in arrival order
 
 
-def test_a_long_prompt_is_chunked_by_the_prefill_budget_while_others_decode():
-    engine = bare_engine(blocks=64, budget=8)
-    engine.submit(request(3, "short", max_new_tokens=6))
-    engine.submit(request(20, "long", max_new_tokens=2, first=300))
+def test_the_prefill_budget_is_shared_oldest_first_and_chunks_a_long_prompt_while_others_decode():
+    run = Harness(blocks=64, budget=8)
+    run.add(3, "short", max_new_tokens=6)
+    run.add(20, "long", max_new_tokens=2, first=300)
+    run.add(5, "late", max_new_tokens=2, first=500)
     for _ in range(4):
-        tick(engine)
-    assert engine._runner.plans == [
-        ([], [("short", 3), ("long", 5)]),  # the budget is shared, oldest first
+        run.tick()
+    assert run.runner.plans == [
+        ([], [("short", 3), ("long", 5)]),  # "late" gets nothing this step: the budget is spent
         (["short"], [("long", 8)]),
-        (["short"], [("long", 7)]),  # the last chunk: "long" samples its first token
-        (["short", "long"], []),
+        (["short"], [("long", 7), ("late", 1)]),  # the last chunk: "long" samples its first token
+        (["short", "long"], [("late", 4)]),
     ]
 
 
-def test_cancelling_a_running_request_ends_it_and_returns_its_blocks():
-    engine = bare_engine(blocks=16)
-    stream = engine.submit(request(10, "a", max_new_tokens=50))
-    tick(engine)
-    tick(engine)
-    assert engine._blocks.used_blocks == 3 and running_ids(engine) == ["a"]
-    stream.close()  # the client went away
-    tick(engine)
-    assert running_ids(engine) == [] and engine.in_flight == 0 and engine._runner.forgotten == ["a"]
-    assert engine._blocks.used_blocks == 0 and engine._blocks.free_blocks == 15
-    final = events(stream)[-1]
-    assert final.finish_reason is FinishReason.CANCELLED and final.generated_tokens == 2
+def test_a_full_pool_preempts_the_most_recently_admitted_running_sequence():
+    run = Harness(blocks=5, block_size=4)  # 4 usable blocks
+    for index, name in enumerate(["a", "b", "c"]):
+        run.add(4, name, max_new_tokens=5, first=100 * (index + 1))
+    run.tick()  # each prefills its block and samples a token; one block is left
+    run.tick()  # all three need a 2nd block: "a" takes the free one; "c", admitted last, gives its block to "b"
+    assert run.running() == ["a", "b"] and run.preempted() == ["c"]
+    assert run.scheduler.preemptions == 1 and run.forgotten == ["c"] and run.scheduler.waiting == 1
+    assert run.pool.used_blocks == 4 and run.runner.plans[-1] == (["a", "b"], [])
+    (preempted,) = run.scheduler.preempted
+    assert preempted.block_table == [] and preempted.prefill_ids == [300, 301, 302, 303, 1004]  # recomputes its token
+
+
+def test_sequences_preempted_in_one_step_resume_in_their_admission_order():
+    run = Harness(blocks=5, block_size=4)  # 4 usable blocks
+    for index, name in enumerate("abcd"):
+        run.add(4, name, max_new_tokens=5, first=100 * (index + 1))
+    run.tick()  # the pool is full
+    run.tick()  # "a" grows by preempting "d", "b" by preempting "c"
+    assert run.running() == ["a", "b"] and run.preempted() == ["c", "d"] and run.scheduler.preemptions == 2
+
+
+def test_new_requests_leave_the_watermark_free_while_others_run_but_an_idle_pool_is_all_theirs():
+    assert Scheduler(BlockManager(1001, 4), 8, 64, Sequence).watermark == 10  # 1% of the pool
+    assert Scheduler(BlockManager(9, 4), 8, 64, Sequence).watermark == 1  # at least one block
+    run = Harness(blocks=4, block_size=4, watermark=1)  # 3 usable blocks
+    run.add(12, "whole", max_new_tokens=1)  # all 3 blocks: nothing runs, so nothing needs room to grow
+    run.tick()
+    assert run.tokens("whole") == [1012]
+    run.add(8, "a", max_new_tokens=5, first=300)
+    run.add(4, "b", max_new_tokens=5, first=500)  # 1 block is free, but it is the running one's to grow into
+    run.tick()
+    assert run.running() == ["a"] and run.scheduler.waiting == 1 and run.pool.free_blocks == 1
+
+
+def test_a_preempted_sequence_resumes_before_new_requests_and_loses_no_token():
+    run = Harness(blocks=4, block_size=4)  # 3 usable blocks
+    run.add(4, "first", max_new_tokens=3)
+    run.add(4, "second", max_new_tokens=3, first=300)
+    run.tick()  # both prefill (1 block each) and sample a token
+    run.tick()  # both need a 2nd block, one is free: "second", admitted last, is preempted
+    assert run.running() == ["first"] and run.preempted() == ["second"]
+    run.add(4, "late", max_new_tokens=1, first=500)  # would fit, but "second" comes first
+    run.tick()  # "first" makes its last token; "second" cannot have its 2 blocks yet, so "late" waits behind it
+    assert run.running() == [] and run.preempted() == ["second"] and run.pool.used_blocks == 0
+    run.tick()  # "second" resumes first (its cached prompt block is reused: 1 token to compute), then "late"
+    assert run.runner.plans[-1] == ([], [("second", 1), ("late", 4)])
+    for _ in range(3):
+        run.tick()
+    assert run.scheduler.in_flight == 0 and run.pool.used_blocks == 0 and not run.preempted()
+    assert run.tokens("first") == run.tokens("second") == [1004, 1005, 1006]  # none lost, none repeated
+    assert run.tokens("late") == [1004]
+
+
+def test_a_finished_session_keeps_its_blocks_pinned_under_pressure_until_the_session_is_closed():
+    run = Harness(blocks=9, block_size=4)  # 8 usable; pins may hold 4
+    run.add(8, "turn", max_new_tokens=1, session="chat")  # 2 full prompt blocks, finishes after one token
+    run.tick()
+    assert run.final("turn").finish_reason is FinishReason.LENGTH and run.pool.pinned_blocks == 2
+    run.add(28, "hog", first=500)  # 7 blocks: fits only if the session's 2 blocks may be evicted
+    run.tick()
+    run.tick()
+    assert run.running() == [] and run.scheduler.waiting == 1 and run.pool.used_blocks == 2
+    run.scheduler.close_session("chat")
+    run.tick()
+    assert run.running() == ["hog"] and run.pool.pinned_blocks == 0
+
+
+def test_a_cancelled_or_failed_session_turn_pins_nothing():
+    run = Harness(blocks=9, block_size=4)
+    run.add(8, "cancelled", max_new_tokens=5, session="chat")
+    run.tick()
+    run.scheduler.cancel("cancelled")
+    run.tick()
+    run.add(8, "failed", max_new_tokens=5, first=300, session="chat")
+    run.tick()
+    run.tick(output=RuntimeError("device lost"))
+    assert run.final("cancelled").finish_reason is FinishReason.CANCELLED
+    assert run.final("failed").finish_reason is FinishReason.ERROR
+    assert run.pool.pinned_blocks == 0 and run.pool.used_blocks == 0
 
 
 def test_cancelling_a_waiting_request_drops_it_before_it_gets_blocks():
-    engine = bare_engine(blocks=4, max_batch=1)
-    engine.submit(request(4, "running", max_new_tokens=50))
-    waiting = engine.submit(request(4, "waiting", max_new_tokens=50, first=300))
-    tick(engine)
-    assert running_ids(engine) == ["running"] and engine.waiting == 1
-    used = engine._blocks.used_blocks
-    waiting.close()
-    tick(engine)
-    (final,) = events(waiting)
+    run = Harness(blocks=4, max_batch=1)
+    run.add(4, "running", max_new_tokens=50)
+    run.add(4, "waiting", max_new_tokens=50, first=300)
+    run.tick()
+    assert run.running() == ["running"] and run.scheduler.waiting == 1
+    run.scheduler.cancel("waiting")
+    run.scheduler.cancel("nobody")  # not in flight: ignored
+    run.tick()
+    (final,) = run.events["waiting"]
     assert final.finish_reason is FinishReason.CANCELLED and final.generated_tokens == 0
-    assert engine.waiting == 0 and engine.in_flight == 1 and engine._blocks.used_blocks == used + 1  # the runner grew
-    assert all("waiting" not in ids for plan in engine._runner.plans for ids in (plan[0], [n for n, _ in plan[1]]))
+    assert run.scheduler.waiting == 0 and run.scheduler.in_flight == 1 and run.running() == ["running"]
+    assert all("waiting" not in plan[0] + [name for name, _ in plan[1]] for plan in run.runner.plans)
+    assert "waiting" not in run.forgotten and "nobody" not in run.events
 
 
-def test_a_full_pool_preempts_the_latest_admitted_which_resumes_before_new_requests():
-    engine = bare_engine(blocks=4, block_size=4)  # 3 usable blocks
-    first = engine.submit(request(4, "first", max_new_tokens=3))
-    second = engine.submit(request(4, "second", max_new_tokens=3, first=300))
-    tick(engine)  # both prefill (1 block each) and sample a token
-    tick(engine)  # both need a 2nd block, one is free: "second", admitted last, is preempted
-    assert running_ids(engine) == ["first"] and [seq.id for seq in engine._preempted] == ["second"]
-    assert engine.stats().preemptions == 1 and engine._runner.forgotten == ["second"]
-    assert engine._blocks.used_blocks == 2  # "second" gave its block back
-    assert engine._preempted[0].prefill_ids == list(range(300, 304)) + [1004]  # recomputes its token too
-    late = engine.submit(request(4, "late", max_new_tokens=1, first=500))  # would fit, but "second" comes first
-    tick(engine)  # "first" makes its last token; "second" cannot have its 2 blocks yet, so "late" waits behind it
-    assert running_ids(engine) == [] and [seq.id for seq in engine._preempted] == ["second"]
-    assert engine.scheduler.waiting == 1 and engine._blocks.used_blocks == 0
-    tick(engine)  # "second" resumes first (its cached prompt block is reused: 1 token to compute), then "late"
-    assert engine._runner.plans[-1] == ([], [("second", 1), ("late", 4)])
-    for _ in range(3):
-        tick(engine)
-    assert engine.in_flight == 0 and engine._blocks.used_blocks == 0 and not engine._preempted
-    for stream in (first, second):  # the preempted one made the same tokens: none lost, none repeated
-        assert [event.token_id for event in events(stream)] == [1004, 1005, 1006]
-    assert [event.token_id for event in events(late)] == [1004]
+def test_cancelling_a_running_request_ends_it_and_returns_its_blocks():
+    run = Harness(blocks=16)
+    run.add(10, "a", max_new_tokens=50)
+    run.tick()
+    run.tick()
+    assert run.pool.used_blocks == 3 and run.running() == ["a"]
+    run.scheduler.cancel("a")  # the client went away
+    run.tick()
+    assert run.running() == [] and run.scheduler.in_flight == 0 and run.forgotten == ["a"]
+    assert run.pool.used_blocks == 0 and run.pool.free_blocks == 15
+    final = run.final("a")
+    assert final.finish_reason is FinishReason.CANCELLED and final.generated_tokens == 2
+
+
+def test_cancelling_a_preempted_request_ends_it_without_resuming():
+    run = Harness(blocks=4, block_size=4)
+    run.add(4, "first", max_new_tokens=6)
+    run.add(4, "second", max_new_tokens=6, first=300)
+    run.tick()
+    run.tick()
+    assert run.preempted() == ["second"]
+    run.scheduler.cancel("second")
+    run.tick()
+    assert run.preempted() == [] and run.scheduler.waiting == 0 and run.scheduler.in_flight == 1
+    final = run.final("second")
+    assert final.finish_reason is FinishReason.CANCELLED and final.generated_tokens == 1
+    assert run.forgotten == ["second", "second"]  # at preemption, and when it ended
+    assert all("second" not in plan[0] + [name for name, _ in plan[1]] for plan in run.runner.plans[2:])
+
+
+def test_finishing_frees_blocks_and_places_and_the_runner_forgets_each_sequence():
+    run = Harness(blocks=32)
+    for index, name in enumerate("abc"):
+        run.add(6, name, max_new_tokens=3 + index, first=100 * (index + 1))
+    for _ in range(5):
+        run.tick()
+    assert [run.final(name).finish_reason for name in "abc"] == [FinishReason.LENGTH] * 3
+    assert [len(run.tokens(name)) for name in "abc"] == [3, 4, 5]
+    assert run.pool.used_blocks == 0 and run.scheduler.in_flight == 0 and sorted(run.forgotten) == ["a", "b", "c"]
+    assert run.pool.stats.queried_tokens == 18  # each prompt looked up once
+
+
+def test_a_request_that_cannot_start_fails_alone_and_gives_its_blocks_back():
+    run = Harness(blocks=16, fail_on={"bad"})
+    run.add(4, "bad")
+    run.add(4, "good", max_new_tokens=1, first=300)
+    run.tick()
+    (final,) = run.events["bad"]
+    assert final.finish_reason is FinishReason.ERROR and "ValueError: no generator" in final.error
+    assert run.tokens("good") == [1004] and run.scheduler.in_flight == 0 and run.pool.used_blocks == 0
+
+
+def test_a_failed_step_fails_only_its_own_sequences():
+    run = Harness(blocks=16, max_batch=1)
+    run.add(4, "unlucky", max_new_tokens=5)
+    run.add(4, "next", max_new_tokens=1, first=300)
+    run.tick(output=RuntimeError("kernel fault"))
+    final = run.final("unlucky")
+    assert final.finish_reason is FinishReason.ERROR and final.error == "RuntimeError: kernel fault"
+    assert "next" not in run.events and run.scheduler.in_flight == 1 and run.pool.used_blocks == 0
+    run.tick()
+    assert run.tokens("next") == [1004] and run.final("next").finish_reason is FinishReason.LENGTH
+
+
+def test_a_failed_step_spares_a_running_sequence_it_did_not_include():
+    run = Harness(blocks=16, budget=4)
+    run.add(4, "planned", max_new_tokens=5)
+    run.add(4, "unplanned", max_new_tokens=1, first=300)  # running, but the prefill budget is spent
+    run.tick(output=RuntimeError("kernel fault"))
+    assert run.final("planned").finish_reason is FinishReason.ERROR and run.running() == ["unplanned"]
+    run.tick()
+    assert run.tokens("unplanned") == [1004] and run.final("unplanned").finish_reason is FinishReason.LENGTH
+
+
+def test_a_failure_while_recording_tokens_fails_the_rest_of_the_step():
+    run = Harness(blocks=16)
+    run.add(4, "a", max_new_tokens=1)
+    run.add(4, "b", max_new_tokens=5, first=300)
+    plan = run.scheduler.schedule()
+    sampled, choices = run.runner.step(plan)
+    run.record(run.scheduler.postprocess(plan, (sampled, choices[:1] + [None])))  # "b" gets no usable choice
+    assert run.final("a").finish_reason is FinishReason.LENGTH and run.tokens("a") == [1004]
+    assert run.final("b").finish_reason is FinishReason.ERROR and run.scheduler.in_flight == 0
+    assert run.pool.used_blocks == 0
+
+
+def test_an_idle_wait_ends_when_a_request_is_added():
+    scheduler = Harness(blocks=8).scheduler
+    waiter = threading.Thread(target=scheduler.wait_for_work, args=(60,))
+    waiter.start()
+    scheduler.add(Request([1, 2], SamplingParams(), id="a"))
+    waiter.join(30)
+    assert not waiter.is_alive() and scheduler.waiting == 1
