@@ -66,6 +66,7 @@ def tokens(stream) -> list[int]:
 
 def test_adapters_match_peft_merged_model_and_differ_from_base(lora_engine, tiny_model_dir, adapters):
     assert lora_engine.loaded.adapters == ("sql", "chat")
+    assert lora_engine.loaded.model.serve_lora.numbers == {"sql": 1, "chat": 2}  # install numbers, in load order
     base = tokens(lora_engine.submit(greedy()))
     assert base == merged_greedy(tiny_model_dir, None, PROMPTS[0])
     for name, folder in adapters.items():

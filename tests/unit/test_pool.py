@@ -1,10 +1,13 @@
-"""EnginePool start-up: a copy that fails to load fails the pool, with its reason, like a single engine."""
+"""EnginePool: a copy that fails to load fails the pool, with its reason; the pool alone decides admission (the cap
+over every copy, the adapter gate) and where a session's requests go."""
 
 import threading
+from contextlib import contextmanager
 
 import pytest
 
-from serve.engine import Engine, EngineConfig, EngineNotReady, Request, SamplingParams
+from serve.engine import Engine, EngineConfig, EngineNotReady, EngineOverloaded, Request, SamplingParams
+from serve.engine.adapters import AdapterNotLoaded
 from serve.engine.pool import EnginePool
 
 
@@ -82,3 +85,40 @@ def test_a_sessions_requests_stay_on_one_engine_until_it_closes():
     assert engines[0].closed == engines[1].closed == ["s1"]
     pool.submit(Request([1], SamplingParams(), session_id="s1"))  # a closed id is free to land anywhere
     assert [len(engine.admitted) for engine in engines] == [3, 2]
+
+
+def test_the_pool_alone_refuses_past_its_cap_over_every_copy():
+    engines = [FakeEngine(), FakeEngine()]
+    pool = EnginePool(
+        lambda: None,
+        lambda prepared: 2,
+        lambda prepared, index: engines[index],
+        EngineConfig(max_concurrent_requests=3),
+    ).start()
+    assert pool.wait_ready(10)
+    for _ in range(3):
+        pool.submit(Request([1], SamplingParams()))
+    with pytest.raises(EngineOverloaded, match="3 requests in flight, the limit is 3"):
+        pool.submit(Request([1], SamplingParams()))
+    assert [len(engine.admitted) for engine in engines] == [2, 1]
+
+
+def test_requests_naming_an_adapter_pass_the_registrys_gate():
+    engines = [FakeEngine()]
+    gated: list[str] = []
+
+    @contextmanager
+    def gate(name):
+        gated.append(name)
+        if name != "sql":
+            raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
+        yield
+
+    pool = EnginePool(lambda: None, lambda prepared: 1, lambda prepared, index: engines[index]).start()
+    assert pool.wait_ready(10)
+    pool.gate_adapters(gate)
+    pool.submit(Request([1], SamplingParams(), adapter="sql"))
+    pool.submit(Request([1], SamplingParams()))
+    with pytest.raises(AdapterNotLoaded, match="adapter 'chat' is not loaded"):
+        pool.submit(Request([1], SamplingParams(), adapter="chat"))
+    assert gated == ["sql", "chat"] and len(engines[0].admitted) == 2
