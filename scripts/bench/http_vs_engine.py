@@ -1,6 +1,6 @@
 """Does the HTTP side starve the engine? Tokens/s, the engine's busy share and its time per step at c=64 on a tiny
-model (where Python dominates): driven directly, and through gunicorn with 64 streaming clients with the engine as
-a thread of the worker (ENGINE_PROCESS=false) and in its own process (the default).
+model (where Python dominates): driven directly, and through gunicorn with 64 streaming clients, the engine in its
+own process.
 
 Run: .venv/bin/python scripts/bench/http_vs_engine.py [ROUNDS]   (prints a markdown table, one row per run)
 """
@@ -51,12 +51,8 @@ def direct(model_dir: Path, prompts: list[list[int]]) -> tuple[float, float, flo
     return tokens / wall, busy_s / wall, busy_s / steps * 1000
 
 
-def through_http(model_dir: Path, engine_process: bool) -> tuple[float, float, float]:
-    env = {
-        "HF_MODEL_ID": str(model_dir),
-        "MAX_CONCURRENT_REQUESTS": str(CLIENTS),
-        "ENGINE_PROCESS": str(engine_process).lower(),
-    }
+def through_http(model_dir: Path) -> tuple[float, float, float]:
+    env = {"HF_MODEL_ID": str(model_dir), "MAX_CONCURRENT_REQUESTS": str(CLIENTS)}
     server = start_server(env, Path(tempfile.mkdtemp()))
     try:
         prompts: list[Prompt] = [f"Tell me about item number {i}, please." for i in range(CLIENTS)]
@@ -84,8 +80,7 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: |")
     paths = [
         ("engine driven directly", lambda: direct(model_dir, prompts)),
-        ("gunicorn, engine thread in the worker", lambda: through_http(model_dir, False)),
-        ("gunicorn, engine process (default)", lambda: through_http(model_dir, True)),
+        ("gunicorn, engine process", lambda: through_http(model_dir)),
     ]
     for _ in range(rounds):
         for name, run in paths:

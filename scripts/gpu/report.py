@@ -108,17 +108,16 @@ def _server_rows(data: dict[str, Any], floor: dict[str, Any]) -> list[tuple[str,
         rows.append(("d", "server cold start (process start → /ping 200)", f"{_f(data['cold_start_s'])} s"))
     floor_1 = floor.get("per_batch", {}).get("1", {}).get("floor_tok_per_s")
     for key, level in data.items():
-        if not key.startswith(("c_", "thread_c_")):
+        if not key.startswith("c_"):
             continue
-        engine = ", engine thread in the worker (ENGINE_PROCESS=false)" if key.startswith("thread_") else ""
         if "skipped" in level:
-            rows.append(("d", f"server c={key.rpartition('_')[2]}{engine}", level["skipped"]))
+            rows.append(("d", f"server c={key.rpartition('_')[2]}", level["skipped"]))
             continue
         share = f" ({level['output_tok_per_s'] / floor_1:.0%} of the b=1 floor)" if key == "c_1" and floor_1 else ""
         rows.append(
             (
                 "d",
-                f"server c={level['concurrency']}{engine} ({level['requests']} requests, {level['errors']} errors)",
+                f"server c={level['concurrency']} ({level['requests']} requests, {level['errors']} errors)",
                 f"{_f(level['output_tok_per_s'])} tok/s{share}; TTFT p50/p95 {_f(level['ttft_p50_ms'])}/"
                 f"{_f(level['ttft_p95_ms'])} ms; "
                 f"ITL p50/p95 {_f(level.get('itl_p50_ms'))}/{_f(level.get('itl_p95_ms'))} ms",

@@ -1,8 +1,6 @@
 """The server stage of gpu-check: the real entrypoint (gunicorn) on the dummy-weights model, driven by the bench
 load generator (scripts/bench/load.py) at each concurrency: output tok/s, TTFT and inter-token latency p50/p95,
-cold start (process start -> /ping 200) and peak GPU memory (nvidia-smi, device-wide). Time allowing, the
-concurrencies above 1 again with the engine as a thread of the worker (ENGINE_PROCESS=false, keys ``thread_c_N``):
-the A/B of the engine process."""
+cold start (process start -> /ping 200) and peak GPU memory (nvidia-smi, device-wide)."""
 
 from __future__ import annotations
 
@@ -32,13 +30,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-THREAD_RUN_MIN_S = 45.0  # what the ENGINE_PROCESS=false rerun needs at least (a start and two levels)
-# Once ready, the front builds its grammar vocabulary in a thread (llguidance, ~1 s of Rust holding the GIL for a
-# 49k vocabulary on a 2-core Zen 3): pipe hops and HTTP threads wait 5-15 ms meanwhile (scripts/bench/ttft.py), so
-# the timed levels start after it.
-FRONT_SETTLE_S = 3.0
 
 
 def server_env(plan: Plan, folder: Path, port: int) -> dict[str, str]:
@@ -87,16 +78,14 @@ class GpuMemory:
         return self.peak_mib
 
 
-def start(
-    plan: Plan, folder: Path, log_path: Path, timeout: float, extra_env: Optional[dict[str, str]] = None
-) -> tuple[subprocess.Popen, str, float]:
+def start(plan: Plan, folder: Path, log_path: Path, timeout: float) -> tuple[subprocess.Popen, str, float]:
     """Start ``entrypoint.sh serve``; return the process, its URL and the cold start (start -> /ping 200) in s."""
     port = _free_port()
     started = time.monotonic()
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [str(ENTRYPOINT), "serve"],
-            env={**server_env(plan, folder, port), **(extra_env or {})},
+            env=server_env(plan, folder, port),
             cwd=ROOT,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -163,13 +152,6 @@ def run(plan: Plan, out: Path, budget_s: float) -> None:
     try:
         cold = serve_levels(plan, folder, out / "server.log", deadline, record, plan.concurrencies)
         record.put("cold_start_s", cold)
-        busy_levels = [concurrency for concurrency in plan.concurrencies if concurrency > 1]
-        if deadline - time.monotonic() < THREAD_RUN_MIN_S:
-            record.put("thread", {"skipped": "the stage's time box ran out"})
-            return
-        thread = {"ENGINE_PROCESS": "false"}
-        cold = serve_levels(plan, folder, out / "server-thread.log", deadline, record, busy_levels, thread, "thread_")
-        record.put("thread_cold_start_s", cold)
     finally:
         record.put("peak_gpu_memory_mib", memory.stop())
 
@@ -181,25 +163,21 @@ def serve_levels(
     deadline: float,
     record: Recorder,
     concurrencies: list[int],
-    extra_env: Optional[dict[str, str]] = None,
-    prefix: str = "",
 ) -> float:
-    """Start a server, run each level (recorded as ``{prefix}c_N``), stop it; returns its cold start in s."""
+    """Start a server, run each level (recorded as ``c_N``), stop it; returns its cold start in s."""
     budget = deadline - time.monotonic()
-    process, url, cold = start(plan, folder, log_path, min(240.0, budget * 0.6), extra_env)
-    stage_log(f"server{' ' + str(extra_env) if extra_env else ''} ready in {cold:.1f} s (process start -> /ping 200)")
+    process, url, cold = start(plan, folder, log_path, min(240.0, budget * 0.6))
+    stage_log(f"server ready in {cold:.1f} s (process start -> /ping 200)")
     try:
-        if not prefix:
-            record.put("info", requests.get(url + "/info", timeout=10).json())
+        record.put("info", requests.get(url + "/info", timeout=10).json())
         texts, overhead = prompts_of(url, folder, plan.prompt_tokens, 2 * max(plan.concurrencies))
         record.put(
             "prompt", {"tokens": plan.prompt_tokens, "chat_template_tokens": overhead, "new_tokens": plan.new_tokens}
         )
         endpoint = Endpoint(url, "m", {"ignore_eos": True})
         run_level(endpoint, texts[:2], 1, 1, plan.new_tokens, 120, deadline)  # warm-up
-        time.sleep(FRONT_SETTLE_S if plan.gpu else 0.0)
         for concurrency in concurrencies:
-            key = f"{prefix}c_{concurrency}"
+            key = f"c_{concurrency}"
             if time.monotonic() > deadline - 5:
                 record.put(key, {"skipped": "the stage's time box ran out"})
                 continue

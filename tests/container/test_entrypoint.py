@@ -125,18 +125,6 @@ def test_a_killed_worker_takes_its_engine_process_with_it(tiny_model_dir, tmp_pa
         server.stop()
 
 
-def test_the_engine_can_stay_a_thread_of_the_worker(tiny_model_dir, tmp_path):
-    server = start_server({"HF_MODEL_ID": str(tiny_model_dir), "ENGINE_PROCESS": "false"}, tmp_path)
-    try:
-        (worker,) = psutil.Process(server.process.pid).children()
-        assert worker.children() == []
-        body = {"inputs": "Hello", "parameters": {"max_new_tokens": 4}}
-        answer = requests.post(server.url + "/invocations", json=body, timeout=30)
-        assert answer.status_code == 200 and answer.json()[0]["generated_text"]
-    finally:
-        server.stop()
-
-
 def _pings(url: str) -> bool:
     try:
         return requests.get(url + "/ping", timeout=2).status_code == 200
