@@ -289,7 +289,7 @@ def stage_compile(plan: Plan, out: Path) -> None:
     """COMPILE=true from an empty inductor cache: start-up cost, then ms per decode step (graphs on where CUDA)."""
     import shutil
 
-    shutil.rmtree(out / "inductor", ignore_errors=True)  # use_cache_dir puts it under the cache dir given
+    shutil.rmtree(out / "inductor", ignore_errors=True)  # compile.inductor_folder puts it under the cache dir given
     record = Recorder(out / "compile.json")
     batches = plan.compile_batches
     engine, figures = _compile_start(plan, out, batches)

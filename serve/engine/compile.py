@@ -12,17 +12,23 @@ of 1 is always specialised. So start-up compiles each half for 1 token and for a
 reuse those graphs instead of recompiling per shape (``warm_up`` runs both before serving).
 
 Inductor's cache (compiled kernels and FX graphs) lives in ``<SERVE_CACHE_DIR>/inductor``, so a second start of
-the same model and torch reuses it. Any compile error or a probe that differs from eager turns COMPILE off with
-the reason logged; a failure on a later call falls back to eager for good: never wrong tokens.
+the same model and torch reuses it. Inductor takes its folder from the environment only (torch has no config setting
+for it), so start-up compiles inside torch's own ``temporary_cache_dir``; a recompile after start-up, which serving
+does not need, would use torch's default folder.
+
+Any compile error or a probe that differs from eager turns COMPILE off with the reason logged; a failure on a later
+call falls back to eager for good: never wrong tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -30,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PROBE_TOLERANCE = 1e-3  # relative, float32 logits: inductor reorders reductions, nothing more
 RECOMPILE_LIMIT = 64  # per compiled function: 1 token and the dynamic size, per device (replicas, split models)
+_CACHE_DIR_LOCK = threading.Lock()  # inductor's folder is the process's: engines sharing a process compile in turn
 
 
 @dataclass
@@ -43,19 +50,21 @@ class CompileReport:
     probe_error: Optional[float] = None
 
 
-def use_cache_dir(cache_dir: str) -> str:
-    """Point inductor's cache (and Triton's, which lives under it) at ``<cache_dir>/inductor``; returns it."""
+def inductor_folder(cache_dir: str) -> str:
+    """``<cache_dir>/inductor``, created: the folder of inductor's cache (and Triton's, which lives under it)."""
     folder = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), "inductor")
     os.makedirs(folder, exist_ok=True)
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") != folder:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
-        try:
-            from torch._inductor.utils import clear_caches
-
-            clear_caches()  # paths inductor memoised for an earlier folder
-        except Exception:  # noqa: BLE001 - a torch without it memoised nothing
-            pass
     return folder
+
+
+@contextlib.contextmanager
+def compiling_into(folder: str) -> Iterator[None]:
+    """Inductor reads and writes its cache in ``folder`` inside this block (torch's own switch, which also drops
+    the paths inductor memoised for another folder)."""
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    with _CACHE_DIR_LOCK, temporary_cache_dir(folder):
+        yield
 
 
 class Guarded:
@@ -89,13 +98,13 @@ def compile_layers(model: Any, cache_dir: str, warm_up: Optional[Callable[[], to
     eager = model.eager_layer_halves
     started = time.monotonic()
     try:
-        folder = use_cache_dir(cache_dir)
+        folder = inductor_folder(cache_dir)
         import torch._dynamo
 
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), RECOMPILE_LIMIT))
         compiled = tuple(Guarded(fn.__name__, fn, torch.compile(fn, dynamic=None)) for fn in eager)
-        with torch.inference_mode():
+        with compiling_into(folder), torch.inference_mode():
             expected = warm_up() if warm_up is not None else None
             model.layer_halves = compiled
             got = warm_up() if warm_up is not None else None

@@ -27,7 +27,7 @@ TEXTS = ["The quick brown fox", "Hello", "def fibonacci(n):\n    if n <", "Once 
 
 # A fresh process: the tiny test model's shapes (tests/helpers.py build_tiny_llama), compiled with the cache given.
 FRESH_START = """
-import json, sys, time
+import json, os, sys, time
 started = time.monotonic()
 import torch
 from transformers import LlamaConfig
@@ -42,7 +42,8 @@ model = LlamaForServing.from_config(config)
 runner = ModelRunner(model, PagedKVCache(CacheShape.of(config, torch.float32), 8, 16, torch.device("cpu")), None, 4, 4)
 report = runner.compile_layers(sys.argv[1])
 print(json.dumps({"report": vars(report), "hits": counters["inductor"]["fxgraph_cache_hit"],
-                  "misses": counters["inductor"]["fxgraph_cache_miss"], "process_s": time.monotonic() - started}))
+                  "misses": counters["inductor"]["fxgraph_cache_miss"], "process_s": time.monotonic() - started,
+                  "environment_after": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}))
 """
 
 
@@ -52,9 +53,8 @@ def compile_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("serve-cache")
 
 
-def test_the_setting_reaches_the_engine():
-    assert load_settings({}).compile is False and load_settings({"COMPILE": "true"}).compile is True
-    settings = Settings(compile=True, cache_dir="/somewhere")
+def test_compile_hands_the_engine_the_cache_folder():
+    settings = load_settings({"COMPILE": "true", "SERVE_CACHE_DIR": "/somewhere"})
     assert engine_config(settings).compile_cache_dir == "/somewhere"
     assert engine_config(replace(settings, compile=False)).compile_cache_dir is None
 
@@ -74,6 +74,7 @@ def test_a_second_start_in_a_fresh_process_reuses_the_cache(compile_cache):
     assert cold["report"]["enabled"] and warm["report"]["enabled"], (cold, warm)
     assert (compile_cache / "inductor").is_dir() and cold["misses"] > 0
     assert warm["hits"] >= cold["misses"] and warm["misses"] == 0
+    assert cold["environment_after"] != str(compile_cache / "inductor")  # inductor's folder only while compiling
 
 
 def greedy(settings: Settings, prompts: list[list[int]], new_tokens: int = 12) -> tuple[Engine, list[list[int]]]:

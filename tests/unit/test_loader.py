@@ -1,11 +1,13 @@
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from serve.config import Settings
 from serve.loading.source import EMBEDDED_NAME, ModelLoadError, adapter_folders, download_from_hub, resolve_source
-from serve.loading.loader import cpu_prefers_bf16, resolve_dtype, use_cpu_threads
+from serve.engine.types import total_token_limit
+from serve.loading.loader import cpu_prefers_bf16, model_context, resolve_dtype, use_cpu_threads
 
 
 def settings(**kwargs) -> Settings:
@@ -63,6 +65,14 @@ def test_dtype_auto_is_bf16_on_cuda_and_on_cpus_that_prefer_it():
     assert resolve_dtype("auto", on_cuda=False, cpu_bf16=True) is torch.bfloat16
     assert resolve_dtype("auto", on_cuda=False, cpu_bf16=False) is torch.float32
     assert resolve_dtype("float16", on_cuda=False) is torch.float16
+
+
+def test_a_sequence_holds_the_context_capped_at_4096_unless_max_total_tokens_says():
+    assert total_token_limit(32768) == 4096 and total_token_limit(2048) == 2048
+    assert total_token_limit(32768, 8000) == 8000  # MAX_TOTAL_TOKENS lifts the cap
+    assert total_token_limit(2048, 8000) == 2048  # but never past the model's context
+    assert model_context(SimpleNamespace(max_position_embeddings=131072)) == 131072
+    assert model_context(SimpleNamespace()) == model_context(SimpleNamespace(max_position_embeddings=None)) == 4096
 
 
 def test_bf16_preference_is_read_from_cpu_flags():
