@@ -59,7 +59,8 @@ def main() -> None:
         ],
         "x @ W^T stored transposed": [lambda w=w: rows[w.shape[0]] @ w for w in transposed],
     }
-    kernel, why_not = load_panel_kernel(load_settings().cache_dir)
+    settings = load_settings()
+    kernel, why_not = load_panel_kernel(settings.cache_dir, settings.c_compiler)
     if kernel is not None:
         panels = [(kernel.pack(weight), weight.shape) for weight in weights]
         kernels["panel kernel (what PACK_CPU_WEIGHTS uses)"] = [
