@@ -9,9 +9,6 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Generic, Iterable, Iterator, Optional, TypeVar
 
-from flask import g, has_request_context
-from flask import request as http_request
-
 from serve.config import Settings
 from serve.http.disconnect import DisconnectWatcher
 from serve.engine import EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
@@ -21,9 +18,9 @@ from serve.engine.grammar import GrammarError
 from serve.engine.interface import EngineClient
 from serve.engine.types import FinishReason
 from serve.http.errors import GenerationFailed, NotReady, Overloaded, ShuttingDown, ValidationFailed
-from serve.sagemaker.invocation import current as current_invocation
 from serve.log import log_request
 from serve.metrics import Metrics
+from serve.front.context import RequestContext
 from serve.front.prompt import PromptError, chars_per_token_bound, encode, encode_chat, render_chat
 
 Body = TypeVar("Body")
@@ -70,13 +67,16 @@ class Choice:
 class Generation:
     """The engine requests behind one client request (``n`` choices), read as one stream of (index, event)."""
 
-    def __init__(self, streams: list[RequestStream], sink: "queue.Queue[tuple[int, TokenEvent]]"):
+    def __init__(
+        self, streams: list[RequestStream], sink: "queue.Queue[tuple[int, TokenEvent]]", context: RequestContext
+    ):
         self.streams = streams
         self._sink = sink
         self._open = set(range(len(streams)))
+        self.context = context  # the client request these choices answer
         self.recorded = False  # its requests were logged and counted (by stream_events)
-        self.route = ""
         self.cut_at_deadline = False  # set when the invocation deadline stopped the choices still running
+        self.deadline_hit = False  # set when a collected answer was cut short at the deadline
 
     @property
     def request_id(self) -> str:
@@ -212,27 +212,25 @@ class GenerationService:
         except GrammarError as exc:
             raise ValidationFailed(f"{field}: {exc}", field) from None
 
-    def start(self, valid: ValidRequest) -> Generation:
+    def start(self, valid: ValidRequest, context: RequestContext) -> Generation:
         """Admit a validated request: ``n`` choices for each prompt, as one Generation (choice ``p * n + i`` is the
-        i-th choice of prompt p); raises a ServeError before any byte is sent when the engine cannot take them."""
+        i-th choice of prompt p); raises a ServeError before any byte is sent when the engine cannot take them.
+
+        The caller releases the Generation once its response is closed (see ``release``)."""
         sink: "queue.Queue[tuple[int, TokenEvent]]" = queue.Queue()
         streams: list[RequestStream] = []
         try:
-            for request in _engine_requests(valid):
+            for request in _engine_requests(valid, context.session_id):
                 streams.append(self.engine.submit(request, sink=sink, index=len(streams)))
                 if self.watcher is not None:
-                    self.watcher.watch_current_client(request.id, sink)
+                    self.watcher.watch_client(request.id, context.client, sink)
         except (EngineOverloaded, EngineNotReady, AdapterNotLoaded) as exc:
             for stream in streams:
                 stream.close()
             if isinstance(exc, AdapterNotLoaded):  # deleted between the check and the admission
                 raise ValidationFailed(f"adapter: {exc} (it was just unregistered)", "adapter") from exc
             raise (Overloaded if isinstance(exc, EngineOverloaded) else NotReady)(str(exc)) from exc
-        generation = Generation(streams, sink)
-        if has_request_context():  # released when the response closes, however the request ends (see release)
-            generation.route = http_request.path
-            g.setdefault("serve_generations", []).append(generation)
-        return generation
+        return Generation(streams, sink, context)
 
     def release(self, generation: Generation) -> None:
         """Cancel what is still running of ``generation`` once its response is closed, sent or failed.
@@ -246,21 +244,20 @@ class GenerationService:
             log.warning(
                 "request %s: its response failed or was never sent; its choices were cancelled", generation.request_id
             )
+            context = generation.context
             for stream in generation.streams:
-                self.record(generation.route, stream.request.id, None, False, "response_failed")
+                self.record(context.route, stream.request.id, None, context.streamed, "response_failed")
 
-    def collect(self, generation: Generation, route: str) -> list[Choice]:
-        """Wait for every choice; GenerationFailed (424) if the model failed."""
+    def collect(self, generation: Generation) -> list[Choice]:
+        """Wait for every choice, cut short at the request's deadline; GenerationFailed (424) if the model failed."""
         tokens: dict[int, list[TokenEvent]] = {index: [] for index in range(len(generation.streams))}
         finals: dict[int, TokenEvent] = {}
-        context = current_invocation()
-        deadline = context.deadline if context is not None else None
-        for item in self.stream_events(generation, route, heartbeat=None, deadline=deadline):
+        for item in self.stream_events(generation, heartbeat=None, deadline=generation.context.deadline):
             if item is None:  # a probe: nothing to write before the response
                 continue
             index, event = item
-            if event.finish_reason is FinishReason.LENGTH and generation.cut_at_deadline and context is not None:
-                context.deadline_hit = True
+            if event.finish_reason is FinishReason.LENGTH and generation.cut_at_deadline:
+                generation.deadline_hit = True
             tokens[index].append(event)
             if event.finish_reason is not None:
                 finals[index] = event
@@ -276,7 +273,7 @@ class GenerationService:
         ]
 
     def stream_events(
-        self, generation: Generation, route: str, heartbeat: Optional[float], deadline: Optional[float] = None
+        self, generation: Generation, heartbeat: Optional[float], deadline: Optional[float] = None
     ) -> Iterator[Optional[tuple[int, TokenEvent]]]:
         """(index, event) pairs, None every ``heartbeat`` s of silence; GenerationFailed if the model failed.
 
@@ -306,8 +303,9 @@ class GenerationService:
                 self._live.discard(generation)
             generation.close()
             generation.recorded = True
+            context = generation.context
             for index, stream in enumerate(generation.streams):
-                self.record(route, stream.request.id, finals.get(index), heartbeat is not None, reason)
+                self.record(context.route, stream.request.id, finals.get(index), context.streamed, reason)
 
     def interrupt_all(self) -> int:
         """The shutdown deadline: end every generation still being read with an error saying why; how many."""
@@ -331,10 +329,9 @@ class GenerationService:
             self.metrics.observe(final)
 
 
-def _engine_requests(valid: ValidRequest) -> Iterator[Request]:
-    """The engine requests of ``valid``, in choice order: ``n`` for each prompt, seeds counting up from its seed."""
-    context = current_invocation()
-    session_id = context.session_id if context is not None else None
+def _engine_requests(valid: ValidRequest, session_id: Optional[str]) -> Iterator[Request]:
+    """The engine requests of ``valid``, in choice order: ``n`` for each prompt, seeds counting up from its seed;
+    each tagged with the live session, if any."""
     for prompt_ids, base in zip(valid.prompts, valid.params):
         for index in range(valid.n):
             # same seed, same n choices (kept in torch's range)

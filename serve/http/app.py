@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -14,13 +14,15 @@ from werkzeug.exceptions import HTTPException
 from serve.sagemaker.adapters import AdapterRegistry
 from serve.sagemaker.emf import reporter_for
 from serve.config import Settings, load_settings
-from serve.http.disconnect import DisconnectWatcher, unwatch_when_sent
+from serve.http.disconnect import ClientConnection, DisconnectWatcher
 from serve.engine.interface import EngineClient
 from serve.http.errors import BadRequest, MethodNotAllowed, NotFound, NotReady, PayloadTooLarge, ServeError, error_body
 from serve.front.generation import GenerationService
 from serve.sagemaker.custom_handler import CustomHandler
 from serve.metrics import Metrics
 from serve.http.routes import docs, openai, tgi
+from serve.http.routes.common import ADMITTED, CLIENT
+from serve.http.routes.validation import Validator
 from serve.sagemaker import adapter_routes as adapters
 from serve.sagemaker import invocations as sagemaker
 from serve.sagemaker.sessions import SessionStore
@@ -51,6 +53,7 @@ def create_app(
     watcher = DisconnectWatcher(engine.cancel)
     service = GenerationService(engine, settings, metrics, watcher)
     app.extensions["serve.service"] = service
+    app.extensions["serve.validator"] = Validator(service, adapters.requested_adapter)
     app.extensions["serve.drain"] = Drain(
         lambda: engine.in_flight, settings.graceful_timeout, cut=service.interrupt_all
     )
@@ -62,7 +65,7 @@ def create_app(
     _register_error_handlers(app)
     app.before_request(_stamp_arrival)
     app.before_request(_guard)
-    app.after_request(unwatch_when_sent(watcher))
+    app.after_request(_unwatch_when_sent(watcher))
     app.after_request(_release_generations)
     app.after_request(lambda response: _count(metrics, response))
     engine.start()
@@ -97,9 +100,26 @@ def _exit_worker(exc: BaseException) -> None:
     os._exit(WORKER_BOOT_ERROR)
 
 
+def _unwatch_when_sent(watcher: DisconnectWatcher) -> Callable[[Response], Response]:
+    """An after_request handler: once the response is sent (a stream to its end) or abandoned, stop watching its
+    client's socket.
+
+    Not a teardown handler: for a streamed response Flask tears the request down as soon as the view returns.
+    """
+
+    def after(response: Response) -> Response:
+        client: Optional[ClientConnection] = g.get(CLIENT)
+        request_ids = client.response_begins() if client is not None else []
+        if request_ids:
+            response.call_on_close(lambda: [watcher.unwatch(request_id) for request_id in request_ids])
+        return response
+
+    return after
+
+
 def _release_generations(response: Response) -> Response:
     """Once the response is closed (sent, streamed to its end, or failed), cancel whatever its request admitted."""
-    generations = g.pop("serve_generations", [])
+    generations = g.pop(ADMITTED, [])
     if generations:
         service: GenerationService = current_app.extensions["serve.service"]
         response.call_on_close(lambda: [service.release(generation) for generation in generations])

@@ -16,8 +16,6 @@ import threading
 import time
 from typing import Callable, Optional
 
-from flask import Response, g, has_request_context, request
-
 log = logging.getLogger(__name__)
 
 GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -59,6 +57,22 @@ class ResponseState:
         self.started = False
         self.http11 = http11
         self.probed = False
+
+
+class ClientConnection:
+    """The HTTP client of one request: its socket (None when the server is not gunicorn), its response's state, and
+    the engine requests that watch it (unwatched once the response is sent)."""
+
+    def __init__(self, sock: Optional[socket.socket], http11: bool):
+        self.sock = sock
+        self.state = ResponseState(http11)
+        self.watched: list[str] = []
+
+    def response_begins(self) -> list[str]:
+        """From here only the response writes (a probe must not); the engine requests that watched this client."""
+        with self.state.lock:
+            self.state.started = True
+        return list(self.watched)
 
 
 class _Watch:
@@ -111,17 +125,14 @@ class DisconnectWatcher:
                 self._thread = threading.Thread(target=self._run, name="disconnect-watcher", daemon=True)
                 self._thread.start()
 
-    def watch_current_client(self, request_id: str, sink: Optional[queue.Queue] = None) -> None:
-        """Watch the client of the HTTP request being served (gunicorn passes its socket) for engine request
-        ``request_id``; a probe of a streaming response puts a keep-alive marker into ``sink``."""
-        sock = request.environ.get("gunicorn.socket") if has_request_context() else None
-        if not isinstance(sock, socket.socket):
+    def watch_client(self, request_id: str, client: ClientConnection, sink: Optional[queue.Queue] = None) -> None:
+        """Watch ``client`` (when it has a socket) for engine request ``request_id``; a probe of a streaming response
+        puts a keep-alive marker into ``sink``."""
+        if client.sock is None:
             return
-        if "serve_response_state" not in g:
-            g.serve_response_state = ResponseState(http11=request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1")
         poke = (lambda: sink.put((-1, None))) if sink is not None else (lambda: None)  # a keep-alive, now
-        self.watch(request_id, sock, g.serve_response_state, poke)
-        g.setdefault("serve_watched", []).append(request_id)
+        self.watch(request_id, client.sock, client.state, poke)
+        client.watched.append(request_id)
 
     def unwatch(self, request_id: str) -> None:
         with self._lock:
@@ -146,22 +157,3 @@ class DisconnectWatcher:
             for request_id in gone:
                 log.info("client of request %s disconnected; cancelling it", request_id)
                 self._cancel(request_id)
-
-
-def unwatch_when_sent(watcher: DisconnectWatcher) -> Callable[[Response], Response]:
-    """An after_request handler: once the response is sent (a stream to its end) or abandoned, stop watching its socket.
-
-    Not a teardown handler: for a streamed response Flask tears the request down as soon as the view returns.
-    """
-
-    def after(response: Response) -> Response:
-        state: Optional[ResponseState] = g.get("serve_response_state")
-        if state is not None:
-            with state.lock:  # from here the response writes; a probe must not
-                state.started = True
-        request_ids = g.pop("serve_watched", [])
-        if request_ids:
-            response.call_on_close(lambda: [watcher.unwatch(request_id) for request_id in request_ids])
-        return response
-
-    return after

@@ -124,6 +124,11 @@ def error_style(path: str, stream: Optional[ErrorStyle] = None) -> ErrorStyle:
 
 def error_body(error: ServeError, path: str, stream: Optional[ErrorStyle] = None) -> tuple[dict[str, Any], int]:
     """The body and HTTP status of ``error`` on ``path``, in the style :func:`error_style` picks."""
-    if error_style(path, stream) is ErrorStyle.OPENAI:
+    return styled_body(error, error_style(path, stream))
+
+
+def styled_body(error: ServeError, style: ErrorStyle) -> tuple[dict[str, Any], int]:
+    """The body and HTTP status of ``error`` in ``style``."""
+    if style is ErrorStyle.OPENAI:
         return error.openai_body(), error.openai_status
     return error.tgi_body(), error.status

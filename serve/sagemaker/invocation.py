@@ -1,41 +1,18 @@
-"""What one /invocations call carries past the routes: its live session and its deadline.
+"""What one /invocations call carries past the routes besides its body: its live session and its deadline.
 
-The SageMaker route sets the context; ``GenerationService`` reads it when it builds engine requests (the session
-id) and when it collects a non-streaming answer (the deadline). Other routes leave it unset.
+Both travel in the request's ``RequestContext`` (serve.front.context): ``GenerationService`` tags engine requests
+with the session id and cuts a non-streamed answer short at the deadline; the route then names the cut in a header.
 """
 
 from __future__ import annotations
 
-import contextvars
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 FINISH_HEADER = "X-Finish-Reason"  # "deadline" when the answer was cut short to beat the invocation timeout
 DEADLINE = "deadline"
 
 
-@dataclass
-class InvocationContext:
-    """``deadline`` is a ``time.monotonic()`` value; ``deadline_hit`` is set when an answer was cut at it."""
-
-    session_id: Optional[str] = None
-    deadline: Optional[float] = None
-    deadline_hit: bool = False
-
-
-_current: contextvars.ContextVar[Optional[InvocationContext]] = contextvars.ContextVar("invocation", default=None)
-
-
-def current() -> Optional[InvocationContext]:
-    return _current.get()
-
-
-@contextmanager
-def invocation(context: InvocationContext) -> Iterator[InvocationContext]:
-    """Make ``context`` the current one for the duration of the block."""
-    token = _current.set(context)
-    try:
-        yield context
-    finally:
-        _current.reset(token)
+def invocation_deadline(arrival: float, timeout: Optional[float], margin: float) -> Optional[float]:
+    """When an answer must be cut short (``time.monotonic()``): ``margin`` seconds before the invocation ``timeout``
+    runs out, counted from the request's ``arrival``; None without a timeout."""
+    return None if timeout is None else arrival + timeout - margin

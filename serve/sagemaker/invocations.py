@@ -6,11 +6,11 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from serve.front.context import RequestContext
 from serve.http.errors import ValidationFailed
-from serve.sagemaker.invocation import invocation
 from serve.http.routes import openai, tgi
+from serve.http.routes.common import admitted, json_body, service, settings
 from serve.sagemaker import native
-from serve.http.routes.common import json_body, service, settings
 
 blueprint = Blueprint("sagemaker", __name__)
 
@@ -32,25 +32,24 @@ def invocations() -> Response:
     answer = native.session_response()  # {"requestType": "NEW_SESSION" | "CLOSE"}
     if answer is not None:
         return answer
-    with invocation(native.invocation_context()) as context:  # live session id, deadline
-        handler = current_app.extensions.get(
-            "serve.sagemaker.custom_handler"
-        )  # code/inference.py: input_fn / output_fn around dispatch
-        if handler is None:
-            return native.mark_deadline(dispatch(json_body()), context)
-        response = dispatch(handler.payload(request, json_body))
-        rendered = handler.render(response, request.headers.get("Accept", "application/json"))
-        return native.mark_deadline(rendered, context)
+    context = native.invocation_context()  # live session id, deadline
+    handler = current_app.extensions.get("serve.sagemaker.custom_handler")  # code/inference.py: input_fn / output_fn
+    if handler is None:
+        response = dispatch(json_body(), context)
+    else:
+        rendered = dispatch(handler.payload(request, json_body), context)
+        response = handler.render(rendered, request.headers.get("Accept", "application/json"))
+    return native.mark_deadline(response, admitted())
 
 
-def dispatch(payload: dict[str, Any]) -> Response:
+def dispatch(payload: dict[str, Any], context: RequestContext) -> Response:
     """Route an /invocations payload by its shape (or the MESSAGES_API_ENABLED switch)."""
     kind = payload_kind(payload, settings().messages_api_enabled)
     if kind == CHAT:
-        return openai.chat_completions(payload, route="/invocations")
+        return openai.chat_completions(payload, context)
     if kind == COMPLETION:
-        return openai.completions(payload, route="/invocations")
-    return tgi.generate(payload, route="/invocations", as_list=True)
+        return openai.completions(payload, context)
+    return tgi.generate(payload, context, as_list=True)
 
 
 def payload_kind(payload: dict[str, Any], messages_api_enabled: bool) -> str:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Optional
+from typing import Iterable, Optional
 
 from flask import Response, current_app, request
 
+from serve.front.context import RequestContext
+from serve.front.generation import Generation
 from serve.http.errors import BadRequest
-from serve.sagemaker.invocation import DEADLINE, FINISH_HEADER, InvocationContext
-from serve.http.routes.common import settings
+from serve.http.routes.common import request_context, settings
+from serve.sagemaker.invocation import DEADLINE, FINISH_HEADER, invocation_deadline
 from serve.sagemaker.sessions import (
     CLOSE,
     CLOSED_SESSION_HEADER,
@@ -60,8 +62,8 @@ def session_response() -> Optional[Response]:
     return response
 
 
-def invocation_context() -> InvocationContext:
-    """This call's live session (a 400 for an unknown, closed or expired one) and its deadline."""
+def invocation_context() -> RequestContext:
+    """This call's context with its live session (a 400 for an unknown, closed or expired one) and its deadline."""
     session_id = (request.headers.get(SESSION_HEADER) or "").strip() or None
     if session_id is not None:
         store = _store()
@@ -69,10 +71,8 @@ def invocation_context() -> InvocationContext:
             raise BadRequest(f"{SESSION_HEADER}: {DISABLED}", SESSION_HEADER)
         store.check(session_id)
     config = settings()
-    deadline = None
-    if config.invocation_timeout is not None:
-        deadline = _arrival() + config.invocation_timeout - config.invocation_timeout_margin
-    return InvocationContext(session_id=session_id, deadline=deadline)
+    deadline = invocation_deadline(_arrival(), config.invocation_timeout, config.invocation_timeout_margin)
+    return request_context(session_id=session_id, deadline=deadline)
 
 
 def _arrival() -> float:
@@ -80,8 +80,8 @@ def _arrival() -> float:
     return request.environ.get("serve.arrival", time.monotonic())
 
 
-def mark_deadline(response: Response, context: InvocationContext) -> Response:
-    """Name the reason when the answer was cut short at the deadline."""
-    if context.deadline_hit:
+def mark_deadline(response: Response, generations: Iterable[Generation]) -> Response:
+    """Name the reason when the answer of these generations was cut short at the deadline."""
+    if any(generation.deadline_hit for generation in generations):
         response.headers[FINISH_HEADER] = DEADLINE
     return response

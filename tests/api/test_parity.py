@@ -37,12 +37,66 @@ TGI_SAMPLING = {
 
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/invocations"])
-def test_openai_sampling_fields_are_honoured_and_seeded(messages_client, route):
+def test_openai_sampling_fields_are_accepted_and_seeded(messages_client, route):
     body = {**CHAT, **SAMPLING, "max_completion_tokens": 5, "ignore_eos": True}
     first, second = (messages_client.post(route, json=body) for _ in range(2))
     assert first.status_code == 200, first.json
     assert first.json["choices"][0]["message"]["content"] == second.json["choices"][0]["message"]["content"]
     assert first.json["usage"]["completion_tokens"] == 5  # max_completion_tokens wins over max_tokens
+
+
+# Each field is observed through its effect on the random model's tokens, so a request path that drops it fails:
+# a filter that keeps one token turns seeded sampling into greedy decoding, and a strong penalty turns a greedy
+# continuation that repeats itself into another one.
+GREEDY_CHAT = {**CHAT, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": True}
+SAMPLED_CHAT = {**GREEDY_CHAT, "temperature": 1.0, "seed": 11}
+
+
+def chat_tokens(client, route: str, body: dict) -> list[str]:
+    response = client.post(route, json=body)
+    assert response.status_code == 200, response.json
+    return [entry["token"] for entry in response.json["choices"][0]["logprobs"]["content"]]
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/invocations"])
+@pytest.mark.parametrize("keep_one", [{"top_k": 1}, {"min_p": 1.0}])
+def test_openai_filters_that_keep_one_token_sample_greedily(messages_client, route, keep_one):
+    greedy = chat_tokens(messages_client, route, GREEDY_CHAT)
+    assert chat_tokens(messages_client, route, SAMPLED_CHAT) != greedy  # sampling alone picks other tokens
+    assert chat_tokens(messages_client, route, {**SAMPLED_CHAT, **keep_one}) == greedy
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/invocations"])
+@pytest.mark.parametrize(
+    "penalty", [{"repetition_penalty": 10.0}, {"frequency_penalty": 2.0}, {"presence_penalty": 2.0}]
+)
+def test_openai_penalties_change_a_repeating_greedy_continuation(messages_client, route, penalty):
+    greedy = chat_tokens(messages_client, route, GREEDY_CHAT)
+    assert len(set(greedy)) < len(greedy), greedy  # it repeats itself, which a penalty must change
+    assert chat_tokens(messages_client, route, {**GREEDY_CHAT, **penalty}) != greedy
+
+
+GREEDY_TGI = {"max_new_tokens": 12, "ignore_eos": True, "details": True}
+
+
+def tgi_tokens(client, parameters: dict) -> list[int]:
+    response = client.post("/generate", json={"inputs": "What is deep learning?", "parameters": parameters})
+    assert response.status_code == 200, response.json
+    return [token["id"] for token in response.json["details"]["tokens"]]
+
+
+def test_tgi_top_k_one_samples_greedily(client):
+    greedy = tgi_tokens(client, GREEDY_TGI)
+    sampled = {**GREEDY_TGI, "do_sample": True, "seed": 11}
+    assert tgi_tokens(client, sampled) != greedy
+    assert tgi_tokens(client, {**sampled, "top_k": 1}) == greedy
+
+
+@pytest.mark.parametrize("penalty", [{"repetition_penalty": 10.0}, {"frequency_penalty": 2.0}])
+def test_tgi_penalties_change_a_repeating_greedy_continuation(client, penalty):
+    greedy = tgi_tokens(client, GREEDY_TGI)
+    assert len(set(greedy)) < len(greedy), greedy
+    assert tgi_tokens(client, {**GREEDY_TGI, **penalty}) != greedy
 
 
 OK_SCHEMA = {  # an answer that must be {"ok": true} or {"ok": false}

@@ -1,20 +1,26 @@
-"""Helpers every route uses: the JSON body, pydantic validation with clear messages, the app's services."""
+"""What every route uses from Flask: the app's services, the JSON body, and the request's context for the layers
+below (which never read Flask's globals themselves)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import sys
-from typing import Any, TypeVar
+from typing import Any, Iterator, Optional
 
-from flask import current_app, request
+from flask import current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
-from pydantic import BaseModel, ValidationError
 
 from serve.config import Settings
-from serve.http.errors import BadRequest, ValidationFailed
-from serve.front.generation import GenerationService
+from serve.engine import TokenEvent
+from serve.front.context import RequestContext
+from serve.front.generation import Generation, GenerationService, ValidRequest
+from serve.http.disconnect import ClientConnection
+from serve.http.errors import BadRequest
+from serve.http.routes.sse import KEEPALIVE_SECONDS
+from serve.http.routes.validation import Validator
 
-M = TypeVar("M", bound=BaseModel)
+CLIENT, ADMITTED = "serve_client", "serve_generations"  # per-request keys in flask.g, read by the app's hooks
 
 
 def service() -> GenerationService:
@@ -23,6 +29,36 @@ def service() -> GenerationService:
 
 def settings() -> Settings:
     return current_app.extensions["serve.settings"]
+
+
+def validator() -> Validator:
+    return current_app.extensions["serve.validator"]
+
+
+def request_context(session_id: Optional[str] = None, deadline: Optional[float] = None) -> RequestContext:
+    """The context of the request being served (its API and streaming are set once its body is validated)."""
+    return RequestContext(route=request.path, client=client_connection(), session_id=session_id, deadline=deadline)
+
+
+def client_connection() -> ClientConnection:
+    """This request's client connection (gunicorn passes its socket), made once per request."""
+    if CLIENT not in g:
+        sock = request.environ.get("gunicorn.socket")
+        http11 = request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+        setattr(g, CLIENT, ClientConnection(sock if isinstance(sock, socket.socket) else None, http11))
+    return g.get(CLIENT)
+
+
+def admit(valid: ValidRequest, context: RequestContext) -> Generation:
+    """Start ``valid``'s generation; it is released when the response closes, however the request ends."""
+    generation = service().start(valid, context)
+    g.setdefault(ADMITTED, []).append(generation)
+    return generation
+
+
+def admitted() -> list[Generation]:
+    """The generations this request has started so far."""
+    return list(g.get(ADMITTED, []))
 
 
 def json_body() -> dict[str, Any]:
@@ -63,58 +99,13 @@ def request_body() -> bytes:
     return raw
 
 
-def check_text(value: Any, path: str = "") -> None:
-    """422 naming the field when any string (or key) in ``value`` holds a lone surrogate, which is not text.
-
-    JSON allows ``"\\ud800"`` escapes that decode to unpaired surrogates; no tokenizer, log or UTF-8 writer takes them.
-    """
-    stack = [(value, path)]
-    while stack:
-        item, where = stack.pop()
-        if isinstance(item, str):
-            if not item.isascii() and _has_surrogate(item):
-                field = where or "body"
-                raise ValidationFailed(
-                    f"{field}: the string holds a lone UTF-16 surrogate (invalid Unicode text)", field
-                )
-        elif isinstance(item, dict):
-            for key, child in item.items():
-                child_path = f"{where}.{key}" if where else str(key)
-                stack.append((key, where))
-                stack.append((child, child_path))
-        elif isinstance(item, list):
-            stack.extend((child, f"{where}.{index}" if where else str(index)) for index, child in enumerate(item))
-
-
-def _has_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def validate(model: type[M], payload: dict[str, Any]) -> M:
-    """Parse ``payload`` into ``model``; a 422 (400 on /v1/*) names each offending field, as ``messages[0].content``."""
-    check_text(payload)
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        problems = [f"{field_path(error['loc']) or 'body'}: {error['msg']}" for error in exc.errors(include_url=False)]
-        first = exc.errors()[0]["loc"] if exc.errors() else ()
-        raise ValidationFailed("; ".join(problems), field_path(first) or None) from None
-
-
-def field_path(loc: tuple) -> str:
-    """A pydantic error location as OpenAI names fields: ``messages[0].content``."""
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
-
-
 def token_texts(token_ids: list[int]) -> list[str]:
     """Each token's own text, as clients expect in log-probability listings."""
     if not token_ids:
         return []  # batch_decode([]) answers [""]
     return service().tokenizer.batch_decode([[token_id] for token_id in token_ids])
+
+
+def stream_events(generation: Generation) -> Iterator[Optional[tuple[int, TokenEvent]]]:
+    """A streamed generation's (index, event) pairs, None after each ``sse.KEEPALIVE_SECONDS`` of silence."""
+    return service().stream_events(generation, heartbeat=KEEPALIVE_SECONDS)

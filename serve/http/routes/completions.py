@@ -8,28 +8,27 @@ from typing import Any, Callable, Iterator, Optional, Union
 from flask import Response, jsonify
 
 from serve.engine import TokenEvent
-from serve.http.errors import ErrorStyle
+from serve.front.context import Api, RequestContext
 from serve.front.generation import Choice, Generation, timing_headers
 from serve.http.routes import sse
-from serve.http.routes.common import service, token_texts
+from serve.http.routes.common import admit, service, stream_events, token_texts, validator
 from serve.http.schemas import openai as oa
-from serve.http.routes.validation import validate_completion
 
 Top = list[tuple[str, float]]
 Usage = Callable[[dict[int, TokenEvent]], dict[str, Any]]  # every choice's final event -> the usage object
 Entries = tuple[list[str], list[Optional[float]], list[Optional[dict]]]  # token texts, log-probabilities, alternatives
 
 
-def completions(payload: dict[str, Any], route: str) -> Response:
+def completions(payload: dict[str, Any], context: RequestContext) -> Response:
     """Serve one text completion request."""
-    valid = validate_completion(payload)
+    valid = validator().completion(payload)
     req, prompts = valid.body, list(valid.prompts)
-    generation = service().start(valid)
+    generation = admit(valid, context.speaking(Api.COMPLETION, req.stream))
     echoes = [_echo_text(prompt) if req.echo else "" for prompt in req.prompts]
     completion_id = oa.new_id("cmpl")
     if req.stream:
-        return sse.response(_chunks(generation, req, completion_id, route, prompts, echoes), generation.pending)
-    choices = service().collect(generation, route)
+        return sse.response(_chunks(generation, req, completion_id, prompts, echoes), generation.pending)
+    choices = service().collect(generation)
     rendered = [_choice(req, c, prompts, echoes) for c in choices]
     body = oa.text_completion(completion_id, req.model, rendered, _usage(choices, req.n))
     response = jsonify(body)
@@ -104,7 +103,6 @@ def _chunks(
     generation: Generation,
     req: oa.CompletionRequest,
     completion_id: str,
-    route: str,
     prompts: list[list[int]],
     echoes: list[str],
 ) -> Iterator[str]:
@@ -129,7 +127,7 @@ def _chunks(
             yield chunk(index, event.text, oa.openai_finish_reason(event.finish_reason), logprobs)
 
     end = stream_end(req, completion_id, "text_completion", lambda finals: _usage_of(finals, req.n))
-    return sse.stream(generation, route, render, ErrorStyle.OPENAI, end)
+    return sse.stream(stream_events(generation), render, generation.context.api.error_style, end)
 
 
 def stream_end(

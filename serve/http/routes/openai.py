@@ -8,27 +8,26 @@ from flask import Blueprint, Response, jsonify
 
 from serve.engine import TokenEvent
 from serve.engine.types import FinishReason
-from serve.http.errors import ErrorStyle
+from serve.front.context import Api, RequestContext
 from serve.front.generation import Choice, Generation, timing_headers
 from serve.http.routes import sse
-from serve.sagemaker.adapter_routes import loaded_adapters
-from serve.http.routes.common import json_body, service, token_texts
+from serve.http.routes.common import admit, json_body, request_context, service, stream_events, token_texts, validator
 from serve.http.routes.completions import completions, stream_end
 from serve.http.schemas import openai as oa
 from serve.http.schemas.tools import ToolCallBuffer, parse_tool_calls, truncated_tool_call
-from serve.http.routes.validation import validate_chat
+from serve.sagemaker.adapter_routes import loaded_adapters
 
 blueprint = Blueprint("openai", __name__)
 
 
 @blueprint.post("/v1/chat/completions")
 def chat_completions_route() -> Response:
-    return chat_completions(json_body(), route="/v1/chat/completions")
+    return chat_completions(json_body(), request_context())
 
 
 @blueprint.post("/v1/completions")
 def completions_route() -> Response:
-    return completions(json_body(), route="/v1/completions")
+    return completions(json_body(), request_context())
 
 
 @blueprint.get("/v1/models")
@@ -43,15 +42,15 @@ def models() -> Response:
     )
 
 
-def chat_completions(payload: dict[str, Any], route: str) -> Response:
+def chat_completions(payload: dict[str, Any], context: RequestContext) -> Response:
     """Serve one chat completion request (also reached from /invocations)."""
-    valid = validate_chat(payload)
+    valid = validator().chat(payload)
     req = valid.body
-    generation = service().start(valid)
+    generation = admit(valid, context.speaking(Api.CHAT, req.stream))
     completion_id = oa.new_id("chatcmpl")
     if req.stream:
-        return sse.response(_chat_chunks(generation, req, completion_id, route), generation.pending)
-    choices = service().collect(generation, route)
+        return sse.response(_chat_chunks(generation, req, completion_id), generation.pending)
+    choices = service().collect(generation)
     body = oa.chat_completion(completion_id, req.model, [_chat_choice(c, req) for c in choices], _usage(choices))
     return _json(body, choices[0].final)
 
@@ -99,9 +98,7 @@ def _json(body: dict[str, Any], final: TokenEvent) -> Response:
     return response
 
 
-def _chat_chunks(
-    generation: Generation, req: oa.ChatCompletionRequest, completion_id: str, route: str
-) -> Iterator[str]:
+def _chat_chunks(generation: Generation, req: oa.ChatCompletionRequest, completion_id: str) -> Iterator[str]:
     """The stream: each choice's role chunk, then its content (or tool calls) and finish reason; usage, [DONE]."""
 
     def chunk(index: int, delta: dict[str, Any], reason: Optional[str] = None, logprobs: Optional[dict] = None) -> str:
@@ -122,7 +119,7 @@ def _chat_chunks(
     for index in range(req.n):
         yield chunk(index, {"role": "assistant", "content": ""})
     end = stream_end(req, completion_id, "chat.completion.chunk", lambda finals: _usage_of(list(finals.values())))
-    yield from sse.stream(generation, route, render, ErrorStyle.OPENAI, end)
+    yield from sse.stream(stream_events(generation), render, generation.context.api.error_style, end)
 
 
 def _chat_ending(chunk: Any, index: int, final: TokenEvent, buffer: Optional[ToolCallBuffer]) -> Iterator[str]:

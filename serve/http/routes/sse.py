@@ -9,10 +9,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from flask import Response, stream_with_context
 
 from serve.engine import TokenEvent
-from serve.http.errors import ErrorStyle, GenerationFailed, error_body
-from serve.front.generation import Generation
-from serve.http.routes.common import service
+from serve.http.errors import ErrorStyle, GenerationFailed, styled_body
 
+Events = Iterable[Optional[tuple[int, TokenEvent]]]  # (choice index, event) pairs, None on silence
 Render = Callable[[int, TokenEvent], Iterable[str]]  # one (choice index, event) -> its SSE chunks
 End = Callable[[dict[int, TokenEvent]], Iterable[str]]  # every choice's final event -> the stream's last chunks
 
@@ -29,15 +28,13 @@ def event(data: Any, name: Optional[str] = None) -> str:
     return f"{prefix}data: {payload}\n\n"
 
 
-def stream(
-    generation: Generation, route: str, render: Render, style: ErrorStyle, end: Optional[End] = None
-) -> Iterator[str]:
-    """The chunks of a streamed generation: each event as ``render`` has it, a keep-alive comment on silence, then
-    ``end(finals)`` once every choice has finished; a failed generation ends it with ``event: error`` whose body
-    has the stream's API ``style``."""
+def stream(events: Events, render: Render, style: ErrorStyle, end: Optional[End] = None) -> Iterator[str]:
+    """The chunks of a streamed generation's ``events`` (read with a ``KEEPALIVE_SECONDS`` heartbeat): each event as
+    ``render`` has it, a keep-alive comment on silence, then ``end(finals)`` once every choice has finished; a failed
+    generation ends it with ``event: error`` whose body has the stream's API ``style``."""
     finals: dict[int, TokenEvent] = {}
     try:
-        for item in service().stream_events(generation, route, KEEPALIVE_SECONDS):
+        for item in events:
             if item is None:
                 yield KEEPALIVE
                 continue
@@ -48,7 +45,7 @@ def stream(
         if end is not None:
             yield from end(finals)
     except GenerationFailed as exc:
-        yield event(error_body(exc, route, style)[0], name="error")
+        yield event(styled_body(exc, style)[0], name="error")
 
 
 def coalesce(chunks: Iterator[str], pending: Callable[[], bool]) -> Iterator[str]:

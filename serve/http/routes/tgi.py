@@ -9,34 +9,44 @@ from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from serve.engine import TokenEvent
-from serve.http.errors import ErrorStyle, NotReady
-from serve.http.info import info_body
+from serve.front.context import Api, RequestContext
 from serve.front.generation import Choice, Generation, timing_headers
+from serve.http.errors import NotReady
+from serve.http.info import info_body
 from serve.http.routes import sse
-from serve.sagemaker.adapter_routes import loaded_adapters
-from serve.http.routes.common import json_body, service, settings, token_texts, validate
+from serve.http.routes.common import (
+    admit,
+    json_body,
+    request_context,
+    service,
+    settings,
+    stream_events,
+    token_texts,
+    validator,
+)
+from serve.http.routes.parsing import validate
 from serve.http.schemas import tgi
-from serve.http.routes.validation import validate_generate
+from serve.sagemaker.adapter_routes import loaded_adapters
 
 blueprint = Blueprint("tgi", __name__)
 
 
 @blueprint.post("/generate")
 def generate_route() -> Response:
-    return generate(json_body(), route="/generate", as_list=False)
+    return generate(json_body(), request_context(), as_list=False)
 
 
 @blueprint.post("/")
 def compat_route() -> Response:
     """TGI's root route (what TGI's clients post to): /generate's body wrapped in a list as TGI does, or a stream."""
-    return generate(json_body(), route="/", as_list=True)
+    return generate(json_body(), request_context(), as_list=True)
 
 
 @blueprint.post("/generate_stream")
 def generate_stream_route() -> Response:
     payload = json_body()
     payload["stream"] = True
-    return generate(payload, route="/generate_stream", as_list=False)
+    return generate(payload, request_context(), as_list=False)
 
 
 @blueprint.get("/health")
@@ -67,14 +77,14 @@ def tokenize() -> Response:
     return jsonify(tokens)
 
 
-def generate(payload: dict[str, Any], route: str, as_list: bool) -> Response:
+def generate(payload: dict[str, Any], context: RequestContext, as_list: bool) -> Response:
     """Serve one TGI generate request; ``as_list`` wraps the body in a list, as TGI's /invocations does."""
-    valid = validate_generate(payload)
+    valid = validator().generate(payload)
     req, prompt_ids = valid.body, valid.prompt_ids
-    generation = service().start(valid)
+    generation = admit(valid, context.speaking(Api.TGI, req.stream))
     if req.stream:
-        return sse.response(_token_events(generation, req, route), generation.pending)
-    choices = service().collect(generation, route)
+        return sse.response(_token_events(generation, req), generation.pending)
+    choices = service().collect(generation)
     best = max(choices, key=lambda c: sum(event.logprob or 0.0 for event in c.tokens))
     body: dict[str, Any] = {"generated_text": _full_text(req, best.text)}
     if req.parameters.details:
@@ -129,7 +139,7 @@ def _prefill(prompt_ids: list[int], logprobs: Optional[tuple]) -> list[dict[str,
     return [tgi.token(token_id, text, score) for token_id, text, score in zip(prompt_ids, texts, scores)]
 
 
-def _token_events(generation: Generation, req: tgi.GenerateRequest, route: str) -> Iterator[str]:
+def _token_events(generation: Generation, req: tgi.GenerateRequest) -> Iterator[str]:
     """The stream: one event per generated token, the last with the whole text (and details when asked for)."""
     pieces: list[str] = [req.inputs] if req.parameters.return_full_text else []
     numbers = itertools.count(1)
@@ -140,7 +150,7 @@ def _token_events(generation: Generation, req: tgi.GenerateRequest, route: str) 
         pieces.append(event.text)
         return [sse.event(_stream_token(req, next(numbers), event, pieces))]
 
-    return sse.stream(generation, route, render, ErrorStyle.TGI)
+    return sse.stream(stream_events(generation), render, generation.context.api.error_style)
 
 
 def _stream_token(req: tgi.GenerateRequest, number: int, event: TokenEvent, pieces: list[str]) -> dict[str, Any]:

@@ -214,6 +214,7 @@ class ChatCompletionRequest(_OpenAIRequest):
 
     @property
     def requested_max_tokens(self) -> Optional[int]:
+        """``max_completion_tokens`` (it wins) or ``max_tokens``; None when neither is set (see serve.front.budget)."""
         return self.max_completion_tokens or self.max_tokens
 
     @property
@@ -262,7 +263,8 @@ class CompletionRequest(_OpenAIRequest):
 
     @property
     def requested_max_tokens(self) -> Optional[int]:
-        return self.max_tokens if self.max_tokens is not None else 16  # OpenAI's completions default
+        """``max_tokens`` (0 scores the prompt only); None when not set (serve.front.budget applies OpenAI's 16)."""
+        return self.max_tokens
 
     @property
     def logprob_count(self) -> Optional[int]:

@@ -16,8 +16,6 @@ from serve.engine.types import FinishReason, SamplingParams, TokenEvent
 from serve.http.errors import ValidationFailed
 from serve.http.schemas.common import MAX_CHOICES, MAX_TOP_LOGPROBS, LenientModel, absent_when_none, check_stop
 
-TGI_DEFAULT_MAX_NEW_TOKENS = 100
-
 
 class Grammar(LenientModel):
     """TGI's constrained-output parameter: a JSON schema or a regular expression."""
@@ -101,8 +99,9 @@ class GenerateRequest(LenientModel):
         return self
 
     @property
-    def requested_max_tokens(self) -> int:
-        return self.parameters.max_new_tokens or TGI_DEFAULT_MAX_NEW_TOKENS
+    def requested_max_tokens(self) -> Optional[int]:
+        """``parameters.max_new_tokens``; None when not set (serve.front.budget applies TGI's default)."""
+        return self.parameters.max_new_tokens
 
     @property
     def best_of(self) -> int:
