@@ -11,14 +11,14 @@ from concurrent.futures import Future
 from typing import Any, Callable, Iterator, Optional, Union
 
 from serve.engine.adapters import AdapterNotLoaded, AdapterTable
-from serve.engine.scheduler import EngineOverloaded, Event, Scheduler, StepOutput, StepPlan
+from serve.engine.scheduler import Event, Scheduler, StepOutput, StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.stopping import eos_token_ids
 from serve.engine.types import EngineConfig, EngineLoad, EngineStats, Limits, Request, TokenEvent
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdapterNotLoaded", "Engine", "EngineNotReady", "EngineOverloaded", "RequestStream"]
+__all__ = ["AdapterNotLoaded", "Engine", "EngineNotReady", "RequestStream"]
 
 
 class EngineNotReady(RuntimeError):
