@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 
 log = logging.getLogger(__name__)
@@ -29,28 +29,34 @@ class AdapterNotLoaded(LookupError):
 
 
 class AdapterTable:
-    """The adapter names an engine accepts, plus the installs and removals waiting for the engine thread."""
+    """The swaps waiting for the engine thread, over the core's one weight table (``serve.engine.lora.LoraSet``).
+
+    An adapter is accepted while the weight table holds it and it is not being retired; nothing else keeps names."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self._accepted: set[str] = set()
+        self._lora: Any = None  # the model's LoraSet, once loaded (None: the model serves no adapters)
+        self._retiring: set[str] = set()
         self._pending: list[tuple[str, str, Any, Future]] = []  # (kind, name, prepared weights, done)
 
-    def accept(self, names: Iterable[str]) -> None:
-        """Adapters loaded with the model at start."""
+    def attach(self, lora: Any) -> None:
+        """The weight table of the loaded model (with the adapters it was loaded with)."""
         with self.lock:
-            self._accepted.update(names)
+            self._lora = lora
 
     @property
     def names(self) -> set[str]:
         with self.lock:
-            return set(self._accepted)
+            return self._accepted()
+
+    def _accepted(self) -> set[str]:
+        return set() if self._lora is None else set(self._lora.names) - self._retiring
 
     @contextmanager
     def admitting(self, adapter: Optional[str]) -> Iterator[None]:
         """Hold the lock while a request for ``adapter`` is admitted; AdapterNotLoaded if it is not accepted."""
         with self.lock:
-            if adapter is not None and adapter not in self._accepted:
+            if adapter is not None and adapter not in self._accepted():
                 raise AdapterNotLoaded(f"adapter {adapter!r} is not loaded")
             yield
 
@@ -65,11 +71,11 @@ class AdapterTable:
         """Refuse new requests for ``name`` now; the future resolves once its last request has finished."""
         done: Future = Future()
         with self.lock:
-            self._accepted.discard(name)
+            self._retiring.add(name)
             self._pending.append(("remove", name, None, done))
         return done
 
-    def run_pending(self, lora: Any, in_use: Callable[[str], bool]) -> None:
+    def run_pending(self, in_use: Callable[[str], bool]) -> None:
         """On the engine thread, between steps: install what is ready; remove what no request uses any more."""
         with self.lock:
             pending, self._pending = self._pending, []
@@ -80,15 +86,8 @@ class AdapterTable:
                 continue
             started = time.perf_counter()
             try:
-                if lora is None:
-                    raise AdapterNotLoaded("this model was loaded without LoRA support")
-                if kind == "install":
-                    lora.install(name, prepared)
-                    with self.lock:
-                        self._accepted.add(name)
-                else:
-                    lora.remove(name)
-            except Exception as exc:  # noqa: BLE001 - reported to the HTTP thread that asked
+                self._swap(kind, name, prepared)
+            except Exception as exc:  # noqa: BLE001 - reported to the thread that asked
                 done.set_exception(exc)
                 continue
             log.info("adapter %s: %s between steps in %.2f ms", name, kind, (time.perf_counter() - started) * 1000)
@@ -96,6 +95,17 @@ class AdapterTable:
         if later:
             with self.lock:
                 self._pending[:0] = later
+
+    def _swap(self, kind: str, name: str, prepared: Any) -> None:
+        """Change the weight table under the lock, so admission never sees it half changed."""
+        with self.lock:
+            if self._lora is None:
+                raise AdapterNotLoaded("this model was loaded without LoRA support")
+            if kind == "install":
+                self._lora.install(name, prepared)
+            else:
+                self._retiring.discard(name)
+                self._lora.remove(name)
 
     @property
     def busy(self) -> bool:

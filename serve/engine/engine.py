@@ -14,7 +14,7 @@ from serve.engine.adapters import AdapterNotLoaded, AdapterTable
 from serve.engine.scheduler import Event, Scheduler, StepOutput, StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.stopping import eos_token_ids
-from serve.engine.types import EngineConfig, EngineLoad, EngineStats, Limits, Request, TokenEvent
+from serve.engine.types import EngineConfig, EngineLoad, EngineStats, Limits, Request, TokenEvent, total_token_limit
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Engine:
         self.eos_ids: Any = None  # the token ids that end a sequence, once loaded
         self.limits: Optional[Limits] = None
         self.load_error: Optional[BaseException] = None
-        self.adapters = AdapterTable()  # LoRA adapters accepted now, and swaps waiting for the next step
+        self.adapters = AdapterTable()  # adapter swaps waiting for the next step, over the model's weight table
 
     def start(self) -> "Engine":
         """Start loading and serving in the background (idempotent)."""
@@ -220,7 +220,7 @@ class Engine:
             return
         while not self._stopping.is_set():
             if self.adapters.busy:  # runtime adapter swaps, between steps
-                self.adapters.run_pending(getattr(self.loaded.model, "serve_lora", None), self._uses_adapter)
+                self.adapters.run_pending(self._uses_adapter)
             plan = self.scheduler.schedule()
             self._deliver(plan.ended)
             if plan.empty:
@@ -277,7 +277,7 @@ class Engine:
 
         self.loaded = self._load()
         config = self.config
-        total = min(config.max_total_tokens or min(self.loaded.max_context, 4096), self.loaded.max_context)
+        total = total_token_limit(self.loaded.max_context, config.max_total_tokens)
         max_input = min(config.max_input_tokens or total - 1, total - 1)
         shape = CacheShape.of(self.loaded.model.config, self.loaded.dtype)
         devices = layer_devices(self.loaded.model, shape.layers)  # a model split over GPUs: a cache per layer's GPU
@@ -298,7 +298,7 @@ class Engine:
         budget = config.max_batch_prefill_tokens
         self.scheduler = Scheduler(pool, max_batch, budget, self._new_sequence, self._runner.forget, self._cache_key)
         self.limits = Limits(max_input, total, (blocks - 1) * size, max_batch, size, blocks - 1)
-        self.adapters.accept(getattr(getattr(self.loaded.model, "serve_lora", None), "names", ()))
+        self.adapters.attach(getattr(self.loaded.model, "serve_lora", None))
 
     def _new_sequence(self, request: Request) -> Sequence:
         """A request's Sequence, with its RNG and grammar matcher (raises for a request that cannot start)."""

@@ -20,14 +20,6 @@ Event = tuple[str, TokenEvent]  # a request's id and one of its events
 StepOutput = tuple[list[Sequence], list[TokenChoice]]  # what ModelRunner.step returns: who sampled, and what
 
 
-class EngineOverloaded(RuntimeError):
-    """More requests than the admission cap are in flight."""
-
-    @classmethod
-    def at(cls, in_flight: int, limit: int) -> "EngineOverloaded":
-        return cls(f"{in_flight} requests in flight, the limit is {limit}; retry later")
-
-
 @dataclass
 class StepPlan:
     """Who runs in one step: decode sequences (one token each) and prompt chunks (sequence, token count); and the

@@ -94,7 +94,7 @@ class Sequence:
         """A scoring request (max_new_tokens 0) ends after prefill, without a token: one event, with prompt scores."""
         self.first_token_at = time.monotonic()
         self.finish_reason = FinishReason.LENGTH
-        return self._event(TokenChoice(None), "", first=True)  # type: ignore[arg-type]
+        return self._event(TokenChoice(None), "", first=True)
 
     def end(self, reason: FinishReason, error: Optional[str] = None) -> TokenEvent:
         """The final event of a sequence stopped from outside (cancelled, or the model failed)."""

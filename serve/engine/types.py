@@ -99,7 +99,7 @@ class Timings:
 class TokenChoice:
     """A sampled token with, when asked for, its log-probability and the most likely alternatives."""
 
-    token_id: int
+    token_id: Optional[int]  # None only in a scoring request's one event, which samples no token
     logprob: Optional[float] = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
