@@ -72,7 +72,7 @@ class Settings:
     pack_cpu_weights: bool = True  # PACK_CPU_WEIGHTS: the lean model's float32 weights packed for a CPU kernel
     cpu_kernel: str = "panels"  # CPU_KERNEL: which kernel packed weights go to ("panels", else oneDNN; "onednn")
     c_compiler: Optional[str] = None  # CC: builds the panel kernel where no built library is found (else cc or gcc)
-    torch_threads: Optional[int] = None  # TORCH_THREADS / OMP_NUM_THREADS: CPU compute threads; None: all cores but one
+    torch_threads: Optional[int] = None  # TORCH_THREADS / OMP_NUM_THREADS: CPU compute threads; None: every core
     max_payload_bytes: int = SIX_MIB
     port: int = 8080
     workers: int = 1
