@@ -104,13 +104,12 @@ def test_the_loader_reports_the_layout(tiny_settings):
     assert load_model(replace(tiny_settings, compile=True)).cpu_weights.startswith("dense: COMPILE=true")
 
 
-def test_without_a_compiler_the_loader_packs_for_onednn_and_says_why(tiny_settings, tmp_path, monkeypatch):
+def test_without_a_compiler_the_loader_packs_for_onednn_and_says_why(tiny_settings, tmp_path):
     from dataclasses import replace
 
     from serve.loading.loader import load_model
 
-    monkeypatch.setenv("CC", "no-such-cc")
-    settings = replace(tiny_settings, cache_dir=str(tmp_path / "fresh"))  # nothing built there yet
+    settings = replace(tiny_settings, cache_dir=str(tmp_path / "fresh"), c_compiler="no-such-cc")  # nothing built yet
     assert load_model(settings).cpu_weights == (
         f"oneDNN-packed: {LINEARS} linear layers (no panel kernel: no C compiler (no-such-cc) on PATH to build it)"
     )
