@@ -1,6 +1,6 @@
 """The WSGI entry gunicorn loads in each worker after fork (so no model or CUDA state lives in the master)."""
 
-from serve.http.app import create_app
+from serve.app import create_app
 from serve.config import load_settings
 from serve.log import configure_logging
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.http.app import create_app
+from serve.app import create_app
 from serve.wiring import single_engine
 from serve.config import Settings
 from serve.engine import Engine

@@ -1,1 +1,1 @@
-"""The front's side of the engine boundary: prompts rendered and encoded, requests admitted, results collected."""
+"""The front's side of the engine boundary: prompts encoded, requests admitted and watched, results collected."""

@@ -6,7 +6,7 @@ from typing import Optional
 
 from serve.engine.types import Limits
 from serve.front.context import Api
-from serve.http.errors import ValidationFailed
+from serve.errors import ValidationFailed
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100  # TGI's own default for parameters.max_new_tokens
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions' max_tokens

@@ -6,8 +6,8 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from serve.http.disconnect import ClientConnection
-from serve.http.errors import ErrorStyle
+from serve.front.disconnect import ClientConnection
+from serve.errors import ErrorStyle
 
 
 class Api(str, enum.Enum):

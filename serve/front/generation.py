@@ -10,14 +10,14 @@ from dataclasses import dataclass, replace
 from typing import Any, Generic, Iterable, Iterator, Optional, TypeVar
 
 from serve.config import Settings
-from serve.http.disconnect import DisconnectWatcher
+from serve.front.disconnect import DisconnectWatcher
 from serve.engine import EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
 from serve.engine.engine import AdapterNotLoaded
 from serve.engine.types import Limits
 from serve.engine.grammar import GrammarError
 from serve.engine.interface import EngineClient
 from serve.engine.types import FinishReason
-from serve.http.errors import GenerationFailed, NotReady, Overloaded, ShuttingDown, ValidationFailed
+from serve.errors import GenerationFailed, NotReady, Overloaded, ShuttingDown, ValidationFailed
 from serve.log import log_request
 from serve.metrics import Metrics
 from serve.front.context import RequestContext
@@ -90,7 +90,7 @@ class Generation:
             except queue.Empty:
                 yield None
                 continue
-            if event is None:  # a probe of the client (serve.http.disconnect): write something now, as on a heartbeat
+            if event is None:  # a probe of the client (serve.front.disconnect): write something now, as on a heartbeat
                 yield None
                 continue
             if event.finish_reason is not None:

@@ -1,1 +1,1 @@
-"""The HTTP layer: the Flask app, its routes and schemas, SSE, OpenAPI, security, slow clients and shutdown."""
+"""The HTTP layer: routes, schemas, SSE framing, OpenAPI, security, the buffering worker and graceful shutdown."""

@@ -2,7 +2,7 @@
 
 Request bodies and responses come from the model classes the routes validate requests with and build bodies from,
 so a field added to a model is documented without touching this module; every route of the app is listed, a route
-this module has no details for with a generic entry. Errors are documented in the style serve.http.errors.error_style
+this module has no details for with a generic entry. Errors are documented in the style serve.errors.error_style
 picks for the path (and, inside a stream, for the stream's API).
 """
 
@@ -15,10 +15,10 @@ from flask import Flask
 from pydantic import BaseModel, TypeAdapter
 
 import serve
-from serve.http.errors import ErrorStyle, error_style
+from serve.errors import ErrorStyle, error_style
 from serve.http.schemas import openai as oa
 from serve.http.schemas import tgi
-from serve.http.schemas.error_bodies import OpenAIError, TGIError
+from serve.errors import OpenAIError, TGIError
 from serve.http.schemas.sagemaker import RegisterAdapter, Status
 from serve.http.security import OPEN_PATHS
 
@@ -232,7 +232,7 @@ def _one_of(kinds: Any) -> Any:
 
 
 def _errors(path: str, has_body: bool, components: dict[str, Any]) -> dict[str, Any]:
-    """The error responses of a route, in the style serve.http.errors.error_style picks for its path."""
+    """The error responses of a route, in the style serve.errors.error_style picks for its path."""
     style = error_style(path)
     ref = _schema(ERROR_MODELS[style], components, "serialization")
     statuses = ERROR_STATUSES if has_body else {code: ERROR_STATUSES[code] for code in ("401", "503")}

@@ -8,7 +8,7 @@ import re
 from typing import Iterable, Optional
 
 from serve.config import Settings
-from serve.http.errors import Unauthorized
+from serve.errors import Unauthorized
 
 # SageMaker authenticates these with IAM (and its health checks send no credentials); the API docs are public.
 OPEN_PATHS = frozenset({"/ping", "/invocations", "/openapi.json", "/docs"})

@@ -1,56 +1,16 @@
-"""LoRA adapters over HTTP: which adapter a request asks for, and SageMaker's register / unregister routes."""
+"""SageMaker's register / unregister routes for LoRA adapters (which adapter a request asks for: adapter_choice)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 
-from serve.sagemaker.adapters import AdapterRegistry
-from serve.http.errors import BadRequest, NotReady, ValidationFailed
-from serve.http.routes.common import service
-
-HEADER = "X-Amzn-SageMaker-Adapter-Identifier"
-ALIAS_HEADER = "X-Amzn-SageMaker-Adapter-Alias"
+from serve.errors import BadRequest
+from serve.http.routes.adapter_choice import ALIAS_HEADER, registry
 
 blueprint = Blueprint("adapters", __name__)
-
-
-def registry() -> AdapterRegistry:
-    return current_app.extensions["serve.adapters"]
-
-
-def loaded_adapters() -> tuple[str, ...]:
-    return registry().names() if service().engine.ready else ()
-
-
-def requested_adapter(value: Optional[str], field: str, openai_model: bool = False) -> Optional[str]:
-    """The adapter's name, or None for the base model; a 422 naming an adapter that is not loaded.
-
-    The SageMaker headers win over the body (the identifier, else the alias an adapter was registered under).
-    OpenAI's ``model`` selects an adapter when it names one; any other model name means the base model (clients
-    send all sorts of names there).
-    """
-    header, param = "", field
-    for name in (HEADER, ALIAS_HEADER):
-        header = (request.headers.get(name) or "").strip()
-        if header:
-            param = name
-            break
-    name = header or value
-    if not name:
-        return None
-    if not service().engine.ready:
-        raise NotReady("the model is still loading; retry when /ping answers 200")
-    found = registry().resolve(name)
-    if found is not None:
-        return found
-    if openai_model and not header:
-        return None
-    names = loaded_adapters()
-    loaded = ", ".join(names) if names else "none"
-    raise ValidationFailed(f"{param}: adapter {name!r} is not loaded (loaded adapters: {loaded})", param)
 
 
 def _register_fields() -> dict[str, Any]:

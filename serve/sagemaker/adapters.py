@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from serve.engine.adapters import AdapterError, AdapterNotLoaded
-from serve.http.errors import BadRequest, NotFound, NotReady, ServeError
+from serve.errors import BadRequest, NotFound, NotReady, ServeError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from flask import Request, Response
 
-from serve.http.errors import BadRequest, ServeError
+from serve.errors import BadRequest, ServeError
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from serve.front.context import RequestContext
-from serve.http.errors import ValidationFailed
+from serve.errors import ValidationFailed
 from serve.http.routes import openai, tgi
 from serve.http.routes.common import admitted, json_body, service, settings
 from serve.sagemaker import native

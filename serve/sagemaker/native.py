@@ -10,7 +10,7 @@ from flask import Response, current_app, request
 
 from serve.front.context import RequestContext
 from serve.front.generation import Generation
-from serve.http.errors import BadRequest
+from serve.errors import BadRequest
 from serve.http.routes.common import request_context, settings
 from serve.sagemaker.invocation import DEADLINE, FINISH_HEADER, invocation_deadline
 from serve.sagemaker.sessions import (

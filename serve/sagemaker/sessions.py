@@ -16,7 +16,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Callable, Optional
 
-from serve.http.errors import BadRequest
+from serve.errors import BadRequest
 
 log = logging.getLogger(__name__)
 

@@ -162,7 +162,7 @@ def test_unknown_route_and_method(client):
 def test_default_length_is_capped_when_max_tokens_is_omitted(tiny_settings, tiny_engine):
     from dataclasses import replace
 
-    from serve.http.app import create_app
+    from serve.app import create_app
 
     capped = create_app(replace(tiny_settings, default_max_new_tokens=7), tiny_engine).test_client()
     body = capped.post(
@@ -174,7 +174,7 @@ def test_default_length_is_capped_when_max_tokens_is_omitted(tiny_settings, tiny
 def test_overload_is_429_before_any_stream(tiny_settings):
     from dataclasses import replace
 
-    from serve.http.app import create_app
+    from serve.app import create_app
     from serve.wiring import build_engine
 
     settings = replace(tiny_settings, max_concurrent_requests=1)

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from serve.http.app import create_app
+from serve.app import create_app
 from serve.wiring import single_engine
 from serve.config import Settings
 from tests.helpers import TINY_KV_TOKENS, build_tiny_llama, sse_data

@@ -10,7 +10,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from serve.http.schemas import openai_responses as oa
 from serve.http.schemas import tgi
-from serve.http.schemas.error_bodies import OpenAIError, TGIError
+from serve.errors import OpenAIError, TGIError
 from serve.http.schemas.sagemaker import Status
 from tests.helpers import sse_data
 

@@ -3,7 +3,7 @@
 import json
 import threading
 
-from serve.http.app import create_app
+from serve.app import create_app
 from serve.engine import Engine, EngineConfig
 from tests.helpers import TINY_KV_TOKENS, sse_data
 

@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 
-from serve.http.disconnect import DisconnectWatcher, client_gone
+from serve.front.disconnect import DisconnectWatcher, client_gone
 from serve.http.shutdown import Drain
 from tests.helpers import wait_for
 

@@ -14,7 +14,7 @@ from serve.config import Settings
 from serve.loading.source import ModelLoadError
 from serve.loading.loader import load_model
 from serve.http.security import RedactSecrets, check_api_key, scrub
-from serve.http.errors import Unauthorized
+from serve.errors import Unauthorized
 from tests.helpers import start_server
 
 pytestmark = pytest.mark.e2e
@@ -184,5 +184,5 @@ def test_no_route_serves_files(client):
     rules = list(client.application.url_map.iter_rules())
     assert all(rule.endpoint != "static" for rule in rules)
     assert all("path" not in str(rule._converters) for rule in rules)  # no <path:...> parameter anywhere
-    for path in ("/static/app.py", "/serve/config.py", "/../../etc/passwd", "/docs/../serve/http/app.py"):
+    for path in ("/static/app.py", "/serve/config.py", "/../../etc/passwd", "/docs/../serve/app.py"):
         assert client.get(path).status_code == 404

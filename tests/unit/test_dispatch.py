@@ -1,6 +1,6 @@
 import pytest
 
-from serve.http.errors import ValidationFailed
+from serve.errors import ValidationFailed
 from serve.sagemaker.invocations import CHAT, COMPLETION, GENERATE, payload_kind
 
 MESSAGES = {"messages": [{"role": "user", "content": "hi"}]}

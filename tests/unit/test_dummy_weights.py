@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve.http.app import create_app
+from serve.app import create_app
 from serve.wiring import single_engine
 from serve.config import Settings, SettingsError, load_settings
 from serve.loading.loader import load_model

@@ -1,10 +1,10 @@
-"""Which error style a path gets (serve.http.errors.error_style), as error responses and stream events use it."""
+"""Which error style a path gets (serve.errors.error_style), as error responses and stream events use it."""
 
 from __future__ import annotations
 
 import pytest
 
-from serve.http.errors import ErrorStyle, GenerationFailed, NotReady, ValidationFailed, error_body, error_style
+from serve.errors import ErrorStyle, GenerationFailed, NotReady, ValidationFailed, error_body, error_style
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """The OpenAPI document (serve.http.openapi) without a model: response schemas are the response models' own, errors are
-documented in the style serve.http.errors.error_style picks, and serve.http.schemas stays free of HTTP code."""
+documented in the style serve.errors.error_style picks, and serve.http.schemas stays free of HTTP code."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from typing import Any, Iterator
 import pytest
 from flask import Flask
 
-from serve.http.errors import ErrorStyle, error_style
+from serve.errors import ErrorStyle, error_style
 from serve.http.openapi import ERROR_MODELS, REF, build_openapi
 from serve.http.routes import docs, openai, tgi
-from serve.sagemaker import adapter_routes as adapters
+from serve.sagemaker import adapter_routes as adapters  # the register / unregister routes
 from serve.sagemaker import invocations as sagemaker
 from serve.http.schemas import openai_responses as responses
 from serve.http.schemas import tgi as tgi_schemas
-from serve.http.schemas.error_bodies import OpenAIError, TGIError
+from serve.errors import OpenAIError, TGIError
 from serve.http.schemas.sagemaker import Status
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "serve" / "schemas"

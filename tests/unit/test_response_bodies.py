@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from serve.engine.types import FinishReason, TokenEvent
-from serve.http.errors import GenerationFailed, NotReady, Unauthorized, ValidationFailed
-from serve.http.schemas.error_bodies import OpenAIError, TGIError
+from serve.errors import GenerationFailed, NotReady, Unauthorized, ValidationFailed
+from serve.errors import OpenAIError, TGIError
 from pydantic import BaseModel
 
 from serve.http.schemas import openai as oa

@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from serve.http.app import create_app
-from serve.http.errors import BadRequest
+from serve.app import create_app
+from serve.errors import BadRequest
 from serve.sagemaker.sessions import SessionStore, session_request_type
 
 

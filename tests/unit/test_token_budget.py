@@ -5,7 +5,7 @@ import pytest
 from serve.engine.types import Limits
 from serve.front.budget import new_token_budget
 from serve.front.context import Api
-from serve.http.errors import ValidationFailed
+from serve.errors import ValidationFailed
 
 LIMITS = Limits(max_input_tokens=198, max_total_tokens=200, max_batch_total_tokens=1000, max_batch_size=4)
 

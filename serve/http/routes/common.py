@@ -15,8 +15,8 @@ from serve.config import Settings
 from serve.engine import TokenEvent
 from serve.front.context import RequestContext
 from serve.front.generation import Generation, GenerationService, ValidRequest
-from serve.http.disconnect import ClientConnection
-from serve.http.errors import BadRequest
+from serve.front.disconnect import ClientConnection
+from serve.errors import BadRequest
 from serve.http.routes.sse import KEEPALIVE_SECONDS
 from serve.http.routes.validation import Validator
 

@@ -15,7 +15,7 @@ from serve.http.routes.common import admit, json_body, request_context, service,
 from serve.http.routes.completions import completions, stream_end
 from serve.http.schemas import openai as oa
 from serve.http.schemas.tools import ToolCallBuffer, parse_tool_calls, truncated_tool_call
-from serve.sagemaker.adapter_routes import loaded_adapters
+from serve.http.routes.adapter_choice import loaded_adapters
 
 blueprint = Blueprint("openai", __name__)
 

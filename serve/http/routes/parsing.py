@@ -6,7 +6,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from serve.http.errors import ValidationFailed
+from serve.errors import ValidationFailed
 
 M = TypeVar("M", bound=BaseModel)
 

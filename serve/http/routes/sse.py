@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from flask import Response, stream_with_context
 
 from serve.engine import TokenEvent
-from serve.http.errors import ErrorStyle, GenerationFailed, styled_body
+from serve.errors import ErrorStyle, GenerationFailed, styled_body
 
 Events = Iterable[Optional[tuple[int, TokenEvent]]]  # (choice index, event) pairs, None on silence
 Render = Callable[[int, TokenEvent], Iterable[str]]  # one (choice index, event) -> its SSE chunks

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from serve.engine import TokenEvent
 from serve.front.context import Api, RequestContext
 from serve.front.generation import Choice, Generation, timing_headers
-from serve.http.errors import NotReady
+from serve.errors import NotReady
 from serve.http.info import info_body
 from serve.http.routes import sse
 from serve.http.routes.common import (
@@ -26,7 +26,7 @@ from serve.http.routes.common import (
 )
 from serve.http.routes.parsing import validate
 from serve.http.schemas import tgi
-from serve.sagemaker.adapter_routes import loaded_adapters
+from serve.http.routes.adapter_choice import loaded_adapters
 
 blueprint = Blueprint("tgi", __name__)
 

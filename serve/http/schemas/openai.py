@@ -9,7 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from serve.engine.grammar import GrammarError, json_schema_grammar
 from serve.engine.types import SamplingParams
-from serve.http.errors import ValidationFailed
+from serve.errors import ValidationFailed
 from serve.http.schemas.common import (
     MAX_LOGIT_BIAS,
     MAX_PROMPTS,

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from serve.engine.grammar import GrammarError, json_schema_grammar, regex_grammar
 from serve.engine.types import FinishReason, SamplingParams, TokenEvent
-from serve.http.errors import ValidationFailed
+from serve.errors import ValidationFailed
 from serve.http.schemas.common import MAX_CHOICES, MAX_TOP_LOGPROBS, LenientModel, absent_when_none, check_stop
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BeforeValidator, Field
 
-from serve.http.errors import ValidationFailed
+from serve.errors import ValidationFailed
 from serve.http.schemas.common import LenientModel
 
 # What models wrap calls in, stripped before the JSON is read: Hermes/Qwen tags and markdown fences.

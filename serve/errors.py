@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 import enum
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-from serve.http.schemas.error_bodies import OpenAIError, OpenAIErrorDetail, TGIError
+from pydantic import BaseModel
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Union[int, str]
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error body (on /v1/*, and in-band in an OpenAI-style stream)."""
+
+    error: OpenAIErrorDetail
+
+
+class TGIError(BaseModel):
+    """TGI's error body (everywhere else)."""
+
+    error: str
+    error_type: str
 
 
 class ServeError(Exception):

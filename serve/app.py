@@ -14,17 +14,17 @@ from werkzeug.exceptions import HTTPException
 from serve.sagemaker.adapters import AdapterRegistry
 from serve.sagemaker.emf import reporter_for
 from serve.config import Settings, load_settings
-from serve.http.disconnect import ClientConnection, DisconnectWatcher
+from serve.front.disconnect import ClientConnection, DisconnectWatcher
 from serve.engine.interface import EngineClient
-from serve.http.errors import BadRequest, MethodNotAllowed, NotFound, NotReady, PayloadTooLarge, ServeError, error_body
+from serve.errors import BadRequest, MethodNotAllowed, NotFound, NotReady, PayloadTooLarge, ServeError, error_body
 from serve.front.generation import GenerationService
 from serve.sagemaker.custom_handler import CustomHandler
 from serve.metrics import Metrics
 from serve.http.routes import docs, openai, tgi
 from serve.http.routes.common import ADMITTED, CLIENT
 from serve.http.routes.validation import Validator
-from serve.sagemaker import adapter_routes as adapters
-from serve.sagemaker import invocations as sagemaker
+from serve.http.routes.adapter_choice import requested_adapter
+from serve.sagemaker import adapter_routes, invocations
 from serve.sagemaker.sessions import SessionStore
 from serve.http.security import check_api_key, redact_logs, scrub, secret_values
 from serve.http.shutdown import Drain
@@ -53,14 +53,14 @@ def create_app(
     watcher = DisconnectWatcher(engine.cancel)
     service = GenerationService(engine, settings, metrics, watcher)
     app.extensions["serve.service"] = service
-    app.extensions["serve.validator"] = Validator(service, adapters.requested_adapter)
+    app.extensions["serve.validator"] = Validator(service, requested_adapter)
     app.extensions["serve.drain"] = Drain(
         lambda: engine.in_flight, settings.graceful_timeout, cut=service.interrupt_all
     )
     app.extensions["serve.secrets"] = secret_values(settings)
     redact_logs(app.extensions["serve.secrets"])
     _add_sagemaker_native(app, settings, engine)
-    for module in (sagemaker, openai, tgi, docs, adapters):
+    for module in (invocations, openai, tgi, docs, adapter_routes):
         app.register_blueprint(module.blueprint)
     _register_error_handlers(app)
     app.before_request(_stamp_arrival)
@@ -146,7 +146,7 @@ def _guard() -> Optional[tuple[Response, int]]:
 
 
 def _render(error: ServeError) -> tuple[Response, int]:
-    """The error in the style of the request's path (serve.http.errors.error_style); configured secrets never appear."""
+    """The error in the style of the request's path (serve.errors.error_style); configured secrets never appear."""
     error.message = scrub(error.message, current_app.extensions.get("serve.secrets", ()))
     body, status = error_body(error, request.path)
     response = jsonify(body)
