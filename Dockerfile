@@ -1,6 +1,6 @@
 # The serving image for SageMaker: `docker run IMAGE serve` starts gunicorn on port 8080 (SAGEMAKER_BIND_TO_PORT).
 #
-# One file, two builds (README "The image"):
+# One file, two builds (docs/deploy.md):
 #   production (default): NVIDIA's CUDA *base* image (cudart + the CUDA forward-compat driver libraries, nothing else)
 #     with torch from PyPI, whose wheels bring their own CUDA libraries (cuBLAS, cuDNN, NCCL).
 #   test build (make image-test): --build-arg BASE_IMAGE=<Debian bookworm minbase> and the CPU torch wheel from a
@@ -11,7 +11,7 @@
 ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 
 # The CPU panel kernel (serve/modeling/cpu_kernel.c), compiled in a stage of its own so the image carries no C
-# compiler: on a CPU instance the lean model's float32 linear layers run on it (README "The CPU panel kernel").
+# compiler: on a CPU instance the lean model's float32 linear layers run on it (docs/settings.md).
 FROM ${BASE_IMAGE} AS cpu-kernel
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008

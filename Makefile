@@ -81,7 +81,7 @@ gpu-check: install-test
 gpu-wheels: install
 	PYTHON=$(BIN)/python scripts/gpu/fetch_wheels.sh
 
-# --- The image. Production build and run with docker (README "Test the image locally"). ---
+# --- The image. Production build and run with docker (docs/deploy.md). ---
 DOCKER ?= docker
 IMAGE ?= sagemaker-llm-serve:latest
 DOCKER_BUILD_ARGS ?=

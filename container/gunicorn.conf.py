@@ -31,7 +31,7 @@ bind = f"0.0.0.0:{_settings.port}"
 wsgi_app = "serve.wsgi:app"
 workers = _settings.workers  # each worker owns one engine (and one copy of the model)
 # gthread, except that request heads (and bodies of known length) are read by the worker's event loop, never by a
-# pool thread: slow or silent clients cost a descriptor, not a thread (serve/http/worker.py, README "Reliability").
+# pool thread: slow or silent clients cost a descriptor, not a thread (serve/http/worker.py, docs/reliability.md).
 worker_class = "serve.http.worker.BufferingWorker"
 threads = _settings.max_concurrent_requests + 8  # one per admitted stream, plus room for /ping and 429s
 worker_connections = 4_096  # open connections per worker (idle ones included); the worker raises its file limit

@@ -81,7 +81,7 @@ class Settings:
     log_level: str = "INFO"
     metrics_dir: Optional[str] = None  # PROMETHEUS_MULTIPROC_DIR: set by gunicorn.conf.py, one per server instance
     started_at: Optional[float] = None  # when `serve` began (set by the entrypoint), for the cold-start log line
-    # SageMaker-native operations (README "SageMaker features")
+    # SageMaker-native operations (docs/sagemaker.md)
     max_lora_rank: int = 64  # MAX_LORA_RANK: adapters of a higher rank are refused
     stateful_sessions: bool = False  # SAGEMAKER_ENABLE_STATEFUL_SESSIONS
     sessions_expiration: int = 1200  # SAGEMAKER_SESSIONS_EXPIRATION, seconds

@@ -36,8 +36,8 @@ SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vp2intersect", "amx_bf1
 
 
 def cpu_identity(cpuinfo: str) -> str:
-    """The CPU's name, family and model, and the flags that change our figures (a Zen 4 and a Zen 5 host are both
-    "AMD EPYC" to a VM, and ran our batch-1 step at 16.8 against 19.6 ms)."""
+    """The CPU's name, family and model, and the flags that change our figures (hosts of two generations can both be
+    "AMD EPYC" to a VM, with different step times)."""
     fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")

@@ -187,7 +187,7 @@ def section(run: WorkloadRun) -> list[str]:
         *setup(run.settings),
         "",
         *table_for(run.name)(run.results),
-        *(["", "Against issue 18's targets:", "", *goals] if goals else []),
+        *(["", "Against the targets:", "", *goals] if goals else []),
         "",
         *systems_table(run.results),
         *failures(run.results, heading=f"Failures and errors ({run.name})"),

@@ -42,12 +42,12 @@ class LoadedModel:
 
 
 def cpu_prefers_bf16(cpuinfo: Optional[str] = None) -> bool:
-    """True when the CPU multiplies bfloat16 fast enough to prefer it (x86 AMX, Arm bf16, AMD Zen 5); reads
-    /proc/cpuinfo.
+    """True when the CPU multiplies bfloat16 fast enough to prefer it (x86 AMX, Arm bf16, full 512-bit AVX-512 data
+    paths); reads /proc/cpuinfo.
 
-    ``avx512_bf16`` alone (AMD Zen 4, 256-bit data paths) does not count: there bf16 ran at 0.79x / 0.90x / 1.06x of
-    our packed float32 at batch 1 / 8 / 32. With ``avx512_vp2intersect`` beside it (Zen 5, full 512-bit paths) it
-    ran at 1.11x / 1.14x / 1.26x (README, "dtype")."""
+    ``avx512_bf16`` alone (256-bit data paths) does not count: there bf16 was slower than our packed float32 at small
+    batches. With ``avx512_vp2intersect`` beside it (full 512-bit paths) bf16 was faster at every batch size
+    (docs/settings.md, "dtype")."""
     from serve.modeling.cpu_kernel import cpu_flags
 
     flags = cpu_flags(cpuinfo)
@@ -194,8 +194,8 @@ def _pack_cpu_weights(model: Any, settings: Settings) -> str:
 
 def use_cpu_threads(requested: Optional[int], cores: Optional[int] = None) -> int:
     """The engine's torch compute threads on the CPU, set on the calling (engine) thread: TORCH_THREADS, or every
-    core. Measured with `make bench` on 2 cores (README, "The HTTP side and the engine's threads"): with the
-    oneDNN-packed weights, 2 threads beat 1 by 10% at c=1 and 35-40% at c=32, the HTTP side included. On a machine
+    core. On 2 cores with the oneDNN-packed weights, 2 threads beat 1 at every concurrency, the HTTP side included
+    (docs/settings.md, "Torch threads"). On a machine
     shared with other busy work, one thread fewer than the free cores avoids waiting at every op for a descheduled
     thread."""
     import torch

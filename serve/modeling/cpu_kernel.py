@@ -1,9 +1,8 @@
 """The CPU panel kernel (``cpu_kernel.c``): float32 linear layers over weights repacked into 16-feature panels.
 
-At batch 1 to 32 a decode step on the CPU is mostly the reading of weights. On the 2-core AMD EPYC Zen 3 host we
-measured, oneDNN's packed GEMM read them at ~60-70% of what a plain ``sum`` reads; this kernel streams each panel
-front to back and ran the model's linear layers 1.2-1.4x as fast as oneDNN at 1 to 32 rows, 1.1-1.2x at the 128 to
-512 rows of prefill chunks (README, "The CPU panel kernel").
+At batch 1 to 32 a decode step on the CPU is mostly the reading of weights, which oneDNN's packed GEMM reads well
+below the machine's streaming rate; this kernel streams each panel front to back, and was faster than oneDNN from
+single rows up to prefill chunks (figures: docs/settings.md, "The CPU panel kernel").
 
 The library is named by a hash of the source and flags. It is looked for beside this file (the image builds it
 there, in a build stage of its own: ``python3 serve/modeling/cpu_kernel.py FOLDER``, so the image needs no compiler),

@@ -108,7 +108,7 @@ class SessionStore:
 
 
 def iso_time(unix: float) -> str:
-    """ISO-8601 UTC to the second, as the session header carries it (2026-11-30T17:20:00Z)."""
+    """ISO-8601 UTC to the second, as the session header carries it (``YYYY-MM-DDTHH:MM:SSZ``)."""
     return datetime.fromtimestamp(unix, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
