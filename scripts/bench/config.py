@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-ALL_SYSTEMS = ("ours", "vllm", "transformers", "offline", "ours-slots", "ours-nocache")
+ALL_SYSTEMS = ("ours", "vllm", "transformers", "offline", "ours-slots", "ours-nocache", "ours-before")
 ALL_WORKLOADS = ("standard", "capacity", "prefix")
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "sagemaker-llm-serve" / "bench"
 
@@ -43,6 +43,7 @@ class BenchConfig:
     capacity_kv_tokens: int = 32768  # MAX_BATCH_TOTAL_TOKENS (ours) and vLLM's --kv-cache-memory-bytes
     capacity_max_model_len: int = 4096  # MAX_TOTAL_TOKENS (ours) and vLLM's --max-model-len
     slots_commit: str = "9585df6"  # ours-slots: the slot-per-sequence engine, run from a git worktree
+    before_commit: str = "HEAD~1"  # ours-before: an earlier commit of this repo (what a change cost or saved)
     # prefix: one long shared system prompt, different short questions
     prefix_concurrency: tuple[int, ...] = (1, 8)
     prefix_requests: int = 40
@@ -105,6 +106,7 @@ def from_env(env: Mapping[str, str] | None = None) -> BenchConfig:
         ("BENCH_CAPACITY_KV_TOKENS", "capacity_kv_tokens", int),
         ("BENCH_CAPACITY_MAX_MODEL_LEN", "capacity_max_model_len", int),
         ("BENCH_SLOTS_COMMIT", "slots_commit", str),
+        ("BENCH_BEFORE_COMMIT", "before_commit", str),
         ("BENCH_PREFIX_CONCURRENCY", "prefix_concurrency", _ints),
         ("BENCH_PREFIX_REQUESTS", "prefix_requests", int),
         ("BENCH_PREFIX_SYSTEM_TOKENS", "prefix_system_tokens", int),

@@ -218,9 +218,10 @@ def markdown(
         "```",
         "",
         "Workloads: `BENCH_WORKLOADS` (standard,capacity,prefix). Systems: `BENCH_SYSTEMS` (ours, vllm, "
-        "transformers, offline, ours-slots, ours-nocache; each workload runs those of its own it names). Other knobs: "
+        "transformers, offline, ours-slots, ours-nocache, ours-before; each workload runs those of its own it names). "
+        "Other knobs: "
         "`BENCH_REQUESTS` (fixed requests per level), `BENCH_MAX_TOKENS`, `BENCH_CAPACITY_*` and `BENCH_PREFIX_*` "
-        "(see `scripts/bench/config.py`), `BENCH_SLOTS_COMMIT`, `BENCH_PEER_TIMEOUT`, "
+        "(see `scripts/bench/config.py`), `BENCH_SLOTS_COMMIT`, `BENCH_BEFORE_COMMIT`, `BENCH_PEER_TIMEOUT`, "
         "`BENCH_HEALTH_TIMEOUT`, `BENCH_INSTALL_TIMEOUT`, `BENCH_VLLM_VERSION`, `BENCH_TRANSFORMERS_VERSION`, "
         "`BENCH_WORK_DIR` (virtualenvs, model copy and logs; default `~/.cache/sagemaker-llm-serve/bench`).",
         "",

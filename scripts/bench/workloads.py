@@ -17,7 +17,7 @@ from prompts import PROMPTS, TokenCounter, capacity_prompts, shared_system_promp
 
 # The systems each workload runs (in this order), before BENCH_SYSTEMS filters them.
 WORKLOAD_SYSTEMS: dict[str, tuple[str, ...]] = {
-    "standard": ("ours", "vllm", "transformers", "offline"),
+    "standard": ("ours", "ours-before", "vllm", "transformers", "offline"),
     "capacity": ("ours", "ours-slots", "vllm"),
     "prefix": ("ours", "ours-nocache", "vllm"),
 }
