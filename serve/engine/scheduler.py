@@ -46,8 +46,8 @@ class Scheduler:
     needs a block and none is free, the most recently admitted sequence is preempted.
 
     ``new_sequence`` makes a request's Sequence (its RNG, its grammar matcher); ``forget`` drops what the runner
-    keeps for a sequence that stops running; ``cache_key`` names an adapter in prefix-cache keys. ``add``,
-    ``cancel``, ``close_session`` and the counts are for any thread; the rest is for the engine thread alone.
+    keeps for a sequence that stops running; ``cache_key`` names a request's adapter and salt in prefix-cache keys.
+    ``add``, ``cancel``, ``close_session`` and the counts are for any thread; the rest is for the engine thread alone.
     """
 
     def __init__(
@@ -57,7 +57,7 @@ class Scheduler:
         prefill_budget: int,
         new_sequence: Callable[[Request], Sequence],
         forget: Callable[[Sequence], None] = lambda seq: None,
-        cache_key: Callable[[Optional[str]], Optional[str]] = lambda adapter: adapter,
+        cache_key: Callable[[Request], Optional[str]] = lambda request: request.adapter,
         watermark: Optional[int] = None,
     ):
         """``watermark``: blocks kept free for running sequences to grow into (default 1% of the pool)."""
@@ -176,7 +176,7 @@ class Scheduler:
 
     def _resume(self, seq: Sequence) -> bool:
         """Blocks for a preempted sequence to resume (its own earlier blocks may still be in the prefix cache)."""
-        allocated = self.blocks.allocate(seq.prefill_ids, self._cache_key(seq.request.adapter), True, self._headroom())
+        allocated = self.blocks.allocate(seq.prefill_ids, self._cache_key(seq.request), True, self._headroom())
         if allocated is None:
             return False
         seq.block_table, seq.num_cached = allocated
@@ -190,7 +190,7 @@ class Scheduler:
         if request is None:
             return False
         reuse = not request.params.prompt_logprobs  # scoring a prompt needs the logits of all its positions
-        allocated = self.blocks.allocate(request.prompt_ids, self._cache_key(request.adapter), reuse, self._headroom())
+        allocated = self.blocks.allocate(request.prompt_ids, self._cache_key(request), reuse, self._headroom())
         if allocated is None:
             return False
         with self._condition:
@@ -255,7 +255,7 @@ class Scheduler:
         for seq in plan.sequences:
             if seq.num_cached // size > seq.keyed_blocks:
                 tokens = seq.all_ids[: seq.num_cached]
-                key = self._cache_key(seq.request.adapter)
+                key = self._cache_key(seq.request)
                 seq.keyed_blocks = self.blocks.register_full_blocks(seq.block_table, tokens, key, seq.keyed_blocks)
 
     def _fail(self, plan: StepPlan, exc: Exception) -> list[Event]:
