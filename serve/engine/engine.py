@@ -3,6 +3,7 @@ events."""
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -306,8 +307,11 @@ class Engine:
         matcher = self.grammars.matcher(request.params.grammar)
         return Sequence(request, self.loaded.tokenizer, self.eos_ids, generator, matcher)
 
-    def _cache_key(self, adapter: Optional[str]) -> Optional[str]:
-        """What prefix-cache keys name an adapter by: its name and install number (a name deleted and registered
-        again from another folder never meets the old one's blocks)."""
-        lora = getattr(self.loaded.model, "serve_lora", None)
-        return adapter if adapter is None or lora is None else f"{adapter}#{lora.index(adapter)}"
+    def _cache_key(self, request: Request) -> Optional[str]:
+        """What a request's prefix-cache keys name besides its tokens: its adapter by name and install number (a name
+        deleted and registered again from another folder never meets the old one's blocks), and its cache salt, so
+        that different salts never share a block. An adapter's part ends in ``#<number>``, a salted key is a JSON
+        list: the two forms never meet."""
+        adapter, lora = request.adapter, getattr(self.loaded.model, "serve_lora", None)
+        named = adapter if adapter is None or lora is None else f"{adapter}#{lora.index(adapter)}"
+        return named if request.cache_salt is None else json.dumps([named, request.cache_salt])

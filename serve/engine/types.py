@@ -79,6 +79,7 @@ class Request:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     adapter: Optional[str] = None  # a LoRA adapter's name; None is the base model
     session_id: Optional[str] = None  # a live SageMaker stateful session: its conversation's KV blocks stay pinned
+    cache_salt: Optional[str] = None  # the prefix-cache partition: blocks are shared only within one salt
     arrival: float = field(default_factory=time.monotonic)
 
 
