@@ -15,6 +15,7 @@ FALSE_WORDS = {"0", "false", "no", "off", ""}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PLACEMENTS = ("auto", "shard", "replicas")
 LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights from config.json (benchmarks without a checkpoint)
+PREFIX_CACHE_SCOPES = ("salt", "adapter", "global")  # what partitions the prefix cache: serve/front/cache_scope.py
 CPU_KERNELS = ("panels", "onednn")  # panels: serve/modeling/cpu_kernel.c where it builds, else oneDNN
 # TGI's HF_MODEL_QUANTIZE values; serve/loading/quantize.py says which of them this server can load and where
 QUANTIZATIONS = (
@@ -66,6 +67,7 @@ class Settings:
     max_batch_size: Optional[int] = EngineConfig.max_batch_size
     kv_block_size: int = EngineConfig.kv_block_size  # tokens per KV-cache block
     enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
+    prefix_cache_scope: str = "salt"  # PREFIX_CACHE_SCOPE: requests share cached blocks within one adapter and salt
     cuda_graphs: bool = EngineConfig.cuda_graphs  # CUDA_GRAPHS: capture decode steps as CUDA graphs on a GPU
     default_max_new_tokens: int = 1024
     compile: bool = False  # COMPILE: torch.compile the lean model's per-layer pieces (inductor cache in cache_dir)
@@ -266,6 +268,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "max_batch_size": _read(env, ("MAX_BATCH_SIZE",), parse_positive_int),
         "kv_block_size": _read(env, ("KV_BLOCK_SIZE",), parse_positive_int),
         "enable_prefix_caching": _read(env, ("ENABLE_PREFIX_CACHING",), parse_bool),
+        "prefix_cache_scope": _read(env, ("PREFIX_CACHE_SCOPE",), parse_choice(PREFIX_CACHE_SCOPES)),
         "cuda_graphs": _read(env, ("CUDA_GRAPHS",), parse_bool),
         "compile": _read(env, ("COMPILE",), parse_bool),
         "pack_cpu_weights": _read(env, ("PACK_CPU_WEIGHTS",), parse_bool),
