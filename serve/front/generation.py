@@ -20,6 +20,7 @@ from serve.engine.types import FinishReason
 from serve.errors import GenerationFailed, NotReady, Overloaded, ShuttingDown, ValidationFailed
 from serve.log import log_request
 from serve.metrics import Metrics
+from serve.front.cache_scope import cache_partition
 from serve.front.context import RequestContext
 from serve.front.prompt import PromptError, chars_per_token_bound, encode, encode_chat, render_chat
 
@@ -38,7 +39,8 @@ class ValidRequest(Generic[Body]):
     """A request ready for admission: its parsed body, each prompt's token ids and its resolved engine parameters.
 
     ``params[p]`` goes with ``prompts[p]`` (max_new_tokens within the limits, grammar compiled); each prompt gets
-    ``n`` choices; ``adapter`` is a loaded adapter's name, or None for the base model.
+    ``n`` choices; ``adapter`` is a loaded adapter's name, or None for the base model; ``cache_salt`` is the
+    client's prefix-cache salt (serve.front.cache_scope).
     """
 
     body: Body
@@ -46,6 +48,7 @@ class ValidRequest(Generic[Body]):
     params: tuple[SamplingParams, ...]
     n: int = 1
     adapter: Optional[str] = None
+    cache_salt: Optional[str] = None
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -219,8 +222,10 @@ class GenerationService:
         The caller releases the Generation once its response is closed (see ``release``)."""
         sink: "queue.Queue[tuple[int, TokenEvent]]" = queue.Queue()
         streams: list[RequestStream] = []
+        scope = self.settings.prefix_cache_scope
+        partition = cache_partition(scope, valid.cache_salt, valid.adapter, context.session_id)
         try:
-            for request in _engine_requests(valid, context.session_id):
+            for request in _engine_requests(valid, context.session_id, partition):
                 streams.append(self.engine.submit(request, sink=sink, index=len(streams)))
                 if self.watcher is not None:
                     self.watcher.watch_client(request.id, context.client, sink)
@@ -329,15 +334,15 @@ class GenerationService:
             self.metrics.observe(final)
 
 
-def _engine_requests(valid: ValidRequest, session_id: Optional[str]) -> Iterator[Request]:
+def _engine_requests(valid: ValidRequest, session_id: Optional[str], partition: Optional[str]) -> Iterator[Request]:
     """The engine requests of ``valid``, in choice order: ``n`` for each prompt, seeds counting up from its seed;
-    each tagged with the live session, if any."""
+    each tagged with the live session, if any, and the prefix-cache partition."""
     for prompt_ids, base in zip(valid.prompts, valid.params):
         for index in range(valid.n):
             # same seed, same n choices (kept in torch's range)
             seed = None if base.seed is None else (base.seed + index) % 2**64
             params = replace(base, seed=seed)
-            yield Request(prompt_ids=prompt_ids, params=params, adapter=valid.adapter, session_id=session_id)
+            yield Request(prompt_ids, params, adapter=valid.adapter, session_id=session_id, cache_salt=partition)
 
 
 def _until(

@@ -86,4 +86,4 @@ class Validator:
             for ids, f in zip(prompts, fields)
         ]
         params = tuple(req.to_sampling_params(budget, grammar) for budget in budgets)
-        return ValidRequest(req, tuple(prompts), params, n, adapter)
+        return ValidRequest(req, tuple(prompts), params, n, adapter, req.prefix_cache_salt)

@@ -39,6 +39,8 @@ from serve.http.schemas.openai_responses import (  # noqa: F401 (re-exported: th
 from serve.http.schemas.tools import NamedToolChoice, Tool, ToolChoice, call_schema, forced_tools, template_tool_calls
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
+MAX_CACHE_SALT_CHARS = 256  # a salt names a prefix-cache partition (a tenant): an id or a digest, never a document
+CacheSalt = Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARS)]
 
 
 class TextPart(LenientModel):
@@ -126,6 +128,8 @@ class ResponseFormat(LenientModel):
 
 class _OpenAIRequest(SamplingFields):
     stream_options: Optional[StreamOptions] = None
+    cache_salt: Optional[CacheSalt] = Field(default=None, description="vLLM's: shares the prefix cache only within it")
+    prompt_cache_key: Optional[CacheSalt] = Field(default=None, description="OpenAI's: the salt when none is given")
     logit_bias: Optional[dict[str, float]] = Field(
         default=None,
         max_length=MAX_LOGIT_BIAS,
@@ -153,6 +157,11 @@ class _OpenAIRequest(SamplingFields):
     def bias_entries(self) -> tuple[tuple[int, float], ...]:
         """``logit_bias`` as (token id, bias) pairs."""
         return tuple((int(key), bias) for key, bias in (self.logit_bias or {}).items())
+
+    @property
+    def prefix_cache_salt(self) -> Optional[str]:
+        """The prefix-cache partition the client asks for: ``cache_salt``, else ``prompt_cache_key``."""
+        return self.cache_salt if self.cache_salt is not None else self.prompt_cache_key
 
     @property
     def include_usage(self) -> bool:

@@ -15,6 +15,7 @@ from serve.engine.grammar import GrammarError, json_schema_grammar, regex_gramma
 from serve.engine.types import FinishReason, SamplingParams, TokenEvent
 from serve.errors import ValidationFailed
 from serve.http.schemas.common import MAX_CHOICES, MAX_TOP_LOGPROBS, LenientModel, absent_when_none, check_stop
+from serve.http.schemas.openai import CacheSalt
 
 
 class Grammar(LenientModel):
@@ -42,6 +43,7 @@ class Grammar(LenientModel):
 
 class GenerateParameters(LenientModel):
     adapter_id: Optional[str] = None  # a loaded LoRA adapter's name (TGI's field)
+    cache_salt: Optional[CacheSalt] = None  # an extension (vLLM's name): shares the prefix cache only within it
     max_new_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, gt=0.0, le=100.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
@@ -106,6 +108,10 @@ class GenerateRequest(LenientModel):
     @property
     def best_of(self) -> int:
         return self.parameters.best_of or 1
+
+    @property
+    def prefix_cache_salt(self) -> Optional[str]:
+        return self.parameters.cache_salt
 
     def to_sampling_params(self, max_new_tokens: int, grammar: Optional[str] = None) -> SamplingParams:
         p = self.parameters
