@@ -38,6 +38,7 @@ VARIABLES = [
     ("MAX_BATCH_SIZE", "4", "max_batch_size", 4),
     ("KV_BLOCK_SIZE", "32", "kv_block_size", 32),
     ("ENABLE_PREFIX_CACHING", "off", "enable_prefix_caching", False),
+    ("PREFIX_CACHE_SCOPE", "Global", "prefix_cache_scope", "global"),
     ("CUDA_GRAPHS", "No", "cuda_graphs", False),
     ("COMPILE", "on", "compile", True),
     ("PACK_CPU_WEIGHTS", "0", "pack_cpu_weights", False),
