@@ -20,7 +20,7 @@ from serve.http.schemas import tgi as tgi_schemas
 from serve.errors import OpenAIError, TGIError
 from serve.http.schemas.sagemaker import Status
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "serve" / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[2] / "serve" / "http" / "schemas"
 RESPONSE_MODELS = (
     responses.ChatCompletion,
     responses.ChatCompletionChunk,
