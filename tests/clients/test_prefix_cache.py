@@ -1,6 +1,8 @@
 """The prefix cache as clients see it, through real gunicorn and the openai client: cached_tokens in usage
 (chat and completions, streamed usage too), the request log, /metrics and /info."""
 
+import uuid
+
 import requests
 
 SYSTEM = "You are a careful assistant who answers every question in one short sentence. " * 4
@@ -43,6 +45,23 @@ def test_completions_report_cached_tokens(openai_client):
     openai_client.completions.create(model="tgi", prompt=prompt, max_tokens=2, temperature=0)
     again = openai_client.completions.create(model="tgi", prompt=prompt, max_tokens=2, temperature=0)
     assert again.usage.prompt_tokens_details.cached_tokens >= 16
+
+
+def test_the_cache_is_shared_only_within_a_salt(openai_client):
+    """vLLM's cache_salt (sent as an extra body field) and OpenAI's own prompt_cache_key partition the cache: a
+    client learns nothing from cached_tokens about a prompt another salt sent."""
+    document = f"Reference {uuid.uuid4().hex}. " + SYSTEM
+
+    def cached(**extra):
+        return chat(openai_client, document, **extra).usage.prompt_tokens_details.cached_tokens
+
+    mine, theirs = {"cache_salt": uuid.uuid4().hex}, {"cache_salt": uuid.uuid4().hex}
+    assert cached(extra_body=mine) == 0
+    assert cached(extra_body=theirs) == 0  # the same prompt, cached under another salt
+    assert cached(extra_body=mine) >= 64
+    key = uuid.uuid4().hex
+    assert cached(prompt_cache_key=key) == 0
+    assert cached(prompt_cache_key=key) >= 64
 
 
 def test_metrics_and_info_show_the_kv_pool(tiny_server):
