@@ -8,6 +8,7 @@ import sys
 import tempfile
 
 from serve.config import SettingsError, load_settings
+from serve.http.shutdown import stopping_engine
 from serve.sagemaker.custom_handler import HandlerError, code_dir, install_requirements
 
 try:
@@ -54,15 +55,16 @@ def post_fork(server, worker):
 
 
 def post_worker_init(worker):
-    """SIGTERM starts the app's drain (503 to new work, admitted requests finish); gunicorn's stop runs after it."""
+    """SIGTERM starts the app's drain (503 to new work, admitted requests finish); then the worker stops its engine
+    processes (they ignore a SIGTERM sent to the whole group), and gunicorn's stop runs."""
     extensions = getattr(worker.wsgi, "extensions", {})
-    drain = extensions.get("serve.drain")
-    if drain is None:
+    drain, service = extensions.get("serve.drain"), extensions.get("serve.service")
+    if drain is None or service is None:
         return
     gunicorn_stop = worker.handle_exit
 
     def on_sigterm(sig, frame):
-        drain.begin(lambda: gunicorn_stop(sig, frame))
+        drain.begin(stopping_engine(service.engine, lambda: gunicorn_stop(sig, frame)))
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.siginterrupt(signal.SIGTERM, False)

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, TypeVar
 
+from serve.engine.recovery import Recovery
 from serve.engine.types import EngineConfig
 
 T = TypeVar("T")
@@ -79,6 +80,9 @@ class Settings:
     port: int = 8080
     workers: int = 1
     graceful_timeout: int = 25
+    engine_max_restarts: int = Recovery.max_restarts  # ENGINE_MAX_RESTARTS within the window, then the worker exits
+    engine_restart_window_s: float = Recovery.window_s  # ENGINE_RESTART_WINDOW_S (0: never gives up)
+    engine_stall_timeout_s: float = Recovery.stall_timeout_s  # ENGINE_STALL_TIMEOUT_S: /ping 503 past it (0: off)
     api_key: Optional[str] = field(default=None, repr=False)  # when set, /v1/* and TGI routes need a Bearer token
     log_level: str = "INFO"
     metrics_dir: Optional[str] = None  # PROMETHEUS_MULTIPROC_DIR: set by gunicorn.conf.py, one per server instance
@@ -187,6 +191,20 @@ def on_sagemaker(environ: Mapping[str, str], opt_ml: str = "/opt/ml") -> bool:
     return os.path.isdir(opt_ml) or any(environ.get(name) for name in names)
 
 
+def _server_values(env: Mapping[str, str]) -> dict[str, object]:
+    """The settings of the server's processes: port, workers, logging, metrics, and engine processes' recovery."""
+    return {
+        "port": _read(env, ("SAGEMAKER_BIND_TO_PORT",), parse_positive_int),
+        "workers": _read(env, ("SAGEMAKER_MODEL_SERVER_WORKERS",), parse_positive_int),
+        "engine_max_restarts": _read(env, ("ENGINE_MAX_RESTARTS",), parse_positive_int),
+        "engine_restart_window_s": _read(env, ("ENGINE_RESTART_WINDOW_S",), parse_seconds),
+        "engine_stall_timeout_s": _read(env, ("ENGINE_STALL_TIMEOUT_S",), parse_seconds),
+        "log_level": _read(env, ("LOG_LEVEL",), lambda name, raw: raw.strip().upper()),
+        "metrics_dir": _read(env, ("PROMETHEUS_MULTIPROC_DIR",), _text),
+        "started_at": _read(env, ("SERVE_STARTED_AT",), parse_timestamp),
+    }
+
+
 def _sagemaker_values(env: Mapping[str, str]) -> dict[str, object]:
     """The settings of the SageMaker-native features; the timeout and EMF default on only on SageMaker."""
     native = on_sagemaker(env)
@@ -275,11 +293,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "cpu_kernel": _read(env, ("CPU_KERNEL",), parse_choice(CPU_KERNELS)),
         "c_compiler": _read(env, ("CC",), _text),
         "torch_threads": _read(env, ("TORCH_THREADS", "OMP_NUM_THREADS"), parse_positive_int),
-        "port": _read(env, ("SAGEMAKER_BIND_TO_PORT",), parse_positive_int),
-        "workers": _read(env, ("SAGEMAKER_MODEL_SERVER_WORKERS",), parse_positive_int),
-        "log_level": _read(env, ("LOG_LEVEL",), lambda name, raw: raw.strip().upper()),
-        "metrics_dir": _read(env, ("PROMETHEUS_MULTIPROC_DIR",), _text),
-        "started_at": _read(env, ("SERVE_STARTED_AT",), parse_timestamp),
+        **_server_values(env),
         **_sagemaker_values(env),
     }
     settings = Settings(**{key: value for key, value in values.items() if value is not None})

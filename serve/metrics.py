@@ -23,6 +23,7 @@ GAUGES = {  # name: (help, how workers combine in multiprocess mode)
     "serve_kv_blocks_used": ("KV-cache blocks held by sequences", "livesum"),
     "serve_kv_blocks_total": ("KV-cache blocks in the pool", "livesum"),
     "serve_batch_peak_size": ("Most sequences running at once since start", "livesum"),
+    "serve_engines_ready": ("Copies of the model ready to serve (a dead, reloading or stalled one is not)", "livesum"),
 }
 COUNTERS = {
     "serve_prefix_cache_queries": "Prompt tokens looked up in the prefix cache",
@@ -30,6 +31,7 @@ COUNTERS = {
     "serve_preemptions": "Sequences preempted because the KV pool was full",
     "serve_engine_steps": "Forward steps the engine ran",
     "serve_engine_busy_seconds": "Seconds the engine thread spent in steps (over wall time: its busy share)",
+    "serve_engine_restarts": "Engine processes started again after one died while serving",
 }
 
 
@@ -44,6 +46,7 @@ def engine_state(engine: Any) -> tuple[dict[str, float], dict[str, float]]:
         "serve_kv_blocks_used": stats.blocks_used,
         "serve_kv_blocks_total": stats.blocks_total,
         "serve_batch_peak_size": stats.peak_running,
+        "serve_engines_ready": sum(1 for copy in engine.engines if copy.ready),
     }
     counts = {
         "serve_prefix_cache_queries": stats.prefix_queried_tokens,
@@ -51,6 +54,7 @@ def engine_state(engine: Any) -> tuple[dict[str, float], dict[str, float]]:
         "serve_preemptions": stats.preemptions,
         "serve_engine_steps": stats.steps,
         "serve_engine_busy_seconds": stats.busy_seconds,
+        "serve_engine_restarts": stats.restarts,
     }
     return gauges, counts
 

@@ -18,6 +18,7 @@ from serve.engine.engine import Engine
 from serve.engine.pool import EnginePool
 from serve.engine.host import host_engine
 from serve.engine.process import EngineProcess
+from serve.engine.recovery import Recovery
 from serve.engine.types import EngineConfig
 from serve.log import configure_logging
 from serve.loading.loader import PreparedModel, load_model, load_tokenizer, prepare_model
@@ -33,6 +34,11 @@ def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(**limits, compile_cache_dir=settings.cache_dir if settings.compile else None)
 
 
+def recovery(settings: Settings) -> Recovery:
+    """How the pool restarts a copy whose engine process died, and when a copy counts as stalled."""
+    return Recovery(settings.engine_max_restarts, settings.engine_restart_window_s, settings.engine_stall_timeout_s)
+
+
 def build_engine(
     settings: Settings,
     on_load_failure: Optional[Callable[[BaseException], None]] = None,
@@ -43,7 +49,7 @@ def build_engine(
     config = engine_config(settings)
 
     def make_engine(prepared: PreparedModel, index: int) -> EngineProcess:
-        return EngineProcess(serve_engine_copy, (settings, prepared, index), config)
+        return EngineProcess(serve_engine_copy, (settings, prepared, index), config, settings.engine_stall_timeout_s)
 
     return EnginePool(
         prepare=lambda: prepare_model(settings),
@@ -53,6 +59,7 @@ def build_engine(
         on_load_failure=on_load_failure,
         on_ready=on_ready,
         load_tokenizer=lambda prepared: load_tokenizer(settings, prepared),
+        recovery=recovery(settings),
     )
 
 
@@ -64,8 +71,10 @@ def single_engine(settings: Settings) -> Engine:
 def serve_engine_copy(conn: Any, settings: Settings, prepared: PreparedModel, index: int) -> None:
     """The engine process's entry: load engine ``index``'s copy and serve the front over ``conn``.
 
-    Ctrl-C reaches the whole process group; the worker decides when its engine stops (or the closed pipe does)."""
+    Ctrl-C and a SIGTERM to the whole process group reach it too; it ignores both: the worker stops its engine after
+    its drain (or the closed pipe does, when the worker dies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(settings.log_level)
     redact_logs(secret_values(settings))
     host_engine(conn, lambda: load_model(settings, prepared, index), engine_config(settings))

@@ -26,11 +26,22 @@ class Stream(Protocol):
 
 
 class EngineCopy(Protocol):
-    """One copy of the model, as a pool drives it."""
+    """One copy of the model, as a pool drives it: ``ready`` only while it can take requests; ``exited`` once it
+    died unasked (``exit_error`` says how), until ``restart`` brings up a fresh one; ``stalled`` while it has
+    requests in flight and makes no progress."""
 
     load_error: Optional[BaseException]
+    exit_error: Optional[BaseException]
 
     def start(self) -> Any: ...
+
+    def restart(self) -> bool: ...
+
+    @property
+    def exited(self) -> bool: ...
+
+    @property
+    def stalled(self) -> bool: ...
 
     def wait_ready(self, timeout: Optional[float] = None) -> bool: ...
 

@@ -156,6 +156,7 @@ class EngineStats:
     peak_running: int = 0
     steps: int = 0
     busy_seconds: float = 0.0  # time the engine thread spent in steps (its busy share: this over wall time)
+    restarts: int = 0  # engine processes started again after one died
 
     def __add__(self, other: "EngineStats") -> "EngineStats":
         return EngineStats(*(a + b for a, b in zip(astuple(self), astuple(other))))

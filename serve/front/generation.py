@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SHUTTING_DOWN = (
     "the server is shutting down (drain deadline reached); the generation was cut, retry on another instance"
 )
+DEADLINE_GRACE_S = 1.0  # past the deadline, how long the engine may take to end cut choices before the front does
 TRUNCATE_MARGIN_TOKENS = 64  # tokens more than TGI's `truncate` keeps, tokenized so the cut never shows in what is kept
 
 
@@ -104,6 +105,14 @@ class Generation:
         """End the reading of this generation with a failure (``stream_events`` raises, its cleanup cancels)."""
         if self._open:
             self._sink.put((min(self._open), TokenEvent(None, "", FinishReason.ERROR, error=reason)))
+
+    def end_open(self, generated: dict[int, int]) -> Iterator[tuple[int, TokenEvent]]:
+        """End, from the front, the choices the engine has not ended (it is frozen or gone): each finishes as
+        ``length`` with the ``generated`` tokens read so far."""
+        for index in sorted(self._open):
+            self._open.discard(index)
+            prompt_tokens = len(self.streams[index].request.prompt_ids)
+            yield index, TokenEvent(None, "", FinishReason.LENGTH, generated.get(index, 0), prompt_tokens)
 
     def pending(self) -> bool:
         """Whether events are already waiting to be read (the reader would not block)."""
@@ -348,22 +357,29 @@ def _engine_requests(valid: ValidRequest, session_id: Optional[str], partition: 
 def _until(
     generation: Generation, heartbeat: Optional[float], deadline: Optional[float]
 ) -> Iterator[Optional[tuple[int, TokenEvent]]]:
-    """``generation.events``, but at ``deadline`` the running choices are cancelled and finish as ``length``."""
+    """``generation.events``, but at ``deadline`` the running choices are cancelled and finish as ``length``.
+
+    The deadline is kept by the front's clock: choices the engine has not ended ``DEADLINE_GRACE_S`` after it (a
+    frozen or dead engine sends nothing) are ended here."""
     if deadline is None:
         yield from generation.events(heartbeat=heartbeat)
         return
+    generated: dict[int, int] = {}
     for item in generation.events(heartbeat=0.05):
         if not generation.cut_at_deadline and time.monotonic() >= deadline:
             generation.cut_at_deadline = True
             generation.close()  # each open choice ends with a CANCELLED event within one engine step
-        if item is None:
-            if heartbeat is not None:
-                yield None
-            continue
-        index, event = item
-        if generation.cut_at_deadline and event.finish_reason is FinishReason.CANCELLED:
-            event = replace(event, finish_reason=FinishReason.LENGTH)
-        yield index, event
+        if item is not None:
+            index, event = item
+            generated[index] = generated.get(index, 0) + (event.token_id is not None)
+            if generation.cut_at_deadline and event.finish_reason is FinishReason.CANCELLED:
+                event = replace(event, finish_reason=FinishReason.LENGTH)
+            yield index, event
+        elif heartbeat is not None:
+            yield None
+        if generation.cut_at_deadline and time.monotonic() >= deadline + DEADLINE_GRACE_S:
+            yield from generation.end_open(generated)
+            return
 
 
 def timing_headers(final: TokenEvent) -> dict[str, str]:

@@ -245,7 +245,7 @@ def _errors(path: str, has_body: bool, components: dict[str, Any]) -> dict[str, 
     if path == "/ping":
         errors = {
             "503": {
-                "description": "Loading, failed, or draining",
+                "description": "Loading, restarting after an engine crash, stalled, failed, or draining",
                 "content": {"application/json": {"schema": _schema(Status, components, "serialization")}},
             }
         }

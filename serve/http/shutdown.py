@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,7 @@ STOP_MARGIN_S = 3.0
 # After the deadline: time for cut responses to send their error event before gunicorn's own stop (which lingers
 # 2 s on kept-alive connections) and before the SIGKILL.
 CUT_WAIT_S = 1.0
+ENGINE_STOP_S = 0.5  # after the drain: how long an engine process may take to stop before it is killed
 
 
 class Drain:
@@ -72,3 +73,16 @@ class Drain:
         else:
             log.info("drained in %.1f s; stopping the worker", time.monotonic() - started)
         then()
+
+
+def stopping_engine(engine: Any, then: Callable[[], None]) -> Callable[[], None]:
+    """What runs once the drain is over: stop the engine processes (a SIGTERM to the whole process group reached
+    them too, and they ignore it: the worker stops them once its requests are done), then ``then``."""
+
+    def stop() -> None:
+        try:
+            engine.stop(ENGINE_STOP_S)
+        finally:
+            then()
+
+    return stop

@@ -19,11 +19,13 @@ CHAT, COMPLETION, GENERATE = "chat", "completion", "generate"
 
 @blueprint.get("/ping")
 def ping() -> Response:
-    """200 once the model is loaded, 503 before (and while shutting down); never waits on generation."""
+    """200 while a copy of the model is ready, 503 before, while shutting down, while a dead engine process reloads
+    (``restarting``) or while one makes no progress (``stalled``); never waits on generation."""
     engine = service().engine
     if engine.ready:
         return jsonify({"status": "healthy"})
-    status = "failed" if engine.load_error is not None else "loading"
+    recovering = getattr(engine, "recovery_state", None)  # a pool's; an in-process engine neither restarts nor stalls
+    status = "failed" if engine.load_error is not None else recovering or "loading"
     return jsonify({"status": status}), 503
 
 

@@ -1,5 +1,6 @@
 """An engine in a spawned process answers exactly as the in-process engine does, takes adapters through typed
-messages, and its failures reach the front as errors, never as hung streams or orphan processes."""
+messages, and its failures reach the front as errors, never as hung streams or orphan processes; one that dies
+comes back with its adapters, one that freezes is out of rotation and holds no request past its deadline."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,10 +18,14 @@ import pytest
 
 from serve.engine import FinishReason, Request, SamplingParams
 from serve.engine.adapters import AdapterError
-from serve.engine.process import EngineProcess, EngineProcessError
+from serve.engine.front_pipe import PipeWriter
+from serve.engine.process import EngineProcess
+from serve.front.context import RequestContext
+from serve.front.generation import GenerationService, ValidRequest
 from serve.loading.loader import load_tokenizer, prepare_model
+from serve.metrics import Metrics
 from serve.wiring import build_engine, engine_config, serve_engine_copy
-from tests.helpers import TINY_KV_TOKENS
+from tests.helpers import TINY_KV_TOKENS, wait_for
 from tests.unit.test_lora import make_adapter
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
@@ -108,19 +114,67 @@ def test_an_adapter_is_installed_from_its_folder_and_retired_by_message(engine_p
     assert engine_process.in_flight == 0
 
 
-def test_a_killed_engine_process_fails_its_streams_and_stops_serving(process_settings):
-    engine = build_engine(process_settings).start()
+@pytest.fixture(scope="module")
+def recovering(process_settings):
+    """A pool of one engine process that counts as stalled after 1 s without a step while it has work."""
+    engine = build_engine(replace(process_settings, engine_stall_timeout_s=1.0)).start()
     assert engine.wait_ready(120), engine.load_error
-    (copy,) = engine.engines
-    ids = engine.tokenizer(PROMPTS[0])["input_ids"]  # the pool's own tokenizer
-    stream = engine.submit(Request(prompt_ids=ids, params=SamplingParams(max_new_tokens=1000)))
-    assert next(iter(stream)).finish_reason is None
-    os.kill(copy.pid, signal.SIGKILL)
-    final = [event for event in stream][-1]
-    assert final.finish_reason is FinishReason.ERROR and "engine process exited" in final.error
-    assert not engine.ready and isinstance(copy.load_error, EngineProcessError)
-    assert engine.in_flight == 0
+    yield engine
     engine.stop()
+
+
+def test_the_engine_process_ignores_sigterm_and_sigint_sent_to_its_group(recovering):
+    (copy,) = recovering.engines
+    pid = copy.pid
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        os.kill(pid, sig)
+    assert generate(recovering, recovering.tokenizer, PROMPTS[2])  # both arrived before it answered
+    assert copy.pid == pid and not copy.exited and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+def test_a_killed_engine_process_fails_its_streams_and_comes_back_with_its_adapters(recovering, tmp_path):
+    (copy,) = recovering.engines
+    folder = make_adapter(Path(copy.loaded.name), tmp_path / "sql", seed=1)
+    later = make_adapter(Path(copy.loaded.name), tmp_path / "chat", seed=2)
+    copy.install_adapter("sql", 7, str(folder)).result(60)
+    before = [generate(recovering, recovering.tokenizer, PROMPTS[0], adapter=name) for name in (None, "sql")]
+    steps, pid = recovering.stats().steps, copy.pid
+    ids = recovering.tokenizer(PROMPTS[0])["input_ids"]  # the pool's own tokenizer
+    stream = recovering.submit(Request(ids, SamplingParams(max_new_tokens=1000, ignore_eos=True)))
+    assert next(iter(stream)).finish_reason is None
+    os.kill(pid, signal.SIGKILL)
+    final = [event for event in stream][-1]
+    assert final.finish_reason is FinishReason.ERROR and "engine process exited (code -9)" in final.error
+    assert recovering.in_flight == 0 and recovering.load_error is None
+    copy.install_adapter("chat", 8, str(later)).result(60)  # registered while the copy is down or reloading
+    assert wait_for(lambda: recovering.ready and copy.restarts == 1, timeout=120)
+    assert copy.pid != pid and recovering.stats().restarts == 1 and recovering.stats().steps >= steps
+    after = [generate(recovering, recovering.tokenizer, PROMPTS[0], adapter=name) for name in (None, "sql")]
+    assert after == before and before[0] != before[1]  # the same model, and the adapter installed again
+    assert generate(recovering, recovering.tokenizer, PROMPTS[0], adapter="chat") not in before
+
+
+def test_a_frozen_engine_process_is_stalled_and_a_deadline_holds_by_the_fronts_clock(recovering, process_settings):
+    (copy,) = recovering.engines
+    service = GenerationService(recovering, process_settings, Metrics(recovering))
+    ids = recovering.tokenizer(PROMPTS[1])["input_ids"]
+    valid = ValidRequest(None, (ids,), (SamplingParams(max_new_tokens=1000, ignore_eos=True),))
+    collected: list = []
+    restarts = copy.restarts
+    os.kill(copy.pid, signal.SIGSTOP)
+    try:
+        generation = service.start(valid, RequestContext("/invocations", None, deadline=time.monotonic() + 1.0))
+        reader = threading.Thread(target=lambda: collected.extend(service.collect(generation)), daemon=True)
+        reader.start()
+        assert wait_for(lambda: copy.stalled, timeout=30)
+        assert not recovering.ready and recovering.recovery_state == "stalled"
+        reader.join(60)  # a guard against a hang: the deadline is 1 s away
+        assert not reader.is_alive(), "the answer waited on a frozen engine past its deadline"
+    finally:
+        os.kill(copy.pid, signal.SIGCONT)
+    assert collected[0].final.finish_reason is FinishReason.LENGTH and generation.deadline_hit
+    assert wait_for(lambda: recovering.ready and recovering.in_flight == 0, timeout=60)
+    assert copy.restarts == restarts  # waited out, not restarted
 
 
 def test_a_load_failure_reaches_the_front_and_the_process_ends(process_settings, tiny_model_dir, tmp_path):
@@ -170,3 +224,22 @@ def test_a_front_that_exits_stops_its_engine_process_quietly(tiny_model_dir, tmp
     pid = int(done.stdout.split()[-1])
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert "engine process exited" not in done.stderr, done.stderr[-2000:]
+
+
+def test_sending_to_a_frozen_engine_never_blocks_the_caller():
+    """A frozen engine process stops reading and its pipe fills up: submits and cancels still return at once."""
+    unfrozen, sent = threading.Event(), []
+
+    class FullPipe:
+        def send(self, message):
+            unfrozen.wait()
+            sent.append(message)
+
+        def close(self):
+            sent.append("closed")
+
+    writer = PipeWriter(FullPipe())
+    assert [writer.send(message) for message in ("submit", "cancel")] == [True, True]
+    unfrozen.set()
+    writer.close()
+    assert wait_for(lambda: sent == ["submit", "cancel", "closed"]) and not writer.send("late")

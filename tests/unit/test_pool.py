@@ -1,5 +1,6 @@
 """EnginePool: a copy that fails to load fails the pool, with its reason; the pool alone decides admission (the cap
-over every copy, the adapter gate) and where a session's requests go."""
+over every copy, the adapter gate) and where a session's requests go; a copy that dies is out of rotation and
+restarted, until one crash too many fails the pool."""
 
 import threading
 from contextlib import contextmanager
@@ -8,7 +9,9 @@ import pytest
 
 from serve.engine import Engine, EngineConfig, EngineNotReady, EngineOverloaded, Request, SamplingParams
 from serve.engine.adapters import AdapterNotLoaded
-from serve.engine.pool import EnginePool
+from serve.engine.pool import EnginePool, TooManyCrashes
+from serve.engine.recovery import CrashWindow, Recovery
+from tests.helpers import wait_for
 
 
 def failing_load():
@@ -51,14 +54,35 @@ def test_a_failing_plan_fails_the_pool():
 
 
 class FakeEngine:
-    """Just enough of an Engine for the pool's routing: counts what it admits, records sessions it closes."""
+    """Just enough of an engine process for the pool's routing and supervision: counts what it admits, records
+    sessions it closes; ``crash`` and ``stall`` stand for a dead and a frozen engine process."""
 
     def __init__(self):
         self.ready, self.load_error, self.admitted, self.closed = True, None, [], []
-        self.in_flight = self.served = 0
+        self.in_flight = self.served = self.restarts = 0
+        self.exited = self.stalled = False
+        self.exit_error = None
 
     def start(self):
         return self
+
+    def crash(self):
+        self.ready, self.exited, self.exit_error = False, True, RuntimeError("the engine process exited (code -9)")
+
+    def stall(self, stalled=True):
+        self.ready, self.stalled = not stalled, stalled
+
+    def restart(self):
+        """A fresh engine process: loading (``loaded`` makes it ready)."""
+        self.restarts += 1
+        self.exited = False
+        return True
+
+    def loaded(self):
+        self.ready = True
+
+    def stop(self, timeout=5.0):
+        self.ready = False
 
     def wait_ready(self, timeout=None):
         return True
@@ -122,3 +146,94 @@ def test_requests_naming_an_adapter_pass_the_registrys_gate():
     with pytest.raises(AdapterNotLoaded, match="adapter 'chat' is not loaded"):
         pool.submit(Request([1], SamplingParams(), adapter="chat"))
     assert gated == ["sql", "chat"] and len(engines[0].admitted) == 2
+
+
+def started_pool(engines, recovery=Recovery(), failures=None):
+    pool = EnginePool(
+        lambda: None,
+        lambda prepared: len(engines),
+        lambda prepared, index: engines[index],
+        recovery=recovery,
+        on_load_failure=None if failures is None else failures.append,
+    ).start()
+    assert pool.wait_ready(10)
+    return pool
+
+
+def test_a_dead_copy_is_out_of_rotation_until_restarted_and_the_others_keep_serving():
+    engines = [FakeEngine(), FakeEngine()]
+    pool = started_pool(engines)
+    engines[0].crash()
+    assert pool.ready and pool.recovery_state is None  # one ready copy is enough
+    for _ in range(3):
+        pool.submit(Request([1], SamplingParams()))
+    assert [len(engine.admitted) for engine in engines] == [0, 3]
+    assert wait_for(lambda: engines[0].restarts == 1, timeout=30)  # after its backoff
+    pool.submit(Request([1], SamplingParams()))  # still loading: not chosen
+    engines[0].loaded()
+    pool.submit(Request([1], SamplingParams()))
+    assert [len(engine.admitted) for engine in engines] == [1, 4]
+    pool.stop()
+
+
+def test_a_lone_dead_copy_makes_the_pool_unready_while_it_restarts():
+    engine = FakeEngine()
+    pool = started_pool([engine])
+    engine.crash()
+    assert not pool.ready and pool.recovery_state == "restarting" and pool.load_error is None
+    with pytest.raises(EngineNotReady, match="no copy of the model is ready \\(restarting\\)"):
+        pool.submit(Request([1], SamplingParams()))
+    assert wait_for(lambda: engine.restarts == 1, timeout=30)
+    assert not pool.ready and pool.recovery_state == "restarting"  # reloading
+    engine.loaded()
+    assert pool.ready and pool.recovery_state is None
+    pool.submit(Request([1], SamplingParams()))
+    pool.stop()
+
+
+def test_one_crash_more_than_the_window_allows_fails_the_pool():
+    engine, failures = FakeEngine(), []
+    pool = started_pool([engine], Recovery(max_restarts=1, window_s=600), failures)
+    engine.crash()
+    assert wait_for(lambda: engine.restarts == 1, timeout=30)
+    engine.crash()
+    assert wait_for(lambda: failures, timeout=30)
+    assert isinstance(failures[0], TooManyCrashes) and pool.load_error is failures[0]
+    assert "died 2 times within 600 s, more than ENGINE_MAX_RESTARTS=1" in str(failures[0])
+    assert engine.restarts == 1 and not pool.ready
+    with pytest.raises(EngineNotReady, match="failed to load: engine processes died 2 times"):
+        pool.submit(Request([1], SamplingParams()))
+
+
+def test_a_stalled_copy_is_out_of_rotation_and_a_lone_one_makes_the_pool_unready():
+    engines = [FakeEngine(), FakeEngine()]
+    pool = started_pool(engines)
+    engines[1].stall()
+    pool.submit(Request([1], SamplingParams()))
+    pool.submit(Request([1], SamplingParams()))
+    assert [len(engine.admitted) for engine in engines] == [2, 0] and pool.ready
+    engines[0].stall()
+    assert not pool.ready and pool.recovery_state == "stalled"
+    engines[0].stall(False)
+    assert pool.ready and engines[0].restarts == 0  # a stall is waited out, never restarted
+    pool.stop()
+
+
+def test_a_session_on_a_dead_copy_moves_to_a_ready_one():
+    engines = [FakeEngine(), FakeEngine()]
+    pool = started_pool(engines)
+    pool.submit(Request([1], SamplingParams(), session_id="s1"))
+    engines[0].crash()
+    pool.submit(Request([1], SamplingParams(), session_id="s1"))
+    pool.submit(Request([1], SamplingParams(), session_id="s1"))
+    assert [len(engine.admitted) for engine in engines] == [1, 2]
+    pool.stop()
+
+
+def test_the_crash_window_backs_off_and_forgets_old_crashes():
+    now = [0.0]
+    window = CrashWindow(Recovery(max_restarts=3, window_s=100), clock=lambda: now[0])
+    assert [window.crashed(), window.crashed(), window.crashed()] == [1.0, 2.0, 4.0]
+    assert window.crashed() is None  # a fourth within 100 s
+    now[0] = 150.0
+    assert window.crashed() == 1.0 and window.recent == 1  # the others left the window

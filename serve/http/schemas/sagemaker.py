@@ -8,9 +8,9 @@ from pydantic import BaseModel, Field
 
 
 class Status(BaseModel):
-    """/ping: healthy (200), or loading, failed or draining (503)."""
+    """/ping: healthy (200), or loading, restarting, stalled, failed or draining (503)."""
 
-    status: Literal["healthy", "loading", "failed", "draining"]
+    status: Literal["healthy", "loading", "restarting", "stalled", "failed", "draining"]
 
 
 class RegisterAdapter(BaseModel):
