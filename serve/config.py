@@ -89,6 +89,9 @@ class Settings:
     started_at: Optional[float] = None  # when `serve` began (set by the entrypoint), for the cold-start log line
     # SageMaker-native operations (docs/sagemaker.md)
     max_lora_rank: int = 64  # MAX_LORA_RANK: adapters of a higher rank are refused
+    max_lora_adapters: int = 16  # MAX_LORA_ADAPTERS: adapters loaded at once (idle ones evicted, least used first)
+    max_lora_adapter_bytes: int = 1 << 30  # MAX_LORA_ADAPTER_BYTES: an adapter's weights, or its archive unpacked
+    lora_adapter_roots: tuple[str, ...] = ()  # LORA_ADAPTER_ROOTS: more folders POST /adapters may read from
     stateful_sessions: bool = False  # SAGEMAKER_ENABLE_STATEFUL_SESSIONS
     sessions_expiration: int = 1200  # SAGEMAKER_SESSIONS_EXPIRATION, seconds
     invocation_timeout: Optional[float] = None  # INVOCATION_TIMEOUT seconds (60 on SageMaker; None: no deadline)
@@ -171,6 +174,15 @@ def parse_adapters(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def parse_folders(name: str, raw: str) -> tuple[str, ...]:
+    """``/a,/b`` (commas or colons) -> ("/a", "/b"); each an absolute path."""
+    folders = tuple(part.strip() for part in raw.replace(":", ",").split(",") if part.strip())
+    relative = [folder for folder in folders if not os.path.isabs(folder)]
+    if relative:
+        raise SettingsError(f"{name}: {relative[0]!r} is not an absolute path")
+    return folders
+
+
 def parse_seconds(name: str, raw: str) -> float:
     """A strictly positive number of seconds; 0 or ``off`` turns the feature off (None)."""
     value = raw.strip().lower()
@@ -213,6 +225,9 @@ def _sagemaker_values(env: Mapping[str, str]) -> dict[str, object]:
     metrics = _read(env, ("CLOUDWATCH_METRICS",), parse_bool)
     return {
         "max_lora_rank": _read(env, ("MAX_LORA_RANK",), parse_positive_int),
+        "max_lora_adapters": _read(env, ("MAX_LORA_ADAPTERS",), parse_positive_int),
+        "max_lora_adapter_bytes": _read(env, ("MAX_LORA_ADAPTER_BYTES",), parse_positive_int),
+        "lora_adapter_roots": _read(env, ("LORA_ADAPTER_ROOTS",), parse_folders),
         "stateful_sessions": _read(env, ("SAGEMAKER_ENABLE_STATEFUL_SESSIONS",), parse_bool),
         "sessions_expiration": _read(env, ("SAGEMAKER_SESSIONS_EXPIRATION",), parse_positive_int),
         "invocation_timeout": timeout,

@@ -100,6 +100,7 @@ class Engine:
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
         self.loaded: Any = None
         self.grammars: Any = None  # serve.engine.grammar.Grammars once loaded
+        self.matchers: Any = None  # serve.engine.grammar.MatcherCompiler: builds matchers off the step, once loaded
         self.eos_ids: Any = None  # the token ids that end a sequence, once loaded
         self.limits: Optional[Limits] = None
         self.load_error: Optional[BaseException] = None
@@ -181,12 +182,13 @@ class Engine:
         stream = RequestStream(request, self, sink, index)
         with self.adapters.admitting(request.adapter):  # AdapterNotLoaded for a deleted adapter
             self._streams[request.id] = stream
-            self.scheduler.add(request)
+            self.matchers.submit(request, self.scheduler.add, self.scheduler.cancel)
         self._served += 1
         return stream
 
     def cancel(self, request_id: str) -> None:
         if self.scheduler is not None:
+            self.matchers.cancel(request_id)
             self.scheduler.cancel(request_id)
 
     def close_session(self, session_id: str) -> None:
@@ -262,6 +264,8 @@ class Engine:
         """Put each event into its request's stream; a final event retires the stream."""
         for request_id, event in events:
             stream = self._streams[request_id] if event.finish_reason is None else self._streams.pop(request_id)
+            if event.finish_reason is not None:
+                self.matchers.discard(request_id)  # a matcher built for a request that never started
             stream.put(event)
 
     def _flush(self) -> None:
@@ -272,7 +276,7 @@ class Engine:
         """Load the model, size the KV pool, build the runner and the scheduler (torch is imported here, off the
         HTTP threads)."""
         from serve.engine.block_manager import BlockManager
-        from serve.engine.grammar import Grammars
+        from serve.engine.grammar import Grammars, MatcherCompiler
         from serve.engine.kv_cache import CacheShape, PagedKVCache, default_cache_bytes, layer_devices, plan_blocks
         from serve.engine.runner import ModelRunner
 
@@ -286,7 +290,8 @@ class Engine:
         blocks = plan_blocks(shape, size, config.max_batch_total_tokens, default_cache_bytes(devices), total + size)
         self.eos_ids = eos_token_ids(self.loaded.model, self.loaded.tokenizer)
         vocab = self.loaded.model.config.get_text_config().vocab_size
-        self.grammars = Grammars(self.loaded.tokenizer, vocab, self.eos_ids)
+        self.grammars = Grammars(self.loaded.tokenizer, vocab, self.eos_ids, config.grammar_limits)
+        self.matchers = MatcherCompiler(self.grammars)
         max_batch = min(config.max_batch_size or config.max_concurrent_requests, config.max_concurrent_requests)
         cache = PagedKVCache(shape, blocks, size, devices)
         cpu_threads = getattr(self.loaded, "cpu_threads", None)
@@ -304,7 +309,7 @@ class Engine:
     def _new_sequence(self, request: Request) -> Sequence:
         """A request's Sequence, with its RNG and grammar matcher (raises for a request that cannot start)."""
         generator = self._runner.generator_for(request.params)
-        matcher = self.grammars.matcher(request.params.grammar)
+        matcher = self.matchers.take(request)
         return Sequence(request, self.loaded.tokenizer, self.eos_ids, generator, matcher)
 
     def _cache_key(self, request: Request) -> Optional[str]:

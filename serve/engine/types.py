@@ -103,6 +103,7 @@ class TokenChoice:
     token_id: Optional[int]  # None only in a scoring request's one event, which samples no token
     logprob: Optional[float] = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    error: Optional[str] = None  # set when the row cannot be sampled (non-finite logits): the sequence ends with it
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from serve.front.disconnect import DisconnectWatcher
 from serve.engine import EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
 from serve.engine.engine import AdapterNotLoaded
 from serve.engine.types import Limits
-from serve.engine.grammar import GrammarError
+from serve.engine.grammar import GrammarCheck, GrammarError
 from serve.engine.interface import EngineClient
 from serve.engine.types import FinishReason
 from serve.errors import GenerationFailed, NotReady, Overloaded, ShuttingDown, ValidationFailed
@@ -135,6 +135,8 @@ class GenerationService:
         self.settings = settings
         self.metrics = metrics
         self.watcher = watcher  # cancels the requests of clients that hang up
+        # compiles within the GRAMMAR_* limits, then dry-runs over the front's own tokenizer's vocabulary
+        self.grammar_check = GrammarCheck(settings.grammar_limits, lambda: engine.tokenizer)
         self._chars_per_token: Optional[tuple[Any, int]] = None
         self._live: set[Generation] = set()  # generations being read (stream_events), for the shutdown deadline
         self._live_lock = threading.Lock()
@@ -215,12 +217,12 @@ class GenerationService:
             )
 
     def check_grammar(self, grammar: Optional[str], field: str) -> None:
-        """422 naming ``field`` when a grammar does not compile for this model's vocabulary."""
+        """422 naming ``field`` when a grammar does not compile, or is past a GRAMMAR_* limit."""
         if grammar is None:
             return
         self._require_ready()
         try:
-            self.engine.grammars.check(grammar)
+            self.grammar_check.check(grammar)
         except GrammarError as exc:
             raise ValidationFailed(f"{field}: {exc}", field) from None
 
