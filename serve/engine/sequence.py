@@ -6,6 +6,7 @@ import time
 from typing import Any, Optional
 
 from serve.engine.detokenize import IncrementalDetokenizer
+from serve.engine.grammar import grammar_failure
 from serve.engine.stopping import StopStringMatcher
 from serve.engine.types import FinishReason, Request, Timings, TokenChoice, TokenEvent
 
@@ -77,6 +78,8 @@ class Sequence:
         self.output_ids.append(token_id)
         if self.matcher is not None:
             self.matcher.consume_token(token_id)
+            if self.matcher.is_error():  # a lexer step past the GRAMMAR_* limits: this request ends, named
+                return self.end(FinishReason.ERROR, grammar_failure(self.matcher))
         if token_id in self.eos_ids:
             self.finish_reason = FinishReason.STOP
             return self._event(choice, self._drain(), first)

@@ -45,6 +45,16 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class GrammarLimits:
+    """What compiling one grammar may cost (llguidance's parser limits; the settings of the same names with a
+    ``GRAMMAR_`` prefix, docs/reliability.md): a grammar past one is refused before it is admitted."""
+
+    max_size: int = 200_000  # symbols in the grammar's productions (compile work and memory)
+    lexer_fuel: int = 100_000  # work building the lexer's first regexes (about 50 per microsecond: ~2-10 ms)
+    max_lexer_states: int = 20_000  # lexer states, 1-2 kB each: what a matcher may hold in memory
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Engine limits (TGI's names): None means derived from the model and free memory at load time. The defaults
     here are the only ones: the settings of the same names take theirs from this class."""
@@ -59,6 +69,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # capture decode shapes as CUDA graphs (ignored without CUDA)
     compile_cache_dir: Optional[str] = None  # COMPILE: torch.compile the lean model's layers, inductor cache here
+    grammar_limits: GrammarLimits = GrammarLimits()  # GRAMMAR_MAX_SIZE, GRAMMAR_LEXER_FUEL, GRAMMAR_MAX_LEXER_STATES
 
 
 CONTEXT_CAP = 4096  # tokens a sequence may hold when max_total_tokens is not set and the model allows more
