@@ -10,6 +10,7 @@ No torch here: the engine module imports this before the model (and torch) loads
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -26,6 +27,49 @@ class AdapterError(ValueError):
 
 class AdapterNotLoaded(LookupError):
     """A request names an adapter this engine does not serve (never registered, or deleted)."""
+
+
+UNSUPPORTED_OPTIONS = ("use_dora", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern")
+
+
+def check_config(name: str, config: object, max_rank: Optional[int]) -> tuple[int, float]:
+    """The rank and scale of a parsed adapter_config.json; AdapterError naming the first field we cannot serve."""
+    where = f"adapter {name!r}: adapter_config.json"
+    if not isinstance(config, dict):
+        raise AdapterError(f"{where} must hold a JSON object, not a {type(config).__name__}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{where}: peft_type {config.get('peft_type')!r} is not served (LoRA only)")
+    for option in UNSUPPORTED_OPTIONS:
+        if config.get(option) not in (None, False, {}, []):
+            raise AdapterError(f"adapter {name!r}: {option}={config[option]!r} is not supported")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"adapter {name!r}: bias={config['bias']!r} is not supported")
+    rank = config.get("r", 8)
+    if not _is_int(rank) or rank < 1:
+        raise AdapterError(f"{where}: r must be a positive integer, not {_shown(rank)}")
+    if max_rank is not None and rank > max_rank:
+        raise AdapterError(f"adapter {name!r}: rank {rank} is greater than MAX_LORA_RANK={max_rank}")
+    alpha = config.get("lora_alpha", 8)
+    if not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterError(f"{where}: lora_alpha must be a finite number above 0, not {_shown(alpha)}")
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise AdapterError(f"{where}: use_rslora must be true or false, not {_shown(rslora)}")
+    return rank, float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value: object) -> str:
+    """A field's value for an error message, cut short (a config may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class AdapterTable:

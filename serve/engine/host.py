@@ -108,8 +108,9 @@ class Core:
         try:
             modules = read_adapter(message.name, Path(message.folder), message.max_rank)
             done = self.engine.install_adapter(message.name, AdapterWeights(message.number, modules))
-        except Exception as exc:  # noqa: BLE001 - reported to the front's caller
-            self._reply(message.call, exc)
+        except Exception as exc:  # noqa: BLE001 - reported to the front's caller: the adapter, not the server
+            refused = exc if isinstance(exc, AdapterError) else AdapterError(f"adapter {message.name!r}: {exc}")
+            self._reply(message.call, refused)
             return
         done.add_done_callback(lambda future: self._reply(message.call, future.exception()))
 

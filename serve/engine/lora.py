@@ -10,7 +10,7 @@ index before each forward (``begin_step``); index 0 is the base model. Adapters 
 from __future__ import annotations
 
 import json
-import math
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from serve.engine.adapters import AdapterError
+from serve.engine.adapters import AdapterError, check_config
 from serve.engine.fused import find_part
 
 PEFT_PREFIX = "base_model.model."
@@ -44,63 +44,78 @@ class AdapterWeights:
     modules: dict[str, LoraWeights]
 
 
-def read_adapter(name: str, folder: Path, max_rank: Optional[int] = None) -> dict[str, LoraWeights]:
-    """{module path in the model: weights} for a peft LoRA folder; AdapterError for what we cannot serve."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+CONFIG_MAX_BYTES = 1 << 20  # an adapter_config.json is a few hundred bytes; more is not a peft config
 
+
+def read_adapter(name: str, folder: Path, max_rank: Optional[int] = None) -> dict[str, LoraWeights]:
+    """{module path in the model: weights} for a peft LoRA folder; AdapterError for what we cannot serve.
+
+    Every config field and tensor shape is checked here, before anything is linked into the model."""
     config_path, weights_path = folder / "adapter_config.json", folder / WEIGHT_FILES[0]
-    if not config_path.is_file() or not weights_path.is_file():
+    if not _regular(config_path) or not _regular(weights_path):
         raise AdapterError(f"adapter {name!r}: {folder} needs adapter_config.json and {WEIGHT_FILES[0]}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"adapter {name!r}: {config_path} is not valid JSON: {exc}") from None
-    _check_config(name, config)
-    alpha, rank = float(config.get("lora_alpha", 8)), int(config.get("r", 8))
-    if max_rank is not None and rank > max_rank:
-        raise AdapterError(f"adapter {name!r}: rank {rank} is greater than MAX_LORA_RANK={max_rank}")
-    scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as exc:
-        raise AdapterError(f"adapter {name!r}: {weights_path} holds no readable tensors: {exc}") from None
+    rank, scale = check_config(name, _read_config(name, config_path), max_rank)
     modules: dict[str, LoraWeights] = {}
-    for key, tensor in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            if not key.endswith(".lora_B.weight"):
-                raise AdapterError(
-                    f"adapter {name!r}: unsupported weight {key} (only LoRA A/B of linear layers are served)"
-                )
-            continue
-        module = key[: -len(".lora_A.weight")].removeprefix(PEFT_PREFIX)
-        if max_rank is not None and tensor.shape[0] > max_rank:
+    tensors = _read_tensors(name, weights_path)
+    for key in tensors:
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise AdapterError(
-                f"adapter {name!r}: {key} has rank {tensor.shape[0]}, greater than MAX_LORA_RANK={max_rank}"
+                f"adapter {name!r}: unsupported weight {key} (only LoRA A/B of linear layers are served)"
             )
-        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
-        if b is None:
-            raise AdapterError(f"adapter {name!r}: {key} has no matching lora_B weight")
-        modules[module] = LoraWeights(tensor, b, scale)
+        pair = key.replace(".lora_B.", ".lora_A.") if ".lora_B." in key else key.replace(".lora_A.", ".lora_B.")
+        if pair not in tensors:
+            raise AdapterError(f"adapter {name!r}: {key} has no matching {pair.rsplit('.', 2)[-2]} weight")
+        if key.endswith(".lora_A.weight"):
+            a, b = tensors[key], tensors[pair]
+            check_pair(name, key[: -len(".lora_A.weight")], a, b, rank)
+            modules[key[: -len(".lora_A.weight")].removeprefix(PEFT_PREFIX)] = LoraWeights(a, b, scale)
     if not modules:
         raise AdapterError(f"adapter {name!r}: {weights_path} holds no LoRA weights")
     return modules
 
 
-def _check_config(name: str, config: dict[str, Any]) -> None:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"adapter {name!r}: peft_type {config.get('peft_type')} is not served (LoRA only)")
-    for option, default in (
-        ("use_dora", False),
-        ("fan_in_fan_out", False),
-        ("modules_to_save", None),
-        ("rank_pattern", {}),
-        ("alpha_pattern", {}),
-    ):
-        if config.get(option) not in (default, None, False, {}, []):
-            raise AdapterError(f"adapter {name!r}: {option}={config[option]!r} is not supported")
-    if config.get("bias", "none") != "none":
-        raise AdapterError(f"adapter {name!r}: bias={config['bias']!r} is not supported")
+def _regular(path: Path) -> bool:
+    """A regular file (never a device, FIFO or folder, wherever a link points)."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def _read_config(name: str, path: Path) -> Any:
+    if path.stat().st_size > CONFIG_MAX_BYTES:
+        raise AdapterError(f"adapter {name!r}: adapter_config.json is larger than {CONFIG_MAX_BYTES} bytes")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise AdapterError(f"adapter {name!r}: adapter_config.json is not valid JSON: {reason}") from None
+
+
+def _read_tensors(name: str, path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a malformed file
+        raise AdapterError(f"adapter {name!r}: {path.name} holds no readable tensors: {exc}") from None
+
+
+def check_pair(name: str, module: str, a: torch.Tensor, b: torch.Tensor, rank: int) -> None:
+    """lora_A [r, in] and lora_B [out, r] of one module: floating point, finite, two-dimensional, rank ``r``."""
+    for part, tensor in (("lora_A", a), ("lora_B", b)):
+        field = f"adapter {name!r}: {module}.{part}"
+        if tensor.ndim != 2 or 0 in tensor.shape:
+            raise AdapterError(f"{field} must be a 2-D matrix, not of shape {tuple(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise AdapterError(f"{field} must hold floating-point numbers, not {tensor.dtype}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"{field} holds values that are not finite (NaN or infinity)")
+    if a.shape[0] != rank or b.shape[1] != rank:
+        raise AdapterError(
+            f"adapter {name!r}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+            f"both must have rank r={rank} (lora_A [r, in], lora_B [out, r])"
+        )
 
 
 class LoraLinear(nn.Module):
@@ -187,6 +202,8 @@ class LoraSet:
         index = self._indices.pop(name)
         for layer in self.layers.values():
             layer.adapters.pop(index, None)
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the adapter's memory back, not just to torch's cache
 
     def _wrap(self, target: "Target") -> LoraLinear:
         current = getattr(target.parent, target.attribute)
@@ -269,10 +286,19 @@ def prepare_adapter(model: nn.Module, name: str, adapter: AdapterWeights) -> Ada
     for path, weights in adapter.modules.items():
         target = _target(model, path, name)
         weight = target.base.weight
-        if tuple(weights.a.shape[1:]) != (weight.shape[1],) or weights.b.shape[0] != target.rows:
-            shapes = f"{tuple(weights.b.shape)}x{tuple(weights.a.shape)}"
+        a, b = weights.a, weights.b
+        fits = (
+            a.ndim == b.ndim == 2
+            and a.shape[0] == b.shape[1]
+            and (b.shape[0], a.shape[1]) == (target.rows, weight.shape[1])
+        )
+        if not fits:
+            shapes = f"{tuple(b.shape)}x{tuple(a.shape)}"
             raise AdapterError(f"adapter {name!r}: {path} shapes {shapes} do not fit {(target.rows, weight.shape[1])}")
-        prepared[path] = LoraWeights(weights.a.to(weight), weights.b.to(weight), weights.scale)
+        placed = LoraWeights(a.to(weight), b.to(weight), weights.scale)
+        if not (bool(torch.isfinite(placed.a).all()) and bool(torch.isfinite(placed.b).all())):
+            raise AdapterError(f"adapter {name!r}: {path} holds values too large for the model's {weight.dtype}")
+        prepared[path] = placed
     return AdapterWeights(adapter.number, prepared)
 
 

@@ -11,7 +11,16 @@ from serve.engine.attention import BACKEND_NAME, PrefillChunk, StepLayout, activ
 from serve.engine.block_manager import SCRATCH_BLOCK
 from serve.engine.kv_cache import PagedKVCache
 from serve.engine.graphs import GraphReport, capture_decode_graphs
-from serve.engine.sampling import logprob_table, make_generator, prompt_scores, sample_next_tokens, unpack_logprobs
+from serve.engine.sampling import (
+    NON_FINITE,
+    finite_rows,
+    logprob_table,
+    make_generator,
+    mark_non_finite,
+    prompt_scores,
+    sample_next_tokens,
+    unpack_logprobs,
+)
 from serve.engine.penalties import TokenCounts, apply_penalties, count_sampled, penalized
 from serve.engine.scheduler import StepPlan
 from serve.engine.sequence import Sequence
@@ -236,18 +245,30 @@ class ModelRunner:
         wants_logprobs = [p.logprobs is not None for p in params]
         log_probs = torch.log_softmax(logits.float(), dim=-1) if any(wants_logprobs) else None
         logits = logits.float()
+        finite = finite_rows(logits)  # before the masks and penalties, which set -inf on purpose
         if self.grammars is not None:
             logits = self.grammars.mask(logits, [seq.matcher for seq in sequences])
         rows = self._count_rows(sequences)
         logits = apply_penalties(logits, params, self.counts, rows)
         tokens = sample_next_tokens(logits, params, [seq.generator for seq in sequences])
         count_sampled(self.counts, rows, tokens)
+        tokens = mark_non_finite(tokens, finite)
         if log_probs is None:
-            return [TokenChoice(token) for token in self.to_host(tokens)]
+            return [self._choice(seq, token) for seq, token in zip(sequences, self.to_host(tokens))]
         widest = max(p.logprobs or 0 for p in params)
         rows = self.to_host(logprob_table(log_probs, tokens, widest))
         choices = []
-        for row, p in zip(rows, params):
+        for seq, row, p in zip(sequences, rows, params):
             token, logprob, top = unpack_logprobs(row, p.logprobs or 0, widest)
-            choices.append(TokenChoice(token, logprob, top) if p.logprobs is not None else TokenChoice(token))
+            wanted = token != NON_FINITE and p.logprobs is not None
+            choices.append(TokenChoice(token, logprob, top) if wanted else self._choice(seq, token))
         return choices
+
+    @staticmethod
+    def _choice(seq: Sequence, token: int) -> TokenChoice:
+        """The token sampled for ``seq``, or the error that ends it alone when its logits were not finite."""
+        if token != NON_FINITE:
+            return TokenChoice(token)
+        adapter = seq.request.adapter
+        cause = f" with adapter {adapter!r}" if adapter else ""
+        return TokenChoice(None, error=f"the model's logits for this request{cause} were not finite (NaN or infinity)")

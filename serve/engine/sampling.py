@@ -9,6 +9,9 @@ import torch
 
 from serve.engine.types import SamplingParams
 
+NON_FINITE = -1  # the token id given to a row whose logits hold NaN or infinity: its sequence ends with an error
+LOGPROB_FLOOR = -9999.0  # a log-probability too small for float32 is reported as this, never as -inf or NaN
+
 
 def make_generator(params: SamplingParams, device: torch.device) -> Optional[torch.Generator]:
     """A private RNG for a seeded request (same seed + same request -> same text); None otherwise."""
@@ -36,7 +39,7 @@ def prompt_scores(
     logits: torch.Tensor, targets: list[int], top: int
 ) -> tuple[list[float], list[tuple[tuple[int, float], ...]]]:
     """Log-probabilities of prompt tokens (row i of ``logits`` predicts ``targets[i]``) and the ``top`` most likely."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs = torch.nan_to_num(torch.log_softmax(logits.float(), dim=-1), nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR)
     picked = log_probs.gather(-1, torch.tensor(targets, device=logits.device)[:, None]).squeeze(-1).tolist()
     if not top:
         return picked, [()] * len(targets)
@@ -64,8 +67,10 @@ def apply_typical_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
 
 def logprob_table(log_probs: torch.Tensor, tokens: torch.Tensor, widest: int) -> torch.Tensor:
     """[rows, 2 + 2 * widest] float64 on the device: token id, its log-probability, then the ``widest`` most likely
-    ids and their log-probabilities; one tensor, so reading it is one device-to-host transfer."""
-    chosen = log_probs.gather(-1, tokens[:, None])
+    ids and their log-probabilities; one tensor, so reading it is one device-to-host transfer. A row marked
+    ``NON_FINITE`` keeps that mark as its token id."""
+    log_probs = torch.nan_to_num(log_probs, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR)
+    chosen = log_probs.gather(-1, tokens.clamp(min=0)[:, None])
     top_values, top_ids = log_probs.topk(widest, dim=-1)
     return torch.cat([tokens[:, None].double(), chosen.double(), top_ids.double(), top_values.double()], dim=1)
 
@@ -74,6 +79,17 @@ def unpack_logprobs(row: list[float], k: int, widest: int) -> tuple[int, float, 
     """One row of ``logprob_table`` read on the host: (token, log-probability, its k best alternatives)."""
     ids, values = row[2 : 2 + k], row[2 + widest : 2 + widest + k]
     return int(row[0]), row[1], tuple((int(token), value) for token, value in zip(ids, values))
+
+
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[rows] bool on the device: True where a row of the model's logits holds only finite numbers."""
+    return torch.isfinite(logits).all(dim=-1)
+
+
+def mark_non_finite(tokens: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """``tokens`` with ``NON_FINITE`` in the rows whose logits were not finite (read back with the tokens, in the
+    same transfer)."""
+    return torch.where(finite, tokens, torch.full_like(tokens, NON_FINITE))
 
 
 def _uniforms(generators: Sequence[Optional[torch.Generator]], device: torch.device) -> torch.Tensor:

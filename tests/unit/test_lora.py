@@ -91,3 +91,89 @@ def test_unsupported_adapters_are_refused_by_name(tmp_path, tiny_model_dir):
         read_adapter("dora", folder)
     with pytest.raises(AdapterError, match="adapter 'none'.*needs adapter_config.json"):
         read_adapter("none", tmp_path)
+
+
+MODULE = "base_model.model.model.layers.0.self_attn.o_proj"
+
+
+def write_adapter(folder: Path, config: str, tensors: dict[str, torch.Tensor]) -> Path:
+    """A peft-shaped folder with exactly the config text and tensors given (however wrong)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(config)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def lora_pair(rank_a: int = 8, rank_b: int = 8, width: int = 64) -> dict[str, torch.Tensor]:
+    return {f"{MODULE}.lora_A.weight": torch.ones(rank_a, width), f"{MODULE}.lora_B.weight": torch.ones(width, rank_b)}
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ('{"r": "abc"}', "r must be a positive integer, not 'abc'"),
+        ('{"r": 0}', "r must be a positive integer, not 0"),
+        ('{"r": -8}', "r must be a positive integer, not -8"),
+        ('{"r": 1e400}', "r must be a positive integer, not inf"),
+        ('{"r": true}', "r must be a positive integer, not True"),
+        ('{"r": 8, "lora_alpha": []}', "lora_alpha must be a finite number above 0, not []"),
+        ('{"r": 8, "lora_alpha": NaN}', "lora_alpha must be a finite number above 0, not nan"),
+        ('{"r": 8, "use_rslora": "yes"}', "use_rslora must be true or false"),
+        ("[8]", "adapter_config.json must hold a JSON object, not a list"),
+        ('"LORA"', "adapter_config.json must hold a JSON object, not a str"),
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON: nested too deeply"),
+    ],
+)
+def test_every_config_field_is_checked_and_named(tmp_path, config, message):
+    folder = write_adapter(tmp_path / "bad", config, lora_pair())
+    with pytest.raises(AdapterError) as caught:
+        read_adapter("bad", folder, max_rank=64)
+    assert message in str(caught.value) and str(caught.value).startswith("adapter 'bad'")
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        (lora_pair(rank_a=8, rank_b=16), "both must have rank r=8"),
+        (lora_pair(rank_a=4, rank_b=4), "both must have rank r=8"),
+        ({f"{MODULE}.lora_A.weight": torch.ones(8, 64), f"{MODULE}.lora_B.weight": torch.ones(64)}, "2-D matrix"),
+        ({**lora_pair(), f"{MODULE}.lora_A.weight": torch.ones(8, 64, dtype=torch.int32)}, "floating-point"),
+        ({**lora_pair(), f"{MODULE}.lora_A.weight": torch.full((8, 64), float("nan"))}, "not finite"),
+        ({f"{MODULE}.lora_B.weight": torch.ones(64, 8)}, "has no matching lora_A weight"),
+    ],
+)
+def test_every_tensor_shape_is_checked_before_linking(tmp_path, tensors, message):
+    folder = write_adapter(tmp_path / "bad", '{"r": 8, "lora_alpha": 16}', tensors)
+    with pytest.raises(AdapterError, match=message):
+        read_adapter("bad", folder, max_rank=64)
+
+
+def _huge_adapter(tiny_model_dir: Path, folder: Path) -> Path:
+    """An adapter of finite weights whose deltas overflow float32: its logits come out NaN."""
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(tiny_model_dir, folder, seed=9)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    huge = {key: torch.ones_like(value) * (1e37 if ".lora_B." in key else 1.0) for key, value in tensors.items()}
+    save_file(huge, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_non_finite_logits_end_only_their_own_request(lora_engine, tiny_model_dir, tmp_path):
+    from serve.engine.lora import AdapterWeights
+
+    modules = read_adapter("huge", _huge_adapter(tiny_model_dir, tmp_path / "huge"), max_rank=64)
+    lora_engine.install_adapter("huge", AdapterWeights(99, modules)).result(60)
+    with_logprobs = Request(PROMPTS[1], SamplingParams(max_new_tokens=4, logprobs=2), adapter="huge")
+    streams = [lora_engine.submit(greedy()), lora_engine.submit(greedy("huge")), lora_engine.submit(with_logprobs)]
+    base, *broken = [list(stream) for stream in streams]
+    assert tokens(base) == merged_greedy(tiny_model_dir, None, PROMPTS[0])  # its batch neighbours changed nothing
+    for events in broken:
+        assert tokens(events) == [] and len(events) == 1
+        assert events[0].finish_reason.value == "error" and "not finite (NaN or infinity)" in events[0].error
+        assert "'huge'" in events[0].error
+    lora_engine.retire_adapter("huge").result(60)
+    lora = lora_engine.loaded.model.serve_lora
+    assert "huge" not in lora.names and all(99 not in layer.adapters for layer in lora.layers.values())
