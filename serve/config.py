@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, TypeVar
 
 from serve.engine.recovery import Recovery
-from serve.engine.types import EngineConfig
+from serve.engine.types import EngineConfig, GrammarLimits
 
 T = TypeVar("T")
 
@@ -70,6 +70,7 @@ class Settings:
     enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
     prefix_cache_scope: str = "salt"  # PREFIX_CACHE_SCOPE: requests share cached blocks within one adapter and salt
     cuda_graphs: bool = EngineConfig.cuda_graphs  # CUDA_GRAPHS: capture decode steps as CUDA graphs on a GPU
+    grammar_limits: GrammarLimits = EngineConfig.grammar_limits  # GRAMMAR_MAX_SIZE, _LEXER_FUEL, _MAX_LEXER_STATES
     default_max_new_tokens: int = 1024
     compile: bool = False  # COMPILE: torch.compile the lean model's per-layer pieces (inductor cache in cache_dir)
     pack_cpu_weights: bool = True  # PACK_CPU_WEIGHTS: the lean model's float32 weights packed for a CPU kernel
@@ -240,6 +241,15 @@ def _sagemaker_values(env: Mapping[str, str]) -> dict[str, object]:
     }
 
 
+def _grammar_limits(env: Mapping[str, str]) -> Optional[GrammarLimits]:
+    """GRAMMAR_MAX_SIZE, GRAMMAR_LEXER_FUEL and GRAMMAR_MAX_LEXER_STATES over GrammarLimits' defaults (None: all
+    unset)."""
+    names = {"max_size": "MAX_SIZE", "lexer_fuel": "LEXER_FUEL", "max_lexer_states": "MAX_LEXER_STATES"}
+    values = {field: _read(env, (f"GRAMMAR_{name}",), parse_positive_int) for field, name in names.items()}
+    chosen = {field: value for field, value in values.items() if value is not None}
+    return GrammarLimits(**chosen) if chosen else None
+
+
 def _read(environ: Mapping[str, str], names: tuple, parse: Callable[[str, str], T]) -> Optional[T]:
     """The first of ``names`` that is set (non-empty), parsed; None when none is."""
     for name in names:
@@ -303,6 +313,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "enable_prefix_caching": _read(env, ("ENABLE_PREFIX_CACHING",), parse_bool),
         "prefix_cache_scope": _read(env, ("PREFIX_CACHE_SCOPE",), parse_choice(PREFIX_CACHE_SCOPES)),
         "cuda_graphs": _read(env, ("CUDA_GRAPHS",), parse_bool),
+        "grammar_limits": _grammar_limits(env),
         "compile": _read(env, ("COMPILE",), parse_bool),
         "pack_cpu_weights": _read(env, ("PACK_CPU_WEIGHTS",), parse_bool),
         "cpu_kernel": _read(env, ("CPU_KERNEL",), parse_choice(CPU_KERNELS)),
