@@ -74,7 +74,7 @@ def create_app(
 
 def _add_sagemaker_native(app: Flask, settings: Settings, engine: EngineClient) -> None:
     """Runtime adapters, stateful sessions (when enabled) and CloudWatch EMF metrics (when enabled)."""
-    app.extensions["serve.adapters"] = AdapterRegistry(engine, settings.cache_dir, settings.max_lora_rank)
+    app.extensions["serve.adapters"] = AdapterRegistry(engine, settings)
     if settings.stateful_sessions:
         app.extensions["serve.sagemaker.sessions"] = SessionStore(
             settings.sessions_expiration, engine.close_session

@@ -215,6 +215,11 @@ class EngineProcess:
     def close_session(self, session_id: str) -> None:
         self._send(CloseSession(session_id))
 
+    def uses_adapter(self, name: str) -> bool:
+        """True while a request sent on adapter ``name`` has not ended (the registry evicts only idle adapters)."""
+        with self._lock:
+            return any(stream.request.adapter == name for stream in self._streams.values())
+
     def install_adapter(self, name: str, number: int, folder: str, max_rank: Optional[int] = None) -> Future:
         """The engine process reads, prepares and links the adapter; the future resolves once requests may use it
         (AdapterError when the folder cannot be served)."""

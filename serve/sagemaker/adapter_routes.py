@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 from flask import Blueprint, Response, request
 
 from serve.errors import BadRequest
 from serve.http.routes.adapter_choice import ALIAS_HEADER, registry
+from serve.sagemaker.adapters import check_name
 
 blueprint = Blueprint("adapters", __name__)
 
@@ -48,14 +49,20 @@ def _flag(fields: dict[str, Any], name: str) -> None:
         raise BadRequest(f"{name}: must be a boolean", name)
 
 
+def _alias() -> Optional[str]:
+    """The alias header, when sent: a safe name (it is echoed in the answer and shares the names' namespace)."""
+    alias = (request.headers.get(ALIAS_HEADER) or "").strip()
+    return check_name(alias, ALIAS_HEADER) if alias else None
+
+
 @blueprint.post("/adapters")
 def register_adapter() -> Response:
     """Load a peft LoRA folder (or .tar.gz) as a named adapter; 200 with the standard's message."""
     fields = _register_fields()
-    name, src = _text_field(fields, "name"), _text_field(fields, "src")
+    name, src = check_name(_text_field(fields, "name"), "name"), _text_field(fields, "src")
     for flag in ("preload", "pin"):
         _flag(fields, flag)
-    alias = (request.headers.get(ALIAS_HEADER) or "").strip() or None
+    alias = _alias()
     registry().register(name, src, alias)
     return Response(f"Adapter {alias or name} registered", 200, mimetype="text/plain")
 
@@ -63,6 +70,6 @@ def register_adapter() -> Response:
 @blueprint.delete("/adapters/<name>")
 def unregister_adapter(name: str) -> Response:
     """Unload an adapter once the requests running on it have finished; 404 when it is not registered."""
-    alias = (request.headers.get(ALIAS_HEADER) or "").strip() or None
+    alias = _alias()
     registry().unregister(name)
     return Response(f"Adapter {alias or name} unregistered", 200, mimetype="text/plain")

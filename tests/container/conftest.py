@@ -18,6 +18,7 @@ def replica_server(tiny_model_dir, tmp_path_factory):
         "MAX_BATCH_TOTAL_TOKENS": "4096",
         "DTYPE": "float32",
         "SERVE_CACHE_DIR": str(tmp_path_factory.mktemp("replica-cache")),
+        "LORA_ADAPTER_ROOTS": str(tmp_path_factory.getbasetemp()),  # test_runtime_adapters' adapters
     }
     server = start_server(env, tmp_path_factory.mktemp("logs"), timeout=300)
     yield server

@@ -41,6 +41,7 @@ def server(tiny_model_dir, tmp_path_factory):
         "MAX_LORA_RANK": "8",
         "DTYPE": "float32",
         "SERVE_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+        "LORA_ADAPTER_ROOTS": str(tmp_path_factory.getbasetemp()),  # where these tests write their adapters
     }
     server = start_server(env, tmp_path_factory.mktemp("logs"))
     yield server
@@ -260,3 +261,53 @@ def test_with_replicas_every_engine_copy_gets_the_adapter(replica_server, folder
         deleted = requests.delete(replicas.url + "/adapters/a", timeout=60)
     assert deleted.status_code == 200
     assert generate_ids(replicas, {HEADER: "a"}).status_code == 422
+
+
+def _strict_json(text: str) -> dict:
+    """The body parsed as JSON proper: a bare NaN or Infinity is an error, as it is for every other JSON reader."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"the body holds a bare {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_hostile_registers_are_4xx_and_the_server_stays_healthy(server, folders, tmp_path):
+    bad_config = tmp_path / "bad-config"
+    shutil.copytree(folders["a"], bad_config)
+    (bad_config / "adapter_config.json").write_text('{"r": "abc", "lora_alpha": 16}')
+    cases = [
+        ({"name": "z", "src": "/dev/zero"}, 400, "adapters are read only from inside"),
+        ({"name": "z", "src": "/proc/self/fd/0"}, 400, "adapters are read only from inside"),
+        ({"name": "z", "src": "/" + "a" * 5000}, 400, "at most 1024 characters"),
+        ({"name": "a/b", "src": str(folders["a"])}, 400, "is not a valid adapter name"),
+        ({"name": "a\nforged", "src": str(folders["a"])}, 400, "is not a valid adapter name"),
+        ({"name": "z", "src": str(bad_config)}, 400, "r must be a positive integer, not 'abc'"),
+    ]
+    for body, status, message in cases:
+        response = requests.post(server.url + "/adapters", json=body, timeout=60)
+        assert response.status_code == status and message in response.json()["error"], (body, response.text)
+    burst = [{**body, "name": f"{body['name']}{i}"} for i in range(4) for body, _, _ in cases]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda body: requests.post(server.url + "/adapters", json=body, timeout=60), burst))
+        pings = [requests.get(server.url + "/ping", timeout=10).status_code for _ in range(5)]
+    assert all(response.status_code in (400, 429) for response in answers), [r.text for r in answers]
+    assert pings == [200] * 5 and "z" not in requests.get(server.url + "/info", timeout=10).json()["adapters"]
+    assert "forged" not in server.log_path.read_text()
+
+
+def test_an_adapter_producing_nan_fails_alone_with_a_json_error(server, tiny_model_dir, tmp_path):
+    from tests.unit.test_lora import _huge_adapter
+
+    assert register(server, "huge", _huge_adapter(tiny_model_dir, tmp_path / "huge")).status_code == 200
+    try:
+        body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4, "details": True, "decoder_input_details": True}}
+        with ThreadPoolExecutor(2) as pool:
+            broken = pool.submit(
+                requests.post, server.url + "/generate", json=body, headers={HEADER: "huge"}, timeout=60
+            )
+            base = pool.submit(generate_ids, server)
+        assert broken.result().status_code >= 400 and "not finite" in _strict_json(broken.result().text)["error"]
+        assert base.result().status_code == 200 and _strict_json(base.result().text)["details"]["tokens"]
+    finally:
+        assert requests.delete(server.url + "/adapters/huge", timeout=60).status_code == 200
