@@ -69,8 +69,6 @@ class Sequence:
         """Record one sampled token; the returned event is final when the sequence just finished."""
         if choice.error is not None:
             return self.end(FinishReason.ERROR, choice.error)
-        if choice.error is not None:
-            return self.end(FinishReason.ERROR, choice.error)
         if self.request.params.max_new_tokens == 0:
             return self._scored_only()
         token_id = choice.token_id

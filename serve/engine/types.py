@@ -115,7 +115,6 @@ class TokenChoice:
     logprob: Optional[float] = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
     error: Optional[str] = None  # set when the row cannot be sampled (non-finite logits): the sequence ends with it
-    error: Optional[str] = None  # set when the row cannot be sampled (non-finite logits): the sequence ends with it
 
 
 @dataclass(frozen=True)
