@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, TypeVar
 
 from serve.engine.recovery import Recovery
-from serve.engine.types import EngineConfig, GrammarLimits
+from serve.engine.types import EngineConfig, GrammarLimits, Watermark
 
 T = TypeVar("T")
 
@@ -71,6 +71,7 @@ class Settings:
     prefix_cache_scope: str = "salt"  # PREFIX_CACHE_SCOPE: requests share cached blocks within one adapter and salt
     cuda_graphs: bool = EngineConfig.cuda_graphs  # CUDA_GRAPHS: capture decode steps as CUDA graphs on a GPU
     grammar_limits: GrammarLimits = EngineConfig.grammar_limits  # GRAMMAR_MAX_SIZE, _LEXER_FUEL, _MAX_LEXER_STATES
+    watermark: Watermark = Watermark()  # WATERMARK_GAMMA, WATERMARK_DELTA: TGI's watermark parameters
     default_max_new_tokens: int = 1024
     compile: bool = False  # COMPILE: torch.compile the lean model's per-layer pieces (inductor cache in cache_dir)
     pack_cpu_weights: bool = True  # PACK_CPU_WEIGHTS: the lean model's float32 weights packed for a CPU kernel
@@ -250,6 +251,31 @@ def _grammar_limits(env: Mapping[str, str]) -> Optional[GrammarLimits]:
     return GrammarLimits(**chosen) if chosen else None
 
 
+def parse_number_in(low: float, high: float, above_low: bool = False) -> Callable[[str, str], float]:
+    """A parser of a number in [low, high] (``above_low``: in (low, high])."""
+
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not a number") from None
+        if not ((value > low) if above_low else (value >= low)) or not value <= high:
+            raise SettingsError(f"{name}={raw!r} must be in {'(' if above_low else '['}{low:g}, {high:g}]")
+        return value
+
+    return parse
+
+
+def _watermark(env: Mapping[str, str]) -> Optional[Watermark]:
+    """TGI's WATERMARK_GAMMA (the green share) and WATERMARK_DELTA (its bias) over Watermark's defaults (None: both
+    unset)."""
+    gamma = _read(env, ("WATERMARK_GAMMA",), parse_number_in(0.0, 1.0, above_low=True))
+    delta = _read(env, ("WATERMARK_DELTA",), parse_number_in(0.0, 100.0))
+    if gamma is None and delta is None:
+        return None
+    return Watermark(Watermark.gamma if gamma is None else gamma, Watermark.delta if delta is None else delta)
+
+
 def _read(environ: Mapping[str, str], names: tuple, parse: Callable[[str, str], T]) -> Optional[T]:
     """The first of ``names`` that is set (non-empty), parsed; None when none is."""
     for name in names:
@@ -314,6 +340,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "prefix_cache_scope": _read(env, ("PREFIX_CACHE_SCOPE",), parse_choice(PREFIX_CACHE_SCOPES)),
         "cuda_graphs": _read(env, ("CUDA_GRAPHS",), parse_bool),
         "grammar_limits": _grammar_limits(env),
+        "watermark": _watermark(env),
         "compile": _read(env, ("COMPILE",), parse_bool),
         "pack_cpu_weights": _read(env, ("PACK_CPU_WEIGHTS",), parse_bool),
         "cpu_kernel": _read(env, ("CPU_KERNEL",), parse_choice(CPU_KERNELS)),

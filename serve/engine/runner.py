@@ -26,6 +26,7 @@ from serve.engine.scheduler import StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.static_decode import StaticDecode
 from serve.engine.types import SamplingParams, TokenChoice
+from serve.engine.watermark import apply_watermarks
 from serve.engine.compile import CompileReport, compile_layers
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,8 @@ class ModelRunner:
         log_probs = torch.log_softmax(logits.float(), dim=-1) if any(wants_logprobs) else None
         logits = logits.float()
         finite = finite_rows(logits)  # before the masks and penalties, which set -inf on purpose
+        if any(p.watermark is not None for p in params):
+            logits = apply_watermarks(logits, sequences)
         if self.grammars is not None:
             logits = self.grammars.mask(logits, [seq.matcher for seq in sequences])
         rows = self._count_rows(sequences)

@@ -19,6 +19,14 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Watermark:
+    """TGI's green-list watermark (serve/engine/watermark.py): the green share of the vocabulary and its bias."""
+
+    gamma: float = 0.5  # WATERMARK_GAMMA
+    delta: float = 2.0  # WATERMARK_DELTA
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop; validated at the edge, trusted here."""
 
@@ -38,6 +46,7 @@ class SamplingParams:
     prompt_logprobs: bool = False  # also the log-probability of every prompt token (TGI decoder_input_details)
     grammar: Optional[str] = None  # a checked llguidance grammar the output must follow
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before sampling
+    watermark: Optional[Watermark] = None  # TGI's ``watermark``: bias each step's green list of tokens
 
     @property
     def greedy(self) -> bool:

@@ -236,7 +236,6 @@ def test_tgi_grammar_json_and_regex(client):
         ({"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "(unclosed"}}}, "parameters.grammar"),
         ({"inputs": "x", "parameters": {"grammar": {"type": "json", "value": {"type": 12}}}}, "parameters.grammar"),
         ({"inputs": "x", "parameters": {"grammar": {"type": "yaml", "value": "a"}}}, "parameters.grammar"),
-        ({"inputs": "x", "parameters": {"watermark": True}}, "watermark"),
         ({"inputs": "x", "parameters": {"top_n_tokens": 99}}, "top_n_tokens"),
     ],
 )

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from serve.config import Settings, SettingsError, load_settings
-from serve.engine.types import EngineConfig
+from serve.engine.types import EngineConfig, GrammarLimits, Watermark
 from serve.wiring import engine_config
 
 # (variable, what a user writes, the setting, its parsed value): every value differs from the setting's default
@@ -40,6 +40,8 @@ VARIABLES = [
     ("ENABLE_PREFIX_CACHING", "off", "enable_prefix_caching", False),
     ("PREFIX_CACHE_SCOPE", "Global", "prefix_cache_scope", "global"),
     ("CUDA_GRAPHS", "No", "cuda_graphs", False),
+    ("GRAMMAR_LEXER_FUEL", "5000", "grammar_limits", GrammarLimits(lexer_fuel=5000)),
+    ("WATERMARK_DELTA", "1.5", "watermark", Watermark(delta=1.5)),
     ("COMPILE", "on", "compile", True),
     ("PACK_CPU_WEIGHTS", "0", "pack_cpu_weights", False),
     ("CPU_KERNEL", "oneDNN", "cpu_kernel", "onednn"),

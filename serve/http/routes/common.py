@@ -16,11 +16,21 @@ from serve.engine import TokenEvent
 from serve.front.context import RequestContext
 from serve.front.generation import Generation, GenerationService, ValidRequest
 from serve.front.disconnect import ClientConnection
-from serve.errors import BadRequest
+from serve.errors import BadRequest, ServeError
 from serve.http.routes.sse import KEEPALIVE_SECONDS
 from serve.http.routes.validation import Validator
 
 CLIENT, ADMITTED = "serve_client", "serve_generations"  # per-request keys in flask.g, read by the app's hooks
+
+
+class UnsupportedMediaType(ServeError):
+    """A body sent as something other than JSON to an API route (TGI answers 415 with these words)."""
+
+    status = 415
+    error_type = "unsupported_media_type"
+
+    def __init__(self) -> None:
+        super().__init__("Expected request with `Content-Type: application/json`")
 
 
 def service() -> GenerationService:
@@ -59,6 +69,14 @@ def admit(valid: ValidRequest, context: RequestContext) -> Generation:
 def admitted() -> list[Generation]:
     """The generations this request has started so far."""
     return list(g.get(ADMITTED, []))
+
+
+def api_json_body() -> dict[str, Any]:
+    """The body of a TGI or OpenAI route: a JSON object, sent as JSON (415 for another declared content type, as
+    TGI; a body without a ``Content-Type`` is read as JSON)."""
+    if request.mimetype and not request.is_json:
+        raise UnsupportedMediaType()
+    return json_body()
 
 
 def json_body() -> dict[str, Any]:

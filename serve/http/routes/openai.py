@@ -11,7 +11,15 @@ from serve.engine.types import FinishReason
 from serve.front.context import Api, RequestContext
 from serve.front.generation import Choice, Generation, timing_headers
 from serve.http.routes import sse
-from serve.http.routes.common import admit, json_body, request_context, service, stream_events, token_texts, validator
+from serve.http.routes.common import (
+    admit,
+    api_json_body,
+    request_context,
+    service,
+    stream_events,
+    token_texts,
+    validator,
+)
 from serve.http.routes.completions import completions, stream_end
 from serve.http.schemas import openai as oa
 from serve.http.schemas.tools import ToolCallBuffer, parse_tool_calls, truncated_tool_call
@@ -22,12 +30,12 @@ blueprint = Blueprint("openai", __name__)
 
 @blueprint.post("/v1/chat/completions")
 def chat_completions_route() -> Response:
-    return chat_completions(json_body(), request_context())
+    return chat_completions(api_json_body(), request_context())
 
 
 @blueprint.post("/v1/completions")
 def completions_route() -> Response:
-    return completions(json_body(), request_context())
+    return completions(api_json_body(), request_context())
 
 
 @blueprint.get("/v1/models")

@@ -16,7 +16,7 @@ from serve.http.info import info_body
 from serve.http.routes import sse
 from serve.http.routes.common import (
     admit,
-    json_body,
+    api_json_body,
     request_context,
     service,
     settings,
@@ -33,18 +33,18 @@ blueprint = Blueprint("tgi", __name__)
 
 @blueprint.post("/generate")
 def generate_route() -> Response:
-    return generate(json_body(), request_context(), as_list=False)
+    return generate(api_json_body(), request_context(), as_list=False)
 
 
 @blueprint.post("/")
 def compat_route() -> Response:
     """TGI's root route (what TGI's clients post to): /generate's body wrapped in a list as TGI does, or a stream."""
-    return generate(json_body(), request_context(), as_list=True)
+    return generate(api_json_body(), request_context(), as_list=True)
 
 
 @blueprint.post("/generate_stream")
 def generate_stream_route() -> Response:
-    payload = json_body()
+    payload = api_json_body()
     payload["stream"] = True
     return generate(payload, request_context(), as_list=False)
 
@@ -68,7 +68,7 @@ def metrics() -> Response:
 
 @blueprint.post("/tokenize")
 def tokenize() -> Response:
-    req = validate(tgi.TokenizeRequest, json_body())
+    req = validate(tgi.TokenizeRequest, api_json_body())
     encoding = service().tokenize(req.inputs)
     tokens = [
         {"id": token_id, "text": req.inputs[start:stop], "start": start, "stop": stop}
@@ -159,5 +159,5 @@ def _stream_token(req: tgi.GenerateRequest, number: int, event: TokenEvent, piec
     body = tgi.stream_token(number, token_body, _top_tokens(event) if req.parameters.top_n_tokens else None)
     if event.finish_reason is not None:
         body["generated_text"] = "".join(pieces)
-        body["details"] = tgi.stream_details(event, req.parameters.seed) if req.parameters.details else None
+        body["details"] = tgi.stream_details(event, req.seed) if req.parameters.details else None
     return body

@@ -7,6 +7,7 @@ same error wins when several are wrong. ``GenerationService.start`` admits only 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Optional, TypeVar, Union
 
 from serve.front.budget import new_token_budget
@@ -59,7 +60,13 @@ class Validator:
         prompt_ids = self.service.text_prompt(req.inputs, truncate=req.parameters.truncate, field="inputs")
         self.service.check_grammar(grammar, "parameters.grammar")
         adapter = self.resolve_adapter(req.parameters.adapter_id, "parameters.adapter_id", False)
-        return self._within_limits(Api.TGI, req, [prompt_ids], "inputs", grammar, req.best_of, adapter)
+        valid = self._within_limits(Api.TGI, req, [prompt_ids], "inputs", grammar, req.best_of, adapter)
+        return self._watermarked(valid) if req.parameters.watermark else valid
+
+    def _watermarked(self, valid: ValidRequest[tgi.GenerateRequest]) -> ValidRequest[tgi.GenerateRequest]:
+        """``watermark: true``: TGI's green-list watermark, with WATERMARK_GAMMA and WATERMARK_DELTA."""
+        mark = self.service.settings.watermark
+        return replace(valid, params=tuple(replace(params, watermark=mark) for params in valid.params))
 
     def _completion_prompt(self, prompt: Union[str, list[int]], index: int, count: int) -> list[int]:
         """One prompt's token ids: a string is encoded, a list of ids is checked against the vocabulary."""

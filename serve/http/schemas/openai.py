@@ -96,6 +96,15 @@ class StreamOptions(LenientModel):
     include_usage: bool = False
 
 
+class GrammarWithTools(ValidationFailed):
+    """``response_format`` with ``tools``: refused with TGI's message and error type."""
+
+    error_type = "grammar and tools"
+
+    def __init__(self) -> None:
+        super().__init__("Grammar and tools are mutually exclusive", "response_format")
+
+
 class JsonSchemaFormat(LenientModel):
     name: str = "response"
     description: Optional[str] = None
@@ -240,7 +249,10 @@ class ChatCompletionRequest(_OpenAIRequest):
         return forced_tools(self.active_tools, self.tool_choice)
 
     def grammar(self) -> tuple[Optional[str], str]:
-        """The output grammar and the field it comes from: a forced tool call, else the response format."""
+        """The output grammar and the field it comes from: a forced tool call, else the response format (a format
+        that constrains the output is refused together with ``tools``, with TGI's message)."""
+        if self.tools is not None and self.response_format is not None and self.response_format.type != "text":
+            raise GrammarWithTools()
         try:
             if self.forced_tools:
                 return json_schema_grammar(call_schema(self.forced_tools)), "tools"

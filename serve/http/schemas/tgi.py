@@ -7,6 +7,8 @@ costs several times as much there. tests/unit/test_response_bodies.py holds each
 
 from __future__ import annotations
 
+import secrets
+from functools import cached_property
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -62,14 +64,7 @@ class GenerateParameters(LenientModel):
     decoder_input_details: bool = False
     best_of: Optional[int] = Field(default=None, ge=1, le=MAX_CHOICES)
     grammar: Optional[Grammar] = None
-    watermark: bool = False
-
-    @field_validator("watermark")
-    @classmethod
-    def _no_watermark(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("watermarking is not supported by this server; send watermark: false or leave it out")
-        return value
+    watermark: bool = False  # TGI's green-list watermark (serve/engine/watermark.py)
 
     @model_validator(mode="after")
     def _best_of_samples(self) -> "GenerateParameters":
@@ -109,6 +104,13 @@ class GenerateRequest(LenientModel):
     def best_of(self) -> int:
         return self.parameters.best_of or 1
 
+    @cached_property
+    def seed(self) -> Optional[int]:
+        """The client's seed; a random one for a sampled request that asks for details, which report the seed
+        that was used (as TGI does), so that the answer can be reproduced."""
+        p = self.parameters
+        return secrets.randbits(63) if p.seed is None and p.samples and p.details else p.seed
+
     @property
     def prefix_cache_salt(self) -> Optional[str]:
         return self.parameters.cache_salt
@@ -123,7 +125,7 @@ class GenerateRequest(LenientModel):
             top_k=p.top_k or 0,
             repetition_penalty=p.repetition_penalty or 1.0,
             frequency_penalty=p.frequency_penalty or 0.0,
-            seed=p.seed,
+            seed=self.seed,
             stop=tuple(s for s in p.stop if s),
             ignore_eos=p.ignore_eos,
             typical_p=p.typical_p or 1.0,
