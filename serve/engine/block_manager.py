@@ -105,16 +105,24 @@ class BlockManager:
         ``reuse=False`` computes every token (a request that scores its prompt needs every position's logits).
         """
         hits = self.cached_prefix(tokens, adapter) if reuse else []
-        needed = self.blocks_for(len(tokens)) - len(hits)
-        evictable_hits = sum(1 for block in hits if self._refs[block] == 0)
-        if self.free_blocks - evictable_hits < needed + watermark:
+        if self._lacking(hits, len(tokens), watermark) > 0:
             return None
         for block in hits:
             self._take(block)
-        table = hits + [self._fresh_block() for _ in range(needed)]
+        table = hits + [self._fresh_block() for _ in range(self.blocks_for(len(tokens)) - len(hits))]
         self.stats.queried_tokens += len(tokens)
         self.stats.hit_tokens += len(hits) * self.block_size
         return table, len(hits) * self.block_size
+
+    def fits_without_pins(self, tokens: list[int], adapter: Optional[str], reuse: bool, watermark: int = 0) -> bool:
+        """Whether ``allocate`` would succeed once every session's pins were released."""
+        hits = self.cached_prefix(tokens, adapter) if reuse else []
+        return self._lacking(hits, len(tokens), watermark) <= self.pin_only_blocks(exclude=set(hits))
+
+    def _lacking(self, hits: list[int], tokens: int, watermark: int) -> int:
+        """Blocks missing for a new sequence of ``tokens`` that reuses ``hits`` (0 or less: it fits)."""
+        evictable_hits = sum(1 for block in hits if self._refs[block] == 0)
+        return self.blocks_for(tokens) - len(hits) + watermark - (self.free_blocks - evictable_hits)
 
     def append_block(self, table: list[int]) -> bool:
         """Give a growing sequence one more block; False when none is free (the caller preempts someone)."""
@@ -157,7 +165,8 @@ class BlockManager:
 
     def pin(self, key: str, blocks: list[int]) -> bool:
         """Hold ``blocks`` (keyed, full) for ``key`` until ``unpin``, replacing what ``key`` held; refused (False)
-        when pins would hold more than half the pool, so pinned sessions can never starve admission."""
+        when pins would hold more than half the pool. Pins are a cache, not a reservation: the scheduler releases
+        them, oldest first, when a sequence needs their blocks (``unpin_oldest``)."""
         held = self._pins.pop(key, [])
         if self.pinned_blocks + len(blocks) > self.usable_blocks // 2:
             self.free(held)
@@ -171,6 +180,19 @@ class BlockManager:
     def unpin(self, key: str) -> None:
         """Release what ``pin`` held for ``key`` (the blocks stay cached until evicted)."""
         self.free(self._pins.pop(key, []))
+
+    def unpin_oldest(self) -> Optional[str]:
+        """Release the pin held longest without a new turn (the least recently pinned); its key, None if none."""
+        key = next(iter(self._pins), None)
+        if key is not None:
+            self.unpin(key)
+        return key
+
+    def pin_only_blocks(self, exclude: Iterable[int] = ()) -> int:
+        """Blocks that pins alone hold (but those in ``exclude``): unpinning every session would free them."""
+        pin_refs = collections.Counter(block for blocks in self._pins.values() for block in blocks)
+        skipped = set(exclude)
+        return sum(1 for block, refs in pin_refs.items() if refs == self._refs[block] and block not in skipped)
 
     def _take(self, block: int) -> None:
         if self._refs[block] == 0:

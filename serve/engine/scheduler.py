@@ -5,6 +5,7 @@ pins and cancels, and each step's plan. The engine's step is ``schedule()``, the
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 
 Event = tuple[str, TokenEvent]  # a request's id and one of its events
 StepOutput = tuple[list[Sequence], list[TokenChoice]]  # what ModelRunner.step returns: who sampled, and what
+SKIP_AHEAD = 4  # waiting requests behind one whose blocks are not free that may be tried in its place
+MAX_OVERTAKES = 16  # later requests that may start before a waiting one; then the blocks that free up are its own
 
 
 @dataclass
@@ -40,10 +43,15 @@ class StepPlan:
 
 
 class Scheduler:
-    """Requests wait FIFO until the batch has room and the KV blocks of their prompt are free; preempted sequences
-    resume before any new request starts. Each step decodes every running sequence and prefills prompts in chunks,
-    at most ``prefill_budget`` prompt tokens per step, so decode never stalls for long. When a decoding sequence
-    needs a block and none is free, the most recently admitted sequence is preempted.
+    """Requests wait in arrival order until the batch has room and the KV blocks of their prompt are free; one
+    whose blocks are not free lets the next ``skip_ahead`` requests try in its place, until ``max_overtakes`` have
+    started before it (then the blocks that free up wait for it). Preempted sequences resume, in the order they
+    were preempted, before any new request starts. Each step decodes every running sequence and prefills prompts
+    in chunks, at most ``prefill_budget`` prompt tokens per step, so decode never stalls for long.
+
+    Session pins are a cache: they give way, oldest first, when a request could start or a running sequence grow
+    with their blocks. When a decoding sequence needs a block and none is free, the sequence that has run longest
+    since it last started or resumed is preempted (round robin), so no stream is picked again before the others.
 
     ``new_sequence`` makes a request's Sequence (its RNG, its grammar matcher); ``forget`` drops what the runner
     keeps for a sequence that stops running; ``cache_key`` names a request's adapter and salt in prefix-cache keys.
@@ -59,18 +67,25 @@ class Scheduler:
         forget: Callable[[Sequence], None] = lambda seq: None,
         cache_key: Callable[[Request], Optional[str]] = lambda request: request.adapter,
         watermark: Optional[int] = None,
+        skip_ahead: int = SKIP_AHEAD,
+        max_overtakes: int = MAX_OVERTAKES,
     ):
         """``watermark``: blocks kept free for running sequences to grow into (default 1% of the pool)."""
         self.blocks = blocks
         self.max_batch = max_batch
         self.prefill_budget = prefill_budget
+        self.skip_ahead = skip_ahead
+        self.max_overtakes = max_overtakes
         self.watermark = max(1, blocks.usable_blocks // 100) if watermark is None else watermark
         self._new_sequence = new_sequence
         self._forget = forget
         self._cache_key = cache_key
-        self.running: list[Sequence] = []  # in admission order: the last is preempted first
-        self.preempted: collections.deque[Sequence] = collections.deque()  # resumed before new requests
+        self.running: list[Sequence] = []  # in the order they started or resumed
+        self.preempted: collections.deque[Sequence] = collections.deque()  # resumed before new requests, in order
         self.preemptions = 0
+        self.pins_released = 0  # session pins given way to a sequence that needed their blocks
+        self.steps = 0
+        self._overtaken: dict[str, int] = {}  # waiting request id -> later requests that started before it
         self.peak_running = 0
         self._waiting: collections.deque[Request] = collections.deque()
         self._in_flight: set[str] = set()
@@ -122,6 +137,7 @@ class Scheduler:
         each decoding sequence room for its next token (preempting when the pool is full), and plan the step."""
         while self._closed_sessions:
             self.blocks.unpin(self._closed_sessions.popleft())
+        self.steps += 1
         ended = self._drop_cancelled()
         ended += self._admit()
         self._grow_decoding()
@@ -164,7 +180,7 @@ class Scheduler:
             if self.preempted:
                 if not self._resume(self.preempted[0]):
                     break
-                self.running.append(self.preempted.popleft())
+                self._run(self.preempted.popleft())
             elif not self._start_next(ended):
                 break
             self.peak_running = max(self.peak_running, len(self.running))
@@ -174,27 +190,64 @@ class Scheduler:
         """Blocks a new allocation must leave free: the watermark, while others run and may grow."""
         return self.watermark if self.running else 0
 
+    def _run(self, seq: Sequence) -> None:
+        """Put a started or resumed sequence last in line to be preempted."""
+        seq.started_step = self.steps
+        self.running.append(seq)
+
+    def _allocate(self, tokens: list[int], key: Optional[str], reuse: bool) -> Optional[tuple[list[int], int]]:
+        """Blocks for a sequence to start or resume; session pins give way, oldest first, when that makes it fit."""
+        headroom = self._headroom()
+        allocated = self.blocks.allocate(tokens, key, reuse, headroom)
+        if allocated is None and self.blocks.fits_without_pins(tokens, key, reuse, headroom):
+            while allocated is None and self._unpin_oldest("a waiting sequence needs the blocks"):
+                allocated = self.blocks.allocate(tokens, key, reuse, headroom)
+        return allocated
+
+    def _unpin_oldest(self, why: str) -> bool:
+        """Release the oldest session pin (False: none is left)."""
+        session = self.blocks.unpin_oldest()
+        if session is None:
+            return False
+        self.pins_released += 1
+        log.info("session %s: pinned blocks released (%s)", session, why)
+        return True
+
     def _resume(self, seq: Sequence) -> bool:
         """Blocks for a preempted sequence to resume (its own earlier blocks may still be in the prefix cache)."""
-        allocated = self.blocks.allocate(seq.prefill_ids, self._cache_key(seq.request), True, self._headroom())
+        allocated = self._allocate(seq.prefill_ids, self._cache_key(seq.request), True)
         if allocated is None:
             return False
         seq.block_table, seq.num_cached = allocated
         return True
 
     def _start_next(self, ended: list[Event]) -> bool:
-        """Start the oldest waiting request if its prompt's blocks are free (False: it must wait). One whose
-        sequence cannot be made fails alone: its final event goes to ``ended``."""
+        """Start the oldest waiting request whose prompt's blocks are free, looking past at most ``skip_ahead`` that
+        are not, and past none that ``max_overtakes`` requests overtook already (False: none may start now)."""
         with self._condition:
-            request = self._waiting[0] if self._waiting else None
-        if request is None:
-            return False
-        reuse = not request.params.prompt_logprobs  # scoring a prompt needs the logits of all its positions
-        allocated = self.blocks.allocate(request.prompt_ids, self._cache_key(request), reuse, self._headroom())
-        if allocated is None:
-            return False
+            window = list(itertools.islice(self._waiting, self.skip_ahead + 1))
+        for position, request in enumerate(window):
+            reuse = not request.params.prompt_logprobs  # scoring a prompt needs the logits of all its positions
+            allocated = self._allocate(request.prompt_ids, self._cache_key(request), reuse)
+            if allocated is not None:
+                self._leave_queue(request, overtaken=window[:position])
+                self._start(request, allocated, ended)
+                return True
+            if self._overtaken.get(request.id, 0) >= self.max_overtakes:
+                return False  # aged: what frees up is kept for it
+        return False
+
+    def _leave_queue(self, request: Request, overtaken: list[Request]) -> None:
+        """Take a starting request out of the queue; those it passed count one more overtake each."""
         with self._condition:
-            self._waiting.popleft()
+            del self._waiting[next(index for index, queued in enumerate(self._waiting) if queued is request)]
+        self._overtaken.pop(request.id, None)
+        for passed in overtaken:
+            self._overtaken[passed.id] = self._overtaken.get(passed.id, 0) + 1
+
+    def _start(self, request: Request, allocated: tuple[list[int], int], ended: list[Event]) -> None:
+        """Run a request on its blocks. One whose sequence cannot be made fails alone: its final event goes to
+        ``ended``."""
         table, cached = allocated
         try:
             seq = self._new_sequence(request)
@@ -203,31 +256,48 @@ class Scheduler:
             log.exception("request %s could not start", request.id)
             error = f"{type(exc).__name__}: {exc}"
             ended.append(self._release(request.id, TokenEvent.ending(request, FinishReason.ERROR, error)))
-            return True
+            return
         seq.block_table, seq.num_cached, seq.cached_tokens = table, cached, cached
-        self.running.append(seq)
-        return True
+        self._run(seq)
 
     def _grow_decoding(self) -> None:
-        """Give each decoding sequence the block its next token needs; when none is free, preempt the most
-        recently admitted sequence (its blocks come back) until it fits."""
+        """Give each decoding sequence the block its next token needs; when none is free, session pins give way,
+        then the victim (``_victim``) is preempted and its blocks come back, until it fits."""
         size = self.blocks.block_size
         for seq in list(self.running):
             if seq not in self.running or seq.prompt_left or seq.num_cached < len(seq.block_table) * size:
                 continue
-            while not self.blocks.append_block(seq.block_table):
-                victim = self.running[-1]
+            while not self._append_block(seq):
+                victim = self._victim()
                 self._preempt(victim)
                 if victim is seq:
                     break
 
+    def _append_block(self, seq: Sequence) -> bool:
+        """One more block for a decoding sequence: a free one, else one that releasing session pins frees."""
+        if self.blocks.append_block(seq.block_table):
+            return True
+        if not self.blocks.pin_only_blocks():
+            return False
+        while self._unpin_oldest("a running sequence needs a block"):
+            if self.blocks.append_block(seq.block_table):
+                return True
+        return False
+
+    def _victim(self) -> Sequence:
+        """The sequence to preempt: the one that has run longest since it last started or resumed (of those, the one
+        preempted least, then the newest). A resumed sequence is last in line, so it is never picked again before
+        the others have had their turn."""
+        return min(reversed(self.running), key=lambda seq: (seq.started_step, seq.preemptions))
+
     def _preempt(self, seq: Sequence) -> None:
-        """Take a running sequence's blocks back and queue it to resume first; its client sees no gap."""
+        """Take a running sequence's blocks back and queue it to resume before new requests (behind those preempted
+        earlier); its client sees no gap in its stream, only a pause."""
         self.running.remove(seq)
         self.blocks.free(seq.block_table)
         self._forget(seq)
         seq.preempt()
-        self.preempted.appendleft(seq)
+        self.preempted.append(seq)
         self.preemptions += 1
         log.info("preempted request %s after %d tokens (KV pool full)", seq.id, len(seq.output_ids))
 
@@ -240,6 +310,7 @@ class Scheduler:
             gone = [request for request in self._waiting if request.id in cancelled]
             for request in gone:
                 self._waiting.remove(request)
+                self._overtaken.pop(request.id, None)
         ended = [self._release(request.id, TokenEvent.ending(request, FinishReason.CANCELLED)) for request in gone]
         for seq in [seq for seq in self.running if seq.id in cancelled]:
             ended.append(self._finish(seq, seq.end(FinishReason.CANCELLED)))

@@ -23,6 +23,7 @@ class Sequence:
         self.cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.prefill_ids: list[int] = request.prompt_ids  # what prefill computes: the prompt, or all after preemption
         self.preemptions = 0
+        self.started_step = 0  # the scheduler's step at which it last started or resumed running
         self.generator = generator
         self.matcher = matcher  # the llguidance matcher of a grammar-constrained request
         self.prompt_logprobs: list[Optional[float]] = [None]  # the first prompt token has no prediction

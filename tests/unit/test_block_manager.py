@@ -128,3 +128,38 @@ def test_pins_may_hold_at_most_half_the_pool():
     assert blocks.pin("a", first[:3]) and not blocks.pin("b", second)
     assert blocks.pinned_blocks == 3
     assert blocks.pin("a", first[:1]) and blocks.pinned_blocks == 1  # a new turn replaces the old pin
+
+
+def pinned_turn(blocks: BlockManager, key: str, prompt: list[int]) -> list[int]:
+    """A finished turn of session ``key``: its full blocks keyed and pinned, its table freed; the pinned blocks."""
+    table, _ = blocks.allocate(prompt, None, reuse=True)
+    keyed = blocks.register_full_blocks(table, prompt, None, known=0)
+    pinned = table[:keyed]
+    assert blocks.pin(key, pinned)
+    blocks.free(table)
+    return pinned
+
+
+def test_the_pin_released_first_is_the_one_pinned_longest_ago():
+    blocks = BlockManager(num_blocks=17, block_size=2)
+    first = pinned_turn(blocks, "a", tokens(4, 100))
+    pinned_turn(blocks, "b", tokens(4, 200))
+    pinned_turn(blocks, "c", tokens(4, 300))
+    assert blocks.pin("a", first)  # a new turn of "a": now the youngest
+    assert [blocks.unpin_oldest() for _ in range(4)] == ["b", "c", "a", None]
+    assert blocks.pinned_blocks == 0 and blocks.free_blocks == 16
+
+
+def test_releasing_pins_counts_only_blocks_that_pins_alone_hold():
+    blocks = BlockManager(num_blocks=9, block_size=2)  # 8 usable
+    running, _ = blocks.allocate(tokens(4), None, reuse=True)
+    blocks.register_full_blocks(running, tokens(4), None, known=0)
+    assert blocks.pin("shared", list(running)) and blocks.pin_only_blocks() == 0  # a running sequence holds them too
+    pinned_turn(blocks, "alone", tokens(4, 500))
+    assert blocks.pin_only_blocks() == 2 and blocks.free_blocks == 4
+    assert blocks.allocate(tokens(12, 900), None, reuse=True) is None  # 6 blocks
+    assert blocks.fits_without_pins(tokens(12, 900), None, reuse=True)  # 4 free + 2 pinned alone
+    assert not blocks.fits_without_pins(tokens(14, 900), None, reuse=True)  # 7 blocks
+    # a prompt that starts with the pinned blocks reuses them: releasing them frees nothing for it
+    assert not blocks.fits_without_pins(tokens(4, 500) + tokens(10, 700), None, reuse=True)
+    assert blocks.pinned_blocks == 4  # asking never released anything

@@ -117,7 +117,8 @@ def test_a_session_keeps_its_conversation_cached_under_pressure_until_closed(tin
         first = [event for event in engine.submit(turn)]
         history = prompts[0] + [event.token_id for event in first if event.token_id is not None]
         others = [[token + 1 + i for token in prompt] for i, prompt in enumerate(prompts[1:9])]  # nothing shared
-        run_all(engine, others, tokens=8)  # fills the pool: unpinned cached blocks are evicted
+        for half in (others[:4], others[4:]):  # fills the pool: unpinned cached blocks are evicted (running
+            run_all(engine, half, tokens=8)  # sequences never lack blocks: then pins would give way to them)
         again = Request(
             prompt_ids=history + [5, 6], params=SamplingParams(max_new_tokens=2, ignore_eos=True), session_id="s1"
         )

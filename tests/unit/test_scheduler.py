@@ -1,6 +1,7 @@
-"""The scheduler without a model: a real BlockManager and real Sequences, stepped by a stand-in runner. The FIFO
-queue, the batch cap, the prefill budget, preemption and resumption, session pins, cancels, failures, and blocks
-given back."""
+"""The scheduler without a model: a real BlockManager and real Sequences, stepped by a stand-in runner. The queue,
+the batch cap, the prefill budget, preemption and resumption, session pins, cancels, failures, and blocks given
+back. What keeps anyone from starving (skip-ahead, aging, pins giving way, round-robin preemption) is in
+tests/hardening/test_starvation.py, on this harness."""
 
 from __future__ import annotations
 
@@ -40,11 +41,14 @@ class FakeRunner:
 class Harness:
     """A Scheduler over a real pool, a stand-in runner, and every event it produced, per request."""
 
-    def __init__(self, blocks: int, block_size=4, max_batch=8, budget=512, fail_on=(), watermark=0):
+    def __init__(self, blocks: int, block_size=4, max_batch=8, budget=512, fail_on=(), watermark=0, **fairness):
+        """``fairness``: the scheduler's ``skip_ahead`` and ``max_overtakes``."""
         self.forgotten: list[str] = []
         self.fail_on = set(fail_on)  # request ids whose sequence cannot be made
         self.pool = BlockManager(blocks, block_size)
-        self.scheduler = Scheduler(self.pool, max_batch, budget, self.new_sequence, self.forget, watermark=watermark)
+        self.scheduler = Scheduler(
+            self.pool, max_batch, budget, self.new_sequence, self.forget, watermark=watermark, **fairness
+        )
         self.runner = FakeRunner()
         self.events: dict[str, list] = collections.defaultdict(list)
 
@@ -100,17 +104,17 @@ def test_max_batch_caps_the_running_batch_and_the_rest_wait_in_order():
     assert run.running() == ["c", "d"] and run.scheduler.waiting == 0 and run.scheduler.peak_running == 2
 
 
-def test_admission_is_fifo_a_small_prompt_does_not_overtake_one_waiting_for_blocks():
+def test_a_small_prompt_starts_past_one_waiting_for_blocks_and_that_one_starts_when_they_free_up():
     run = Harness(blocks=5, block_size=4)  # 4 usable blocks
     run.add(12, "big", max_new_tokens=2)  # 3 blocks
     run.add(12, "bigger", max_new_tokens=4, first=300)  # 3 more: must wait for "big"
-    run.add(2, "small", max_new_tokens=4, first=500)  # 1 block would fit, but it is behind "bigger"
+    run.add(2, "small", max_new_tokens=4, first=500)  # 1 block: it fits, so it need not wait behind "bigger"
     run.tick()
-    assert run.running() == ["big"] and run.scheduler.waiting == 2
-    run.tick()  # "big" finishes and gives its blocks back
-    assert run.final("big").finish_reason is FinishReason.LENGTH
+    assert run.running() == ["big", "small"] and run.scheduler.waiting == 1
+    run.tick()  # "big" grows: "small", started in the same step and later, gives its block back; "big" finishes
+    assert run.final("big").finish_reason is FinishReason.LENGTH and run.preempted() == ["small"]
     run.tick()
-    assert run.running() == ["bigger", "small"]  # both fit now, in arrival order
+    assert run.running() == ["small", "bigger"]  # the preempted one resumes first, then "bigger" fits
 
 
 def test_the_prefill_budget_is_shared_oldest_first_and_chunks_a_long_prompt_while_others_decode():
@@ -128,7 +132,7 @@ def test_the_prefill_budget_is_shared_oldest_first_and_chunks_a_long_prompt_whil
     ]
 
 
-def test_a_full_pool_preempts_the_most_recently_admitted_running_sequence():
+def test_a_full_pool_preempts_of_sequences_that_ran_as_long_the_most_recently_admitted():
     run = Harness(blocks=5, block_size=4)  # 4 usable blocks
     for index, name in enumerate(["a", "b", "c"]):
         run.add(4, name, max_new_tokens=5, first=100 * (index + 1))
@@ -141,13 +145,13 @@ def test_a_full_pool_preempts_the_most_recently_admitted_running_sequence():
     assert preempted.block_table == [] and preempted.prefill_ids == [300, 301, 302, 303, 1004]  # recomputes its token
 
 
-def test_sequences_preempted_in_one_step_resume_in_their_admission_order():
+def test_preempted_sequences_resume_in_the_order_they_were_preempted():
     run = Harness(blocks=5, block_size=4)  # 4 usable blocks
     for index, name in enumerate("abcd"):
         run.add(4, name, max_new_tokens=5, first=100 * (index + 1))
     run.tick()  # the pool is full
     run.tick()  # "a" grows by preempting "d", "b" by preempting "c"
-    assert run.running() == ["a", "b"] and run.preempted() == ["c", "d"] and run.scheduler.preemptions == 2
+    assert run.running() == ["a", "b"] and run.preempted() == ["d", "c"] and run.scheduler.preemptions == 2
 
 
 def test_new_requests_leave_the_watermark_free_while_others_run_but_an_idle_pool_is_all_theirs():
@@ -182,18 +186,17 @@ def test_a_preempted_sequence_resumes_before_new_requests_and_loses_no_token():
     assert run.tokens("late") == [1004]
 
 
-def test_a_finished_session_keeps_its_blocks_pinned_under_pressure_until_the_session_is_closed():
+def test_a_finished_session_keeps_its_blocks_pinned_until_the_session_is_closed():
     run = Harness(blocks=9, block_size=4)  # 8 usable; pins may hold 4
     run.add(8, "turn", max_new_tokens=1, session="chat")  # 2 full prompt blocks, finishes after one token
     run.tick()
     assert run.final("turn").finish_reason is FinishReason.LENGTH and run.pool.pinned_blocks == 2
-    run.add(28, "hog", first=500)  # 7 blocks: fits only if the session's 2 blocks may be evicted
+    run.add(20, "other", max_new_tokens=1, first=500)  # 5 blocks: the free ones are enough, the pin stays
     run.tick()
-    run.tick()
-    assert run.running() == [] and run.scheduler.waiting == 1 and run.pool.used_blocks == 2
+    assert run.final("other").finish_reason is FinishReason.LENGTH and run.pool.pinned_blocks == 2
     run.scheduler.close_session("chat")
     run.tick()
-    assert run.running() == ["hog"] and run.pool.pinned_blocks == 0
+    assert run.pool.pinned_blocks == 0 and run.scheduler.pins_released == 0  # closed, not taken
 
 
 def test_a_cancelled_or_failed_session_turn_pins_nothing():
