@@ -77,7 +77,7 @@ def _add_sagemaker_native(app: Flask, settings: Settings, engine: EngineClient) 
     app.extensions["serve.adapters"] = AdapterRegistry(engine, settings)
     if settings.stateful_sessions:
         app.extensions["serve.sagemaker.sessions"] = SessionStore(
-            settings.sessions_expiration, engine.close_session
+            settings.sessions_expiration, engine.close_session, max_sessions=settings.max_sessions
         ).start()
     app.extensions["serve.sagemaker.emf"] = reporter_for(settings, engine, app.extensions["serve.service"].metrics)
 

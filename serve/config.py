@@ -96,6 +96,7 @@ class Settings:
     lora_adapter_roots: tuple[str, ...] = ()  # LORA_ADAPTER_ROOTS: more folders POST /adapters may read from
     stateful_sessions: bool = False  # SAGEMAKER_ENABLE_STATEFUL_SESSIONS
     sessions_expiration: int = 1200  # SAGEMAKER_SESSIONS_EXPIRATION, seconds
+    max_sessions: int = 1024  # MAX_SESSIONS: live sessions at once (the one idle longest expires first, else 429)
     invocation_timeout: Optional[float] = None  # INVOCATION_TIMEOUT seconds (60 on SageMaker; None: no deadline)
     invocation_timeout_margin: float = 3.0  # INVOCATION_TIMEOUT_MARGIN: answer this many seconds before the cut
     cloudwatch_metrics: bool = False  # CLOUDWATCH_METRICS: EMF lines on stdout (on by default on SageMaker)
@@ -232,6 +233,7 @@ def _sagemaker_values(env: Mapping[str, str]) -> dict[str, object]:
         "lora_adapter_roots": _read(env, ("LORA_ADAPTER_ROOTS",), parse_folders),
         "stateful_sessions": _read(env, ("SAGEMAKER_ENABLE_STATEFUL_SESSIONS",), parse_bool),
         "sessions_expiration": _read(env, ("SAGEMAKER_SESSIONS_EXPIRATION",), parse_positive_int),
+        "max_sessions": _read(env, ("MAX_SESSIONS",), parse_positive_int),
         "invocation_timeout": timeout,
         "invocation_timeout_margin": _read(env, ("INVOCATION_TIMEOUT_MARGIN",), parse_seconds),
         "cloudwatch_metrics": native if metrics is None else metrics,

@@ -6,7 +6,7 @@ import json
 import time
 from typing import Iterable, Optional
 
-from flask import Response, current_app, request
+from flask import Response, after_this_request, current_app, request
 
 from serve.front.context import RequestContext
 from serve.front.generation import Generation
@@ -69,10 +69,20 @@ def invocation_context() -> RequestContext:
         store = _store()
         if store is None:
             raise BadRequest(f"{SESSION_HEADER}: {DISABLED}", SESSION_HEADER)
-        store.check(session_id)
+        _hold_until_answered(store, session_id)
     config = settings()
     deadline = invocation_deadline(_arrival(), config.invocation_timeout, config.invocation_timeout_margin)
     return request_context(session_id=session_id, deadline=deadline)
+
+
+def _hold_until_answered(store: SessionStore, session_id: str) -> None:
+    """Count this request in flight on its session until its response is closed (sent, abandoned or failed)."""
+    store.begin(session_id)
+
+    @after_this_request
+    def finish_when_closed(response: Response) -> Response:
+        response.call_on_close(lambda: store.finish(session_id))
+        return response
 
 
 def _arrival() -> float:

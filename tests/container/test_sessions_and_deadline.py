@@ -117,3 +117,40 @@ def test_short_answers_and_streams_are_not_cut(server):
     assert '"index":480' in events[-1].replace(" ", "") and stream_seconds > 2  # past the cut
     assert direct.status_code == 200 and "X-Finish-Reason" not in direct.headers  # only /invocations has the cut
     assert direct.json()["generated_text"] and direct_seconds > 2
+
+
+@pytest.fixture(scope="module")
+def capped_server(slow_model_dir, tmp_path_factory):
+    env = {
+        "HF_MODEL_ID": str(slow_model_dir),  # a 480-token stream outlasts the few requests made while it runs
+        "SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "true",
+        "DTYPE": "float32",
+        "MAX_SESSIONS": "2",
+    }
+    server = start_server(env, tmp_path_factory.mktemp("capped-logs"))
+    yield server
+    server.stop()
+
+
+def test_live_sessions_are_capped_idle_ones_make_room_and_busy_ones_are_kept(capped_server):
+    first, _ = new_session(capped_server)
+    second, _ = new_session(capped_server)
+    long = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 480, "ignore_eos": True}, "stream": True}
+
+    def busy(session: str) -> requests.Response:
+        """A stream of the session that has begun (its headers are in) and goes on for seconds."""
+        response = requests.post(
+            capped_server.url + "/invocations", json=long, headers={SESSION: session}, stream=True, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        return response
+
+    with busy(second):
+        third, _ = new_session(capped_server)  # "first" is idle: it expires to make room
+        with busy(third):
+            refused = invoke(capped_server, {"requestType": "NEW_SESSION"})
+    assert refused.status_code == 429 and "MAX_SESSIONS=2" in refused.json()["error"], refused.text
+    assert refused.json()["error_type"] == "overloaded"
+    gone = invoke(capped_server, ASK, first)
+    assert gone.status_code == 400 and f"session {first} is expired" in gone.json()["error"]
+    assert invoke(capped_server, ASK, second).status_code == 200  # kept while busy, and still live

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from serve.app import create_app
-from serve.errors import BadRequest
+from serve.errors import BadRequest, Overloaded
 from serve.sagemaker.sessions import SessionStore, session_request_type
 
 
@@ -77,3 +77,39 @@ def test_requests_of_a_live_session_carry_its_id_and_close_unpins_it(tiny_settin
         "/invocations", json={"requestType": "CLOSE"}, headers={"X-Amzn-SageMaker-Session-Id": session_id}
     )
     assert closed.status_code == 200 and engine.closed == [session_id]
+
+
+def test_past_max_sessions_the_session_idle_longest_expires_and_when_all_are_busy_it_is_a_429():
+    clock, closed = Clock(), []
+    store = SessionStore(60, closed.append, clock, max_sessions=2)
+    first, _ = store.create()
+    second, _ = store.create()
+    store.check(first)  # used since: "second" is now the one idle longest
+    third, _ = store.create()
+    assert closed == [second] and store.live == 2
+    with pytest.raises(BadRequest, match=f"session {second} is expired"):
+        store.check(second)
+    store.begin(first)
+    store.begin(third)
+    with pytest.raises(Overloaded, match="MAX_SESSIONS=2") as refused:
+        store.create()
+    assert refused.value.status == 429 and store.live == 2 and closed == [second]
+    store.finish(third)
+    store.create()
+    assert closed == [second, third] and store.check(first) == first  # the busy one was kept
+
+
+def test_a_session_counts_as_busy_until_its_response_is_closed(tiny_settings, tiny_engine):
+    settings = replace(tiny_settings, stateful_sessions=True, max_sessions=1)
+    client = create_app(settings, tiny_engine).test_client()
+    created = client.post("/invocations", json={"requestType": "NEW_SESSION"})
+    session_id = created.headers["X-Amzn-SageMaker-New-Session-Id"].split(";")[0]
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
+    answer = client.post("/invocations", json=body, headers={"X-Amzn-SageMaker-Session-Id": session_id})
+    assert answer.status_code == 200
+    refused = client.post("/invocations", json={"requestType": "NEW_SESSION"})
+    assert refused.status_code == 429 and "MAX_SESSIONS=1" in refused.get_json()["error"]
+    answer.close()  # sent: the session is idle again
+    assert client.post("/invocations", json={"requestType": "NEW_SESSION"}).status_code == 200
+    gone = client.post("/invocations", json=body, headers={"X-Amzn-SageMaker-Session-Id": session_id})
+    assert gone.status_code == 400 and f"session {session_id} is expired" in gone.get_json()["error"]
