@@ -61,6 +61,7 @@ VARIABLES = [
     ("LORA_ADAPTER_ROOTS", "/srv/adapters,/data", "lora_adapter_roots", ("/srv/adapters", "/data")),
     ("SAGEMAKER_ENABLE_STATEFUL_SESSIONS", "TRUE", "stateful_sessions", True),
     ("SAGEMAKER_SESSIONS_EXPIRATION", "60", "sessions_expiration", 60),
+    ("MAX_SESSIONS", "5", "max_sessions", 5),
     ("INVOCATION_TIMEOUT", "30", "invocation_timeout", 30.0),
     ("INVOCATION_TIMEOUT_MARGIN", "0.5", "invocation_timeout_margin", 0.5),
     ("CLOUDWATCH_METRICS", "1", "cloudwatch_metrics", True),
