@@ -107,8 +107,7 @@ class Generation:
             self._sink.put((min(self._open), TokenEvent(None, "", FinishReason.ERROR, error=reason)))
 
     def end_open(self, generated: dict[int, int]) -> Iterator[tuple[int, TokenEvent]]:
-        """End, from the front, the choices the engine has not ended (it is frozen or gone): each finishes as
-        ``length`` with the ``generated`` tokens read so far."""
+        """End the choices the engine has not ended (frozen or gone) as ``length``, with the tokens read so far."""
         for index in sorted(self._open):
             self._open.discard(index)
             prompt_tokens = len(self.streams[index].request.prompt_ids)
@@ -152,7 +151,8 @@ class GenerationService:
         return self.engine.tokenizer
 
     def _require_ready(self) -> None:
-        if not self.engine.ready:
+        """Loaded: a pool whose copies restart or stall still knows its tokenizer and limits (admission says why)."""
+        if not self.engine.ready and getattr(self.engine, "recovery_state", None) is None:
             raise NotReady("the model is still loading; retry when /ping answers 200")
 
     def chat_prompt(
@@ -359,10 +359,8 @@ def _engine_requests(valid: ValidRequest, session_id: Optional[str], partition: 
 def _until(
     generation: Generation, heartbeat: Optional[float], deadline: Optional[float]
 ) -> Iterator[Optional[tuple[int, TokenEvent]]]:
-    """``generation.events``, but at ``deadline`` the running choices are cancelled and finish as ``length``.
-
-    The deadline is kept by the front's clock: choices the engine has not ended ``DEADLINE_GRACE_S`` after it (a
-    frozen or dead engine sends nothing) are ended here."""
+    """``generation.events``, but at ``deadline`` the running choices are cancelled and finish as ``length``; those
+    the engine has not ended ``DEADLINE_GRACE_S`` later (frozen or gone) are ended here, on the front's clock."""
     if deadline is None:
         yield from generation.events(heartbeat=heartbeat)
         return

@@ -168,6 +168,7 @@ def test_a_frozen_engine_process_is_stalled_and_a_deadline_holds_by_the_fronts_c
         reader.start()
         assert wait_for(lambda: copy.stalled, timeout=30)
         assert not recovering.ready and recovering.recovery_state == "stalled"
+        assert service.tokenizer is recovering.tokenizer  # what answers render with stays known
         reader.join(60)  # a guard against a hang: the deadline is 1 s away
         assert not reader.is_alive(), "the answer waited on a frozen engine past its deadline"
     finally:
