@@ -9,17 +9,18 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from serve.engine.adapters import AdapterNotLoaded, AdapterTable
 from serve.engine.scheduler import Event, Scheduler, StepOutput, StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.stopping import eos_token_ids
-from serve.engine.types import EngineConfig, EngineLoad, EngineStats, Limits, Request, TokenEvent, total_token_limit
+from serve.engine.stream import RequestStream
+from serve.engine.types import EngineConfig, EngineLoad, EngineStats, Limits, Request, total_token_limit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdapterNotLoaded", "Engine", "EngineNotReady", "RequestStream"]
+__all__ = ["AdapterNotLoaded", "Engine", "EngineNotReady"]
 
 
 class EngineNotReady(RuntimeError):
@@ -29,43 +30,6 @@ class EngineNotReady(RuntimeError):
     def because(cls, load_error: Optional[BaseException]) -> "EngineNotReady":
         """Still loading (no error yet), or the reason the load failed."""
         return cls("the model is not loaded yet" if load_error is None else f"the model failed to load: {load_error}")
-
-
-class RequestStream:
-    """The events of one request, in order; closing the stream early cancels the request.
-
-    Several streams may share one ``sink`` queue (the n choices of one client request); each puts
-    ``(index, event)`` pairs into it, and the reader of the sink tells them apart by index.
-    """
-
-    def __init__(self, request: Request, engine: "Engine", sink: Optional[queue.Queue] = None, index: int = 0):
-        self.request = request
-        self.index = index
-        self._engine = engine
-        self._events: "queue.Queue[tuple[int, TokenEvent]]" = queue.Queue() if sink is None else sink
-        self._finished = False
-
-    def put(self, event: TokenEvent) -> None:
-        self._events.put((self.index, event))
-
-    def events(self, heartbeat: Optional[float] = None) -> Iterator[Optional[TokenEvent]]:
-        """Yield events until the final one; yield None every ``heartbeat`` seconds of silence."""
-        while not self._finished:
-            try:
-                _, event = self._events.get(timeout=heartbeat)
-            except queue.Empty:
-                yield None
-                continue
-            self._finished = event.finish_reason is not None
-            yield event
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        return (event for event in self.events() if event is not None)
-
-    def close(self) -> None:
-        """Cancel the request if it has not finished (the client went away)."""
-        if not self._finished:
-            self._engine.cancel(self.request.id)
 
 
 class Engine:
@@ -179,7 +143,7 @@ class Engine:
         """
         if not self.ready:
             raise EngineNotReady.because(self.load_error)
-        stream = RequestStream(request, self, sink, index)
+        stream = RequestStream(request, self.cancel, sink, index)
         with self.adapters.admitting(request.adapter):  # AdapterNotLoaded for a deleted adapter
             self._streams[request.id] = stream
             self.matchers.submit(request, self.scheduler.add, self.scheduler.cancel)

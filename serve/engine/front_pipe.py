@@ -1,14 +1,13 @@
-"""The front's pieces around one engine process's pipe: ``PipeWriter`` sends, ``FrontStream`` holds the events of
-one request that came back (``serve.engine.process.EngineProcess`` joins them)."""
+"""The front's writer to one engine process's pipe: ``PipeWriter`` sends without ever blocking the caller
+(``serve.engine.process.EngineProcess`` reads the replies)."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
-from serve.engine.types import Request, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -43,40 +42,3 @@ class PipeWriter:
             except Exception:  # noqa: BLE001 - one message that cannot be sent; the others still go
                 log.exception("a message to the engine process could not be sent: %r", message)
         self._conn.close()
-
-
-class FrontStream:
-    """The events of one request sent to an engine process, in order; closing it early cancels the request.
-
-    Several streams may share one ``sink`` queue (the n choices of one client request); each puts
-    ``(index, event)`` pairs into it, and the reader of the sink tells them apart by index.
-    """
-
-    def __init__(self, request: Request, cancel: Callable[[str], None], sink: Optional[queue.Queue], index: int):
-        self.request = request
-        self.index = index
-        self._cancel = cancel
-        self._events: "queue.Queue[tuple[int, TokenEvent]]" = queue.Queue() if sink is None else sink
-        self._finished = False
-
-    def put(self, event: TokenEvent) -> None:
-        self._events.put((self.index, event))
-
-    def events(self, heartbeat: Optional[float] = None) -> Iterator[Optional[TokenEvent]]:
-        """Yield events until the final one; yield None every ``heartbeat`` seconds of silence."""
-        while not self._finished:
-            try:
-                _, event = self._events.get(timeout=heartbeat)
-            except queue.Empty:
-                yield None
-                continue
-            self._finished = event.finish_reason is not None
-            yield event
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        return (event for event in self.events() if event is not None)
-
-    def close(self) -> None:
-        """Cancel the request if it has not finished (the client went away)."""
-        if not self._finished:
-            self._cancel(self.request.id)

@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional
 
 from serve.engine.adapters import AdapterError
 from serve.engine.engine import EngineNotReady
-from serve.engine.front_pipe import FrontStream, PipeWriter
+from serve.engine.front_pipe import PipeWriter
+from serve.engine.stream import RequestStream
 from serve.engine.protocol import (
     CallDone,
     Cancel,
@@ -83,7 +84,7 @@ class EngineProcess:
         self._reader: Optional[threading.Thread] = None
         self._life_lock = threading.Lock()  # spawning and stopping
         self._lock = threading.Lock()  # the streams and calls in flight
-        self._streams: dict[int, FrontStream] = {}
+        self._streams: dict[int, RequestStream] = {}
         self._calls: dict[int, Future] = {}
         self._adapters: dict[str, InstallAdapter] = {}  # installed: sent again to a restarted child
         self._keys = itertools.count()
@@ -193,11 +194,11 @@ class EngineProcess:
         graphs, compiled = (report.graphs, report.compiled) if report is not None else (None, None)
         return [EngineLoad(self.in_flight, self._served, graphs, compiled)]
 
-    def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> FrontStream:
+    def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
         """Send a request to the engine process (the pool decided it may run); EngineNotReady when it cannot."""
         if not self.ready:
             raise EngineNotReady.because(self.load_error)
-        stream = FrontStream(request, self.cancel, sink, index)
+        stream = RequestStream(request, self.cancel, sink, index)
         with self._lock:
             if self._exited.is_set():  # died since: its requests were failed already
                 raise EngineNotReady(str(self.exit_error))
