@@ -56,7 +56,7 @@ def apply_typical_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     log_probs = torch.log_softmax(selected, dim=-1)
     entropy = -(log_probs.exp() * log_probs).nansum(dim=-1, keepdim=True)
     distance = (-log_probs - entropy).abs()
-    order = distance.argsort(dim=-1)
+    order = distance.argsort(dim=-1, stable=True)
     sorted_probs = log_probs.gather(-1, order).exp()
     mass = torch.tensor([params[row].typical_p for row in rows], device=logits.device)[:, None]
     drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= mass
@@ -92,15 +92,17 @@ def mark_non_finite(tokens: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, tokens, torch.full_like(tokens, NON_FINITE))
 
 
-def _uniforms(generators: Sequence[Optional[torch.Generator]], device: torch.device) -> torch.Tensor:
-    """One uniform draw per row: rows without a seed share one call on the default RNG (one kernel whatever the
-    batch); a seeded row draws from its own generator, so its tokens do not depend on its neighbours."""
-    draws = torch.rand(len(generators), device=device)
-    seeded = [row for row, generator in enumerate(generators) if generator is not None]
-    if seeded:
-        own = torch.cat([torch.rand(1, generator=generators[row], device=device) for row in seeded])
-        draws[torch.tensor(seeded, device=device)] = own
-    return draws
+def _exponentials(
+    generators: Sequence[Optional[torch.Generator]], shape: torch.Size, device: torch.device
+) -> torch.Tensor:
+    """[rows, vocab] Exp(1) noise, one number per token: rows without a seed share one call on the default RNG (one
+    kernel whatever the batch); a seeded row draws its own from its generator, so its tokens do not depend on its
+    neighbours. Never zero, so no kept token's score is infinite and no dropped token's is NaN."""
+    noise = torch.empty(shape, device=device).exponential_()
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            noise[row].exponential_(generator=generator)
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
 def sample_next_tokens(
@@ -126,15 +128,26 @@ def sample_next_tokens(
     temperature, top_k, top_p, min_p, is_greedy = torch.tensor(rows, dtype=torch.float32).T.to(device)  # one copy
 
     logits = apply_typical_p(logits / temperature[:, None], params)
-    sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True)
+    sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True, stable=True)  # ties: lower id first
     ranks = torch.arange(logits.shape[-1], device=device)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
     probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
     probs = probs.masked_fill(probs < min_p[:, None] * probs[:, :1], 0.0)
-    cdf = torch.cumsum(probs, dim=-1)
-    draw = _uniforms(generators, device) * cdf[:, -1]
-    position = torch.searchsorted(cdf, draw[:, None]).clamp(max=logits.shape[-1] - 1)
-    sampled = sorted_ids.gather(-1, position).squeeze(-1)
+    kept = torch.zeros_like(probs).scatter_(-1, sorted_ids, probs)  # back in token-id order
+    sampled = race(kept, _exponentials(generators, kept.shape, device))
     return torch.where(is_greedy.bool(), greedy_choice, sampled)
+
+
+def race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` [rows, vocab], with those probabilities: each token's Exp(1) ``noise`` over
+    its probability is its finishing time, and the first to finish wins (a token of probability 0 never does).
+
+    Each token id has its own noise, so the draw does not hinge on the order of likelihood: the same row computed
+    over another step shape (its prompt cached or not, chunked otherwise, other sequences in the batch) may differ
+    in the last bits of its logits, which swaps near-tied tokens by rank and would move a draw by rank (an inverse
+    CDF in sorted order) onto another token. Here such a change moves every time by a rounding error, far less than
+    the gap between the first two to finish, so a seed keeps its tokens.
+    """
+    return (probs / noise).argmax(dim=-1)
