@@ -92,17 +92,36 @@ def mark_non_finite(tokens: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, tokens, torch.full_like(tokens, NON_FINITE))
 
 
-def _exponentials(
-    generators: Sequence[Optional[torch.Generator]], shape: torch.Size, device: torch.device
-) -> torch.Tensor:
-    """[rows, vocab] Exp(1) noise, one number per token: rows without a seed share one call on the default RNG (one
-    kernel whatever the batch); a seeded row draws its own from its generator, so its tokens do not depend on its
-    neighbours. Never zero, so no kept token's score is infinite and no dropped token's is NaN."""
-    noise = torch.empty(shape, device=device).exponential_()
-    for row, generator in enumerate(generators):
-        if generator is not None:
-            noise[row].exponential_(generator=generator)
-    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+def _seeded_noise(generators: Sequence[torch.Generator], vocab: int, device: torch.device) -> torch.Tensor:
+    """[rows, vocab] Exp(1) noise, one number per token, each seeded row from its own generator (as -log of a
+    uniform: a fifth of ``exponential_``'s cost on the CPU). Never zero, so no kept token's time is infinite."""
+    uniforms = torch.stack([torch.rand(vocab, generator=generator, device=device) for generator in generators])
+    return (
+        uniforms.clamp_(min=torch.finfo(uniforms.dtype).tiny).log_().neg_().clamp_(min=torch.finfo(uniforms.dtype).tiny)
+    )
+
+
+def _by_rank(probs: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
+    """One token per row by an inverse CDF over ``probs`` in likelihood order: one uniform per row, one call for the
+    whole batch (rows without a seed, whose draws nobody replays)."""
+    cdf = torch.cumsum(probs, dim=-1)
+    draw = torch.rand(probs.shape[0], device=probs.device) * cdf[:, -1]
+    position = torch.searchsorted(cdf, draw[:, None]).clamp(max=probs.shape[-1] - 1)
+    return sorted_ids.gather(-1, position).squeeze(-1)
+
+
+def _seeded(
+    probs: torch.Tensor, sorted_ids: torch.Tensor, generators: Sequence[Optional[torch.Generator]]
+) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The seeded rows' tokens by ``race`` over their probabilities in token-id order: a seed keeps its tokens
+    whatever the step's shape (see ``race``)."""
+    rows = [row for row, generator in enumerate(generators) if generator is not None]
+    if not rows:
+        return None
+    index = torch.tensor(rows, device=probs.device)
+    kept = torch.zeros_like(probs[index]).scatter_(-1, sorted_ids[index], probs[index])  # back in token-id order
+    noise = _seeded_noise([generators[row] for row in rows], probs.shape[-1], probs.device)
+    return index, race(kept, noise)
 
 
 def sample_next_tokens(
@@ -135,8 +154,11 @@ def sample_next_tokens(
     mass_before = torch.cumsum(probs, dim=-1) - probs
     probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
     probs = probs.masked_fill(probs < min_p[:, None] * probs[:, :1], 0.0)
-    kept = torch.zeros_like(probs).scatter_(-1, sorted_ids, probs)  # back in token-id order
-    sampled = race(kept, _exponentials(generators, kept.shape, device))
+    sampled = _by_rank(probs, sorted_ids)
+    seeded = _seeded(probs, sorted_ids, generators)
+    if seeded is not None:
+        index, tokens = seeded
+        sampled[index] = tokens
     return torch.where(is_greedy.bool(), greedy_choice, sampled)
 
 
