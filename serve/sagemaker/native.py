@@ -12,7 +12,6 @@ from serve.front.context import RequestContext
 from serve.front.generation import Generation
 from serve.errors import BadRequest
 from serve.http.routes.common import request_context, settings
-from serve.sagemaker.invocation import DEADLINE, FINISH_HEADER, invocation_deadline
 from serve.sagemaker.sessions import (
     CLOSE,
     CLOSED_SESSION_HEADER,
@@ -25,6 +24,15 @@ from serve.sagemaker.sessions import (
 )
 
 DISABLED = "stateful sessions are not enabled on this endpoint (set SAGEMAKER_ENABLE_STATEFUL_SESSIONS=true)"
+
+FINISH_HEADER = "X-Finish-Reason"  # "deadline" when the answer was cut short to beat the invocation timeout
+DEADLINE = "deadline"
+
+
+def invocation_deadline(arrival: float, timeout: Optional[float], margin: float) -> Optional[float]:
+    """When an answer must be cut short (``time.monotonic()``): ``margin`` seconds before the invocation ``timeout``
+    runs out, counted from the request's ``arrival``; None without a timeout."""
+    return None if timeout is None else arrival + timeout - margin
 
 
 def _store() -> Optional[SessionStore]:
