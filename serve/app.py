@@ -20,7 +20,7 @@ from serve.errors import BadRequest, MethodNotAllowed, NotFound, NotReady, Paylo
 from serve.front.generation import GenerationService
 from serve.sagemaker.custom_handler import CustomHandler
 from serve.metrics import Metrics
-from serve.http.routes import docs, openai, tgi
+from serve.http.routes import docs, openai, responses, tgi
 from serve.http.routes.common import ADMITTED, CLIENT
 from serve.http.routes.validation import Validator
 from serve.http.routes.adapter_choice import requested_adapter
@@ -60,7 +60,7 @@ def create_app(
     app.extensions["serve.secrets"] = secret_values(settings)
     redact_logs(app.extensions["serve.secrets"])
     _add_sagemaker_native(app, settings, engine)
-    for module in (invocations, openai, tgi, docs, adapter_routes):
+    for module in (invocations, openai, responses, tgi, docs, adapter_routes):
         app.register_blueprint(module.blueprint)
     _register_error_handlers(app)
     app.before_request(_stamp_arrival)
