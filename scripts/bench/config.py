@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from peer_configs import TRANSFORMERS_CONFIGS, VLLM_CONFIGS
+
 REPO = Path(__file__).resolve().parents[2]
 ALL_SYSTEMS = ("ours", "vllm", "transformers", "offline", "ours-slots", "ours-nocache", "ours-before")
 ALL_WORKLOADS = ("standard", "capacity", "prefix")
@@ -33,6 +35,8 @@ class BenchConfig:
     output_json: Path = REPO / "docs" / "benchmarks.json"
     vllm_version: str = "0.32.0"
     transformers_version: str = ""  # "": the project venv's version
+    vllm_configs: tuple[str, ...] = VLLM_CONFIGS  # the vLLM rows of the standard workload (peer_configs.py)
+    transformers_configs: tuple[str, ...] = TRANSFORMERS_CONFIGS
     torch_version: str = ""  # "": the project venv's version (its local CPU wheel)
     workloads: tuple[str, ...] = ALL_WORKLOADS
     # capacity: many concurrent long-ish prompts through a fixed KV budget
@@ -123,6 +127,12 @@ def from_env(env: Mapping[str, str] | None = None) -> BenchConfig:
         ("BENCH_OUTPUT_MD", "output_md", Path),
         ("BENCH_OUTPUT_JSON", "output_json", Path),
         ("BENCH_VLLM_VERSION", "vllm_version", str),
+        ("BENCH_VLLM_CONFIGS", "vllm_configs", _names("BENCH_VLLM_CONFIGS", VLLM_CONFIGS)),
+        (
+            "BENCH_TRANSFORMERS_CONFIGS",
+            "transformers_configs",
+            _names("BENCH_TRANSFORMERS_CONFIGS", TRANSFORMERS_CONFIGS),
+        ),
         ("BENCH_TRANSFORMERS_VERSION", "transformers_version", str),
         ("BENCH_TORCH_VERSION", "torch_version", str),
     ):

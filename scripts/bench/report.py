@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from config import BenchConfig
+from peer_report import configuration_lines, ratio_section
 
 
 @dataclass
 class SystemResult:
     """What happened to one system: its status, timings, per-level figures and notes."""
 
-    system: str
+    system: str  # the row's name: a peer's configuration names what it sets
     description: str = ""
     status: str = "not run"  # ok | errors | timed out | install failed | failed
     reason: str | None = None
@@ -30,6 +31,8 @@ class SystemResult:
     levels: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sample: str = ""  # the warm-up answer, to see that the model says something sensible
+    family: str = ""  # the system a configuration row belongs to (vllm, transformers); "" for the others
+    config: dict[str, Any] = field(default_factory=dict)  # a peer configuration's key, env, args, binding
 
 
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vp2intersect", "amx_bf16")  # what moves our CPU figures
@@ -114,7 +117,8 @@ def level_table(results: list[SystemResult], columns: list[tuple[str, str, Cell]
     for result in results:
         if not result.levels:
             cells = ["–"] * len(columns)
-            cells[min(3, len(cells) - 1)] = f"**{result.status}**"
+            why = f": {result.reason.splitlines()[0]}" if result.status == "not set up" and result.reason else ""
+            cells[min(3, len(cells) - 1)] = f"**{result.status}**{why.replace('|', '/')}"
             rows.append(f"| {result.system} | " + " | ".join(cells) + " |")
         for level in result.levels:
             rows.append(f"| {result.system} | " + " | ".join(cell(level) for _, _, cell in columns) + " |")
@@ -152,7 +156,7 @@ def failures(results: list[SystemResult], heading: str = "Failures and errors") 
     return (["", f"## {heading}"] + lines) if lines else []
 
 
-def setup(cfg: BenchConfig, info: dict[str, Any]) -> list[str]:
+def setup(cfg: BenchConfig, info: dict[str, Any], results: list[SystemResult] = ()) -> list[str]:
     """The bullet list that says what ran where, and how it was measured."""
     m = info["machine"]
     levels = ", ".join(f"{c} ({cfg.requests_at(c)} requests)" for c in cfg.concurrency)
@@ -173,6 +177,7 @@ def setup(cfg: BenchConfig, info: dict[str, Any]) -> list[str]:
         "first 200 from the health check (offline: model load time).",
         f"- **Bounds**: {cfg.peer_timeout_s:.0f} s per system (start, warm-up and all levels), "
         f"{cfg.health_timeout_s:.0f} s to become healthy; each server is stopped by its process group.",
+        *configuration_lines(results),
     ]
 
 
@@ -180,7 +185,6 @@ def markdown(
     results: list[SystemResult], cfg: BenchConfig, info: dict[str, Any], sections: list[str] = (), plot: str = ""
 ) -> str:
     """The whole docs/benchmarks.md page: the concurrency-level table (and ``plot``), then ``sections``."""
-    systems, levels = ",".join(cfg.systems), ",".join(map(str, cfg.concurrency))
     standard_date = info.get("standard_date", info["date"])
     kept = (
         f"The concurrency-level table is from the run of {standard_date} (not rerun this time)."
@@ -195,12 +199,13 @@ def markdown(
         "",
         "## Setup",
         "",
-        *setup(cfg, info),
+        *setup(cfg, info, results),
         "",
         "## Results",
         "",
         *([kept, ""] if kept else []),
         *results_table(results),
+        *ratio_section(results),
         *(["", f"![output tok/s and TTFT p50 against concurrency]({plot})"] if plot else []),
         "",
         "## Systems",
@@ -209,24 +214,36 @@ def markdown(
         *failures(results),
         "",
         *sections,
+        *reproduce(cfg),
+    ]
+    return "\n".join(lines)
+
+
+def reproduce(cfg: BenchConfig) -> list[str]:
+    """The page's closing section: the commands that rerun it, and the knobs."""
+    systems, levels = ",".join(cfg.systems), ",".join(map(str, cfg.concurrency))
+    return [
         "## Reproduce",
         "",
         "```",
         "make bench",
         f"BENCH_SYSTEMS={systems} BENCH_CONCURRENCY={levels} make bench",
         "BENCH_WORKLOADS=capacity make bench   # one workload; the page keeps the others from the last run",
+        "BENCH_SYSTEMS=ours,vllm BENCH_VLLM_CONFIGS=all-cores make bench   # vLLM in one configuration only",
         "```",
         "",
-        "Workloads: `BENCH_WORKLOADS` (standard,capacity,prefix). Systems: `BENCH_SYSTEMS` (ours, vllm, "
+        "Workloads: `BENCH_WORKLOADS` (standard,capacity,prefix). Systems: `BENCH_SYSTEMS` (ours, vllm (each of its "
+        "configurations), "
         "transformers, offline, ours-slots, ours-nocache, ours-before; each workload runs those of its own it names). "
         "Other knobs: "
         "`BENCH_REQUESTS` (fixed requests per level), `BENCH_MAX_TOKENS`, `BENCH_CAPACITY_*` and `BENCH_PREFIX_*` "
-        "(see `scripts/bench/config.py`), `BENCH_SLOTS_COMMIT`, `BENCH_BEFORE_COMMIT`, `BENCH_PEER_TIMEOUT`, "
+        "(see `scripts/bench/config.py`), `BENCH_VLLM_CONFIGS` (default,default-preload,all-cores,all-cores-preload: "
+        "which vLLM rows run), `BENCH_TRANSFORMERS_CONFIGS` (default,compile), "
+        "`BENCH_SLOTS_COMMIT`, `BENCH_BEFORE_COMMIT`, `BENCH_PEER_TIMEOUT`, "
         "`BENCH_HEALTH_TIMEOUT`, `BENCH_INSTALL_TIMEOUT`, `BENCH_VLLM_VERSION`, `BENCH_TRANSFORMERS_VERSION`, "
         "`BENCH_WORK_DIR` (virtualenvs, model copy and logs; default `~/.cache/sagemaker-llm-serve/bench`).",
         "",
     ]
-    return "\n".join(lines)
 
 
 KEPT_MARKER = "<!-- make bench keeps everything below this line -->"

@@ -10,6 +10,7 @@ from typing import Any
 
 import report
 from config import BenchConfig
+from peer_report import family_of
 from plot import plot_levels
 from report import LEVEL_COLUMNS, TOK_S, TTFT, SystemResult, failures, level_table, systems_table
 from workloads import TITLES
@@ -99,9 +100,9 @@ def table_for(workload: str) -> Callable[[list[SystemResult]], list[str]]:
 
 
 def _level(results: list[SystemResult], system: str, concurrency: int | None = None) -> dict[str, Any] | None:
-    """The (first, or at ``concurrency``) level of ``system``, if it ran."""
+    """The (first, or at ``concurrency``) level of ``system`` (or of a configuration of it), if it ran."""
     for r in results:
-        if r.system == system:
+        if r.system == system or family_of(r) == system:
             for lv in r.levels:
                 if concurrency is None or lv["concurrency"] == concurrency:
                     return lv

