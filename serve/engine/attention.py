@@ -6,13 +6,18 @@ calls ``attend`` with the step's rotated keys and values: they are written into 
 tokens attend in one batched call over their sequences' blocks, and each prompt chunk attends causally over its
 own sequence's earlier blocks and itself. Grouped-query heads are handled by viewing the queries as
 [batch, kv_heads, group, dim] against the shared keys: no K/V copies per head group.
+
+Decode attention runs the kernel installed for the cache (serve/engine/decode_backends.py: an in-place Triton or
+CPU kernel); ``_decode_attention``, which gathers each sequence's blocks into a copy, is the reference and the
+fallback.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +49,14 @@ class StepLayout:
     decode_mask: Optional[torch.Tensor]  # [decode, 1, 1, width * block_size] which cached positions each may see
     prefills: list[PrefillChunk]
     _copies: dict = field(default_factory=dict, repr=False)
+    _lengths: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def decode_lengths(self) -> torch.Tensor:
+        """[decode] how many cached positions each decode sequence sees: its mask counted on the device, once a
+        step (no host read, so a captured graph replays it)."""
+        if self._lengths is None:
+            self._lengths = self.decode_mask.reshape(self.decode_count, -1).sum(-1)
+        return self._lengths
 
     def on(self, device: torch.device) -> "StepLayout":
         """This layout with its tensors on ``device`` (copied once per step for each other GPU of a split model)."""
@@ -62,6 +75,17 @@ class StepLayout:
 
 
 _active = threading.local()
+
+DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, StepLayout, Optional[float]], torch.Tensor]
+_decode_kernels: "weakref.WeakKeyDictionary[PagedKVCache, DecodeKernel]" = weakref.WeakKeyDictionary()
+
+
+def use_decode_kernel(cache: PagedKVCache, kernel: Optional[DecodeKernel]) -> None:
+    """Decode attention over ``cache`` runs ``kernel`` (None: the gathering reference, ``_decode_attention``)."""
+    if kernel is None:
+        _decode_kernels.pop(cache, None)
+    else:
+        _decode_kernels[cache] = kernel
 
 
 class active_step:
@@ -104,11 +128,12 @@ def attend(
     layout = layout.on(key.device)  # a model split over GPUs: this layer's cache lives on this layer's GPU
     cache.write(layer, layout.rows, key, value)
     keys, values = cache.keys[layer], cache.values[layer]  # [blocks, block_size, kv_heads, dim]
+    decode = _decode_kernels.get(cache, _decode_attention)
     if not layout.prefills:
-        return _decode_attention(query, keys, values, layout, scaling)
+        return decode(query, keys, values, layout, scaling)
     out = torch.empty_like(query)
     if layout.decode_count:
-        out[: layout.decode_count] = _decode_attention(query, keys, values, layout, scaling)
+        out[: layout.decode_count] = decode(query, keys, values, layout, scaling)
     for chunk in layout.prefills:
         out[chunk.start : chunk.end] = _prefill_attention(query, key, value, keys, values, chunk, scaling)
     return out
