@@ -1,4 +1,5 @@
-/* The CPU panel kernel: float32 linear layers y = x @ w^T + bias for x86-64 with AVX2 and FMA.
+/* The CPU panel kernel: linear layers y = x @ w^T + bias for x86-64, float32 weights with AVX2 and FMA, bfloat16
+ * weights with AVX-512 BF16.
  *
  * serve/modeling/cpu_kernel.py compiles this file once per machine (cached under SERVE_CACHE_DIR) and calls it
  * through ctypes. The weight [n, k] is repacked once into panels of 16 output features, [ceil(n/16)][k][16],
@@ -8,9 +9,19 @@
  * Each output is one ordered sum over k, whatever the number of rows and wherever the row sits in the step, so a
  * sequence gets the same logits alone or in a batch. Threads: OpenMP over panels, on the runtime torch loaded
  * (libgomp.so.1), with the thread count given by the caller (torch.get_num_threads()).
+ *
+ * bfloat16 (the second half of this file): the same panels holding pairs of inputs, [ceil(n/16)][ceil(k/2)][16][2],
+ * zero-padded past n and k, half the bytes a decode step reads. Per pair, one 64-byte load of the panel and, for
+ * each of up to 8 rows, a broadcast of the row's two inputs and one VDPBF16PS, which adds both products (exact:
+ * bf16 x bf16 fits a float32 mantissa) to float32 accumulators; the sum is rounded once to bf16 (nearest even)
+ * after the bias. Those functions carry their own target flags (avx512f, avx512bf16), so the library still builds
+ * with -mavx2 -mfma and runs anywhere; cpu_kernel.py calls them only where the CPU has avx512_bf16, and
+ * serve_has_bf16() says whether the compiler could build them at all.
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define PANEL 16
 #define MAX_ROWS 6
@@ -72,3 +83,103 @@ void serve_linear_panels(const float* x, int64_t m, const float* panels, int64_t
     }
   }
 }
+
+/* ---- bfloat16 weights (AVX-512 BF16) ---- */
+
+#if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10
+#define BF16_TARGET __attribute__((target("avx512f,avx512bf16")))
+#define BF16_ROWS 8
+
+typedef uint16_t bf16;
+
+int serve_has_bf16(void) { return 1; }
+
+void serve_pack_panels_bf16(const bf16* w, int64_t n, int64_t k, bf16* out) {
+  int64_t panels = (n + PANEL - 1) / PANEL, pairs = (k + 1) / 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t jp = 0; jp < panels; jp++) {
+    bf16* dst = out + jp * pairs * PANEL * 2;
+    for (int64_t q = 0; q < pairs; q++)
+      for (int64_t c = 0; c < PANEL; c++)
+        for (int64_t h = 0; h < 2; h++) {
+          int64_t j = jp * PANEL + c, p = 2 * q + h;
+          dst[(q * PANEL + c) * 2 + h] = j < n && p < k ? w[j * k + p] : 0;
+        }
+  }
+}
+
+/* acc[r][0..16) = sum over pairs q of row r's pair q . panel[q], for R rows given as 32-bit words of two bf16. */
+#define TILE_BF16(R)                                                                                 \
+  BF16_TARGET static void tile_bf16_##R(const uint32_t* x, int64_t pairs, const bf16* panel, float* acc) { \
+    __m512 sum[R];                                                                                  \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();               \
+    for (int64_t q = 0; q < pairs; q++) {                                                           \
+      __m512bh w = (__m512bh)_mm512_loadu_si512(panel + q * PANEL * 2);                             \
+      _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                         \
+        __m512bh v = (__m512bh)_mm512_set1_epi32((int)x[r * pairs + q]);                            \
+        sum[r] = _mm512_dpbf16_ps(sum[r], v, w);                                                    \
+      }                                                                                             \
+    }                                                                                               \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm512_storeu_ps(acc + r * PANEL, sum[r]);  \
+  }
+TILE_BF16(1) TILE_BF16(2) TILE_BF16(3) TILE_BF16(4) TILE_BF16(5) TILE_BF16(6) TILE_BF16(7) TILE_BF16(8)
+
+typedef void (*tile_bf16_fn)(const uint32_t*, int64_t, const bf16*, float*);
+static const tile_bf16_fn TILES_BF16[BF16_ROWS + 1] = {
+    0, tile_bf16_1, tile_bf16_2, tile_bf16_3, tile_bf16_4, tile_bf16_5, tile_bf16_6, tile_bf16_7, tile_bf16_8};
+
+/* x [m, k] as [m, ceil(k/2)] 32-bit pairs: x itself for an even k, else a copy padded with a zero (*owned). */
+static const uint32_t* as_pairs(const bf16* x, int64_t m, int64_t k, uint32_t** owned) {
+  *owned = NULL;
+  if (k % 2 == 0) return (const uint32_t*)x;
+  int64_t pairs = (k + 1) / 2;
+  bf16* padded = calloc((size_t)(m * pairs * 2), sizeof(bf16));
+  if (padded == NULL) return NULL;
+  for (int64_t i = 0; i < m; i++) memcpy(padded + i * pairs * 2, x + i * k, (size_t)k * sizeof(bf16));
+  *owned = (uint32_t*)padded;
+  return *owned;
+}
+
+/* y's rows [0, rows) at columns [first, first + width): acc + bias, rounded to bf16 (nearest even). */
+BF16_TARGET static void store_bf16(float* acc, int rows, const bf16* bias, int64_t first, int64_t width, int64_t n,
+                                   bf16* y) {
+  bf16 rounded[PANEL];
+  for (int r = 0; r < rows; r++) {
+    float* sums = acc + r * PANEL;
+    for (int64_t c = 0; c < width && bias; c++) {
+      uint32_t bits = (uint32_t)bias[first + c] << 16;
+      float value;
+      memcpy(&value, &bits, sizeof value);
+      sums[c] += value;
+    }
+    __m256bh packed = _mm512_cvtneps_pbh(_mm512_loadu_ps(sums));
+    memcpy(rounded, &packed, sizeof rounded);
+    memcpy(y + r * n + first, rounded, (size_t)width * sizeof(bf16));
+  }
+}
+
+/* y[m, n] = x[m, k] @ w^T + bias, all bf16 (bias may be NULL), w given as panels by serve_pack_panels_bf16.
+ * Returns 0, or -1 when an odd k's padded copy of x could not be allocated. */
+BF16_TARGET int serve_linear_panels_bf16(const bf16* x, int64_t m, const bf16* panels, int64_t n, int64_t k,
+                                         const bf16* bias, bf16* y, int threads) {
+  uint32_t* owned;
+  const uint32_t* rows = as_pairs(x, m, k, &owned);
+  if (rows == NULL) return -1;
+  int64_t count = (n + PANEL - 1) / PANEL, pairs = (k + 1) / 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t jp = 0; jp < count; jp++) {
+    float acc[BF16_ROWS * PANEL];
+    const bf16* panel = panels + jp * pairs * PANEL * 2;
+    int64_t first = jp * PANEL, width = n - first < PANEL ? n - first : PANEL;
+    for (int64_t i = 0; i < m; i += BF16_ROWS) {
+      int block = m - i < BF16_ROWS ? (int)(m - i) : BF16_ROWS;
+      TILES_BF16[block](rows + i * pairs, pairs, panel, acc);
+      store_bf16(acc, block, bias, first, width, n, y + i * n);
+    }
+  }
+  free(owned);
+  return 0;
+}
+#else
+int serve_has_bf16(void) { return 0; }
+#endif

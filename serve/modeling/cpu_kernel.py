@@ -1,14 +1,18 @@
-"""The CPU panel kernel (``cpu_kernel.c``): float32 linear layers over weights repacked into 16-feature panels.
+"""The CPU panel kernel (``cpu_kernel.c``): linear layers over weights repacked into 16-feature panels, float32 on
+x86-64 with AVX2 and FMA, bfloat16 where the CPU also has AVX-512 BF16.
 
 At batch 1 to 32 a decode step on the CPU is mostly the reading of weights, which oneDNN's packed GEMM reads well
 below the machine's streaming rate; this kernel streams each panel front to back, and was faster than oneDNN from
-single rows up to prefill chunks (figures: docs/settings.md, "The CPU panel kernel").
+single rows up to prefill chunks; its bf16 panels hold half the bytes (figures: docs/settings.md, "The CPU panel
+kernel").
 
 The library is named by a hash of the source and flags. It is looked for beside this file (the image builds it
 there, in a build stage of its own: ``python3 serve/modeling/cpu_kernel.py FOLDER``, so the image needs no compiler),
 then in ``<SERVE_CACHE_DIR>/kernels``; if absent, it is compiled there at first use with the machine's C compiler
 (the ``CC`` setting, else ``cc`` or ``gcc``; ~0.5 s). Where it cannot be used (not x86-64 with AVX2 and FMA, no
-library and no compiler, a failed build) ``load_panel_kernel`` says why and the caller keeps oneDNN's packing.
+library and no compiler, a failed build) ``load_panel_kernel`` says why and the caller keeps oneDNN's packing. The
+bf16 functions carry their own target flags inside the same library and are called only where the CPU has
+``avx512_bf16`` (``PanelKernel.bf16_missing`` says why not elsewhere).
 
 This module imports torch only to run the kernel, so the image's build stage can run it with a bare python3.
 """
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 PANEL = 16  # output features per panel (cpu_kernel.c)
+BF16_NEEDS = frozenset({"avx512f", "avx512_bf16"})  # CPU flags the bf16 functions run on
 BUILD_TIMEOUT_S = 120
 
 
@@ -55,48 +60,83 @@ def cpu_flags(cpuinfo: Optional[str] = None) -> set[str]:
 
 
 class PanelKernel:
-    """The compiled kernel: ``pack`` a weight once, then ``linear`` over it for any number of rows."""
+    """The compiled kernel: ``pack`` a weight once, then ``linear`` over it for any number of rows. ``labels`` maps
+    each weight dtype it takes (float32, and bfloat16 unless ``bf16_missing`` says why not) to its name."""
 
     label = "panel kernel (AVX2+FMA)"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, flags: Optional[set[str]] = None):
         import torch  # once here, not in every call of the decode loop
 
         self.torch, self.path = torch, path
         self.library = ctypes.CDLL(str(path))
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
-        self.library.serve_pack_panels.argtypes = [pointer, size, size, pointer]
-        self.library.serve_pack_panels.restype = None
-        self.library.serve_linear_panels.argtypes = [pointer, size, pointer, size, size, pointer, pointer, ctypes.c_int]
-        self.library.serve_linear_panels.restype = None
+        declare(self.library)
+        self.bf16_missing = bf16_unusable_reason(self.library, cpu_flags() if flags is None else flags)
+        self.labels = {torch.float32: self.label}
+        if self.bf16_missing is None:
+            self.labels[torch.bfloat16] = "panel kernel (AVX-512 BF16)"
+        self.functions = {torch.float32: self.library.serve_linear_panels}
+        self.functions[torch.bfloat16] = getattr(self.library, "serve_linear_panels_bf16", None)
 
     def pack(self, weight: "torch.Tensor") -> "torch.Tensor":
-        """A float32 weight [out, in] as panels [ceil(out / 16) * in * 16] (padded with zeros)."""
+        """A weight [out, in] as panels: float32 [ceil(out / 16) * in * 16], bfloat16 [ceil(out / 16) *
+        ceil(in / 2) * 32] (input pairs), padded with zeros."""
+        if weight.dtype not in self.labels:
+            raise ValueError(f"the panel kernel takes {' or '.join(map(str, self.labels))}, not {weight.dtype}")
         weight = weight.detach().contiguous()
         out_features, in_features = weight.shape
-        panels = self.torch.empty(-(-out_features // PANEL) * in_features * PANEL, dtype=self.torch.float32)
-        self.library.serve_pack_panels(weight.data_ptr(), out_features, in_features, panels.data_ptr())
-        return panels
+        panels = -(-out_features // PANEL)
+        if weight.dtype == self.torch.float32:
+            packed = self.torch.empty(panels * in_features * PANEL, dtype=weight.dtype)
+            self.library.serve_pack_panels(weight.data_ptr(), out_features, in_features, packed.data_ptr())
+        else:
+            packed = self.torch.empty(panels * -(-in_features // 2) * 2 * PANEL, dtype=weight.dtype)
+            self.library.serve_pack_panels_bf16(weight.data_ptr(), out_features, in_features, packed.data_ptr())
+        return packed
 
     def linear(
         self, x: "torch.Tensor", panels: "torch.Tensor", bias: "Optional[torch.Tensor]", out_features: int
     ) -> "torch.Tensor":
-        """``x @ weight.T + bias`` for x [..., in] float32, from the weight's panels."""
-        in_features = x.shape[-1]
-        rows = x.reshape(-1, in_features).contiguous()
-        out = self.torch.empty(rows.shape[0], out_features, dtype=self.torch.float32)
+        """``x @ weight.T + bias`` for x [..., in], from the weight's panels, in the panels' dtype."""
+        in_features, dtype = x.shape[-1], panels.dtype
+        rows = x.reshape(-1, in_features).to(dtype).contiguous()
+        out = self.torch.empty(rows.shape[0], out_features, dtype=dtype)
         if rows.shape[0]:
-            self.library.serve_linear_panels(
+            failed = self.functions[dtype](
                 rows.data_ptr(),
                 rows.shape[0],
                 panels.data_ptr(),
                 out_features,
                 in_features,
-                None if bias is None else bias.data_ptr(),
+                None if bias is None else bias.to(dtype).contiguous().data_ptr(),
                 out.data_ptr(),
                 self.torch.get_num_threads(),
             )
+            if failed:  # only the bf16 function of an odd input size allocates (a padded copy of x)
+                raise MemoryError(f"the panel kernel could not pad {rows.shape[0]} rows of {in_features} inputs")
         return out.view(*x.shape[:-1], out_features)
+
+
+def declare(library: ctypes.CDLL) -> None:
+    """The argument and result types of the library's functions (the bf16 ones where it has them)."""
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    linear = [pointer, size, pointer, size, size, pointer, pointer, ctypes.c_int]
+    library.serve_pack_panels.argtypes, library.serve_pack_panels.restype = [pointer, size, size, pointer], None
+    library.serve_linear_panels.argtypes, library.serve_linear_panels.restype = linear, None
+    library.serve_has_bf16.argtypes, library.serve_has_bf16.restype = [], ctypes.c_int
+    if library.serve_has_bf16():
+        library.serve_pack_panels_bf16.argtypes = [pointer, size, size, pointer]
+        library.serve_pack_panels_bf16.restype = None
+        library.serve_linear_panels_bf16.argtypes = linear
+        library.serve_linear_panels_bf16.restype = ctypes.c_int
+
+
+def bf16_unusable_reason(library: ctypes.CDLL, flags: set[str]) -> Optional[str]:
+    """Why the library's bf16 functions cannot run here (None when they can)."""
+    if not library.serve_has_bf16():
+        return "the compiler that built the kernel has no AVX-512 BF16 support"
+    missing = BF16_NEEDS - flags
+    return f"the CPU lacks {', '.join(sorted(missing))}" if missing else None
 
 
 def compiler(named: Optional[str] = None) -> Optional[str]:

@@ -16,6 +16,7 @@ class OneDNN:
     """oneDNN's blocked layout for a float32 weight, tuned for steps of about PACK_ROWS_HINT rows."""
 
     label = "oneDNN-packed"
+    labels = {torch.float32: label}  # the weight dtypes it packs
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
@@ -154,31 +155,35 @@ def rotate_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 
 PACK_ROWS_HINT = 32  # oneDNN's blocking for ~32-row steps: best here over batch 1-32 decode (docs/benchmarks.md)
 PACK_TOLERANCE = 1e-4  # relative error of a packed layer against the dense matmul (fp32 reorderings: ~1e-7)
+# (plus the dtype's epsilon: a bf16 layer rounds its float32 sums once, ~2e-3 of the float32 result's norm)
 
 
 def pack_for_cpu(model: nn.Module, kernel: Any = None) -> str:
-    """Pack every ``Linear`` of a float32 CPU model for ``kernel`` (default: oneDNN), each checked against its dense
-    matmul on a probe before its dense weight goes. Returns what was done; a layer that fails its check stops the
-    packing, leaving it and the rest dense (correct either way) and saying why."""
+    """Pack every ``Linear`` of a CPU model for ``kernel`` (default: oneDNN) when it takes the model's dtype (its
+    ``labels``), each checked against its dense matmul in float32 on a probe before its dense weight goes. Returns
+    what was done; a layer that fails its check stops the packing, leaving it and the rest dense (correct either
+    way) and saying why."""
     kernel = kernel or OneDNN()
     layers = [module for module in model.modules() if isinstance(module, Linear)]
     if not layers:
         return "dense: no packable linear layers"
     weight = layers[0].weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return f"dense: CPU kernels take float32 on the CPU (the model is {weight.dtype} on {weight.device})"
+    if weight.device.type != "cpu" or weight.dtype not in kernel.labels:
+        takes = " or ".join(str(dtype).removeprefix("torch.") for dtype in kernel.labels)
+        return f"dense: CPU kernels take {takes} on the CPU (the model is {weight.dtype} on {weight.device})"
     if isinstance(kernel, OneDNN) and not torch.backends.mkldnn.is_available():
         return "dense: this torch build has no oneDNN"
     shared = {id(p) for m in model.modules() if not isinstance(m, Linear) for p in m.parameters(recurse=False)}
     generator = torch.Generator().manual_seed(0)
     for index, layer in enumerate(layers):
-        probe = torch.randn(3, layer.in_features, generator=generator)
-        expected = F.linear(probe, layer.weight, layer.bias)
+        probe = torch.randn(3, layer.in_features, generator=generator).to(weight.dtype)
+        bias = None if layer.bias is None else layer.bias.float()
+        expected = F.linear(probe.float(), layer.weight.float(), bias)
         layer.pack(kernel)
-        error = float((layer(probe) - expected).norm() / expected.norm().clamp(min=1e-30))
-        if not error <= PACK_TOLERANCE:
+        error = float((layer(probe).float() - expected).norm() / expected.norm().clamp(min=1e-30))
+        if not error <= PACK_TOLERANCE + torch.finfo(weight.dtype).eps:
             layer.unpack()
             return f"{index} of {len(layers)} layers packed: a packed layer was off by {error:.1e} (dense from there)"
         if id(layer.weight) not in shared:
             layer.drop_dense()
-    return f"{kernel.label}: {len(layers)} linear layers"
+    return f"{kernel.labels[weight.dtype]}: {len(layers)} linear layers"
