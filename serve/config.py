@@ -18,6 +18,8 @@ PLACEMENTS = ("auto", "shard", "replicas")
 LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights from config.json (benchmarks without a checkpoint)
 PREFIX_CACHE_SCOPES = ("salt", "adapter", "global")  # what partitions the prefix cache: serve/front/cache_scope.py
 CPU_KERNELS = ("panels", "onednn")  # panels: serve/modeling/cpu_kernel.c where it builds, else oneDNN
+REASONING_PARSERS = ("auto", "none", "deepseek_r1", "qwen3", "gpt_oss")  # serve/front/chat_output.py
+TOOL_CALL_PARSERS = ("auto", "json", "hermes", "llama3_json", "mistral", "pythonic", "gpt_oss")
 # TGI's HF_MODEL_QUANTIZE values; serve/loading/quantize.py says which of them this server can load and where
 QUANTIZATIONS = (
     "bitsandbytes",
@@ -54,6 +56,8 @@ class Settings:
     dtype: str = "auto"
     load_format: str = "auto"  # HF_MODEL_LOAD_FORMAT: "dummy" builds the model from config.json with random weights
     chat_template: Optional[str] = None  # CHAT_TEMPLATE: Jinja text overriding the model's own chat template
+    reasoning_parser: str = "auto"  # REASONING_PARSER: how thoughts are told from the answer (auto: the template)
+    tool_call_parser: str = "auto"  # TOOL_CALL_PARSER: the format tool calls are read in (auto: the template)
     placement: str = "auto"
     replicas: Optional[int] = None  # engine copies under PLACEMENT=replicas (default: one per GPU; 1 on CPU)
     quantize: Optional[str] = None
@@ -325,6 +329,8 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "dtype": _read(env, ("DTYPE",), parse_dtype),
         "load_format": _read(env, ("HF_MODEL_LOAD_FORMAT",), parse_choice(LOAD_FORMATS)),
         "chat_template": _read(env, ("CHAT_TEMPLATE",), parse_template),
+        "reasoning_parser": _read(env, ("REASONING_PARSER",), parse_choice(REASONING_PARSERS)),
+        "tool_call_parser": _read(env, ("TOOL_CALL_PARSER",), parse_choice(TOOL_CALL_PARSERS)),
         "placement": _read(env, ("PLACEMENT",), parse_choice(PLACEMENTS)),
         "replicas": _read(env, ("REPLICAS",), parse_positive_int),
         "quantize": _read(env, ("HF_MODEL_QUANTIZE",), parse_choice(QUANTIZATIONS)),

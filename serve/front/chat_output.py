@@ -73,8 +73,8 @@ class OutputFormat:
     @property
     def markers(self) -> tuple[str, ...]:
         """The marker strings this model's tokenizer may hold as special tokens."""
-        found = (THINK_START, THINK_END) if self.think else ()
-        return (*found, *self.tools.markers, "<|python_end|>", "[ARGS]", "[CALL_ID]", *harmony.MARKERS)
+        thoughts = (THINK_START, THINK_END) if self.think else ()
+        return (*thoughts, *self.tools.markers, *self.tools.inner_markers, *(harmony.MARKERS if self.harmony else ()))
 
     def opens_thoughts(self, prompt_tail: str) -> bool:
         """Whether a prompt ending in ``prompt_tail`` leaves the model inside its thoughts."""
@@ -173,8 +173,8 @@ def marker_tokens(tokenizer: Any, markers: tuple[str, ...]) -> dict[int, str]:
     special = {token_id for token_id, added in tokenizer.added_tokens_decoder.items() if added.special}
     found = {}
     for marker in markers:
-        token_id = tokenizer.convert_tokens_to_ids(marker)
-        if isinstance(token_id, int) and token_id in special:
+        token_id = tokenizer.convert_tokens_to_ids(marker)  # the unknown token's id when the marker is not one
+        if token_id in special and tokenizer.convert_ids_to_tokens(token_id) == marker:
             found[token_id] = marker
     return found
 

@@ -156,14 +156,18 @@ class GenerationService:
             raise NotReady("the model is still loading; retry when /ping answers 200")
 
     def chat_prompt(
-        self, messages: Iterable[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None
+        self,
+        messages: Iterable[dict[str, Any]],
+        tools: Optional[list[dict[str, Any]]] = None,
+        variables: Optional[dict[str, Any]] = None,
     ) -> list[int]:
-        """Token ids of the messages (and tool definitions) rendered with the chat template; contents stay text."""
+        """Token ids of the messages (and tool definitions) rendered with the chat template, given the request's
+        other template ``variables``; contents stay text."""
         messages = list(messages)
         try:
-            text = render_chat(self.tokenizer, messages, tools, self.settings.chat_template)
+            text = render_chat(self.tokenizer, messages, tools, self.settings.chat_template, variables)
             self.check_size(text, "messages")
-            return encode_chat(self.tokenizer, text, messages, tools, self.settings.chat_template)
+            return encode_chat(self.tokenizer, text, messages, tools, self.settings.chat_template, variables)
         except PromptError as exc:
             raise ValidationFailed(f"messages: {exc}", "messages") from exc
 

@@ -25,12 +25,14 @@ def render_chat(
     messages: list[dict[str, Any]],
     tools: Optional[list[dict[str, Any]]] = None,
     template: Optional[str] = None,
+    variables: Optional[dict[str, Any]] = None,
 ) -> str:
     """Render messages with ``template`` or the tokenizer's own chat template (jinja's sandbox, as transformers runs
     it).
 
     Tool definitions go to the template's ``tools`` variable; a template that ignores tools gets them described in
-    a system message instead, so the model still knows what it may call.
+    a system message instead, so the model still knows what it may call. ``variables`` are the request's other
+    template variables (``reasoning_effort``, ``enable_thinking``, ...).
     """
     template = template or getattr(tokenizer, "chat_template", None)
     if not template:
@@ -39,7 +41,12 @@ def render_chat(
         messages = with_tools_described(messages, tools)
     try:
         return tokenizer.apply_chat_template(
-            messages, tools=tools or None, chat_template=template, add_generation_prompt=True, tokenize=False
+            messages,
+            tools=tools or None,
+            chat_template=template,
+            add_generation_prompt=True,
+            tokenize=False,
+            **(variables or {}),
         )
     except Exception as exc:  # jinja raises TemplateError, SecurityError and friends for what the template rejects
         raise PromptError(f"the chat template rejected these messages: {type(exc).__name__}: {exc}") from exc
@@ -83,6 +90,7 @@ def encode_chat(
     messages: list[dict[str, Any]],
     tools: Optional[list[dict[str, Any]]] = None,
     template: Optional[str] = None,
+    variables: Optional[dict[str, Any]] = None,
 ) -> list[int]:
     """Token ids of ``text`` (the messages rendered by ``render_chat``); contents are text, never control tokens.
 
@@ -95,7 +103,7 @@ def encode_chat(
     contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
     if not any(token in content for token in specials for content in contents):  # the usual case: one render
         return encode(tokenizer, text, add_special_tokens=False)
-    spans = content_spans(tokenizer, text, messages, tools, template)
+    spans = content_spans(tokenizer, text, messages, tools, template, variables)
     if spans is None:
         return encode(tokenizer, text, add_special_tokens=False)
     found = list(re.finditer("|".join(re.escape(token) for token in specials), text))
@@ -118,13 +126,14 @@ def content_spans(
     messages: list[dict[str, Any]],
     tools: Optional[list[dict[str, Any]]],
     template: Optional[str],
+    variables: Optional[dict[str, Any]] = None,
 ) -> Optional[list[tuple[int, int]]]:
     """Where each message content lies in ``text``; when the template rewrites contents beyond a trim, every
     special-token string that also occurs in some content counts as user text (the safe side)."""
     marker = f"@@content-{secrets.token_hex(8)}-"
     contents = [m.get("content") if isinstance(m.get("content"), str) else None for m in messages]
     slotted = [dict(m, content=f"{marker}{i}@@") if contents[i] is not None else m for i, m in enumerate(messages)]
-    pieces = re.split(f"{re.escape(marker)}(\\d+)@@", render_chat(tokenizer, slotted, tools, template))
+    pieces = re.split(f"{re.escape(marker)}(\\d+)@@", render_chat(tokenizer, slotted, tools, template, variables))
     for strip in (False, True):  # templates that `| trim` contents keep the placeholder as it is
         values = [(c.strip() if strip else c) if c is not None else "" for c in contents]
         rendered = [values[int(piece)] if i % 2 else piece for i, piece in enumerate(pieces)]

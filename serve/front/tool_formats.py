@@ -31,6 +31,7 @@ class ToolFormat:
     call_starts: str
     parse: Parse
     block_end: Optional[str] = None
+    inner_markers: tuple[str, ...] = ()  # other markers a call holds
 
 
 def _json_values(text: str, separators: str) -> Optional[list[Any]]:
@@ -129,8 +130,8 @@ def _python_call(node: ast.expr, names: frozenset[str]) -> Optional[ToolCall]:
 JSON = ToolFormat("json", (), "{[`<", parse_json_calls)
 HERMES = ToolFormat("hermes", ("<tool_call>",), "{[`", parse_hermes, block_end="</tool_call>")
 LLAMA3_JSON = ToolFormat("llama3_json", ("<|python_tag|>",), "{", parse_llama3_json)
-MISTRAL = ToolFormat("mistral", ("[TOOL_CALLS]",), "", parse_mistral)
-PYTHONIC = ToolFormat("pythonic", ("<|python_start|>",), "[", parse_pythonic)
+MISTRAL = ToolFormat("mistral", ("[TOOL_CALLS]",), "", parse_mistral, inner_markers=("[ARGS]", "[CALL_ID]"))
+PYTHONIC = ToolFormat("pythonic", ("<|python_start|>",), "[", parse_pythonic, inner_markers=("<|python_end|>",))
 TOOL_FORMATS = {form.name: form for form in (JSON, HERMES, LLAMA3_JSON, MISTRAL, PYTHONIC)}
 
 # What a chat template mentions -> the format its model calls tools in (the first that matches wins).

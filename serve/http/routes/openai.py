@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional
 
 from flask import Blueprint, Response, jsonify
@@ -9,20 +10,31 @@ from flask import Blueprint, Response, jsonify
 from serve.engine import TokenEvent
 from serve.engine.types import FinishReason
 from serve.front.context import Api, RequestContext
-from serve.front.generation import Choice, Generation, timing_headers
+from serve.front.chat_output import (
+    ChatOutputParser,
+    OutputDelta,
+    OutputFormat,
+    event_text,
+    marker_tokens,
+    output_format,
+    parse_text,
+    prompt_tail,
+    template_text,
+)
+from serve.front.generation import Choice, Generation, ValidRequest, timing_headers
 from serve.http.routes import sse
 from serve.http.routes.common import (
     admit,
     api_json_body,
     request_context,
     service,
+    settings,
     stream_events,
     token_texts,
     validator,
 )
 from serve.http.routes.completions import completions, stream_end
 from serve.http.schemas import openai as oa
-from serve.http.schemas.tools import ToolCallBuffer, parse_tool_calls, truncated_tool_call
 from serve.http.routes.adapter_choice import loaded_adapters
 
 blueprint = Blueprint("openai", __name__)
@@ -54,24 +66,71 @@ def chat_completions(payload: dict[str, Any], context: RequestContext) -> Respon
     """Serve one chat completion request (also reached from /invocations)."""
     valid = validator().chat(payload)
     req = valid.body
-    generation = admit(valid, context.speaking(Api.CHAT, req.stream))
+    reading = ChatReading.of(valid)
+    generation = admit(reading.constrained(valid), context.speaking(Api.CHAT, req.stream))
     completion_id = oa.new_id("chatcmpl")
     if req.stream:
-        return sse.response(_chat_chunks(generation, req, completion_id), generation.pending)
+        return sse.response(_chat_chunks(generation, req, completion_id, reading), generation.pending)
     choices = service().collect(generation)
-    body = oa.chat_completion(completion_id, req.model, [_chat_choice(c, req) for c in choices], _usage(choices))
+    body = oa.chat_completion(
+        completion_id, req.model, [_chat_choice(c, req, reading) for c in choices], _usage(choices)
+    )
     return _json(body, choices[0].final)
 
 
-def _chat_choice(choice: Choice, req: oa.ChatCompletionRequest) -> dict[str, Any]:
-    calls = parse_tool_calls(choice.text, req.active_tools) if req.active_tools else None
-    if calls is None and req.forced_tools and choice.final.finish_reason is FinishReason.LENGTH:
-        calls = truncated_tool_call(choice.text, req.forced_tools)  # cut by max_tokens: partial arguments, as OpenAI
-    message = (
-        {"role": "assistant", "content": None, "tool_calls": calls}
-        if calls
-        else {"role": "assistant", "content": choice.text}
-    )
+@dataclass(frozen=True)
+class ChatReading:
+    """How this request's answers are read: the model's formats, the tools offered, whether the prompt opened the
+    thoughts, and the special tokens that stand for the formats' markers."""
+
+    form: OutputFormat
+    tool_names: list[str]
+    forced: bool
+    opened: bool
+    markers: dict[int, str]
+
+    @classmethod
+    def of(cls, valid: ValidRequest[oa.ChatCompletionRequest]) -> "ChatReading":
+        req, tokenizer, config = valid.body, service().tokenizer, settings()
+        template = template_text(config.chat_template or getattr(tokenizer, "chat_template", None))
+        form = output_format(config.reasoning_parser, config.tool_call_parser, template)
+        tools = req.forced_tools or req.active_tools
+        opened = form.opens_thoughts(prompt_tail(tokenizer, valid.prompt_ids))
+        markers = marker_tokens(tokenizer, form.markers)
+        return cls(form, [tool.function.name for tool in tools], bool(req.forced_tools), opened, markers)
+
+    def constrained(self, valid: ValidRequest[oa.ChatCompletionRequest]) -> ValidRequest:
+        """``valid`` with its grammar (a forced call, a response format) applied only after a reasoning model's
+        thoughts."""
+        grammar = valid.params[0].grammar
+        wrapped = self.form.constrain(grammar, self.opened)
+        if wrapped == grammar:
+            return valid
+        service().check_grammar(wrapped, "tools" if self.forced else "response_format")
+        return replace(valid, params=tuple(replace(params, grammar=wrapped) for params in valid.params))
+
+    def parser(self) -> ChatOutputParser:
+        return self.form.parser(self.tool_names, self.forced, self.opened)
+
+    def text(self, choice: Choice) -> str:
+        """The choice's text with the formats' special marker tokens in place."""
+        if not self.markers:
+            return choice.text
+        tail = choice.final.text if choice.final.token_id is None else ""
+        return "".join(event_text(event, self.markers) for event in choice.tokens) + tail
+
+
+def _chat_choice(choice: Choice, req: oa.ChatCompletionRequest, reading: ChatReading) -> dict[str, Any]:
+    truncated = choice.final.finish_reason is FinishReason.LENGTH
+    answer = parse_text(reading.parser(), reading.text(choice), truncated)
+    calls = [call.openai() for call in answer.tool_calls]
+    message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+    if (calls or answer.reasoning) and not answer.content:
+        message["content"] = None
+    if answer.reasoning:
+        message["reasoning_content"] = answer.reasoning
+    if calls:
+        message["tool_calls"] = calls
     logprobs = _chat_logprobs(choice.tokens) if req.logprobs else None
     return oa.chat_choice(
         choice.index, message, oa.openai_finish_reason(choice.final.finish_reason, bool(calls)), logprobs
@@ -106,23 +165,26 @@ def _json(body: dict[str, Any], final: TokenEvent) -> Response:
     return response
 
 
-def _chat_chunks(generation: Generation, req: oa.ChatCompletionRequest, completion_id: str) -> Iterator[str]:
-    """The stream: each choice's role chunk, then its content (or tool calls) and finish reason; usage, [DONE]."""
+def _chat_chunks(
+    generation: Generation, req: oa.ChatCompletionRequest, completion_id: str, reading: ChatReading
+) -> Iterator[str]:
+    """The stream: each choice's role chunk, then its thoughts, content and tool calls as they are read, and its
+    finish reason; usage, [DONE]."""
 
     def chunk(index: int, delta: dict[str, Any], reason: Optional[str] = None, logprobs: Optional[dict] = None) -> str:
         return sse.event(oa.chat_chunk(completion_id, req.model, index, delta, reason, logprobs))
 
-    tools, forced = req.forced_tools or req.active_tools, bool(req.forced_tools)
-    buffers = [ToolCallBuffer(tools, forced) if req.active_tools else None for _ in range(req.n)]
+    parsers = [reading.parser() for _ in range(req.n)]
+    calls_sent = [0] * req.n
 
     def render(index: int, event: TokenEvent) -> Iterator[str]:
-        buffer = buffers[index]
-        text = buffer.feed(event.text) if buffer else event.text
+        delta = parsers[index].feed(event_text(event, reading.markers))
         logprobs = _chat_logprobs([event]) if req.logprobs and event.token_id is not None else None
-        if text or logprobs:
-            yield chunk(index, {"content": text}, logprobs=logprobs)
+        yield from _delta_chunks(chunk, index, delta, calls_sent, logprobs)
         if event.finish_reason is not None:
-            yield from _chat_ending(chunk, index, event, buffer)
+            truncated = event.finish_reason is FinishReason.LENGTH
+            yield from _delta_chunks(chunk, index, parsers[index].finish(truncated), calls_sent)
+            yield chunk(index, {}, oa.openai_finish_reason(event.finish_reason, calls_sent[index] > 0))
 
     for index in range(req.n):
         yield chunk(index, {"role": "assistant", "content": ""})
@@ -130,13 +192,16 @@ def _chat_chunks(generation: Generation, req: oa.ChatCompletionRequest, completi
     yield from sse.stream(stream_events(generation), render, generation.context.api.error_style, end)
 
 
-def _chat_ending(chunk: Any, index: int, final: TokenEvent, buffer: Optional[ToolCallBuffer]) -> Iterator[str]:
-    """The last chunks of one streamed choice: held-back content or tool calls, then the finish reason."""
-    calls = None
-    if buffer is not None:
-        rest, calls = buffer.finish(truncated=final.finish_reason is FinishReason.LENGTH)
-        if calls:
-            yield chunk(index, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
-        elif rest:
-            yield chunk(index, {"content": rest})
-    yield chunk(index, {}, oa.openai_finish_reason(final.finish_reason, bool(calls)))
+def _delta_chunks(
+    chunk: Any, index: int, delta: OutputDelta, calls_sent: list[int], logprobs: Optional[dict] = None
+) -> Iterator[str]:
+    """One parsed delta as chunks: thoughts, then content (with the token's log-probabilities), then each call as
+    OpenAI's incremental ``tool_calls`` deltas (id and name first, then the arguments)."""
+    if delta.reasoning:
+        yield chunk(index, {"reasoning_content": delta.reasoning})
+    if delta.content or logprobs:
+        yield chunk(index, {"content": delta.content}, logprobs=logprobs)
+    for call in delta.tool_calls:
+        for call_delta in call.stream_deltas(calls_sent[index]):
+            yield chunk(index, {"tool_calls": [call_delta]})
+        calls_sent[index] += 1

@@ -36,7 +36,7 @@ class Validator:
         grammar, grammar_field = req.grammar()
         self.service.check_token_ids((token for token, _ in req.bias_entries), "logit_bias")
         tools = [tool.model_dump(exclude_none=True) for tool in req.active_tools]
-        prompt_ids = self.service.chat_prompt((m.as_template_dict() for m in req.messages), tools)
+        prompt_ids = self.service.chat_prompt((m.as_template_dict() for m in req.messages), tools, req.template_kwargs)
         self.service.check_grammar(grammar, grammar_field)
         adapter = self.resolve_adapter(req.model, "model", True)
         return self._within_limits(Api.CHAT, req, [prompt_ids], "messages", grammar, req.n, adapter)

@@ -41,6 +41,9 @@ from serve.http.schemas.tools import NamedToolChoice, Tool, ToolChoice, call_sch
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 MAX_CACHE_SALT_CHARS = 256  # a salt names a prefix-cache partition (a tenant): an id or a digest, never a document
 CacheSalt = Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARS)]
+MAX_TEMPLATE_KWARGS = 32  # chat_template_kwargs entries
+# What the server itself hands the chat template; a client's chat_template_kwargs may not replace them.
+TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "chat_template", "tokenize", "documents"})
 
 
 class TextPart(LenientModel):
@@ -216,6 +219,30 @@ class ChatCompletionRequest(_OpenAIRequest):
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[Tool]] = Field(default=None, max_length=128)
     tool_choice: Optional[ToolChoice] = None
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = Field(
+        default=None, description="Passed to the chat template as `reasoning_effort` (gpt-oss reads it)"
+    )
+    chat_template_kwargs: Optional[dict[str, Any]] = Field(
+        default=None,
+        max_length=MAX_TEMPLATE_KWARGS,
+        description='More variables for the chat template, e.g. {"enable_thinking": false} (Qwen3)',
+    )
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _own_names(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        taken = sorted(set(value or {}) & TEMPLATE_VARIABLES)
+        if taken:
+            raise ValueError(f"{', '.join(taken)}: set by the server, not through chat_template_kwargs")
+        return value
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        """Variables the chat template gets besides the messages and tools."""
+        extra = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            extra.setdefault("reasoning_effort", self.reasoning_effort)
+        return extra
 
     @model_validator(mode="after")
     def _consistent(self) -> "ChatCompletionRequest":

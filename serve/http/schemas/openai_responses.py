@@ -65,7 +65,8 @@ class ToolCall(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: Optional[str] = Field(description="null when the answer is tool calls")
+    content: Optional[str] = Field(description="null when the answer is tool calls, or the budget ended in thoughts")
+    reasoning_content: Optional[str] = absent_when_none(description="A reasoning model's thoughts")
     tool_calls: Optional[list[ToolCall]] = absent_when_none()
 
 
@@ -86,18 +87,26 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionDelta(BaseModel):
+    name: Optional[str] = absent_when_none()
+    arguments: str = Field(description="The next fragment of the arguments' JSON string")
+
+
 class ToolCallDelta(BaseModel):
+    """A call's first delta carries its id, type and name; the next ones its arguments."""
+
     index: int
-    id: str
-    type: Literal["function"]
-    function: ToolCallFunction
+    id: Optional[str] = absent_when_none()
+    type: Optional[Literal["function"]] = absent_when_none()
+    function: FunctionDelta
 
 
 class ChatDelta(BaseModel):
-    """What a chunk adds to its choice: the role (first chunk), content, or the tool calls (whole, at the end)."""
+    """What a chunk adds to its choice: the role (first chunk), thoughts, content, or the tool calls."""
 
     role: Optional[Literal["assistant"]] = absent_when_none()
     content: Optional[str] = absent_when_none()
+    reasoning_content: Optional[str] = absent_when_none()
     tool_calls: Optional[list[ToolCallDelta]] = absent_when_none()
 
 

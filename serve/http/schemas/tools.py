@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BeforeValidator, Field
 
 from serve.errors import ValidationFailed
+from serve.front.tool_calls import ToolCall, parse_json_calls, truncated_call
+from serve.front.tool_formats import JSON
+from serve.front.tool_parsers import ForcedCallParser, ToolCallParser
 from serve.http.schemas.common import LenientModel
-
-# What models wrap calls in, stripped before the JSON is read: Hermes/Qwen tags and markdown fences.
-_WRAPPERS = re.compile(r"^\s*(?:<tool_call>|```(?:json)?)\s*|\s*(?:</tool_call>|```)\s*$")
 
 
 class FunctionDefinition(LenientModel):
@@ -75,48 +73,24 @@ def call_schema(tools: list[Tool]) -> dict[str, Any]:
     return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
 
+def _names(tools: list[Tool]) -> frozenset[str]:
+    return frozenset(tool.function.name for tool in tools)
+
+
 def parse_tool_calls(text: str, tools: list[Tool]) -> Optional[list[dict[str, Any]]]:
     """OpenAI ``tool_calls`` when ``text`` is a call (or a list of calls) of known tools; None when it is prose."""
-    try:
-        parsed = json.loads(_WRAPPERS.sub("", text))
-    except json.JSONDecodeError:
-        return None
-    calls = parsed if isinstance(parsed, list) else [parsed]
-    names = {tool.function.name for tool in tools}
-    if not calls or not all(_is_call(call, names) for call in calls):
-        return None
-    return [tool_call(call["name"], call.get("arguments", call.get("parameters", {}))) for call in calls]
-
-
-# A prefix of the forced-call envelope {"name": "<name>", "arguments": <arguments>}, as far as it got.
-_ENVELOPE = re.compile(
-    r'^\s*\{\s*"name"\s*:\s*"(?P<name>[^"]*)(?P<closed>"\s*,\s*"arguments"\s*:\s*(?P<arguments>.*))?', re.DOTALL
-)
+    calls = parse_json_calls(text, _names(tools))
+    return [call.openai() for call in calls] if calls else None
 
 
 def truncated_tool_call(text: str, tools: list[Tool]) -> list[dict[str, Any]]:
-    """A forced call cut by max_tokens, as OpenAI returns one: the tool's name and the partial arguments string.
-
-    ``text`` is a prefix of ``{"name": <name>, "arguments": <arguments>}`` (what the forcing grammar produces);
-    the tool is the one whose name the prefix names (or begins), else the first forced tool.
-    """
-    match = _ENVELOPE.match(text)
-    name = match["name"] if match else ""
-    exact = [tool for tool in tools if tool.function.name == name and match["closed"]] if match else []
-    begun = [tool for tool in tools if tool.function.name.startswith(name)]
-    tool = (exact or begun or tools)[0]
-    arguments = match["arguments"] if match and match["closed"] else ""
-    return [tool_call(tool.function.name, arguments)]
-
-
-def _is_call(call: Any, names: set[str]) -> bool:
-    return isinstance(call, dict) and call.get("name") in names
+    """A forced call cut by max_tokens, as OpenAI returns one: the tool's name and the partial arguments string."""
+    return [truncated_call(text, [tool.function.name for tool in tools]).openai()]
 
 
 def tool_call(name: str, arguments: Any) -> dict[str, Any]:
     """One entry of ``tool_calls``; arguments are sent as a JSON string, as OpenAI does."""
-    encoded = arguments if isinstance(arguments, str) else json.dumps(arguments)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": encoded}}
+    return ToolCall.of(name, arguments).openai()
 
 
 def template_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -133,35 +107,26 @@ def template_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class ToolCallBuffer:
-    """Holds back streamed text that may be a tool call until the end of the choice tells whether it is one."""
+    """Holds back streamed text that may be a generic JSON call until the end of the choice tells whether it is one
+    (serve.front.chat_output reads each family's own format; this is its generic JSON form)."""
 
     def __init__(self, tools: list[Tool], forced: bool):
         self.tools = tools
         self.forced = forced
-        self.held = ""
-        self.holding: Optional[bool] = True if forced else None  # None: undecided until the first visible character
+        names = [tool.function.name for tool in tools]
+        self._parser = ForcedCallParser(names) if forced else ToolCallParser(JSON, frozenset(names))
 
     def feed(self, text: str) -> str:
         """The part of ``text`` that can be streamed as content now."""
-        if self.holding is False:
-            return text
-        self.held += text
-        if self.holding is None:
-            visible = self.held.lstrip()
-            if not visible:
-                return ""
-            self.holding = visible[0] in "{[<`"
-            if not self.holding:
-                text, self.held = self.held, ""
-                return text
-        return ""
+        return self._parser.feed(text)[0]
 
     def finish(self, truncated: bool = False) -> tuple[str, Optional[list[dict[str, Any]]]]:
         """At the end: (content still held back, tool calls) — one of the two is empty.
 
         A forced call cut by max_tokens (``truncated``) still comes back as a call, with partial arguments.
         """
-        calls = parse_tool_calls(self.held, self.tools) if self.held else None
-        if calls is None and truncated and self.forced:
-            calls = truncated_tool_call(self.held, self.tools)
-        return ("" if calls else self.held), calls
+        if isinstance(self._parser, ForcedCallParser):
+            rest, calls = self._parser.finish(truncated)
+        else:
+            rest, calls = self._parser.finish()
+        return rest, ([call.openai() for call in calls] if calls else None)
