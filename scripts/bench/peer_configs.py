@@ -21,7 +21,7 @@ CONTROLLED_ENV = {
     "transformers": ("OMP_NUM_THREADS",),
 }
 VLLM_CONFIGS = ("default", "default-preload", "all-cores", "all-cores-preload")
-TRANSFORMERS_CONFIGS = ("default", "compile")
+TRANSFORMERS_CONFIGS = ("default", "one-core-free")
 CONFIG_KEYS = {"vllm": VLLM_CONFIGS, "transformers": TRANSFORMERS_CONFIGS}
 FALLBACK_KEY = {"vllm": "all-cores", "transformers": "default"}  # when no standard run picked the best
 # The libraries a preload names, and the file names that provide each (first match wins).
@@ -30,14 +30,13 @@ PRELOAD_FILES = {"tcmalloc": ("libtcmalloc_minimal.so*", "libtcmalloc.so*"), "io
 
 @dataclass(frozen=True)
 class PeerConfig:
-    """One way of running a peer: its row name, environment, libraries to preload and extra arguments."""
+    """One way of running a peer: its row name, environment and libraries to preload."""
 
     family: str
     key: str
     label: str
     env: dict[str, str] = field(default_factory=dict)
     preloads: tuple[str, ...] = ()
-    args: tuple[str, ...] = ()
     what: str = ""  # a phrase for the report
 
     @property
@@ -46,11 +45,11 @@ class PeerConfig:
         return self.family if self.key == "default" else f"{self.family}-{self.key}"
 
     def record(self, preloaded: Sequence[Path] = ()) -> dict[str, Any]:
-        """What the report keeps about it: key, env (with the LD_PRELOAD it got), args."""
+        """What the report keeps about it: key, env (with the LD_PRELOAD it got) and what it means."""
         env = dict(self.env)
         if preloaded:
             env["LD_PRELOAD"] = ":".join(map(str, preloaded))
-        return {"key": self.key, "env": env, "args": list(self.args), "what": self.what}
+        return {"key": self.key, "env": env, "what": self.what}
 
 
 def cpu_list(cpus: Iterable[int]) -> str:
@@ -85,21 +84,28 @@ def vllm_config(key: str, cpus: Sequence[int]) -> PeerConfig:
     return PeerConfig("vllm", key, " ".join(parts), env, preloads, what="; ".join(what))
 
 
-def transformers_config(key: str, cpus: Sequence[int]) -> PeerConfig:
-    """One `transformers serve` configuration: torch's default threads (every core), optionally `--compile`."""
-    threads = f"torch threads: its default ({len(cpus)}, every core)"
-    if key == "compile":
-        return PeerConfig("transformers", key, "transformers --compile", args=("--compile",), what=threads)
-    return PeerConfig("transformers", key, "transformers", what=threads)
+def transformers_config(key: str, cpus: Sequence[int]) -> PeerConfig | None:
+    """One `transformers serve` configuration: torch's default threads (one per core), or one core left to its HTTP
+    server (None on one CPU, where that is the default). Its `--compile` is left out: with continuous batching it
+    only asks for a static cache, which the paged cache replaces."""
+    if key == "default":
+        return PeerConfig("transformers", key, "transformers", what=f"torch threads: its default ({len(cpus)})")
+    if len(cpus) < 2:
+        return None
+    threads = str(len(cpus) - 1)
+    what = f"torch threads: {threads}, one core left to its HTTP server"
+    return PeerConfig(
+        "transformers", key, f"transformers OMP_NUM_THREADS={threads}", {"OMP_NUM_THREADS": threads}, what=what
+    )
 
 
 BUILDERS = {"vllm": vllm_config, "transformers": transformers_config}
 
 
 def configs(family: str, keys: Sequence[str], cpus: Sequence[int] | None = None) -> list[PeerConfig]:
-    """The configurations of ``family`` named by ``keys``, in that order."""
+    """The configurations of ``family`` named by ``keys``, in that order (less those this machine cannot differ in)."""
     cpus = usable_cpus() if cpus is None else cpus
-    return [BUILDERS[family](key, cpus) for key in keys]
+    return [config for config in (BUILDERS[family](key, cpus) for key in keys) if config]
 
 
 def geometric_mean(values: Sequence[float]) -> float:

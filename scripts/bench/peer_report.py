@@ -73,14 +73,13 @@ def ratio_section(results: list[Any]) -> list[str]:
 
 
 def _setting(config: dict[str, Any]) -> str:
-    """A configuration's env and arguments in words."""
+    """A configuration's env in words."""
     parts = [f"`{key}={value}`" for key, value in config.get("env", {}).items()]
-    parts += [f"`{arg}`" for arg in config.get("args", [])]
     return ", ".join(parts) or "nothing set"
 
 
 def configuration_lines(results: Iterable[Any]) -> list[str]:
-    """A bullet per peer configuration: what it set (env, LD_PRELOAD, arguments) and how vLLM bound its threads."""
+    """A bullet per peer configuration: what it set (env, LD_PRELOAD) and how vLLM bound its threads."""
     lines = []
     for result in results:
         config = getattr(result, "config", None) or {}

@@ -264,7 +264,7 @@ def transformers_spec(
     cfg: BenchConfig, port: int, venv: Path, model_dir: Path, config: PeerConfig | None = None
 ) -> ServerSpec:
     """``transformers serve --continuous-batching`` pinned to the model folder (requests name that same path), with
-    ``config``'s arguments and env.
+    ``config``'s env.
 
     Its request schema rejects unknown fields such as ``ignore_eos``; a per-request ``generation_config`` with
     ``min_new_tokens`` = ``max_new_tokens`` makes every request produce ``max_tokens`` tokens instead.
@@ -282,7 +282,6 @@ def transformers_spec(
         "float32",
         "--device",
         "cpu",
-        *config.args,
         str(model_dir),
     ]
     generation = {"max_new_tokens": cfg.max_tokens, "min_new_tokens": cfg.max_tokens, "do_sample": False}

@@ -238,7 +238,7 @@ def reproduce(cfg: BenchConfig) -> list[str]:
         "Other knobs: "
         "`BENCH_REQUESTS` (fixed requests per level), `BENCH_MAX_TOKENS`, `BENCH_CAPACITY_*` and `BENCH_PREFIX_*` "
         "(see `scripts/bench/config.py`), `BENCH_VLLM_CONFIGS` (default,default-preload,all-cores,all-cores-preload: "
-        "which vLLM rows run), `BENCH_TRANSFORMERS_CONFIGS` (default,compile), "
+        "which vLLM rows run), `BENCH_TRANSFORMERS_CONFIGS` (default,one-core-free), "
         "`BENCH_SLOTS_COMMIT`, `BENCH_BEFORE_COMMIT`, `BENCH_PEER_TIMEOUT`, "
         "`BENCH_HEALTH_TIMEOUT`, `BENCH_INSTALL_TIMEOUT`, `BENCH_VLLM_VERSION`, `BENCH_TRANSFORMERS_VERSION`, "
         "`BENCH_WORK_DIR` (virtualenvs, model copy and logs; default `~/.cache/sagemaker-llm-serve/bench`).",

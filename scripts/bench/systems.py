@@ -285,7 +285,7 @@ def run_transformers(
     """`transformers serve --continuous-batching`, in its own virtualenv, in ``config``."""
     config = config or peer_configs.configs("transformers", ("default",))[0]
     result.description = "`transformers serve --continuous-batching`, model forced to the folder"
-    result.description += "".join(f" `{arg}`" for arg in config.args) + f"; {config.what}" + _best_note(workload)
+    result.description += f"; {config.what}" + _best_note(workload)
     result.config = config.record()
     venv = _installed(installs.ensure_transformers, cfg, result)
     versions = (installs.package_version(venv, "transformers"), installs.package_version(venv, "torch"))

@@ -45,8 +45,10 @@ def test_each_vllm_configuration_is_named_by_what_it_sets():
     assert rows["all-cores-preload"].label == "vllm bind=0-2,5 reserved=0 +tcmalloc +iomp"
     assert rows["all-cores-preload"].preloads == ("tcmalloc", "iomp") and rows["default-preload"].env == {}
     assert len({c.slug for c in rows.values()}) == 4  # one log file each
-    compiled = pc.configs("transformers", ("compile",), cpus=[0, 1])[0]
-    assert compiled.args == ("--compile",) and compiled.label == "transformers --compile"
+    default, spare = pc.configs("transformers", pc.TRANSFORMERS_CONFIGS, cpus=[0, 1, 2])
+    assert (default.label, default.env) == ("transformers", {})
+    assert (spare.label, spare.env) == ("transformers OMP_NUM_THREADS=2", {"OMP_NUM_THREADS": "2"})
+    assert [c.key for c in pc.configs("transformers", pc.TRANSFORMERS_CONFIGS, cpus=[0])] == ["default"]
 
 
 def test_configuration_keys_come_from_the_environment():
@@ -123,9 +125,10 @@ def test_a_configuration_drops_what_the_callers_shell_set(monkeypatch, tmp_path)
     spec = peers.vllm_spec(cfg, 1, tmp_path, tmp_path, config=preloaded, preloads=(Path("/a.so"), Path("/b.so")))
     assert spec.env["LD_PRELOAD"] == "/a.so:/b.so" and spec.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     assert spec.name == "vllm-all-cores-preload"
-    compiled = pc.configs("transformers", ("compile",), cpus=[0, 1])[0]
-    spec = peers.transformers_spec(cfg, 1, tmp_path, tmp_path, compiled)
-    assert "OMP_NUM_THREADS" not in spec.env and spec.argv[-2:] == ["--compile", str(tmp_path)]
+    default, spare = pc.configs("transformers", pc.TRANSFORMERS_CONFIGS, cpus=[0, 1])
+    assert "OMP_NUM_THREADS" not in peers.transformers_spec(cfg, 1, tmp_path, tmp_path, default).env
+    spec = peers.transformers_spec(cfg, 1, tmp_path, tmp_path, spare)
+    assert spec.env["OMP_NUM_THREADS"] == "1" and spec.name == "transformers-one-core-free"
 
 
 def touch(path: Path) -> Path:
