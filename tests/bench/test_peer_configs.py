@@ -23,7 +23,8 @@ from report_workloads import WorkloadRun  # noqa: E402
 
 
 def level(concurrency: int, tok_s: float, errors: int = 0) -> dict:
-    return {"concurrency": concurrency, "requests": 8, "errors": errors, "output_tok_per_s": tok_s}
+    timings = {"ttft_p50_ms": 100.0, "ttft_p95_ms": 150.0, "latency_p50_ms": 900.0}
+    return {"concurrency": concurrency, "requests": 8, "errors": errors, "output_tok_per_s": tok_s, **timings}
 
 
 def vllm_row(key: str, *levels: dict) -> SystemResult:
@@ -178,3 +179,14 @@ def test_vllms_log_gives_its_binding_and_the_preloads_it_missed(tmp_path):
     )
     assert systems.vllm_binding_lines(log) == ["local_rank=0, core ids=[0]", "reserved_cpus=[1]"]
     assert systems.vllm_preload_warnings(log) == ["vLLM warned that libiomp, libtcmalloc were not in LD_PRELOAD"]
+
+
+def test_the_page_shows_the_configurations_and_the_best_row_ratio(tmp_path):
+    cfg = config.from_env({"BENCH_OUTPUT_MD": str(tmp_path / "b.md"), "BENCH_OUTPUT_JSON": str(tmp_path / "b.json")})
+    info = {"date": "today", "model": "m", "model_dir": "/m", "loader_dir": "/m", "n_prompts": 40}
+    info["machine"] = {"nproc": 2, "cpu_model": "x", "ram_gib": 1, "os": "L", "python": "3"}
+    results = [SystemResult("ours", levels=[level(1, 30.0)]), vllm_row("all-cores", level(1, 20.0))]
+    page = report.markdown(results, cfg, info)
+    setup, ratio = page.index("- **Peer configurations**"), page.index("| 1 | 30.0 | vllm bind=0-1 reserved=0 |")
+    assert page.index("## Setup") < setup < page.index("## Results") < ratio < page.index("## Systems")
+    assert "  - `vllm bind=0-1 reserved=0` (binding: all cores, none reserved;" in page
