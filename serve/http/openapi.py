@@ -17,8 +17,10 @@ from pydantic import BaseModel, TypeAdapter
 import serve
 from serve.errors import ErrorStyle, error_style
 from serve.http.schemas import openai as oa
+from serve.http.schemas import responses_api_output as rsp
 from serve.http.schemas import tgi
 from serve.errors import OpenAIError, TGIError
+from serve.http.schemas.responses_api import ResponsesRequest
 from serve.http.schemas.sagemaker import RegisterAdapter, Status
 from serve.http.security import OPEN_PATHS
 
@@ -36,17 +38,19 @@ SSE = "text/event-stream"
 ERROR_MODELS: dict[ErrorStyle, type[BaseModel]] = {ErrorStyle.OPENAI: OpenAIError, ErrorStyle.TGI: TGIError}
 
 INVOCATION = Union[
-    oa.ChatCompletionRequest, oa.CompletionRequest, tgi.GenerateRequest
-]  # told apart by messages/prompt/inputs
+    oa.ChatCompletionRequest, oa.CompletionRequest, tgi.GenerateRequest, ResponsesRequest
+]  # told apart by messages/prompt/inputs (input: the Responses API, with MESSAGES_API_ENABLED)
 
 # the streams a route may answer with: what each event's data carries, and the style of the stream's errors
 CHAT_STREAM = (oa.ChatCompletionChunk, ErrorStyle.OPENAI)
 COMPLETION_STREAM = (oa.TextCompletion, ErrorStyle.OPENAI)
 TGI_STREAM = (tgi.StreamResponse, ErrorStyle.TGI)
+RESPONSES_STREAM = (rsp.ResponseStreamEvent, ErrorStyle.OPENAI)  # named events; a failure is response.failed
 STREAMS: dict[str, tuple[tuple[type[BaseModel], ErrorStyle], ...]] = {
-    "/invocations": (CHAT_STREAM, COMPLETION_STREAM, TGI_STREAM),
+    "/invocations": (CHAT_STREAM, COMPLETION_STREAM, TGI_STREAM, RESPONSES_STREAM),
     "/v1/chat/completions": (CHAT_STREAM,),
     "/v1/completions": (COMPLETION_STREAM,),
+    "/v1/responses": (RESPONSES_STREAM,),
     "/generate": (TGI_STREAM,),
     "/": (TGI_STREAM,),
     "/generate_stream": (TGI_STREAM,),
@@ -58,7 +62,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Optional[type], Any, tuple[str, ...
     ("POST", "/invocations"): (
         "SageMaker inference: chat (messages), completion (prompt) or TGI (inputs)",
         INVOCATION,
-        Union[oa.ChatCompletion, oa.TextCompletion, list[tgi.GenerateResponse]],
+        Union[oa.ChatCompletion, oa.TextCompletion, list[tgi.GenerateResponse], rsp.ResponseObject],
         ("application/json", SSE),
     ),
     ("POST", "/v1/chat/completions"): (
@@ -71,6 +75,12 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Optional[type], Any, tuple[str, ...
         "OpenAI text completion",
         oa.CompletionRequest,
         oa.TextCompletion,
+        ("application/json", SSE),
+    ),
+    ("POST", "/v1/responses"): (
+        "OpenAI Responses API, stateless: input items, instructions, function tools, text.format, streamed events",
+        ResponsesRequest,
+        rsp.ResponseObject,
         ("application/json", SSE),
     ),
     ("GET", "/v1/models"): ("The served model", None, oa.ModelList, ("application/json",)),

@@ -8,13 +8,13 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from serve.front.context import RequestContext
 from serve.errors import ValidationFailed
-from serve.http.routes import openai, tgi
+from serve.http.routes import openai, responses, tgi
 from serve.http.routes.common import admitted, json_body, service, settings
 from serve.sagemaker import native
 
 blueprint = Blueprint("sagemaker", __name__)
 
-CHAT, COMPLETION, GENERATE = "chat", "completion", "generate"
+CHAT, COMPLETION, GENERATE, RESPONSES = "chat", "completion", "generate", "responses"
 
 
 @blueprint.get("/ping")
@@ -51,18 +51,23 @@ def dispatch(payload: dict[str, Any], context: RequestContext) -> Response:
         return openai.chat_completions(payload, context)
     if kind == COMPLETION:
         return openai.completions(payload, context)
+    if kind == RESPONSES:
+        return responses.responses(payload, context)
     return tgi.generate(payload, context, as_list=True)
 
 
 def payload_kind(payload: dict[str, Any], messages_api_enabled: bool) -> str:
-    """Which API an /invocations body speaks: chat (``messages``), completion (``prompt``) or TGI (``inputs``)."""
+    """Which API an /invocations body speaks: chat (``messages``), completion (``prompt``) or TGI (``inputs``); with
+    MESSAGES_API_ENABLED, chat or the Responses API (``input`` instead of ``messages``)."""
     if messages_api_enabled:
         if "messages" in payload:
             return CHAT
+        if "input" in payload:
+            return RESPONSES
         hint = ' (TGI-style "inputs" is not accepted while MESSAGES_API_ENABLED is true)' if "inputs" in payload else ""
         raise ValidationFailed(
             'messages: MESSAGES_API_ENABLED is true, so /invocations expects {"messages": [{"role": "user", '
-            f'"content": "..."}}]}}{hint}',
+            f'"content": "..."}}]}} (chat) or {{"input": "..."}} (Responses API){hint}',
             "messages",
         )
     if "inputs" in payload:

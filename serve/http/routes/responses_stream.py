@@ -92,20 +92,23 @@ class ResponseEvents:
         self.output.append(item)
         yield self._event("response.output_item.done", output_index=part.index, item=item)
 
-    def finish(self, calls: list[dict[str, Any]], usage: dict[str, Any], cut: bool) -> Iterator[str]:
-        """Close the open item, stream the function calls, then the final response."""
-        status = "incomplete" if cut else "completed"
-        if self.open is None and not calls and not any(item["type"] == "message" for item in self.output):
-            yield from self._open("message")  # an empty answer is still a message
-        yield from self._close(status)
+    def calls(self, calls: list[dict[str, Any]]) -> Iterator[str]:
+        """Function calls (chat ``tool_calls`` entries), each an item of its own after what came before."""
+        yield from self._close("completed")
         for call in calls:
-            yield from self._function_call(call, status)
+            yield from self._function_call(call)
+
+    def finish(self, usage: dict[str, Any], cut: bool) -> Iterator[str]:
+        """Close the open item, then send the final response (``cut``: incomplete, by the token budget)."""
+        if self.open is None and not self.output:
+            yield from self._open("message")  # an empty answer is still a message
+        yield from self._close("incomplete" if cut else "completed")
         body = out.finished(self.skeleton, self.output, usage, cut)
         yield self._event("response.incomplete" if cut else "response.completed", response=body)
 
-    def _function_call(self, call: dict[str, Any], status: str) -> Iterator[str]:
+    def _function_call(self, call: dict[str, Any]) -> Iterator[str]:
         index = len(self.output)
-        item = out.function_call_item(out.new_item_id("fc"), call, status)
+        item = out.function_call_item(out.new_item_id("fc"), call, "completed")
         yield self._event(
             "response.output_item.added", output_index=index, item={**item, "arguments": "", "status": "in_progress"}
         )

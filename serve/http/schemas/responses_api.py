@@ -20,7 +20,7 @@ MAX_TOOLS = 128
 MAX_INPUT_ITEMS = 2048
 TAG = "~"  # begins the tags of this module's unions, which error locations leave out (see error_location)
 NO_STATE = "this server keeps no responses (stateless); send the whole conversation in input"
-REASONING_EFFORTS = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+REASONING_EFFORTS = Literal["none", "minimal", "low", "medium", "high"]
 
 
 def _refused(message: str) -> PydanticCustomError:
@@ -28,7 +28,7 @@ def _refused(message: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported", message)
 
 
-class TextPart(LenientModel):
+class InputTextPart(LenientModel):
     """A text part: ``input_text`` (user, system, developer) or ``output_text`` (an earlier assistant answer)."""
 
     type: Literal["input_text", "output_text"]
@@ -65,8 +65,8 @@ def _part_kind(value: Any) -> str:
 
 ContentPart = Annotated[
     Union[
-        Annotated[TextPart, Tag(f"{TAG}input_text")],
-        Annotated[TextPart, Tag(f"{TAG}output_text")],
+        Annotated[InputTextPart, Tag(f"{TAG}input_text")],
+        Annotated[InputTextPart, Tag(f"{TAG}output_text")],
         Annotated[RefusalPart, Tag(f"{TAG}refusal")],
         Annotated[UnsupportedPart, Tag(f"{TAG}other")],
     ],
@@ -280,9 +280,9 @@ class ResponsesRequest(LenientModel):
     store: Optional[bool] = Field(default=None, description="Only false: nothing is stored")
     background: Optional[bool] = Field(default=None, description="Only false: responses are served in the request")
     truncation: Literal["disabled", "auto"] = "disabled"
-    previous_response_id: Optional[str] = Field(default=None, description="Refused: nothing is stored")
-    conversation: Optional[Any] = Field(default=None, description="Refused: nothing is stored")
-    prompt: Optional[Any] = Field(default=None, description="Refused: reusable prompts live on OpenAI's platform")
+    previous_response_id: None = Field(default=None, description="Refused: nothing is stored")
+    conversation: None = Field(default=None, description="Refused: nothing is stored")
+    prompt: None = Field(default=None, description="Refused: reusable prompts live on OpenAI's platform")
 
     _check_choice = field_validator("tool_choice", mode="before")(_tool_choice)
 
@@ -294,10 +294,14 @@ class ResponsesRequest(LenientModel):
             raise _refused(f"only false is supported: {reason}")
         return value
 
-    @field_validator("previous_response_id", "conversation", "prompt")
+    @field_validator("previous_response_id", "conversation", "prompt", mode="before")
     @classmethod
     def _stateful(cls, value: Any, info: Any) -> Any:
-        raise _refused(f"{info.field_name} is not supported: {NO_STATE}")
+        if value is None:
+            return value
+        if info.field_name == "prompt":
+            raise _refused("stored prompt templates are not supported; send the text as instructions and input")
+        raise _refused(f"not supported: {NO_STATE}")
 
     @field_validator("truncation")
     @classmethod

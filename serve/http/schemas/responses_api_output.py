@@ -30,7 +30,7 @@ class OutputMessage(BaseModel):
     content: list[OutputText]
 
 
-class FunctionCall(BaseModel):
+class OutputFunctionCall(BaseModel):
     id: str
     type: Literal["function_call"]
     call_id: str = Field(description="What the function_call_output item of the next request names")
@@ -44,7 +44,7 @@ class ReasoningText(BaseModel):
     text: str
 
 
-class Reasoning(BaseModel):
+class OutputReasoning(BaseModel):
     id: str
     type: Literal["reasoning"]
     summary: list[Any]
@@ -52,7 +52,7 @@ class Reasoning(BaseModel):
     status: ItemStatus
 
 
-OutputItem = Union[OutputMessage, FunctionCall, Reasoning]
+OutputItem = Union[OutputMessage, OutputFunctionCall, OutputReasoning]
 
 
 class InputTokensDetails(BaseModel):
