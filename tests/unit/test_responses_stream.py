@@ -62,6 +62,15 @@ def test_text_answer_follows_the_documented_sequence():
     assert final["id"] == events[0]["response"]["id"] == "resp_1"
 
 
+def test_text_stays_one_message_until_a_call_follows_it():
+    steps = [lambda w: w.text("A"), lambda w: w.calls([]), lambda w: w.text("B"), lambda w: w.calls([CALL])]
+    events = stream(writer(), *steps, lambda w: w.text("C"), lambda w: w.finish(USAGE, False))
+    output = events[-1]["response"]["output"]
+    assert [item["type"] for item in output] == ["message", "function_call", "message"]
+    assert [item["content"][0]["text"] for item in output if item["type"] == "message"] == ["AB", "C"]
+    assert [item["status"] for item in output] == ["completed"] * 3
+
+
 def test_cut_by_the_budget_ends_incomplete():
     events = stream(writer(), lambda w: w.text("Hi"), lambda w: w.finish(USAGE, True))
     assert types(events)[-1] == "response.incomplete"

@@ -94,6 +94,8 @@ class ResponseEvents:
 
     def calls(self, calls: list[dict[str, Any]]) -> Iterator[str]:
         """Function calls (chat ``tool_calls`` entries), each an item of its own after what came before."""
+        if not calls:
+            return
         yield from self._close("completed")
         for call in calls:
             yield from self._function_call(call)
