@@ -2,8 +2,9 @@
 
 The one interface both chat APIs use (chat completions and the Responses API):
 
-- ``output_format(reasoning_setting, tool_setting, template)``: the model's formats, chosen once from
-  REASONING_PARSER / TOOL_CALL_PARSER or, for ``auto``, from what its chat template mentions;
+- ``model_output_format(tokenizer, settings)`` (``output_format(reasoning_setting, tool_setting, template)``): the
+  model's formats, chosen once from REASONING_PARSER / TOOL_CALL_PARSER or, for ``auto``, from what its chat template
+  mentions;
 - ``OutputFormat.parser(tool_names, forced, opened)``: a fresh ``ChatOutputParser`` per choice, fed text deltas
   (``feed``) and ended with ``finish(truncated)``; each returns an ``OutputDelta`` (reasoning, content, calls);
 - ``parse_text(parser, text, truncated)``: the same for a whole answer;
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Optional, Union
 
+from serve.config import Settings
 from serve.engine import TokenEvent
 from serve.front import harmony
 from serve.front.reasoning import (
@@ -158,6 +160,12 @@ def output_format(reasoning_setting: str, tool_setting: str, template: str) -> O
     else:
         tools, tools_harmony = TOOL_FORMATS.get(tool_setting, TOOL_FORMATS["json"]), tool_setting == GPT_OSS
     return OutputFormat(think, tools, harmony=reasoning_harmony or tools_harmony)
+
+
+def model_output_format(tokenizer: Any, settings: Settings) -> OutputFormat:
+    """The formats of the model served: from the settings, or from CHAT_TEMPLATE or the tokenizer's template."""
+    template = template_text(settings.chat_template or getattr(tokenizer, "chat_template", None))
+    return output_format(settings.reasoning_parser, settings.tool_call_parser, template)
 
 
 def template_text(template: Any) -> str:

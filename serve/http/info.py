@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import serve
 from serve.config import Settings
 from serve.engine.interface import EngineClient
+from serve.front.chat_output import model_output_format
 
 
 def info_body(engine: EngineClient, settings: Settings, adapters: Iterable[str]) -> dict[str, Any]:
@@ -15,6 +16,8 @@ def info_body(engine: EngineClient, settings: Settings, adapters: Iterable[str])
     body: dict[str, Any] = {"model_id": None}
     if engine.ready:
         body.update(_model_info(engine, adapters))
+        chat_output = model_output_format(engine.tokenizer, settings)
+        body.update(reasoning_parser=chat_output.reasoning_parser, tool_call_parser=chat_output.tool_call_parser)
     body.update(
         {
             "max_concurrent_requests": settings.max_concurrent_requests,

@@ -16,10 +16,9 @@ from serve.front.chat_output import (
     OutputFormat,
     event_text,
     marker_tokens,
-    output_format,
+    model_output_format,
     parse_text,
     prompt_tail,
-    template_text,
 )
 from serve.front.generation import Choice, Generation, ValidRequest, timing_headers
 from serve.http.routes import sse
@@ -91,9 +90,8 @@ class ChatReading:
 
     @classmethod
     def of(cls, valid: ValidRequest[oa.ChatCompletionRequest]) -> "ChatReading":
-        req, tokenizer, config = valid.body, service().tokenizer, settings()
-        template = template_text(config.chat_template or getattr(tokenizer, "chat_template", None))
-        form = output_format(config.reasoning_parser, config.tool_call_parser, template)
+        req, tokenizer = valid.body, service().tokenizer
+        form = model_output_format(tokenizer, settings())
         tools = req.forced_tools or req.active_tools
         opened = form.opens_thoughts(prompt_tail(tokenizer, valid.prompt_ids))
         markers = marker_tokens(tokenizer, form.markers)
