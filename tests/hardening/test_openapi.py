@@ -24,6 +24,7 @@ ROUTES = {
     "/invocations": "post",
     "/v1/chat/completions": "post",
     "/v1/completions": "post",
+    "/v1/responses": "post",
     "/v1/models": "get",
     "/generate": "post",
     "/generate_stream": "post",
@@ -45,7 +46,7 @@ def bound_generation(case) -> None:
     body = case.body if isinstance(case.body, dict) else None
     if body is None:
         return
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         if isinstance(body.get(field), int) and body[field] > FUZZ_TOKENS:
             body[field] = FUZZ_TOKENS
     if isinstance(body.get("inputs"), str):
