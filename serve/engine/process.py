@@ -191,8 +191,9 @@ class EngineProcess:
 
     def describe(self) -> list[EngineLoad]:
         report = self._load_report
-        graphs, compiled = (report.graphs, report.compiled) if report is not None else (None, None)
-        return [EngineLoad(self.in_flight, self._served, graphs, compiled)]
+        if report is None:
+            return [EngineLoad(self.in_flight, self._served)]
+        return [EngineLoad(self.in_flight, self._served, report.graphs, report.compiled, report.attention)]
 
     def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
         """Send a request to the engine process (the pool decided it may run); EngineNotReady when it cannot."""

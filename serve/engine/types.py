@@ -63,6 +63,9 @@ class GrammarLimits:
     max_lexer_states: int = 20_000  # lexer states, 1-2 kB each: what a matcher may hold in memory
 
 
+ATTENTION_BACKENDS = ("auto", "triton", "flashinfer", "sdpa", "cpu")  # ATTENTION_BACKEND: engine/decode_backends.py
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine limits (TGI's names): None means derived from the model and free memory at load time. The defaults
@@ -77,6 +80,8 @@ class EngineConfig:
     kv_block_size: int = 16
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # capture decode shapes as CUDA graphs (ignored without CUDA)
+    attention_backend: str = "auto"  # ATTENTION_BACKEND: decode attention's kernel (serve/engine/decode_backends.py)
+    c_compiler: Optional[str] = None  # CC: builds the CPU attention kernel where no built library is found
     compile_cache_dir: Optional[str] = None  # COMPILE: torch.compile the lean model's layers, inductor cache here
     grammar_limits: GrammarLimits = GrammarLimits()  # GRAMMAR_MAX_SIZE, GRAMMAR_LEXER_FUEL, GRAMMAR_MAX_LEXER_STATES
 
@@ -185,10 +190,11 @@ class EngineStats:
 
 @dataclass(frozen=True)
 class EngineLoad:
-    """One engine (one copy of the model) as /info shows it: its load and what start-up did about CUDA graphs and
-    COMPILE."""
+    """One engine (one copy of the model) as /info shows it: its load and what start-up did about CUDA graphs,
+    COMPILE and decode attention."""
 
     in_flight: int
     served: int
     graphs: Any = None  # serve.engine.graphs.GraphReport once loaded
     compiled: Any = None  # serve.engine.compile.CompileReport once loaded
+    attention: Any = None  # serve.engine.decode_backends.AttentionReport once loaded

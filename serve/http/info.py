@@ -32,12 +32,13 @@ def info_body(engine: EngineClient, settings: Settings, adapters: Iterable[str])
 
 def _model_info(engine: EngineClient, adapters: Iterable[str]) -> dict[str, Any]:
     """The loaded model: name, dtype, device, placement, quantization, CPU weight layout, CUDA graphs, COMPILE,
-    engines, limits."""
+    decode attention, engines, limits."""
     loaded = engine.loaded
     plan = getattr(loaded, "plan", None)
     loads = engine.describe()
     graphs = loads[0].graphs if loads else None
     compiled = loads[0].compiled if loads else None
+    attention = loads[0].attention if loads else None
     return {
         "model_id": loaded.name,
         "model_dtype": str(loaded.dtype).replace("torch.", ""),
@@ -49,6 +50,7 @@ def _model_info(engine: EngineClient, adapters: Iterable[str]) -> dict[str, Any]
         "adapters": list(adapters),  # those loaded at start and those registered at run time
         "cuda_graphs": asdict(graphs) if graphs is not None else None,
         "compile": asdict(compiled) if compiled is not None else None,
+        "attention": asdict(attention) if attention is not None else None,  # decode attention's backend and why
         "engines": [
             {
                 "devices": list(plan.engines[index].devices) if plan is not None else [str(loaded.device)],

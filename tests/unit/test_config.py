@@ -40,6 +40,7 @@ VARIABLES = [
     ("ENABLE_PREFIX_CACHING", "off", "enable_prefix_caching", False),
     ("PREFIX_CACHE_SCOPE", "Global", "prefix_cache_scope", "global"),
     ("CUDA_GRAPHS", "No", "cuda_graphs", False),
+    ("ATTENTION_BACKEND", " Triton ", "attention_backend", "triton"),
     ("GRAMMAR_LEXER_FUEL", "5000", "grammar_limits", GrammarLimits(lexer_fuel=5000)),
     ("WATERMARK_DELTA", "1.5", "watermark", Watermark(delta=1.5)),
     ("COMPILE", "on", "compile", True),

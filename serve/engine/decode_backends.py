@@ -1,0 +1,121 @@
+"""Which kernel runs decode attention over the paged cache (ATTENTION_BACKEND), and why: /info shows the choice.
+
+- ``triton``: serve.engine.paged_triton on CUDA; reads K/V in place, splits long contexts, capturable.
+- ``cpu``: serve.engine.paged_cpu (C, OpenMP) for float32 and bfloat16 caches on x86-64 with AVX2.
+- ``sdpa``: the reference: gather each sequence's blocks into a copy, then SDPA with a length mask.
+- ``flashinfer``: not available in this build (see FLASHINFER_UNAVAILABLE).
+- ``auto``: triton on CUDA, cpu on the CPU, each where it can run; sdpa otherwise.
+
+A named backend that cannot run here falls back to what ``auto`` picks, with both reasons in the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from serve.engine.attention import DecodeKernel, StepLayout, use_decode_kernel
+from serve.engine.kv_cache import CacheShape, PagedKVCache
+from serve.engine.types import ATTENTION_BACKENDS
+
+log = logging.getLogger(__name__)
+
+FLASHINFER_UNAVAILABLE = (
+    "FlashInfer is not available in this build: its paged decode is not wired in, because FlashInfer could not be "
+    "installed and tested where this server is built"
+)
+KERNEL_FOLDER = Path(tempfile.gettempdir()) / "sagemaker-llm-serve"  # <folder>/kernels: built libraries
+
+
+@dataclass(frozen=True)
+class AttentionReport:
+    """The decode attention backend in use, what was asked for, and why (shown in /info)."""
+
+    backend: str
+    requested: str
+    reason: str
+
+
+Candidate = tuple[Optional[DecodeKernel], str]  # (the kernel, "") or (None, why it cannot run here)
+
+
+def install_decode_backend(cache: PagedKVCache, requested: str, c_compiler: Optional[str] = None) -> AttentionReport:
+    """Pick the decode attention of ``cache``'s steps for ``requested`` (one of ATTENTION_BACKENDS) and install it."""
+    name, kernel, reason = _choose(requested, cache.keys[0].device, cache.shape, c_compiler)
+    use_decode_kernel(cache, kernel)
+    log.info("Decode attention: %s (%s)", name, reason)
+    return AttentionReport(name, requested, reason)
+
+
+def _choose(
+    requested: str, device: torch.device, shape: CacheShape, c_compiler: Optional[str]
+) -> tuple[str, Optional[DecodeKernel], str]:
+    """(backend, kernel (None: the reference), reason)."""
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if requested == "sdpa":
+        return "sdpa", None, "ATTENTION_BACKEND=sdpa: blocks gathered into a copy, then SDPA with a length mask"
+    if requested != "auto":
+        kernel, why_not = _candidate(requested, device, shape, c_compiler)
+        if kernel is not None:
+            return requested, kernel, f"ATTENTION_BACKEND={requested}"
+        name, kernel, reason = _choose("auto", device, shape, c_compiler)
+        log.warning("ATTENTION_BACKEND=%s cannot run here (%s); using %s", requested, why_not, name)
+        return name, kernel, f"ATTENTION_BACKEND={requested} cannot run here ({why_not}); auto: {reason}"
+    preferred = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else None
+    if preferred is None:
+        return "sdpa", None, f"auto: no in-place kernel for {device.type} devices"
+    kernel, why_not = _candidate(preferred, device, shape, c_compiler)
+    if kernel is None:
+        return "sdpa", None, f"auto: {preferred} cannot run here ({why_not})"
+    return preferred, kernel, f"auto: the in-place {preferred} kernel on {device.type}"
+
+
+def _candidate(name: str, device: torch.device, shape: CacheShape, c_compiler: Optional[str]) -> Candidate:
+    if name == "flashinfer":
+        return None, FLASHINFER_UNAVAILABLE
+    if name == "triton":
+        return _triton(device)
+    return _cpu(device, shape, c_compiler)
+
+
+def _triton(device: torch.device) -> Candidate:
+    from serve.engine.paged_triton import paged_decode, triton_unusable
+
+    why_not = triton_unusable(device)
+    return (None, why_not) if why_not else (_adapt(paged_decode, on_device=True), "")
+
+
+def _cpu(device: torch.device, shape: CacheShape, c_compiler: Optional[str]) -> Candidate:
+    from serve.engine.paged_cpu import DTYPES, load_paged_kernel
+
+    if device.type != "cpu":
+        return None, f"the model is on {device.type}, not the CPU"
+    if shape.dtype not in DTYPES:
+        return None, f"the CPU kernel takes float32 or bfloat16 caches, not {str(shape.dtype).replace('torch.', '')}"
+    if shape.head_dim % 8:
+        return None, f"the CPU kernel takes head dims that are multiples of 8, not {shape.head_dim}"
+    kernel, why_not = load_paged_kernel(str(KERNEL_FOLDER), c_compiler)
+    return (None, why_not) if kernel is None else (_adapt(kernel.decode), "")
+
+
+def _adapt(decode: Callable[..., torch.Tensor], on_device: bool = False) -> DecodeKernel:
+    """A kernel taking (query, keys, values, tables, lengths, scale) as attention's decode step: [decode, heads,
+    dim] from the step's first ``decode_count`` queries. ``on_device``: launched with the tensors' GPU current."""
+
+    def decode_attention(
+        query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: StepLayout, scaling: Optional[float]
+    ) -> torch.Tensor:
+        queries = query[: layout.decode_count]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        current = torch.cuda.device(query.device) if on_device and query.is_cuda else contextlib.nullcontext()
+        with current:
+            return decode(queries, keys, values, layout.decode_blocks, layout.decode_lengths(), scale)
+
+    return decode_attention

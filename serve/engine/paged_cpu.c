@@ -1,0 +1,177 @@
+/* Paged decode attention on the CPU: each decode token attends over its sequence's K/V where they lie in the
+ * block pool, with no gathered copy.
+ *
+ * serve/engine/paged_cpu.py compiles this file once per machine and calls it through ctypes. The cache of one
+ * layer is [blocks, block_size, kv_heads, dim] (float32 or bfloat16), the query and the output [batch, heads, dim]
+ * in the same type, contiguous; the head dim a multiple of 8. OpenMP runs one task per (sequence, KV head): the task reads each of the sequence's
+ * K rows once for all query heads of its group (grouped-query heads share the loads), keeps the scores of the whole
+ * context, takes an exact softmax over them (max, exp, sum), then reads each V row once. A token at position t
+ * lives at row table[t / block_size] * block_size + t % block_size. Sums run in float32; bfloat16 values are widened
+ * exactly, and the output is rounded once to the nearest even bfloat16.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+  const void *q, *k, *v;
+  const int64_t *tables, *lengths;
+  void* out;
+  int64_t heads, kv_heads, dim, block_size, width;
+  float scale;
+  int bf16;
+} Step;
+
+/* exp(x) for x <= 0 (scores minus their maximum), 8 at a time: Cephes' polynomial, within 2 ulp of expf. */
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+}
+
+static inline float widen(uint16_t bits) {
+  uint32_t word = (uint32_t)bits << 16;
+  float value;
+  memcpy(&value, &word, sizeof value);
+  return value;
+}
+
+static inline uint16_t narrow(float value) {
+  uint32_t word;
+  memcpy(&word, &value, sizeof word);
+  if ((word & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((word >> 16) | 0x40u); /* NaN stays NaN */
+  return (uint16_t)((word + 0x7fffu + ((word >> 16) & 1u)) >> 16);
+}
+
+/* 8 values from element `at` of a float32 or bfloat16 array, as float32. */
+static inline __m256 load8(const void* base, int64_t at, int bf16) {
+  if (!bf16) return _mm256_loadu_ps((const float*)base + at);
+  __m128i bits = _mm_loadu_si128((const __m128i*)((const uint16_t*)base + at));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+/* Row `index` of a [rows, dim] array as float32: the row itself, or widened into `scratch`. */
+static inline const float* row(const void* base, int64_t index, int64_t dim, int bf16, float* scratch) {
+  if (!bf16) return (const float*)base + index * dim;
+  const uint16_t* bits = (const uint16_t*)base + index * dim;
+  for (int64_t d = 0; d < dim; d++) scratch[d] = widen(bits[d]);
+  return scratch;
+}
+
+/* The cache row (in units of dim) of token t of sequence `seq` for KV head `head`. */
+static inline int64_t kv_row(const Step* s, int64_t seq, int64_t head, int64_t t) {
+  int64_t block = s->tables[seq * s->width + t / s->block_size];
+  return (block * s->block_size + t % s->block_size) * s->kv_heads + head;
+}
+
+/* The sums of the 8 vectors' lanes, as one vector: lane j holds the sum of sums[j]. */
+static inline __m256 sum_lanes(const __m256* sums) {
+  __m256 a = _mm256_hadd_ps(sums[0], sums[1]), b = _mm256_hadd_ps(sums[2], sums[3]);
+  __m256 c = _mm256_hadd_ps(sums[4], sums[5]), d = _mm256_hadd_ps(sums[6], sums[7]);
+  a = _mm256_hadd_ps(a, b);
+  c = _mm256_hadd_ps(c, d);
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, c, 0x20), _mm256_permute2f128_ps(a, c, 0x31));
+}
+
+/* scores[g][t] = scale * q_g . k_t for the group's heads, 8 tokens at a time (the last 8 padded with token 0). */
+static void score(const Step* s, int64_t seq, int64_t head, int64_t len, int64_t stride, const float* q,
+                  float* scores) {
+  int64_t group = s->heads / s->kv_heads, dim = s->dim;
+  for (int64_t t0 = 0; t0 < len; t0 += 8) {
+    int64_t k[8];
+    for (int j = 0; j < 8; j++) k[j] = kv_row(s, seq, head, t0 + j < len ? t0 + j : 0) * dim;
+    for (int64_t g = 0; g < group; g++) {
+      const float* qg = q + g * dim;
+      __m256 sums[8];
+      for (int j = 0; j < 8; j++) sums[j] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < dim; d += 8) {
+        __m256 qd = _mm256_loadu_ps(qg + d);
+        for (int j = 0; j < 8; j++) sums[j] = _mm256_fmadd_ps(load8(s->k, k[j] + d, s->bf16), qd, sums[j]);
+      }
+      _mm256_storeu_ps(scores + g * stride + t0, _mm256_mul_ps(sum_lanes(sums), _mm256_set1_ps(s->scale)));
+    }
+  }
+}
+
+/* scores[0..len) -> exp(score - max), padded lanes to 0; returns their sum. */
+static float softmax_weights(float* scores, int64_t len, int64_t stride) {
+  float best = -INFINITY, total = 0.0f;
+  for (int64_t t = 0; t < len; t++) best = scores[t] > best ? scores[t] : best;
+  for (int64_t t = len; t < stride; t++) scores[t] = -INFINITY;
+  __m256 shift = _mm256_set1_ps(best);
+  for (int64_t t = 0; t < stride; t += 8)
+    _mm256_storeu_ps(scores + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), shift)));
+  for (int64_t t = len; t < stride; t++) scores[t] = 0.0f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t t = 0; t < len; t++) total += scores[t];
+  return total;
+}
+
+static void store(const Step* s, int64_t index, const float* values) {
+  if (!s->bf16) {
+    memcpy((float*)s->out + index * s->dim, values, s->dim * sizeof(float));
+    return;
+  }
+  uint16_t* bits = (uint16_t*)s->out + index * s->dim;
+  for (int64_t d = 0; d < s->dim; d++) bits[d] = narrow(values[d]);
+}
+
+/* out_g = sum over t of weight[g][t] * v_t / total_g, 64 dims at a time in registers. */
+static void mix(const Step* s, int64_t seq, int64_t head, int64_t len, int64_t stride, const float* weights,
+                const float* totals) {
+  int64_t group = s->heads / s->kv_heads, dim = s->dim;
+  float out[dim];
+  for (int64_t g = 0; g < group; g++) {
+    for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+      int chunks = dim - d0 >= 64 ? 8 : (int)((dim - d0) / 8);
+      __m256 acc[8];
+      for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < len; t++) {
+        __m256 weight = _mm256_set1_ps(weights[g * stride + t]);
+        int64_t at = kv_row(s, seq, head, t) * dim + d0;
+        for (int c = 0; c < chunks; c++) acc[c] = _mm256_fmadd_ps(load8(s->v, at + 8 * c, s->bf16), weight, acc[c]);
+      }
+      __m256 inverse = _mm256_set1_ps(1.0f / totals[g]);
+      for (int c = 0; c < chunks; c++) _mm256_storeu_ps(out + d0 + 8 * c, _mm256_mul_ps(acc[c], inverse));
+    }
+    store(s, seq * s->heads + head * group + g, out);
+  }
+}
+
+/* One (sequence, KV head): the outputs of the group's query heads. */
+static void attend(const Step* s, int64_t seq, int64_t head) {
+  int64_t group = s->heads / s->kv_heads, dim = s->dim, len = s->lengths[seq];
+  int64_t stride = (len + 7) / 8 * 8;
+  float* q = malloc(sizeof(float) * (group * (stride + dim) + dim));
+  float *scores = q + group * dim, *scratch = scores + group * stride;
+  for (int64_t g = 0; g < group; g++) {
+    const float* source = row(s->q, seq * s->heads + head * group + g, dim, s->bf16, scratch);
+    memcpy(q + g * dim, source, dim * sizeof(float));
+  }
+  score(s, seq, head, len, stride, q, scores);
+  float totals[group];
+  for (int64_t g = 0; g < group; g++) totals[g] = softmax_weights(scores + g * stride, len, stride);
+  mix(s, seq, head, len, stride, scores, totals);
+  free(q);
+}
+
+void serve_paged_decode(const void* q, const void* k, const void* v, const int64_t* tables, const int64_t* lengths,
+                        void* out, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
+                        int64_t width, float scale, int bf16, int threads) {
+  Step s = {q, k, v, tables, lengths, out, heads, kv_heads, dim, block_size, width, scale, bf16};
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads)
+  for (int64_t seq = 0; seq < batch; seq++)
+    for (int64_t head = 0; head < kv_heads; head++) attend(&s, seq, head);
+}

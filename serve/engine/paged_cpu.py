@@ -1,0 +1,69 @@
+"""Paged decode attention on the CPU (``paged_cpu.c``): reads K/V where they lie in the block pool, no gather.
+
+The library is found or built by serve.engine.native_build: beside this file (the image builds it there), else in
+``<cache_dir>/kernels``, compiled there at first use (~0.5 s). Where it cannot be used (not x86-64 with AVX2 and
+FMA, no library and no compiler, a failed build) ``load_paged_kernel`` says why and the caller keeps the gather.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from serve.engine.native_build import avx2_unusable, find_or_build
+
+SOURCE = Path(__file__).with_name("paged_cpu.c")
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+class CpuPagedKernel:
+    """The compiled kernel: ``decode`` one token per sequence over the paged cache, float32 or bfloat16."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.library = ctypes.CDLL(str(path))
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        self.library.serve_paged_decode.argtypes = [pointer] * 6 + [size] * 6 + [ctypes.c_float] + [ctypes.c_int] * 2
+        self.library.serve_paged_decode.restype = None
+
+    def decode(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        tables: torch.Tensor,
+        lengths: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """query [batch, heads, dim], keys/values [blocks, block_size, kv_heads, dim] (contiguous, the query's
+        dtype, dim a multiple of 8), tables [batch, width] of block ids, lengths [batch] -> [batch, heads, dim]."""
+        batch, heads, dim = query.shape
+        if keys.dtype not in DTYPES or query.dtype != keys.dtype or not keys.is_contiguous() or dim % 8:
+            raise ValueError(f"the CPU paged kernel cannot take a {keys.dtype} cache of head dim {dim} as given")
+        _, block_size, kv_heads, _ = keys.shape
+        query, tables = query.contiguous(), tables.to(torch.int64).contiguous()
+        lengths = lengths.to(torch.int64).contiguous()
+        out = torch.empty_like(query)
+        self.library.serve_paged_decode(
+            query.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), lengths.data_ptr(),
+            out.data_ptr(), batch, heads, kv_heads, dim, block_size, tables.shape[1], scale,
+            int(keys.dtype == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def load_paged_kernel(cache_dir: str, c_compiler: Optional[str] = None) -> tuple[Optional[CpuPagedKernel], str]:
+    """(the kernel, "") or (None, why not)."""
+    reason = avx2_unusable()
+    if reason:
+        return None, reason
+    try:
+        path = find_or_build(SOURCE, [SOURCE.parent, Path(cache_dir).expanduser() / "kernels"], c_compiler)
+        return CpuPagedKernel(path), ""
+    except (OSError, ValueError) as exc:
+        return None, f"the CPU paged kernel could not be built or loaded: {str(exc).strip()[-300:]}"
