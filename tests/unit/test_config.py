@@ -24,6 +24,8 @@ VARIABLES = [
     ("DTYPE", "BFloat16", "dtype", "bfloat16"),
     ("HF_MODEL_LOAD_FORMAT", "Dummy", "load_format", "dummy"),
     ("CHAT_TEMPLATE", "{{ messages[0].content }}", "chat_template", "{{ messages[0].content }}"),
+    ("REASONING_PARSER", "DeepSeek_R1", "reasoning_parser", "deepseek_r1"),
+    ("TOOL_CALL_PARSER", "pythonic", "tool_call_parser", "pythonic"),
     ("PLACEMENT", "Replicas", "placement", "replicas"),
     ("REPLICAS", "2", "replicas", 2),
     ("HF_MODEL_QUANTIZE", "bitsandbytes-NF4", "quantize", "bitsandbytes-nf4"),
