@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, TypeVar
+from typing import Callable, Iterator, Mapping, Optional, TypeVar
 
 from serve.engine.recovery import Recovery
 from serve.engine.types import ATTENTION_BACKENDS, EngineConfig, GrammarLimits, Watermark
@@ -60,6 +62,9 @@ class Settings:
     tool_call_parser: str = "auto"  # TOOL_CALL_PARSER: the format tool calls are read in (auto: the template)
     placement: str = "auto"
     replicas: Optional[int] = None  # engine copies under PLACEMENT=replicas (default: one per GPU; 1 on CPU)
+    cuda_visible_devices: Optional[str] = None  # the GPUs this server may use (each engine process gets its own)
+    tensor_parallel_size: Optional[int] = None  # TENSOR_PARALLEL_SIZE / NUM_SHARD: ranks per copy (auto: by memory)
+    tensor_parallel_timeout_s: float = 300.0  # TENSOR_PARALLEL_TIMEOUT_S: a collective waiting longer fails the copy
     quantize: Optional[str] = None
     lora_adapters: tuple[tuple[str, str], ...] = ()  # (name, path) from LORA_ADAPTERS, in order
     lean_model: bool = True  # LEAN_MODEL: serve the Llama family with serve/modeling/ (false: transformers' model code)
@@ -313,6 +318,26 @@ def parse_template(name: str, raw: str) -> Optional[str]:
     raise SettingsError(f"{name}={value!r} is neither a Jinja template (no {{{{ or {{%) nor an existing file")
 
 
+_SPAWN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def child_environment(overrides: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``overrides`` while a child process is spawned (a spawned child copies the environment
+    as it starts: CUDA_VISIBLE_DEVICES then binds an engine process to its GPUs before it imports torch)."""
+    with _SPAWN_LOCK:
+        saved = {name: os.environ.get(name) for name in overrides}
+        os.environ.update(overrides)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
 def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
     """Build Settings from the environment (``os.environ`` by default); raise SettingsError if malformed."""
     env = os.environ if environ is None else environ
@@ -334,6 +359,9 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "tool_call_parser": _read(env, ("TOOL_CALL_PARSER",), parse_choice(TOOL_CALL_PARSERS)),
         "placement": _read(env, ("PLACEMENT",), parse_choice(PLACEMENTS)),
         "replicas": _read(env, ("REPLICAS",), parse_positive_int),
+        "cuda_visible_devices": _read(env, ("CUDA_VISIBLE_DEVICES",), _text),
+        "tensor_parallel_size": _read(env, ("TENSOR_PARALLEL_SIZE", "NUM_SHARD"), parse_positive_int),
+        "tensor_parallel_timeout_s": _read(env, ("TENSOR_PARALLEL_TIMEOUT_S",), parse_seconds),
         "quantize": _read(env, ("HF_MODEL_QUANTIZE",), parse_choice(QUANTIZATIONS)),
         "lora_adapters": _read(env, ("LORA_ADAPTERS",), parse_adapters),
         "lean_model": _read(env, ("LEAN_MODEL",), parse_bool),
@@ -374,6 +402,11 @@ def _check_limits(settings: Settings) -> None:
             )
     if settings.replicas is not None and settings.placement == "shard":
         raise SettingsError(f"REPLICAS={settings.replicas} cannot be combined with PLACEMENT=shard (one sharded copy)")
+    if (settings.tensor_parallel_size or 1) > 1 and settings.placement in ("shard", "replicas"):
+        raise SettingsError(
+            f"TENSOR_PARALLEL_SIZE={settings.tensor_parallel_size} cannot be combined with "
+            f"PLACEMENT={settings.placement} (leave PLACEMENT=auto)"
+        )
     if settings.stateful_sessions and settings.workers > 1:
         raise SettingsError(
             f"SAGEMAKER_ENABLE_STATEFUL_SESSIONS=true needs SAGEMAKER_MODEL_SERVER_WORKERS=1, not {settings.workers}: "

@@ -13,7 +13,7 @@ import signal
 from dataclasses import fields
 from typing import Any, Callable, Optional
 
-from serve.config import Settings
+from serve.config import Settings, child_environment
 from serve.engine.engine import Engine
 from serve.engine.pool import EnginePool
 from serve.engine.host import host_engine
@@ -22,6 +22,7 @@ from serve.engine.recovery import Recovery
 from serve.engine.types import EngineConfig
 from serve.log import configure_logging
 from serve.loading.loader import PreparedModel, load_model, load_tokenizer, prepare_model
+from serve.loading.placement import visible_devices
 from serve.http.security import redact_logs, secret_values
 
 
@@ -49,7 +50,9 @@ def build_engine(
     config = engine_config(settings)
 
     def make_engine(prepared: PreparedModel, index: int) -> EngineProcess:
-        return EngineProcess(serve_engine_copy, (settings, prepared, index), config, settings.engine_stall_timeout_s)
+        args = (settings, prepared.as_seen_by(index), index)
+        spawning = engine_environment(settings, prepared, index)
+        return EngineProcess(serve_engine_copy, args, config, settings.engine_stall_timeout_s, spawning)
 
     return EnginePool(
         prepare=lambda: prepare_model(settings),
@@ -61,6 +64,14 @@ def build_engine(
         load_tokenizer=lambda prepared: load_tokenizer(settings, prepared),
         recovery=recovery(settings),
     )
+
+
+def engine_environment(settings: Settings, prepared: PreparedModel, index: int) -> Callable[[], Any]:
+    """The environment copy ``index``'s engine process starts in: only its own GPUs visible (CUDA_VISIBLE_DEVICES,
+    set before torch is imported there), so its devices are cuda:0..k-1 and nothing of it lands on another GPU."""
+    visible = visible_devices(prepared.plan.engines[index], settings.cuda_visible_devices)
+    overrides = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    return lambda: child_environment(overrides)
 
 
 def single_engine(settings: Settings) -> Engine:

@@ -168,7 +168,10 @@ class Engine:
         resolves once the engine thread has linked them in, between two steps."""
         from serve.engine.lora import prepare_adapter
 
-        return self.adapters.install(name, prepare_adapter(self.loaded.model, name, modules))
+        prepared = prepare_adapter(self.loaded.model, name, modules)
+        if self._runner.ranks is not None:  # every rank takes its share of the same weights, before any request
+            self._runner.ranks.send_adapter(name, modules)
+        return self.adapters.install(name, prepared)
 
     def retire_adapter(self, name: str) -> Future:
         """Refuse new requests for the adapter now; the future resolves once its last request finished."""
@@ -182,6 +185,9 @@ class Engine:
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        ranks = getattr(self.loaded, "ranks", None)
+        if ranks is not None:
+            ranks.stop()
 
     def _main(self) -> None:
         if not self._start_serving():
@@ -221,9 +227,28 @@ class Engine:
             output: Union[StepOutput, Exception] = self._runner.step(plan)
         except Exception as exc:  # noqa: BLE001 - the engine keeps serving the others
             output = exc
+            if self._runner.ranks is not None:  # tensor-parallel ranks may be out of step now: stop serving
+                self._lose_ranks(exc)
+                return
         self._deliver(self.scheduler.postprocess(plan, output))
         self._steps += 1
         self._busy_seconds += time.perf_counter() - started
+
+    def _lose_ranks(self, exc: Exception) -> None:
+        """A step of a tensor-parallel engine failed: a rank died, hung past the collectives' timeout, or failed.
+        The engine stops serving: every request in flight ends with an error, the ranks are stopped, and the
+        failure is reported as a load failure is (the engine process then exits and its pool starts it again)."""
+        ranks = self._runner.ranks
+        where = ranks.failed_rank() or f"a tensor-parallel step failed ({type(exc).__name__}: {exc})"
+        log.error("engine stops serving: %s", where)
+        self.load_error = RuntimeError(where)
+        self._ready.clear()
+        self._stopping.set()
+        self._deliver(self.scheduler.fail_all(where))
+        self._flush()
+        ranks.stop()
+        if self._on_load_failure is not None:
+            self._on_load_failure(self.load_error)
 
     def _deliver(self, events: list[Event]) -> None:
         """Put each event into its request's stream; a final event retires the stream."""
@@ -250,10 +275,13 @@ class Engine:
         config = self.config
         total = total_token_limit(self.loaded.max_context, config.max_total_tokens)
         max_input = min(config.max_input_tokens or total - 1, total - 1)
-        shape = CacheShape.of(self.loaded.model.config, self.loaded.dtype)
+        model = self.loaded.model
+        shape = CacheShape.of(model.config, self.loaded.dtype, getattr(model, "serve_kv_heads", None))
         devices = layer_devices(self.loaded.model, shape.layers)  # a model split over GPUs: a cache per layer's GPU
         size = config.kv_block_size
-        blocks = plan_blocks(shape, size, config.max_batch_total_tokens, default_cache_bytes(devices), total + size)
+        ranks = getattr(self.loaded, "ranks", None)  # the other tensor-parallel ranks, if any
+        room = default_cache_bytes(devices) // (ranks.size if ranks is not None and devices[0].type == "cpu" else 1)
+        blocks = plan_blocks(shape, size, config.max_batch_total_tokens, room, total + size)
         self.eos_ids = eos_token_ids(self.loaded.model, self.loaded.tokenizer)
         vocab = self.loaded.model.config.get_text_config().vocab_size
         self.grammars = Grammars(self.loaded.tokenizer, vocab, self.eos_ids, config.grammar_limits)
@@ -262,7 +290,11 @@ class Engine:
         cache = PagedKVCache(shape, blocks, size, devices)
         self.attention = install_decode_backend(cache, config.attention_backend, config.c_compiler)
         cpu_threads = getattr(self.loaded, "cpu_threads", None)
-        self._runner = ModelRunner(self.loaded.model, cache, self.grammars, max_batch, -(-total // size), cpu_threads)
+        if ranks is not None:
+            from serve.engine.ranks import BuildCache
+
+            ranks.send(BuildCache(blocks, size, max_batch, -(-total // size)))
+        self._runner = ModelRunner(model, cache, self.grammars, max_batch, -(-total // size), cpu_threads, ranks)
         if config.compile_cache_dir:  # before the graphs, so that they capture the compiled kernels
             self._runner.compile_layers(config.compile_cache_dir)
         if config.cuda_graphs:
@@ -271,7 +303,10 @@ class Engine:
         budget = config.max_batch_prefill_tokens
         self.scheduler = Scheduler(pool, max_batch, budget, self._new_sequence, self._runner.forget, self._cache_key)
         self.limits = Limits(max_input, total, (blocks - 1) * size, max_batch, size, blocks - 1)
-        self.adapters.attach(getattr(self.loaded.model, "serve_lora", None))
+        lora = getattr(model, "serve_lora", None)
+        if lora is not None and ranks is not None:  # an adapter leaves every rank when it leaves rank 0
+            lora.on_remove = ranks.send_adapter_removal
+        self.adapters.attach(lora)
 
     def _new_sequence(self, request: Request) -> Sequence:
         """A request's Sequence, with its RNG and grammar matcher (raises for a request that cannot start)."""

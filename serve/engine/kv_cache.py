@@ -32,11 +32,12 @@ class CacheShape:
     dtype: torch.dtype
 
     @classmethod
-    def of(cls, config: Any, dtype: torch.dtype) -> "CacheShape":
+    def of(cls, config: Any, dtype: torch.dtype, kv_heads: Optional[int] = None) -> "CacheShape":
+        """The config's shape; ``kv_heads``: the KV heads this process holds (a tensor-parallel rank's share)."""
         config = getattr(config, "text_config", None) or config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        kv_heads = kv_heads or getattr(config, "num_key_value_heads", None) or heads
         return cls(config.num_hidden_layers, kv_heads, head_dim, dtype)
 
     @property

@@ -13,7 +13,7 @@ import json
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -172,6 +172,7 @@ class LoraSet:
         self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._device = next(model.parameters()).device
         self.layers: dict[str, LoraLinear] = {}
+        self.on_remove: Optional[Callable[[str], None]] = None  # told of each removal (the other tensor-parallel ranks)
         for number, (name, modules) in enumerate(adapters.items(), 1):
             self.install(name, prepare_adapter(model, name, AdapterWeights(number, modules)))
 
@@ -200,6 +201,8 @@ class LoraSet:
     def remove(self, name: str) -> None:
         """Drop an adapter's weights (no request may be using it: the engine waits for that)."""
         index = self._indices.pop(name)
+        if self.on_remove is not None:
+            self.on_remove(name)
         for layer in self.layers.values():
             layer.adapters.pop(index, None)
         if self._device.type == "cuda":
@@ -227,10 +230,14 @@ class LoraSet:
 
     def begin_plan(self, plan: Any) -> None:
         """``begin_step`` for a StepPlan: decode tokens first, then each prompt chunk, as the runner lays them out."""
-        self.begin_step(
-            [seq.request.adapter for seq in plan.decode]
-            + [seq.request.adapter for seq, count in plan.prefill for _ in range(count)]
-        )
+        self.begin_step(self.plan_adapters(plan))
+
+    @staticmethod
+    def plan_adapters(plan: Any) -> list[Optional[str]]:
+        """Each token's adapter name in a StepPlan, in the runner's layout order."""
+        return [seq.request.adapter for seq in plan.decode] + [
+            seq.request.adapter for seq, count in plan.prefill for _ in range(count)
+        ]
 
     def rows(self, index: int, device: torch.device) -> torch.Tensor:
         """The step's token rows that use adapter ``index``, on ``device`` (computed once per step and device)."""
@@ -283,10 +290,13 @@ def prepare_adapter(model: nn.Module, name: str, adapter: AdapterWeights) -> Ada
     Runs on the thread that installs the adapter (reads only the model), so the engine thread just links them in.
     """
     prepared: dict[str, LoraWeights] = {}
+    shard = getattr(model, "serve_shard", None)  # a tensor-parallel rank's model takes its share of each pair
     for path, weights in adapter.modules.items():
         target = _target(model, path, name)
         weight = target.base.weight
         a, b = weights.a, weights.b
+        if shard is not None and a.ndim == b.ndim == 2:
+            a, b = shard.adapter(path, a, b)
         fits = (
             a.ndim == b.ndim == 2
             and a.shape[0] == b.shape[1]

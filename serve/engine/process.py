@@ -14,6 +14,7 @@ child only; the child exits when the pipe closes, so a worker that dies leaves n
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -22,7 +23,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 from serve.engine.adapters import AdapterError
 from serve.engine.engine import EngineNotReady
@@ -68,8 +69,11 @@ class EngineProcess:
         args: tuple,
         config: EngineConfig = EngineConfig(),
         stall_timeout_s: float = 0.0,
+        spawning: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
     ):
+        """``spawning``: the context the child is spawned in (the environment it copies: its visible GPUs)."""
         self.config = config
+        self._spawning = spawning
         self.load_error: Optional[BaseException] = None
         self.exit_error: Optional[EngineProcessError] = None  # why the last child ended unasked
         self.loaded: Optional[ModelCard] = None
@@ -133,7 +137,8 @@ class EngineProcess:
         context = multiprocessing.get_context("spawn")  # never fork a threaded worker (nor CUDA state)
         conn, child_end = context.Pipe(duplex=True)
         process = context.Process(target=self._target, args=(child_end, *self._args), name="engine", daemon=True)
-        process.start()
+        with self._spawning():
+            process.start()
         child_end.close()
         self._process, self._writer = process, PipeWriter(conn)
         self._reader = threading.Thread(

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from serve.engine.attention import BACKEND_NAME, PrefillChunk, StepLayout, active_step
+from serve.engine.attention import BACKEND_NAME, StepLayout, active_step
 from serve.engine.block_manager import SCRATCH_BLOCK
 from serve.engine.kv_cache import PagedKVCache
 from serve.engine.graphs import GraphReport, capture_decode_graphs
@@ -25,6 +25,7 @@ from serve.engine.penalties import TokenCounts, apply_penalties, count_sampled, 
 from serve.engine.scheduler import StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.static_decode import StaticDecode
+from serve.engine.step_inputs import StepInputs
 from serve.engine.types import SamplingParams, TokenChoice
 from serve.engine.watermark import apply_watermarks
 from serve.engine.compile import CompileReport, compile_layers
@@ -48,9 +49,11 @@ class ModelRunner:
         max_batch: int = 1,
         max_blocks: int = 1,
         cpu_threads: Optional[int] = None,
+        ranks: Any = None,
     ):
         """``max_batch`` sequences of up to ``max_blocks`` KV blocks each may decode in one step; ``cpu_threads``:
-        torch's threads for every step on the CPU (None: leave torch's count alone)."""
+        torch's threads for every step on the CPU (None: leave torch's count alone); ``ranks``: the other
+        tensor-parallel ranks (serve.engine.ranks.RankGroup), which run every forward of this runner with it."""
         if not getattr(model, "serve_calls_attend", False):  # lean models (serve/modeling/) call attend() themselves
             if not getattr(model, "_supports_attention_backend", False):
                 name = type(model).__name__
@@ -67,11 +70,14 @@ class ModelRunner:
         self.host_reads = 0  # device-to-host transfers so far (to_host); tests count them per step
         self.counts = TokenCounts(model.config.get_text_config().vocab_size, self.device)  # for penalties
         self.cpu_threads = cpu_threads
+        self.ranks = ranks
 
     def capture_graphs(self) -> GraphReport:
         """Capture the decode shapes as CUDA graphs (a no-op with a reason off CUDA). LoRA layers are captured
         without adapter rows: only steps in which no sequence uses an adapter replay them."""
         self._base_model_step()
+        if self.ranks is not None:
+            self.ranks.send_capture()
         self.graphs = capture_decode_graphs(self.static)
         return self.graphs
 
@@ -130,26 +136,38 @@ class ModelRunner:
         if not plan.prefill and all(seq.request.adapter is None for seq in plan.decode):
             self._base_model_step()
             return self._static_decode(plan.decode)
-        input_ids, positions, layout, sampled, logit_rows, scored = self._layout(plan)
+        inputs, sampled, scored = self._inputs(plan)
         if self.lora is not None:
             self.lora.begin_plan(plan)  # each token's adapter, in the layout's order
-        with active_step(self.cache, layout):
-            output = self.model(
-                input_ids=input_ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=logit_rows
-            )
+            inputs.adapters = self.lora.plan_adapters(plan) if self.lora.step_adapters else None
+        logits = self.forward(inputs)
         for seq in plan.decode:
             seq.num_cached += 1
         for seq, count in plan.prefill:
             seq.num_cached += count
-        logits = output.logits[0]
         self._score_prompts(logits[len(sampled) :], scored)
         if not sampled:
             return [], []
         return sampled, self.sample(logits[: len(sampled)], sampled)
 
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """The model over one laid-out step: logits [kept rows, vocab]. The other tensor-parallel ranks, if any, get
+        the same inputs first and run their shards alongside."""
+        if self.ranks is not None:
+            self.ranks.send_step(inputs)
+        input_ids, positions, layout, logit_rows = inputs.tensors(self.device, self.cache.block_size)
+        with active_step(self.cache, layout):
+            output = self.model(
+                input_ids=input_ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=logit_rows
+            )
+        return output.logits[0]
+
     def _static_decode(self, decode: list[Sequence]) -> tuple[list[Sequence], list[TokenChoice]]:
         """A decode-only step over a fixed shape (a CUDA graph's replay where one was captured)."""
-        batch, width = self.static.load([(seq.all_ids[-1], seq.num_cached, seq.block_table) for seq in decode])
+        rows = [(seq.all_ids[-1], seq.num_cached, seq.block_table) for seq in decode]
+        batch, width = self.static.load(rows)
+        if self.ranks is not None:
+            self.ranks.send_decode(rows, (batch, width))
         logits = self.static.forward(batch, width)[: len(decode)]
         for seq in decode:
             seq.num_cached += 1
@@ -165,30 +183,29 @@ class ModelRunner:
             seq.prompt_logprobs.extend(picked)
             seq.prompt_top_logprobs.extend(tops)
 
-    def _layout(
-        self, plan: StepPlan
-    ) -> tuple[torch.Tensor, torch.Tensor, StepLayout, list[Sequence], torch.Tensor, list]:
-        """The step's token ids, positions and cache layout: decode tokens first, then each prompt chunk."""
+    def _inputs(self, plan: StepPlan) -> tuple[StepInputs, list[Sequence], list]:
+        """The step's inputs (decode tokens first, then each prompt chunk), the sequences to sample, and the prompt
+        rows to score."""
         size = self.cache.block_size
         ids = [seq.all_ids[-1] for seq in plan.decode]
         positions = [seq.num_cached for seq in plan.decode]
         rows = [seq.block_table[p // size] * size + p % size for seq, p in zip(plan.decode, positions)]
         sampled, logit_rows = list(plan.decode), list(range(len(plan.decode)))
-        chunks: list[PrefillChunk] = []
+        chunks = []
         for seq, count in plan.prefill:
             start, first = len(ids), seq.num_cached
             ids.extend(seq.prefill_ids[first : first + count])
             positions.extend(range(first, first + count))
             rows.extend(seq.block_table[p // size] * size + p % size for p in range(first, first + count))
-            blocks = self._tensor(seq.block_table[: -(-(first + count) // size)])
-            chunks.append(PrefillChunk(start, len(ids), first, blocks, self._chunk_mask(first, count)))
+            chunks.append((start, len(ids), first, seq.block_table[: -(-(first + count) // size)]))
             if count == seq.prompt_left:
                 sampled.append(seq)
                 logit_rows.append(len(ids) - 1)
         scored = self._prompt_rows(plan, logit_rows)
-        blocks, mask = self._decode_tables(plan.decode)
-        layout = StepLayout(self._tensor(rows), len(plan.decode), blocks, mask, chunks)
-        return self._tensor(ids), self._tensor(positions), layout, sampled, self._tensor(logit_rows), scored
+        width = max((len(seq.block_table) for seq in plan.decode), default=0)
+        tables = [seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)) for seq in plan.decode]
+        lengths = [seq.num_cached + 1 for seq in plan.decode]
+        return StepInputs(ids, positions, rows, tables, lengths, chunks, logit_rows), sampled, scored
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -205,24 +222,6 @@ class ModelRunner:
                 scored.append((seq, targets))
             start += count
         return scored
-
-    def _decode_tables(self, decode: list[Sequence]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """[decode, width] block tables padded with the scratch block, and the [decode, 1, 1, width * block_size]
-        mask of the positions each sequence sees (its cached tokens and the new one)."""
-        if not decode:
-            return None, None
-        width = max(len(seq.block_table) for seq in decode)
-        tables = [seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)) for seq in decode]
-        lengths = torch.tensor([seq.num_cached + 1 for seq in decode])
-        mask = torch.arange(width * self.cache.block_size)[None, :] < lengths[:, None]
-        return self._tensor(tables), mask[:, None, None, :].to(self.device)
-
-    def _chunk_mask(self, position: int, count: int) -> Optional[torch.Tensor]:
-        """Causal mask for a chunk that starts after ``position`` cached tokens (None: plain causal from 0)."""
-        if position == 0:
-            return None
-        rows = torch.arange(count)[:, None] + position
-        return (torch.arange(position + count)[None, :] <= rows).to(self.device)
 
     def _count_rows(self, sequences: list[Sequence]) -> list[Optional[int]]:
         """Each sequence's row of token counts on the device (None for sequences without penalties)."""

@@ -336,6 +336,20 @@ class Scheduler:
         error = f"{type(exc).__name__}: {exc}"
         return [self._finish(seq, seq.end(FinishReason.ERROR, error)) for seq in failed]
 
+    def fail_all(self, error: str) -> list[Event]:
+        """End every request in flight (waiting, running or preempted) with an ERROR event: the engine cannot go on."""
+        with self._condition:
+            waiting, self._waiting = list(self._waiting), type(self._waiting)()
+        ended = [
+            self._release(request.id, TokenEvent.ending(request, FinishReason.ERROR, error)) for request in waiting
+        ]
+        ended += [self._finish(seq, seq.end(FinishReason.ERROR, error)) for seq in list(self.running)]
+        for seq in list(self.preempted):
+            self.preempted.remove(seq)
+            self._forget(seq)
+            ended.append(self._release(seq.id, seq.end(FinishReason.ERROR, error)))
+        return ended
+
     def _finish(self, seq: Sequence, event: TokenEvent) -> Event:
         """Give back a running sequence's blocks and its place (a session keeps its conversation's full blocks
         pinned for its next turn); returns its final event."""

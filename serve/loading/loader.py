@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,6 +39,7 @@ class LoadedModel:
     adapters: tuple[str, ...] = ()
     cpu_threads: Optional[int] = None  # torch's compute threads on the CPU
     cpu_weights: Optional[str] = None  # on the CPU: the kernel packed for, or dense, and why (layers.pack_for_cpu)
+    ranks: Any = None  # serve.engine.ranks.RankGroup: the other tensor-parallel ranks of this copy
 
 
 def cpu_prefers_bf16(cpuinfo: Optional[str] = None) -> bool:
@@ -90,10 +91,18 @@ class PreparedModel:
     plan: PlacementPlan
     adapters: dict[str, Path] = field(default_factory=dict)
 
+    def as_seen_by(self, index: int) -> "PreparedModel":
+        """This model as copy ``index``'s engine process sees it: only its own GPUs visible, numbered from 0."""
+        engines = list(self.plan.engines)
+        engines[index] = engines[index].as_seen_inside()
+        return replace(self, plan=replace(self.plan, engines=tuple(engines)))
+
 
 def prepare_model(settings: Settings) -> PreparedModel:
     """Resolve and fetch the model, then decide dtype, quantization and placement from its config and the GPUs."""
     from transformers import AutoConfig
+
+    from serve.loading.tensor_parallel import sharding_of
 
     source = resolve_source(settings)
     log.info("model source: %s %s", source.kind, source.location)
@@ -111,7 +120,18 @@ def prepare_model(settings: Settings) -> PreparedModel:
         model = footprint(config, quantization.bytes_per_parameter or dtype_bytes, dtype_bytes)
         slot = total_token_limit(model_context(config), settings.max_total_tokens)
         cache_tokens = settings.max_batch_total_tokens or MIN_CACHE_SLOTS * slot
-        plan = plan_placement(settings.placement, settings.num_gpus, free, model, cache_tokens, settings.replicas)
+        sharding = sharding_of(settings, config, folder, quantization.method is not None)
+        tensor_parallel = settings.tensor_parallel_size
+        plan = plan_placement(
+            settings.placement,
+            settings.num_gpus,
+            free,
+            model,
+            cache_tokens,
+            settings.replicas,
+            tensor_parallel,
+            sharding,
+        )
     except (PlacementError, QuantizationError) as exc:
         raise ModelLoadError(str(exc)) from exc
     log.info(
@@ -128,6 +148,8 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
     started = time.monotonic()
     prepared = prepared or prepare_model(settings)
     placement = prepared.plan.engines[engine_index]
+    if placement.tensor_parallel > 1:
+        return _load_parallel(settings, prepared, engine_index, started)
     on_cpu = all(device == "cpu" for device in placement.devices)
     cpu_threads = use_cpu_threads(settings.torch_threads) if on_cpu else None
     kwargs = {**placement.from_pretrained_kwargs(), **prepared.quantization.kwargs}
@@ -144,7 +166,7 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
         else:
             lean = _load_lean(prepared, settings, placement)
             model, tokenizer = lean or _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
-    cpu_weights = _pack_cpu_weights(model, settings) if on_cpu else None
+    cpu_weights = pack_cpu_weights(model, settings) if on_cpu else None
     try:
         attach_adapters(model, prepared.adapters, settings.max_lora_rank)
     except AdapterError as exc:
@@ -172,7 +194,35 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
     )
 
 
-def _pack_cpu_weights(model: Any, settings: Settings) -> str:
+def _load_parallel(settings: Settings, prepared: PreparedModel, engine_index: int, started: float) -> LoadedModel:
+    """One copy as tensor-parallel shards (serve.loading.tensor_parallel): rank 0's shard here, the others in
+    processes of their own."""
+    from serve.loading.tensor_parallel import load_parallel
+
+    model, ranks, threads = load_parallel(settings, prepared, engine_index)
+    tokenizer = _tokenizer(prepared.folder, settings)
+    log.info(
+        "model loaded in %.1f s: %s, %d tensor-parallel ranks",
+        time.monotonic() - started,
+        prepared.source.name,
+        ranks.size,
+    )
+    return LoadedModel(
+        model,
+        tokenizer,
+        prepared.source.name,
+        model.device,
+        prepared.dtype,
+        model_context(model.config),
+        plan=prepared.plan,
+        adapters=tuple(prepared.adapters),
+        cpu_threads=threads,
+        cpu_weights=getattr(model, "serve_cpu_weights", None),
+        ranks=ranks,
+    )
+
+
+def pack_cpu_weights(model: Any, settings: Settings) -> str:
     """Hand the lean model's float32 weights to a CPU kernel in its own layout (PACK_CPU_WEIGHTS, on by default):
     the panel kernel (CPU_KERNEL=panels, where it builds) or oneDNN. Each layer is checked against the dense
     matmul first. Returns what /info shows."""

@@ -27,6 +27,7 @@ from serve.modeling.layers import (
     rope_type,
     rotate_,
 )
+from serve.modeling.parallel import ShardLayout, TensorParallel
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -66,10 +67,13 @@ class Attention(nn.Module):
     """Fused q/k/v projection, optional per-head q/k norms (Qwen3) and RoPE (``run_layer`` then calls the engine's
     attention with them); the o projection."""
 
-    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype):
+    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype, shard: Optional[ShardLayout] = None):
         super().__init__()
         self.layer_idx = layer_idx  # the engine places each layer's cache by this (kv_cache.layer_devices)
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+        if shard is not None:  # tensor parallel: this rank's heads
+            self.heads, self.kv_heads = shard.heads, shard.kv_heads
+        self.parallel: Optional[TensorParallel] = None  # set by LlamaForServing: the o projection's all-reduce
         self.head_dim = head_dim_of(config)
         self.scaling = self.head_dim**-0.5
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -100,26 +104,37 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SiLU-gated MLP with gate and up fused into one matmul."""
 
-    def __init__(self, config: Any, dtype: torch.dtype):
+    def __init__(self, config: Any, dtype: torch.dtype, shard: Optional[ShardLayout] = None):
         super().__init__()
         size, bias = config.intermediate_size, bool(getattr(config, "mlp_bias", False))
+        size = size if shard is None else shard.intermediate
         parts = {"gate_proj": size, "up_proj": size}
         self.gate_up_proj = FusedLinear(config.hidden_size, parts, bias, device="meta", dtype=dtype)
         self.down_proj = Linear(size, config.hidden_size, bias=bias, device="meta", dtype=dtype)
+        self.parallel: Optional[TensorParallel] = None  # set by LlamaForServing: the down projection's all-reduce
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual`` + the MLP of ``x`` (its down projection adds the residual in the same GEMM where it can)."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return linear_plus(self.down_proj, F.silu(gate) * up, residual)
+        return row_parallel_plus(self.down_proj, F.silu(gate) * up, residual, self.parallel)
+
+
+def row_parallel_plus(
+    layer: nn.Module, x: torch.Tensor, residual: torch.Tensor, parallel: Optional[TensorParallel]
+) -> torch.Tensor:
+    """``residual + layer(x)``; under tensor parallelism ``layer(x)`` is this rank's partial sum, all-reduced first."""
+    if parallel is None:
+        return linear_plus(layer, x, residual)
+    return residual + parallel.all_reduce(layer(x))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks with residual connections."""
 
-    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype):
+    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype, shard: Optional[ShardLayout] = None):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx, dtype)
-        self.mlp = MLP(config, dtype)
+        self.self_attn = Attention(config, layer_idx, dtype, shard)
+        self.mlp = MLP(config, dtype, shard)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device="meta", dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device="meta", dtype=dtype)
 
@@ -136,7 +151,8 @@ def before_attention(
 
 def after_attention(layer: DecoderLayer, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
     """A layer's work after attention: o projection, residual, norm, MLP, residual (what COMPILE compiles)."""
-    hidden = linear_plus(layer.self_attn.o_proj, attended.reshape(attended.shape[0], -1), hidden)
+    attn = layer.self_attn
+    hidden = row_parallel_plus(attn.o_proj, attended.reshape(attended.shape[0], -1), hidden, attn.parallel)
     return layer.mlp(layer.post_attention_layernorm(hidden), hidden)
 
 
@@ -153,30 +169,46 @@ def run_layer(
 class Decoder(nn.Module):
     """Embeddings, the decoder layers and the final norm (transformers' ``model.`` prefix)."""
 
-    def __init__(self, config: Any, dtype: torch.dtype):
+    def __init__(self, config: Any, dtype: torch.dtype, shard: Optional[ShardLayout] = None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta", dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, index, dtype) for index in range(config.num_hidden_layers))
+        vocab = config.vocab_size if shard is None else shard.vocab_rows
+        self.embed_tokens = nn.Embedding(vocab, config.hidden_size, device="meta", dtype=dtype)
+        layers = range(config.num_hidden_layers)
+        self.layers = nn.ModuleList(DecoderLayer(config, index, dtype, shard) for index in layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device="meta", dtype=dtype)
         self.rotary = Rotary(config)
 
 
 class LlamaForServing(nn.Module):
     """The whole model. Built on the meta device, then materialised (uninitialised) on ``device``: use
-    ``from_config`` (random weights) or ``serve.modeling.load_pretrained`` (a checkpoint) to get a filled one."""
+    ``from_config`` (random weights) or ``serve.modeling.load_pretrained`` (a checkpoint) to get a filled one.
+
+    With ``parallel`` (tensor parallelism over ``parallel.size`` ranks) it is this rank's shard (``serve_shard``):
+    its heads, MLP features and vocabulary rows; every rank runs the same forward and gets the same logits."""
 
     serve_calls_attend = True  # the runner does not install a transformers attention backend for this model
 
-    def __init__(self, config: Any, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        config: Any,
+        device: Union[str, torch.device] = "cpu",
+        dtype: torch.dtype = torch.float32,
+        parallel: Optional[TensorParallel] = None,
+    ):
         super().__init__()
         reason = unsupported_reason(config)
         if reason is not None:
             raise ValueError(f"the lean model cannot serve this config: {reason}")
         self.config = config
         self.generation_config: Any = None
-        self.model = Decoder(config, dtype)
+        self.parallel = parallel if parallel is not None and parallel.size > 1 else None
+        self.serve_shard = None if self.parallel is None else ShardLayout.of(config, parallel.rank, parallel.size)
+        self.model = Decoder(config, dtype, self.serve_shard)
+        for layer in self.model.layers:
+            layer.self_attn.parallel = layer.mlp.parallel = self.parallel
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, device="meta", dtype=dtype)
+        vocab = self.model.embed_tokens.num_embeddings
+        self.lm_head = Linear(config.hidden_size, vocab, bias=False, device="meta", dtype=dtype)
         self.eager_layer_halves = (before_attention, after_attention)  # what the engine's COMPILE compiles
         self.layer_halves: tuple[Any, Any] = self.eager_layer_halves  # compiled ones under COMPILE
         self.to_empty(device=device)
@@ -194,15 +226,24 @@ class LlamaForServing(nn.Module):
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def serve_kv_heads(self) -> int:
+        """KV heads this model's cache holds per layer (this rank's, under tensor parallelism)."""
+        return self.model.layers[0].self_attn.kv_heads
+
     @classmethod
     def from_config(
-        cls, config: Any, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        config: Any,
+        device: Union[str, torch.device] = "cpu",
+        dtype: torch.dtype = torch.float32,
+        parallel: Optional[TensorParallel] = None,
     ) -> "LlamaForServing":
         """Random weights, as vLLM's ``--load-format dummy``: normal(0, initializer_range) matrices, unit norms and
         zero biases, made directly on ``device`` in ``dtype``."""
         from transformers import GenerationConfig
 
-        model = cls(config, device, dtype)
+        model = cls(config, device, dtype, parallel)
         std = float(getattr(config, "initializer_range", 0.02))
         with torch.no_grad():
             for name, parameter in model.named_parameters():
@@ -236,7 +277,7 @@ class LlamaForServing(nn.Module):
         """
         if input_ids.shape[0] != 1:
             raise ValueError("the lean model takes one flattened row of tokens per step")
-        hidden = self.model.embed_tokens(input_ids[0])
+        hidden = self._embed(input_ids[0])
         cos, sin = self.model.rotary(position_ids[0], hidden.dtype)  # sin: first half negated (Rotary)
         before, after = self.layer_halves
         for layer in self.model.layers:
@@ -245,4 +286,21 @@ class LlamaForServing(nn.Module):
             hidden = hidden.index_select(0, logits_to_keep.to(hidden.device))
         elif logits_to_keep:
             hidden = hidden[-logits_to_keep:]
-        return CausalOutput(self.lm_head(self.model.norm(hidden))[None])
+        return CausalOutput(self._logits(self.lm_head(self.model.norm(hidden)))[None])
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings; under tensor parallelism each rank looks up the ids in its vocabulary rows (zeros for
+        the others) and the ranks' rows are summed."""
+        if self.parallel is None:
+            return self.model.embed_tokens(ids)
+        start, _ = self.serve_shard.vocab_range()
+        local = ids - start
+        outside = (local < 0) | (local >= self.serve_shard.vocab_rows)
+        hidden = self.model.embed_tokens(local.clamp(0, self.serve_shard.vocab_rows - 1))
+        return self.parallel.all_reduce(hidden.masked_fill_(outside[:, None], 0))
+
+    def _logits(self, local: torch.Tensor) -> torch.Tensor:
+        """The full vocabulary's logits: this rank's columns, gathered from every rank under tensor parallelism."""
+        if self.parallel is None:
+            return local
+        return self.parallel.gather_columns(local)[:, : self.config.vocab_size]

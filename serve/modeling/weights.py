@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from serve.engine.fused import find_part
+from serve.modeling.parallel import VOCAB_PARTS
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed from the config
 
@@ -27,13 +28,15 @@ def safetensors_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def _tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, Any]]:
+    """Each checkpoint tensor as a safetensors slice: indexing it reads only the rows asked for (a tensor-parallel
+    rank's share), ``[:]`` the whole tensor."""
     from safetensors import safe_open
 
     for path in files:
         with safe_open(str(path), framework="pt", device=str(device)) as handle:
             for name in handle.keys():
-                yield name, handle.get_tensor(name)
+                yield name, handle.get_slice(name)
 
 
 def _destination(model: nn.Module, name: str) -> torch.Tensor:
@@ -83,31 +86,42 @@ def load_checkpoint(model: nn.Module, folder: Path) -> None:
 
 
 @torch.no_grad()
-def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copy named checkpoint tensors (a safetensors file's, or a transformers model's state dict) into ``model``."""
+def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, Any]]) -> None:
+    """Copy named checkpoint tensors (a safetensors file's slices, or a transformers model's state dict) into
+    ``model``; a tensor-parallel shard (``model.serve_shard``) takes only its slice of each."""
     needed = expected_keys(model)
     tied = getattr(model, "tied", False)
-    for name, tensor in tensors:
+    shard = getattr(model, "serve_shard", None)
+    for name, source in tensors:
         if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         target = _destination(model, name)
-        if target.shape != tensor.shape:
-            raise CheckpointMismatch(
-                f"tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
-            )
-        target.copy_(tensor)
+        tensor = source[:] if shard is None else shard.take(name, source)
+        _fill(target, tensor, name, padded=shard is not None and name.split(".")[-2] in VOCAB_PARTS)
         needed.discard(name)
     if needed:
         raise CheckpointMismatch(f"the checkpoint lacks {len(needed)} tensor(s), e.g. {', '.join(sorted(needed)[:3])}")
 
 
-def load_pretrained(folder: Path, config: Any, device: Any, dtype: torch.dtype) -> Any:
-    """The lean model of ``config`` with the checkpoint's weights, on ``device`` in ``dtype``."""
+def _fill(target: torch.Tensor, tensor: torch.Tensor, name: str, padded: bool) -> None:
+    """Copy ``tensor`` into ``target``; a vocabulary shard's rows past the vocabulary (``padded``) stay zero."""
+    rows = tensor.shape[0] if padded and tensor.shape[1:] == target.shape[1:] else target.shape[0]
+    if tensor.shape != target[:rows].shape or rows > target.shape[0]:
+        raise CheckpointMismatch(
+            f"tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
+        )
+    target[:rows].copy_(tensor)
+    target[rows:].zero_()
+
+
+def load_pretrained(folder: Path, config: Any, device: Any, dtype: torch.dtype, parallel: Any = None) -> Any:
+    """The lean model of ``config`` with the checkpoint's weights, on ``device`` in ``dtype``; with ``parallel``
+    (serve.modeling.parallel.TensorParallel) this rank's shard, read from the slices it holds."""
     from transformers import GenerationConfig
 
     from serve.modeling.llama import LlamaForServing
 
-    model = LlamaForServing(config, device, dtype)
+    model = LlamaForServing(config, device, dtype, parallel)
     load_checkpoint(model, folder)
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))

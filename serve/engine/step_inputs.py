@@ -1,0 +1,53 @@
+"""One step's model inputs as plain lists (what a tensor-parallel rank receives), and their tensors on a device.
+
+The runner lays a step out once (decode tokens first, then each prompt chunk); ``StepInputs`` holds that layout
+without tensors, so the same object is sent to every other rank in one message and turned into tensors by each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from serve.engine.attention import PrefillChunk, StepLayout
+
+
+@dataclass
+class StepInputs:
+    """The flattened step: token ids, positions, cache rows, decode block tables, prompt chunks, kept logit rows."""
+
+    ids: list[int]
+    positions: list[int]
+    rows: list[int]  # flat cache row of each token: block * block_size + offset
+    decode_tables: list[list[int]]  # each decode sequence's block table, padded with the scratch block
+    decode_lengths: list[int]  # cached tokens each decode sequence sees, the new one included
+    chunks: list[tuple[int, int, int, list[int]]]  # (start, end, cached before, block table) of each prompt chunk
+    logit_rows: list[int]  # the step positions whose logits are kept
+    adapters: Optional[list[Optional[str]]] = None  # each token's LoRA adapter (None: no adapter in the step)
+
+    def tensors(
+        self, device: torch.device, block_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, StepLayout, torch.Tensor]:
+        """(input ids, positions, the attention layout, logit rows) on ``device``."""
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        chunks = [
+            PrefillChunk(start, end, position, as_tensor(blocks), chunk_mask(position, end - start, device))
+            for start, end, position, blocks in self.chunks
+        ]
+        tables, mask = None, None
+        if self.decode_tables:
+            tables = as_tensor(self.decode_tables)
+            span = torch.arange(tables.shape[1] * block_size)
+            mask = (span[None, :] < torch.tensor(self.decode_lengths)[:, None])[:, None, None, :].to(device)
+        layout = StepLayout(as_tensor(self.rows), len(self.decode_tables), tables, mask, chunks)
+        return as_tensor(self.ids), as_tensor(self.positions), layout, as_tensor(self.logit_rows)
+
+
+def chunk_mask(position: int, count: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Causal mask for a chunk that starts after ``position`` cached tokens (None: plain causal from 0)."""
+    if position == 0:
+        return None
+    rows = torch.arange(count)[:, None] + position
+    return (torch.arange(position + count)[None, :] <= rows).to(device)
