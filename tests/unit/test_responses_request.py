@@ -4,7 +4,7 @@ import pytest
 
 from serve.errors import ValidationFailed
 from serve.http.routes.responses import parse_request
-from serve.http.schemas.responses_api import chat_body, chat_messages
+from serve.http.schemas.responses_api_chat import chat_body, chat_messages
 
 WEATHER = {
     "type": "function",

@@ -28,7 +28,8 @@ from serve.http.routes.parsing import check_text, field_path
 from serve.http.routes.responses_stream import ResponseEvents
 from serve.http.schemas import openai as oa
 from serve.http.schemas import responses_api_output as out
-from serve.http.schemas.responses_api import ResponsesRequest, chat_body, error_location
+from serve.http.schemas.responses_api import ResponsesRequest, error_location
+from serve.http.schemas.responses_api_chat import chat_body
 
 blueprint = Blueprint("responses", __name__)
 
