@@ -59,6 +59,11 @@ def test_stream_helper_parses_structured_output(openai_client):
     assert Verdict.model_validate_json(final.output_text) == final.output_parsed
 
 
+def test_parse_returns_the_structured_output(openai_client):
+    parsed = openai_client.responses.parse(model="tgi", input="Is it raining?", text_format=Verdict, temperature=0)
+    assert parsed.status == "completed" and isinstance(parsed.output_parsed, Verdict)
+
+
 def test_function_call_round_trip(openai_client):
     first = openai_client.responses.create(
         model="tgi", input="Weather in Paris?", tools=[WEATHER], tool_choice="required", temperature=0
