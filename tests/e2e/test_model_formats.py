@@ -123,6 +123,22 @@ def test_a_structured_answer_is_constrained_only_after_the_thoughts(chat):
     assert json.loads(message["content"]) == {"city": "Paris"}
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_call_is_constrained_only_after_the_thoughts(chat, stream):
+    weather = {**TOOLS[0]["function"], "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    tools = [{"type": "function", "function": weather}]
+    answer = chat("⟦think-forced⟧", tools=tools, tool_choice=named, max_tokens=80, stream=stream)
+    if stream:
+        message = reassembled(answer)
+        calls = [(call["name"], json.loads(call["arguments"])) for call in message["tool_calls"].values()]
+    else:
+        message = answer["choices"][0]["message"]
+        calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]]
+    assert message["reasoning_content"] == "\nCall the tool.\n" and calls == CALLS[:1]
+    assert not message["content"]
+
+
 def test_a_malformed_call_comes_back_as_text(chat):
     (choice,) = chat("⟦bad-call⟧", tools=TOOLS, max_tokens=60)["choices"]
     assert choice["message"]["content"].startswith("<tool_call>") and choice["finish_reason"] == "stop"
