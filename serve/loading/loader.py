@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from serve.config import Settings
 from serve.engine.types import CONTEXT_CAP, total_token_limit
+from serve.loading.dummy import build_random, dummy_model  # noqa: F401 (build_random: scripts/gpu, tests/gpu)
 from serve.loading.placement import MIN_CACHE_SLOTS, PlacementError, PlacementPlan, footprint, plan_placement
 from serve.loading.quantize import Quantization, QuantizationError, resolve_quantization
 from serve.loading.source import ModelLoadError, ModelSource, adapter_folders, local_folder, resolve_source
@@ -153,16 +154,11 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
     on_cpu = all(device == "cpu" for device in placement.devices)
     cpu_threads = use_cpu_threads(settings.torch_threads) if on_cpu else None
     kwargs = {**placement.from_pretrained_kwargs(), **prepared.quantization.kwargs}
-    log.info(
-        "loading %s from %s as %s on %s",
-        prepared.source.name,
-        prepared.folder,
-        prepared.dtype,
-        ", ".join(placement.devices),
-    )
+    where = ", ".join(placement.devices)
+    log.info("loading %s from %s as %s on %s", prepared.source.name, prepared.folder, prepared.dtype, where)
     with _LOAD_LOCK:
         if settings.load_format == "dummy":
-            model, tokenizer = dummy_model(prepared, settings, placement.devices)
+            model, tokenizer = dummy_model(prepared, settings, placement.devices)  # serve.loading.dummy
         else:
             lean = _load_lean(prepared, settings, placement)
             model, tokenizer = lean or _from_pretrained(prepared.folder, settings, prepared.dtype, kwargs)
@@ -337,76 +333,3 @@ def _from_pretrained(folder: Path, settings: Settings, dtype: Any, extra: dict[s
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-DUMMY_SEED = 0
-
-
-def dummy_model(prepared: PreparedModel, settings: Settings, devices: tuple[str, ...]) -> tuple[Any, Any]:
-    """HF_MODEL_LOAD_FORMAT=dummy: the model of ``config.json`` with random weights, built on its device and dtype.
-
-    Parameters are allocated directly on the target device (no CPU copy first) and drawn from a small normal
-    distribution with a fixed seed, so two engines (and HF reference runs) built from one folder agree.
-    """
-    import torch
-    from transformers import AutoConfig, AutoTokenizer
-
-    if len(devices) != 1 or prepared.quantization.method:
-        raise ModelLoadError("HF_MODEL_LOAD_FORMAT=dummy needs one device per engine and no HF_MODEL_QUANTIZE")
-    trust = settings.trust_remote_code
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(prepared.folder), trust_remote_code=trust)
-        config = AutoConfig.from_pretrained(str(prepared.folder), trust_remote_code=trust)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not read the config or tokenizer in {prepared.folder}: {exc}") from exc
-    log.info("HF_MODEL_LOAD_FORMAT=dummy: random %s weights on %s, no checkpoint read", prepared.dtype, devices[0])
-    model = build_random(config, prepared.dtype, torch.device(devices[0]), trust)
-    if settings.lean_model and not (trust and getattr(config, "auto_map", None)):
-        model = _as_lean(model, config)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def _as_lean(model: Any, config: Any) -> Any:
-    """The same random weights in the lean model (serve/modeling/) when it serves ``config``; else ``model``.
-
-    The weights are copied from transformers' model, so a reference run of that model from the same folder and
-    seed sees the same weights."""
-    from transformers import GenerationConfig
-
-    from serve.modeling import LlamaForServing, unsupported_reason
-    from serve.modeling.weights import load_tensors
-
-    reason = unsupported_reason(config)
-    if reason is not None:
-        log.info("dummy weights: transformers model code serves %s: %s", config.model_type, reason)
-        return model
-    lean = LlamaForServing(config, model.device, model.dtype)
-    load_tensors(lean, model.state_dict().items())
-    lean.generation_config = GenerationConfig.from_model_config(config)
-    return lean
-
-
-def build_random(config: Any, dtype: Any, device: Any, trust_remote_code: bool = False, seed: int = DUMMY_SEED) -> Any:
-    """A transformers causal LM of ``config`` with seeded random weights, built on ``device`` in ``dtype``, in
-    eval mode (``dummy_model`` moves the weights into the lean model where it serves the architecture)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    with torch.device(device):  # parameters allocated on the device; from_config sets the default dtype
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    _randomize(model, float(getattr(config, "initializer_range", 0.02) or 0.02), seed)
-    return model.eval()
-
-
-def _randomize(model: Any, std: float, seed: int) -> None:
-    """Matrices (projections, embeddings) ~ N(0, std); vectors (norm scales, biases) keep their built values."""
-    import torch
-
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2:
-                parameter.normal_(0.0, std, generator=generator)

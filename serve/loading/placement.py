@@ -142,14 +142,10 @@ def plan_placement(
     tensor_parallel: Optional[int] = None,
     sharding: Sharding = Sharding(why_not="not known to split"),
 ) -> PlacementPlan:
-    """Decide replicas, tensor parallelism or accelerate's split (``mode`` auto), or check the one asked for;
-    raise PlacementError if it cannot fit.
-
-    ``cache_tokens`` is the KV-cache room one engine needs (MAX_BATCH_TOTAL_TOKENS, else a few full-length slots).
-    Under ``auto`` a model that does not fit one GPU gets the smallest power-of-two tensor-parallel size whose
-    share of the weights and cache fits each GPU, then as many copies of it as the GPUs allow; accelerate's split
-    only where the lean model cannot split the architecture.
-    """
+    """Replicas, tensor parallelism or accelerate's split (``mode`` auto: a model too big for one GPU gets the
+    smallest power-of-two tensor-parallel size whose share fits each GPU, then as many copies as fit; accelerate's
+    split only where the lean model cannot split it), or check the one asked for; PlacementError if nothing fits.
+    ``cache_tokens``: the KV-cache room one engine needs (MAX_BATCH_TOTAL_TOKENS, else a few full-length slots)."""
     visible = len(free_bytes_per_gpu)
     gpus = visible if num_gpus is None else num_gpus
     if gpus > visible:

@@ -28,6 +28,9 @@ VARIABLES = [
     ("TOOL_CALL_PARSER", "pythonic", "tool_call_parser", "pythonic"),
     ("PLACEMENT", "Replicas", "placement", "replicas"),
     ("REPLICAS", "2", "replicas", 2),
+    ("TENSOR_PARALLEL_SIZE", "4", "tensor_parallel_size", 4),
+    ("TENSOR_PARALLEL_TIMEOUT_S", "90", "tensor_parallel_timeout_s", 90.0),
+    ("CUDA_VISIBLE_DEVICES", "2,3", "cuda_visible_devices", "2,3"),
     ("HF_MODEL_QUANTIZE", "bitsandbytes-NF4", "quantize", "bitsandbytes-nf4"),
     ("LORA_ADAPTERS", "sql=/a/sql, chat = /b/chat,", "lora_adapters", (("sql", "/a/sql"), ("chat", "/b/chat"))),
     ("LEAN_MODEL", "false", "lean_model", False),
@@ -99,6 +102,7 @@ def test_no_environment_and_empty_values_give_the_defaults():
         ("ALLOW_PICKLE_WEIGHTS", "HF_MODEL_ALLOW_UNSAFE_WEIGHTS", "allow_unsafe_weights", "false", "true", False, True),
         ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH", "max_input_tokens", "77", "99", 77, 99),
         ("TORCH_THREADS", "OMP_NUM_THREADS", "torch_threads", "1", "3", 1, 3),
+        ("TENSOR_PARALLEL_SIZE", "NUM_SHARD", "tensor_parallel_size", "2", "4", 2, 4),
     ],
 )
 def test_an_alias_counts_alone_and_the_primary_name_wins(
@@ -177,6 +181,7 @@ def test_malformed_values_name_the_variable(env, message):
             "MAX_INPUT_TOKENS=100 must be less than MAX_TOTAL_TOKENS=100",
         ),
         ({"PLACEMENT": "shard", "REPLICAS": "2"}, {"PLACEMENT": "replicas"}, "REPLICAS=2 cannot be combined"),
+        ({"PLACEMENT": "shard", "NUM_SHARD": "2"}, {"PLACEMENT": "auto"}, "TENSOR_PARALLEL_SIZE=2 cannot be combined"),
         (
             {"SAGEMAKER_ENABLE_STATEFUL_SESSIONS": "true", "SAGEMAKER_MODEL_SERVER_WORKERS": "2"},
             {"SAGEMAKER_MODEL_SERVER_WORKERS": "1"},

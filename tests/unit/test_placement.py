@@ -4,7 +4,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from serve.loading.placement import MIN_CACHE_SLOTS, PlacementError, footprint, parameter_count, plan_placement
+from serve.loading.placement import (
+    MIN_CACHE_SLOTS,
+    PlacementError,
+    Sharding,
+    footprint,
+    parameter_count,
+    plan_placement,
+    visible_devices,
+)
+from serve.modeling.parallel import ShardError, ShardLayout
 
 GIB = 1024**3
 LLAMA_1B = SimpleNamespace(  # Llama-3.2-1B
@@ -116,3 +125,88 @@ def test_cpu_plans():
     assert single.engines[0].from_pretrained_kwargs() == {}
     assert len(plan_placement("replicas", None, [], small, CACHE_TOKENS, replicas=2).engines) == 2
     assert "nothing to split over" in plan_placement("shard", None, [], small, CACHE_TOKENS).reason
+
+
+def sharding_of(config) -> Sharding:
+    """The rank counts the lean model can split ``config`` over (as serve.loading.tensor_parallel finds them)."""
+    sizes = []
+    for size in range(1, 17):
+        try:
+            ShardLayout.of(config, 0, size)
+        except ShardError:
+            continue
+        sizes.append(size)
+    return Sharding(tuple(sizes))
+
+
+@pytest.mark.parametrize(
+    "model, gpus, size, expected",
+    [
+        ("7B", 8, 80, ("replicas", 8, 1)),  # fits one GPU: a copy per GPU
+        ("70B", 8, 80, ("tensor-parallel", 4, 2)),  # 131 GiB + cache: two ranks of 80 GiB hold it, four copies
+        ("70B", 8, 40, ("tensor-parallel", 2, 4)),
+        ("70B", 8, 24, ("tensor-parallel", 1, 8)),
+        ("70B", 4, 40, ("tensor-parallel", 1, 4)),
+    ],
+)
+def test_auto_picks_the_smallest_tensor_parallel_size_that_fits_then_copies(model, gpus, size, expected):
+    config = MODELS[model]
+    plan = plan_placement(
+        "auto", None, [size * GIB] * gpus, footprint(config, 2, 2), CACHE_TOKENS, sharding=sharding_of(config)
+    )
+    assert (plan.mode, len(plan.engines), plan.engines[0].tensor_parallel) == expected
+    assert len({device for engine in plan.engines for device in engine.devices}) == len(plan.engines) * expected[2]
+    assert plan.describe()["tensor_parallel_size"] == expected[2]
+
+
+def test_an_architecture_the_lean_model_cannot_split_keeps_accelerates_split_and_says_why():
+    need = footprint(LLAMA_70B, 2, 2)
+    cannot = Sharding(why_not="model type 'gemma2' has no lean model")
+    plan = plan_placement("auto", None, [80 * GIB] * 8, need, CACHE_TOKENS, sharding=cannot)
+    assert plan.mode == "shard" and "gemma2" in plan.reason
+    with pytest.raises(PlacementError, match="cannot split this model: model type 'gemma2'"):
+        plan_placement("auto", None, [80 * GIB] * 8, need, CACHE_TOKENS, tensor_parallel=8, sharding=cannot)
+
+
+def test_an_explicit_tensor_parallel_size_is_checked_against_the_model_and_the_gpus():
+    need, sharding = footprint(LLAMA_70B, 2, 2), sharding_of(LLAMA_70B)
+    plan = plan_placement("auto", None, [80 * GIB] * 8, need, CACHE_TOKENS, tensor_parallel=8, sharding=sharding)
+    assert [engine.devices for engine in plan.engines] == [tuple(f"cuda:{i}" for i in range(8))]
+    with pytest.raises(PlacementError, match="do not divide over 3 ranks"):
+        plan_placement("auto", None, [80 * GIB] * 8, need, CACHE_TOKENS, tensor_parallel=3, sharding=sharding)
+    with pytest.raises(PlacementError, match="needs 16 GPUs"):
+        plan_placement("auto", None, [80 * GIB] * 8, need, CACHE_TOKENS, tensor_parallel=16, sharding=sharding)
+    with pytest.raises(PlacementError, match="each of 2 GPUs would need"):
+        plan_placement("auto", None, [40 * GIB] * 8, need, CACHE_TOKENS, tensor_parallel=2, sharding=sharding)
+    on_cpu = plan_placement("auto", None, [], need, CACHE_TOKENS, tensor_parallel=2, sharding=sharding)
+    assert (on_cpu.mode, on_cpu.engines[0].tensor_parallel, on_cpu.engines[0].devices) == (
+        "tensor-parallel",
+        2,
+        ("cpu",),
+    )
+
+
+def test_each_engine_process_is_given_only_its_own_gpus():
+    """8 GPUs, TP=2: four engine processes, each seeing two GPUs as cuda:0 and cuda:1."""
+    plan = plan_placement(
+        "auto",
+        None,
+        [80 * GIB] * 8,
+        footprint(LLAMA_70B, 2, 2),
+        CACHE_TOKENS,
+        tensor_parallel=2,
+        sharding=sharding_of(LLAMA_70B),
+    )
+    assert [visible_devices(engine, None) for engine in plan.engines] == ["0,1", "2,3", "4,5", "6,7"]
+    server_sees = "7,6,5,4,3,2,1,0"  # the server's own CUDA_VISIBLE_DEVICES: ordinals index into it
+    assert [visible_devices(engine, server_sees) for engine in plan.engines] == ["7,6", "5,4", "3,2", "1,0"]
+    inside = [engine.as_seen_inside() for engine in plan.engines]
+    assert {engine.devices for engine in inside} == {("cuda:0", "cuda:1")}
+    assert all(engine.tensor_parallel == 2 for engine in inside)
+    replica = plan_placement("replicas", None, [80 * GIB] * 8, footprint(MISTRAL_7B, 2, 2), CACHE_TOKENS).engines[3]
+    assert visible_devices(replica, None) == "3"
+    assert (replica.as_seen_inside().devices, replica.as_seen_inside().device_map) == (("cuda:0",), {"": 0})
+    assert (
+        visible_devices(plan_placement("auto", None, [], footprint(MISTRAL_7B, 2, 2), CACHE_TOKENS).engines[0], None)
+        is None
+    )

