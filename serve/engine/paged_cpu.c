@@ -70,10 +70,15 @@ static inline const float* row(const void* base, int64_t index, int64_t dim, int
   return scratch;
 }
 
-/* The cache row (in units of dim) of token t of sequence `seq` for KV head `head`. */
-static inline int64_t kv_row(const Step* s, int64_t seq, int64_t head, int64_t t) {
-  int64_t block = s->tables[seq * s->width + t / s->block_size];
-  return (block * s->block_size + t % s->block_size) * s->kv_heads + head;
+/* at[t] = where token t of sequence `seq` starts for KV head `head`, in elements of the cache (one division per
+ * token, once per task); the padding up to `stride` repeats token 0. */
+static void locate(const Step* s, int64_t seq, int64_t head, int64_t len, int64_t stride, int64_t* at) {
+  const int64_t* table = s->tables + seq * s->width;
+  for (int64_t t = 0; t < stride; t++) {
+    int64_t token = t < len ? t : 0;
+    int64_t row = table[token / s->block_size] * s->block_size + token % s->block_size;
+    at[t] = (row * s->kv_heads + head) * s->dim;
+  }
 }
 
 /* The sums of the 8 vectors' lanes, as one vector: lane j holds the sum of sums[j]. */
@@ -86,12 +91,10 @@ static inline __m256 sum_lanes(const __m256* sums) {
 }
 
 /* scores[g][t] = scale * q_g . k_t for the group's heads, 8 tokens at a time (the last 8 padded with token 0). */
-static void score(const Step* s, int64_t seq, int64_t head, int64_t len, int64_t stride, const float* q,
-                  float* scores) {
+static void score(const Step* s, const int64_t* at, int64_t len, int64_t stride, const float* q, float* scores) {
   int64_t group = s->heads / s->kv_heads, dim = s->dim;
   for (int64_t t0 = 0; t0 < len; t0 += 8) {
-    int64_t k[8];
-    for (int j = 0; j < 8; j++) k[j] = kv_row(s, seq, head, t0 + j < len ? t0 + j : 0) * dim;
+    const int64_t* k = at + t0;
     for (int64_t g = 0; g < group; g++) {
       const float* qg = q + g * dim;
       __m256 sums[8];
@@ -129,8 +132,8 @@ static void store(const Step* s, int64_t index, const float* values) {
 }
 
 /* out_g = sum over t of weight[g][t] * v_t / total_g, 64 dims at a time in registers. */
-static void mix(const Step* s, int64_t seq, int64_t head, int64_t len, int64_t stride, const float* weights,
-                const float* totals) {
+static void mix(const Step* s, int64_t seq, int64_t head, const int64_t* at, int64_t len, int64_t stride,
+                const float* weights, const float* totals) {
   int64_t group = s->heads / s->kv_heads, dim = s->dim;
   float out[dim];
   for (int64_t g = 0; g < group; g++) {
@@ -140,8 +143,8 @@ static void mix(const Step* s, int64_t seq, int64_t head, int64_t len, int64_t s
       for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
       for (int64_t t = 0; t < len; t++) {
         __m256 weight = _mm256_set1_ps(weights[g * stride + t]);
-        int64_t at = kv_row(s, seq, head, t) * dim + d0;
-        for (int c = 0; c < chunks; c++) acc[c] = _mm256_fmadd_ps(load8(s->v, at + 8 * c, s->bf16), weight, acc[c]);
+        const int64_t row = at[t] + d0;
+        for (int c = 0; c < chunks; c++) acc[c] = _mm256_fmadd_ps(load8(s->v, row + 8 * c, s->bf16), weight, acc[c]);
       }
       __m256 inverse = _mm256_set1_ps(1.0f / totals[g]);
       for (int c = 0; c < chunks; c++) _mm256_storeu_ps(out + d0 + 8 * c, _mm256_mul_ps(acc[c], inverse));
@@ -154,16 +157,18 @@ static void mix(const Step* s, int64_t seq, int64_t head, int64_t len, int64_t s
 static void attend(const Step* s, int64_t seq, int64_t head) {
   int64_t group = s->heads / s->kv_heads, dim = s->dim, len = s->lengths[seq];
   int64_t stride = (len + 7) / 8 * 8;
-  float* q = malloc(sizeof(float) * (group * (stride + dim) + dim));
+  float* q = malloc(sizeof(float) * (group * (stride + dim) + dim) + sizeof(int64_t) * stride);
   float *scores = q + group * dim, *scratch = scores + group * stride;
+  int64_t* at = (int64_t*)(scratch + dim);
   for (int64_t g = 0; g < group; g++) {
     const float* source = row(s->q, seq * s->heads + head * group + g, dim, s->bf16, scratch);
     memcpy(q + g * dim, source, dim * sizeof(float));
   }
-  score(s, seq, head, len, stride, q, scores);
+  locate(s, seq, head, len, stride, at);
+  score(s, at, len, stride, q, scores);
   float totals[group];
   for (int64_t g = 0; g < group; g++) totals[g] = softmax_weights(scores + g * stride, len, stride);
-  mix(s, seq, head, len, stride, scores, totals);
+  mix(s, seq, head, at, len, stride, scores, totals);
   free(q);
 }
 
