@@ -23,7 +23,11 @@ SCRIPTS = {
     ),
     "⟦think-long⟧": "<think>\nFirst I weigh every option one by one, slowly, and then once more from the start",
     "⟦think-json⟧": '<think>\nA JSON object with the city.\n</think>\n\n{"city":"Paris"}',
-    "⟦think-forced⟧": '<think>\nCall the tool.\n</think>\n\n{"name":"get_weather","arguments":{"city":"Paris"}}',
+    # Where a schema leaves one way on, llguidance allows only its own (longest-match) tokens of the forced text:
+    # these pieces happen to be those; another wording may need another split.
+    "⟦think-forced⟧": (
+        '<think>\nI have to call the tool.\n</think>\n\n{"name":"get_weather","arguments":{"city":"Paris"}}'
+    ),
     "⟦bad-call⟧": '<tool_call>\n{"name": "get_weather", "arguments": {"city": Paris}}\n</tool_call>',
     "⟦no-think⟧": "Paris is sunny today.",
     "⟦effort-low⟧": "Quick answer: Paris.",

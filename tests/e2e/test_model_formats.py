@@ -135,7 +135,7 @@ def test_a_forced_call_is_constrained_only_after_the_thoughts(chat, stream):
     else:
         message = answer["choices"][0]["message"]
         calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]]
-    assert message["reasoning_content"] == "\nCall the tool.\n" and calls == CALLS[:1]
+    assert message["reasoning_content"] == "\nI have to call the tool.\n" and calls == CALLS[:1]
     assert not message["content"]
 
 
