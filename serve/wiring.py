@@ -52,7 +52,9 @@ def build_engine(
     def make_engine(prepared: PreparedModel, index: int) -> EngineProcess:
         args = (settings, prepared.as_seen_by(index), index)
         spawning = engine_environment(settings, prepared, index)
-        return EngineProcess(serve_engine_copy, args, config, settings.engine_stall_timeout_s, spawning)
+        ranks = prepared.plan.engines[index].tensor_parallel
+        stall = settings.engine_stall_timeout_s
+        return EngineProcess(serve_engine_copy, args, config, stall, spawning, daemon=ranks == 1)
 
     return EnginePool(
         prepare=lambda: prepare_model(settings),

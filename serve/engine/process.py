@@ -70,10 +70,13 @@ class EngineProcess:
         config: EngineConfig = EngineConfig(),
         stall_timeout_s: float = 0.0,
         spawning: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+        daemon: bool = True,
     ):
-        """``spawning``: the context the child is spawned in (the environment it copies: its visible GPUs)."""
+        """``spawning``: the context the child is spawned in (the environment it copies: its visible GPUs);
+        ``daemon``: False for a child that starts processes of its own (tensor-parallel ranks), which a daemonic
+        process may not; it still ends when its pipe closes."""
         self.config = config
-        self._spawning = spawning
+        self._spawning, self._daemon = spawning, daemon
         self.load_error: Optional[BaseException] = None
         self.exit_error: Optional[EngineProcessError] = None  # why the last child ended unasked
         self.loaded: Optional[ModelCard] = None
@@ -136,7 +139,9 @@ class EngineProcess:
     def _spawn(self) -> None:
         context = multiprocessing.get_context("spawn")  # never fork a threaded worker (nor CUDA state)
         conn, child_end = context.Pipe(duplex=True)
-        process = context.Process(target=self._target, args=(child_end, *self._args), name="engine", daemon=True)
+        process = context.Process(
+            target=self._target, args=(child_end, *self._args), name="engine", daemon=self._daemon
+        )
         with self._spawning():
             process.start()
         child_end.close()
