@@ -119,3 +119,18 @@ def test_greedy_tokens_in_float32_are_the_same_with_the_cpu_kernel(kernel, tiny_
     in_place, used = _greedy_tokens(replace(settings, attention_backend="cpu"), prompts)
     assert used == "cpu"
     assert in_place == reference
+
+
+def test_the_setting_reaches_an_engine_process_and_comes_back_in_its_report(tiny_settings):
+    from serve.engine.process import EngineProcess
+    from serve.loading.loader import prepare_model
+    from serve.wiring import engine_config, serve_engine_copy
+
+    settings = replace(tiny_settings, attention_backend="sdpa", max_concurrent_requests=2)
+    engine = EngineProcess(serve_engine_copy, (settings, prepare_model(settings), 0), engine_config(settings)).start()
+    try:
+        assert engine.wait_ready(120), engine.load_error
+        report = engine.describe()[0].attention
+        assert (report.backend, report.requested) == ("sdpa", "sdpa")
+    finally:
+        engine.stop()
