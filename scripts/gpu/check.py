@@ -5,8 +5,8 @@
 Stages: (a) copy bandwidth and the decode bandwidth floor, (b) tests/gpu, (c) engine ms per decode step with a
 one-step profile, then with COMPILE=true (cold start from an empty inductor cache, ms per step, a warm start in a
 fresh process), (d) the real server through gunicorn at several concurrencies, (e) HF generate with a static
-cache (+ compile). Results go to OUT_DIR as each stage ends: <stage>.json, results.json and results.md (printed
-last). Without CUDA the same stages run on tiny shapes on the CPU and say so: a dry run of the script itself.
+cache (+ compile), (f) tensor parallelism, TP=1 against TP=N where there are several GPUs. Results go to OUT_DIR
+as each stage ends: <stage>.json, results.json and results.md (printed last). Without CUDA the same stages run on tiny shapes on the CPU and say so: a dry run of the script itself.
 On the GPU machine, install the wheels of scripts/gpu/fetch_wheels.sh first (see its header).
 """
 
@@ -30,9 +30,24 @@ from report import markdown  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TOTAL_GPU_S = 520  # 9 minutes less installing the wheels and starting this script
-GPU_BOXES = {"bandwidth": 35, "tests": 90, "engine": 90, "compile": 110, "compile_warm": 50, "server": 160, "hf": 110}
+GPU_BOXES = {
+    "bandwidth": 35,
+    "tests": 90,
+    "engine": 90,
+    "compile": 110,
+    "compile_warm": 50,
+    "server": 160,
+    "hf": 110,
+    "tensor_parallel": 150,  # skips at once with one GPU
+}
 # one process for the in-process stages; COMPILE's warm start needs a fresh process (the cache on disk)
-CPU_BOXES = {"bandwidth,engine,compile,hf": 360, "compile_warm": 90, "tests": 120, "server": 200}
+CPU_BOXES = {
+    "bandwidth,engine,compile,hf": 360,
+    "compile_warm": 90,
+    "tests": 120,
+    "server": 200,
+    "tensor_parallel": 200,
+}
 NO_GPU = (
     "NO GPU: no CUDA GPU is visible here (nvidia-smi); "
     "every stage ran on tiny shapes on the CPU (a dry run of the script)"

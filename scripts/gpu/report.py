@@ -141,6 +141,23 @@ def _hf_rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _tensor_parallel_rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
+    if "skipped" in data:
+        return [("f", "tensor parallelism", data["skipped"])]
+    ranks, outputs = data.get("ranks"), data.get("outputs")
+    rows = []
+    if outputs:
+        rows.append(
+            ("f", f"TP={ranks} greedy tokens equal to TP=1", f"{outputs['equal_tokens']} of {outputs['tokens']}")
+        )
+    for key, row in data.get(f"tp{ranks}", {}).items():
+        one = data.get("tp1", {}).get(key, {})
+        if key.startswith("batch_") and row.get("ms_per_step"):
+            value = f"{_f(row['ms_per_step'], 2)} ms/step (TP=1: {_f(one.get('ms_per_step'), 2)})"
+            rows.append(("f", f"TP={ranks} decode step, {key.replace('_', ' ')}", value))
+    return rows
+
+
 def markdown(out: Path, results: dict[str, Any]) -> str:
     """The whole report: header, profiles, stage statuses, then the summary table last."""
     bandwidth, engine = _load(out, "bandwidth"), _load(out, "engine")
@@ -166,6 +183,7 @@ def markdown(out: Path, results: dict[str, Any]) -> str:
     rows = _bandwidth_rows(bandwidth) + _tests_rows(out) + _engine_rows(engine, floor)
     rows += _compile_rows(_load(out, "compile"), engine)
     rows += _server_rows(_load(out, "server"), floor) + _hf_rows(_load(out, "hf"))
+    rows += _tensor_parallel_rows(_load(out, "tensor_parallel"))
     lines += ["", "| | measure | value |", "|---|---|---|"] + [f"| {s} | {m} | {v} |" for s, m, v in rows]
     if not results["gpu"]:
         lines += ["", f"**{results['device']}.**"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from common import Plan, Recorder, make_plan, model_folder, random_prompts, stage_log
+from tp_stage import stage_tensor_parallel
 
 BASE_VOCAB = 49152  # the embedded tokenizer's own ids: prompts use only these
 
@@ -368,6 +369,7 @@ STAGES = {
     "compile": stage_compile,
     "compile_warm": stage_compile_warm,
     "hf": stage_hf,
+    "tensor_parallel": stage_tensor_parallel,
 }
 
 
