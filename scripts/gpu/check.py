@@ -6,8 +6,9 @@ Stages: (a) copy bandwidth and the decode bandwidth floor, (b) tests/gpu, (c) en
 one-step profile, then with COMPILE=true (cold start from an empty inductor cache, ms per step, a warm start in a
 fresh process), (d) the real server through gunicorn at several concurrencies, (e) HF generate with a static
 cache (+ compile), (f) tensor parallelism, TP=1 against TP=N where there are several GPUs. Results go to OUT_DIR
-as each stage ends: <stage>.json, results.json and results.md (printed last). Without CUDA the same stages run on tiny shapes on the CPU and say so: a dry run of the script itself.
-On the GPU machine, install the wheels of scripts/gpu/fetch_wheels.sh first (see its header).
+as each stage ends: <stage>.json, results.json and results.md (printed last). Without CUDA the same stages run on
+tiny shapes on the CPU and say so: a dry run of the script itself. On the GPU machine, install the wheels of
+scripts/gpu/fetch_wheels.sh first (see its header).
 """
 
 from __future__ import annotations
