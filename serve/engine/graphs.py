@@ -40,7 +40,7 @@ def capture_decode_graphs(static: StaticDecode) -> GraphReport:
     started = time.monotonic()
     shapes = sorted(((b, w) for b in static.batches for w in static.widths), reverse=True)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.cuda.device(static.device):  # the model's GPU, whatever is current
             _capture_all(static, shapes)
             error = _self_check(static, min(shapes))
     except Exception as exc:  # noqa: BLE001 - any capture failure means: serve eagerly

@@ -84,6 +84,10 @@ class ModelRunner:
     def compile_layers(self, cache_dir: str) -> CompileReport:
         """COMPILE: torch.compile the lean model's layer halves (cache under ``cache_dir``), warmed up on the token
         counts that make the compiled graphs serve every later shape, and self-checked against eager."""
+        if self.ranks is not None:  # its probes run on this rank alone: the others would wait in the collectives
+            self.compiled = CompileReport(reason="off: COMPILE is not run under tensor parallelism")
+            log.warning("COMPILE off: tensor parallelism (the ranks run the eager layers)")
+            return self.compiled
         self._base_model_step()
         self.compiled = compile_layers(self.model, cache_dir, self._probe_logits)
         return self.compiled
