@@ -1,6 +1,12 @@
-"""Reading tool calls back from model text, and holding streamed text that may be a call."""
+"""Tool definitions and the forcing schema; the generic JSON call read back from model text, and streamed text
+held while it may be a call."""
 
-from serve.http.schemas.tools import Tool, ToolCallBuffer, call_schema, parse_tool_calls
+from serve.front.tool_calls import parse_json_calls, truncated_call
+from serve.front.tool_formats import JSON
+from serve.front.tool_parsers import ForcedCallParser, ToolCallParser
+from serve.http.schemas.tools import Tool, call_schema
+
+NAMES = frozenset({"get_weather"})
 
 WEATHER = Tool.model_validate(
     {"function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
@@ -13,26 +19,27 @@ def test_plain_json_and_tagged_calls_are_read():
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
         '```json\n[{"name": "get_weather", "parameters": {"city": "Paris"}}]\n```',
     ):
-        (call,) = parse_tool_calls(text, [WEATHER])
-        assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'} and call["id"].startswith(
-            "call_"
-        )
+        (call,) = parse_json_calls(text, NAMES)
+        assert call.openai()["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+        assert call.id.startswith("call_")
 
 
 def test_prose_and_unknown_functions_are_not_calls():
-    assert parse_tool_calls("It is sunny in Paris.", [WEATHER]) is None
-    assert parse_tool_calls('{"name": "launch_rocket", "arguments": {}}', [WEATHER]) is None
-    assert parse_tool_calls('{"city": "Paris"}', [WEATHER]) is None
+    assert parse_json_calls("It is sunny in Paris.", NAMES) is None
+    assert parse_json_calls('{"name": "launch_rocket", "arguments": {}}', NAMES) is None
+    assert parse_json_calls('{"city": "Paris"}', NAMES) is None
 
 
 def test_buffer_streams_prose_at_once_and_holds_a_call():
-    prose = ToolCallBuffer([WEATHER], forced=False)
-    assert prose.feed("  ") == "" and prose.feed("Hello") == "  Hello" and prose.feed(" there") == " there"
-    assert prose.finish() == ("", None)
-    call = ToolCallBuffer([WEATHER], forced=False)
-    assert call.feed('{"name": "get_weather", ') == "" and call.feed('"arguments": {"city": "Oslo"}}') == ""
+    prose = ToolCallParser(JSON, NAMES)
+    assert (
+        prose.feed("  ") == ("", []) and prose.feed("Hello") == ("  Hello", []) and prose.feed(" there")[0] == " there"
+    )
+    assert prose.finish() == ("", [])
+    call = ToolCallParser(JSON, NAMES)
+    assert call.feed('{"name": "get_weather", ') == ("", []) and call.feed('"arguments": {"city": "Oslo"}}') == ("", [])
     rest, calls = call.finish()
-    assert rest == "" and calls[0]["function"]["name"] == "get_weather"
+    assert rest == "" and calls[0].name == "get_weather"
 
 
 def test_call_schema_pins_the_name_of_each_tool():
@@ -46,15 +53,16 @@ def test_call_schema_pins_the_name_of_each_tool():
 
 
 def test_a_forced_call_cut_by_max_tokens_keeps_name_and_partial_arguments():
-    from serve.http.schemas.tools import truncated_tool_call
-
-    tools = [Tool.model_validate({"function": {"name": "calc"}}), Tool.model_validate({"function": {"name": "clock"}})]
-    call = truncated_tool_call('{"name": "calc", "arguments": {"a": 1, "b', tools)[0]["function"]
-    assert call == {"name": "calc", "arguments": '{"a": 1, "b'}
-    assert truncated_tool_call('{"name": "clo', tools)[0]["function"] == {"name": "clock", "arguments": ""}
-    assert truncated_tool_call("", tools[1:])[0]["function"]["name"] == "clock"
-    buffer = ToolCallBuffer(tools[:1], forced=True)
-    buffer.feed('{"name": "calc", "arguments": {"a"')
-    rest, calls = buffer.finish(truncated=True)
-    assert rest == "" and calls[0]["function"] == {"name": "calc", "arguments": '{"a"'}
-    assert buffer.finish(truncated=False) == ('{"name": "calc", "arguments": {"a"', None)  # not cut: not a call
+    tools = ["calc", "clock"]
+    call = truncated_call('{"name": "calc", "arguments": {"a": 1, "b', tools)
+    assert (call.name, call.arguments) == ("calc", '{"a": 1, "b')
+    assert (truncated_call('{"name": "clo', tools).name, truncated_call('{"name": "clo', tools).arguments) == (
+        "clock",
+        "",
+    )
+    assert truncated_call("", tools[1:]).name == "clock"
+    forced = ForcedCallParser(tools[:1])
+    forced.feed('{"name": "calc", "arguments": {"a"')
+    rest, calls = forced.finish(truncated=True)
+    assert rest == "" and (calls[0].name, calls[0].arguments) == ("calc", '{"a"')
+    assert forced.finish(truncated=False) == ('{"name": "calc", "arguments": {"a"', [])  # not cut: not a call
