@@ -93,7 +93,12 @@ def test_thoughts_text_and_two_calls_in_one_answer(chat):
 
 
 def test_the_same_answer_streamed_as_incremental_deltas(chat):
-    message = reassembled(chat("⟦think-call⟧", tools=TOOLS, max_tokens=200, stream=True))
+    from serve.http.schemas.openai import ChatCompletionChunk
+
+    chunks = chat("⟦think-call⟧", tools=TOOLS, max_tokens=200, stream=True)
+    for chunk in chunks:
+        ChatCompletionChunk.model_validate(chunk)  # every chunk is one the documented model allows
+    message = reassembled(chunks)
     assert (message["reasoning_content"], message["content"]) == (THOUGHTS, "Let me check both.\n")
     calls = [(call["name"], json.loads(call["arguments"])) for _, call in sorted(message["tool_calls"].items())]
     assert calls == CALLS and message["finish_reason"] == "tool_calls"
