@@ -34,6 +34,8 @@ class BuildCache:
     block_size: int
     max_batch: int
     max_blocks: int
+    attention_backend: str = "auto"  # the decode kernel rank 0 chose (serve.engine.decode_backends)
+    c_compiler: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -189,11 +191,13 @@ def rank_runner(cpu_threads: Optional[int]) -> Callable[[Any, BuildCache], Any]:
     """How a rank builds its runner once rank 0 sized the pool: the same blocks, for this rank's KV heads."""
 
     def build(model: Any, message: BuildCache) -> Any:
+        from serve.engine.decode_backends import install_decode_backend
         from serve.engine.kv_cache import CacheShape, PagedKVCache
         from serve.engine.runner import ModelRunner
 
         shape = CacheShape.of(model.config, model.dtype, getattr(model, "serve_kv_heads", None))
         cache = PagedKVCache(shape, message.num_blocks, message.block_size, model.device)
+        install_decode_backend(cache, message.attention_backend, message.c_compiler)
         return ModelRunner(model, cache, None, message.max_batch, message.max_blocks, cpu_threads)
 
     return build

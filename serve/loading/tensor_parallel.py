@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 RENDEZVOUS_HOST = "127.0.0.1"  # the ranks of a copy share one host
 RANK_POLL_S = 0.1  # how often rank 0 checks that the others are alive while they load
+RANK_LOAD_TIMEOUT_S = 1800.0  # loading a shard may take long (a dead rank is seen at once: its process is polled)
 NO_TIMEOUT_S = 7 * 24 * 3600.0  # TENSOR_PARALLEL_TIMEOUT_S=0: collectives wait (practically) forever
 MAX_RANKS = 64
 
@@ -92,14 +93,15 @@ def serve_shard_rank(conn: Any, settings: Settings, prepared: Any, engine_index:
 
 def _await_ranks(store: Any, ranks: RankGroup, timeout: timedelta) -> None:
     """Wait until every other rank has loaded its shard; ModelLoadError naming a rank that died meanwhile."""
-    deadline = time.monotonic() + timeout.total_seconds()
+    started = time.monotonic()
+    deadline = started + max(timeout.total_seconds(), RANK_LOAD_TIMEOUT_S)
     keys = [f"loaded/{rank}" for rank in range(1, ranks.size)]
     while not store.check(keys):
         gone = ranks.failed_rank()
         if gone is not None:
             raise ModelLoadError(f"{gone} while loading its shard")
         if time.monotonic() > deadline:
-            raise ModelLoadError(f"tensor-parallel ranks did not load within {timeout.total_seconds():g} s")
+            raise ModelLoadError(f"tensor-parallel ranks did not load within {deadline - started:g} s")
         time.sleep(RANK_POLL_S)
 
 

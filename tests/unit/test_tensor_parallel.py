@@ -172,3 +172,27 @@ def test_each_engine_process_starts_with_only_its_gpus_visible(tmp_path):
     seen = [(tmp_path / f"copy{index}").read_text() for index in range(4)]
     assert seen == ["0,1", "2,3", "4,5", "6,7"]
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
+
+
+def test_a_rank_that_hangs_fails_the_collective_after_the_timeout(tiny_model_dir, tokenizer):
+    """SIGSTOP on rank 1: rank 0's next collective gives up after TENSOR_PARALLEL_TIMEOUT_S; nothing waits forever."""
+    import os
+    import signal
+
+    settings = settings_for(
+        tiny_model_dir, tensor_parallel_size=2, max_batch_total_tokens=SMALL_POOL, tensor_parallel_timeout_s=3.0
+    )
+    engine = single_engine(settings).start()
+    try:
+        assert engine.wait_ready(180), engine.load_error
+        process, _ = engine.loaded.ranks.workers[0]
+        stream = engine.submit(
+            Request(tokenizer(TEXTS[0])["input_ids"], SamplingParams(max_new_tokens=2000, ignore_eos=True))
+        )
+        next(iter(stream))
+        os.kill(process.pid, signal.SIGSTOP)
+        events = list(stream)
+        assert events[-1].finish_reason is FinishReason.ERROR and "tensor-parallel step failed" in events[-1].error
+        assert not engine.ready
+    finally:
+        engine.stop()
