@@ -125,7 +125,6 @@ class Engine:
         if scheduler is None:
             return EngineStats()
         blocks = scheduler.blocks
-        speculation = scheduler.speculator.stats if scheduler.speculator is not None else None
         return EngineStats(
             blocks.used_blocks,
             blocks.usable_blocks,
@@ -135,10 +134,6 @@ class Engine:
             scheduler.peak_running,
             self._steps,
             self._busy_seconds,
-            speculative_proposer=speculation.proposer if speculation else "",
-            speculative_proposed=speculation.proposed if speculation else 0,
-            speculative_accepted=speculation.accepted if speculation else 0,
-            speculative_lengths=tuple(speculation.accepted_lengths) if speculation else (),
         )
 
     def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
@@ -275,7 +270,6 @@ class Engine:
         from serve.engine.grammar import Grammars, MatcherCompiler
         from serve.engine.kv_cache import CacheShape, PagedKVCache, default_cache_bytes, layer_devices, plan_blocks
         from serve.engine.runner import ModelRunner
-        from serve.engine.speculative import make_speculator
 
         self.loaded = self._load()
         config = self.config
@@ -308,11 +302,7 @@ class Engine:
             self._runner.capture_graphs()
         pool = BlockManager(blocks, size, config.enable_prefix_caching)
         budget = config.max_batch_prefill_tokens
-        speculator = make_speculator(config)
-        forget = self._runner.forget if speculator is None else speculator.forgetting(self._runner.forget)
-        self.scheduler = Scheduler(
-            pool, max_batch, budget, self._new_sequence, forget, self._cache_key, speculator=speculator
-        )
+        self.scheduler = Scheduler(pool, max_batch, budget, self._new_sequence, self._runner.forget, self._cache_key)
         self.limits = Limits(max_input, total, (blocks - 1) * size, max_batch, size, blocks - 1)
         lora = getattr(model, "serve_lora", None)
         if lora is not None and ranks is not None:  # an adapter leaves every rank when it leaves rank 0
