@@ -3,9 +3,12 @@ float32 on the panel kernel, bfloat16 on the panel kernel (AVX-512 BF16), bfloat
 with ``--compile``, under COMPILE (torch.compile of the layer halves around attention).
 
     python3 scripts/bench/cpu_step.py [--batches 1,8,32] [--chunk 256] [--rounds 5] [--reps 5] [--compile]
+        [--threads N] [--only TEXT]
 
 Every configuration is built once; then each round times every step of every configuration in turn (so a noisy
 neighbour slows all of them alike), and the table gives each step's median over rounds of the best of ``--reps``.
+On a machine shared with other busy processes, ``--threads 1`` measures CPU time, which they cannot inflate (two
+threads wait for each other at every op whenever a third process holds one of the cores).
 """
 
 from __future__ import annotations
@@ -55,14 +58,16 @@ def build(folder: Path, dtype: torch.dtype, packed: bool, max_batch: int, contex
 
 
 def best_ms(run: Callable[[], None], reps: int) -> float:
-    """The fastest of ``reps`` calls, wall clock (every torch thread works inside the step)."""
+    """The fastest of ``reps`` calls: the calling thread's CPU time with one torch thread (all of the step's work,
+    none of the time other processes hold the core), else the wall clock."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     with torch.inference_mode():
         run()
         times = []
         for _ in range(reps):
-            started = time.perf_counter()
+            started = clock()
             run()
-            times.append(1000 * (time.perf_counter() - started))
+            times.append(1000 * (clock() - started))
     return min(times)
 
 
@@ -70,6 +75,8 @@ def configurations(args: argparse.Namespace, folder: Path, context: int) -> dict
     """Every measured runner by name (the compiled ones too, with ``--compile``)."""
     runners = {}
     for name, (dtype, packed) in PATHS.items():
+        if args.only not in name:
+            continue
         runners[name] = build(folder, dtype, packed, max(args.batches), context)
         if args.compile:
             compiled = build(folder, dtype, packed, max(args.batches), context)
@@ -88,7 +95,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--only", default="", help="the paths whose name contains this text (default: all)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, every core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     context = max(args.context, args.chunk)
     runners = configurations(args, gguf_to_folder(embedded_model_file(), load_settings().cache_dir), context)
     steps = {f"decode {b}": (lambda r, b=b: decode_step(r, b, args.context)) for b in args.batches}
@@ -98,7 +109,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for key, run in closures.items():
             times[key].append(best_ms(run, args.reps))
-    print(f"{torch.get_num_threads()} threads; ms per step, median of {args.rounds} rounds of best-of-{args.reps}")
+    clock = "CPU" if torch.get_num_threads() == 1 else "wall"
+    rounds = f"median of {args.rounds} rounds of best-of-{args.reps}"
+    print(f"{torch.get_num_threads()} thread(s); {clock} ms per step, {rounds}")
     print("| path | " + " | ".join(steps) + " |\n| --- |" + " ---: |" * len(steps))
     for config in runners:
         cells = [f"{statistics.median(times[(config, step)]):.2f}" for step in steps]

@@ -1,7 +1,8 @@
 """How fast can a decode step read its float32 weights on this CPU? Each kernel for a linear layer (torch's, and
 our panel kernel, serve/modeling/cpu_kernel.c), run over the embedded SmolLM2's 30 layers of distinct weights
 (424 MB, far past the L3 cache) for a step of ROWS rows, against a plain ``sum`` over the same bytes (the host's
-read bandwidth).
+read bandwidth). Then the same weights in bfloat16 (212 MB): torch's matmuls, and the panel kernel's bf16 panels
+where the CPU has AVX-512 BF16 (GB/s counts the float32 bytes throughout, so the rows compare as speeds).
 
 Run: .venv/bin/python scripts/bench/gemv.py [THREADS] [ROWS]   (prints ms per 30 layers and GB/s per kernel)
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -37,6 +39,27 @@ def timed(calls: list[Callable[[], object]]) -> float:
             call()
         best = min(best, time.perf_counter() - started)
     return best
+
+
+def bf16_kernels(kernel, weights: list[torch.Tensor], rows: dict, count: int) -> dict:
+    """The bf16 rows of the table: dense and oneDNN-packed matmuls, and the panel kernel where it takes bf16."""
+    weights = [weight.bfloat16() for weight in weights]
+    rows = {size: x.bfloat16() for size, x in rows.items()}
+    packed = [(torch.ops.mkldnn._reorder_linear_weight(weight, count), weight.shape[1]) for weight in weights]
+    kernels = {
+        "bf16: F.linear, dense (oneDNN)": [lambda w=w: F.linear(rows[w.shape[1]], w) for w in weights],
+        "bf16: oneDNN packed (_linear_pointwise)": [
+            lambda p=p, i=i: torch.ops.mkldnn._linear_pointwise(rows[i], p, None, "none", [None], "") for p, i in packed
+        ],
+    }
+    if kernel.bf16_missing:
+        print(f"no bf16 panel kernel: {kernel.bf16_missing}")
+        return kernels
+    panels = [(kernel.pack(weight), weight.shape) for weight in weights]
+    kernels["bf16: panel kernel (AVX-512 BF16)"] = [
+        lambda p=p, s=s: kernel.linear(rows[s[1]], p, None, s[0]) for p, s in panels
+    ]
+    return kernels
 
 
 def main() -> None:
@@ -66,6 +89,7 @@ def main() -> None:
         kernels["panel kernel (what PACK_CPU_WEIGHTS uses)"] = [
             lambda p=p, s=s: kernel.linear(rows[s[1]], p, None, s[0]) for p, s in panels
         ]
+        kernels.update(bf16_kernels(kernel, weights, rows, count))
     else:
         print(f"no panel kernel: {why_not}")
     threads = torch.get_num_threads()

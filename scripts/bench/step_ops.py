@@ -120,6 +120,7 @@ class StepSequence:
         self.prefill_ids, self.all_ids, self.block_table = ids, ids, table
         self.start = cached
         self.num_cached, self.prompt_left = cached, len(ids) - cached
+        self.proposal: list[int] = []  # no speculative tokens to verify
 
 
 def engine_step(runner: ModelRunner, plan: StepPlan):

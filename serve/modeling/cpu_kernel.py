@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +42,9 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 PANEL = 16  # output features per panel (cpu_kernel.c)
 BF16_NEEDS = frozenset({"avx512f", "avx512_bf16"})  # CPU flags the bf16 functions run on
 BUILD_TIMEOUT_S = 120
+OPERATOR_SCHEMA = "(Tensor x, Tensor panels, Tensor? bias, int out_features, str library) -> Tensor"
+LOADED: dict[str, "PanelKernel"] = {}  # by library path: what torch.ops.serve.panel_linear runs
+LOADED_OPERATORS: dict[str, Any] = {}  # the operator, once defined
 
 
 def cpu_flags(cpuinfo: Optional[str] = None) -> set[str]:
@@ -77,6 +80,9 @@ class PanelKernel:
             self.labels[torch.bfloat16] = "panel kernel (AVX-512 BF16)"
         self.functions = {torch.float32: self.library.serve_linear_panels}
         self.functions[torch.bfloat16] = getattr(self.library, "serve_linear_panels_bf16", None)
+        self.key = str(path)
+        LOADED.setdefault(self.key, self)
+        define_operator(torch)
 
     def pack(self, weight: "torch.Tensor") -> "torch.Tensor":
         """A weight [out, in] as panels: float32 [ceil(out / 16) * in * 16], bfloat16 [ceil(out / 16) *
@@ -97,7 +103,16 @@ class PanelKernel:
     def linear(
         self, x: "torch.Tensor", panels: "torch.Tensor", bias: "Optional[torch.Tensor]", out_features: int
     ) -> "torch.Tensor":
-        """``x @ weight.T + bias`` for x [..., in], from the weight's panels, in the panels' dtype."""
+        """``x @ weight.T + bias`` for x [..., in], from the weight's panels, in the panels' dtype. Under
+        torch.compile, one opaque operator (a ctypes call cannot be traced); eagerly, the call itself."""
+        if self.torch.compiler.is_compiling():
+            return self.torch.ops.serve.panel_linear(x, panels, bias, out_features, self.key)
+        return self.run(x, panels, bias, out_features)
+
+    def run(
+        self, x: "torch.Tensor", panels: "torch.Tensor", bias: "Optional[torch.Tensor]", out_features: int
+    ) -> "torch.Tensor":
+        """The library's call for ``linear``."""
         in_features, dtype = x.shape[-1], panels.dtype
         rows = x.reshape(-1, in_features).to(dtype).contiguous()
         out = self.torch.empty(rows.shape[0], out_features, dtype=dtype)
@@ -115,6 +130,23 @@ class PanelKernel:
             if failed:  # only the bf16 function of an odd input size allocates (a padded copy of x)
                 raise MemoryError(f"the panel kernel could not pad {rows.shape[0]} rows of {in_features} inputs")
         return out.view(*x.shape[:-1], out_features)
+
+
+def define_operator(torch: Any) -> None:
+    """``torch.ops.serve.panel_linear`` (once per process): the kernel as an operator that torch.compile keeps
+    whole around the ops it fuses (COMPILE), run by the kernel loaded from the library it names."""
+    if "panel_linear" in LOADED_OPERATORS:
+        return
+
+    def panel_linear(x: Any, panels: Any, bias: Any, out_features: int, library: str) -> Any:
+        return LOADED[library].run(x, panels, bias, out_features)
+
+    def shape_only(x: Any, panels: Any, bias: Any, out_features: int, library: str) -> Any:
+        return x.new_empty((*x.shape[:-1], out_features), dtype=panels.dtype)
+
+    operator = torch.library.custom_op("serve::panel_linear", panel_linear, mutates_args=(), schema=OPERATOR_SCHEMA)
+    operator.register_fake(shape_only)
+    LOADED_OPERATORS["panel_linear"] = operator
 
 
 def declare(library: ctypes.CDLL) -> None:
