@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Optional, TypeVar
 
 from serve.engine.recovery import Recovery
-from serve.engine.types import ATTENTION_BACKENDS, EngineConfig, GrammarLimits, Watermark
+from serve.engine.types import ATTENTION_BACKENDS, SPECULATIVE_METHODS, EngineConfig, GrammarLimits, Watermark
 
 T = TypeVar("T")
 
@@ -81,6 +81,9 @@ class Settings:
     cuda_graphs: bool = EngineConfig.cuda_graphs  # CUDA_GRAPHS: capture decode steps as CUDA graphs on a GPU
     attention_backend: str = EngineConfig.attention_backend  # ATTENTION_BACKEND: decode attention's kernel
     grammar_limits: GrammarLimits = EngineConfig.grammar_limits  # GRAMMAR_MAX_SIZE, _LEXER_FUEL, _MAX_LEXER_STATES
+    speculative: str = EngineConfig.speculative  # SPECULATIVE: speculative decoding's proposer (off, ngram)
+    speculative_tokens: int = EngineConfig.speculative_tokens  # SPECULATIVE_TOKENS: tokens proposed per step
+    speculative_ngram: int = EngineConfig.speculative_ngram  # SPECULATIVE_NGRAM: tokens the n-gram lookup matches
     watermark: Watermark = Watermark()  # WATERMARK_GAMMA, WATERMARK_DELTA: TGI's watermark parameters
     default_max_new_tokens: int = 1024
     compile: bool = False  # COMPILE: torch.compile the lean model's per-layer pieces (inductor cache in cache_dir)
@@ -378,6 +381,9 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "cuda_graphs": _read(env, ("CUDA_GRAPHS",), parse_bool),
         "attention_backend": _read(env, ("ATTENTION_BACKEND",), parse_choice(ATTENTION_BACKENDS)),
         "grammar_limits": _grammar_limits(env),
+        "speculative": _read(env, ("SPECULATIVE",), parse_choice(SPECULATIVE_METHODS)),
+        "speculative_tokens": _read(env, ("SPECULATIVE_TOKENS",), parse_positive_int),
+        "speculative_ngram": _read(env, ("SPECULATIVE_NGRAM",), parse_positive_int),
         "watermark": _watermark(env),
         "compile": _read(env, ("COMPILE",), parse_bool),
         "pack_cpu_weights": _read(env, ("PACK_CPU_WEIGHTS",), parse_bool),

@@ -33,6 +33,28 @@ COUNTERS = {
     "serve_engine_busy_seconds": "Seconds the engine thread spent in steps (over wall time: its busy share)",
     "serve_engine_restarts": "Engine processes started again after one died while serving",
 }
+SPECULATIVE_COUNTERS = {  # name: (help, labels); one series per proposer (and per accepted length)
+    "serve_speculative_proposed_tokens": ("Tokens proposed by speculative decoding and verified", ("proposer",)),
+    "serve_speculative_accepted_tokens": ("Proposed tokens the model accepted", ("proposer",)),
+    "serve_speculative_verifications": (
+        "Verified proposals by how many of their tokens were accepted (the accepted-length histogram)",
+        ("proposer", "accepted"),
+    ),
+}
+
+
+def speculative_counts(stats: Any) -> dict[str, dict[tuple[str, ...], float]]:
+    """Speculative decoding's counters by name, then by label values (none while SPECULATIVE is off)."""
+    proposer = stats.speculative_proposer
+    if not proposer:
+        return {}
+    return {
+        "serve_speculative_proposed_tokens": {(proposer,): stats.speculative_proposed},
+        "serve_speculative_accepted_tokens": {(proposer,): stats.speculative_accepted},
+        "serve_speculative_verifications": {
+            (proposer, str(length)): count for length, count in enumerate(stats.speculative_lengths)
+        },
+    }
 
 
 def engine_state(engine: Any) -> tuple[dict[str, float], dict[str, float]]:
@@ -71,6 +93,12 @@ class EngineCollector:
             yield GaugeMetricFamily(name, GAUGES[name][0], value=value)
         for name, value in counts.items():
             yield CounterMetricFamily(name, COUNTERS[name], value=value)
+        for name, series in speculative_counts(self.engine.stats()).items():
+            text, labels = SPECULATIVE_COUNTERS[name]
+            family = CounterMetricFamily(name, text, labels=labels)
+            for values, value in series.items():
+                family.add_metric(list(values), value)
+            yield family
 
 
 class LiveGauges:
@@ -87,6 +115,10 @@ class LiveGauges:
         }
         self.counters = {name: Counter(name, text, registry=None) for name, text in COUNTERS.items()}
         self._counted = dict.fromkeys(COUNTERS, 0.0)
+        self.labelled = {
+            name: Counter(name, text, labels, registry=None) for name, (text, labels) in SPECULATIVE_COUNTERS.items()
+        }
+        self._labelled_counted: dict[tuple[str, tuple[str, ...]], float] = {}
         self._lock = threading.Lock()
         self.refresh()
         threading.Thread(target=self._run, args=(interval,), name="metrics-gauges", daemon=True).start()
@@ -100,6 +132,16 @@ class LiveGauges:
                 if value > self._counted[name]:
                     self.counters[name].inc(value - self._counted[name])
                     self._counted[name] = value
+            self._refresh_labelled()
+
+    def _refresh_labelled(self) -> None:
+        """The labelled counters grow by what the engine counted since the last refresh."""
+        for name, series in speculative_counts(self.engine.stats()).items():
+            for values, value in series.items():
+                counted = self._labelled_counted.get((name, values), 0.0)
+                if value > counted:
+                    self.labelled[name].labels(*values).inc(value - counted)
+                    self._labelled_counted[(name, values)] = value
 
     def _run(self, interval: float) -> None:
         while True:

@@ -131,6 +131,12 @@ class BlockManager:
         table.append(self._fresh_block())
         return True
 
+    def shrink(self, table: list[int], keep: int) -> None:
+        """Give back a sequence's blocks past its first ``keep`` (a tail that held only rejected proposed tokens)."""
+        if len(table) > keep:
+            self.free(table[keep:])
+            del table[keep:]
+
     def register_full_blocks(self, table: list[int], tokens: list[int], adapter: Optional[str], known: int) -> int:
         """Key the full blocks of ``table`` past the first ``known`` (their keys and values are now written).
 

@@ -125,6 +125,7 @@ class Engine:
         if scheduler is None:
             return EngineStats()
         blocks = scheduler.blocks
+        speculation = scheduler.speculator.stats if scheduler.speculator is not None else None
         return EngineStats(
             blocks.used_blocks,
             blocks.usable_blocks,
@@ -134,6 +135,10 @@ class Engine:
             scheduler.peak_running,
             self._steps,
             self._busy_seconds,
+            speculative_proposer=speculation.proposer if speculation else "",
+            speculative_proposed=speculation.proposed if speculation else 0,
+            speculative_accepted=speculation.accepted if speculation else 0,
+            speculative_lengths=tuple(speculation.accepted_lengths) if speculation else (),
         )
 
     def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
@@ -300,14 +305,21 @@ class Engine:
             self._runner.compile_layers(config.compile_cache_dir)
         if config.cuda_graphs:
             self._runner.capture_graphs()
-        pool = BlockManager(blocks, size, config.enable_prefix_caching)
-        budget = config.max_batch_prefill_tokens
-        self.scheduler = Scheduler(pool, max_batch, budget, self._new_sequence, self._runner.forget, self._cache_key)
+        self.scheduler = self._scheduler(BlockManager(blocks, size, config.enable_prefix_caching), max_batch)
         self.limits = Limits(max_input, total, (blocks - 1) * size, max_batch, size, blocks - 1)
         lora = getattr(model, "serve_lora", None)
         if lora is not None and ranks is not None:  # an adapter leaves every rank when it leaves rank 0
             lora.on_remove = ranks.send_adapter_removal
         self.adapters.attach(lora)
+
+    def _scheduler(self, pool: Any, max_batch: int) -> Scheduler:
+        """The scheduler over the KV pool, with the speculator SPECULATIVE asks for (the log says which)."""
+        from serve.engine.speculative import make_speculator
+
+        speculator = make_speculator(self.config)
+        forget = self._runner.forget if speculator is None else speculator.forgetting(self._runner.forget)
+        budget = self.config.max_batch_prefill_tokens
+        return Scheduler(pool, max_batch, budget, self._new_sequence, forget, self._cache_key, speculator=speculator)
 
     def _new_sequence(self, request: Request) -> Sequence:
         """A request's Sequence, with its RNG and grammar matcher (raises for a request that cannot start)."""

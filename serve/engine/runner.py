@@ -25,6 +25,7 @@ from serve.engine.penalties import TokenCounts, apply_penalties, count_sampled, 
 from serve.engine.scheduler import StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.static_decode import StaticDecode
+from serve.engine.speculative import accept_proposals
 from serve.engine.step_inputs import StepInputs
 from serve.engine.types import SamplingParams, TokenChoice
 from serve.engine.watermark import apply_watermarks
@@ -137,13 +138,15 @@ class ModelRunner:
             torch.set_num_threads(self.cpu_threads)  # per thread: the engine's own thread computes with this many
         if self.compiled.enabled and self.lora is not None and self.lora.layers:
             self._run_eagerly("a LoRA adapter was loaded (its per-step rows are not traced)")
-        if not plan.prefill and all(seq.request.adapter is None for seq in plan.decode):
+        verifying = any(seq.proposal for seq in plan.decode)
+        if not plan.prefill and not verifying and all(seq.request.adapter is None for seq in plan.decode):
             self._base_model_step()
             return self._static_decode(plan.decode)
         inputs, sampled, scored = self._inputs(plan)
         if self.lora is not None:
-            self.lora.begin_plan(plan)  # each token's adapter, in the layout's order
-            inputs.adapters = self.lora.plan_adapters(plan) if self.lora.step_adapters else None
+            self.lora.begin_step(inputs.adapters)  # each token's adapter, in the layout's order
+        if self.lora is None or not self.lora.step_adapters:
+            inputs.adapters = None
         logits = self.forward(inputs)
         for seq in plan.decode:
             seq.num_cached += 1
@@ -152,7 +155,8 @@ class ModelRunner:
         self._score_prompts(logits[len(sampled) :], scored)
         if not sampled:
             return [], []
-        return sampled, self.sample(logits[: len(sampled)], sampled)
+        choices = self.sample(logits[: len(sampled)], sampled)
+        return accept_proposals(sampled, choices) if verifying else (sampled, choices)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """The model over one laid-out step: logits [kept rows, vocab]. The other tensor-parallel ranks, if any, get
@@ -188,36 +192,41 @@ class ModelRunner:
             seq.prompt_top_logprobs.extend(tops)
 
     def _inputs(self, plan: StepPlan) -> tuple[StepInputs, list[Sequence], list]:
-        """The step's inputs (decode tokens first, then each prompt chunk), the sequences to sample, and the prompt
-        rows to score."""
+        """The step's inputs (decode tokens first, then each verified proposal and each prompt chunk as a chunk),
+        the sequences to sample (a verifying one once per scored row), and the prompt rows to score."""
         size = self.cache.block_size
-        ids = [seq.all_ids[-1] for seq in plan.decode]
-        positions = [seq.num_cached for seq in plan.decode]
-        rows = [seq.block_table[p // size] * size + p % size for seq, p in zip(plan.decode, positions)]
-        sampled, logit_rows = list(plan.decode), list(range(len(plan.decode)))
-        chunks = []
-        for seq, count in plan.prefill:
+        decode = [seq for seq in plan.decode if not seq.proposal]
+        ids = [seq.all_ids[-1] for seq in decode]
+        positions = [seq.num_cached for seq in decode]
+        rows = [seq.block_table[p // size] * size + p % size for seq, p in zip(decode, positions)]
+        adapters = [seq.request.adapter for seq in decode]
+        sampled, logit_rows, chunks = list(decode), list(range(len(decode))), []
+        verified = [(seq, [seq.all_ids[-1]] + seq.proposal, True) for seq in plan.decode if seq.proposal]
+        prompts = [(seq, seq.prefill_ids[seq.num_cached :][:count], False) for seq, count in plan.prefill]
+        for seq, tokens, verifying in verified + prompts:
             start, first = len(ids), seq.num_cached
-            ids.extend(seq.prefill_ids[first : first + count])
-            positions.extend(range(first, first + count))
-            rows.extend(seq.block_table[p // size] * size + p % size for p in range(first, first + count))
-            chunks.append((start, len(ids), first, seq.block_table[: -(-(first + count) // size)]))
-            if count == seq.prompt_left:
-                sampled.append(seq)
-                logit_rows.append(len(ids) - 1)
-        scored = self._prompt_rows(plan, logit_rows)
-        width = max((len(seq.block_table) for seq in plan.decode), default=0)
-        tables = [seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)) for seq in plan.decode]
-        lengths = [seq.num_cached + 1 for seq in plan.decode]
-        return StepInputs(ids, positions, rows, tables, lengths, chunks, logit_rows), sampled, scored
+            ids.extend(tokens)
+            positions.extend(range(first, first + len(tokens)))
+            rows.extend(seq.block_table[p // size] * size + p % size for p in range(first, first + len(tokens)))
+            chunks.append((start, len(ids), first, seq.block_table[: -(-(first + len(tokens)) // size)]))
+            adapters.extend([seq.request.adapter] * len(tokens))
+            kept = len(tokens) if verifying else int(len(tokens) == seq.prompt_left)
+            sampled.extend([seq] * kept)
+            logit_rows.extend(range(len(ids) - kept, len(ids)))
+        scored = self._prompt_rows(plan, logit_rows, len(ids) - sum(count for _, count in plan.prefill))
+        width = max((len(seq.block_table) for seq in decode), default=0)
+        tables = [seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)) for seq in decode]
+        lengths = [seq.num_cached + 1 for seq in decode]
+        return StepInputs(ids, positions, rows, tables, lengths, chunks, logit_rows, adapters), sampled, scored
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     @staticmethod
-    def _prompt_rows(plan: StepPlan, logit_rows: list[int]) -> list[tuple[Sequence, list[int]]]:
-        """Add the rows of prompt chunks whose sequences want prompt log-probabilities; return their target tokens."""
-        scored, start = [], len(plan.decode)
+    def _prompt_rows(plan: StepPlan, logit_rows: list[int], start: int) -> list[tuple[Sequence, list[int]]]:
+        """Add the rows of prompt chunks (the first at ``start``) whose sequences want prompt log-probabilities;
+        return their target tokens."""
+        scored = []
         for seq, count in plan.prefill:
             prompt = seq.prefill_ids
             targets = prompt[seq.num_cached + 1 : seq.num_cached + count + 1]  # the token each position predicts

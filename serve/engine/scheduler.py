@@ -9,7 +9,7 @@ import itertools
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from serve.engine.block_manager import BlockManager
 from serve.engine.sequence import Sequence
@@ -18,7 +18,7 @@ from serve.engine.types import FinishReason, Request, TokenChoice, TokenEvent
 log = logging.getLogger(__name__)
 
 Event = tuple[str, TokenEvent]  # a request's id and one of its events
-StepOutput = tuple[list[Sequence], list[TokenChoice]]  # what ModelRunner.step returns: who sampled, and what
+StepOutput = tuple[list[Sequence], list[TokenChoice]]  # ModelRunner.step: who sampled what (a verified run: in order)
 SKIP_AHEAD = 4  # waiting requests behind one whose blocks are not free that may be tried in its place
 MAX_OVERTAKES = 16  # later requests that may start before a waiting one; then the blocks that free up are its own
 
@@ -69,8 +69,10 @@ class Scheduler:
         watermark: Optional[int] = None,
         skip_ahead: int = SKIP_AHEAD,
         max_overtakes: int = MAX_OVERTAKES,
+        speculator: Any = None,
     ):
-        """``watermark``: blocks kept free for running sequences to grow into (default 1% of the pool)."""
+        """``watermark``: blocks kept free for running sequences to grow into (default 1% of the pool);
+        ``speculator``: proposes tokens for decoding sequences to verify (serve.engine.speculative; None: off)."""
         self.blocks = blocks
         self.max_batch = max_batch
         self.prefill_budget = prefill_budget
@@ -80,6 +82,7 @@ class Scheduler:
         self._new_sequence = new_sequence
         self._forget = forget
         self._cache_key = cache_key
+        self.speculator = speculator
         self.running: list[Sequence] = []  # in the order they started or resumed
         self.preempted: collections.deque[Sequence] = collections.deque()  # resumed before new requests, in order
         self.preemptions = 0
@@ -142,18 +145,24 @@ class Scheduler:
         ended += self._admit()
         self._grow_decoding()
         plan = self._plan()
+        if self.speculator is not None:
+            self.speculator.plan(plan.decode, self.blocks, self._headroom())
         plan.ended = ended
         return plan
 
     def postprocess(self, plan: StepPlan, output: Union[StepOutput, Exception]) -> list[Event]:
         """Record the step's tokens (or its failure, which fails only the sequences of this step); returns the
         events for the clients, finishing the sequences that ended."""
+        if self.speculator is not None:
+            self.speculator.settle(plan.decode, [] if isinstance(output, Exception) else output[0], self.blocks)
         if isinstance(output, Exception):
             return self._fail(plan, output)
         events: list[Event] = []
         try:
             self._key_full_blocks(plan)
             for seq, choice in zip(*output):
+                if seq.finish_reason is not None:  # tokens of an accepted run past the one that ended it
+                    continue
                 event = seq.append(choice)
                 events.append((seq.id, event) if event.finish_reason is None else self._finish(seq, event))
         except Exception as exc:  # noqa: BLE001 - the engine keeps serving the others

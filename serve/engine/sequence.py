@@ -29,6 +29,7 @@ class Sequence:
         self.prompt_logprobs: list[Optional[float]] = [None]  # the first prompt token has no prediction
         self.prompt_top_logprobs: list[tuple[tuple[int, float], ...]] = [()]  # the params.logprobs likeliest at each
         self.output_ids: list[int] = []
+        self.proposal: list[int] = []  # tokens proposed to follow the last one, verified in this step
         self.num_cached = 0  # tokens whose keys/values are in the cache
         self.eos_ids = frozenset() if request.params.ignore_eos else eos_ids
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_ids)

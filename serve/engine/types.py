@@ -64,6 +64,7 @@ class GrammarLimits:
 
 
 ATTENTION_BACKENDS = ("auto", "triton", "flashinfer", "sdpa", "cpu")  # ATTENTION_BACKEND: engine/decode_backends.py
+SPECULATIVE_METHODS = ("off", "ngram")  # SPECULATIVE: speculative decoding's proposer (engine/speculative.py)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class EngineConfig:
     c_compiler: Optional[str] = None  # CC: builds the CPU attention kernel where no built library is found
     compile_cache_dir: Optional[str] = None  # COMPILE: torch.compile the lean model's layers, inductor cache here
     grammar_limits: GrammarLimits = GrammarLimits()  # GRAMMAR_MAX_SIZE, GRAMMAR_LEXER_FUEL, GRAMMAR_MAX_LEXER_STATES
+    speculative: str = "off"  # SPECULATIVE: the proposer of speculative decoding (serve/engine/speculative.py)
+    speculative_tokens: int = 4  # SPECULATIVE_TOKENS: tokens proposed per step (k)
+    speculative_ngram: int = 3  # SPECULATIVE_NGRAM: tokens the n-gram proposer matches (n)
 
 
 CONTEXT_CAP = 4096  # tokens a sequence may hold when max_total_tokens is not set and the model allows more
@@ -183,9 +187,23 @@ class EngineStats:
     steps: int = 0
     busy_seconds: float = 0.0  # time the engine thread spent in steps (its busy share: this over wall time)
     restarts: int = 0  # engine processes started again after one died
+    speculative_proposer: str = ""  # SPECULATIVE's proposer ("": off)
+    speculative_proposed: int = 0  # tokens proposed and verified
+    speculative_accepted: int = 0  # of those, tokens accepted
+    speculative_lengths: tuple[int, ...] = ()  # verified proposals by accepted length (index: tokens accepted)
 
     def __add__(self, other: "EngineStats") -> "EngineStats":
-        return EngineStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
+        return EngineStats(*(_combine(a, b) for a, b in zip(astuple(self), astuple(other))))
+
+
+def _combine(a: Any, b: Any) -> Any:
+    """Two engines' values of one stat: numbers add, histograms add bucket by bucket, a name is either's."""
+    if isinstance(a, str):
+        return a or b
+    if isinstance(a, tuple):
+        longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
+        return tuple(value + (shorter[index] if index < len(shorter) else 0) for index, value in enumerate(longer))
+    return a + b
 
 
 @dataclass(frozen=True)

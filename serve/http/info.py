@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import serve
 from serve.config import Settings
 from serve.engine.interface import EngineClient
+from serve.engine.speculative import speculative_description
 from serve.front.chat_output import model_output_format
 
 
@@ -22,6 +23,7 @@ def info_body(engine: EngineClient, settings: Settings, adapters: Iterable[str])
         {
             "max_concurrent_requests": settings.max_concurrent_requests,
             "max_batch_prefill_tokens": engine.config.max_batch_prefill_tokens,
+            "speculative": speculative_description(engine.config),  # SPECULATIVE: off, or what proposes and how much
             "messages_api_enabled": settings.messages_api_enabled,
             "router": "sagemaker-llm-serve",
             "version": serve.__version__,
