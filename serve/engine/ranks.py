@@ -82,6 +82,7 @@ class RankGroup:
     def __init__(self, workers: list[tuple[Any, Any]]):
         self.workers = workers  # (process, connection) per rank 1..N-1
         self._lock = threading.Lock()  # the engine thread and an adapter install may send at once
+        self._stop_lock, self._stopped = threading.Lock(), False
 
     @property
     def size(self) -> int:
@@ -124,7 +125,15 @@ class RankGroup:
         return None
 
     def stop(self) -> None:
-        """Tell every rank to leave, make sure each process is gone, and leave the process group (idempotent)."""
+        """Tell every rank to leave, make sure each process is gone, and leave the process group (idempotent: the
+        engine thread and ``Engine.stop`` may both call it)."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._stop_all()
+
+    def _stop_all(self) -> None:
         try:
             self.send(StopRank())
         except RankFailure:
