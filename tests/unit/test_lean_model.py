@@ -172,17 +172,27 @@ def test_dummy_weights_from_config_serve_through_the_engine(tokenizer):
     assert events[-1].generated_tokens == 6 and events[-1].error is None
 
 
-def test_lora_on_fused_projections_equals_peft_merged_model(tiny_model_dir, tokenizer, tmp_path):
-    """Adapters on q_proj, v_proj and gate_proj only: each delta lands on its part of qkv_proj / gate_up_proj."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+def save_adapters(model_dir: Path, folder: Path, targets_per_adapter: tuple[list[str], ...]) -> dict[str, Path]:
+    """Random LoRA adapters (rank 4) of the model in ``model_dir``, adapter ``a<n>`` on the n-th list of targets."""
+    from peft import LoraConfig, get_peft_model
 
     folders = {}
-    for seed, targets in ((1, ["q_proj", "v_proj", "gate_proj"]), (2, ["k_proj", "up_proj", "o_proj"])):
+    for seed, targets in enumerate(targets_per_adapter, 1):
         torch.manual_seed(seed)
-        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-        folders[f"a{seed}"] = tmp_path / f"a{seed}"
+        folders[f"a{seed}"] = folder / f"a{seed}"
         get_peft_model(base, config).save_pretrained(folders[f"a{seed}"])
+    return folders
+
+
+def test_lora_on_fused_projections_equals_peft_merged_model(tiny_model_dir, tokenizer, tmp_path):
+    """Adapters on q_proj, v_proj and gate_proj only: each delta lands on its part of qkv_proj / gate_up_proj."""
+    from peft import PeftModel
+
+    folders = save_adapters(
+        tiny_model_dir, tmp_path, (["q_proj", "v_proj", "gate_proj"], ["k_proj", "up_proj", "o_proj"])
+    )
     settings = settings_for(tiny_model_dir, lora_adapters=tuple((name, str(path)) for name, path in folders.items()))
     prompts = [tokenizer(text)["input_ids"] for text in TEXTS[:2]]
     engine = single_engine(settings).start()

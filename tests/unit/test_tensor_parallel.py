@@ -5,13 +5,12 @@ hits and preemption; a rank that dies ends every request in flight with an error
 from dataclasses import replace
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from serve.engine import FinishReason, Request, SamplingParams
 from serve.modeling.parallel import ShardError, ShardLayout
 from serve.wiring import single_engine
-from tests.unit.test_lean_model import SHAPE, TEXTS, save_random_model, settings_for
+from tests.unit.test_lean_model import SHAPE, TEXTS, save_adapters, save_random_model, settings_for
 
 NEW_TOKENS = 8
 SMALL_POOL = 4096  # tokens of KV cache: enough for the tests, quick to allocate on every rank
@@ -90,15 +89,9 @@ def test_prefix_cache_hits_and_preemption_keep_the_tokens(tokenizer, tmp_path):
 
 def test_lora_adapters_split_with_the_layers(tiny_model_dir, tokenizer, tmp_path):
     """Adapters on column-parallel (q, v, gate) and row-parallel (o, down) projections; base rows in the same batch."""
-    from peft import LoraConfig, get_peft_model
-
-    folders = {}
-    for seed, targets in ((1, ["q_proj", "v_proj", "gate_proj"]), (2, ["k_proj", "o_proj", "down_proj"])):
-        torch.manual_seed(seed)
-        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-        folders[f"a{seed}"] = tmp_path / f"a{seed}"
-        get_peft_model(base, config).save_pretrained(folders[f"a{seed}"])
+    folders = save_adapters(
+        tiny_model_dir, tmp_path, (["q_proj", "v_proj", "gate_proj"], ["k_proj", "o_proj", "down_proj"])
+    )
     adapters = tuple((name, str(path)) for name, path in folders.items())
     settings = settings_for(tiny_model_dir, lora_adapters=adapters, max_batch_total_tokens=SMALL_POOL)
     prompts = [tokenizer(text)["input_ids"] for text in TEXTS[:2]]
