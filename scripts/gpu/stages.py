@@ -10,23 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
-import statistics
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from common import Plan, Recorder, make_plan, model_folder, random_prompts, stage_log
+from engine_timing import BASE_VOCAB, StepHook, start_engine, synchronize, time_batch
 from tp_stage import stage_tensor_parallel
-
-BASE_VOCAB = 49152  # the embedded tokenizer's own ids: prompts use only these
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def copy_bandwidth(plan: Plan) -> dict[str, Any]:
@@ -38,12 +28,12 @@ def copy_bandwidth(plan: Plan) -> dict[str, Any]:
     target = torch.empty_like(source)
     for _ in range(3):
         target.copy_(source)
-    _sync(plan.device)
+    synchronize(plan.device)
     best = float("inf")
     for _ in range(10):
         started = time.perf_counter()
         target.copy_(source)
-        _sync(plan.device)
+        synchronize(plan.device)
         best = min(best, time.perf_counter() - started)
     moved = 2 * source.numel() * source.element_size()
     return {"buffer_mib": plan.copy_mib, "seconds": best, "bytes_per_s": moved / best, "gb_per_s": moved / best / 1e9}
@@ -79,181 +69,6 @@ def stage_bandwidth(plan: Plan, out: Path) -> None:
     record.put("copy", copy)
     stage_log(f"copy bandwidth {copy['gb_per_s']:.1f} GB/s (read + written)")
     record.put("floor", decode_floor(plan, model_folder(out, plan.shape), copy["bytes_per_s"]))
-
-
-def start_engine(plan: Plan, folder: Path, max_requests: int, total_tokens: int, **overrides: Any) -> Any:
-    """Our Engine on the dummy-weights folder, loaded the way the server loads it (``overrides``: more settings)."""
-    from serve.wiring import single_engine
-    from serve.config import Settings
-
-    settings = Settings(
-        model_id=str(folder),
-        model_dir="/nonexistent",
-        load_format="dummy",
-        dtype=plan.dtype,
-        max_concurrent_requests=max_requests,
-        max_total_tokens=total_tokens,
-        **overrides,
-    )
-    engine = single_engine(settings).start()
-    if not engine.wait_ready(300):
-        raise RuntimeError(f"engine did not start: {engine.load_error}")
-    return engine
-
-
-def _profiler(plan: Plan) -> Any:
-    import torch
-
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if plan.gpu:
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    return torch.profiler.profile(activities=activities)
-
-
-def _profile_table(prof: Any, plan: Plan) -> str:
-    sort = "self_device_time_total" if plan.gpu else "self_cpu_time_total"
-    try:
-        table = prof.key_averages().table(sort_by=sort, row_limit=15)
-    except (KeyError, AttributeError, RuntimeError):  # an older torch names device time after CUDA
-        table = prof.key_averages().table(sort_by=sort.replace("device", "cuda"), row_limit=15)
-    return f"{_kernel_count(prof)}\n{table}" if plan.gpu else table
-
-
-def _kernel_count(prof: Any) -> str:
-    """How many device kernels the profiled span launched (the figure scripts/bench/step_ops.py predicts)."""
-    try:
-        from torch.autograd import DeviceType
-
-        kernels = sum(1 for event in prof.events() if event.device_type == DeviceType.CUDA)
-    except (AttributeError, RuntimeError, ImportError) as exc:
-        return f"device kernels: not counted ({type(exc).__name__})"
-    return f"device kernels launched: {kernels}"
-
-
-class StepHook:
-    """Wraps the engine's step method from outside (engine files untouched), on the engine's own thread: times
-    every step while ``timing`` is set (device synchronised at its end), and profiles the one step after ``arm()``.
-
-    If the step method is renamed, ``available`` is False and nothing is hooked (the outside timing still holds).
-    """
-
-    METHOD_NAMES = ("_step", "step")
-
-    def __init__(self, engine: Any, plan: Plan):
-        self.plan, self.table, self.timing, self.step_s = plan, None, False, []
-        self._armed = False
-        name = next((n for n in self.METHOD_NAMES if callable(getattr(engine, n, None))), None)
-        self.available = name is not None
-        if name is not None:
-            setattr(engine, name, self._wrap(getattr(engine, name)))
-
-    def _wrap(self, original: Any) -> Any:
-        def step(*args: Any, **kwargs: Any) -> Any:
-            if self._armed:
-                self._armed = False
-                with _profiler(self.plan) as prof:
-                    result = original(*args, **kwargs)
-                    _sync(self.plan.device)
-                self.table = _profile_table(prof, self.plan)
-                return result
-            started = time.perf_counter()
-            result = original(*args, **kwargs)
-            if self.timing:
-                _sync(self.plan.device)
-                self.step_s.append(time.perf_counter() - started)
-            return result
-
-        return step
-
-    def arm(self) -> None:
-        self.table, self._armed = None, self.available
-
-    def start_timing(self) -> None:
-        self.step_s, self.timing = [], True
-
-    def stop_timing(self) -> Optional[float]:
-        """The median step time in ms since ``start_timing`` (None when nothing was hooked)."""
-        self.timing = False
-        return statistics.median(self.step_s) * 1000 if self.step_s else None
-
-
-class OutsideProfile:
-    """A few decode steps profiled from the driving thread (CUDA kernels are recorded whichever thread launched
-    them): a second view in case the profiler cannot attach CUDA activity to the engine thread's step."""
-
-    STEPS = 3
-
-    def __init__(self, plan: Plan, batch: int):
-        self.plan, self.batch, self.table, self._prof, self._tokens = plan, batch, None, None, 0
-
-    def advance(self, has_token: bool) -> None:
-        if self.table is not None:
-            return
-        if self._prof is None:
-            self._prof = _profiler(self.plan)
-            self._prof.start()
-            return
-        self._tokens += has_token
-        if self._tokens >= self.STEPS * self.batch:
-            self.finish()
-
-    def finish(self) -> None:
-        if self._prof is not None and self.table is None:
-            self._prof.stop()
-            steps = self._tokens / self.batch
-            self.table = (
-                f"torch.profiler from the driving thread, {steps:g} decode steps at batch {self.batch} "
-                f"(divide by {steps:g}):\n{_profile_table(self._prof, self.plan)}"
-            )
-
-
-def time_batch(engine: Any, plan: Plan, batch: int, hook: StepHook, profile: bool) -> dict[str, Any]:
-    """ms per decode step at ``batch``: wall time while all requests decode / engine steps taken (tokens / batch)."""
-    from serve.engine import Request, SamplingParams
-
-    sink: queue.Queue = queue.Queue()
-    params = SamplingParams(max_new_tokens=plan.step_tokens, ignore_eos=True)
-    for index, prompt in enumerate(random_prompts(batch, plan.prompt_tokens, BASE_VOCAB, seed=batch)):
-        engine.submit(Request(prompt, params), sink=sink, index=index)
-    counts, done, start, end, tokens = [0] * batch, 0, None, None, 0
-    outside = OutsideProfile(plan, batch) if profile and plan.gpu else None
-    step_ms, prefill_ms = None, []
-    hook.start_timing()  # the steps until every request has its first token: the prompts' (eager) steps
-    while done < batch:
-        index, event = sink.get(timeout=300)
-        now = time.perf_counter()
-        has_token = event.token_id is not None
-        counts[index] += has_token
-        done += event.finish_reason is not None
-        if start is not None and end is None:
-            tokens += has_token
-            if tokens >= batch * (plan.step_tokens // 2) or event.finish_reason is not None:
-                end, step_ms = now, hook.stop_timing()
-                if profile:
-                    hook.arm()  # the next step, all rows still decoding
-        elif start is None and min(counts) >= 1:
-            start = now
-            prefill_ms = [round(seconds * 1000, 2) for seconds in hook.step_s]
-            hook.start_timing()
-        elif outside is not None and hook.table is not None:
-            outside.advance(has_token)  # after the hooked step: a few more steps profiled from this thread
-    steps = tokens / batch
-    ms = (end - start) * 1000 / steps if steps else None
-    result = {
-        "batch": batch,
-        "steps_timed": steps,
-        "ms_per_step": ms,
-        "tok_per_s": batch * 1000 / ms if ms else None,
-        "step_method_ms_p50": step_ms,
-        "prompt_steps_ms": prefill_ms,  # each step until every request had its first token (the prompts' steps)
-    }  # inside the step method only: the rest of ms_per_step is the loop
-    if profile:
-        table = hook.table or "(not profiled: the engine's step method was not found or no step followed)"
-        result["profile"] = f"torch.profiler, one decode step at batch {batch}, on the engine thread:\n{table}"
-    if outside is not None:
-        outside.finish()
-        result["profile_outside"] = outside.table
-    return result
 
 
 def stage_engine(plan: Plan, out: Path) -> None:
@@ -325,11 +140,11 @@ def _generate_timed(model: Any, ids: Any, new_tokens: int, plan: Plan) -> float:
         disable_compile=not plan.hf_compile,
         pad_token_id=0,
     )
-    _sync(plan.device)
+    synchronize(plan.device)
     started = time.perf_counter()
     with torch.inference_mode():
         model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-    _sync(plan.device)
+    synchronize(plan.device)
     return time.perf_counter() - started
 
 

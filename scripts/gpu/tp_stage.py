@@ -57,7 +57,7 @@ def checkpoint_folder(out: Path, plan: Plan) -> Path:
 
 def greedy_tokens(plan: Plan, folder: Path, ranks: int) -> list[list[int]]:
     """Greedy tokens of the output prompts from an engine of ``ranks`` ranks on ``folder``'s checkpoint."""
-    from stages import BASE_VOCAB
+    from engine_timing import BASE_VOCAB
 
     from serve.config import Settings
     from serve.engine import Request, SamplingParams
@@ -85,7 +85,7 @@ def greedy_tokens(plan: Plan, folder: Path, ranks: int) -> list[list[int]]:
 
 def step_times(plan: Plan, out: Path, ranks: int) -> dict[str, Any]:
     """ms per decode step at each of the plan's batches, on the dummy-weights shape, with ``ranks`` ranks."""
-    from stages import StepHook, start_engine, time_batch
+    from engine_timing import StepHook, start_engine, time_batch
 
     folder = model_folder(out, plan.shape)
     started = time.perf_counter()

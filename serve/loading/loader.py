@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from serve.config import Settings
 from serve.engine.types import CONTEXT_CAP, total_token_limit
+from serve.loading.cpu_weights import pack_cpu_weights
 from serve.loading.dummy import build_random, dummy_model  # noqa: F401 (build_random: scripts/gpu, tests/gpu)
 from serve.loading.placement import MIN_CACHE_SLOTS, PlacementError, PlacementPlan, footprint, plan_placement
 from serve.loading.quantize import Quantization, QuantizationError, resolve_quantization
@@ -216,26 +217,6 @@ def _load_parallel(settings: Settings, prepared: PreparedModel, engine_index: in
         cpu_weights=getattr(model, "serve_cpu_weights", None),
         ranks=ranks,
     )
-
-
-def pack_cpu_weights(model: Any, settings: Settings) -> str:
-    """Hand the lean model's float32 weights to a CPU kernel in its own layout (PACK_CPU_WEIGHTS, on by default):
-    the panel kernel (CPU_KERNEL=panels, where it builds) or oneDNN. Each layer is checked against the dense
-    matmul first. Returns what /info shows."""
-    from serve.modeling.cpu_kernel import load_panel_kernel
-    from serve.modeling.layers import pack_for_cpu
-
-    if not settings.pack_cpu_weights:
-        layout = "dense: PACK_CPU_WEIGHTS=false"
-    elif settings.compile:  # inductor cannot trace the packed layers; COMPILE gains less on the CPU (docs/gpu.md)
-        layout = "dense: COMPILE=true compiles the dense layers"
-    elif settings.cpu_kernel == "onednn":
-        layout = pack_for_cpu(model) + " (CPU_KERNEL=onednn)"
-    else:
-        kernel, why_not = load_panel_kernel(settings.cache_dir, settings.c_compiler)
-        layout = pack_for_cpu(model, kernel) + (f" (no panel kernel: {why_not})" if kernel is None else "")
-    log.info("CPU weights: %s", layout)
-    return layout
 
 
 def use_cpu_threads(requested: Optional[int], cores: Optional[int] = None) -> int:

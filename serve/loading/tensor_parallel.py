@@ -135,7 +135,7 @@ def load_shard(settings: Settings, prepared: Any, device: str, parallel: Any, th
     from transformers import AutoConfig, GenerationConfig
 
     from serve.engine.lora import AdapterError, attach_adapters
-    from serve.loading.loader import pack_cpu_weights
+    from serve.loading.cpu_weights import pack_cpu_weights
     from serve.modeling import CheckpointMismatch, LlamaForServing, load_pretrained
 
     if threads is not None:
