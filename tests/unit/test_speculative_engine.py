@@ -223,3 +223,40 @@ def test_embedded_smollm2_greedy_is_byte_identical_with_ngram_speculation(embedd
             engine.stop()
     assert results["ngram"] == results["off"]
     assert accepted > 0
+
+
+class Known:
+    """Proposes each prompt's known greedy continuation, every third proposed token wrong."""
+
+    name = "known"
+
+    def __init__(self, continuations):
+        self.continuations = continuations
+
+    def propose(self, seq, k):
+        return Spoiled(self.continuations[tuple(seq.request.prompt_ids)]).propose(seq, k)
+
+
+def test_two_tensor_parallel_ranks_verify_proposals_as_one_does(embedded_folder, tmp_path):
+    """Verification goes through the runner's one forward (each step's inputs sent to every rank): two ranks
+    verifying proposals, some right and some wrong, give the tokens of one rank without speculation."""
+    from transformers import AutoTokenizer
+
+    from tests.unit.test_lean_model import TEXTS, save_random_model, settings_for
+    from tests.unit.test_tensor_parallel import FAMILIES, SMALL_POOL, greedy, run_engine
+
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_folder))
+    folder = save_random_model(FAMILIES["llama-gqa-2kv"](len(tokenizer)), tmp_path / "llama", tokenizer)
+    prompts = [tokenizer(text)["input_ids"] for text in TEXTS]
+    settings = settings_for(folder, max_batch_total_tokens=SMALL_POOL, max_concurrent_requests=4)
+    off, _ = run_engine(settings, [greedy(prompts, new_tokens=24)])
+    engine = start(replace(settings, tensor_parallel_size=2, speculative="ngram"))
+    try:
+        engine.scheduler.speculator.proposer = Known({tuple(p): tokens for p, tokens in zip(prompts, off)})
+        streams = [engine.submit(request) for request in greedy(prompts, new_tokens=24)]
+        on = [tokens_of(list(stream)) for stream in streams]
+        stats = engine.stats()
+    finally:
+        engine.stop()
+    assert on == off
+    assert 0 < stats.speculative_accepted < stats.speculative_proposed
