@@ -10,8 +10,8 @@ from pathlib import Path
 from peer_configs import TRANSFORMERS_CONFIGS, VLLM_CONFIGS
 
 REPO = Path(__file__).resolve().parents[2]
-ALL_SYSTEMS = ("ours", "vllm", "transformers", "offline", "ours-slots", "ours-nocache", "ours-before")
-ALL_WORKLOADS = ("standard", "capacity", "prefix")
+ALL_SYSTEMS = ("ours", "vllm", "transformers", "offline", "ours-slots", "ours-nocache", "ours-before", "ours-nospec")
+ALL_WORKLOADS = ("standard", "capacity", "prefix", "speculative")
 DEFAULT_WORK_DIR = Path.home() / ".cache" / "sagemaker-llm-serve" / "bench"
 
 

@@ -104,3 +104,38 @@ def shared_system_prompt(target_tokens: int, count_tokens: TokenCounter, seed: i
 def with_system(system: str, questions: list[str]) -> list[list[dict[str, str]]]:
     """Each question as a two-message chat under the same system prompt."""
     return [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in questions]
+
+
+# --- The speculative workload: answers that copy from the prompt (n-gram prompt lookup finds them there). ---
+
+NOTE = (
+    "Hi team, the quarterly review moves from Tuesday the 4th to Thursday the 6th at 10:00 in room 204. "
+    "Please bring the updated sales figures, the hiring plan for the support desk, and your notes on the new "
+    "billing system. Lunch will be provided. Contact Maria Lopez (maria.lopez@example.com, +1 555 0142) with "
+    "any questions before Wednesday noon."
+)
+CODE = """def load_orders(path):
+    orders = []
+    with open(path) as handle:
+        for line in handle:
+            order_id, customer, amount = line.strip().split(",")
+            orders.append({"id": order_id, "customer": customer, "amount": float(amount)})
+    return orders
+
+
+def load_customers(path):
+    customers = []
+    with open(path) as handle:
+        for line in handle:
+"""
+
+COPY_PROMPTS: list[str] = [
+    f"Rewrite this note exactly, changing only 'Thursday the 6th' to 'Friday the 7th':\n\n{NOTE}",
+    f"Fix any typos in this note and return the full corrected text:\n\n{NOTE.replace('the', 'teh', 3)}",
+    f"Extract the fields meeting_day, time, room, contact_name, contact_email and contact_phone as JSON:\n\n{NOTE}",
+    f"Continue this Python code in the same style:\n\n{CODE}",
+    f"Repeat this note word for word, then add one line that says 'Thanks, Alex':\n\n{NOTE}",
+    f"Add a one-line docstring to each function and return the whole file:\n\n{CODE}",
+    f"Turn this note into a bulleted list, keeping its wording:\n\n{NOTE}",
+    f"Rename the variable 'handle' to 'source' everywhere and return the code:\n\n{CODE}",
+]

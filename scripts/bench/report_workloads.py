@@ -96,7 +96,8 @@ def prefix_table(results: list[SystemResult]) -> list[str]:
 
 def table_for(workload: str) -> Callable[[list[SystemResult]], list[str]]:
     """The markdown table of a workload's results."""
-    return {"standard": report.results_table, "capacity": capacity_table, "prefix": prefix_table}[workload]
+    tables = {"standard": report.results_table, "capacity": capacity_table, "prefix": prefix_table}
+    return tables.get(workload, speculative_table)
 
 
 def _level(results: list[SystemResult], system: str, concurrency: int | None = None) -> dict[str, Any] | None:
@@ -141,6 +142,35 @@ def prefix_targets(results: list[SystemResult]) -> list[str]:
     return lines
 
 
+def speculative_table(results: list[SystemResult]) -> list[str]:
+    """Throughput and latency per system (speculation on and off) and concurrency."""
+    return level_table(results, [*LEVEL_COLUMNS, TOK_S, *TTFT])
+
+
+def speculative_targets(results: list[SystemResult]) -> list[str]:
+    """Output tok/s with SPECULATIVE=ngram against off, at each concurrency (targets: ≥ 1.6× at c=1, ≥ 0.95× at
+    c=32)."""
+    lines = []
+    for level in next((r.levels for r in results if r.system == "ours"), []):
+        c = level["concurrency"]
+        off = _level(results, "ours-nospec", c)
+        target = "≥ 1.6×" if c == 1 else "≥ 0.95×"
+        ratio = _ratio(level["output_tok_per_s"], off and off["output_tok_per_s"])
+        lines.append(f"- c={c}: output tok/s with ngram speculation is {ratio} of ours without (target {target}).")
+    return lines
+
+
+def _speculative_setup(s: dict[str, Any]) -> list[str]:
+    levels = ", ".join(f"c={c} ({n} requests)" for c, n in s["levels"])
+    return [
+        "- **Load**: streaming chat requests whose answers copy from the prompt (rewrite or fix a note, extract its "
+        f"fields, continue or edit code; `COPY_PROMPTS` in `scripts/bench/prompts.py`) at {levels}; "
+        f"{s['max_tokens']} new tokens each (`ignore_eos`), greedy.",
+        "- **Systems**: ours with `SPECULATIVE=ngram` (k=4, n=3: the defaults) and with `SPECULATIVE=off` "
+        "(ours-nospec); greedy text is the same with both (tests/unit/test_speculative_engine.py).",
+    ]
+
+
 def _capacity_setup(s: dict[str, Any]) -> list[str]:
     return [
         f"- **Load**: {s['requests']} streaming chat requests from {s['concurrency']} clients at once, each a "
@@ -172,8 +202,8 @@ def _prefix_setup(s: dict[str, Any]) -> list[str]:
     ]
 
 
-TARGETS = {"capacity": capacity_targets, "prefix": prefix_targets}
-SETUPS = {"capacity": _capacity_setup, "prefix": _prefix_setup}
+TARGETS = {"capacity": capacity_targets, "prefix": prefix_targets, "speculative": speculative_targets}
+SETUPS = {"capacity": _capacity_setup, "prefix": _prefix_setup, "speculative": _speculative_setup}
 
 
 def section(run: WorkloadRun) -> list[str]:

@@ -166,6 +166,14 @@ def run_ours_nocache(cfg: BenchConfig, model_dir: Path, result: SystemResult, wo
     drive_server(spec, cfg, result, workload, OURS_METRICS)
 
 
+def run_ours_nospec(cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: Workload) -> None:
+    """This repo's server with SPECULATIVE=off (the speculative workload's reference)."""
+    settings = {**workload.ours_env, "ENABLE_PREFIX_CACHING": "true", "SPECULATIVE": "off"}
+    result.description = "this repo, as `ours`, with " + ", ".join(f"{k}={v}" for k, v in settings.items())
+    result.version = git_version()
+    drive_server(ours_spec(cfg, free_port(), name="ours-nospec", **settings), cfg, result, workload, OURS_METRICS)
+
+
 def run_ours_slots(cfg: BenchConfig, model_dir: Path, result: SystemResult, workload: Workload) -> None:
     """The slot-per-sequence engine (BENCH_SLOTS_COMMIT) from a temporary git worktree, with this repo's venv."""
     _run_ours_at(cfg.slots_commit, "the slot engine", cfg, result, workload)
@@ -353,6 +361,7 @@ RUNNERS: dict[str, Callable[[BenchConfig, Path, SystemResult, Workload], None]] 
     "ours": run_ours,
     "ours-slots": run_ours_slots,
     "ours-nocache": run_ours_nocache,
+    "ours-nospec": run_ours_nospec,
     "ours-before": run_ours_before,
     "vllm": run_vllm,
     "transformers": run_transformers,

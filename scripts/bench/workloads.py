@@ -3,6 +3,8 @@
 - standard: the short prompts of prompts.py at BENCH_CONCURRENCY (the c=1/8/32 table), every system.
 - capacity: many concurrent 200–600-token prompts through a fixed KV budget; peak sequences running at once.
 - prefix: one long shared system prompt under different short questions; TTFT with and without prefix caching.
+- speculative: answers that copy from the prompt (rewrite, fix, extract, continue code) at c=1 and c=32, ours with
+  SPECULATIVE=ngram against ours with it off (ours-nospec).
 """
 
 from __future__ import annotations
@@ -13,19 +15,23 @@ from typing import Any
 
 from config import BenchConfig
 from load import Prompt
-from prompts import PROMPTS, TokenCounter, capacity_prompts, shared_system_prompt, with_system
+from prompts import COPY_PROMPTS, PROMPTS, TokenCounter, capacity_prompts, shared_system_prompt, with_system
 
 # The systems each workload runs (in this order), before BENCH_SYSTEMS filters them.
 WORKLOAD_SYSTEMS: dict[str, tuple[str, ...]] = {
     "standard": ("ours", "ours-before", "vllm", "transformers", "offline"),
     "capacity": ("ours", "ours-slots", "vllm"),
     "prefix": ("ours", "ours-nocache", "vllm"),
+    "speculative": ("ours-nospec", "ours"),
 }
 TITLES = {
     "standard": "Concurrency levels",
     "capacity": "Capacity: concurrent sequences in a fixed KV budget",
     "prefix": "Shared prefix: one long system prompt, different questions",
+    "speculative": "Speculative decoding: answers that copy from the prompt",
 }
+SPECULATIVE_LEVELS = ((1, 8), (32, 64))  # (concurrency, requests)
+SPECULATIVE_MAX_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -122,9 +128,26 @@ def shared_prefix(cfg: BenchConfig, count_tokens: TokenCounter) -> Workload:
     )
 
 
+def speculative(cfg: BenchConfig) -> Workload:
+    """Answers that copy from the prompt, with SPECULATIVE=ngram (ours) and off (ours-nospec)."""
+    return Workload(
+        name="speculative",
+        prompts=list(COPY_PROMPTS),
+        levels=SPECULATIVE_LEVELS,
+        max_tokens=SPECULATIVE_MAX_TOKENS,
+        warmup=PROMPTS[-1],
+        max_model_len=cfg.max_model_len,
+        ours_env={"SPECULATIVE": "ngram"},
+        server_metrics=True,
+        settings={"levels": [list(level) for level in SPECULATIVE_LEVELS], "max_tokens": SPECULATIVE_MAX_TOKENS},
+    )
+
+
 def build(name: str, cfg: BenchConfig, model_dir: Path) -> Workload:
     """The named workload, its prompts built with the model's tokenizer."""
     if name == "standard":
         return standard(cfg)
+    if name == "speculative":
+        return speculative(cfg)
     builder = {"capacity": capacity, "prefix": shared_prefix}[name]
     return builder(cfg, token_counter(model_dir))

@@ -32,7 +32,7 @@ def test_workloads_and_systems_from_env():
     assert cfg.workloads == ("capacity", "prefix")
     assert workloads.systems_for("capacity", cfg) == ("ours", "ours-slots")
     assert workloads.systems_for("prefix", cfg) == ("ours",)
-    assert config.from_env({}).workloads == ("standard", "capacity", "prefix")
+    assert config.from_env({}).workloads == ("standard", "capacity", "prefix", "speculative")
     assert config.from_env({"BENCH_CAPACITY_PROMPT_TOKENS": "50,70"}).capacity_prompt_tokens == (50, 70)
     for bad in ({"BENCH_WORKLOADS": "capacity,huge"}, {"BENCH_CAPACITY_PROMPT_TOKENS": "600,200"}):
         with pytest.raises(ValueError):
