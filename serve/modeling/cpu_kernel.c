@@ -11,12 +11,12 @@
  * (libgomp.so.1), with the thread count given by the caller (torch.get_num_threads()).
  *
  * bfloat16 (the second half of this file): the same panels holding pairs of inputs, [ceil(n/16)][ceil(k/2)][16][2],
- * zero-padded past n and k, half the bytes a decode step reads. Per pair, one 64-byte load of the panel and, for
- * each of up to 8 rows, a broadcast of the row's two inputs and one VDPBF16PS, which adds both products (exact:
- * bf16 x bf16 fits a float32 mantissa) to float32 accumulators; the sum is rounded once to bf16 (nearest even)
- * after the bias. Those functions carry their own target flags (avx512f, avx512bf16), so the library still builds
- * with -mavx2 -mfma and runs anywhere; cpu_kernel.py calls them only where the CPU has avx512_bf16, and
- * serve_has_bf16() says whether the compiler could build them at all.
+ * zero-padded past n and k, half the bytes a decode step reads. Per pair, one 64-byte load of each of two
+ * neighbouring panels and, for each of up to 8 rows, a broadcast of the row's two inputs and two VDPBF16PS, each
+ * adding both products (exact: bf16 x bf16 fits a float32 mantissa) to float32 accumulators; the sum is rounded
+ * once to bf16 (nearest even) after the bias. Those functions carry their own target flags (avx512f, avx512bf16),
+ * so the library still builds with -mavx2 -mfma and runs anywhere; cpu_kernel.py calls them only where the CPU
+ * has avx512_bf16, and serve_has_bf16() says whether the compiler could build them at all.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -108,23 +108,38 @@ void serve_pack_panels_bf16(const bf16* w, int64_t n, int64_t k, bf16* out) {
   }
 }
 
-/* acc[r][0..16) = sum over pairs q of row r's pair q . panel[q], for R rows given as 32-bit words of two bf16. */
-#define TILE_BF16(R)                                                                                 \
-  BF16_TARGET static void tile_bf16_##R(const uint32_t* x, int64_t pairs, const bf16* panel, float* acc) { \
-    __m512 sum[R];                                                                                  \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();               \
-    for (int64_t q = 0; q < pairs; q++) {                                                           \
-      __m512bh w = (__m512bh)_mm512_loadu_si512(panel + q * PANEL * 2);                             \
-      _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                         \
-        __m512bh v = (__m512bh)_mm512_set1_epi32((int)x[r * pairs + q]);                            \
-        sum[r] = _mm512_dpbf16_ps(sum[r], v, w);                                                    \
-      }                                                                                             \
-    }                                                                                               \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm512_storeu_ps(acc + r * PANEL, sum[r]);  \
+/* acc[r][0..16) = sum over pairs q of row r's pair q . panel[q], for R rows given as 32-bit words of two bf16; with
+ * next (the neighbouring panel) also acc[BF16_ROWS + r][0..16) from it, each broadcast feeding both. */
+#define TILE_BF16(R)                                                                                      \
+  BF16_TARGET static void tile_bf16_##R(const uint32_t* x, int64_t pairs, const bf16* panel, const bf16* next, \
+                                        float* acc) {                                                      \
+    __m512 sum[R], sum2[R];                                                                             \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sum[r] = sum2[r] = _mm512_setzero_ps();         \
+    if (next == NULL) {                                                                                 \
+      for (int64_t q = 0; q < pairs; q++) {                                                             \
+        __m512bh w = (__m512bh)_mm512_loadu_si512(panel + q * PANEL * 2);                               \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sum[r] =                                    \
+            _mm512_dpbf16_ps(sum[r], (__m512bh)_mm512_set1_epi32((int)x[r * pairs + q]), w);            \
+      }                                                                                                 \
+    } else {                                                                                            \
+      for (int64_t q = 0; q < pairs; q++) {                                                             \
+        __m512bh w = (__m512bh)_mm512_loadu_si512(panel + q * PANEL * 2);                               \
+        __m512bh w2 = (__m512bh)_mm512_loadu_si512(next + q * PANEL * 2);                               \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                           \
+          __m512bh v = (__m512bh)_mm512_set1_epi32((int)x[r * pairs + q]);                              \
+          sum[r] = _mm512_dpbf16_ps(sum[r], v, w);                                                      \
+          sum2[r] = _mm512_dpbf16_ps(sum2[r], v, w2);                                                   \
+        }                                                                                               \
+      }                                                                                                 \
+    }                                                                                                   \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                               \
+      _mm512_storeu_ps(acc + r * PANEL, sum[r]);                                                        \
+      _mm512_storeu_ps(acc + (BF16_ROWS + r) * PANEL, sum2[r]);                                         \
+    }                                                                                                   \
   }
 TILE_BF16(1) TILE_BF16(2) TILE_BF16(3) TILE_BF16(4) TILE_BF16(5) TILE_BF16(6) TILE_BF16(7) TILE_BF16(8)
 
-typedef void (*tile_bf16_fn)(const uint32_t*, int64_t, const bf16*, float*);
+typedef void (*tile_bf16_fn)(const uint32_t*, int64_t, const bf16*, const bf16*, float*);
 static const tile_bf16_fn TILES_BF16[BF16_ROWS + 1] = {
     0, tile_bf16_1, tile_bf16_2, tile_bf16_3, tile_bf16_4, tile_bf16_5, tile_bf16_6, tile_bf16_7, tile_bf16_8};
 
@@ -167,14 +182,17 @@ BF16_TARGET int serve_linear_panels_bf16(const bf16* x, int64_t m, const bf16* p
   if (rows == NULL) return -1;
   int64_t count = (n + PANEL - 1) / PANEL, pairs = (k + 1) / 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t jp = 0; jp < count; jp++) {
-    float acc[BF16_ROWS * PANEL];
+  for (int64_t jp = 0; jp < count; jp += 2) { /* two neighbouring panels per tile (the last one alone if odd) */
+    float acc[2 * BF16_ROWS * PANEL];
     const bf16* panel = panels + jp * pairs * PANEL * 2;
+    const bf16* next = jp + 1 < count ? panel + pairs * PANEL * 2 : NULL;
     int64_t first = jp * PANEL, width = n - first < PANEL ? n - first : PANEL;
+    int64_t width2 = next ? (n - first - PANEL < PANEL ? n - first - PANEL : PANEL) : 0;
     for (int64_t i = 0; i < m; i += BF16_ROWS) {
       int block = m - i < BF16_ROWS ? (int)(m - i) : BF16_ROWS;
-      TILES_BF16[block](rows + i * pairs, pairs, panel, acc);
+      TILES_BF16[block](rows + i * pairs, pairs, panel, next, acc);
       store_bf16(acc, block, bias, first, width, n, y + i * n);
+      if (next) store_bf16(acc + BF16_ROWS * PANEL, block, bias, first + PANEL, width2, n, y + i * n);
     }
   }
   free(owned);
