@@ -19,8 +19,6 @@ def pack_cpu_weights(model: Any, settings: Settings) -> str:
 
     if not settings.pack_cpu_weights:
         layout = "dense: PACK_CPU_WEIGHTS=false"
-    elif settings.compile:  # inductor cannot trace the packed layers; COMPILE gains less on the CPU (docs/gpu.md)
-        layout = "dense: COMPILE=true compiles the dense layers"
     elif settings.cpu_kernel == "onednn":
         layout = pack_for_cpu(model) + " (CPU_KERNEL=onednn)"
     else:
