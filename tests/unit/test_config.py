@@ -1,4 +1,4 @@
-"""serve/config.py: every variable parsed into its setting, aliases and their precedence, bounds, and errors that
+"""serve/config: every variable parsed into its setting, aliases and their precedence, bounds, and errors that
 name the variable."""
 
 import dataclasses

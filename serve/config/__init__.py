@@ -6,16 +6,28 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Optional, TypeVar
+from typing import Callable, Iterator, Mapping, Optional
 
 from serve.engine.recovery import Recovery
 from serve.engine.types import ATTENTION_BACKENDS, SPECULATIVE_METHODS, EngineConfig, GrammarLimits, Watermark
+from serve.config.parse import (
+    SettingsError,
+    T,
+    parse_text,
+    parse_adapters,
+    parse_bool,
+    parse_choice,
+    parse_dtype,
+    parse_folders,
+    parse_gpu_count,
+    parse_number_in,
+    parse_positive_int,
+    parse_seconds,
+    parse_template,
+    parse_timestamp,
+)
 
-T = TypeVar("T")
 
-TRUE_WORDS = {"1", "true", "yes", "on"}
-FALSE_WORDS = {"0", "false", "no", "off", ""}
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 PLACEMENTS = ("auto", "shard", "replicas")
 LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights from config.json (benchmarks without a checkpoint)
 PREFIX_CACHE_SCOPES = ("salt", "adapter", "global")  # what partitions the prefix cache: serve/front/cache_scope.py
@@ -36,10 +48,6 @@ QUANTIZATIONS = (
     "marlin",
 )
 SIX_MIB = 6 * 1024 * 1024
-
-
-class SettingsError(ValueError):
-    """A malformed environment variable; the message names the variable."""
 
 
 @dataclass(frozen=True)
@@ -119,100 +127,6 @@ class Settings:
     variant_name: Optional[str] = None  # SAGEMAKER_VARIANT_NAME: EMF dimension
 
 
-def parse_bool(name: str, raw: str) -> bool:
-    """Parse a boolean the way users write them: true/True/1/yes and false/0/no."""
-    word = raw.strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise SettingsError(f"{name}={raw!r} is not a boolean (use true/false, 1/0, yes/no)")
-
-
-def parse_positive_int(name: str, raw: str) -> int:
-    """Parse a strictly positive integer (JSON-encoded numbers such as "1" included)."""
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not an integer") from None
-    if value <= 0:
-        raise SettingsError(f"{name}={raw!r} must be greater than 0")
-    return value
-
-
-def parse_gpu_count(name: str, raw: str) -> int:
-    """A GPU count: a non-negative integer, 0 meaning the CPU."""
-    if raw.strip() == "0":
-        return 0
-    return parse_positive_int(name, raw)
-
-
-def parse_timestamp(name: str, raw: str) -> float:
-    """A Unix timestamp in seconds."""
-    try:
-        return float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a Unix timestamp") from None
-
-
-def parse_dtype(name: str, raw: str) -> str:
-    """Accept one of the supported dtype names."""
-    value = raw.strip().lower()
-    if value not in DTYPES:
-        raise SettingsError(f"{name}={raw!r} is not one of {', '.join(DTYPES)}")
-    return value
-
-
-def parse_choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
-    """A parser accepting one of ``choices`` (case-insensitive)."""
-
-    def parse(name: str, raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in choices:
-            raise SettingsError(f"{name}={raw!r} is not one of {', '.join(choices)}")
-        return value
-
-    return parse
-
-
-def parse_adapters(name: str, raw: str) -> tuple[tuple[str, str], ...]:
-    """``name=path,name=path`` -> ((name, path), ...); names must be unique and non-empty."""
-    pairs: list[tuple[str, str]] = []
-    for item in (part.strip() for part in raw.split(",")):
-        if not item:
-            continue
-        adapter, sep, path = (piece.strip() for piece in item.partition("="))
-        if not sep or not adapter or not path:
-            raise SettingsError(f"{name}: {item!r} is not of the form adapter_name=path")
-        if any(adapter == seen for seen, _ in pairs):
-            raise SettingsError(f"{name}: adapter {adapter!r} is listed twice")
-        pairs.append((adapter, path))
-    return tuple(pairs)
-
-
-def parse_folders(name: str, raw: str) -> tuple[str, ...]:
-    """``/a,/b`` (commas or colons) -> ("/a", "/b"); each an absolute path."""
-    folders = tuple(part.strip() for part in raw.replace(":", ",").split(",") if part.strip())
-    relative = [folder for folder in folders if not os.path.isabs(folder)]
-    if relative:
-        raise SettingsError(f"{name}: {relative[0]!r} is not an absolute path")
-    return folders
-
-
-def parse_seconds(name: str, raw: str) -> float:
-    """A strictly positive number of seconds; 0 or ``off`` turns the feature off (None)."""
-    value = raw.strip().lower()
-    if value in ("0", "off", "none", "false"):
-        return 0.0
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number of seconds") from None
-    if seconds < 0 or seconds != seconds:
-        raise SettingsError(f"{name}={raw!r} must be 0 (off) or a positive number of seconds")
-    return seconds
-
-
 def on_sagemaker(environ: Mapping[str, str], opt_ml: str = "/opt/ml") -> bool:
     """True inside a SageMaker container: /opt/ml exists, or variables SageMaker and its SDK set are there."""
     names = ("SAGEMAKER_ENDPOINT_NAME", "SAGEMAKER_REGION", "SAGEMAKER_CONTAINER_LOG_LEVEL", "SAGEMAKER_PROGRAM")
@@ -228,7 +142,7 @@ def _server_values(env: Mapping[str, str]) -> dict[str, object]:
         "engine_restart_window_s": _read(env, ("ENGINE_RESTART_WINDOW_S",), parse_seconds),
         "engine_stall_timeout_s": _read(env, ("ENGINE_STALL_TIMEOUT_S",), parse_seconds),
         "log_level": _read(env, ("LOG_LEVEL",), lambda name, raw: raw.strip().upper()),
-        "metrics_dir": _read(env, ("PROMETHEUS_MULTIPROC_DIR",), _text),
+        "metrics_dir": _read(env, ("PROMETHEUS_MULTIPROC_DIR",), parse_text),
         "started_at": _read(env, ("SERVE_STARTED_AT",), parse_timestamp),
     }
 
@@ -251,9 +165,9 @@ def _sagemaker_values(env: Mapping[str, str]) -> dict[str, object]:
         "invocation_timeout_margin": _read(env, ("INVOCATION_TIMEOUT_MARGIN",), parse_seconds),
         "cloudwatch_metrics": native if metrics is None else metrics,
         "cloudwatch_interval": _read(env, ("CLOUDWATCH_METRICS_INTERVAL",), parse_seconds) or None,
-        "cloudwatch_namespace": _read(env, ("CLOUDWATCH_NAMESPACE",), _text),
-        "endpoint_name": _read(env, ("SAGEMAKER_ENDPOINT_NAME",), _text),
-        "variant_name": _read(env, ("SAGEMAKER_VARIANT_NAME",), _text),
+        "cloudwatch_namespace": _read(env, ("CLOUDWATCH_NAMESPACE",), parse_text),
+        "endpoint_name": _read(env, ("SAGEMAKER_ENDPOINT_NAME",), parse_text),
+        "variant_name": _read(env, ("SAGEMAKER_VARIANT_NAME",), parse_text),
     }
 
 
@@ -264,21 +178,6 @@ def _grammar_limits(env: Mapping[str, str]) -> Optional[GrammarLimits]:
     values = {field: _read(env, (f"GRAMMAR_{name}",), parse_positive_int) for field, name in names.items()}
     chosen = {field: value for field, value in values.items() if value is not None}
     return GrammarLimits(**chosen) if chosen else None
-
-
-def parse_number_in(low: float, high: float, above_low: bool = False) -> Callable[[str, str], float]:
-    """A parser of a number in [low, high] (``above_low``: in (low, high])."""
-
-    def parse(name: str, raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise SettingsError(f"{name}={raw!r} is not a number") from None
-        if not ((value > low) if above_low else (value >= low)) or not value <= high:
-            raise SettingsError(f"{name}={raw!r} must be in {'(' if above_low else '['}{low:g}, {high:g}]")
-        return value
-
-    return parse
 
 
 def _watermark(env: Mapping[str, str]) -> Optional[Watermark]:
@@ -298,27 +197,6 @@ def _read(environ: Mapping[str, str], names: tuple, parse: Callable[[str, str], 
         if raw is not None and raw.strip() != "":
             return parse(name, raw)
     return None
-
-
-def _text(name: str, raw: str) -> str:
-    return raw.strip()
-
-
-def parse_template(name: str, raw: str) -> Optional[str]:
-    """A chat template given as a file path (read now) or as the Jinja text itself."""
-    value = raw.strip()
-    if not value:
-        return None
-    path = os.path.expanduser(value)
-    if len(value) < 4096 and "\n" not in value and os.path.isfile(path):  # a path, whatever characters it holds
-        try:
-            with open(path, encoding="utf-8") as handle:
-                return handle.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SettingsError(f"{name}={value!r} is a file that cannot be read: {exc}") from None
-    if "{{" in value or "{%" in value:
-        return value
-    raise SettingsError(f"{name}={value!r} is neither a Jinja template (no {{{{ or {{%) nor an existing file")
 
 
 _SPAWN_LOCK = threading.Lock()
@@ -341,30 +219,39 @@ def child_environment(overrides: Mapping[str, str]) -> Iterator[None]:
                     os.environ[name] = value
 
 
+def _placement_values(env: Mapping[str, str]) -> dict[str, object]:
+    """Where the model goes (GPUs, copies, tensor parallelism) and how its steps are sped up (speculation)."""
+    return {
+        "placement": _read(env, ("PLACEMENT",), parse_choice(PLACEMENTS)),
+        "replicas": _read(env, ("REPLICAS",), parse_positive_int),
+        "cuda_visible_devices": _read(env, ("CUDA_VISIBLE_DEVICES",), parse_text),
+        "tensor_parallel_size": _read(env, ("TENSOR_PARALLEL_SIZE", "NUM_SHARD"), parse_positive_int),
+        "tensor_parallel_timeout_s": _read(env, ("TENSOR_PARALLEL_TIMEOUT_S",), parse_seconds),
+        "speculative": _read(env, ("SPECULATIVE",), parse_choice(SPECULATIVE_METHODS)),
+        "speculative_tokens": _read(env, ("SPECULATIVE_TOKENS",), parse_positive_int),
+        "speculative_ngram": _read(env, ("SPECULATIVE_NGRAM",), parse_positive_int),
+    }
+
+
 def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
     """Build Settings from the environment (``os.environ`` by default); raise SettingsError if malformed."""
     env = os.environ if environ is None else environ
     values = {
-        "model_id": _read(env, ("HF_MODEL_ID",), _text),
-        "model_revision": _read(env, ("HF_MODEL_REVISION",), _text),
-        "hf_token": _read(env, ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), _text),
-        "model_dir": _read(env, ("SM_MODEL_DIR",), _text),
-        "cache_dir": _read(env, ("SERVE_CACHE_DIR",), _text),
+        "model_id": _read(env, ("HF_MODEL_ID",), parse_text),
+        "model_revision": _read(env, ("HF_MODEL_REVISION",), parse_text),
+        "hf_token": _read(env, ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), parse_text),
+        "model_dir": _read(env, ("SM_MODEL_DIR",), parse_text),
+        "cache_dir": _read(env, ("SERVE_CACHE_DIR",), parse_text),
         "num_gpus": _read(env, ("SM_NUM_GPUS",), parse_gpu_count),
         "messages_api_enabled": _read(env, ("MESSAGES_API_ENABLED",), parse_bool),
         "trust_remote_code": _read(env, ("HF_MODEL_TRUST_REMOTE_CODE",), parse_bool),
         "allow_unsafe_weights": _read(env, ("ALLOW_PICKLE_WEIGHTS", "HF_MODEL_ALLOW_UNSAFE_WEIGHTS"), parse_bool),
-        "api_key": _read(env, ("API_KEY",), _text),
+        "api_key": _read(env, ("API_KEY",), parse_text),
         "dtype": _read(env, ("DTYPE",), parse_dtype),
         "load_format": _read(env, ("HF_MODEL_LOAD_FORMAT",), parse_choice(LOAD_FORMATS)),
         "chat_template": _read(env, ("CHAT_TEMPLATE",), parse_template),
         "reasoning_parser": _read(env, ("REASONING_PARSER",), parse_choice(REASONING_PARSERS)),
         "tool_call_parser": _read(env, ("TOOL_CALL_PARSER",), parse_choice(TOOL_CALL_PARSERS)),
-        "placement": _read(env, ("PLACEMENT",), parse_choice(PLACEMENTS)),
-        "replicas": _read(env, ("REPLICAS",), parse_positive_int),
-        "cuda_visible_devices": _read(env, ("CUDA_VISIBLE_DEVICES",), _text),
-        "tensor_parallel_size": _read(env, ("TENSOR_PARALLEL_SIZE", "NUM_SHARD"), parse_positive_int),
-        "tensor_parallel_timeout_s": _read(env, ("TENSOR_PARALLEL_TIMEOUT_S",), parse_seconds),
         "quantize": _read(env, ("HF_MODEL_QUANTIZE",), parse_choice(QUANTIZATIONS)),
         "lora_adapters": _read(env, ("LORA_ADAPTERS",), parse_adapters),
         "lean_model": _read(env, ("LEAN_MODEL",), parse_bool),
@@ -381,15 +268,13 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "cuda_graphs": _read(env, ("CUDA_GRAPHS",), parse_bool),
         "attention_backend": _read(env, ("ATTENTION_BACKEND",), parse_choice(ATTENTION_BACKENDS)),
         "grammar_limits": _grammar_limits(env),
-        "speculative": _read(env, ("SPECULATIVE",), parse_choice(SPECULATIVE_METHODS)),
-        "speculative_tokens": _read(env, ("SPECULATIVE_TOKENS",), parse_positive_int),
-        "speculative_ngram": _read(env, ("SPECULATIVE_NGRAM",), parse_positive_int),
         "watermark": _watermark(env),
         "compile": _read(env, ("COMPILE",), parse_bool),
         "pack_cpu_weights": _read(env, ("PACK_CPU_WEIGHTS",), parse_bool),
         "cpu_kernel": _read(env, ("CPU_KERNEL",), parse_choice(CPU_KERNELS)),
-        "c_compiler": _read(env, ("CC",), _text),
+        "c_compiler": _read(env, ("CC",), parse_text),
         "torch_threads": _read(env, ("TORCH_THREADS", "OMP_NUM_THREADS"), parse_positive_int),
+        **_placement_values(env),
         **_server_values(env),
         **_sagemaker_values(env),
     }
