@@ -10,8 +10,8 @@ and the first disagreeing ``t_i`` is the step's last token. For a proposer whose
 this is the rejection rule itself: ``d`` is accepted with probability p(d), and when rejected the token comes from
 p with ``d`` removed and renormalised, which is what a draw from p conditioned on being other than ``d`` is.
 
-Rows that use penalties, a grammar, ``logit_bias``, a watermark, a seed or a LoRA adapter, or that score their
-prompt, never get proposals (their next distribution depends on state a proposal cannot carry, or their draws must
+Rows that use penalties, a grammar, ``logit_bias``, a watermark, seeded sampling or a LoRA adapter, or that score
+their prompt, never get proposals (their next distribution depends on state a proposal cannot carry, or their draws must
 replay); they decode one token a step as without speculation.
 """
 
