@@ -15,7 +15,16 @@ from serve.engine.types import EngineStats
 
 FIRST_BACKOFF_S = 1.0  # the wait before the first restart; doubled for each other crash still in the window
 LAST_BACKOFF_S = 30.0  # the longest wait between a crash and its restart
-CUMULATIVE = ("prefix_queried_tokens", "prefix_hit_tokens", "preemptions", "steps", "busy_seconds")
+CUMULATIVE = (
+    "prefix_queried_tokens",
+    "prefix_hit_tokens",
+    "preemptions",
+    "steps",
+    "busy_seconds",
+    "speculative_proposed",
+    "speculative_accepted",
+    "speculative_lengths",
+)
 
 
 @dataclass(frozen=True)

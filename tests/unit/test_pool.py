@@ -237,3 +237,20 @@ def test_the_crash_window_backs_off_and_forgets_old_crashes():
     assert window.crashed() is None  # a fourth within 100 s
     now[0] = 150.0
     assert window.crashed() == 1.0 and window.recent == 1  # the others left the window
+
+
+def test_a_dead_engines_counters_carry_over_and_its_gauges_do_not():
+    from serve.engine.recovery import counters_only
+    from serve.engine.types import EngineStats
+
+    dead = EngineStats(
+        blocks_used=7,
+        preemptions=2,
+        steps=40,
+        speculative_proposed=12,
+        speculative_accepted=9,
+        speculative_lengths=(1, 0, 3),
+    )
+    kept = counters_only(dead)
+    assert (kept.blocks_used, kept.preemptions, kept.steps) == (0, 2, 40)
+    assert (kept.speculative_proposed, kept.speculative_accepted, kept.speculative_lengths) == (12, 9, (1, 0, 3))
