@@ -163,7 +163,7 @@ def sharding_of(settings: Settings, config: Any, folder: Any, quantized: bool) -
     """How the lean model can split this model (serve.loading.placement.Sharding): the rank counts that divide its
     heads and features, or why tensor parallelism is out (then PLACEMENT=auto keeps accelerate's split)."""
     from serve.modeling import safetensors_files, unsupported_reason
-    from serve.modeling.parallel import ShardError, ShardLayout
+    from serve.modeling.parallel import shard_sizes
 
     why_not = unsupported_reason(config)
     if not settings.lean_model:
@@ -176,11 +176,4 @@ def sharding_of(settings: Settings, config: Any, folder: Any, quantized: bool) -
         why_not = "the lean loader reads safetensors weights only"
     if why_not is not None:
         return Sharding(why_not=why_not)
-    sizes = []
-    for size in range(1, MAX_RANKS + 1):
-        try:
-            ShardLayout.of(config, 0, size)
-        except ShardError:
-            continue
-        sizes.append(size)
-    return Sharding(tuple(sizes))
+    return Sharding(shard_sizes(config, MAX_RANKS))

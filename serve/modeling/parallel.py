@@ -48,6 +48,18 @@ class TensorParallel:
         return torch.cat(blocks, dim=-1)
 
 
+def shard_sizes(config: Any, most: int) -> tuple[int, ...]:
+    """The rank counts up to ``most`` whose shares of ``config`` divide evenly (``ShardLayout.of`` accepts)."""
+    sizes = []
+    for size in range(1, most + 1):
+        try:
+            ShardLayout.of(config, 0, size)
+        except ShardError:
+            continue
+        sizes.append(size)
+    return tuple(sizes)
+
+
 def _split(total: int, size: int, what: str) -> int:
     if total % size:
         raise ShardError(f"{what} ({total}) do not divide over {size} ranks")

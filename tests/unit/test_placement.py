@@ -13,7 +13,7 @@ from serve.loading.placement import (
     plan_placement,
     visible_devices,
 )
-from serve.modeling.parallel import ShardError, ShardLayout
+from serve.modeling.parallel import shard_sizes
 
 GIB = 1024**3
 LLAMA_1B = SimpleNamespace(  # Llama-3.2-1B
@@ -129,14 +129,7 @@ def test_cpu_plans():
 
 def sharding_of(config) -> Sharding:
     """The rank counts the lean model can split ``config`` over (as serve.loading.tensor_parallel finds them)."""
-    sizes = []
-    for size in range(1, 17):
-        try:
-            ShardLayout.of(config, 0, size)
-        except ShardError:
-            continue
-        sizes.append(size)
-    return Sharding(tuple(sizes))
+    return Sharding(shard_sizes(config, 16))
 
 
 @pytest.mark.parametrize(
