@@ -101,7 +101,7 @@ def test_the_loader_reports_the_layout(tiny_settings):
     onednn = load_model(replace(tiny_settings, cpu_kernel="onednn")).cpu_weights
     assert onednn == f"oneDNN-packed: {LINEARS} linear layers (CPU_KERNEL=onednn)"
     assert load_model(replace(tiny_settings, pack_cpu_weights=False)).cpu_weights == "dense: PACK_CPU_WEIGHTS=false"
-    assert load_model(replace(tiny_settings, compile=True)).cpu_weights == loaded.cpu_weights  # compiled over the kernel
+    assert load_model(replace(tiny_settings, compile=True)).cpu_weights == loaded.cpu_weights  # compiled, packed
 
 
 def test_without_a_compiler_the_loader_packs_for_onednn_and_says_why(tiny_settings, tmp_path):
