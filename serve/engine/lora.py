@@ -228,17 +228,6 @@ class LoraSet:
         )
         self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    def begin_plan(self, plan: Any) -> None:
-        """``begin_step`` for a StepPlan: decode tokens first, then each prompt chunk, as the runner lays them out."""
-        self.begin_step(self.plan_adapters(plan))
-
-    @staticmethod
-    def plan_adapters(plan: Any) -> list[Optional[str]]:
-        """Each token's adapter name in a StepPlan, in the runner's layout order."""
-        return [seq.request.adapter for seq in plan.decode] + [
-            seq.request.adapter for seq, count in plan.prefill for _ in range(count)
-        ]
-
     def rows(self, index: int, device: torch.device) -> torch.Tensor:
         """The step's token rows that use adapter ``index``, on ``device`` (computed once per step and device)."""
         key = (index, device)

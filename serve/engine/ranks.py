@@ -90,17 +90,15 @@ class RankGroup:
         return len(self.workers) + 1
 
     def send(self, message: object) -> None:
-        """``message`` to every other rank; RankFailure naming the first rank that is gone."""
+        """``message`` to every other rank (no liveness check per step: a send to a dead rank fails, and so does the
+        collective that waits for it); RankFailure naming the rank that is gone."""
         with self._lock:
             for rank, (process, conn) in enumerate(self.workers, 1):
-                if not process.is_alive():
-                    raise RankFailure(
-                        f"tensor-parallel rank {rank} (pid {process.pid}) exited (code {process.exitcode})"
-                    )
                 try:
-                    conn.send(message)
+                    conn.send(message)  # a dead rank's pipe is broken (its end closed with it)
                 except (OSError, ValueError) as exc:
-                    raise RankFailure(f"tensor-parallel rank {rank} (pid {process.pid}) is unreachable: {exc}") from exc
+                    gone = self.failed_rank() or f"tensor-parallel rank {rank} (pid {process.pid}) is unreachable"
+                    raise RankFailure(f"{gone}: {exc}") from exc
 
     def send_step(self, inputs: StepInputs) -> None:
         self.send(RunStep(inputs))
@@ -176,8 +174,6 @@ def serve_rank(conn: Any, model: Any, make_runner: Callable[[Any, BuildCache], A
 def _run(runner: Any, message: object) -> None:
     """One of rank 0's commands on this rank's runner (built by BuildCache, which always comes first)."""
     if isinstance(message, RunStep):
-        if runner.lora is not None:
-            runner.lora.begin_step(message.inputs.adapters or [None] * len(message.inputs.ids))
         runner.forward(message.inputs)
     elif isinstance(message, RunDecode):
         if runner.lora is not None:

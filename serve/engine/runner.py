@@ -143,10 +143,8 @@ class ModelRunner:
             self._base_model_step()
             return self._static_decode(plan.decode)
         inputs, sampled, scored = self._inputs(plan)
-        if self.lora is not None:
-            self.lora.begin_step(inputs.adapters)  # each token's adapter, in the layout's order
-        if self.lora is None or not self.lora.step_adapters:
-            inputs.adapters = None
+        if self.lora is None or all(adapter is None for adapter in inputs.adapters or ()):
+            inputs.adapters = None  # a step on the base model alone (and a smaller message to the other ranks)
         logits = self.forward(inputs)
         for seq in plan.decode:
             seq.num_cached += 1
@@ -163,6 +161,8 @@ class ModelRunner:
         the same inputs first and run their shards alongside."""
         if self.ranks is not None:
             self.ranks.send_step(inputs)
+        if self.lora is not None:
+            self.lora.begin_step(inputs.adapters or ())  # each token's adapter, in the layout's order
         input_ids, positions, layout, logit_rows = inputs.tensors(self.device, self.cache.block_size)
         with active_step(self.cache, layout):
             output = self.model(

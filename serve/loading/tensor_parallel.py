@@ -132,7 +132,7 @@ def load_shard(settings: Settings, prepared: Any, device: str, parallel: Any, th
     """This rank's shard of the lean model on ``device``: the checkpoint's slices (or seeded random weights under
     HF_MODEL_LOAD_FORMAT=dummy), CPU weights packed, the adapters' shares attached."""
     import torch
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import AutoConfig
 
     from serve.engine.lora import AdapterError, attach_adapters
     from serve.loading.cpu_weights import pack_cpu_weights
@@ -149,7 +149,6 @@ def load_shard(settings: Settings, prepared: Any, device: str, parallel: Any, th
             model = load_pretrained(prepared.folder, config, device, prepared.dtype, parallel)
     except CheckpointMismatch as exc:
         raise ModelLoadError(f"tensor-parallel rank {parallel.rank}: the checkpoint does not fit: {exc}") from exc
-    model.generation_config = model.generation_config or GenerationConfig.from_model_config(config)
     if device == "cpu":
         model.serve_cpu_weights = pack_cpu_weights(model, settings)
     try:
