@@ -22,6 +22,8 @@ import llguidance  # pure Rust extension: importing it pulls in neither torch no
 
 from serve.engine.types import GrammarLimits, Request
 
+BITS = 32  # tokens per word of llguidance's bitmask (int32 words, lowest bit first)
+
 # Compact JSON (no free-form whitespace between tokens): a model cannot stall in an endless run of spaces.
 _JSON_OPTIONS = {"whitespace_flexible": False}
 COMPILE_WORKERS = 2  # matchers compiled at once in an engine process (each within the limits)
@@ -183,18 +185,36 @@ class Grammars:
             raise grammar_error(matcher.get_error(), self.limits)
         return matcher
 
-    def mask(self, logits: Any, matchers: Sequence[Optional[llguidance.LLMatcher]]) -> Any:
-        """Set to -inf, in place, the logits of tokens each row's grammar does not allow next."""
+    def mask(self, logits: Any, matchers: Sequence[Optional[llguidance.LLMatcher]], uploads: Any = None) -> Any:
+        """Set to -inf, in place and on the logits' device, the logits of tokens each row's grammar does not allow
+        next. The matchers (host objects) fill llguidance's bitmask in a staging buffer of ``uploads``
+        (serve.engine.uploads.Uploads; pinned on CUDA), which goes to the device in one non-blocking copy: no
+        logits row comes to the host."""
+        import torch
+
+        from serve.engine.uploads import default_uploads
+
         rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
         if not rows:
             return logits
-        bitmask = self._masks.allocate_token_bitmask(len(rows), logits.shape[-1])
+        uploads = default_uploads(logits.device, uploads)
+        staged = uploads.stage(self._masks.get_bitmask_shape(len(rows), logits.shape[-1]), torch.int32)
+        staged.host.fill_(-1)  # words past the matchers' vocabulary allow every token, as a fresh bitmask does
         for index, row in enumerate(rows):
-            self._masks.fill_next_token_bitmask(matchers[row], bitmask, index)
-        selected = logits[rows].cpu()
-        self._masks.apply_token_bitmask_inplace(selected, bitmask)
-        logits[rows] = selected.to(logits.device)
+            self._masks.fill_next_token_bitmask(matchers[row], staged.host, index)
+        bitmask = staged.send()
+        apply_bitmask(logits, uploads.tensor(rows, torch.long), bitmask)
         return logits
+
+
+def apply_bitmask(logits: Any, rows: Any, bitmask: Any) -> None:
+    """Set ``logits[rows[i], token]`` to -inf where bit ``token`` of ``bitmask[i]`` is clear, on the logits' device
+    (a few elementwise kernels: no host read, no compile step)."""
+    import torch
+
+    shifts = torch.arange(BITS, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).view(bitmask.shape[0], -1)[:, : logits.shape[-1]].bool()
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
 
 
 Outcome = Union[llguidance.LLMatcher, Exception]

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from serve.engine.types import SamplingParams
+from serve.engine.uploads import Uploads, default_uploads
 
 SEEN, OUTPUT = 0, 1
 
@@ -23,10 +24,12 @@ def penalized(params: SamplingParams) -> bool:
 
 
 class TokenCounts:
-    """Rows of token counts on ``device``, one per penalized sequence (by request id), grown on demand."""
+    """Rows of token counts on ``device``, one per penalized sequence (by request id), grown on demand; token ids
+    and rows go to the device through ``uploads`` (the runner's)."""
 
-    def __init__(self, vocab: int, device: torch.device):
+    def __init__(self, vocab: int, device: torch.device, uploads: Optional[Uploads] = None):
         self.vocab, self.device = vocab, device
+        self.uploads = default_uploads(device, uploads)
         self.matrix = torch.zeros(0, 2, vocab, dtype=torch.int32, device=device)
         self._row_of: dict[str, int] = {}
         self._free: list[int] = []
@@ -38,11 +41,17 @@ class TokenCounts:
             row = self._row_of.get(request_id)
             if row is None:
                 row = self._row_of[request_id] = self._take_row()
-                counts = torch.tensor(prompt + output, dtype=torch.long).to(self.device)
-                self.matrix[row, SEEN] = torch.bincount(counts, minlength=self.vocab).to(torch.int32)
-                self.matrix[row, OUTPUT] = torch.bincount(counts[len(prompt) :], minlength=self.vocab).to(torch.int32)
+                self._fill(row, self.uploads.tensor(prompt + output, torch.long), len(prompt))
             rows.append(row)
         return rows
+
+    def _fill(self, row: int, tokens: torch.Tensor, prompt_length: int) -> None:
+        """Count ``tokens`` (the prompt's first) into ``row``, on the device: a scatter-add, since ``bincount``
+        on CUDA reads its largest id back to the host."""
+        self.matrix[row].zero_()
+        ones = torch.ones_like(tokens, dtype=torch.int32)
+        self.matrix[row, SEEN].scatter_add_(0, tokens, ones)
+        self.matrix[row, OUTPUT].scatter_add_(0, tokens[prompt_length:], ones[prompt_length:])
 
     def release(self, request_id: str) -> None:
         """Give a finished sequence's row back (zeroed when next taken)."""
@@ -66,10 +75,11 @@ def apply_penalties(
     picked = [i for i, row in enumerate(rows) if row is not None]
     if not picked:
         return logits
-    packed = torch.tensor([[i, rows[i]] for i in picked], dtype=torch.long).to(logits.device)
-    knobs = torch.tensor(
-        [[params[i].repetition_penalty, params[i].frequency_penalty, params[i].presence_penalty] for i in picked]
-    ).to(logits.device)
+    packed = counts.uploads.tensor([[i, rows[i]] for i in picked], torch.long)
+    knobs = counts.uploads.tensor(
+        [[params[i].repetition_penalty, params[i].frequency_penalty, params[i].presence_penalty] for i in picked],
+        torch.float32,
+    )
     index, matrix_rows = packed[:, 0], packed[:, 1]
     seen, output = counts.matrix[matrix_rows, SEEN], counts.matrix[matrix_rows, OUTPUT].to(logits.dtype)
     repetition, frequency, presence = (knobs[:, k : k + 1] for k in range(3))
@@ -85,7 +95,7 @@ def count_sampled(counts: TokenCounts, rows: Sequence[Optional[int]], tokens: to
     picked = [i for i, row in enumerate(rows) if row is not None]
     if not picked:
         return
-    packed = torch.tensor([[i, rows[i]] for i in picked], dtype=torch.long).to(tokens.device)
+    packed = counts.uploads.tensor([[i, rows[i]] for i in picked], torch.long)
     sampled = tokens[packed[:, 0]]
     counts.matrix[packed[:, 1], SEEN, sampled] += 1
     counts.matrix[packed[:, 1], OUTPUT, sampled] += 1

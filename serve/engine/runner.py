@@ -28,6 +28,7 @@ from serve.engine.static_decode import StaticDecode
 from serve.engine.speculative import accept_proposals
 from serve.engine.step_inputs import StepInputs
 from serve.engine.types import SamplingParams, TokenChoice
+from serve.engine.uploads import Uploads
 from serve.engine.watermark import apply_watermarks
 from serve.engine.compile import CompileReport, compile_layers
 
@@ -69,7 +70,8 @@ class ModelRunner:
         self.graphs = GraphReport(reason="not captured")
         self.compiled = CompileReport()
         self.host_reads = 0  # device-to-host transfers so far (to_host); tests count them per step
-        self.counts = TokenCounts(model.config.get_text_config().vocab_size, self.device)  # for penalties
+        self.uploads = Uploads(self.device)  # the step's small host-to-device copies, pinned and non-blocking
+        self.counts = TokenCounts(model.config.get_text_config().vocab_size, self.device, self.uploads)  # penalties
         self.cpu_threads = cpu_threads
         self.ranks = ranks
 
@@ -186,7 +188,7 @@ class ModelRunner:
         start = 0
         for seq, targets in scored:
             rows = logits[start : start + len(targets)]
-            picked, tops = prompt_scores(rows, targets, seq.request.params.logprobs or 0)
+            picked, tops = prompt_scores(rows, targets, seq.request.params.logprobs or 0, self.uploads)
             start += len(targets)
             seq.prompt_logprobs.extend(picked)
             seq.prompt_top_logprobs.extend(tops)
@@ -260,12 +262,12 @@ class ModelRunner:
         logits = logits.float()
         finite = finite_rows(logits)  # before the masks and penalties, which set -inf on purpose
         if any(p.watermark is not None for p in params):
-            logits = apply_watermarks(logits, sequences)
+            logits = apply_watermarks(logits, sequences, self.uploads)
         if self.grammars is not None:
-            logits = self.grammars.mask(logits, [seq.matcher for seq in sequences])
+            logits = self.grammars.mask(logits, [seq.matcher for seq in sequences], self.uploads)
         rows = self._count_rows(sequences)
         logits = apply_penalties(logits, params, self.counts, rows)
-        tokens = sample_next_tokens(logits, params, [seq.generator for seq in sequences])
+        tokens = sample_next_tokens(logits, params, [seq.generator for seq in sequences], self.uploads)
         count_sampled(self.counts, rows, tokens)
         tokens = mark_non_finite(tokens, finite)
         if log_probs is None:

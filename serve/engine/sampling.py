@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 from serve.engine.types import SamplingParams
+from serve.engine.uploads import Uploads, default_uploads
 
 NON_FINITE = -1  # the token id given to a row whose logits hold NaN or infinity: its sequence ends with an error
 LOGPROB_FLOOR = -9999.0  # a log-probability too small for float32 is reported as this, never as -inf or NaN
@@ -22,7 +23,9 @@ def make_generator(params: SamplingParams, device: torch.device) -> Optional[tor
     return generator
 
 
-def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+def apply_logit_bias(
+    logits: torch.Tensor, params: Sequence[SamplingParams], uploads: Optional[Uploads] = None
+) -> torch.Tensor:
     """OpenAI ``logit_bias``: add each request's (token, bias) pairs to its row, all rows in one indexed add.
 
     Biases of ±100 ban or force a token, as OpenAI documents; ids were checked against the vocabulary at the edge.
@@ -30,24 +33,26 @@ def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
     entries = [(row, token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias]
     if not entries:
         return logits
+    uploads = default_uploads(logits.device, uploads)
     rows, tokens, biases = zip(*entries)
-    index = (torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device))
-    return logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=logits.device), accumulate=True)
+    index = uploads.tensor([rows, tokens], torch.long)
+    return logits.index_put_((index[0], index[1]), uploads.tensor(biases, logits.dtype), accumulate=True)
 
 
 def prompt_scores(
-    logits: torch.Tensor, targets: list[int], top: int
+    logits: torch.Tensor, targets: list[int], top: int, uploads: Optional[Uploads] = None
 ) -> tuple[list[float], list[tuple[tuple[int, float], ...]]]:
     """Log-probabilities of prompt tokens (row i of ``logits`` predicts ``targets[i]``) and the ``top`` most likely."""
     log_probs = torch.nan_to_num(torch.log_softmax(logits.float(), dim=-1), nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR)
-    picked = log_probs.gather(-1, torch.tensor(targets, device=logits.device)[:, None]).squeeze(-1).tolist()
+    wanted = default_uploads(logits.device, uploads).tensor(targets, torch.long)
+    picked = log_probs.gather(-1, wanted[:, None]).squeeze(-1).tolist()
     if not top:
         return picked, [()] * len(targets)
     values, ids = log_probs.topk(top, dim=-1)
     return picked, [tuple(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
 
 
-def apply_typical_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+def apply_typical_p(logits: torch.Tensor, params: Sequence[SamplingParams], uploads: Uploads) -> torch.Tensor:
     """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, up to ``typical_p`` mass."""
     rows = [row for row, p in enumerate(params) if p.typical_p < 1.0 and not p.greedy]
     if not rows:
@@ -58,7 +63,7 @@ def apply_typical_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     distance = (-log_probs - entropy).abs()
     order = distance.argsort(dim=-1, stable=True)
     sorted_probs = log_probs.gather(-1, order).exp()
-    mass = torch.tensor([params[row].typical_p for row in rows], device=logits.device)[:, None]
+    mass = uploads.tensor([params[row].typical_p for row in rows], torch.float32)[:, None]
     drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= mass
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     logits[rows] = selected.masked_fill(drop, float("-inf"))
@@ -111,25 +116,29 @@ def _by_rank(probs: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _seeded(
-    probs: torch.Tensor, sorted_ids: torch.Tensor, generators: Sequence[Optional[torch.Generator]]
+    probs: torch.Tensor, sorted_ids: torch.Tensor, generators: Sequence[Optional[torch.Generator]], uploads: Uploads
 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """The seeded rows' tokens by ``race`` over their probabilities in token-id order: a seed keeps its tokens
     whatever the step's shape (see ``race``)."""
     rows = [row for row, generator in enumerate(generators) if generator is not None]
     if not rows:
         return None
-    index = torch.tensor(rows, device=probs.device)
+    index = uploads.tensor(rows, torch.long)
     kept = torch.zeros_like(probs[index]).scatter_(-1, sorted_ids[index], probs[index])  # back in token-id order
     noise = _seeded_noise([generators[row] for row in rows], probs.shape[-1], probs.device)
     return index, race(kept, noise)
 
 
 def sample_next_tokens(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]]
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[Optional[torch.Generator]],
+    uploads: Optional[Uploads] = None,
 ) -> torch.Tensor:
     """Return one token id per row of ``logits`` [batch, vocab] (penalties already applied); greedy rows take the
-    argmax."""
-    logits = apply_logit_bias(logits.float(), params)
+    argmax. ``uploads``: the runner's uploader for the per-row parameters (a private one when not given)."""
+    uploads = default_uploads(logits.device, uploads)
+    logits = apply_logit_bias(logits.float(), params, uploads)
     greedy_choice = logits.argmax(dim=-1)
     if all(p.greedy for p in params):
         return greedy_choice
@@ -144,9 +153,9 @@ def sample_next_tokens(
         )
         for p in params
     ]
-    temperature, top_k, top_p, min_p, is_greedy = torch.tensor(rows, dtype=torch.float32).T.to(device)  # one copy
+    temperature, top_k, top_p, min_p, is_greedy = uploads.tensor(rows, torch.float32).T  # one copy
 
-    logits = apply_typical_p(logits / temperature[:, None], params)
+    logits = apply_typical_p(logits / temperature[:, None], params, uploads)
     sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True, stable=True)  # ties: lower id first
     ranks = torch.arange(logits.shape[-1], device=device)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
@@ -155,7 +164,7 @@ def sample_next_tokens(
     probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
     probs = probs.masked_fill(probs < min_p[:, None] * probs[:, :1], 0.0)
     sampled = _by_rank(probs, sorted_ids)
-    seeded = _seeded(probs, sorted_ids, generators)
+    seeded = _seeded(probs, sorted_ids, generators, uploads)
     if seeded is not None:
         index, tokens = seeded
         sampled[index] = tokens
