@@ -1,15 +1,20 @@
 """The static-shape decode path (what a GPU captures as CUDA graphs), proven on the CPU: bucketed shapes, padded
 rows that touch only the scratch block, one device-to-host read per step, seeds independent of the bucket."""
 
+import threading
 from dataclasses import replace
 
 import pytest
+import torch
 
 from serve.wiring import engine_config
 from serve.engine import Engine, Request, SamplingParams
+from serve.engine.types import Watermark
+from serve.engine.grammar import regex_grammar
 from serve.engine.graphs import capture_decode_graphs
 from serve.engine.static_decode import batch_buckets, width_buckets
 from serve.loading.loader import load_model
+from tests.helpers import wait_for
 
 
 def test_the_cpu_runs_exact_shapes_and_pads_only_when_asked(engine):
@@ -59,24 +64,64 @@ def counted_steps(engine):
     return log, lambda: setattr(runner, "step", step)
 
 
-def test_one_host_read_per_step_for_greedy_sampled_and_penalized_rows(engine):
+EVERY_ROW_KIND = [
+    SamplingParams(max_new_tokens=9, ignore_eos=True),
+    SamplingParams(max_new_tokens=9, ignore_eos=True, temperature=0.7, top_p=0.9),
+    SamplingParams(
+        max_new_tokens=9, ignore_eos=True, temperature=0.8, top_p=0.9, top_k=20, typical_p=0.8, min_p=0.05, seed=3
+    ),
+    SamplingParams(
+        max_new_tokens=9, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2
+    ),
+    SamplingParams(max_new_tokens=9, ignore_eos=True, logit_bias=((5, 3.0), (7, -100.0))),
+    SamplingParams(max_new_tokens=9, ignore_eos=True, logprobs=3),
+    SamplingParams(max_new_tokens=9, ignore_eos=True, watermark=Watermark()),
+]
+GRAMMAR_ROW = SamplingParams(max_new_tokens=9, ignore_eos=True, grammar=regex_grammar("[a-z ]{200,900}"))
+READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+
+def reads_in_sample(engine, monkeypatch) -> tuple[list[str], list[int]]:
+    """Record every tensor read to the host made while the runner samples, other than through ``to_host``; and the
+    number of rows each sample call took."""
+    runner, outside, inside, widths = engine._runner, [], threading.local(), []
+    for name in READS:
+
+        def spy(tensor, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if getattr(inside, "sampling", False) and not getattr(inside, "reading", False):
+                outside.append(_name)
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for method, flag in (("sample", "sampling"), ("to_host", "reading")):
+
+        def flagged(*args, _original=getattr(runner, method), _flag=flag):
+            widths.extend([len(args[1])] if _flag == "sampling" else [])
+            setattr(inside, _flag, True)
+            try:
+                return _original(*args)
+            finally:
+                setattr(inside, _flag, False)
+
+        monkeypatch.setattr(runner, method, flagged)
+    return outside, widths
+
+
+def test_one_host_read_per_step_for_every_row_kind_and_none_elsewhere(engine, monkeypatch):
     prompt = engine.tokenizer("Count the ways:")["input_ids"]
-    kinds = [
-        SamplingParams(max_new_tokens=9, ignore_eos=True),
-        SamplingParams(max_new_tokens=9, ignore_eos=True, temperature=0.8, top_p=0.9, top_k=20, seed=3),
-        SamplingParams(
-            max_new_tokens=9, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2
-        ),
-        SamplingParams(max_new_tokens=9, ignore_eos=True, logprobs=3),
-    ]
+    outside, widths = reads_in_sample(engine, monkeypatch)
     log, restore = counted_steps(engine)
     try:
-        streams = [engine.submit(Request(prompt_ids=prompt, params=params)) for params in kinds]
+        streams = [engine.submit(Request(prompt_ids=prompt, params=GRAMMAR_ROW))]  # first: its matcher compiles
+        assert wait_for(lambda: engine.matchers.compiling == 0)
+        streams += [engine.submit(Request(prompt_ids=prompt, params=params)) for params in EVERY_ROW_KIND]
         assert all(len(tokens(stream)) == 9 for stream in streams)
     finally:
         restore()
     decode_steps = [reads for prefill, reads in log if not prefill]
     assert len(decode_steps) >= 8 and set(decode_steps) == {1}
+    assert max(widths) == len(EVERY_ROW_KIND) + 1  # a step sampled every kind of row at once
+    assert outside == []
 
 
 def test_a_seed_gives_the_same_tokens_whichever_bucket_it_lands_in(engine):
