@@ -29,14 +29,17 @@ def apply_logit_bias(
     """OpenAI ``logit_bias``: add each request's (token, bias) pairs to its row, all rows in one indexed add.
 
     Biases of ±100 ban or force a token, as OpenAI documents; ids were checked against the vocabulary at the edge.
+    A scatter-add over the flat logits: an accumulating ``index_put_`` on CUDA reads its indices' range back to
+    the host.
     """
-    entries = [(row, token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias]
+    entries = [(row * logits.shape[-1] + token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias]
     if not entries:
         return logits
     uploads = default_uploads(logits.device, uploads)
-    rows, tokens, biases = zip(*entries)
-    index = uploads.tensor([rows, tokens], torch.long)
-    return logits.index_put_((index[0], index[1]), uploads.tensor(biases, logits.dtype), accumulate=True)
+    flat, biases = zip(*entries)
+    logits = logits.contiguous()
+    logits.view(-1).scatter_add_(0, uploads.tensor(flat, torch.long), uploads.tensor(biases, logits.dtype))
+    return logits
 
 
 def prompt_scores(

@@ -115,6 +115,15 @@ def test_logit_bias_is_per_row_and_batched():
     assert sample(torch.randn(3, 6), sampled).tolist() == [5, 5, 5]  # +100 forces under sampling too
 
 
+def test_logit_bias_adds_repeated_entries_and_leaves_a_strided_batch_intact():
+    from serve.engine.sampling import apply_logit_bias
+
+    logits = torch.zeros(4, 3).T  # not contiguous: rows 3 wide, laid out by column
+    params = [SamplingParams(logit_bias=((1, 2.0), (1, 3.0), (3, -1.0))), SamplingParams(), SamplingParams()]
+    biased = apply_logit_bias(logits, params)
+    assert biased.tolist() == [[0.0, 5.0, 0.0, -1.0], [0.0] * 4, [0.0] * 4]
+
+
 def test_prompt_scores_pick_targets_and_top_alternatives():
     from serve.engine.sampling import prompt_scores
 
