@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from serve.engine.kv_cache import PagedKVCache
+from serve.engine.kv_cache import PagedKVCache, dequantize
 
 BACKEND_NAME = "serve_paged"
 
@@ -76,7 +76,8 @@ class StepLayout:
 
 _active = threading.local()
 
-DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, StepLayout, Optional[float]], torch.Tensor]
+Scales = Optional[tuple[torch.Tensor, torch.Tensor]]  # an fp8 cache's (key, value) scales of a layer (kv_cache.py)
+DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, StepLayout, Optional[float], Scales], torch.Tensor]
 _decode_kernels: "weakref.WeakKeyDictionary[PagedKVCache, DecodeKernel]" = weakref.WeakKeyDictionary()
 
 
@@ -126,28 +127,37 @@ def attend(
     """
     cache, layout = _active.state
     layout = layout.on(key.device)  # a model split over GPUs: this layer's cache lives on this layer's GPU
-    cache.write(layer, layout.rows, key, value)
+    cache.write(layer, layout.rows, key, value, calibrate=bool(layout.prefills))
     keys, values = cache.keys[layer], cache.values[layer]  # [blocks, block_size, kv_heads, dim]
+    scales = cache.layer_scales(layer)  # None unless the cache stores fp8
     decode = _decode_kernels.get(cache, _decode_attention)
     if not layout.prefills:
-        return decode(query, keys, values, layout, scaling)
+        return decode(query, keys, values, layout, scaling, scales)
     out = torch.empty_like(query)
     if layout.decode_count:
-        out[: layout.decode_count] = decode(query, keys, values, layout, scaling)
+        out[: layout.decode_count] = decode(query, keys, values, layout, scaling, scales)
     for chunk in layout.prefills:
-        out[chunk.start : chunk.end] = _prefill_attention(query, key, value, keys, values, chunk, scaling)
+        out[chunk.start : chunk.end] = _prefill_attention(query, key, value, keys, values, chunk, scaling, scales)
     return out
 
 
 def _decode_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: StepLayout, scaling: Optional[float]
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    layout: StepLayout,
+    scaling: Optional[float],
+    scales: Scales = None,
 ) -> torch.Tensor:
-    """One new token per sequence against that sequence's blocks: [decode, heads, dim]."""
+    """One new token per sequence against that sequence's blocks: [decode, heads, dim]; ``scales``: an fp8 cache's
+    (key, value) scales, by which the gathered blocks are multiplied."""
     count, heads, dim = layout.decode_count, query.shape[1], query.shape[2]
     kv_heads = keys.shape[2]
+    key_scale, value_scale = scales or (None, None)
     q = query[:count].reshape(count, kv_heads, heads // kv_heads, dim)  # head h reads kv head h // group
-    k = keys[layout.decode_blocks].flatten(1, 2).transpose(1, 2)  # [decode, kv_heads, width * block_size, dim]
-    v = values[layout.decode_blocks].flatten(1, 2).transpose(1, 2)
+    k = dequantize(keys[layout.decode_blocks], key_scale, query.dtype)  # [decode, width, block_size, kv_heads, dim]
+    v = dequantize(values[layout.decode_blocks], value_scale, query.dtype)
+    k, v = k.flatten(1, 2).transpose(1, 2), v.flatten(1, 2).transpose(1, 2)  # [decode, kv_heads, positions, dim]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.decode_mask, scale=scaling)
     return out.reshape(count, heads, dim)
 
@@ -160,13 +170,17 @@ def _prefill_attention(
     values: torch.Tensor,
     chunk: PrefillChunk,
     scaling: Optional[float],
+    scales: Scales = None,
 ) -> torch.Tensor:
-    """A prompt chunk attends causally to its sequence's cached tokens and itself: [chunk, heads, dim]."""
+    """A prompt chunk attends causally to its sequence's cached tokens and itself: [chunk, heads, dim] (``scales``:
+    an fp8 cache's, for its gathered prefix)."""
     if chunk.position == 0:  # nothing cached before it: the step's own keys and values, no gather
         k, v = key[chunk.start : chunk.end], value[chunk.start : chunk.end]
     else:
         seen = chunk.position + chunk.end - chunk.start
         k, v = keys[chunk.blocks].flatten(0, 1)[:seen], values[chunk.blocks].flatten(0, 1)[:seen]
+        if scales is not None:
+            k, v = dequantize(k, scales[0], query.dtype), dequantize(v, scales[1], query.dtype)
     out = F.scaled_dot_product_attention(
         query[chunk.start : chunk.end].transpose(0, 1)[None],
         k.transpose(0, 1)[None].to(query.dtype),

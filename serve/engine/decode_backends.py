@@ -1,7 +1,8 @@
 """Which kernel runs decode attention over the paged cache (ATTENTION_BACKEND), and why: /info shows the choice.
 
 - ``triton``: serve.engine.paged_triton on CUDA; reads K/V in place, splits long contexts, capturable.
-- ``cpu``: serve.engine.paged_cpu (C, OpenMP) for float32 and bfloat16 caches on x86-64 with AVX2.
+- ``cpu``: serve.engine.paged_cpu (C, OpenMP) for float32 and bfloat16 caches on x86-64 with AVX2 (an fp8 cache,
+  KV_CACHE_DTYPE=fp8, is read by the reference on the CPU: the reason says so).
 - ``sdpa``: the reference: gather each sequence's blocks into a copy, then SDPA with a length mask.
 - ``flashinfer``: not available in this build (see FLASHINFER_UNAVAILABLE).
 - ``auto``: triton on CUDA, cpu on the CPU, each where it can run; sdpa otherwise.
@@ -20,8 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
-from serve.engine.attention import DecodeKernel, StepLayout, use_decode_kernel
-from serve.engine.kv_cache import CacheShape, PagedKVCache
+from serve.engine.attention import DecodeKernel, Scales, StepLayout, use_decode_kernel
+from serve.engine.kv_cache import CacheShape, PagedKVCache, is_fp8
 from serve.engine.types import ATTENTION_BACKENDS
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ def _cpu(device: torch.device, shape: CacheShape, c_compiler: Optional[str]) -> 
 
     if device.type != "cpu":
         return None, f"the model is on {device.type}, not the CPU"
+    if is_fp8(shape.dtype):
+        return None, "the CPU kernel does not read fp8 caches (KV_CACHE_DTYPE=fp8): the reference dequantizes"
     if shape.dtype not in DTYPES:
         return None, f"the CPU kernel takes float32 or bfloat16 caches, not {str(shape.dtype).replace('torch.', '')}"
     if shape.head_dim % 8:
@@ -106,16 +109,23 @@ def _cpu(device: torch.device, shape: CacheShape, c_compiler: Optional[str]) -> 
 
 
 def _adapt(decode: Callable[..., torch.Tensor], on_device: bool = False) -> DecodeKernel:
-    """A kernel taking (query, keys, values, tables, lengths, scale) as attention's decode step: [decode, heads,
-    dim] from the step's first ``decode_count`` queries. ``on_device``: launched with the tensors' GPU current."""
+    """A kernel taking (query, keys, values, tables, lengths, scale[, kv_scales]) as attention's decode step:
+    [decode, heads, dim] from the step's first ``decode_count`` queries; an fp8 cache's scales go to it as
+    ``kv_scales``. ``on_device``: launched with the tensors' GPU current."""
 
     def decode_attention(
-        query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: StepLayout, scaling: Optional[float]
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        layout: StepLayout,
+        scaling: Optional[float],
+        scales: Scales = None,
     ) -> torch.Tensor:
         queries = query[: layout.decode_count]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        extra = {} if scales is None else {"kv_scales": scales}
         current = torch.cuda.device(query.device) if on_device and query.is_cuda else contextlib.nullcontext()
         with current:
-            return decode(queries, keys, values, layout.decode_blocks, layout.decode_lengths(), scale)
+            return decode(queries, keys, values, layout.decode_blocks, layout.decode_lengths(), scale, **extra)
 
     return decode_attention

@@ -273,7 +273,8 @@ class Engine:
         from serve.engine.block_manager import BlockManager
         from serve.engine.decode_backends import install_decode_backend
         from serve.engine.grammar import Grammars, MatcherCompiler
-        from serve.engine.kv_cache import CacheShape, PagedKVCache, default_cache_bytes, layer_devices, plan_blocks
+        from serve.engine.kv_cache import CacheShape, PagedKVCache, layer_devices, plan_blocks, storage_dtype
+        from serve.engine.kv_memory import cache_room
         from serve.engine.runner import ModelRunner
 
         self.loaded = self._load()
@@ -281,24 +282,25 @@ class Engine:
         total = total_token_limit(self.loaded.max_context, config.max_total_tokens)
         max_input = min(config.max_input_tokens or total - 1, total - 1)
         model = self.loaded.model
-        shape = CacheShape.of(model.config, self.loaded.dtype, getattr(model, "serve_kv_heads", None))
+        kv_dtype = storage_dtype(config.kv_cache_dtype, self.loaded.dtype)  # KV_CACHE_DTYPE=fp8: float8 e4m3
+        shape = CacheShape.of(model.config, kv_dtype, getattr(model, "serve_kv_heads", None))
         devices = layer_devices(self.loaded.model, shape.layers)  # a model split over GPUs: a cache per layer's GPU
         size = config.kv_block_size
         ranks = getattr(self.loaded, "ranks", None)  # the other tensor-parallel ranks, if any
-        room = default_cache_bytes(devices) // (ranks.size if ranks is not None and devices[0].type == "cpu" else 1)
+        max_batch = min(config.max_batch_size or config.max_concurrent_requests, config.max_concurrent_requests)
+        room = cache_room(model, shape, devices, config, total, max_batch, ranks)  # measured on CUDA
         blocks = plan_blocks(shape, size, config.max_batch_total_tokens, room, total + size)
         self.eos_ids = eos_token_ids(self.loaded.model, self.loaded.tokenizer)
         vocab = self.loaded.model.config.get_text_config().vocab_size
         self.grammars = Grammars(self.loaded.tokenizer, vocab, self.eos_ids, config.grammar_limits)
         self.matchers = MatcherCompiler(self.grammars)
-        max_batch = min(config.max_batch_size or config.max_concurrent_requests, config.max_concurrent_requests)
         cache = PagedKVCache(shape, blocks, size, devices)
         self.attention = install_decode_backend(cache, config.attention_backend, config.c_compiler)
         cpu_threads = getattr(self.loaded, "cpu_threads", None)
         if ranks is not None:
             from serve.engine.ranks import BuildCache
 
-            backend = (self.attention.backend, config.c_compiler)  # every rank attends with rank 0's kernel
+            backend = (self.attention.backend, config.c_compiler, config.kv_cache_dtype)  # rank 0's kernel, dtype
             ranks.send(BuildCache(blocks, size, max_batch, -(-total // size), *backend))
         self._runner = ModelRunner(model, cache, self.grammars, max_batch, -(-total // size), cpu_threads, ranks)
         if config.compile_cache_dir:  # before the graphs, so that they capture the compiled kernels

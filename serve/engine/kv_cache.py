@@ -4,6 +4,12 @@ Each layer has a key and a value tensor of shape [blocks, block_size, kv_heads, 
 of a sequence lives in block ``table[p // block_size]`` at offset ``p % block_size``; its keys and values are
 written in place (one ``index_copy_`` per layer over the flattened block x offset axis), so a sequence joining or
 leaving never moves another's cache. A sequence takes blocks as it grows (serve/engine/block_manager.py).
+
+KV_CACHE_DTYPE=fp8 stores keys and values as float8 e4m3 (one byte each: half a bfloat16 cache's bytes per token)
+with a scale per layer for keys and one for values: a stored value times its scale is the key or value. The scales
+start at 1.0 and are set once, on the device (no host read), by the first write that holds prompt tokens (the first
+prefill): the largest magnitude seen, times FP8_HEADROOM, maps to the e4m3 maximum; later values beyond that range
+are clamped to it. Every read path multiplies by the scale (``dequantize``, the Triton and the CPU decode kernels).
 """
 
 from __future__ import annotations
@@ -15,11 +21,47 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from serve.engine.types import KV_CACHE_DTYPES
+
 log = logging.getLogger(__name__)
 
 CPU_CACHE_FRACTION_OF_RAM = 0.2
 CPU_CACHE_MAX_BYTES = 8 * 1024**3
-GPU_CACHE_FRACTION_OF_FREE = 0.85
+GPU_CACHE_FRACTION_OF_FREE = 0.85  # under tensor parallelism, where no dummy step is profiled (kv_memory.py)
+FP8_MAX = 448.0  # the largest float8 e4m3 (fn) value
+FP8_HEADROOM = 4.0  # the first prefill's largest magnitude maps to FP8_MAX / FP8_HEADROOM
+
+
+def storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the cache stores for KV_CACHE_DTYPE (``auto``: the model's); a clear error where torch lacks fp8."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype != "fp8":
+        raise ValueError(f"KV_CACHE_DTYPE={kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+    fp8 = getattr(torch, "float8_e4m3fn", None)
+    if fp8 is None:
+        raise ValueError(
+            f"KV_CACHE_DTYPE=fp8 needs torch.float8_e4m3fn, which torch {torch.__version__} lacks: "
+            "set KV_CACHE_DTYPE=auto or install torch 2.1 or later"
+        )
+    return fp8
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype == getattr(torch, "float8_e4m3fn", None)
+
+
+def quantize(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``values`` / ``scale``, clamped to the e4m3 range, as float8 e4m3 bytes (``torch.uint8``)."""
+    scaled = (values.float() / scale).clamp_(-FP8_MAX, FP8_MAX)
+    return scaled.to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def dequantize(stored: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Stored keys or values as ``dtype``: times ``scale`` for an fp8 cache (None: stored as they are)."""
+    if scale is None:
+        return stored.to(dtype)
+    return (stored.float() * scale).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -109,6 +151,10 @@ class PagedKVCache:
         # zeros, not empty: masked-out positions are still multiplied by 0, and 0 * NaN garbage would be NaN
         self.keys = [torch.zeros(size, dtype=shape.dtype, device=device) for device in per_layer]
         self.values = [torch.zeros(size, dtype=shape.dtype, device=device) for device in per_layer]
+        self.quantized = is_fp8(shape.dtype)
+        # fp8: per layer, [key scale, value scale] on the layer's device (kernels read them there, graphs replay them)
+        self.scales = [torch.ones(2, dtype=torch.float32, device=device) for device in per_layer]
+        self._calibrated = [False] * shape.layers
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s)",
             num_blocks,
@@ -123,10 +169,33 @@ class PagedKVCache:
         """Tokens the pool holds, scratch block excluded."""
         return (self.num_blocks - 1) * self.block_size
 
-    def write(self, layer: int, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    def layer_scales(self, layer: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """An fp8 cache's (key scale, value scale) of ``layer``, each a one-element device tensor; None otherwise."""
+        if not self.quantized:
+            return None
+        scales = self.scales[layer]
+        return scales[0:1], scales[1:2]
+
+    def write(
+        self, layer: int, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, calibrate: bool = False
+    ) -> None:
         """Store [tokens, kv_heads, head_dim] keys/values at flat rows ``block * block_size + offset``.
 
-        ``rows`` must be on the layer's device (``StepLayout.on``)."""
+        ``rows`` must be on the layer's device (``StepLayout.on``). ``calibrate``: the write holds prompt tokens; the
+        first such write sets an fp8 cache's scales of the layer."""
         flat = (self.num_blocks * self.block_size, self.shape.kv_heads, self.shape.head_dim)
-        self.keys[layer].view(flat).index_copy_(0, rows, key.to(self.shape.dtype))
-        self.values[layer].view(flat).index_copy_(0, rows, value.to(self.shape.dtype))
+        if not self.quantized:
+            self.keys[layer].view(flat).index_copy_(0, rows, key.to(self.shape.dtype))
+            self.values[layer].view(flat).index_copy_(0, rows, value.to(self.shape.dtype))
+            return
+        if calibrate and not self._calibrated[layer]:
+            self._calibrate(layer, key, value)
+        key_scale, value_scale = self.layer_scales(layer)
+        self.keys[layer].view(flat).view(torch.uint8).index_copy_(0, rows, quantize(key, key_scale))
+        self.values[layer].view(flat).view(torch.uint8).index_copy_(0, rows, quantize(value, value_scale))
+
+    def _calibrate(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Set the layer's scales from these keys and values (on the device, no host read); once per layer."""
+        magnitudes = torch.stack([key.detach().abs().amax(), value.detach().abs().amax()]).float()
+        self.scales[layer].copy_(magnitudes.clamp_min(1e-6) * (FP8_HEADROOM / FP8_MAX))
+        self._calibrated[layer] = True

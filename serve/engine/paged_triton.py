@@ -48,10 +48,15 @@ def paged_decode(
     tables: torch.Tensor,
     lengths: torch.Tensor,
     scale: float,
+    kv_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """query [batch, heads, dim], keys/values [blocks, block_size, kv_heads, dim], tables [batch, width] of block
-    ids, lengths [batch] (tokens each sequence sees) -> [batch, heads, dim] in the query's dtype."""
+    ids, lengths [batch] (tokens each sequence sees) -> [batch, heads, dim] in the query's dtype. ``kv_scales``: an
+    fp8 cache's (key scale, value scale), views of one two-element float32 tensor (``PagedKVCache.layer_scales``)."""
     batch, heads, dim = query.shape
+    fp8 = kv_scales is not None
+    if fp8:  # the kernel reads e4m3 bytes and widens them itself
+        keys, values = keys.view(torch.uint8), values.view(torch.uint8)
     _, block_size, kv_heads, _ = keys.shape
     if values.stride() != keys.stride():
         raise ValueError("keys and values must share one layout")
@@ -65,10 +70,11 @@ def paged_decode(
     shape = dict(
         GROUP=group, GROUP_PAD=_pow2(group, 16), DIM=dim, DIM_PAD=_pow2(dim, 16), BLOCK_SIZE=block_size, TILE=TILE
     )
+    scales = kv_scales[0] if fp8 else lengths  # [key scale, value scale] (not read without fp8)
     split_kernel[(batch, kv_heads, splits)](
-        query, keys, values, tables, lengths, partial, stats, scale, split_tokens,
+        query, keys, values, tables, lengths, partial, stats, scale, split_tokens, scales,
         *query.stride(), *keys.stride(), *tables.stride(),
-        UPCAST=upcast, **shape,
+        UPCAST=upcast, FP8=fp8, **shape,
     )  # fmt: skip
     out = torch.empty_like(query)
     merge_kernel[(batch, heads)](

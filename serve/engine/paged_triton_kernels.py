@@ -4,8 +4,10 @@
 group's query heads (padded to at least 16 rows for ``tl.dot``), reading each token's K/V row at
 ``table[token // BLOCK_SIZE] * BLOCK_SIZE + token % BLOCK_SIZE``; it writes the unnormalised output and its
 (max, sum) per head. ``UPCAST`` multiplies in float32 (Triton's interpreter gets bfloat16 ``tl.dot`` wrong; on a
-GPU bfloat16 and float16 go through the tensor cores as they are). ``merge_splits``: program (sequence, query
-head) rescales and sums the splits.
+GPU bfloat16 and float16 go through the tensor cores as they are). ``FP8``: the cache holds float8 e4m3 bytes
+(KV_CACHE_DTYPE=fp8), widened to float32 by their bits (``_fp8_rows``: the same on every GPU and in the
+interpreter) and multiplied by the layer's key or value scale; the products then run in float32.
+``merge_splits``: program (sequence, query head) rescales and sums the splits.
 """
 
 from __future__ import annotations
@@ -14,12 +16,35 @@ import triton
 import triton.language as tl
 
 
+FP8_EXPONENT_SHIFT = tl.constexpr(1.329227995784916e36)  # 2 ** 120: e4m3's exponent bias (7) moved to float32's (127)
+
+
+@triton.jit
+def _fp8_rows(bits_ptr, offsets, mask, factor):
+    """float8 e4m3 (fn) bytes as float32 times ``factor``: sign, exponent and mantissa placed in a float32 word whose
+    value is 2**-120 times the e4m3 value (subnormals included), then scaled (no NaN is ever stored)."""
+    bits = tl.load(bits_ptr + offsets, mask=mask, other=0).to(tl.uint32)
+    word = ((bits & 0x7F) << 20) | ((bits & 0x80) << 24)
+    return word.to(tl.float32, bitcast=True) * factor
+
+
+@triton.jit
+def _rows(ptr, offsets, mask, factor, UPCAST: tl.constexpr, FP8: tl.constexpr):
+    """K or V rows of a tile: fp8 widened and scaled, float32 where UPCAST, else as stored."""
+    if FP8:
+        rows = _fp8_rows(ptr, offsets, mask, factor)
+    else:
+        rows = tl.load(ptr + offsets, mask=mask, other=0.0)
+        rows = rows.to(tl.float32) if UPCAST else rows
+    return rows
+
+
 @triton.jit
 def split_attention(
-    q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, partial_ptr, stats_ptr, scale, split_tokens,
+    q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, partial_ptr, stats_ptr, scale, split_tokens, scales_ptr,
     q_seq, q_head, q_dim, kv_block, kv_offset, kv_head, kv_dim, table_seq, table_block,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     seq, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads, splits = tl.num_programs(1) * GROUP, tl.num_programs(2)
@@ -36,22 +61,24 @@ def split_attention(
     best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     total = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
+    k_factor, v_factor = 1.0, 1.0
+    if FP8:  # scales_ptr: [key scale, value scale] of the layer
+        k_factor = tl.load(scales_ptr) * FP8_EXPONENT_SHIFT
+        v_factor = tl.load(scales_ptr + 1) * FP8_EXPONENT_SHIFT
     for first in range(start, end, TILE):
         tokens = first + tl.arange(0, TILE)
         token_ok = tokens < end
         blocks = tl.load(tables_ptr + seq * table_seq + (tokens // BLOCK_SIZE) * table_block, mask=token_ok, other=0)
         at = blocks * kv_block + (tokens % BLOCK_SIZE) * kv_offset + head * kv_head
         tile_ok = token_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + at[:, None] + dims[None, :] * kv_dim, mask=tile_ok, other=0.0)
-        k = k.to(tl.float32) if UPCAST else k
+        k = _rows(k_ptr, at[:, None] + dims[None, :] * kv_dim, tile_ok, k_factor, UPCAST, FP8)
         scores = tl.dot(q.to(k.dtype), tl.trans(k), input_precision="ieee") * scale
         scores = tl.where(token_ok[None, :], scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, 1))
         rescale = tl.exp(best - new_best)
         weights = tl.exp(scores - new_best[:, None])
         total = total * rescale + tl.sum(weights, 1)
-        v = tl.load(v_ptr + at[:, None] + dims[None, :] * kv_dim, mask=tile_ok, other=0.0)
-        v = v.to(tl.float32) if UPCAST else v
+        v = _rows(v_ptr, at[:, None] + dims[None, :] * kv_dim, tile_ok, v_factor, UPCAST, FP8)
         acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision="ieee")
         best = new_best
     slot = (seq * heads + q_heads) * splits + split

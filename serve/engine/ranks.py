@@ -36,6 +36,7 @@ class BuildCache:
     max_blocks: int
     attention_backend: str = "auto"  # the decode kernel rank 0 chose (serve.engine.decode_backends)
     c_compiler: Optional[str] = None
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPE: every rank stores what rank 0 stores
 
 
 @dataclass(frozen=True)
@@ -197,10 +198,11 @@ def rank_runner(cpu_threads: Optional[int]) -> Callable[[Any, BuildCache], Any]:
 
     def build(model: Any, message: BuildCache) -> Any:
         from serve.engine.decode_backends import install_decode_backend
-        from serve.engine.kv_cache import CacheShape, PagedKVCache
+        from serve.engine.kv_cache import CacheShape, PagedKVCache, storage_dtype
         from serve.engine.runner import ModelRunner
 
-        shape = CacheShape.of(model.config, model.dtype, getattr(model, "serve_kv_heads", None))
+        dtype = storage_dtype(message.kv_cache_dtype, model.dtype)
+        shape = CacheShape.of(model.config, dtype, getattr(model, "serve_kv_heads", None))
         cache = PagedKVCache(shape, message.num_blocks, message.block_size, model.device)
         install_decode_backend(cache, message.attention_backend, message.c_compiler)
         return ModelRunner(model, cache, None, message.max_batch, message.max_blocks, cpu_threads)

@@ -64,6 +64,7 @@ class GrammarLimits:
 
 
 ATTENTION_BACKENDS = ("auto", "triton", "flashinfer", "sdpa", "cpu")  # ATTENTION_BACKEND: engine/decode_backends.py
+KV_CACHE_DTYPES = ("auto", "fp8")  # KV_CACHE_DTYPE: the model's dtype, or float8 e4m3 scaled (engine/kv_cache.py)
 SPECULATIVE_METHODS = ("off", "ngram")  # SPECULATIVE: speculative decoding's proposer (engine/speculative.py)
 
 
@@ -81,6 +82,8 @@ class EngineConfig:
     kv_block_size: int = 16
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # capture decode shapes as CUDA graphs (ignored without CUDA)
+    gpu_memory_utilization: float = 0.9  # GPU_MEMORY_UTILIZATION: the share of GPU memory the server may use
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPE: "auto" (the model's dtype) or "fp8" (float8 e4m3, scaled)
     attention_backend: str = "auto"  # ATTENTION_BACKEND: decode attention's kernel (serve/engine/decode_backends.py)
     c_compiler: Optional[str] = None  # CC: builds the CPU attention kernel where no built library is found
     compile_cache_dir: Optional[str] = None  # COMPILE: torch.compile the lean model's layers, inductor cache here

@@ -41,9 +41,11 @@ def _model_info(engine: EngineClient, adapters: Iterable[str]) -> dict[str, Any]
     graphs = loads[0].graphs if loads else None
     compiled = loads[0].compiled if loads else None
     attention = loads[0].attention if loads else None
+    kv_dtype = "float8_e4m3fn" if engine.config.kv_cache_dtype == "fp8" else str(loaded.dtype).replace("torch.", "")
     return {
         "model_id": loaded.name,
         "model_dtype": str(loaded.dtype).replace("torch.", ""),
+        "kv_cache_dtype": kv_dtype,  # KV_CACHE_DTYPE: what the KV cache stores (auto: the model's dtype)
         "model_device_type": loaded.device.type,
         "placement": plan.describe() if plan is not None else None,
         "devices": list(plan.devices) if plan is not None else [str(loaded.device)],
