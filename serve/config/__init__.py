@@ -13,6 +13,7 @@ from serve.engine.types import (
     ATTENTION_BACKENDS,
     KV_CACHE_DTYPES,
     SPECULATIVE_METHODS,
+    SPECULATIVE_MODEL_METHODS,
     EngineConfig,
     GrammarLimits,
     Watermark,
@@ -30,6 +31,7 @@ from serve.config.parse import (
     parse_number_in,
     parse_positive_int,
     parse_seconds,
+    parse_speculative,
     parse_template,
     parse_timestamp,
 )
@@ -98,7 +100,8 @@ class Settings:
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype  # KV_CACHE_DTYPE: auto (the model's dtype) or fp8
     attention_backend: str = EngineConfig.attention_backend  # ATTENTION_BACKEND: decode attention's kernel
     grammar_limits: GrammarLimits = EngineConfig.grammar_limits  # GRAMMAR_MAX_SIZE, _LEXER_FUEL, _MAX_LEXER_STATES
-    speculative: str = EngineConfig.speculative  # SPECULATIVE: speculative decoding's proposer (off, ngram)
+    speculative: str = EngineConfig.speculative  # SPECULATIVE: speculative decoding's proposer (off, ngram, draft)
+    speculative_draft: Optional[str] = EngineConfig.speculative_draft  # SPECULATIVE=draft:<this model id or path>
     speculative_tokens: int = EngineConfig.speculative_tokens  # SPECULATIVE_TOKENS: tokens proposed per step
     speculative_ngram: int = EngineConfig.speculative_ngram  # SPECULATIVE_NGRAM: tokens the n-gram lookup matches
     watermark: Watermark = Watermark()  # WATERMARK_GAMMA, WATERMARK_DELTA: TGI's watermark parameters
@@ -236,10 +239,17 @@ def _placement_values(env: Mapping[str, str]) -> dict[str, object]:
         "cuda_visible_devices": _read(env, ("CUDA_VISIBLE_DEVICES",), parse_text),
         "tensor_parallel_size": _read(env, ("TENSOR_PARALLEL_SIZE", "NUM_SHARD"), parse_positive_int),
         "tensor_parallel_timeout_s": _read(env, ("TENSOR_PARALLEL_TIMEOUT_S",), parse_seconds),
-        "speculative": _read(env, ("SPECULATIVE",), parse_choice(SPECULATIVE_METHODS)),
+        **_speculative_method(env),
         "speculative_tokens": _read(env, ("SPECULATIVE_TOKENS",), parse_positive_int),
         "speculative_ngram": _read(env, ("SPECULATIVE_NGRAM",), parse_positive_int),
     }
+
+
+def _speculative_method(env: Mapping[str, str]) -> dict[str, object]:
+    """SPECULATIVE: the proposer, and the draft model of ``draft:<model id or path>``."""
+    chosen = _read(env, ("SPECULATIVE",), parse_speculative(SPECULATIVE_METHODS, SPECULATIVE_MODEL_METHODS))
+    method, model = chosen or (None, None)
+    return {"speculative": method, "speculative_draft": model}
 
 
 def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:

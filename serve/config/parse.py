@@ -79,6 +79,27 @@ def parse_choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
     return parse
 
 
+def parse_speculative(
+    methods: tuple[str, ...], with_model: tuple[str, ...]
+) -> Callable[[str, str], tuple[str, Optional[str]]]:
+    """A parser of ``method`` (one of ``methods``, case-insensitive) or ``method:<model id or path>`` for the
+    methods of ``with_model``, which need one: (method, the model's id or path, else None)."""
+    named = [f"{method}:<model id or path>" if method in with_model else method for method in methods]
+
+    def parse(name: str, raw: str) -> tuple[str, Optional[str]]:
+        method, colon, model = raw.strip().partition(":")
+        method, model = method.strip().lower(), model.strip()
+        if method not in methods:
+            raise SettingsError(f"{name}={raw!r} is not one of {', '.join(named)}")
+        if method in with_model and not model:
+            raise SettingsError(f"{name}={raw!r} names no model: write {method}:<model id or path>")
+        if method not in with_model and colon:
+            raise SettingsError(f"{name}={raw!r}: {method} takes no model (write {method})")
+        return method, model or None
+
+    return parse
+
+
 def parse_adapters(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     """``name=path,name=path`` -> ((name, path), ...); names must be unique and non-empty."""
     pairs: list[tuple[str, str]] = []

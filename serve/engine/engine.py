@@ -272,6 +272,7 @@ class Engine:
         HTTP threads)."""
         from serve.engine.block_manager import BlockManager
         from serve.engine.decode_backends import install_decode_backend
+        from serve.engine.draft import target_share
         from serve.engine.grammar import Grammars, MatcherCompiler
         from serve.engine.kv_cache import CacheShape, PagedKVCache, layer_devices, plan_blocks, storage_dtype
         from serve.engine.kv_memory import cache_room
@@ -289,6 +290,7 @@ class Engine:
         ranks = getattr(self.loaded, "ranks", None)  # the other tensor-parallel ranks, if any
         max_batch = min(config.max_batch_size or config.max_concurrent_requests, config.max_concurrent_requests)
         room = cache_room(model, shape, devices, config, total, max_batch, ranks)  # measured on CUDA
+        room = int(room * target_share(shape, getattr(self.loaded, "draft", None), self.loaded.dtype))  # its cache too
         blocks = plan_blocks(shape, size, config.max_batch_total_tokens, room, total + size)
         self.eos_ids = eos_token_ids(self.loaded.model, self.loaded.tokenizer)
         vocab = self.loaded.model.config.get_text_config().vocab_size
@@ -315,10 +317,15 @@ class Engine:
         self.adapters.attach(lora)
 
     def _scheduler(self, pool: Any, max_batch: int) -> Scheduler:
-        """The scheduler over the KV pool, with the speculator SPECULATIVE asks for (the log says which)."""
+        """The scheduler over the KV pool, with the speculator SPECULATIVE asks for (the log says which); a draft
+        model proposes with a cache of the pool's blocks."""
+        from serve.engine.draft import DraftProposer
         from serve.engine.speculative import make_speculator
 
-        speculator = make_speculator(self.config)
+        draft = getattr(self.loaded, "draft", None)
+        size, dtype = pool.block_size, self.loaded.dtype
+        proposer = None if draft is None else DraftProposer.build(draft, pool.num_blocks, size, dtype, self.config)
+        speculator = make_speculator(self.config, proposer)
         forget = self._runner.forget if speculator is None else speculator.forgetting(self._runner.forget)
         budget = self.config.max_batch_prefill_tokens
         return Scheduler(pool, max_batch, budget, self._new_sequence, forget, self._cache_key, speculator=speculator)

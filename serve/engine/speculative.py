@@ -3,6 +3,7 @@ longest run the model agrees with plus the model's own next token.
 
 The n-gram proposer (prompt lookup) finds the most recent earlier place where the sequence's last ``n`` tokens
 occurred (in the prompt or the output so far) and proposes the ``k`` tokens that followed there; it needs no model.
+The draft proposer (serve/engine/draft.py) proposes a small model's ``k`` greedy tokens.
 
 Acceptance keeps the target distribution exactly. The runner samples a token ``t_i`` from each of the k+1 scored
 rows as it would without speculation (argmax for greedy rows); proposal ``d_i`` is accepted while ``t_i == d_i``,
@@ -18,6 +19,7 @@ replay); they decode one token a step as without speculation.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -31,12 +33,13 @@ ACCEPTANCE_DECAY = 0.5  # weight of the older history in a row's running accepte
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """SPECULATIVE (``off`` or ``ngram``), SPECULATIVE_TOKENS (k, tokens proposed per step) and SPECULATIVE_NGRAM
-    (n, the tokens a prompt lookup matches)."""
+    """SPECULATIVE (``off``, ``ngram`` or ``draft``), SPECULATIVE_TOKENS (k, tokens proposed per step),
+    SPECULATIVE_NGRAM (n, the tokens a prompt lookup matches) and the draft model's source (``draft:<source>``)."""
 
     method: str = "off"
     tokens: int = 4
     ngram: int = 3
+    draft: Optional[str] = None
 
     @property
     def enabled(self) -> bool:
@@ -46,6 +49,8 @@ class SpeculativeConfig:
         """What runs, in words (for /info and the log)."""
         if not self.enabled:
             return "off"
+        if self.method == "draft":
+            return f"draft ({self.draft}): {self.tokens} tokens proposed per step, the draft model's greedy tokens"
         return f"{self.method}: {self.tokens} tokens proposed per step, matching the last {self.ngram} tokens"
 
 
@@ -65,7 +70,36 @@ def ngram_proposal(tokens: list[int], n: int, k: int) -> list[int]:
     return []
 
 
-class NgramProposer:
+Reserve = Callable[[Any, int], int]  # (sequence, proposed tokens) -> how many of them its KV blocks now hold
+
+
+class Proposer(ABC):
+    """Guesses the tokens that follow a sequence; the Speculator asks it for each step's proposals and tells it each
+    verified outcome (``settle``) and each sequence that stops running (``forget``)."""
+
+    name = ""
+
+    @abstractmethod
+    def propose(self, seq: Any, k: int) -> list[int]:
+        """Up to ``k`` tokens to follow ``seq``'s last one."""
+
+    def propose_rows(self, rows: list[tuple[Any, int]], reserve: Reserve) -> list[list[int]]:
+        """Each row's proposal: ``rows`` pairs a sequence with the most tokens it may get; ``reserve`` takes the KV
+        blocks for a proposal and says how much of it fits (a proposal never outgrows its blocks)."""
+        proposals = []
+        for seq, k in rows:
+            proposal = self.propose(seq, k)
+            proposals.append(proposal[: reserve(seq, len(proposal))] if proposal else [])
+        return proposals
+
+    def settle(self, seq: Any) -> None:
+        """``seq``'s proposal was verified: its ``num_cached`` now counts the accepted tokens."""
+
+    def forget(self, seq: Any) -> None:
+        """``seq`` stopped running (finished or preempted)."""
+
+
+class NgramProposer(Proposer):
     """Prompt lookup over the prompt and the output so far."""
 
     name = "ngram"
@@ -124,7 +158,7 @@ class SpeculationStats:
 class Speculator:
     """Chooses each step's proposals and keeps the counts; the scheduler calls it, the runner verifies."""
 
-    def __init__(self, config: SpeculativeConfig, proposer: Optional[Any] = None):
+    def __init__(self, config: SpeculativeConfig, proposer: Optional[Proposer] = None):
         self.config = config
         self.proposer = proposer or NgramProposer(config.ngram)
         self.max_batch = MAX_SPECULATIVE_BATCH
@@ -132,15 +166,20 @@ class Speculator:
         self._share: dict[str, float] = {}  # request id -> running accepted share
         self._idle: dict[str, int] = {}  # request id -> steps since a low-acceptance row last proposed
 
-    def propose(self, seq: Any, batch: int) -> list[int]:
-        """The tokens to verify after ``seq``'s last one this step (none under load, for rows that may not
-        speculate, past ``max_new_tokens``, or for a row whose recent proposals mostly failed, between probes)."""
+    def wanted(self, seq: Any, batch: int) -> int:
+        """How many tokens ``seq`` may have proposed this step: none under load, for rows that may not speculate,
+        past ``max_new_tokens``, or for a row whose recent proposals mostly failed, between probes."""
         if batch > self.max_batch or not may_speculate(seq):
-            return []
+            return 0
         room = seq.request.params.max_new_tokens - len(seq.output_ids) - 1
         if room <= 0 or not self._due(seq.id):
-            return []
-        return self.proposer.propose(seq, min(self.config.tokens, room))
+            return 0
+        return min(self.config.tokens, room)
+
+    def propose(self, seq: Any, batch: int) -> list[int]:
+        """The tokens to verify after ``seq``'s last one this step (``wanted`` says how many at most)."""
+        k = self.wanted(seq, batch)
+        return self.proposer.propose(seq, k) if k else []
 
     def _due(self, request_id: str) -> bool:
         if self._share.get(request_id, 1.0) >= LOW_ACCEPTANCE:
@@ -159,6 +198,7 @@ class Speculator:
 
         def both(seq: Any) -> None:
             forget(seq)
+            self.proposer.forget(seq)
             self._share.pop(seq.id, None)
             self._idle.pop(seq.id, None)
 
@@ -167,13 +207,23 @@ class Speculator:
     def plan(self, decode: list[Any], blocks: Any, headroom: int) -> None:
         """Give each decoding sequence its proposal for this step, with the blocks to verify it in: blocks beyond
         ``headroom`` free ones only (a proposal never preempts anyone; it is cut to the room there is)."""
-        size = blocks.block_size
-        for seq in decode:
-            proposal = self.propose(seq, len(decode))
-            needed = blocks.blocks_for(seq.num_cached + 1 + len(proposal))
-            while len(seq.block_table) < needed and blocks.free_blocks > headroom:
-                blocks.append_block(seq.block_table)
-            seq.proposal = proposal[: len(seq.block_table) * size - seq.num_cached - 1]
+        rows = [(seq, self.wanted(seq, len(decode))) for seq in decode]
+        rows = [(seq, k) for seq, k in rows if k > 0]
+        if not rows:
+            return
+        reserve = lambda seq, count: self._reserve(seq, count, blocks, headroom)  # noqa: E731
+        for (seq, _), proposal in zip(rows, self.proposer.propose_rows(rows, reserve)):
+            seq.proposal = proposal
+            blocks.shrink(seq.block_table, blocks.blocks_for(seq.num_cached + 1 + len(proposal)))
+
+    @staticmethod
+    def _reserve(seq: Any, count: int, blocks: Any, headroom: int) -> int:
+        """Take the blocks ``count`` proposed tokens after ``seq``'s last one need, beyond ``headroom`` free ones;
+        returns how many of them fit."""
+        needed = blocks.blocks_for(seq.num_cached + 1 + count)
+        while len(seq.block_table) < needed and blocks.free_blocks > headroom:
+            blocks.append_block(seq.block_table)
+        return max(0, min(count, len(seq.block_table) * blocks.block_size - seq.num_cached - 1))
 
     def settle(self, decode: list[Any], sampled: list[Any], blocks: Any) -> None:
         """Count each verified proposal's outcome (its sequence got one token more than it accepted) and give back
@@ -186,6 +236,7 @@ class Speculator:
                 continue
             if seq.id in made:
                 self.record(seq.id, len(seq.proposal), made[seq.id] - 1)
+                self.proposer.settle(seq)
             seq.proposal = []
             if seq.block_table:
                 blocks.shrink(seq.block_table, blocks.blocks_for(seq.num_cached))
@@ -207,13 +258,22 @@ def accept_proposals(sampled: list[Any], choices: list[Any]) -> tuple[list[Any],
     return sequences, kept
 
 
-def make_speculator(config: Any) -> Optional[Speculator]:
-    """The Speculator an EngineConfig asks for (None: SPECULATIVE=off); the log says what runs."""
-    settings = SpeculativeConfig(config.speculative, config.speculative_tokens, config.speculative_ngram)
-    log.info("speculative decoding: %s", speculative_description(config))
-    return Speculator(settings) if settings.enabled else None
+def make_speculator(config: Any, draft: Optional[Proposer] = None) -> Optional[Speculator]:
+    """The Speculator an EngineConfig asks for (None: SPECULATIVE=off), proposing with ``draft`` under
+    SPECULATIVE=draft; the log says what runs."""
+    settings = speculative_config(config)
+    log.info("speculative decoding: %s", settings.describe())
+    if settings.method == "draft" and draft is None:
+        raise ValueError("SPECULATIVE=draft needs a draft model loaded beside the target")
+    return Speculator(settings, draft if settings.method == "draft" else None) if settings.enabled else None
+
+
+def speculative_config(config: Any) -> SpeculativeConfig:
+    """An EngineConfig's SPECULATIVE, SPECULATIVE_TOKENS, SPECULATIVE_NGRAM and draft model."""
+    draft = getattr(config, "speculative_draft", None)
+    return SpeculativeConfig(config.speculative, config.speculative_tokens, config.speculative_ngram, draft)
 
 
 def speculative_description(config: Any) -> str:
-    """What an EngineConfig's SPECULATIVE runs, in words (``off``, or the proposer, k and n)."""
-    return SpeculativeConfig(config.speculative, config.speculative_tokens, config.speculative_ngram).describe()
+    """What an EngineConfig's SPECULATIVE runs, in words (``off``, or the proposer, k and n or the draft)."""
+    return speculative_config(config).describe()

@@ -65,7 +65,8 @@ class GrammarLimits:
 
 ATTENTION_BACKENDS = ("auto", "triton", "flashinfer", "sdpa", "cpu")  # ATTENTION_BACKEND: engine/decode_backends.py
 KV_CACHE_DTYPES = ("auto", "fp8")  # KV_CACHE_DTYPE: the model's dtype, or float8 e4m3 scaled (engine/kv_cache.py)
-SPECULATIVE_METHODS = ("off", "ngram")  # SPECULATIVE: speculative decoding's proposer (engine/speculative.py)
+SPECULATIVE_METHODS = ("off", "ngram", "draft")  # SPECULATIVE: speculative decoding's proposer (engine/speculative.py)
+SPECULATIVE_MODEL_METHODS = ("draft",)  # the SPECULATIVE methods that name a model: draft:<model id or path>
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class EngineConfig:
     speculative: str = "off"  # SPECULATIVE: the proposer of speculative decoding (serve/engine/speculative.py)
     speculative_tokens: int = 4  # SPECULATIVE_TOKENS: tokens proposed per step (k)
     speculative_ngram: int = 3  # SPECULATIVE_NGRAM: tokens the n-gram proposer matches (n)
+    speculative_draft: Optional[str] = None  # SPECULATIVE=draft:<model id or path>: the draft model's source
 
 
 CONTEXT_CAP = 4096  # tokens a sequence may hold when max_total_tokens is not set and the model allows more

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from serve.config import Settings
 from serve.engine.types import CONTEXT_CAP, total_token_limit
 from serve.loading.cpu_weights import pack_cpu_weights
+from serve.loading.draft import load_draft, refuse_draft_with_tensor_parallel
 from serve.loading.dummy import build_random, dummy_model  # noqa: F401 (build_random: scripts/gpu, tests/gpu)
 from serve.loading.placement import MIN_CACHE_SLOTS, PlacementError, PlacementPlan, footprint, plan_placement
 from serve.loading.quantize import Quantization, QuantizationError, resolve_quantization
@@ -42,6 +43,7 @@ class LoadedModel:
     cpu_threads: Optional[int] = None  # torch's compute threads on the CPU
     cpu_weights: Optional[str] = None  # on the CPU: the kernel packed for, or dense, and why (layers.pack_for_cpu)
     ranks: Any = None  # serve.engine.ranks.RankGroup: the other tensor-parallel ranks of this copy
+    draft: Any = None  # SPECULATIVE=draft: the draft model, on the target's device (serve.loading.draft)
 
 
 def cpu_prefers_bf16(cpuinfo: Optional[str] = None) -> bool:
@@ -188,6 +190,7 @@ def load_model(settings: Settings, prepared: Optional[PreparedModel] = None, eng
         adapters=tuple(prepared.adapters),
         cpu_threads=cpu_threads,
         cpu_weights=cpu_weights,
+        draft=load_draft(settings, prepared, model, tokenizer),
     )
 
 
@@ -196,6 +199,7 @@ def _load_parallel(settings: Settings, prepared: PreparedModel, engine_index: in
     processes of their own."""
     from serve.loading.tensor_parallel import load_parallel
 
+    refuse_draft_with_tensor_parallel(settings, prepared.plan.engines[engine_index].tensor_parallel)
     model, ranks, threads = load_parallel(settings, prepared, engine_index)
     tokenizer = _tokenizer(prepared.folder, settings)
     log.info(

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from serve.engine import Request, SamplingParams
+from serve.engine.speculative import Proposer
 from serve.wiring import single_engine
 
 PROMPTS = [
@@ -124,7 +125,7 @@ def test_preemption_under_speculation_loses_nothing(ngram_settings, prompt_ids, 
     assert stats.preemptions > 0 and stats.speculative_accepted > 0
 
 
-class Spoiled:
+class Spoiled(Proposer):
     """Proposes a known greedy continuation with every third proposed token wrong."""
 
     name = "spoiled"
@@ -151,7 +152,7 @@ def test_rejected_proposals_change_nothing_and_give_their_blocks_back(ngram_engi
         assert ngram_engine.stats().blocks_used == 0
 
 
-class Greedy:
+class Greedy(Proposer):
     """A proposer that guesses the greedy continuation (to test acceptance of sampled rows at a known guess)."""
 
     name = "greedy"
@@ -225,7 +226,7 @@ def test_embedded_smollm2_greedy_is_byte_identical_with_ngram_speculation(embedd
     assert accepted > 0
 
 
-class Known:
+class Known(Proposer):
     """Proposes each prompt's known greedy continuation, every third proposed token wrong."""
 
     name = "known"

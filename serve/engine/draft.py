@@ -1,0 +1,151 @@
+"""SPECULATIVE=draft: a small model of the target's tokenizer proposes its own greedy tokens.
+
+The draft keeps its own paged KV cache, with the target's block size and number of blocks: each sequence's block
+table (the one block manager's ids) indexes both caches, so the draft needs no allocator of its own. For the rows
+that propose in a step, one batched forward first catches the draft up on the tokens of each sequence it has not
+cached (its prompt at the first proposal, then the tokens accepted since), then ``k - 1`` batched single-token
+steps follow; each row's proposal is the draft's argmax at each step. Proposed tokens the target rejects leave
+draft keys and values behind; the draft's cached count is cut back to the accepted length (``settle``), so they
+are overwritten later. A sequence that stops running (finished, preempted) is forgotten: it starts afresh.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from serve.engine.attention import BACKEND_NAME, active_step
+from serve.engine.block_manager import SCRATCH_BLOCK
+from serve.engine.kv_cache import CacheShape, PagedKVCache
+from serve.engine.speculative import Proposer, Reserve
+from serve.engine.step_inputs import StepInputs
+
+
+class DraftProposer(Proposer):
+    """Proposes a draft model's greedy tokens, batched over the rows that propose in a step."""
+
+    name = "draft"
+
+    def __init__(self, model: Any, cache: PagedKVCache):
+        if not getattr(model, "serve_calls_attend", False):  # lean models call attend() themselves
+            model.set_attn_implementation(BACKEND_NAME)
+        self.model = model
+        self.cache = cache
+        self.device = model.device
+        self._cached: dict[str, int] = {}  # sequence id -> leading tokens whose draft keys and values are cached
+
+    @classmethod
+    def build(cls, model: Any, num_blocks: int, block_size: int, dtype: torch.dtype, config: Any) -> "DraftProposer":
+        """The proposer over ``model`` with a cache of the target's ``num_blocks`` blocks of ``block_size``, its
+        decode attention the kernel an EngineConfig's ATTENTION_BACKEND picks."""
+        from serve.engine.decode_backends import install_decode_backend
+
+        cache = PagedKVCache(draft_shape(model, dtype), num_blocks, block_size, model.device)
+        install_decode_backend(cache, config.attention_backend, config.c_compiler)
+        return cls(model, cache)
+
+    def cached(self, seq: Any) -> int:
+        """Leading tokens of ``seq`` whose draft keys and values are in the draft's cache."""
+        return min(self._cached.get(seq.id, 0), seq.num_cached)
+
+    def propose(self, seq: Any, k: int) -> list[int]:
+        room = len(seq.block_table) * self.cache.block_size - seq.num_cached - 1
+        return self.propose_rows([(seq, k)], lambda _, count: min(count, room))[0]
+
+    def propose_rows(self, rows: list[tuple[Any, int]], reserve: Reserve) -> list[list[int]]:
+        counts = [reserve(seq, k) for seq, k in rows]
+        active = [(seq, count) for (seq, _), count in zip(rows, counts) if count > 0]
+        drafted = self._draft(active) if active else []
+        proposals = iter(drafted)
+        return [next(proposals) if count > 0 else [] for count in counts]
+
+    def settle(self, seq: Any) -> None:
+        self._cached[seq.id] = self.cached(seq)  # keys and values past the accepted tokens are stale
+
+    def forget(self, seq: Any) -> None:
+        self._cached.pop(seq.id, None)
+
+    @torch.inference_mode()
+    def _draft(self, rows: list[tuple[Any, int]]) -> list[list[int]]:
+        """Each row's ``count`` greedy draft tokens after its last one (one host read for all of them)."""
+        widest = max(count for _, count in rows)
+        tokens = torch.zeros((len(rows), widest), dtype=torch.long, device=self.device)
+        tokens[:, 0] = self._catch_up([seq for seq, _ in rows])
+        for step in range(1, widest):
+            live = [index for index, (_, count) in enumerate(rows) if count > step]
+            chosen = torch.tensor(live, dtype=torch.long, device=self.device)
+            positions = [rows[index][0].num_cached + step for index in live]
+            inputs = self._decode_inputs([rows[index][0] for index in live], positions)
+            tokens[chosen, step] = self._greedy(inputs, tokens[chosen, step - 1])
+        for seq, count in rows:
+            self._cached[seq.id] = seq.num_cached + count
+        return [row[:count] for row, (_, count) in zip(tokens.tolist(), rows)]
+
+    def _catch_up(self, seqs: list[Any]) -> torch.Tensor:
+        """Run the draft over each sequence's tokens it has not cached, up to its last one: [rows] the draft's next
+        token for each. One token behind is a decode row, more a chunk (decode rows first, as a step lays them)."""
+        behind = [(seq, self.cached(seq)) for seq in seqs]
+        single = [index for index, (seq, start) in enumerate(behind) if start == seq.num_cached]
+        chunked = [index for index, (seq, start) in enumerate(behind) if start < seq.num_cached]
+        inputs = self._decode_inputs([seqs[index] for index in single], [seqs[index].num_cached for index in single])
+        for index in chunked:
+            self._add_chunk(inputs, *behind[index])
+        next_tokens = torch.empty(len(seqs), dtype=torch.long, device=self.device)
+        order = torch.tensor(single + chunked, dtype=torch.long, device=self.device)
+        next_tokens[order] = self._greedy(inputs)
+        return next_tokens
+
+    def _decode_inputs(self, seqs: list[Any], positions: list[int]) -> StepInputs:
+        """Decode rows: each sequence's token at its position (the ids, from the sequences' tokens, may be replaced
+        on the device), over its blocks."""
+        size = self.cache.block_size
+        width = max((len(seq.block_table) for seq in seqs), default=0)
+        ids = [seq.all_ids[position] if position < len(seq.all_ids) else 0 for seq, position in zip(seqs, positions)]
+        return StepInputs(
+            ids,
+            list(positions),
+            [seq.block_table[p // size] * size + p % size for seq, p in zip(seqs, positions)],
+            [seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)) for seq in seqs],
+            [position + 1 for position in positions],
+            [],
+            list(range(len(seqs))),
+        )
+
+    def _add_chunk(self, inputs: StepInputs, seq: Any, start: int) -> None:
+        """Append ``seq``'s tokens from position ``start`` through its last one as a chunk; its last row is kept."""
+        size = self.cache.block_size
+        tokens = seq.all_ids[start : seq.num_cached + 1]
+        end = start + len(tokens)
+        first = len(inputs.ids)
+        inputs.ids.extend(tokens)
+        inputs.positions.extend(range(start, end))
+        inputs.rows.extend(seq.block_table[p // size] * size + p % size for p in range(start, end))
+        inputs.chunks.append((first, len(inputs.ids), start, seq.block_table[: -(-end // size)]))
+        inputs.logit_rows.append(len(inputs.ids) - 1)
+
+    def _greedy(self, inputs: StepInputs, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The draft's argmax at each kept row of one forward over ``inputs`` (``ids``: the token ids, already on
+        the device)."""
+        input_ids, positions, layout, logit_rows = inputs.tensors(self.device, self.cache.block_size)
+        with active_step(self.cache, layout):
+            output = self.model(
+                input_ids=(input_ids if ids is None else ids)[None],
+                position_ids=positions[None],
+                use_cache=False,
+                logits_to_keep=logit_rows,
+            )
+        return output.logits[0].argmax(dim=-1)
+
+
+def draft_shape(model: Any, dtype: torch.dtype) -> CacheShape:
+    """What one token costs in the draft's cache."""
+    return CacheShape.of(model.config, dtype)
+
+
+def target_share(target: CacheShape, draft: Optional[Any], dtype: torch.dtype) -> float:
+    """The share of the KV memory budget the target's cache gets when the draft's cache, of as many tokens, comes
+    out of the same budget (1.0 without a draft)."""
+    if draft is None:
+        return 1.0
+    return target.bytes_per_token / (target.bytes_per_token + draft_shape(draft, dtype).bytes_per_token)

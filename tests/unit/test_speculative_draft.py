@@ -1,0 +1,189 @@
+"""SPECULATIVE=draft:<path> on tiny random Llamas built here, loaded through the real loader: greedy tokens and text
+are the same as without speculation, in batches and through preemption; the target as its own draft has every
+proposal accepted (its draft cache is right); the draft's cache mirrors the target's blocks; a draft of another
+vocabulary, or under tensor parallelism, is refused at load."""
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+
+from serve.engine import Request, SamplingParams
+from serve.wiring import single_engine
+from tests.helpers import build_tiny_llama
+
+PROMPTS = [
+    "one two three one two three one two",
+    "def add(a, b):\n    return a + b\n\ndef add(a, b):",
+    "The cat sat on the mat. The cat sat",
+    "a b c d e f g a b c",
+    "Copy this: red green blue. Copy this:",
+    "hello",
+    "lorem ipsum dolor sit amet",
+    "x",
+]
+NEW_TOKENS = 20
+
+
+def start(settings):
+    engine = single_engine(settings).start()
+    assert engine.wait_ready(120), engine.load_error
+    engine.scheduler.speculator.max_batch = 64  # every row proposes, whatever the batch
+    return engine
+
+
+def run_all(engine, prompts):
+    """Submit every prompt at once (greedy), then read each stream: its (token, text) pairs."""
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    streams = [engine.submit(Request(prompt_ids=prompt, params=params)) for prompt in prompts]
+    return [[(event.token_id, event.text) for event in stream if event.token_id is not None] for stream in streams]
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_engine):
+    return [tiny_engine.tokenizer(text)["input_ids"] for text in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_engine, prompt_ids):
+    """Each prompt's greedy tokens and text without speculation (the session's engine runs with SPECULATIVE off)."""
+    return run_all(tiny_engine, prompt_ids)
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory, embedded_folder):
+    """A smaller random Llama of the same tokenizer (one layer, hidden 32): another cache shape than the target's."""
+    return build_tiny_llama(tmp_path_factory.mktemp("draft-llama"), embedded_folder, layers=1, hidden=32, seed=1)
+
+
+def with_draft(settings, folder):
+    return replace(settings, speculative="draft", speculative_draft=str(folder), speculative_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def self_draft_engine(tiny_settings, tiny_model_dir):
+    """The target proposing for itself: its greedy tokens are the draft's, so every proposal is accepted."""
+    engine = start(with_draft(tiny_settings, tiny_model_dir))
+    yield engine
+    engine.stop()
+
+
+def test_greedy_output_is_the_same_with_a_smaller_draft_model(tiny_settings, draft_dir, prompt_ids, plain):
+    engine = start(with_draft(tiny_settings, draft_dir))
+    try:
+        results = run_all(engine, prompt_ids)
+        stats = engine.stats()
+        proposer, target = engine.scheduler.speculator.proposer, engine._runner.cache
+    finally:
+        engine.stop()
+    assert results == plain
+    assert stats.speculative_proposer == "draft" and stats.speculative_proposed > 0
+    assert stats.blocks_used == 0  # every block, the tails of rejected tokens included, came back
+    assert (proposer.cache.num_blocks, proposer.cache.block_size) == (target.num_blocks, target.block_size)
+    assert proposer.cache.shape.layers == 1 and proposer.cache.shape != target.shape
+
+
+def test_the_target_as_its_own_draft_has_every_proposal_accepted(self_draft_engine, prompt_ids, plain):
+    before = self_draft_engine.stats()
+    assert run_all(self_draft_engine, prompt_ids) == plain
+    stats = self_draft_engine.stats()
+    proposed = stats.speculative_proposed - before.speculative_proposed
+    assert proposed > 0 and stats.speculative_accepted - before.speculative_accepted == proposed
+    assert stats.steps - before.steps < NEW_TOKENS * len(prompt_ids) / 2  # accepted runs saved steps
+    assert self_draft_engine.scheduler.speculator.proposer._cached == {}  # finished sequences are forgotten
+
+
+def test_one_at_a_time_after_the_prefix_cache_filled_every_proposal_is_still_accepted(
+    self_draft_engine, prompt_ids, plain
+):
+    """Prompts whose blocks the prefix cache holds: the draft computes their keys and values itself."""
+    before = self_draft_engine.stats()
+    for prompt, expected in zip(prompt_ids[:3], plain):
+        assert run_all(self_draft_engine, [prompt]) == [expected]
+    stats = self_draft_engine.stats()
+    assert stats.prefix_hit_tokens > before.prefix_hit_tokens
+    proposed = stats.speculative_proposed - before.speculative_proposed
+    assert proposed > 0 and stats.speculative_accepted - before.speculative_accepted == proposed
+
+
+def test_preemption_loses_nothing_and_the_draft_starts_the_resumed_sequence_afresh(
+    tiny_settings, tiny_model_dir, prompt_ids, plain
+):
+    longest = max(len(prompt) for prompt in prompt_ids) + NEW_TOKENS
+    small = replace(tiny_settings, max_total_tokens=longest, kv_block_size=4, max_batch_total_tokens=3 * longest)
+    engine = start(with_draft(small, tiny_model_dir))
+    try:
+        results = run_all(engine, prompt_ids * 2)
+        stats = engine.stats()
+    finally:
+        engine.stop()
+    assert results == plain * 2
+    assert stats.preemptions > 0
+    assert stats.speculative_proposed > 0 and stats.speculative_accepted == stats.speculative_proposed
+
+
+def test_info_and_metrics_name_the_draft(tiny_settings, tiny_model_dir, self_draft_engine, prompt_ids):
+    from serve.app import create_app
+
+    settings = with_draft(tiny_settings, tiny_model_dir)
+    run_all(self_draft_engine, prompt_ids[:1])
+    client = create_app(settings, self_draft_engine).test_client()
+    described = client.get("/info").get_json()["speculative"]
+    assert described == f"draft ({tiny_model_dir}): 4 tokens proposed per step, the draft model's greedy tokens"
+    accepted = float(self_draft_engine.stats().speculative_accepted)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert f'serve_speculative_accepted_tokens_total{{proposer="draft"}} {accepted}' in text
+
+
+def test_a_draft_of_another_vocabulary_is_refused_at_load(tiny_settings, tmp_path, embedded_folder):
+    from transformers import AutoTokenizer
+
+    from serve.loading.loader import load_model
+    from serve.loading.source import ModelLoadError
+
+    folder = build_tiny_llama(tmp_path / "other", embedded_folder, layers=1, hidden=32)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.add_tokens(["<not-in-the-target>"])
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match="the draft's vocabulary|tokenizer's vocabulary differs") as raised:
+        load_model(with_draft(tiny_settings, folder))
+    assert f"SPECULATIVE=draft:{folder}" in str(raised.value) and "1 entries not in both" in str(raised.value)
+
+
+def test_a_draft_with_more_output_rows_than_the_target_has_inputs_is_refused():
+    from serve.loading.draft import vocabulary_mismatch
+
+    tokenizer = SimpleNamespace(get_vocab=lambda: {"a": 0, "b": 1})
+
+    def model(rows):
+        return SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace(vocab_size=rows)))
+
+    assert vocabulary_mismatch(model(64), tokenizer, model(64), tokenizer) is None
+    assert vocabulary_mismatch(model(64), tokenizer, model(32), tokenizer) is None  # padding rows the draft lacks
+    assert vocabulary_mismatch(model(64), tokenizer, model(80), tokenizer) == (
+        "its model's vocabulary size (80) exceeds the target's (64)"
+    )
+
+
+def test_a_draft_under_tensor_parallelism_is_refused(tiny_settings):
+    from serve.loading.draft import refuse_draft_with_tensor_parallel
+    from serve.loading.source import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="does not run under tensor parallelism yet \\(2 ranks per copy\\)"):
+        refuse_draft_with_tensor_parallel(with_draft(tiny_settings, "/some/draft"), 2)
+    refuse_draft_with_tensor_parallel(with_draft(tiny_settings, "/some/draft"), 1)
+    refuse_draft_with_tensor_parallel(replace(tiny_settings, speculative="ngram"), 2)
+
+
+def test_the_draft_cache_comes_out_of_the_targets_memory_budget():
+    import torch
+
+    from serve.engine.draft import target_share
+    from serve.engine.kv_cache import CacheShape
+
+    target = CacheShape(layers=4, kv_heads=2, head_dim=16, dtype=torch.float32)
+    draft = SimpleNamespace(
+        config=SimpleNamespace(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, hidden_size=32)
+    )
+    assert target_share(target, None, torch.float32) == 1.0
+    assert target_share(target, draft, torch.float32) == pytest.approx(4 * 2 * 16 / (4 * 2 * 16 + 1 * 2 * 16))
