@@ -1,0 +1,106 @@
+"""On CUDA: a decode step holding every kind of row (greedy, sampled, seeded, penalised, logit_bias, logprobs,
+grammar, watermark) runs under ``torch.cuda.set_sync_debug_mode("error")``: no blocking upload, no hidden read,
+only the step's one read through ``ModelRunner.to_host`` (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+NEW_TOKENS = 8
+
+
+def every_row_kind():
+    """One request's parameters per kind of row (the grammar's first: its matcher compiles off the step)."""
+    from serve.engine.grammar import regex_grammar
+    from serve.engine.types import SamplingParams, Watermark
+
+    common = {"max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+    return [
+        SamplingParams(grammar=regex_grammar("[a-z ]{200,900}"), **common),
+        SamplingParams(**common),
+        SamplingParams(temperature=0.7, top_p=0.9, **common),
+        SamplingParams(temperature=0.8, top_k=20, typical_p=0.8, min_p=0.05, seed=3, **common),
+        SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2, **common),
+        SamplingParams(logit_bias=((5, 3.0), (7, -100.0)), **common),
+        SamplingParams(logprobs=3, **common),
+        SamplingParams(watermark=Watermark(), **common),
+    ]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_settings):
+    from serve.wiring import single_engine
+
+    engine = single_engine(tiny_settings).start()
+    assert engine.wait_ready(300), engine.load_error
+    assert engine._runner.device.type == "cuda"
+    yield engine
+    engine.stop()
+
+
+def strict_decode_steps(engine):
+    """Run the runner's decode-only steps with sync debug mode at "error" (its ``to_host`` read allowed); return
+    the failures, each strict step's row count, and a function that restores the runner."""
+    runner = engine._runner
+    step, to_host, failures, widths = runner.step, runner.to_host, [], []
+
+    def allowed_read(tensor):
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return to_host(tensor)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def strict_step(plan):
+        if plan.prefill:  # prompt chunks: their inputs are laid out elsewhere (serve/engine/step_inputs.py)
+            return step(plan)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            result = step(plan)
+        except RuntimeError:
+            failures.append(traceback.format_exc())
+            raise
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        widths.append(len(plan.decode))
+        return result
+
+    runner.step, runner.to_host = strict_step, allowed_read
+    return failures, widths, lambda: (setattr(runner, "step", step), setattr(runner, "to_host", to_host))
+
+
+def run_all_kinds(engine):
+    """Submit one request of each kind (the grammar's once its matcher is built) and return each one's tokens."""
+    from serve.engine import Request
+    from tests.helpers import wait_for
+
+    prompt = engine.tokenizer("Count the ways:")["input_ids"]
+    kinds = every_row_kind()
+    streams = [engine.submit(Request(prompt_ids=prompt, params=kinds[0]))]
+    assert wait_for(lambda: engine.matchers.compiling == 0, timeout=60)
+    streams += [engine.submit(Request(prompt_ids=prompt, params=params)) for params in kinds[1:]]
+    outputs = []
+    for stream in streams:
+        events = list(stream)
+        assert all(event.error is None for event in events), [event.error for event in events if event.error]
+        outputs.append([event.token_id for event in events if event.token_id is not None])
+    return outputs
+
+
+def test_a_step_of_every_row_kind_makes_no_hidden_sync(engine):
+    run_all_kinds(engine)  # warm-up: kernels compiled, handles made, staging buffers allocated
+    failures, widths, restore = strict_decode_steps(engine)
+    reads = engine._runner.host_reads
+    try:
+        outputs = run_all_kinds(engine)
+    finally:
+        restore()
+    assert failures == [], failures[0]
+    assert [len(tokens) for tokens in outputs] == [NEW_TOKENS] * len(outputs)
+    assert widths and max(widths) == len(outputs)  # one strict step sampled every kind at once
+    assert engine._runner.host_reads - reads >= len(widths)
