@@ -9,7 +9,9 @@ own sequence's earlier blocks and itself. Grouped-query heads are handled by vie
 
 Decode attention runs the kernel installed for the cache (serve/engine/decode_backends.py: an in-place Triton or
 CPU kernel); ``_decode_attention``, which gathers each sequence's blocks into a copy, is the reference and the
-fallback.
+fallback. Likewise prompt chunks go to the prefill kernel installed for the cache (the in-place Triton kernel of
+serve/engine/paged_triton_prefill.py), all chunks of a step in one launch; ``_prefill_attention``, which gathers a
+later chunk's prefix and masks it densely, is the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -36,7 +38,16 @@ class PrefillChunk:
     end: int
     position: int
     blocks: torch.Tensor  # the sequence's block ids covering positions [0, position + end - start)
-    mask: Optional[torch.Tensor]  # [chunk, position + chunk] causal mask; None when position == 0
+    mask: Optional[torch.Tensor] = None  # [chunk, position + chunk] causal mask (None: the reference builds it)
+
+
+@dataclass(frozen=True)
+class ChunkBatch:
+    """A step's prompt chunks as one kernel's inputs, on the layout's device."""
+
+    spans: torch.Tensor  # [3, chunks]: each chunk's first row in the step, its length, the tokens cached before it
+    tables: torch.Tensor  # [chunks, width] each chunk's block table, padded with block 0
+    longest: int  # the longest chunk's length (sizes the grid)
 
 
 @dataclass
@@ -50,6 +61,7 @@ class StepLayout:
     prefills: list[PrefillChunk]
     _copies: dict = field(default_factory=dict, repr=False)
     _lengths: Optional[torch.Tensor] = field(default=None, repr=False)
+    _chunk_batch: Optional[ChunkBatch] = field(default=None, repr=False)
 
     def decode_lengths(self) -> torch.Tensor:
         """[decode] how many cached positions each decode sequence sees: its mask counted on the device, once a
@@ -57,6 +69,16 @@ class StepLayout:
         if self._lengths is None:
             self._lengths = self.decode_mask.reshape(self.decode_count, -1).sum(-1)
         return self._lengths
+
+    def chunk_batch(self) -> ChunkBatch:
+        """The prompt chunks as kernel inputs, built once a step (one small upload; tables padded on the device)."""
+        if self._chunk_batch is None:
+            chunks, device = self.prefills, self.rows.device
+            lengths = [chunk.end - chunk.start for chunk in chunks]
+            spans = [[chunk.start for chunk in chunks], lengths, [chunk.position for chunk in chunks]]
+            tables = torch.nn.utils.rnn.pad_sequence([chunk.blocks for chunk in chunks], batch_first=True)
+            self._chunk_batch = ChunkBatch(torch.tensor(spans, dtype=torch.long, device=device), tables, max(lengths))
+        return self._chunk_batch
 
     def on(self, device: torch.device) -> "StepLayout":
         """This layout with its tensors on ``device`` (copied once per step for each other GPU of a split model)."""
@@ -79,6 +101,8 @@ _active = threading.local()
 Scales = Optional[tuple[torch.Tensor, torch.Tensor]]  # an fp8 cache's (key, value) scales of a layer (kv_cache.py)
 DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, StepLayout, Optional[float], Scales], torch.Tensor]
 _decode_kernels: "weakref.WeakKeyDictionary[PagedKVCache, DecodeKernel]" = weakref.WeakKeyDictionary()
+PrefillKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, StepLayout, Optional[float], torch.Tensor], None]
+_prefill_kernels: "weakref.WeakKeyDictionary[PagedKVCache, PrefillKernel]" = weakref.WeakKeyDictionary()
 
 
 def use_decode_kernel(cache: PagedKVCache, kernel: Optional[DecodeKernel]) -> None:
@@ -87,6 +111,15 @@ def use_decode_kernel(cache: PagedKVCache, kernel: Optional[DecodeKernel]) -> No
         _decode_kernels.pop(cache, None)
     else:
         _decode_kernels[cache] = kernel
+
+
+def use_prefill_kernel(cache: PagedKVCache, kernel: Optional[PrefillKernel]) -> None:
+    """Prompt chunks over ``cache`` run ``kernel``, which writes every chunk's rows of the output it is given (None:
+    the gathering reference, ``_prefill_attention``, chunk by chunk)."""
+    if kernel is None:
+        _prefill_kernels.pop(cache, None)
+    else:
+        _prefill_kernels[cache] = kernel
 
 
 class active_step:
@@ -136,6 +169,10 @@ def attend(
     out = torch.empty_like(query)
     if layout.decode_count:
         out[: layout.decode_count] = decode(query, keys, values, layout, scaling, scales)
+    prefill = _prefill_kernels.get(cache)
+    if prefill is not None:
+        prefill(query, keys, values, layout, scaling, out)
+        return out
     for chunk in layout.prefills:
         out[chunk.start : chunk.end] = _prefill_attention(query, key, value, keys, values, chunk, scaling, scales)
     return out
@@ -174,6 +211,7 @@ def _prefill_attention(
 ) -> torch.Tensor:
     """A prompt chunk attends causally to its sequence's cached tokens and itself: [chunk, heads, dim] (``scales``:
     an fp8 cache's, for its gathered prefix)."""
+    mask = chunk.mask
     if chunk.position == 0:  # nothing cached before it: the step's own keys and values, no gather
         k, v = key[chunk.start : chunk.end], value[chunk.start : chunk.end]
     else:
@@ -181,12 +219,15 @@ def _prefill_attention(
         k, v = keys[chunk.blocks].flatten(0, 1)[:seen], values[chunk.blocks].flatten(0, 1)[:seen]
         if scales is not None:
             k, v = dequantize(k, scales[0], query.dtype), dequantize(v, scales[1], query.dtype)
+        if mask is None:
+            rows = torch.arange(chunk.end - chunk.start, device=query.device)[:, None] + chunk.position
+            mask = torch.arange(seen, device=query.device)[None, :] <= rows
     out = F.scaled_dot_product_attention(
         query[chunk.start : chunk.end].transpose(0, 1)[None],
         k.transpose(0, 1)[None].to(query.dtype),
         v.transpose(0, 1)[None].to(query.dtype),
-        attn_mask=chunk.mask,
-        is_causal=chunk.mask is None,
+        attn_mask=mask,
+        is_causal=mask is None,
         scale=scaling,
         enable_gqa=True,
     )

@@ -8,6 +8,10 @@
 - ``auto``: triton on CUDA, cpu on the CPU, each where it can run; sdpa otherwise.
 
 A named backend that cannot run here falls back to what ``auto`` picks, with both reasons in the report.
+
+Prompt chunks (prefill) take the in-place Triton kernel (serve.engine.paged_triton_prefill) on CUDA unless ``sdpa``
+is asked for (``triton`` also takes it on the CPU under Triton's interpreter, for the tests); elsewhere the
+reference gathers a later chunk's prefix. The report says which and why.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from typing import Callable, Optional
 
 import torch
 
-from serve.engine.attention import DecodeKernel, Scales, StepLayout, use_decode_kernel
+from serve.engine.attention import DecodeKernel, PrefillKernel, Scales, StepLayout, use_decode_kernel
+from serve.engine.attention import use_prefill_kernel
 from serve.engine.kv_cache import CacheShape, PagedKVCache, is_fp8
 from serve.engine.types import ATTENTION_BACKENDS
 
@@ -36,11 +41,13 @@ KERNEL_FOLDER = Path(tempfile.gettempdir()) / "sagemaker-llm-serve"  # <folder>/
 
 @dataclass(frozen=True)
 class AttentionReport:
-    """The decode attention backend in use, what was asked for, and why (shown in /info)."""
+    """The decode attention backend in use, what was asked for, and why; the same for prompt chunks (in /info)."""
 
     backend: str
     requested: str
     reason: str
+    prefill: str = "sdpa"
+    prefill_reason: str = ""
 
 
 Candidate = tuple[Optional[DecodeKernel], str]  # (the kernel, "") or (None, why it cannot run here)
@@ -51,7 +58,26 @@ def install_decode_backend(cache: PagedKVCache, requested: str, c_compiler: Opti
     name, kernel, reason = _choose(requested, cache.keys[0].device, cache.shape, c_compiler)
     use_decode_kernel(cache, kernel)
     log.info("Decode attention: %s (%s)", name, reason)
-    return AttentionReport(name, requested, reason)
+    prefill, prefill_kernel, prefill_reason = _choose_prefill(requested, cache.keys[0].device, cache.shape.dtype)
+    use_prefill_kernel(cache, prefill_kernel)
+    log.info("Prefill attention: %s (%s)", prefill, prefill_reason)
+    return AttentionReport(name, requested, reason, prefill, prefill_reason)
+
+
+def _choose_prefill(
+    requested: str, device: torch.device, dtype: torch.dtype
+) -> tuple[str, Optional[PrefillKernel], str]:
+    """(backend, kernel (None: the reference), reason) of prompt chunks' attention."""
+    from serve.engine.paged_triton_prefill import prefill_attention, prefill_unusable
+
+    if requested == "sdpa":
+        return "sdpa", None, "ATTENTION_BACKEND=sdpa: a later chunk's prefix gathered into a copy, dense causal mask"
+    if requested != "triton" and device.type != "cuda":
+        return "sdpa", None, f"no in-place prefill kernel for {device.type} devices: a later chunk's prefix gathered"
+    why_not = prefill_unusable(device, dtype)
+    if why_not:
+        return "sdpa", None, f"the Triton prefill kernel cannot run here ({why_not}): a later chunk's prefix gathered"
+    return "triton", prefill_attention, "the in-place Triton kernel, every chunk of a step in one launch"
 
 
 def _choose(
