@@ -1,0 +1,52 @@
+"""The CUDA graphs' self-check (serve/engine/graphs.py) on the CPU, with a fake capture: each batch bucket's
+narrowest and widest shapes are replayed against eager; a shape that differs or fails is dropped with its reason,
+the others keep their graphs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from serve.engine.graphs import PROBE_TOLERANCE, _report, checked_shapes, self_check
+
+BATCHES, WIDTHS = [1, 2, 4, 8], [4, 8, 16, 32]
+
+
+def fake_capture() -> SimpleNamespace:
+    """A StaticDecode whose every shape was 'captured' (a replay per shape)."""
+    return SimpleNamespace(replay={(batch, width): object() for batch in BATCHES for width in WIDTHS})
+
+
+def test_every_batch_bucket_is_checked_at_its_narrowest_and_widest_width():
+    assert checked_shapes(BATCHES, WIDTHS) == [(1, 4), (1, 32), (2, 4), (2, 32), (4, 4), (4, 32), (8, 4), (8, 32)]
+    assert checked_shapes([1, 3], [4]) == [(1, 4), (3, 4)]  # one width: each shape once
+
+
+def test_a_shape_that_differs_or_fails_is_dropped_and_the_others_kept():
+    static = fake_capture()
+
+    def measure(_, shape):
+        if shape == (4, 32):
+            raise RuntimeError("illegal memory access")
+        return 0.5 if shape == (8, 4) else 1e-4
+
+    checked = checked_shapes(BATCHES, WIDTHS)
+    errors, dropped = self_check(static, checked, measure)
+    assert set(static.replay) == {(b, w) for b in BATCHES for w in WIDTHS} - {(4, 32), (8, 4)}
+    assert dropped == [
+        "4x32: replay failed: RuntimeError: illegal memory access",
+        "8x4: replay differs from eager by 0.5 (relative)",
+    ]
+    assert set(errors) == set(checked) - {(4, 32)}
+    shapes = sorted(((b, w) for b in BATCHES for w in WIDTHS), reverse=True)
+    report = _report(static, shapes, errors, dropped, 1.0)
+    assert report.enabled and len(report.shapes) == 14 and (8, 4) not in report.shapes
+    assert report.checked == 7 and report.probe_error == pytest.approx(1e-4) and report.dropped == dropped
+
+
+def test_graphs_are_off_when_every_checked_shape_fails():
+    static = SimpleNamespace(replay={(1, 4): object(), (1, 8): object()})
+    errors, dropped = self_check(static, [(1, 4), (1, 8)], lambda _, shape: 2 * PROBE_TOLERANCE)
+    report = _report(static, [(1, 8), (1, 4)], errors, dropped, 1.0)
+    assert not report.enabled and report.shapes == [] and report.reason.startswith("self-check failed: 1x4: replay")
