@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 from serve.engine.block_manager import BlockManager
 from serve.engine.speculative import (
+    Proposer,
     SpeculativeConfig,
     Speculator,
     accept_proposals,
@@ -95,6 +96,39 @@ def test_a_proposal_takes_free_blocks_beyond_the_headroom_and_is_cut_to_the_room
     assert (speculator.stats.proposed, speculator.stats.accepted, speculator.stats.accepted_lengths[2]) == (5, 2, 1)
 
 
+class Recording(Proposer):
+    """Proposes a run of 5s and records what the speculator tells it."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.settled, self.forgotten = [], []
+
+    def propose(self, seq, k):
+        return [5] * k
+
+    def settle(self, seq):
+        self.settled.append((seq.id, seq.num_cached))
+
+    def forget(self, seq):
+        self.forgotten.append(seq.id)
+
+
+def test_the_proposer_hears_each_verified_outcome_and_each_sequence_that_stops():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    table, _ = blocks.allocate([9] * 6, None, False)
+    seq, idle = running([1, 2, 3, 4, 5, 6], 5, table), running([1, 2], 1, [])
+    proposer = Recording()
+    speculator = Speculator(SpeculativeConfig("ngram", tokens=3), proposer)
+    speculator.plan([seq], blocks, headroom=0)
+    assert seq.proposal == [5, 5, 5] and len(table) == 3  # 9 tokens: 5 cached, the last one, 3 proposed
+    seq.num_cached = 7  # the runner kept one proposed token
+    speculator.settle([seq, idle], [seq, seq], blocks)
+    assert proposer.settled == [(seq.id, 7)]  # the row without a proposal is not settled
+    speculator.forgetting(lambda seq: None)(seq)
+    assert proposer.forgotten == [seq.id]
+
+
 def test_shrink_gives_back_the_tail_blocks():
     blocks = BlockManager(num_blocks=6, block_size=4)
     table, _ = blocks.allocate([1] * 16, None, False)
@@ -164,7 +198,38 @@ def test_settings_choose_the_proposer_and_its_sizes():
     config = engine_config(load_settings({"SPECULATIVE": "ngram", "SPECULATIVE_TOKENS": "6", "SPECULATIVE_NGRAM": "2"}))
     assert (config.speculative, config.speculative_tokens, config.speculative_ngram) == ("ngram", 6, 2)
     assert engine_config(load_settings({})).speculative == "off"
-    with pytest.raises(SettingsError, match="SPECULATIVE='medusa' is not one of off, ngram"):
+    with pytest.raises(SettingsError, match="SPECULATIVE='medusa' is not one of off, ngram, draft:<model id or path>"):
         load_settings({"SPECULATIVE": "medusa"})
+    draft = engine_config(load_settings({"SPECULATIVE": "Draft:/models/Small-1B"}))
+    assert (draft.speculative, draft.speculative_draft) == ("draft", "/models/Small-1B")  # the path keeps its case
+    assert engine_config(load_settings({"SPECULATIVE": "ngram"})).speculative_draft is None
+    with pytest.raises(SettingsError, match="SPECULATIVE='draft' names no model: write draft:<model id or path>"):
+        load_settings({"SPECULATIVE": "draft"})
+    with pytest.raises(SettingsError, match="ngram takes no model"):
+        load_settings({"SPECULATIVE": "ngram:/models/small"})
     with pytest.raises(SettingsError, match="SPECULATIVE_TOKENS"):
         load_settings({"SPECULATIVE_TOKENS": "0"})
+
+
+def test_describe_says_what_proposes():
+    assert SpeculativeConfig().describe() == "off"
+    assert (
+        SpeculativeConfig("ngram", 4, 2).describe() == "ngram: 4 tokens proposed per step, matching the last 2 tokens"
+    )
+    assert SpeculativeConfig("draft", 5, 3, "org/small").describe() == (
+        "draft (org/small): 5 tokens proposed per step, the draft model's greedy tokens"
+    )
+
+
+def test_a_draft_speculator_needs_its_draft_model():
+    import pytest
+
+    from serve.engine.speculative import make_speculator
+    from serve.engine.types import EngineConfig
+
+    config = EngineConfig(speculative="draft", speculative_draft="org/small")
+    with pytest.raises(ValueError, match="SPECULATIVE=draft needs a draft model loaded beside the target"):
+        make_speculator(config)
+    proposer = Recording()
+    assert make_speculator(config, proposer).proposer is proposer
+    assert make_speculator(EngineConfig(speculative="ngram"), proposer).proposer is not proposer

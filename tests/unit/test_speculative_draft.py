@@ -187,3 +187,52 @@ def test_the_draft_cache_comes_out_of_the_targets_memory_budget():
     )
     assert target_share(target, None, torch.float32) == 1.0
     assert target_share(target, draft, torch.float32) == pytest.approx(4 * 2 * 16 / (4 * 2 * 16 + 1 * 2 * 16))
+
+
+def drafters(engine, count):
+    """``count`` draft proposers over the engine's draft model, each with a fresh cache of 24 blocks of 4."""
+    import torch
+
+    from serve.engine.draft import DraftProposer, draft_shape
+    from serve.engine.kv_cache import PagedKVCache
+
+    model = engine.loaded.draft
+    shape = draft_shape(model, torch.float32)
+    return [DraftProposer(model, PagedKVCache(shape, 24, 4, model.device)) for _ in range(count)]
+
+
+def decoding(tokens, table):
+    """A decoding sequence whose last token is not cached yet."""
+    return SimpleNamespace(id="row", all_ids=list(tokens), num_cached=len(tokens) - 1, block_table=list(table))
+
+
+def assert_same_draft_cache(drafter, fresh, seq):
+    """The draft's keys of every position the sequence's blocks hold equal those a fresh draft computed."""
+    rows = [seq.block_table[p // 4] * 4 + p % 4 for p in range(seq.num_cached + 1)]
+    for layer in range(drafter.cache.shape.layers):
+        mine, theirs = (d.cache.keys[layer].flatten(0, 1)[rows] for d in (drafter, fresh))
+        assert (mine - theirs).abs().max().item() < 1e-4, layer
+
+
+def test_after_a_rejection_and_steps_without_proposals_the_draft_recomputes_what_it_had_guessed(
+    self_draft_engine, prompt_ids
+):
+    drafter, fresh = drafters(self_draft_engine, 2)
+    seq = decoding(prompt_ids[0], range(1, 17))
+    guess = drafter.propose(seq, 4)
+    other = guess[1] + 1  # the target kept the first proposed token, then sampled another than the second
+    seq.all_ids += [guess[0], other, 7, 8, 9]  # then three steps without proposals
+    seq.num_cached += 5
+    drafter.settle(SimpleNamespace(id=seq.id, num_cached=seq.num_cached - 3))  # as settled after the verify step
+    assert drafter.propose(seq, 3) == fresh.propose(seq, 3)
+    assert_same_draft_cache(drafter, fresh, seq)
+
+
+def test_a_forgotten_sequence_is_drafted_afresh_in_its_new_blocks(self_draft_engine, prompt_ids):
+    drafter, fresh = drafters(self_draft_engine, 2)
+    seq = decoding(prompt_ids[1], range(1, 9))
+    drafter.propose(seq, 2)
+    drafter.forget(seq)  # preempted: its blocks went back, and it resumes in others
+    seq.block_table = list(range(9, 17))
+    assert drafter.propose(seq, 2) == fresh.propose(seq, 2)
+    assert_same_draft_cache(drafter, fresh, seq)
