@@ -90,7 +90,7 @@ class Settings:
     max_total_tokens: Optional[int] = EngineConfig.max_total_tokens
     max_concurrent_requests: int = EngineConfig.max_concurrent_requests
     max_batch_total_tokens: Optional[int] = EngineConfig.max_batch_total_tokens
-    max_batch_prefill_tokens: int = EngineConfig.max_batch_prefill_tokens
+    max_batch_prefill_tokens: Optional[int] = EngineConfig.max_batch_prefill_tokens  # None: 4,096 on a GPU, else 512
     max_batch_size: Optional[int] = EngineConfig.max_batch_size
     kv_block_size: int = EngineConfig.kv_block_size  # tokens per KV-cache block
     enable_prefix_caching: bool = EngineConfig.enable_prefix_caching

@@ -3,6 +3,7 @@ events."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
@@ -16,7 +17,8 @@ from serve.engine.scheduler import Event, Scheduler, StepOutput, StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.stopping import eos_token_ids
 from serve.engine.stream import RequestStream
-from serve.engine.types import EngineConfig, EngineLoad, EngineStats, Limits, Request, total_token_limit
+from serve.engine.types import EngineConfig, EngineLoad, EngineStats, Limits, Request, prefill_token_budget
+from serve.engine.types import total_token_limit
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +281,8 @@ class Engine:
         from serve.engine.runner import ModelRunner
 
         self.loaded = self._load()
-        config = self.config
+        budget = prefill_token_budget(self.config.max_batch_prefill_tokens, getattr(self.loaded, "device", None))
+        config = self.config = dataclasses.replace(self.config, max_batch_prefill_tokens=budget)
         total = total_token_limit(self.loaded.max_context, config.max_total_tokens)
         max_input = min(config.max_input_tokens or total - 1, total - 1)
         model = self.loaded.model
@@ -310,7 +313,7 @@ class Engine:
         if config.cuda_graphs:
             self._runner.capture_graphs()
         self.scheduler = self._scheduler(BlockManager(blocks, size, config.enable_prefix_caching), max_batch)
-        self.limits = Limits(max_input, total, (blocks - 1) * size, max_batch, size, blocks - 1)
+        self.limits = Limits(max_input, total, (blocks - 1) * size, max_batch, size, blocks - 1, budget)
         lora = getattr(model, "serve_lora", None)
         if lora is not None and ranks is not None:  # an adapter leaves every rank when it leaves rank 0
             lora.on_remove = ranks.send_adapter_removal

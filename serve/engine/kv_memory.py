@@ -22,7 +22,7 @@ import torch
 
 from serve.engine.kv_cache import CacheShape, PagedKVCache, default_cache_bytes
 from serve.engine.step_inputs import StepInputs
-from serve.engine.types import EngineConfig
+from serve.engine.types import EngineConfig, prefill_token_budget
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ def profile_devices(
     scratch = PagedKVCache(shape, 2, config.kv_block_size, devices)
     install_decode_backend(scratch, config.attention_backend, config.c_compiler)
     runner = ModelRunner(model, scratch, None, max_batch, width)
-    step = widest_step(max_batch, width, config.kv_block_size, config.max_batch_prefill_tokens, total)
+    prefill = prefill_token_budget(config.max_batch_prefill_tokens, devices[0])  # unset: the GPU default
+    step = widest_step(max_batch, width, config.kv_block_size, prefill, total)
     peak = _peaks(memory, gpus, lambda: runner.forward(step).float().log_softmax(-1))
     graphs = {gpu: 0 for gpu in gpus}
     if config.cuda_graphs:  # the widest decode-only step: what the graphs' pool will keep

@@ -78,7 +78,7 @@ class EngineConfig:
     max_total_tokens: Optional[int] = None
     max_input_tokens: Optional[int] = None
     max_batch_total_tokens: Optional[int] = None
-    max_batch_prefill_tokens: int = 512
+    max_batch_prefill_tokens: Optional[int] = None  # None: by the model's device (prefill_token_budget)
     max_batch_size: Optional[int] = None
     kv_block_size: int = 16
     enable_prefix_caching: bool = True
@@ -93,6 +93,17 @@ class EngineConfig:
     speculative_tokens: int = 4  # SPECULATIVE_TOKENS: tokens proposed per step (k)
     speculative_ngram: int = 3  # SPECULATIVE_NGRAM: tokens the n-gram proposer matches (n)
     speculative_draft: Optional[str] = None  # SPECULATIVE=draft:<model id or path>: the draft model's source
+
+
+CPU_PREFILL_TOKENS = 512  # MAX_BATCH_PREFILL_TOKENS when not set, the model on the CPU
+GPU_PREFILL_TOKENS = 4096  # the same on a GPU: a step's prompt tokens repay its read of the weights
+
+
+def prefill_token_budget(configured: Optional[int], device: Any) -> int:
+    """Prompt tokens one step may prefill: MAX_BATCH_PREFILL_TOKENS when set, else the default for ``device``."""
+    if configured is not None:
+        return configured
+    return GPU_PREFILL_TOKENS if getattr(device, "type", None) == "cuda" else CPU_PREFILL_TOKENS
 
 
 CONTEXT_CAP = 4096  # tokens a sequence may hold when max_total_tokens is not set and the model allows more
@@ -177,6 +188,7 @@ class Limits:
     max_batch_size: int  # sequences that may run at once
     kv_block_size: int = EngineConfig.kv_block_size
     kv_blocks: int = 0  # blocks in the pool (scratch excluded)
+    max_batch_prefill_tokens: int = CPU_PREFILL_TOKENS  # prompt tokens a step may prefill (prefill_token_budget)
 
 
 @dataclass

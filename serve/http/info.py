@@ -19,10 +19,11 @@ def info_body(engine: EngineClient, settings: Settings, adapters: Iterable[str])
         body.update(_model_info(engine, adapters))
         chat_output = model_output_format(engine.tokenizer, settings)
         body.update(reasoning_parser=chat_output.reasoning_parser, tool_call_parser=chat_output.tool_call_parser)
+    prefill_tokens = engine.limits.max_batch_prefill_tokens if engine.ready else engine.config.max_batch_prefill_tokens
     body.update(
         {
             "max_concurrent_requests": settings.max_concurrent_requests,
-            "max_batch_prefill_tokens": engine.config.max_batch_prefill_tokens,
+            "max_batch_prefill_tokens": prefill_tokens,  # unset: decided by the model's device at load
             "speculative": speculative_description(engine.config),  # SPECULATIVE: off, or what proposes and how much
             "messages_api_enabled": settings.messages_api_enabled,
             "router": "sagemaker-llm-serve",

@@ -154,3 +154,18 @@ def test_the_cpu_keeps_the_reference_unless_triton_is_asked_for():
 
 if __name__ == "__main__":  # run under TRITON_INTERPRET=1 in a fresh process (Triton reads it when imported)
     print(json.dumps({"errors": kernel_errors(), "engine": engine_runs(sys.argv[1])}))
+
+
+def test_the_prefill_token_budget_is_sized_for_a_gpu_unless_set():
+    from serve.config import load_settings
+    from serve.engine.types import prefill_token_budget
+
+    assert load_settings({}).max_batch_prefill_tokens is None  # unset: decided at load by the model's device
+    assert prefill_token_budget(None, torch.device("cuda", 0)) == 4096
+    assert prefill_token_budget(None, torch.device("cpu")) == 512  # the CPU keeps its default
+    assert prefill_token_budget(64, torch.device("cuda", 0)) == 64  # MAX_BATCH_PREFILL_TOKENS wins
+
+
+def test_an_engine_on_the_cpu_prefills_512_tokens_a_step_and_info_says_so(tiny_engine, client):
+    assert tiny_engine.limits.max_batch_prefill_tokens == 512 and tiny_engine.scheduler.prefill_budget == 512
+    assert client.get("/info").get_json()["max_batch_prefill_tokens"] == 512
