@@ -1,10 +1,13 @@
 """Decode steps over fixed shapes, so that a GPU can replay them as CUDA graphs.
 
 A decode-only step is padded to a batch-size bucket (1, 2, 4, 8, 16, 24, 32, 48, 64, ...) and its block tables to
-a width bucket (a power of two of blocks). Its inputs live in one static device buffer, laid out per shape as
-[ids | positions | cache rows | lengths | block tables], filled by ONE host-to-device copy from pinned memory.
-Padded rows read and write the scratch block only. The forward over a shape is the same code eager (the CPU, or
-a shape without a graph) and captured (serve/engine/graphs.py), so the CPU tests prove the path the GPU replays.
+a width bucket (a power of two of blocks). Its inputs live in static device buffers: [ids | positions | cache rows
+| lengths] laid out per shape, and a persistent [max batch, max blocks] block-table array whose rows are kept from
+step to step: a step writes only the entries that changed (a new block, a sequence that joined or moved), so the
+host neither rebuilds nor uploads whole tables. Both go in ONE non-blocking copy from a pinned staging buffer
+(serve/engine/uploads.py). Padded rows read and write the scratch block only. The forward over a shape is the
+same code eager (the CPU, or a shape without a graph) and captured (serve/engine/graphs.py), so the CPU tests
+prove the path the GPU replays.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from serve.engine.attention import StepLayout, active_step
 from serve.engine.block_manager import SCRATCH_BLOCK
 from serve.engine.kv_cache import PagedKVCache
+from serve.engine.uploads import Uploads
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 MIN_WIDTH_BLOCKS = 4
@@ -40,15 +44,51 @@ def _fit(value: int, buckets: list[int]) -> int:
     return buckets[bisect.bisect_left(buckets, value)]
 
 
+def _common_prefix(old: list[int], new: list[int]) -> int:
+    """How many leading entries ``old`` and ``new`` share (all of ``old`` when ``new`` only appended)."""
+    if new[: len(old)] == old:
+        return len(old)
+    for index, (a, b) in enumerate(zip(old, new)):
+        if a != b:
+            return index
+    return min(len(old), len(new))
+
+
+class TableRows:
+    """What each row of the persistent block-table array holds (entries past a row's list are the scratch block),
+    so that a step writes only what changed."""
+
+    def __init__(self, max_batch: int, max_blocks: int):
+        self.max_blocks = max_blocks
+        self.written: list[list[int]] = [[] for _ in range(max_batch)]
+
+    def changes(self, tables: list[list[int]], batch: int) -> tuple[list[int], list[int]]:
+        """(flat indices, block ids) that turn rows 0..batch-1 into ``tables`` (the rows past them: scratch)."""
+        indices: list[int] = []
+        blocks: list[int] = []
+        for row in range(batch):
+            new, old = tables[row] if row < len(tables) else [], self.written[row]
+            if len(new) == len(old) and new == old:
+                continue
+            same = _common_prefix(old, new)
+            start = row * self.max_blocks
+            indices.extend(range(start + same, start + max(len(new), len(old))))
+            blocks.extend(new[same:])
+            blocks.extend([SCRATCH_BLOCK] * (len(old) - max(len(new), same)))
+            self.written[row] = list(new)  # a copy: a sequence's table changes in place
+        return indices, blocks
+
+
 class StaticDecode:
     """Static input buffers and the forward of one decode shape (batch bucket, width bucket)."""
 
     def __init__(self, model: Any, cache: PagedKVCache, device: torch.device, max_batch: int, max_blocks: int):
         self.model, self.cache, self.device = model, cache, device
         self.batches, self.widths = batch_buckets(max_batch), width_buckets(max_blocks)
-        size = max_batch * (4 + max_blocks)
-        self.inputs = torch.zeros(size, dtype=torch.long, device=device)
-        self.staging = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.inputs = torch.zeros(4 * max_batch, dtype=torch.long, device=device)
+        self.tables = torch.full((max_batch, max_blocks), SCRATCH_BLOCK, dtype=torch.long, device=device)
+        self.rows = TableRows(max_batch, max_blocks)
+        self.uploads = Uploads(device)
         self.logit_rows = torch.arange(max_batch, device=device)
         self.replay: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}  # captured shapes (graphs.py)
         # Pad to buckets where graphs replay fixed shapes (CUDA). Eagerly, padding only adds work (padded rows run
@@ -64,8 +104,8 @@ class StaticDecode:
         return _fit(batch, self.batches), _fit(widest, self.widths)
 
     def load(self, rows: list[tuple[int, int, list[int]]], shape: Optional[tuple[int, int]] = None) -> tuple[int, int]:
-        """Copy one step's (token id, position, block table) per sequence into the static buffer; its shape
-        (the smallest bucket that holds them unless ``shape`` is given)."""
+        """Copy one step's (token id, position, block table) per sequence into the static buffers (of the tables,
+        only the entries that changed); its shape (the smallest bucket that holds them unless ``shape`` is given)."""
         block_size = self.cache.block_size
         batch, width = shape or self.shape_for(len(rows), max(len(table) for _, _, table in rows))
         pad = batch - len(rows)
@@ -73,11 +113,12 @@ class StaticDecode:
         positions = [position for _, position, _ in rows] + [0] * pad
         cache_rows = [table[p // block_size] * block_size + p % block_size for _, p, table in rows] + [0] * pad
         lengths = [position + 1 for _, position, _ in rows] + [1] * pad
-        tables = [value for _, _, table in rows for value in table + [SCRATCH_BLOCK] * (width - len(table))]
-        packed = ids + positions + cache_rows + lengths + tables + [SCRATCH_BLOCK] * (pad * width)
-        count = len(packed)
-        self.staging[:count].copy_(torch.tensor(packed, dtype=torch.long))
-        self.inputs[:count].copy_(self.staging[:count], non_blocking=True)
+        indices, blocks = self.rows.changes([table for _, _, table in rows], batch)
+        sent = self.uploads.tensor(ids + positions + cache_rows + lengths + indices + blocks, torch.long)
+        self.inputs[: 4 * batch].copy_(sent[: 4 * batch])
+        if indices:
+            changed = sent[4 * batch :].view(2, -1)
+            self.tables.view(-1).scatter_(0, changed[0], changed[1])
         return batch, width
 
     def forward(self, batch: int, width: int) -> torch.Tensor:
@@ -87,9 +128,8 @@ class StaticDecode:
 
     def run(self, batch: int, width: int) -> torch.Tensor:
         """The eager forward of one shape over the static buffer (also what graphs.py captures)."""
-        views = self.inputs[: batch * (4 + width)]
-        ids, positions, rows, lengths = (views[i * batch : (i + 1) * batch] for i in range(4))
-        tables = views[4 * batch :].view(batch, width)
+        ids, positions, rows, lengths = self.inputs[: 4 * batch].view(4, batch)
+        tables = self.tables[:batch, :width].contiguous()  # kernels take [batch, width] tables, as uploaded before
         span = torch.arange(width * self.cache.block_size, device=self.device)
         mask = (span[None, :] < lengths[:, None])[:, None, None, :]
         layout = StepLayout(rows, batch, tables, mask, [])
@@ -110,4 +150,4 @@ class StaticDecode:
         rows = [(token, 0, [SCRATCH_BLOCK]) for token in ids]
         self.load(rows, (batch, width))
         # positions vary (RoPE differs per row); every row still reads and writes the scratch block only
-        self.inputs[batch : 2 * batch].copy_(torch.tensor(positions, device=self.device))
+        self.inputs[batch : 2 * batch].copy_(self.uploads.tensor(positions, torch.long))

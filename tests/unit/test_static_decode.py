@@ -1,8 +1,10 @@
 """The static-shape decode path (what a GPU captures as CUDA graphs), proven on the CPU: bucketed shapes, padded
 rows that touch only the scratch block, one device-to-host read per step, seeds independent of the bucket."""
 
+import random
 import threading
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from serve.engine import Engine, Request, SamplingParams
 from serve.engine.types import Watermark
 from serve.engine.grammar import regex_grammar
 from serve.engine.graphs import capture_decode_graphs
-from serve.engine.static_decode import batch_buckets, width_buckets
+from serve.engine.block_manager import SCRATCH_BLOCK
+from serve.engine.static_decode import StaticDecode, TableRows, batch_buckets, width_buckets
 from serve.loading.loader import load_model
 from tests.helpers import wait_for
 
@@ -156,3 +159,33 @@ def test_every_captured_shape_can_be_loaded_with_a_probe_that_touches_only_scrat
         logits = static.run(batch, width)
         assert logits.shape == (batch, engine.loaded.model.config.vocab_size) and logits.isfinite().all()
     assert all((keys[1:] == old).all() for keys, old in zip(cache.keys, before))
+
+
+def test_a_step_writes_only_the_table_entries_that_changed():
+    rows, width = TableRows(4, 8), 8
+    assert rows.changes([[3, 4], [5]], 2) == ([0, 1, width], [3, 4, 5])  # first step: every entry
+    assert rows.changes([[3, 4], [5]], 2) == ([], [])  # nothing changed: nothing written
+    assert rows.changes([[3, 4, 9], [5]], 2) == ([2], [9])  # a new block: one entry
+    assert rows.changes([[3, 4, 9], [7, 8]], 2) == ([width, width + 1], [7, 8])  # another sequence on row 1
+    assert rows.changes([[3, 6]], 3) == ([1, 2, width, width + 1], [6, SCRATCH_BLOCK] + [SCRATCH_BLOCK] * 2)
+
+
+def test_persistent_tables_match_tables_built_afresh_over_random_steps():
+    static = StaticDecode(None, SimpleNamespace(block_size=4), torch.device("cpu"), max_batch=8, max_blocks=16)
+    static.pad = True
+    randomly, live = random.Random(5), {}
+    for _ in range(200):
+        for name in randomly.sample(sorted(live), k=randomly.randint(0, min(2, len(live)))):
+            del live[name]  # finished
+        while len(live) < randomly.randint(1, 8):
+            live[randomly.random()] = [randomly.randint(1, 99) for _ in range(randomly.randint(1, 6))]
+        for table in live.values():
+            if randomly.random() < 0.3 and len(table) < 16:
+                table.append(randomly.randint(1, 99))  # a new block, in place
+            elif randomly.random() < 0.1 and len(table) > 1:
+                del table[randomly.randint(1, len(table) - 1) :]  # shrunk (rejected proposals)
+        order = randomly.sample(list(live.values()), k=len(live))
+        batch, width = static.load([(1, 0, table) for table in order])
+        expected = [table + [SCRATCH_BLOCK] * (width - len(table)) for table in order]
+        expected += [[SCRATCH_BLOCK] * width] * (batch - len(order))
+        assert static.tables[:batch, :width].tolist() == expected
