@@ -34,32 +34,42 @@ CASES = (  # kv_heads, head dim, dtype, chunks drawn at random besides EDGES
 )
 
 
-def random_step(kv_heads: int, dim: int, dtype: torch.dtype, drawn: int, seed: int):
-    """(cache, layout, query, key, value): two decode tokens, then EDGES and ``drawn`` random chunks, each over its
-    own random blocks of a one-layer cache of random values."""
+def drawn_spans(drawn: int, seed: int) -> list[tuple[int, int]]:
+    """EDGES and ``drawn`` random chunks: (cached before, 0 to 300; length, 1 to 64)."""
+    generator = torch.Generator().manual_seed(seed)
+    positions, lengths = torch.randint(0, 301, (drawn,), generator=generator), torch.randint(1, 65, (drawn,))
+    return EDGES + list(zip(positions.tolist(), lengths.tolist()))
+
+
+def random_step(
+    kv_heads: int, dim: int, dtype: torch.dtype, spans: list[tuple[int, int]], seed: int, heads: int = HEADS,
+    device: str = "cpu",
+):  # fmt: skip
+    """(cache, layout, query, key, value) on ``device``: two decode tokens, then a chunk per (cached before, length)
+    of ``spans``, each over its own random blocks of a one-layer cache of random values."""
     from serve.engine.attention import PrefillChunk, StepLayout
     from serve.engine.kv_cache import CacheShape, PagedKVCache
 
     generator = torch.Generator().manual_seed(seed)
-    positions, lengths = torch.randint(0, 301, (drawn,), generator=generator), torch.randint(1, 65, (drawn,))
-    spans = EDGES + list(zip(positions.tolist(), lengths.tolist()))
     widths = [-(-(position + length) // BLOCK_SIZE) for position, length in spans] + [3, 1]  # + two decode tables
     order = (torch.randperm(sum(widths), generator=generator) + 1).split(widths)  # disjoint, block 0 never used
-    cache = PagedKVCache(CacheShape(1, kv_heads, dim, dtype), sum(widths) + 1, BLOCK_SIZE, torch.device("cpu"))
+    cache = PagedKVCache(CacheShape(1, kv_heads, dim, dtype), sum(widths) + 1, BLOCK_SIZE, torch.device(device))
     cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator))
     cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator))
+    order = [table.to(device) for table in order]
     decode_lengths, rows, chunks = [40, 9], [], []
     for table, seen in zip(order[-2:], decode_lengths):
         rows.append(int(table[(seen - 1) // BLOCK_SIZE]) * BLOCK_SIZE + (seen - 1) % BLOCK_SIZE)
     for table, (position, length) in zip(order, spans):
         start = len(rows)
-        rows += [int(table[p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE for p in range(position, position + length)]
+        at = torch.arange(position, position + length, device=device)
+        rows += (table[at // BLOCK_SIZE] * BLOCK_SIZE + at % BLOCK_SIZE).tolist()
         chunks.append(PrefillChunk(start, len(rows), position, table))
     tables = torch.stack([order[-2], torch.cat([order[-1], order[-1].new_zeros(2)])])  # padded with scratch
     mask = (torch.arange(3 * BLOCK_SIZE)[None, :] < torch.tensor(decode_lengths)[:, None])[:, None, None, :]
-    layout = StepLayout(torch.tensor(rows), 2, tables, mask, chunks)
-    new = lambda heads: torch.randn(len(rows), heads, dim, generator=generator).to(dtype)  # noqa: E731
-    query = new(HEADS).transpose(0, 1).contiguous().transpose(0, 1)  # strided, as transformers hands queries over
+    layout = StepLayout(torch.tensor(rows, device=device), 2, tables, mask.to(device), chunks)
+    new = lambda count: torch.randn(len(rows), count, dim, generator=generator).to(device, dtype)  # noqa: E731
+    query = new(heads).transpose(0, 1).contiguous().transpose(0, 1)  # strided, as transformers hands queries over
     return cache, layout, query, new(kv_heads), new(kv_heads)
 
 
@@ -71,7 +81,8 @@ def kernel_errors() -> dict[str, float]:
     errors = {}
     for seed, case in enumerate(CASES):
         kv_heads, dim, dtype, drawn = case
-        cache, layout, query, key, value = random_step(kv_heads, dim, getattr(torch, dtype), drawn, seed)
+        spans = drawn_spans(drawn, seed)
+        cache, layout, query, key, value = random_step(kv_heads, dim, getattr(torch, dtype), spans, seed)
         outputs = []
         for kernel in (None, prefill_attention):
             use_prefill_kernel(cache, kernel)
