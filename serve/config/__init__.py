@@ -75,6 +75,11 @@ class Settings:
     dtype: str = "auto"
     load_format: str = "auto"  # HF_MODEL_LOAD_FORMAT: "dummy" builds the model from config.json with random weights
     chat_template: Optional[str] = None  # CHAT_TEMPLATE: Jinja text overriding the model's own chat template
+    allow_image_urls: bool = False  # ALLOW_IMAGE_URLS: fetch http(s) image_url parts (else data URLs only)
+    max_images_per_request: int = 8  # MAX_IMAGES_PER_REQUEST
+    max_image_bytes: int = 10 * 1024 * 1024  # MAX_IMAGE_BYTES: one image's encoded size
+    max_image_pixels: int = 4096 * 4096  # MAX_IMAGE_PIXELS: one image's width x height, checked before decoding
+    image_fetch_timeout_s: float = 10.0  # IMAGE_FETCH_TIMEOUT_S: an http(s) image's download
     reasoning_parser: str = "auto"  # REASONING_PARSER: how thoughts are told from the answer (auto: the template)
     tool_call_parser: str = "auto"  # TOOL_CALL_PARSER: the format tool calls are read in (auto: the template)
     placement: str = "auto"
@@ -143,6 +148,21 @@ def on_sagemaker(environ: Mapping[str, str], opt_ml: str = "/opt/ml") -> bool:
     """True inside a SageMaker container: /opt/ml exists, or variables SageMaker and its SDK set are there."""
     names = ("SAGEMAKER_ENDPOINT_NAME", "SAGEMAKER_REGION", "SAGEMAKER_CONTAINER_LOG_LEVEL", "SAGEMAKER_PROGRAM")
     return os.path.isdir(opt_ml) or any(environ.get(name) for name in names)
+
+
+def _chat_values(env: Mapping[str, str]) -> dict[str, object]:
+    """How chat messages are read and answered: the template, the reasoning and tool-call parsers, and the limits on
+    images (and whether http(s) images are fetched)."""
+    return {
+        "chat_template": _read(env, ("CHAT_TEMPLATE",), parse_template),
+        "reasoning_parser": _read(env, ("REASONING_PARSER",), parse_choice(REASONING_PARSERS)),
+        "tool_call_parser": _read(env, ("TOOL_CALL_PARSER",), parse_choice(TOOL_CALL_PARSERS)),
+        "allow_image_urls": _read(env, ("ALLOW_IMAGE_URLS",), parse_bool),
+        "max_images_per_request": _read(env, ("MAX_IMAGES_PER_REQUEST",), parse_positive_int),
+        "max_image_bytes": _read(env, ("MAX_IMAGE_BYTES",), parse_positive_int),
+        "max_image_pixels": _read(env, ("MAX_IMAGE_PIXELS",), parse_positive_int),
+        "image_fetch_timeout_s": _read(env, ("IMAGE_FETCH_TIMEOUT_S",), parse_seconds),
+    }
 
 
 def _server_values(env: Mapping[str, str]) -> dict[str, object]:
@@ -268,9 +288,6 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "api_key": _read(env, ("API_KEY",), parse_text),
         "dtype": _read(env, ("DTYPE",), parse_dtype),
         "load_format": _read(env, ("HF_MODEL_LOAD_FORMAT",), parse_choice(LOAD_FORMATS)),
-        "chat_template": _read(env, ("CHAT_TEMPLATE",), parse_template),
-        "reasoning_parser": _read(env, ("REASONING_PARSER",), parse_choice(REASONING_PARSERS)),
-        "tool_call_parser": _read(env, ("TOOL_CALL_PARSER",), parse_choice(TOOL_CALL_PARSERS)),
         "quantize": _read(env, ("HF_MODEL_QUANTIZE",), parse_choice(QUANTIZATIONS)),
         "lora_adapters": _read(env, ("LORA_ADAPTERS",), parse_adapters),
         "lean_model": _read(env, ("LEAN_MODEL",), parse_bool),
@@ -296,6 +313,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "c_compiler": _read(env, ("CC",), parse_text),
         "torch_threads": _read(env, ("TORCH_THREADS", "OMP_NUM_THREADS"), parse_positive_int),
         **_placement_values(env),
+        **_chat_values(env),
         **_server_values(env),
         **_sagemaker_values(env),
     }

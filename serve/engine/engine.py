@@ -337,13 +337,20 @@ class Engine:
         """A request's Sequence, with its RNG and grammar matcher (raises for a request that cannot start)."""
         generator = self._runner.generator_for(request.params)
         matcher = self.matchers.take(request)
-        return Sequence(request, self.loaded.tokenizer, self.eos_ids, generator, matcher)
+        seq = Sequence(request, self.loaded.tokenizer, self.eos_ids, generator, matcher)
+        if request.images is not None:  # encoded once, here; every prefill chunk (and a recompute) reuses them
+            from serve.engine.multimodal import encode_images
+
+            seq.images = encode_images(self.loaded.model, request.prompt_ids, request.images, self._runner.device)
+        return seq
 
     def _cache_key(self, request: Request) -> Optional[str]:
         """What a request's prefix-cache keys name besides its tokens: its adapter by name and install number (a name
         deleted and registered again from another folder never meets the old one's blocks), and its cache salt, so
-        that different salts never share a block. An adapter's part ends in ``#<number>``, a salted key is a JSON
-        list: the two forms never meet."""
+        that different salts never share a block, and its images' digests. An adapter's part ends in ``#<number>``,
+        a salted key is a JSON list of two, one with images a list of three: the forms never meet."""
         adapter, lora = request.adapter, getattr(self.loaded.model, "serve_lora", None)
         named = adapter if adapter is None or lora is None else f"{adapter}#{lora.index(adapter)}"
+        if request.images is not None:  # the same tokens with other images are another prefix
+            return json.dumps([named, request.cache_salt, list(request.images.digests)])
         return named if request.cache_salt is None else json.dumps([named, request.cache_salt])

@@ -10,6 +10,7 @@ import torch
 from serve.engine.attention import BACKEND_NAME, StepLayout, active_step
 from serve.engine.block_manager import SCRATCH_BLOCK
 from serve.engine.kv_cache import PagedKVCache
+from serve.engine.multimodal import takes_images, text_only_attention, uses_mrope, with_images
 from serve.engine.graphs import GraphReport, capture_decode_graphs
 from serve.engine.sampling import (
     NON_FINITE,
@@ -60,7 +61,8 @@ class ModelRunner:
             if not getattr(model, "_supports_attention_backend", False):
                 name = type(model).__name__
                 raise UnsupportedModel(f"{name} does not support pluggable attention; it cannot be batched")
-            model.set_attn_implementation(BACKEND_NAME)
+            vision = takes_images(model)  # a vision tower keeps its own attention
+            model.set_attn_implementation(text_only_attention(model, BACKEND_NAME) if vision else BACKEND_NAME)
         self.model = model
         self.cache = cache
         self.grammars = grammars  # serve.engine.grammar.Grammars: masks the logits of constrained sequences
@@ -74,6 +76,7 @@ class ModelRunner:
         self.counts = TokenCounts(model.config.get_text_config().vocab_size, self.device, self.uploads)  # penalties
         self.cpu_threads = cpu_threads
         self.ranks = ranks
+        self.mrope = uses_mrope(model)  # three-dimensional rotary positions (Qwen2-VL's M-RoPE)
 
     def capture_graphs(self) -> GraphReport:
         """Capture the decode shapes as CUDA graphs (a no-op with a reason off CUDA). LoRA layers are captured
@@ -141,7 +144,7 @@ class ModelRunner:
         if self.compiled.enabled and self.lora is not None and self.lora.layers:
             self._run_eagerly("a LoRA adapter was loaded (its per-step rows are not traced)")
         verifying = any(seq.proposal for seq in plan.decode)
-        if not plan.prefill and not verifying and all(seq.request.adapter is None for seq in plan.decode):
+        if not plan.prefill and not verifying and all(_plain_decode(seq) for seq in plan.decode):
             self._base_model_step()
             return self._static_decode(plan.decode)
         inputs, sampled, scored = self._inputs(plan)
@@ -166,10 +169,17 @@ class ModelRunner:
         if self.lora is not None:
             self.lora.begin_step(inputs.adapters or ())  # each token's adapter, in the layout's order
         input_ids, positions, layout, logit_rows = inputs.tensors(self.device, self.cache.block_size)
+        tokens = {"input_ids": input_ids[None]}
+        if inputs.image_features is not None:  # the prompt chunks' image tokens take their images' features
+            embeds = self.model.get_input_embeddings()(input_ids)
+            embeds[self._tensor(inputs.image_rows)] = inputs.image_features.to(embeds.device, embeds.dtype)
+            tokens = {"inputs_embeds": embeds[None]}
+        if inputs.rope_positions is not None:
+            positions = inputs.rope_positions.to(self.device)[:, None, :]  # [3, 1, tokens]: M-RoPE's (t, h, w)
+        else:
+            positions = positions[None]
         with active_step(self.cache, layout):
-            output = self.model(
-                input_ids=input_ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=logit_rows
-            )
+            output = self.model(**tokens, position_ids=positions, use_cache=False, logits_to_keep=logit_rows)
         return output.logits[0]
 
     def _static_decode(self, decode: list[Sequence]) -> tuple[list[Sequence], list[TokenChoice]]:
@@ -202,6 +212,7 @@ class ModelRunner:
         positions = [seq.num_cached for seq in decode]
         rows = [seq.block_table[p // size] * size + p % size for seq, p in zip(decode, positions)]
         adapters = [seq.request.adapter for seq in decode]
+        spans = [(seq, index, seq.num_cached, 1) for index, seq in enumerate(decode)]  # (seq, step index, first, count)
         sampled, logit_rows, chunks = list(decode), list(range(len(decode))), []
         verified = [(seq, [seq.all_ids[-1]] + seq.proposal, True) for seq in plan.decode if seq.proposal]
         prompts = [(seq, seq.prefill_ids[seq.num_cached :][:count], False) for seq, count in plan.prefill]
@@ -211,6 +222,7 @@ class ModelRunner:
             positions.extend(range(first, first + len(tokens)))
             rows.extend(seq.block_table[p // size] * size + p % size for p in range(first, first + len(tokens)))
             chunks.append((start, len(ids), first, seq.block_table[: -(-(first + len(tokens)) // size)]))
+            spans.append((seq, start, first, len(tokens)))
             adapters.extend([seq.request.adapter] * len(tokens))
             kept = len(tokens) if verifying else int(len(tokens) == seq.prompt_left)
             sampled.extend([seq] * kept)
@@ -219,7 +231,10 @@ class ModelRunner:
         width = max((len(seq.block_table) for seq in decode), default=0)
         tables = [seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)) for seq in decode]
         lengths = [seq.num_cached + 1 for seq in decode]
-        return StepInputs(ids, positions, rows, tables, lengths, chunks, logit_rows, adapters), sampled, scored
+        inputs = StepInputs(ids, positions, rows, tables, lengths, chunks, logit_rows, adapters)
+        if any(seq.images is not None for seq, *_ in spans):
+            with_images(inputs, spans, self.mrope)
+        return inputs, sampled, scored
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -289,3 +304,9 @@ class ModelRunner:
         adapter = seq.request.adapter
         cause = f" with adapter {adapter!r}" if adapter else ""
         return TokenChoice(None, error=f"the model's logits for this request{cause} were not finite (NaN or infinity)")
+
+
+def _plain_decode(seq: Sequence) -> bool:
+    """Whether a decoding sequence fits the fixed decode shape: the base model, and positions equal to its cache
+    index (no M-RoPE offset from images in its prompt)."""
+    return seq.request.adapter is None and (seq.images is None or seq.images.delta == 0)

@@ -30,6 +30,7 @@ class Sequence:
         self.prompt_top_logprobs: list[tuple[tuple[int, float], ...]] = [()]  # the params.logprobs likeliest at each
         self.output_ids: list[int] = []
         self.proposal: list[int] = []  # tokens proposed to follow the last one, verified in this step
+        self.images: Any = None  # serve.engine.multimodal.PromptImages: the prompt's encoded images, if any
         self.num_cached = 0  # tokens whose keys/values are in the cache
         self.eos_ids = frozenset() if request.params.ignore_eos else eos_ids
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_ids)

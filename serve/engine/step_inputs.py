@@ -6,8 +6,8 @@ without tensors, so the same object is sent to every other rank in one message a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
@@ -26,6 +26,10 @@ class StepInputs:
     chunks: list[tuple[int, int, int, list[int]]]  # (start, end, cached before, block table) of each prompt chunk
     logit_rows: list[int]  # the step positions whose logits are kept
     adapters: Optional[list[Optional[str]]] = None  # each token's LoRA adapter (None: no adapter in the step)
+    # a vision-language model's step (never sent to other ranks: such models run on one):
+    image_rows: list[int] = field(default_factory=list)  # the step positions that take an image feature
+    image_features: Any = None  # [image rows, hidden] their features, in order (None: no image token in the step)
+    rope_positions: Any = None  # [3, tokens] M-RoPE positions (None: ``positions`` in all three)
 
     def tensors(
         self, device: torch.device, block_size: int

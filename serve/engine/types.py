@@ -115,6 +115,17 @@ def total_token_limit(max_context: int, max_total_tokens: Optional[int] = None) 
     return min(max_total_tokens or min(max_context, CONTEXT_CAP), max_context)
 
 
+@dataclass(frozen=True)
+class ImageInputs:
+    """A prompt's images as the model's image processor made them: its arrays (``pixel_values`` and what else the
+    model's ``get_image_features`` takes), the placeholder token whose positions the images' features fill, in order,
+    and a digest of each image (prefix-cache keys name them)."""
+
+    arrays: dict[str, Any]
+    token_id: int
+    digests: tuple[str, ...]
+
+
 @dataclass
 class Request:
     """One generation request: prompt token ids plus sampling parameters."""
@@ -125,6 +136,7 @@ class Request:
     adapter: Optional[str] = None  # a LoRA adapter's name; None is the base model
     session_id: Optional[str] = None  # a live SageMaker stateful session: its conversation's KV blocks stay pinned
     cache_salt: Optional[str] = None  # the prefix-cache partition: blocks are shared only within one salt
+    images: Optional[ImageInputs] = None  # a vision-language model's images, filling the prompt's image tokens
     arrival: float = field(default_factory=time.monotonic)
 
 

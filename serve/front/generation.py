@@ -13,10 +13,9 @@ from serve.config import Settings
 from serve.front.disconnect import DisconnectWatcher
 from serve.engine import EngineNotReady, EngineOverloaded, Request, RequestStream, SamplingParams, TokenEvent
 from serve.engine.engine import AdapterNotLoaded
-from serve.engine.types import Limits
 from serve.engine.grammar import GrammarCheck, GrammarError
 from serve.engine.interface import EngineClient
-from serve.engine.types import FinishReason
+from serve.engine.types import FinishReason, ImageInputs, Limits
 from serve.errors import GenerationFailed, NotReady, Overloaded, ShuttingDown, ValidationFailed
 from serve.log import log_request
 from serve.metrics import Metrics
@@ -41,8 +40,7 @@ class ValidRequest(Generic[Body]):
 
     ``params[p]`` goes with ``prompts[p]`` (max_new_tokens within the limits, grammar compiled); each prompt gets
     ``n`` choices; ``adapter`` is a loaded adapter's name, or None for the base model; ``cache_salt`` is the
-    client's prefix-cache salt (serve.front.cache_scope).
-    """
+    client's prefix-cache salt (serve.front.cache_scope); ``images`` the chat prompt's images."""
 
     body: Body
     prompts: tuple[list[int], ...]
@@ -50,6 +48,7 @@ class ValidRequest(Generic[Body]):
     n: int = 1
     adapter: Optional[str] = None
     cache_salt: Optional[str] = None
+    images: Optional[ImageInputs] = None
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -357,7 +356,8 @@ def _engine_requests(valid: ValidRequest, session_id: Optional[str], partition: 
             # same seed, same n choices (kept in torch's range)
             seed = None if base.seed is None else (base.seed + index) % 2**64
             params = replace(base, seed=seed)
-            yield Request(prompt_ids, params, adapter=valid.adapter, session_id=session_id, cache_salt=partition)
+            session = {"session_id": session_id, "cache_salt": partition, "images": valid.images}
+            yield Request(prompt_ids, params, adapter=valid.adapter, **session)
 
 
 def _until(

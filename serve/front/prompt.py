@@ -100,7 +100,7 @@ def encode_chat(
     (nearly all) are tokenized as they are, with no second render.
     """
     specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
-    contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
+    contents = _texts(messages, "")[0]
     if not any(token in content for token in specials for content in contents):  # the usual case: one render
         return encode(tokenizer, text, add_special_tokens=False)
     spans = content_spans(tokenizer, text, messages, tools, template, variables)
@@ -131,11 +131,10 @@ def content_spans(
     """Where each message content lies in ``text``; when the template rewrites contents beyond a trim, every
     special-token string that also occurs in some content counts as user text (the safe side)."""
     marker = f"@@content-{secrets.token_hex(8)}-"
-    contents = [m.get("content") if isinstance(m.get("content"), str) else None for m in messages]
-    slotted = [dict(m, content=f"{marker}{i}@@") if contents[i] is not None else m for i, m in enumerate(messages)]
+    contents, slotted = _texts(messages, marker)
     pieces = re.split(f"{re.escape(marker)}(\\d+)@@", render_chat(tokenizer, slotted, tools, template, variables))
     for strip in (False, True):  # templates that `| trim` contents keep the placeholder as it is
-        values = [(c.strip() if strip else c) if c is not None else "" for c in contents]
+        values = [c.strip() if strip else c for c in contents]
         rendered = [values[int(piece)] if i % 2 else piece for i, piece in enumerate(pieces)]
         if "".join(rendered) == text:
             spans, position = [], 0
@@ -146,6 +145,27 @@ def content_spans(
             return spans
     log.warning("the chat template rewrites message contents; special-token strings found in them count as text")
     return [(m.start(), m.end()) for c in contents if c for m in re.finditer(re.escape(c), text)] or None
+
+
+def _texts(messages: list[dict[str, Any]], marker: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Every text the messages' contents hold (a string content, or the text parts of a list), in order, and the
+    messages with text ``i`` replaced by ``{marker}{i}@@``."""
+    texts: list[str] = []
+
+    def slot(text: str) -> str:
+        texts.append(text)
+        return f"{marker}{len(texts) - 1}@@"
+
+    slotted = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            message = dict(message, content=slot(content))
+        elif isinstance(content, list):
+            parts = [dict(p, text=slot(p["text"])) if p.get("type") == "text" else p for p in content]
+            message = dict(message, content=parts)
+        slotted.append(message)
+    return texts, slotted
 
 
 def _as_text(tokenizer: Any, text: str) -> list[int]:

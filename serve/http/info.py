@@ -10,6 +10,7 @@ from serve.config import Settings
 from serve.engine.interface import EngineClient
 from serve.engine.speculative import speculative_description
 from serve.front.chat_output import model_output_format
+from serve.front.images import image_prompt_of
 
 
 def info_body(engine: EngineClient, settings: Settings, adapters: Iterable[str]) -> dict[str, Any]:
@@ -19,6 +20,7 @@ def info_body(engine: EngineClient, settings: Settings, adapters: Iterable[str])
         body.update(_model_info(engine, adapters))
         chat_output = model_output_format(engine.tokenizer, settings)
         body.update(reasoning_parser=chat_output.reasoning_parser, tool_call_parser=chat_output.tool_call_parser)
+        body.update(takes_images=image_prompt_of(engine.tokenizer) is not None)  # image_url parts in chat messages
     prefill_tokens = engine.limits.max_batch_prefill_tokens if engine.ready else engine.config.max_batch_prefill_tokens
     body.update(
         {

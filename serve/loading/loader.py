@@ -290,16 +290,33 @@ def _tokenizer(folder: Path, settings: Settings) -> Any:
         raise ModelLoadError(f"could not load the tokenizer in {folder}: {exc}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.serve_image_prompt = _image_prompt(folder, tokenizer, settings)  # serve.front.images.image_prompt_of
     return tokenizer
 
 
+def _image_prompt(folder: Path, tokenizer: Any, settings: Settings) -> Any:
+    """How the model takes images (serve.loading.vision), None for a text-only model."""
+    from transformers import AutoConfig
+
+    from serve.loading.vision import image_prompt
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read the model's config in {folder}: {exc}") from exc
+    return image_prompt(folder, config, tokenizer, settings.trust_remote_code)
+
+
 def _from_pretrained(folder: Path, settings: Settings, dtype: Any, extra: dict[str, Any]) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     trust = settings.trust_remote_code
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
-        model = AutoModelForCausalLM.from_pretrained(
+        tokenizer = _tokenizer(folder, settings)
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust)
+        vision = getattr(config, "vision_config", None) is not None  # a vision-language model, images and text
+        auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+        model = auto.from_pretrained(
             str(folder),
             dtype=dtype,
             trust_remote_code=trust,
@@ -315,6 +332,4 @@ def _from_pretrained(folder: Path, settings: Settings, dtype: Any, extra: dict[s
         )
         raise ModelLoadError(f"could not load the model in {folder}: {exc}{hint}") from exc
     model.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

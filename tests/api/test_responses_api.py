@@ -139,6 +139,14 @@ def test_earlier_calls_and_their_outputs_reach_the_prompt(client):
         ({"input": "Hi", "tools": [{"type": "web_search_preview"}]}, "tools[0]"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
+            "input",  # a text-only model: "input: this model takes no images ..."
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]},
+            "input[0].content[0]",
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]},
             "input[0].content[0]",
         ),
         ({"input": "Hi", "max_output_tokens": 100000}, "max_output_tokens"),

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from serve.engine import TokenEvent
 from serve.engine.types import FinishReason
-from serve.errors import GenerationFailed, ValidationFailed
+from serve.errors import BadRequest, GenerationFailed, ValidationFailed
 from serve.front.context import Api, RequestContext
 from serve.front.chat_output import OutputDelta, event_text, parse_text
 from serve.front.generation import Generation, ValidRequest, timing_headers
@@ -94,7 +94,7 @@ def chat_request(req: ResponsesRequest) -> ValidRequest[oa.ChatCompletionRequest
     Responses fields."""
     try:
         return validator().chat(chat_body(req))
-    except ValidationFailed as exc:
+    except (ValidationFailed, BadRequest) as exc:
         renamed = CHAT_FIELDS.get(exc.param or "")
         if renamed is not None:
             if exc.message.startswith(exc.param):

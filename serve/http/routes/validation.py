@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, TypeVar, Union
 from serve.front.budget import new_token_budget
 from serve.front.context import Api
 from serve.front.generation import GenerationService, ValidRequest
+from serve.front.images import image_limits, prompt_with_images, taking_images
 from serve.http.routes.parsing import validate
 from serve.http.schemas import openai as oa
 from serve.http.schemas import tgi
@@ -29,6 +30,7 @@ class Validator:
     def __init__(self, service: GenerationService, resolve_adapter: AdapterResolver):
         self.service = service
         self.resolve_adapter = resolve_adapter
+        self.image_limits = image_limits(service.settings)
 
     def chat(self, payload: dict[str, Any]) -> ValidRequest[oa.ChatCompletionRequest]:
         """A chat completion body (/v1/chat/completions, or ``{"messages": ...}`` on /invocations), validated."""
@@ -36,10 +38,15 @@ class Validator:
         grammar, grammar_field = req.grammar()
         self.service.check_token_ids((token for token, _ in req.bias_entries), "logit_bias")
         tools = [tool.model_dump(exclude_none=True) for tool in req.active_tools]
+        urls = [url for message in req.messages for url in message.image_urls]
+        if urls:
+            taking_images(self.service.tokenizer, urls, self.image_limits)
         prompt_ids = self.service.chat_prompt((m.as_template_dict() for m in req.messages), tools, req.template_kwargs)
+        prompt_ids, images = prompt_with_images(self.service.tokenizer, prompt_ids, urls, self.image_limits)
         self.service.check_grammar(grammar, grammar_field)
         adapter = self.resolve_adapter(req.model, "model", True)
-        return self._within_limits(Api.CHAT, req, [prompt_ids], "messages", grammar, req.n, adapter)
+        valid = self._within_limits(Api.CHAT, req, [prompt_ids], "messages", grammar, req.n, adapter)
+        return replace(valid, images=images)
 
     def completion(self, payload: dict[str, Any]) -> ValidRequest[oa.CompletionRequest]:
         """A text completion body (/v1/completions, or ``{"prompt": ...}`` on /invocations): one or many prompts."""

@@ -47,10 +47,23 @@ TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "c
 
 
 class TextPart(LenientModel):
-    """A content part; only text parts are understood by a text-only model."""
+    """A text content part."""
 
     type: Literal["text"]
     text: str
+
+
+class ImageUrl(LenientModel):
+    url: str = Field(min_length=1)
+    detail: Optional[Literal["auto", "low", "high"]] = None  # accepted; the model's processor decides the resolution
+
+
+class ImagePart(LenientModel):
+    """An image content part (a base64 data URL, or an http(s) URL where ALLOW_IMAGE_URLS is on): for a
+    vision-language model; a text-only model answers it with a 400."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
 
 
 class FunctionCall(LenientModel):
@@ -64,7 +77,7 @@ class AssistantToolCall(LenientModel):
     function: FunctionCall
 
 
-Content = Union[str, list[TextPart]]
+Content = Union[str, list[Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]]]
 
 
 class ChatMessage(LenientModel):
@@ -83,9 +96,9 @@ class ChatMessage(LenientModel):
         return value
 
     def as_template_dict(self) -> dict[str, Any]:
-        """The message as chat templates expect it: role, plain-text content, and tool-call fields when present."""
-        content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content or [])
-        message: dict[str, Any] = {"role": self.role, "content": content}
+        """The message as chat templates expect it: role, content (plain text, or text and ``{"type": "image"}``
+        parts where it holds images), and tool-call fields when present."""
+        message: dict[str, Any] = {"role": self.role, "content": self._template_content()}
         if self.tool_calls:
             message["tool_calls"] = template_tool_calls([call.model_dump() for call in self.tool_calls])
         if self.tool_call_id is not None:
@@ -93,6 +106,18 @@ class ChatMessage(LenientModel):
         if self.name is not None:
             message["name"] = self.name
         return message
+
+    def _template_content(self) -> Any:
+        parts = [] if isinstance(self.content, str) else self.content or []
+        if not any(isinstance(part, ImagePart) for part in parts):
+            return self.content if isinstance(self.content, str) else "".join(part.text for part in parts)
+        return [{"type": "image"} if isinstance(part, ImagePart) else part.model_dump() for part in parts]
+
+    @property
+    def image_urls(self) -> list[str]:
+        """The URLs of this message's image parts, in order."""
+        parts = [] if isinstance(self.content, str) else self.content or []
+        return [part.image_url.url for part in parts if isinstance(part, ImagePart)]
 
 
 class StreamOptions(LenientModel):

@@ -45,21 +45,38 @@ class RefusalPart(LenientModel):
         return self.refusal
 
 
+class InputImagePart(LenientModel):
+    """An image by URL (a base64 data URL, or http(s) where ALLOW_IMAGE_URLS is on), for a vision-language model;
+    ``file_id`` is refused (no file store)."""
+
+    type: Literal["input_image"]
+    image_url: Optional[str] = None
+    file_id: Optional[str] = None
+    detail: Optional[Literal["auto", "low", "high"]] = None
+
+    @model_validator(mode="after")
+    def _by_url(self) -> "InputImagePart":
+        if self.file_id is not None or not self.image_url:
+            raise _refused("an input_image needs its image_url (file_id needs a file store, which this server has not)")
+        return self
+
+    def chat_part(self) -> dict[str, Any]:
+        return {"type": "image_url", "image_url": {"url": self.image_url}}
+
+
 class UnsupportedPart(LenientModel):
-    """An image, file or audio part: refused (a text-only model, and no file store)."""
+    """A file or audio part: refused (no file store, no audio model)."""
 
     type: str
 
     @model_validator(mode="after")
     def _refuse(self) -> "UnsupportedPart":
-        if self.type == "input_image":
-            raise _refused("this model takes no images: input_image parts need a vision-language model")
-        raise _refused(f"{self.type!r} parts are not supported; send input_text parts")
+        raise _refused(f"{self.type!r} parts are not supported; send input_text or input_image parts")
 
 
 def _part_kind(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return TAG + (kind if kind in ("input_text", "output_text", "refusal") else "other")
+    return TAG + (kind if kind in ("input_text", "output_text", "refusal", "input_image") else "other")
 
 
 ContentPart = Annotated[
@@ -67,6 +84,7 @@ ContentPart = Annotated[
         Annotated[InputTextPart, Tag(f"{TAG}input_text")],
         Annotated[InputTextPart, Tag(f"{TAG}output_text")],
         Annotated[RefusalPart, Tag(f"{TAG}refusal")],
+        Annotated[InputImagePart, Tag(f"{TAG}input_image")],
         Annotated[UnsupportedPart, Tag(f"{TAG}other")],
     ],
     Discriminator(_part_kind),
@@ -101,7 +119,16 @@ class MessageItem(LenientModel):
 
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        parts = [] if isinstance(self.content, str) else self.content
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in parts if hasattr(p, "text"))
+
+    @property
+    def chat_content(self) -> Any:
+        """The content as a chat message's: its text, or text and image parts where it holds images."""
+        parts = [] if isinstance(self.content, str) else self.content
+        if not any(isinstance(part, InputImagePart) for part in parts):
+            return self.text
+        return [p.chat_part() if isinstance(p, InputImagePart) else {"type": "text", "text": p.text} for p in parts]
 
 
 class FunctionCallItem(LenientModel):

@@ -28,7 +28,7 @@ def chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
     for index, item in enumerate(req.input):
         if isinstance(item, MessageItem):
             role = "system" if item.role == "developer" else item.role
-            messages.append({"role": role, "content": item.text})
+            messages.append({"role": role, "content": item.chat_content})
         elif isinstance(item, FunctionCallItem):
             names[item.call_id] = item.name
             _add_call(messages, item)
