@@ -92,6 +92,7 @@ def self_check(static: Any, shapes: list[Shape], measure: Measure) -> tuple[dict
             error = errors[shape] = measure(static, shape)
             reason = None if error <= PROBE_TOLERANCE else f"replay differs from eager by {error:.3g} (relative)"
         except Exception as exc:  # noqa: BLE001 - a replay that fails drops its shape, not the server
+            errors[shape] = float("inf")
             reason = f"replay failed: {type(exc).__name__}: {exc}"
         if reason is not None:
             static.replay.pop(shape, None)
