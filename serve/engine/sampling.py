@@ -56,11 +56,13 @@ def prompt_scores(
 
 
 def apply_typical_p(logits: torch.Tensor, params: Sequence[SamplingParams], uploads: Uploads) -> torch.Tensor:
-    """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, up to ``typical_p`` mass."""
+    """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, up to ``typical_p`` mass.
+    Rows are picked by an uploaded index: a Python list as an index is a blocking copy on CUDA."""
     rows = [row for row, p in enumerate(params) if p.typical_p < 1.0 and not p.greedy]
     if not rows:
         return logits
-    selected = logits[rows]
+    index = uploads.tensor(rows, torch.long)
+    selected = logits[index]
     log_probs = torch.log_softmax(selected, dim=-1)
     entropy = -(log_probs.exp() * log_probs).nansum(dim=-1, keepdim=True)
     distance = (-log_probs - entropy).abs()
@@ -69,7 +71,7 @@ def apply_typical_p(logits: torch.Tensor, params: Sequence[SamplingParams], uplo
     mass = uploads.tensor([params[row].typical_p for row in rows], torch.float32)[:, None]
     drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= mass
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    logits[rows] = selected.masked_fill(drop, float("-inf"))
+    logits[index] = selected.masked_fill(drop, float("-inf"))
     return logits
 
 

@@ -82,20 +82,35 @@ EVERY_ROW_KIND = [
 ]
 GRAMMAR_ROW = SamplingParams(max_new_tokens=9, ignore_eos=True, grammar=regex_grammar("[a-z ]{200,900}"))
 READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__")
+MOVES = ("to", "__getitem__", "__setitem__")  # host traffic when given a device, or a Python list as an index
 
 
-def reads_in_sample(engine, monkeypatch) -> tuple[list[str], list[int]]:
-    """Record every tensor read to the host made while the runner samples, other than through ``to_host``; and the
-    number of rows each sample call took."""
+def blocking_upload(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether a call would copy pageable host memory to a GPU (a blocking copy there): a Python list as an index,
+    a tensor made on or moved to a named device."""
+    if name in ("__getitem__", "__setitem__"):
+        index = args[0] if isinstance(args[0], tuple) else (args[0],)
+        return any(isinstance(part, list) for part in index)
+    return "device" in kwargs or any(isinstance(arg, (torch.device, str)) for arg in args)
+
+
+def host_traffic_in_sample(engine, monkeypatch) -> tuple[list[str], list[int]]:
+    """Record every read to the host (other than through ``to_host``) and every upload that would block on a GPU
+    made while the runner samples; and the number of rows each sample call took."""
     runner, outside, inside, widths = engine._runner, [], threading.local(), []
-    for name in READS:
 
-        def spy(tensor, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
-            if getattr(inside, "sampling", False) and not getattr(inside, "reading", False):
-                outside.append(_name)
-            return _original(tensor, *args, **kwargs)
+    def spying(original, name):
+        def spy(*args, **kwargs):
+            watched = getattr(inside, "sampling", False) and not getattr(inside, "reading", False)
+            if watched and (name in READS or blocking_upload(name, args[1:] if name in MOVES else args, kwargs)):
+                outside.append(name)
+            return original(*args, **kwargs)
 
-        monkeypatch.setattr(torch.Tensor, name, spy)
+        return spy
+
+    for name in READS + MOVES:
+        monkeypatch.setattr(torch.Tensor, name, spying(getattr(torch.Tensor, name), name))
+    monkeypatch.setattr(torch, "tensor", spying(torch.tensor, "tensor"))
     for method, flag in (("sample", "sampling"), ("to_host", "reading")):
 
         def flagged(*args, _original=getattr(runner, method), _flag=flag):
@@ -110,9 +125,9 @@ def reads_in_sample(engine, monkeypatch) -> tuple[list[str], list[int]]:
     return outside, widths
 
 
-def test_one_host_read_per_step_for_every_row_kind_and_none_elsewhere(engine, monkeypatch):
+def test_one_host_read_per_step_for_every_row_kind_and_no_other_host_traffic(engine, monkeypatch):
     prompt = engine.tokenizer("Count the ways:")["input_ids"]
-    outside, widths = reads_in_sample(engine, monkeypatch)
+    outside, widths = host_traffic_in_sample(engine, monkeypatch)
     log, restore = counted_steps(engine)
     try:
         streams = [engine.submit(Request(prompt_ids=prompt, params=GRAMMAR_ROW))]  # first: its matcher compiles
