@@ -57,13 +57,15 @@ def paged_prefill(
         raise ValueError("keys and values must share one layout")
     group = heads // kv_heads
     rows = max(ROWS, _pow2(group))
-    grid = (chunks.spans.shape[1], kv_heads, -(-chunks.longest // (rows // group)))
+    tokens = rows // group  # query tokens per program; programs past their chunk's end return at once
+    grid = (chunks.spans.shape[1], kv_heads, -(-chunks.longest // tokens))
     upcast = keys.dtype == torch.bfloat16 and keys.device.type != "cuda"  # CPU tensors: Triton's interpreter
     starts, lengths, positions = chunks.spans
     _kernel()[grid](
         query, keys, values, out, starts, lengths, positions, chunks.tables, scale * LOG2_E,
         *query.stride(), *out.stride(), *keys.stride(), *chunks.tables.stride(),
-        GROUP=group, ROWS=rows, DIM=dim, DIM_PAD=_pow2(dim, 16), BLOCK_SIZE=block_size, TILE=TILE, UPCAST=upcast,
+        GROUP=group, ROWS=rows, TOKENS=tokens, DIM=dim, DIM_PAD=_pow2(dim, 16), BLOCK_SIZE=block_size, TILE=TILE,
+        UPCAST=upcast,
     )  # fmt: skip
 
 

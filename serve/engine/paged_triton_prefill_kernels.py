@@ -1,14 +1,13 @@
 """The Triton kernel of paged prefill attention (imported only by serve.engine.paged_triton_prefill, on first use).
 
-``chunk_attention``: program (chunk, KV head, query tile) takes ``ROWS`` query rows of the chunk: ``ROWS // GROUP``
-consecutive tokens times the ``GROUP`` query heads that read this KV head (row r is token r // GROUP, head
-r % GROUP), so each K/V tile loaded serves every head of the group. It walks the keys from the sequence's first
-position up to its last query's position, ``TILE`` tokens at a time, reading each key's row at
+``chunk_attention``: program (chunk, KV head, query tile) takes ``ROWS`` query rows of the chunk: ``TOKENS``
+(``ROWS // GROUP``) consecutive tokens times the ``GROUP`` query heads that read this KV head (row r is token
+r // GROUP, head r % GROUP), so each K/V tile loaded serves every head of the group. It walks the keys from the
+sequence's first position up to its last query's position, ``TILE`` tokens at a time, reading each key's row at
 ``table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE``: the cached prefix and the chunk's own keys (already
-written) alike. Query row at position q sees key p when p <= q. Online softmax in base 2 (``scale`` is the
-softmax scale times log2(e)) with float32 sums;
-``UPCAST`` multiplies in float32 (Triton's interpreter gets bfloat16 ``tl.dot`` wrong; on a GPU bfloat16 and
-float16 go through the tensor cores as they are).
+written) alike. Query row at position q sees key p when p <= q. Online softmax in base 2 (``scale`` is the softmax
+scale times log2(e)) with float32 sums; ``UPCAST`` multiplies in float32 (Triton's interpreter gets bfloat16
+``tl.dot`` wrong; on a GPU bfloat16 and float16 go through the tensor cores as they are).
 """
 
 from __future__ import annotations
@@ -22,26 +21,25 @@ def chunk_attention(
     q_ptr, k_ptr, v_ptr, out_ptr, starts_ptr, lengths_ptr, positions_ptr, tables_ptr, scale,
     q_token, q_head, q_dim, out_token, out_head, out_dim, kv_block, kv_offset, kv_head, kv_dim,
     table_chunk, table_block,
-    GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, TOKENS: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     chunk, head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    tokens_per_program: tl.constexpr = ROWS // GROUP
     length = tl.load(lengths_ptr + chunk)
-    first_token = part * tokens_per_program
+    first_token = part * TOKENS
     if first_token >= length:  # the grid is sized for the longest chunk
         return
     start, position = tl.load(starts_ptr + chunk), tl.load(positions_ptr + chunk)
     rows, dims = tl.arange(0, ROWS), tl.arange(0, DIM_PAD)
     token = first_token + rows // GROUP
-    row_ok = (rows < tokens_per_program * GROUP) & (token < length)
+    row_ok = (rows < TOKENS * GROUP) & (token < length)
     dim_ok = dims < DIM
     q_heads = head * GROUP + rows % GROUP
     io_ok = row_ok[:, None] & dim_ok[None, :]
     q = tl.load(q_ptr + (start + token)[:, None] * q_token + q_heads[:, None] * q_head + dims[None, :] * q_dim,
                 mask=io_ok, other=0.0)  # fmt: skip
     seen = position + token  # each row's own position: it sees keys 0..seen (every row sees key 0)
-    kv_end = position + tl.minimum(first_token + tokens_per_program, length)
+    kv_end = position + tl.minimum(first_token + TOKENS, length)
     table = tables_ptr + chunk * table_chunk
     best = tl.full([ROWS], float("-inf"), tl.float32)
     total = tl.zeros([ROWS], tl.float32)
