@@ -60,7 +60,7 @@ class Uploads:
         self.device = torch.device(device)
         self.pinned = self.device.type == "cuda"
         self._fence = fence if fence is not None else (cuda_fence if self.pinned else None)
-        self._idle: deque[Staging] = deque()  # oldest copy first: if its fence has not passed, none after it has
+        self._sent: deque[Staging] = deque()  # oldest copy first (one stream: when it is not done, none after it is)
         self.allocated = 0  # staging buffers made so far
 
     def tensor(self, values: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -83,15 +83,15 @@ class Uploads:
         if staging.fence is not None:
             staging.fence.record()
             staging.recorded = True
-        self._idle.append(staging)
+        self._sent.append(staging)
         return device
 
     def _take(self, nbytes: int) -> Staging:
         """The oldest buffer whose last copy is done (grown to ``nbytes`` if smaller), or a new one."""
-        if len(self._idle) >= MAX_IN_FLIGHT and not self._idle[0].free():
-            self._idle[0].fence.synchronize()  # the host is this far ahead: wait for the oldest copy
-        if self._idle and self._idle[0].free():
-            staging = self._idle.popleft()
+        if len(self._sent) >= MAX_IN_FLIGHT and not self._sent[0].free():
+            self._sent[0].fence.synchronize()  # the host is this far ahead: wait for the oldest copy
+        if self._sent and self._sent[0].free():
+            staging = self._sent.popleft()
             staging.recorded = False
             if staging.buffer.numel() >= nbytes:
                 return staging
