@@ -29,28 +29,3 @@ def fp8_step(batch: int, heads: int, kv_heads: int, dim: int, longest: int, dtyp
 
 def relative(out: torch.Tensor, expected: torch.Tensor) -> float:
     return ((out.float() - expected.float()).norm() / expected.float().norm()).item()
-
-
-def triton_fp8_errors() -> dict[str, list[float]]:
-    """Per case: [Triton fp8 against the reference over the same fp8 cache (largest difference), Triton fp8
-    against the exact cache (relative)]."""
-    from serve.engine.attention import _decode_attention
-    from serve.engine.paged_triton import paged_decode
-
-    errors = {}
-    for case in FP8_CASES:
-        batch, heads, kv_heads, dim, longest, dtype = case
-        query, keys, values, layout, cache = fp8_step(batch, heads, kv_heads, dim, longest, getattr(torch, dtype))
-        scales = cache.layer_scales(0)
-        exact = _decode_attention(query, keys, values, layout, None)
-        reference = _decode_attention(query, cache.keys[0], cache.values[0], layout, None, scales)
-        lengths = layout.decode_lengths()
-        out = paged_decode(query, cache.keys[0], cache.values[0], layout.decode_blocks, lengths, dim**-0.5, scales)
-        errors[str(case)] = [(out.float() - reference.float()).abs().max().item(), relative(out, exact)]
-    return errors
-
-
-if __name__ == "__main__":  # run under TRITON_INTERPRET=1 in a fresh process (Triton reads it when imported)
-    import json
-
-    print(json.dumps(triton_fp8_errors()))

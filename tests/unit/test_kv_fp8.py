@@ -9,7 +9,6 @@ float32 rounding (1e-5), or bfloat16 rounding (2e-2) for a bfloat16 query."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -75,10 +74,24 @@ def test_reference_over_an_fp8_cache_is_close_to_the_exact_cache(case):
 
 
 @pytest.fixture(scope="module")
-def triton_errors() -> dict[str, list[float]]:
+def triton_errors(tmp_path_factory) -> dict[str, list[float]]:
+    """Per case: [the Triton kernel against the reference over the same fp8 cache (largest difference), against the
+    exact cache (relative)]; the kernel runs under Triton's interpreter in a fresh process (kv_fp8_triton.py)."""
     pytest.importorskip("triton")
+    folder = tmp_path_factory.mktemp("fp8-triton")
+    steps, expected = {}, {}
+    for case in FP8_CASES:
+        batch, heads, kv_heads, dim, longest, dtype = case
+        query, keys, values, layout, cache = fp8_step(batch, heads, kv_heads, dim, longest, getattr(torch, dtype))
+        exact = _decode_attention(query, keys, values, layout, None)
+        reference = _decode_attention(query, cache.keys[0], cache.values[0], layout, None, cache.layer_scales(0))
+        expected[str(case)] = exact, reference
+        tables, lengths, scale = layout.decode_blocks, layout.decode_lengths(), dim**-0.5
+        inputs = dict(query=query, keys=cache.keys[0], values=cache.values[0], tables=tables, lengths=lengths)
+        steps[str(case)] = dict(inputs, scale=scale, scales=cache.scales[0])
+    torch.save(steps, folder / "in.pt")
     result = subprocess.run(
-        [sys.executable, "-m", "tests.unit.kv_fp8_cases"],
+        [sys.executable, "-m", "tests.unit.kv_fp8_triton", str(folder / "in.pt"), str(folder / "out.pt")],
         cwd=ROOT,
         env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True,
@@ -86,7 +99,12 @@ def triton_errors() -> dict[str, list[float]]:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    outputs = torch.load(folder / "out.pt")
+    errors = {}
+    for name, (exact, reference) in expected.items():
+        out = outputs[name]
+        errors[name] = [(out.float() - reference.float()).abs().max().item(), relative(out, exact)]
+    return errors
 
 
 @pytest.mark.parametrize("case", FP8_CASES, ids=str)
