@@ -104,3 +104,19 @@ def test_a_step_of_every_row_kind_makes_no_hidden_sync(engine):
     assert [len(tokens) for tokens in outputs] == [NEW_TOKENS] * len(outputs)
     assert widths and max(widths) == len(outputs)  # one strict step sampled every kind at once
     assert engine._runner.host_reads - reads >= len(widths)
+
+
+def test_penalty_rows_are_filled_without_a_sync():
+    """A penalised sequence's counts are filled in its prefill step (which the test above leaves unchecked)."""
+    from serve.engine.penalties import SEEN, OUTPUT, TokenCounts
+
+    counts = TokenCounts(1000, torch.device("cuda:0"))
+    counts.rows(["warm-up"], [([1, 2], [3])])  # allocations, kernels loaded
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rows = counts.rows(["a", "b"], [([5, 5, 7], [9]), ([1], [])])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    first = counts.matrix[rows[0]].tolist()
+    assert (first[SEEN][5], first[SEEN][9], first[OUTPUT][9], first[OUTPUT][5]) == (2, 1, 1, 0)
