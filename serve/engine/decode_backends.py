@@ -1,8 +1,8 @@
 """Which kernel runs decode attention over the paged cache (ATTENTION_BACKEND), and why: /info shows the choice.
 
 - ``triton``: serve.engine.paged_triton on CUDA; reads K/V in place, splits long contexts, capturable.
-- ``cpu``: serve.engine.paged_cpu (C, OpenMP) for float32 and bfloat16 caches on x86-64 with AVX2 (an fp8 cache,
-  KV_CACHE_DTYPE=fp8, is read by the reference on the CPU: the reason says so).
+- ``cpu``: serve.engine.paged_cpu (C, OpenMP) for float32, bfloat16 and fp8 (KV_CACHE_DTYPE=fp8) caches on x86-64
+  with AVX2 (an fp8 cache under a float16 model is read by the reference).
 - ``sdpa``: the reference: gather each sequence's blocks into a copy, then SDPA with a length mask.
 - ``flashinfer``: not available in this build (see FLASHINFER_UNAVAILABLE).
 - ``auto``: triton on CUDA, cpu on the CPU, each where it can run; sdpa otherwise.
@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from serve.engine.attention import DecodeKernel, PrefillKernel, Scales, StepLayout, use_decode_kernel
-from serve.engine.attention import use_prefill_kernel
+from serve.engine.attention import _decode_attention, use_prefill_kernel
 from serve.engine.kv_cache import CacheShape, PagedKVCache, is_fp8
 from serve.engine.types import ATTENTION_BACKENDS
 
@@ -124,14 +124,33 @@ def _cpu(device: torch.device, shape: CacheShape, c_compiler: Optional[str]) -> 
 
     if device.type != "cpu":
         return None, f"the model is on {device.type}, not the CPU"
-    if is_fp8(shape.dtype):
-        return None, "the CPU kernel does not read fp8 caches (KV_CACHE_DTYPE=fp8): the reference dequantizes"
-    if shape.dtype not in DTYPES:
+    if shape.dtype not in DTYPES and not is_fp8(shape.dtype):
         return None, f"the CPU kernel takes float32 or bfloat16 caches, not {str(shape.dtype).replace('torch.', '')}"
     if shape.head_dim % 8:
         return None, f"the CPU kernel takes head dims that are multiples of 8, not {shape.head_dim}"
     kernel, why_not = load_paged_kernel(str(KERNEL_FOLDER), c_compiler)
-    return (None, why_not) if kernel is None else (_adapt(kernel.decode), "")
+    if kernel is None:
+        return None, why_not
+    adapted = _adapt(kernel.decode)
+    return (_for_queries(adapted, DTYPES) if is_fp8(shape.dtype) else adapted), ""
+
+
+def _for_queries(kernel: DecodeKernel, dtypes: tuple[torch.dtype, ...]) -> DecodeKernel:
+    """``kernel`` for queries of ``dtypes``, the reference for others (an fp8 cache holds no hint of the model's
+    dtype: a float16 model's queries go to the reference)."""
+
+    def decode_attention(
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        layout: StepLayout,
+        scaling: Optional[float],
+        scales: Scales = None,
+    ) -> torch.Tensor:
+        chosen = kernel if query.dtype in dtypes else _decode_attention
+        return chosen(query, keys, values, layout, scaling, scales)
+
+    return decode_attention
 
 
 def _adapt(decode: Callable[..., torch.Tensor], on_device: bool = False) -> DecodeKernel:

@@ -2,12 +2,15 @@
  * block pool, with no gathered copy.
  *
  * serve/engine/paged_cpu.py compiles this file once per machine and calls it through ctypes. The cache of one
- * layer is [blocks, block_size, kv_heads, dim] (float32 or bfloat16), the query and the output [batch, heads, dim]
- * in the same type, contiguous; the head dim a multiple of 8. OpenMP runs one task per (sequence, KV head): the task reads each of the sequence's
+ * layer is [blocks, block_size, kv_heads, dim] (float32, bfloat16, or float8 e4m3 bytes with a key and a value
+ * scale), the query and the output [batch, heads, dim] in float32 or bfloat16 (a float32 or bfloat16 cache's own
+ * type), contiguous; the head dim a multiple of 8. OpenMP runs one task per (sequence, KV head): the task reads each of the sequence's
  * K rows once for all query heads of its group (grouped-query heads share the loads), keeps the scores of the whole
  * context, takes an exact softmax over them (max, exp, sum), then reads each V row once. A token at position t
  * lives at row table[t / block_size] * block_size + t % block_size. Sums run in float32; bfloat16 values are widened
- * exactly, and the output is rounded once to the nearest even bfloat16.
+ * exactly, and the output is rounded once to the nearest even bfloat16. An fp8 cache's bytes (KV_CACHE_DTYPE=fp8)
+ * are widened exactly through a table of the 256 e4m3 values; the key scale is folded into the score scale and the
+ * value scale into the softmax's normalisation.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -15,13 +18,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+enum { KV_F32 = 0, KV_BF16 = 1, KV_FP8 = 2 };
+
 typedef struct {
   const void *q, *k, *v;
   const int64_t *tables, *lengths;
   void* out;
   int64_t heads, kv_heads, dim, block_size, width;
-  float scale;
-  int bf16;
+  float scale, v_scale; /* scores: times scale (the key scale folded in); outputs: times v_scale */
+  int bf16, kv;         /* bf16: the query and output are bfloat16; kv: what the cache holds (KV_F32, _BF16, _FP8) */
+  const float* fp8;     /* the 256 float8 e4m3 values, by their bits */
 } Step;
 
 /* exp(x) for x <= 0 (scores minus their maximum), 8 at a time: Cephes' polynomial, within 2 ulp of expf. */
@@ -55,11 +61,26 @@ static inline uint16_t narrow(float value) {
   return (uint16_t)((word + 0x7fffu + ((word >> 16) & 1u)) >> 16);
 }
 
-/* 8 values from element `at` of a float32 or bfloat16 array, as float32. */
-static inline __m256 load8(const void* base, int64_t at, int bf16) {
-  if (!bf16) return _mm256_loadu_ps((const float*)base + at);
+/* 8 values from element `at` of a float32, bfloat16 or float8 e4m3 array (`kind`), as float32. */
+static inline __m256 load8(const void* base, int64_t at, int kind, const float* fp8) {
+  if (kind == KV_F32) return _mm256_loadu_ps((const float*)base + at);
+  if (kind == KV_FP8) {
+    __m128i bytes = _mm_loadl_epi64((const __m128i*)((const uint8_t*)base + at));
+    return _mm256_i32gather_ps(fp8, _mm256_cvtepu8_epi32(bytes), 4);
+  }
   __m128i bits = _mm_loadu_si128((const __m128i*)((const uint16_t*)base + at));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+/* table[b] = the float8 e4m3 (fn) value of bits b: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is
+ * subnormal (mantissa x 2^-9); 0x7f and 0xff are NaN (never stored: writes clamp to the finite range). */
+static void fp8_table(float* table) {
+  for (int b = 0; b < 256; b++) {
+    int exponent = (b >> 3) & 15, mantissa = b & 7;
+    float value = exponent ? ldexpf(1.0f + mantissa / 8.0f, exponent - 7) : ldexpf((float)mantissa, -9);
+    if ((b & 0x7f) == 0x7f) value = NAN;
+    table[b] = b & 0x80 ? -value : value;
+  }
 }
 
 /* Row `index` of a [rows, dim] array as float32: the row itself, or widened into `scratch`. */
@@ -101,7 +122,7 @@ static void score(const Step* s, const int64_t* at, int64_t len, int64_t stride,
       for (int j = 0; j < 8; j++) sums[j] = _mm256_setzero_ps();
       for (int64_t d = 0; d < dim; d += 8) {
         __m256 qd = _mm256_loadu_ps(qg + d);
-        for (int j = 0; j < 8; j++) sums[j] = _mm256_fmadd_ps(load8(s->k, k[j] + d, s->bf16), qd, sums[j]);
+        for (int j = 0; j < 8; j++) sums[j] = _mm256_fmadd_ps(load8(s->k, k[j] + d, s->kv, s->fp8), qd, sums[j]);
       }
       _mm256_storeu_ps(scores + g * stride + t0, _mm256_mul_ps(sum_lanes(sums), _mm256_set1_ps(s->scale)));
     }
@@ -144,9 +165,10 @@ static void mix(const Step* s, int64_t seq, int64_t head, const int64_t* at, int
       for (int64_t t = 0; t < len; t++) {
         __m256 weight = _mm256_set1_ps(weights[g * stride + t]);
         const int64_t row = at[t] + d0;
-        for (int c = 0; c < chunks; c++) acc[c] = _mm256_fmadd_ps(load8(s->v, row + 8 * c, s->bf16), weight, acc[c]);
+        for (int c = 0; c < chunks; c++)
+          acc[c] = _mm256_fmadd_ps(load8(s->v, row + 8 * c, s->kv, s->fp8), weight, acc[c]);
       }
-      __m256 inverse = _mm256_set1_ps(1.0f / totals[g]);
+      __m256 inverse = _mm256_set1_ps(s->v_scale / totals[g]);
       for (int c = 0; c < chunks; c++) _mm256_storeu_ps(out + d0 + 8 * c, _mm256_mul_ps(acc[c], inverse));
     }
     store(s, seq * s->heads + head * group + g, out);
@@ -172,10 +194,14 @@ static void attend(const Step* s, int64_t seq, int64_t head) {
   free(q);
 }
 
+/* kv: what the cache holds (KV_F32, KV_BF16, KV_FP8); k_scale, v_scale: an fp8 cache's scales (1 otherwise). */
 void serve_paged_decode(const void* q, const void* k, const void* v, const int64_t* tables, const int64_t* lengths,
                         void* out, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
-                        int64_t width, float scale, int bf16, int threads) {
-  Step s = {q, k, v, tables, lengths, out, heads, kv_heads, dim, block_size, width, scale, bf16};
+                        int64_t width, float scale, int bf16, int kv, float k_scale, float v_scale, int threads) {
+  float fp8[256];
+  fp8_table(fp8);
+  Step s = {q, k, v, tables, lengths, out, heads, kv_heads, dim, block_size, width, scale * k_scale, v_scale,
+            bf16, kv, fp8};
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads)
   for (int64_t seq = 0; seq < batch; seq++)
     for (int64_t head = 0; head < kv_heads; head++) attend(&s, seq, head);
