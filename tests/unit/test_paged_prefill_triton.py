@@ -154,17 +154,18 @@ def test_greedy_tokens_with_chunks_and_prefix_hits_are_the_same_with_the_kernel(
         assert ours[2] == pytest.approx(theirs[2], abs=1e-4) and ours[3] == pytest.approx(theirs[3], abs=1e-4)
 
 
-def test_the_cpu_keeps_the_reference_unless_triton_is_asked_for():
+def test_cuda_takes_the_kernel_and_the_cpu_keeps_the_reference_unless_triton_is_asked_for():
     from serve.engine.decode_backends import _choose_prefill
 
-    assert _choose_prefill("auto", torch.device("cpu"), torch.float32)[:2] == ("sdpa", None)
-    assert _choose_prefill("sdpa", torch.device("cuda"), torch.float32)[:2] == ("sdpa", None)
-    name, kernel, reason = _choose_prefill("triton", torch.device("cpu"), torch.float32)  # no interpreter here
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert _choose_prefill("auto", cuda, torch.bfloat16)[0] == "triton"  # no GPU needed to choose
+    assert _choose_prefill("cpu", cuda, torch.float16)[0] == "triton"  # a decode backend that falls back: auto's
+    name, kernel, reason = _choose_prefill("auto", cuda, torch.float8_e4m3fn)
+    assert (name, kernel) == ("sdpa", None) and "float8_e4m3fn" in reason  # an fp8 cache: the reference dequantizes
+    assert _choose_prefill("sdpa", cuda, torch.float32)[:2] == ("sdpa", None)
+    assert _choose_prefill("auto", cpu, torch.float32)[:2] == ("sdpa", None)
+    name, kernel, reason = _choose_prefill("triton", cpu, torch.float32)  # no interpreter in this process
     assert (name, kernel) == ("sdpa", None) and "no CUDA device" in reason
-
-
-if __name__ == "__main__":  # run under TRITON_INTERPRET=1 in a fresh process (Triton reads it when imported)
-    print(json.dumps({"errors": kernel_errors(), "engine": engine_runs(sys.argv[1])}))
 
 
 def test_the_prefill_token_budget_is_sized_for_a_gpu_unless_set():
