@@ -66,7 +66,8 @@ class Uploads:
     def tensor(self, values: Any, dtype: torch.dtype) -> torch.Tensor:
         """``values`` (a list, nested lists, or a host tensor) as a new tensor of ``dtype`` on the device."""
         host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-        host = host.to(dtype)
+        if host.dtype != dtype:
+            host = host.to(dtype)
         staged = self.stage(tuple(host.shape), dtype)
         staged.host.copy_(host)
         return staged.send()
