@@ -101,7 +101,9 @@ _active = threading.local()
 Scales = Optional[tuple[torch.Tensor, torch.Tensor]]  # an fp8 cache's (key, value) scales of a layer (kv_cache.py)
 DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, StepLayout, Optional[float], Scales], torch.Tensor]
 _decode_kernels: "weakref.WeakKeyDictionary[PagedKVCache, DecodeKernel]" = weakref.WeakKeyDictionary()
-PrefillKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, StepLayout, Optional[float], torch.Tensor], None]
+PrefillKernel = Callable[  # writes every chunk's rows of its last argument, the step's output
+    [torch.Tensor, torch.Tensor, torch.Tensor, StepLayout, Optional[float], Scales, torch.Tensor], None
+]
 _prefill_kernels: "weakref.WeakKeyDictionary[PagedKVCache, PrefillKernel]" = weakref.WeakKeyDictionary()
 
 
@@ -171,7 +173,7 @@ def attend(
         out[: layout.decode_count] = decode(query, keys, values, layout, scaling, scales)
     prefill = _prefill_kernels.get(cache)
     if prefill is not None:
-        prefill(query, keys, values, layout, scaling, out)
+        prefill(query, keys, values, layout, scaling, scales, out)
         return out
     for chunk in layout.prefills:
         out[chunk.start : chunk.end] = _prefill_attention(query, key, value, keys, values, chunk, scaling, scales)

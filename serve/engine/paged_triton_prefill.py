@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 import torch
 
-from serve.engine.attention import ChunkBatch, StepLayout
+from serve.engine.attention import ChunkBatch, Scales, StepLayout
+from serve.engine.kv_cache import is_fp8
 
 ROWS = 64  # query rows per program: ROWS // group tokens times the group's heads
 TILE = 64  # keys per inner step of a program
@@ -36,8 +37,8 @@ def prefill_unusable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     interpreted = getattr(getattr(getattr(triton, "knobs", None), "runtime", None), "interpret", False)
     if device.type != "cuda" and not (device.type == "cpu" and interpreted):
         return f"no CUDA device ({device.type})"
-    if dtype not in DTYPES:
-        return f"the Triton prefill kernel takes float32, bfloat16 or float16 caches, not {str(dtype)[6:]}"
+    if dtype not in DTYPES and not is_fp8(dtype):
+        return f"the Triton prefill kernel takes float32, bfloat16, float16 or fp8 caches, not {str(dtype)[6:]}"
     return None
 
 
@@ -48,10 +49,15 @@ def paged_prefill(
     chunks: ChunkBatch,
     scale: float,
     out: torch.Tensor,
+    kv_scales: Scales = None,
 ) -> None:
     """Write into ``out`` [tokens, heads, dim] the attention of each chunk's rows of ``query`` [tokens, heads, dim]
-    over keys/values [blocks, block_size, kv_heads, dim] (the chunk's own keys written already)."""
+    over keys/values [blocks, block_size, kv_heads, dim] (the chunk's own keys written already). ``kv_scales``: an
+    fp8 cache's (key scale, value scale), views of one two-element float32 tensor (``PagedKVCache.layer_scales``)."""
     _, heads, dim = query.shape
+    fp8 = kv_scales is not None
+    if fp8:  # the kernel reads e4m3 bytes and widens them itself
+        keys, values = keys.view(torch.uint8), values.view(torch.uint8)
     _, block_size, kv_heads, _ = keys.shape
     if values.stride() != keys.stride():
         raise ValueError("keys and values must share one layout")
@@ -61,11 +67,12 @@ def paged_prefill(
     grid = (chunks.spans.shape[1], kv_heads, -(-chunks.longest // tokens))
     upcast = keys.dtype == torch.bfloat16 and keys.device.type != "cuda"  # CPU tensors: Triton's interpreter
     starts, lengths, positions = chunks.spans
+    scales = kv_scales[0] if fp8 else lengths  # [key scale, value scale] (not read without fp8)
     _kernel()[grid](
-        query, keys, values, out, starts, lengths, positions, chunks.tables, scale * LOG2_E,
+        query, keys, values, out, starts, lengths, positions, chunks.tables, scales, scale * LOG2_E,
         *query.stride(), *out.stride(), *keys.stride(), *chunks.tables.stride(),
         GROUP=group, ROWS=rows, TOKENS=tokens, DIM=dim, DIM_PAD=_pow2(dim, 16), BLOCK_SIZE=block_size, TILE=TILE,
-        UPCAST=upcast,
+        UPCAST=upcast, FP8=fp8,
     )  # fmt: skip
 
 
@@ -75,14 +82,15 @@ def prefill_attention(
     values: torch.Tensor,
     layout: StepLayout,
     scaling: Optional[float],
+    scales: Scales,
     out: torch.Tensor,
 ) -> None:
-    """attention's prefill hook: every chunk of ``layout`` through ``paged_prefill``, launched with the tensors'
-    GPU current."""
+    """attention's prefill hook: every chunk of ``layout`` through ``paged_prefill`` (``scales``: an fp8 cache's),
+    launched with the tensors' GPU current."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     current = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
     with current:
-        paged_prefill(query, keys, values, layout.chunk_batch(), scale, out)
+        paged_prefill(query, keys, values, layout.chunk_batch(), scale, out, scales)
 
 
 def _pow2(value: int, least: int = 1) -> int:

@@ -7,7 +7,8 @@ sequence's first position up to its last query's position, ``TILE`` tokens at a 
 ``table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE``: the cached prefix and the chunk's own keys (already
 written) alike. Query row at position q sees key p when p <= q. Online softmax in base 2 (``scale`` is the softmax
 scale times log2(e)) with float32 sums; ``UPCAST`` multiplies in float32 (Triton's interpreter gets bfloat16
-``tl.dot`` wrong; on a GPU bfloat16 and float16 go through the tensor cores as they are).
+``tl.dot`` wrong; on a GPU bfloat16 and float16 go through the tensor cores as they are). ``FP8``: the cache holds
+float8 e4m3 bytes, widened and scaled by the decode kernels' ``_rows`` (serve/engine/paged_triton_kernels.py).
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from serve.engine.paged_triton_kernels import FP8_EXPONENT_SHIFT, _rows
+
 
 @triton.jit
 def chunk_attention(
-    q_ptr, k_ptr, v_ptr, out_ptr, starts_ptr, lengths_ptr, positions_ptr, tables_ptr, scale,
+    q_ptr, k_ptr, v_ptr, out_ptr, starts_ptr, lengths_ptr, positions_ptr, tables_ptr, scales_ptr, scale,
     q_token, q_head, q_dim, out_token, out_head, out_dim, kv_block, kv_offset, kv_head, kv_dim,
     table_chunk, table_block,
     GROUP: tl.constexpr, ROWS: tl.constexpr, TOKENS: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     chunk, head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(lengths_ptr + chunk)
@@ -44,22 +47,24 @@ def chunk_attention(
     best = tl.full([ROWS], float("-inf"), tl.float32)
     total = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, DIM_PAD], tl.float32)
+    k_factor, v_factor = 1.0, 1.0
+    if FP8:  # scales_ptr: [key scale, value scale] of the layer
+        k_factor = tl.load(scales_ptr) * FP8_EXPONENT_SHIFT
+        v_factor = tl.load(scales_ptr + 1) * FP8_EXPONENT_SHIFT
     for first in range(0, kv_end, TILE):
         keys_at = first + tl.arange(0, TILE)
         key_ok = keys_at < kv_end
         blocks = tl.load(table + (keys_at // BLOCK_SIZE) * table_block, mask=key_ok, other=0)
         at = blocks * kv_block + (keys_at % BLOCK_SIZE) * kv_offset + head * kv_head
         tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + at[:, None] + dims[None, :] * kv_dim, mask=tile_ok, other=0.0)
-        k = k.to(tl.float32) if UPCAST else k
+        k = _rows(k_ptr, at[:, None] + dims[None, :] * kv_dim, tile_ok, k_factor, UPCAST, FP8)
         scores = tl.dot(q.to(k.dtype), tl.trans(k), input_precision="ieee") * scale
         scores = tl.where(key_ok[None, :] & (keys_at[None, :] <= seen[:, None]), scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, 1))
         rescale = tl.exp2(best - new_best)
         weights = tl.exp2(scores - new_best[:, None])
         total = total * rescale + tl.sum(weights, 1)
-        v = tl.load(v_ptr + at[:, None] + dims[None, :] * kv_dim, mask=tile_ok, other=0.0)
-        v = v.to(tl.float32) if UPCAST else v
+        v = _rows(v_ptr, at[:, None] + dims[None, :] * kv_dim, tile_ok, v_factor, UPCAST, FP8)
         acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision="ieee")
         best = new_best
     out = acc / total[:, None]

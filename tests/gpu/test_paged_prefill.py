@@ -1,6 +1,6 @@
 """On CUDA: the Triton paged prefill kernel against the gathering reference through ``attend`` (KV heads 1/2/8, head
-dim 64/128, float32/bfloat16/float16; steps of several chunks behind decode tokens, and one long chunk after a long
-cached prefix), without a host sync once the step's chunk batch is built (skipped without a GPU)."""
+dim 64/128, float32/bfloat16/float16, an fp8 cache; steps of several chunks behind decode tokens, and one long chunk
+after a long cached prefix), without a host sync once the step's chunk batch is built (skipped without a GPU)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.unit.test_paged_prefill_triton import drawn_spans, random_step
 
 pytestmark = pytest.mark.gpu
 
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float8_e4m3fn: 1e-4}
 MATRIX = list(itertools.product([1, 2, 8], [64, 128], [torch.float32, torch.bfloat16, torch.float16]))
 
 
@@ -46,3 +46,11 @@ def test_triton_prefill_matches_the_reference_on_cuda(kv_heads, dim, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_a_long_chunk_after_a_long_cached_prefix(dtype):
     assert _errors(8, 128, dtype, [(2048, 2048), (0, 1024), (4000, 3)]) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("kv_heads", [2, 8])
+def test_an_fp8_cache_is_widened_in_the_kernel(kv_heads):
+    """float32 queries over an fp8 cache: both paths widen the same bytes (a first chunk's reference would attend
+    over its exact keys instead, so every chunk here has a cached prefix)."""
+    spans = [(position, length) for position, length in drawn_spans(6, kv_heads) if position] + [(1500, 500)]
+    assert _errors(kv_heads, 128, torch.float8_e4m3fn, spans) <= TOLERANCE[torch.float8_e4m3fn]

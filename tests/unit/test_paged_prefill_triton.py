@@ -25,12 +25,13 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK_SIZE = 16
 HEADS = 4
-TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float8_e4m3fn": 1e-5}  # fp8: both widen the same bytes exactly
 EDGES = [(0, 37), (16, 1), (300, 64), (5, 20), (0, 1)]  # (cached before, chunk length): a first chunk, one token...
 CASES = (  # kv_heads, head dim, dtype, chunks drawn at random besides EDGES
     (1, 64, "float32", 2),  # a group of 4 query heads per KV head
     (2, 80, "float32", 1),  # a group of 2; head dim padded to 128 inside the kernel
     (2, 64, "bfloat16", 2),
+    (2, 64, "float8_e4m3fn", 1),  # an fp8 cache (KV_CACHE_DTYPE=fp8), float32 queries; later chunks only (below)
 )
 
 
@@ -54,8 +55,9 @@ def random_step(
     widths = [-(-(position + length) // BLOCK_SIZE) for position, length in spans] + [3, 1]  # + two decode tables
     order = (torch.randperm(sum(widths), generator=generator) + 1).split(widths)  # disjoint, block 0 never used
     cache = PagedKVCache(CacheShape(1, kv_heads, dim, dtype), sum(widths) + 1, BLOCK_SIZE, torch.device(device))
-    cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=generator))
-    cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=generator))
+    everywhere = torch.arange(cache.num_blocks * BLOCK_SIZE, device=device)
+    stored = [torch.randn(len(everywhere), kv_heads, dim, generator=generator).to(device) for _ in "kv"]
+    cache.write(0, everywhere, *stored, calibrate=True)  # an fp8 cache's scales from these values
     order = [table.to(device) for table in order]
     decode_lengths, rows, chunks = [40, 9], [], []
     for table, seen in zip(order[-2:], decode_lengths):
@@ -68,7 +70,8 @@ def random_step(
     tables = torch.stack([order[-2], torch.cat([order[-1], order[-1].new_zeros(2)])])  # padded with scratch
     mask = (torch.arange(3 * BLOCK_SIZE)[None, :] < torch.tensor(decode_lengths)[:, None])[:, None, None, :]
     layout = StepLayout(torch.tensor(rows, device=device), 2, tables, mask.to(device), chunks)
-    new = lambda count: torch.randn(len(rows), count, dim, generator=generator).to(device, dtype)  # noqa: E731
+    new_dtype = torch.float32 if cache.quantized else dtype  # a float32 model beside an fp8 cache
+    new = lambda count: torch.randn(len(rows), count, dim, generator=generator).to(device, new_dtype)  # noqa: E731
     query = new(heads).transpose(0, 1).contiguous().transpose(0, 1)  # strided, as transformers hands queries over
     return cache, layout, query, new(kv_heads), new(kv_heads)
 
@@ -82,6 +85,8 @@ def kernel_errors() -> dict[str, float]:
     for seed, case in enumerate(CASES):
         kv_heads, dim, dtype, drawn = case
         spans = drawn_spans(drawn, seed)
+        if dtype.startswith("float8"):  # a first chunk's reference attends over its exact keys, not the stored ones
+            spans = [(position, length) for position, length in spans if position]
         cache, layout, query, key, value = random_step(kv_heads, dim, getattr(torch, dtype), spans, seed)
         outputs = []
         for kernel in (None, prefill_attention):
@@ -160,8 +165,9 @@ def test_cuda_takes_the_kernel_and_the_cpu_keeps_the_reference_unless_triton_is_
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert _choose_prefill("auto", cuda, torch.bfloat16)[0] == "triton"  # no GPU needed to choose
     assert _choose_prefill("cpu", cuda, torch.float16)[0] == "triton"  # a decode backend that falls back: auto's
-    name, kernel, reason = _choose_prefill("auto", cuda, torch.float8_e4m3fn)
-    assert (name, kernel) == ("sdpa", None) and "float8_e4m3fn" in reason  # an fp8 cache: the reference dequantizes
+    assert _choose_prefill("auto", cuda, torch.float8_e4m3fn)[0] == "triton"  # an fp8 cache: widened in the kernel
+    name, kernel, reason = _choose_prefill("auto", cuda, torch.int8)
+    assert (name, kernel) == ("sdpa", None) and "not int8" in reason
     assert _choose_prefill("sdpa", cuda, torch.float32)[:2] == ("sdpa", None)
     assert _choose_prefill("auto", cpu, torch.float32)[:2] == ("sdpa", None)
     name, kernel, reason = _choose_prefill("triton", cpu, torch.float32)  # no interpreter in this process
@@ -181,3 +187,7 @@ def test_the_prefill_token_budget_is_sized_for_a_gpu_unless_set():
 def test_an_engine_on_the_cpu_prefills_512_tokens_a_step_and_info_says_so(tiny_engine, client):
     assert tiny_engine.limits.max_batch_prefill_tokens == 512 and tiny_engine.scheduler.prefill_budget == 512
     assert client.get("/info").get_json()["max_batch_prefill_tokens"] == 512
+
+
+if __name__ == "__main__":  # run under TRITON_INTERPRET=1 in a fresh process (Triton reads it when imported)
+    print(json.dumps({"errors": kernel_errors(), "engine": engine_runs(sys.argv[1])}))
