@@ -121,6 +121,7 @@ class StepSequence:
         self.start = cached
         self.num_cached, self.prompt_left = cached, len(ids) - cached
         self.proposal: list[int] = []  # no speculative tokens to verify
+        self.images = None  # a text prompt: no image features
 
 
 def engine_step(runner: ModelRunner, plan: StepPlan):

@@ -35,6 +35,7 @@ GPU_BOXES = {
     "bandwidth": 35,
     "tests": 90,
     "engine": 90,
+    "verify": 45,  # speculative decoding's verify step against a plain decode step
     "compile": 110,
     "compile_warm": 50,
     "server": 160,
@@ -43,7 +44,7 @@ GPU_BOXES = {
 }
 # one process for the in-process stages; COMPILE's warm start needs a fresh process (the cache on disk)
 CPU_BOXES = {
-    "bandwidth,engine,compile,hf": 360,
+    "bandwidth,engine,verify,compile,hf": 400,
     "compile_warm": 90,
     "tests": 120,
     "server": 200,

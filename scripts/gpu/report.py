@@ -158,6 +158,23 @@ def _tensor_parallel_rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _verify_rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Each batch's plain step, and per k the verify step's cost and the speedup at acceptance 0.7."""
+    rows = []
+    for key, row in data.items():
+        if not key.startswith("batch_"):
+            continue
+        batch = key.replace("_", " ")
+        rows.append(
+            ("g", f"plain decode step, {batch}", f"{_f(row['plain_ms'], 2)} ms (eager {_f(row['plain_eager_ms'], 2)})")
+        )
+        for k, verify in row["verify"].items():
+            cost, gain = verify["cost_in_plain_steps"], verify["speedup"]["a=0.7"]
+            value = f"{_f(verify['ms'], 2)} ms = {cost} plain steps; x{gain} at a=0.7"
+            rows.append(("g", f"verify step {k}, {batch}", value))
+    return rows
+
+
 def markdown(out: Path, results: dict[str, Any]) -> str:
     """The whole report: header, profiles, stage statuses, then the summary table last."""
     bandwidth, engine = _load(out, "bandwidth"), _load(out, "engine")
@@ -183,7 +200,7 @@ def markdown(out: Path, results: dict[str, Any]) -> str:
     rows = _bandwidth_rows(bandwidth) + _tests_rows(out) + _engine_rows(engine, floor)
     rows += _compile_rows(_load(out, "compile"), engine)
     rows += _server_rows(_load(out, "server"), floor) + _hf_rows(_load(out, "hf"))
-    rows += _tensor_parallel_rows(_load(out, "tensor_parallel"))
+    rows += _tensor_parallel_rows(_load(out, "tensor_parallel")) + _verify_rows(_load(out, "verify"))
     lines += ["", "| | measure | value |", "|---|---|---|"] + [f"| {s} | {m} | {v} |" for s, m, v in rows]
     if not results["gpu"]:
         lines += ["", f"**{results['device']}.**"]

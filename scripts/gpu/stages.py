@@ -17,6 +17,7 @@ from typing import Any
 from common import Plan, Recorder, make_plan, model_folder, random_prompts, stage_log
 from engine_timing import BASE_VOCAB, StepHook, start_engine, synchronize, time_batch
 from tp_stage import stage_tensor_parallel
+from verify_stage import stage_verify
 
 
 def copy_bandwidth(plan: Plan) -> dict[str, Any]:
@@ -185,6 +186,7 @@ STAGES = {
     "compile_warm": stage_compile_warm,
     "hf": stage_hf,
     "tensor_parallel": stage_tensor_parallel,
+    "verify": stage_verify,
 }
 
 
