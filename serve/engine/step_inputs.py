@@ -36,8 +36,10 @@ class StepInputs:
     ) -> tuple[torch.Tensor, torch.Tensor, StepLayout, torch.Tensor]:
         """(input ids, positions, the attention layout, logit rows) on ``device``."""
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        on_host = device.type == "cpu"  # the gathering reference attends there: its masks built once per step
+        mask = lambda position, count: chunk_mask(position, count) if on_host else None  # noqa: E731
         chunks = [
-            PrefillChunk(start, end, position, as_tensor(blocks), chunk_mask(position, end - start, device))
+            PrefillChunk(start, end, position, as_tensor(blocks), mask(position, end - start))
             for start, end, position, blocks in self.chunks
         ]
         tables, mask = None, None
@@ -49,9 +51,11 @@ class StepInputs:
         return as_tensor(self.ids), as_tensor(self.positions), layout, as_tensor(self.logit_rows)
 
 
-def chunk_mask(position: int, count: int, device: torch.device) -> Optional[torch.Tensor]:
-    """Causal mask for a chunk that starts after ``position`` cached tokens (None: plain causal from 0)."""
+def chunk_mask(position: int, count: int) -> Optional[torch.Tensor]:
+    """Causal mask, on the CPU, for a chunk that starts after ``position`` cached tokens (None: plain causal from 0).
+    Only the CPU's gathering reference reads it; on a GPU the paged prefill kernel needs none and the reference, where
+    it falls back, builds its own on the device."""
     if position == 0:
         return None
     rows = torch.arange(count)[:, None] + position
-    return (torch.arange(position + count)[None, :] <= rows).to(device)
+    return torch.arange(position + count)[None, :] <= rows
