@@ -6,11 +6,13 @@ that propose in a step, one batched forward first catches the draft up on the to
 cached (its prompt at the first proposal, then the tokens accepted since), then ``k - 1`` batched single-token
 steps follow; each row's proposal is the draft's argmax at each step. Proposed tokens the target rejects leave
 draft keys and values behind; the draft's cached count is cut back to the accepted length (``settle``), so they
-are overwritten later. A sequence that stops running (finished, preempted) is forgotten: it starts afresh.
+are overwritten later. A sequence that stops running (finished, preempted) is forgotten: it starts afresh. A
+draft whose forward fails proposes nothing from then on (the log says why); the target decodes on without it.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
@@ -20,6 +22,8 @@ from serve.engine.block_manager import SCRATCH_BLOCK
 from serve.engine.kv_cache import CacheShape, PagedKVCache
 from serve.engine.speculative import Proposer, Reserve
 from serve.engine.step_inputs import StepInputs
+
+log = logging.getLogger(__name__)
 
 
 class DraftProposer(Proposer):
@@ -34,6 +38,7 @@ class DraftProposer(Proposer):
         self.cache = cache
         self.device = model.device
         self._cached: dict[str, int] = {}  # sequence id -> leading tokens whose draft keys and values are cached
+        self.failure: Optional[str] = None  # why the draft's forward failed, after which it proposes nothing
 
     @classmethod
     def build(cls, model: Any, num_blocks: int, block_size: int, dtype: torch.dtype, config: Any) -> "DraftProposer":
@@ -54,11 +59,22 @@ class DraftProposer(Proposer):
         return self.propose_rows([(seq, k)], lambda _, count: min(count, room))[0]
 
     def propose_rows(self, rows: list[tuple[Any, int]], reserve: Reserve) -> list[list[int]]:
+        if self.failure is not None:
+            return [[] for _ in rows]
         counts = [reserve(seq, k) for seq, k in rows]
         active = [(seq, count) for (seq, _), count in zip(rows, counts) if count > 0]
-        drafted = self._draft(active) if active else []
-        proposals = iter(drafted)
-        return [next(proposals) if count > 0 else [] for count in counts]
+        try:
+            drafted = iter(self._draft(active) if active else [])
+        except Exception as exc:  # noqa: BLE001 - a failing draft costs its proposals, never a request
+            self._fail(exc)
+            return [[] for _ in rows]
+        return [next(drafted) if count > 0 else [] for count in counts]
+
+    def _fail(self, exc: Exception) -> None:
+        """Propose nothing from now on: the draft's forward failed."""
+        self.failure = f"{type(exc).__name__}: {exc}"
+        self._cached.clear()
+        log.error("the draft model failed (%s); no more proposals from it", self.failure, exc_info=exc)
 
     def settle(self, seq: Any) -> None:
         self._cached[seq.id] = self.cached(seq)  # keys and values past the accepted tokens are stale

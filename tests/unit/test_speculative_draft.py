@@ -33,10 +33,22 @@ def start(settings):
 
 
 def run_all(engine, prompts):
-    """Submit every prompt at once (greedy), then read each stream: its (token, text) pairs."""
+    """Submit every prompt at once (greedy), then read each stream: its (token, text) pairs (an engine silent for a
+    minute fails the test rather than hanging it)."""
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     streams = [engine.submit(Request(prompt_ids=prompt, params=params)) for prompt in prompts]
-    return [[(event.token_id, event.text) for event in stream if event.token_id is not None] for stream in streams]
+    pairs = lambda events: [(event.token_id, event.text) for event in events if event.token_id is not None]  # noqa: E731
+    return [pairs(read(stream)) for stream in streams]
+
+
+def read(stream, silence=60):
+    """A stream's events, failing after ``silence`` seconds without one."""
+    events = []
+    for event in stream.events(heartbeat=1.0):
+        silence = silence if event is not None else silence - 1
+        assert silence > 0, "the engine stopped answering"
+        events += [event] if event is not None else []
+    return events
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +248,25 @@ def test_a_forgotten_sequence_is_drafted_afresh_in_its_new_blocks(self_draft_eng
     seq.block_table = list(range(9, 17))
     assert drafter.propose(seq, 2) == fresh.propose(seq, 2)
     assert_same_draft_cache(drafter, fresh, seq)
+
+
+class Failing:
+    """A draft model whose forward raises."""
+
+    def __call__(self, **inputs):
+        raise RuntimeError("out of memory in the draft")
+
+
+def test_a_failing_draft_stops_proposing_and_the_requests_go_on_as_without(self_draft_engine, prompt_ids, plain):
+    proposer = self_draft_engine.scheduler.speculator.proposer
+    model, proposer.model = proposer.model, Failing()
+    before = self_draft_engine.stats()
+    try:
+        results = run_all(self_draft_engine, prompt_ids[:3])
+        failure = proposer.failure
+    finally:
+        proposer.model, proposer.failure = model, None
+    assert results == plain[:3]
+    assert failure == "RuntimeError: out of memory in the draft"
+    assert self_draft_engine.stats().speculative_proposed == before.speculative_proposed
+    assert self_draft_engine.stats().blocks_used == 0  # the blocks reserved for the failed proposals came back
