@@ -54,6 +54,7 @@ VARIABLES = [
     ("GPU_MEMORY_UTILIZATION", "0.75", "gpu_memory_utilization", 0.75),
     ("KV_CACHE_DTYPE", " FP8 ", "kv_cache_dtype", "fp8"),
     ("SPECULATIVE", " NGram ", "speculative", "ngram"),
+    ("SPECULATIVE", "draft:org/Small-LM", "speculative_draft", "org/Small-LM"),
     ("SPECULATIVE_TOKENS", "6", "speculative_tokens", 6),
     ("SPECULATIVE_NGRAM", "2", "speculative_ngram", 2),
     ("GRAMMAR_LEXER_FUEL", "5000", "grammar_limits", GrammarLimits(lexer_fuel=5000)),
