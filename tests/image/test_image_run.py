@@ -105,7 +105,7 @@ def test_messages_api_from_opt_ml_model(container, model_dir, tmp_path):
         # the kernel built in the Dockerfile's cpu-kernel stage serves the float32 layers (no compiler in the image)
         info = requests.get(server.url + "/info", timeout=30).json()
         if info["model_dtype"] == "float32":  # DTYPE=auto: bfloat16 on CPUs that prefer it, which stays dense
-            assert info["cpu_weights"].startswith("panel kernel (AVX2+FMA): "), info["cpu_weights"]
+            assert info["cpu_weights"].startswith("panel kernel (AVX"), info["cpu_weights"]
     finally:
         stop_and_check(server)
 

@@ -123,3 +123,20 @@ def test_a_library_built_beside_the_source_needs_no_compiler(tmp_path, monkeypat
     kernel, why_not = load_panel_kernel(str(tmp_path / "empty-cache"), "no-such-cc")
     assert kernel is not None and kernel.path == source.parent / cpu_kernel.library_name(), why_not
     assert not (tmp_path / "empty-cache").exists()
+
+
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the CPU has no AVX-512F")
+@pytest.mark.parametrize("out_features", [16, 40, 300])  # one panel, an odd count of panels, many
+@pytest.mark.parametrize("rows", [2, 8, 9, 21])
+def test_the_avx512_tile_gives_the_avx2_tiles_bits(kernel, out_features, rows):
+    """Steps of two or more rows take the AVX-512F tile: the same bits as the AVX2 tile, bias included."""
+    weight, x, b = operands(out_features, 72, rows, bias=True)
+    panels = kernel.pack(weight)
+    assert kernel.wide
+    wide = kernel.linear(x, panels, b, out_features)
+    kernel.wide = False
+    try:
+        narrow = kernel.linear(x, panels, b, out_features)
+    finally:
+        kernel.wide = True
+    assert torch.equal(wide, narrow)
