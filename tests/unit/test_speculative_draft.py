@@ -270,3 +270,32 @@ def test_a_failing_draft_stops_proposing_and_the_requests_go_on_as_without(self_
     assert failure == "RuntimeError: out of memory in the draft"
     assert self_draft_engine.stats().speculative_proposed == before.speculative_proposed
     assert self_draft_engine.stats().blocks_used == 0  # the blocks reserved for the failed proposals came back
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_greedy_is_byte_identical_with_its_first_layers_as_draft(embedded_folder, tmp_path):
+    """The real embedded model (float32), 20 prompts, 4 running at a time (so every row may propose), its first 8
+    layers as the draft (real weights that often disagree): the same tokens and text as with speculation off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.unit.test_lean_model import SMOL_PROMPTS, settings_for
+
+    draft = tmp_path / "smol-8-layers"
+    AutoModelForCausalLM.from_pretrained(str(embedded_folder), num_hidden_layers=8).save_pretrained(draft)
+    AutoTokenizer.from_pretrained(str(embedded_folder)).save_pretrained(draft)
+    results, stats = {}, None
+    for method in ("off", f"draft:{draft}"):
+        chosen, source = method.partition(":")[::2]
+        settings = settings_for(embedded_folder, max_concurrent_requests=4, speculative=chosen)
+        engine = single_engine(replace(settings, speculative_draft=source or None)).start()
+        assert engine.wait_ready(300), engine.load_error
+        try:
+            prompts = [engine.tokenizer(text)["input_ids"] for text in SMOL_PROMPTS]
+            params = SamplingParams(max_new_tokens=48)
+            streams = [engine.submit(Request(prompt_ids=prompt, params=params)) for prompt in prompts]
+            results[chosen] = [[(event.token_id, event.text) for event in read(stream)] for stream in streams]
+            stats = engine.stats()
+        finally:
+            engine.stop()
+    assert results["draft"] == results["off"]
+    assert stats.speculative_proposer == "draft" and stats.speculative_proposed > 0
