@@ -33,6 +33,8 @@ class DraftProposer(Proposer):
 
     def __init__(self, model: Any, cache: PagedKVCache):
         if not getattr(model, "serve_calls_attend", False):  # lean models call attend() themselves
+            if not getattr(model, "_supports_attention_backend", False):
+                raise ValueError(f"the draft {type(model).__name__} does not support pluggable attention")
             model.set_attn_implementation(BACKEND_NAME)
         self.model = model
         self.cache = cache

@@ -299,3 +299,10 @@ def test_embedded_smollm2_greedy_is_byte_identical_with_its_first_layers_as_draf
             engine.stop()
     assert results["draft"] == results["off"]
     assert stats.speculative_proposer == "draft" and stats.speculative_proposed > 0
+
+
+def test_a_draft_without_pluggable_attention_is_refused():
+    from serve.engine.draft import DraftProposer
+
+    with pytest.raises(ValueError, match="the draft SimpleNamespace does not support pluggable attention"):
+        DraftProposer(SimpleNamespace(device="cpu"), cache=None)
