@@ -37,6 +37,7 @@ def vision_server(tmp_path_factory, embedded_folder):
         "MAX_BATCH_TOTAL_TOKENS": "4096",
         "MAX_IMAGES_PER_REQUEST": "2",
         "MAX_IMAGE_PIXELS": "20000",
+        "MAX_INPUT_TOKENS": "64",
     }
     server = start_server(env, tmp_path_factory.mktemp("vision-server-logs"))
     yield server
@@ -89,6 +90,16 @@ def test_invocations_and_info_know_the_model_takes_images(vision_server):
 def test_a_bad_image_is_a_400_naming_the_problem(vision_server, url, problem):
     reply = requests.post(vision_server.url + "/v1/chat/completions", json={"messages": asking(url)}, timeout=60)
     assert reply.status_code == 400 and problem in reply.json()["error"]["message"]
+
+
+def test_image_tokens_count_toward_max_input_tokens(vision_server):
+    big = asking(data_url(6, 140, 140), data_url(7, 140, 140))  # 25 image tokens each, with the text: over 64
+    reply = requests.post(vision_server.url + "/v1/chat/completions", json={"messages": big}, timeout=60)
+    assert reply.status_code in (400, 422) and "MAX_INPUT_TOKENS" in reply.json()["error"]["message"]
+    small = asking(data_url(6), data_url(7))  # 6 image tokens each: within it
+    assert requests.post(
+        vision_server.url + "/v1/chat/completions", json={"messages": small, "max_tokens": 2}, timeout=60
+    ).ok
 
 
 def test_more_images_than_allowed_is_a_400_and_the_server_stays_healthy(vision_server):
