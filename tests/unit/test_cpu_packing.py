@@ -97,7 +97,8 @@ def test_the_loader_reports_the_layout(tiny_settings):
     from serve.loading.loader import load_model
 
     loaded = load_model(tiny_settings)
-    assert loaded.cpu_weights.startswith("panel kernel (AVX") and loaded.cpu_weights.endswith(f": {LINEARS} linear layers")
+    weights = loaded.cpu_weights
+    assert weights.startswith("panel kernel (AVX") and weights.endswith(f": {LINEARS} linear layers")
     onednn = load_model(replace(tiny_settings, cpu_kernel="onednn")).cpu_weights
     assert onednn == f"oneDNN-packed: {LINEARS} linear layers (CPU_KERNEL=onednn)"
     assert load_model(replace(tiny_settings, pack_cpu_weights=False)).cpu_weights == "dense: PACK_CPU_WEIGHTS=false"
