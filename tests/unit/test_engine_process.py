@@ -179,7 +179,8 @@ def test_a_frozen_engine_process_is_stalled_and_a_deadline_holds_by_the_fronts_c
 
 
 def test_a_load_failure_reaches_the_front_and_the_process_ends(process_settings, tiny_model_dir, tmp_path):
-    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())  # no weights beside it
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):  # the model's files but its weights
+        (tmp_path / name).write_text((tiny_model_dir / name).read_text())
     broken = replace(process_settings, model_id=str(tmp_path))
     failures = []
     engine = build_engine(broken, on_load_failure=failures.append).start()

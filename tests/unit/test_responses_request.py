@@ -168,10 +168,10 @@ def test_unsupported_or_invalid_fields_are_refused_by_name(extra, field, words):
 @pytest.mark.parametrize(
     "item, field, words",
     [
-        (
-            {"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AA=="}]},
+        (  # an image by URL is the chat step's to judge (a text-only model refuses it there); by file id, here
+            {"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]},
             "input[0].content[0]",
-            "takes no images",
+            "file store",
         ),
         ({"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}, "input[0].content[0]", "'input_file'"),
         ({"type": "item_reference", "id": "msg_1"}, "input[0]", "item_reference"),
@@ -184,6 +184,15 @@ def test_input_items_are_refused_with_their_own_location(item, field, words):
     error = refusal({"input": [item]})
     assert error.param == field and words in error.message, error.message
     assert "tagged-union" not in error.message and "~" not in error.message
+
+
+def test_an_input_image_becomes_a_chat_image_part():
+    item = {
+        "role": "user",
+        "content": [{"type": "input_text", "text": "What?"}, {"type": "input_image", "image_url": "data:x"}],
+    }
+    parts = chat_messages(parse_request({"input": [item]}))[0]["content"]
+    assert parts == [{"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {"url": "data:x"}}]
 
 
 def test_store_false_and_unknown_fields_are_accepted():

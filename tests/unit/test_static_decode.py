@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from serve.wiring import engine_config
 from serve.engine import Engine, Request, SamplingParams
@@ -80,7 +81,8 @@ EVERY_ROW_KIND = [
     SamplingParams(max_new_tokens=9, ignore_eos=True, logprobs=3),
     SamplingParams(max_new_tokens=9, ignore_eos=True, watermark=Watermark()),
 ]
-GRAMMAR_ROW = SamplingParams(max_new_tokens=9, ignore_eos=True, grammar=regex_grammar("[a-z ]{200,900}"))
+# longer than the others: still decoding when they join, however fast the host makes its first tokens
+GRAMMAR_ROW = SamplingParams(max_new_tokens=60, ignore_eos=True, grammar=regex_grammar("[a-z ]{200,900}"))
 READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__")
 MOVES = ("to", "__getitem__", "__setitem__")  # host traffic when given a device, or a Python list as an index
 
@@ -94,34 +96,46 @@ def blocking_upload(name: str, args: tuple, kwargs: dict) -> bool:
     return "device" in kwargs or any(isinstance(arg, (torch.device, str)) for arg in args)
 
 
+class HostTraffic(TorchFunctionMode):
+    """Records, while active, every read to the host and every upload that would block on a GPU, except while
+    ``inside.reading`` (the runner's one read, ``to_host``). A torch function mode sees each tensor method and torch
+    function as it is called; patching ``torch.Tensor`` itself instead would leave its type slots changed after the
+    test (a 0-d tensor would then count as a sequence for every later ``torch.tensor``)."""
+
+    def __init__(self, outside: list, inside: threading.local):
+        super().__init__()
+        self.outside, self.inside = outside, inside
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if not getattr(self.inside, "reading", False):
+            moved = name in (*MOVES, "tensor") and blocking_upload(name, args[1:] if name in MOVES else args, kwargs)
+            if name in READS or moved:
+                self.outside.append(name)
+        return func(*args, **kwargs)
+
+
 def host_traffic_in_sample(engine, monkeypatch) -> tuple[list[str], list[int]]:
     """Record every read to the host (other than through ``to_host``) and every upload that would block on a GPU
     made while the runner samples; and the number of rows each sample call took."""
     runner, outside, inside, widths = engine._runner, [], threading.local(), []
+    sample, to_host = runner.sample, runner.to_host
 
-    def spying(original, name):
-        def spy(*args, **kwargs):
-            watched = getattr(inside, "sampling", False) and not getattr(inside, "reading", False)
-            if watched and (name in READS or blocking_upload(name, args[1:] if name in MOVES else args, kwargs)):
-                outside.append(name)
-            return original(*args, **kwargs)
+    def sampling(logits, sequences):
+        widths.append(len(sequences))
+        with HostTraffic(outside, inside):
+            return sample(logits, sequences)
 
-        return spy
+    def reading(tensor):
+        inside.reading = True
+        try:
+            return to_host(tensor)
+        finally:
+            inside.reading = False
 
-    for name in READS + MOVES:
-        monkeypatch.setattr(torch.Tensor, name, spying(getattr(torch.Tensor, name), name))
-    monkeypatch.setattr(torch, "tensor", spying(torch.tensor, "tensor"))
-    for method, flag in (("sample", "sampling"), ("to_host", "reading")):
-
-        def flagged(*args, _original=getattr(runner, method), _flag=flag):
-            widths.extend([len(args[1])] if _flag == "sampling" else [])
-            setattr(inside, _flag, True)
-            try:
-                return _original(*args)
-            finally:
-                setattr(inside, _flag, False)
-
-        monkeypatch.setattr(runner, method, flagged)
+    monkeypatch.setattr(runner, "sample", sampling)
+    monkeypatch.setattr(runner, "to_host", reading)
     return outside, widths
 
 
@@ -133,7 +147,7 @@ def test_one_host_read_per_step_for_every_row_kind_and_no_other_host_traffic(eng
         streams = [engine.submit(Request(prompt_ids=prompt, params=GRAMMAR_ROW))]  # first: its matcher compiles
         assert wait_for(lambda: engine.matchers.compiling == 0)
         streams += [engine.submit(Request(prompt_ids=prompt, params=params)) for params in EVERY_ROW_KIND]
-        assert all(len(tokens(stream)) == 9 for stream in streams)
+        assert [len(tokens(stream)) for stream in streams] == [60] + [9] * len(EVERY_ROW_KIND)
     finally:
         restore()
     decode_steps = [reads for prefill, reads in log if not prefill]
