@@ -54,12 +54,7 @@ def paged_decode(
     ids, lengths [batch] (tokens each sequence sees) -> [batch, heads, dim] in the query's dtype. ``kv_scales``: an
     fp8 cache's (key scale, value scale), views of one two-element float32 tensor (``PagedKVCache.layer_scales``)."""
     batch, heads, dim = query.shape
-    fp8 = kv_scales is not None
-    if fp8:  # the kernel reads e4m3 bytes and widens them itself
-        keys, values = keys.view(torch.uint8), values.view(torch.uint8)
-    _, block_size, kv_heads, _ = keys.shape
-    if values.stride() != keys.stride():
-        raise ValueError("keys and values must share one layout")
+    keys, values, fp8, block_size, kv_heads = cache_operands(keys, values, kv_scales)
     group = heads // kv_heads
     splits = split_count(batch, kv_heads, tables.shape[1] * block_size)
     split_tokens = -(-(tables.shape[1] * block_size) // (splits * TILE)) * TILE
@@ -94,3 +89,17 @@ def _kernels() -> tuple[Any, Any]:
     from serve.engine.paged_triton_kernels import merge_splits, split_attention
 
     return split_attention, merge_splits
+
+
+def cache_operands(
+    keys: torch.Tensor, values: torch.Tensor, kv_scales: Optional[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor, bool, int, int]:
+    """(keys, values as the kernels read them: an fp8 cache as its e4m3 bytes, which they widen themselves; whether
+    fp8; block size; KV heads). ValueError when keys and values do not share one layout."""
+    fp8 = kv_scales is not None
+    if fp8:
+        keys, values = keys.view(torch.uint8), values.view(torch.uint8)
+    _, block_size, kv_heads, _ = keys.shape
+    if values.stride() != keys.stride():
+        raise ValueError("keys and values must share one layout")
+    return keys, values, fp8, block_size, kv_heads

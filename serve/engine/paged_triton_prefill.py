@@ -21,6 +21,7 @@ import torch
 
 from serve.engine.attention import ChunkBatch, Scales, StepLayout
 from serve.engine.kv_cache import is_fp8
+from serve.engine.paged_triton import cache_operands
 
 ROWS = 64  # query rows per program: ROWS // group tokens times the group's heads
 TILE = 64  # keys per inner step of a program
@@ -55,12 +56,7 @@ def paged_prefill(
     over keys/values [blocks, block_size, kv_heads, dim] (the chunk's own keys written already). ``kv_scales``: an
     fp8 cache's (key scale, value scale), views of one two-element float32 tensor (``PagedKVCache.layer_scales``)."""
     _, heads, dim = query.shape
-    fp8 = kv_scales is not None
-    if fp8:  # the kernel reads e4m3 bytes and widens them itself
-        keys, values = keys.view(torch.uint8), values.view(torch.uint8)
-    _, block_size, kv_heads, _ = keys.shape
-    if values.stride() != keys.stride():
-        raise ValueError("keys and values must share one layout")
+    keys, values, fp8, block_size, kv_heads = cache_operands(keys, values, kv_scales)
     group = heads // kv_heads
     rows = max(ROWS, _pow2(group))
     tokens = rows // group  # query tokens per program; programs past their chunk's end return at once
