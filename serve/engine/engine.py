@@ -292,8 +292,8 @@ class Engine:
         size = config.kv_block_size
         ranks = getattr(self.loaded, "ranks", None)  # the other tensor-parallel ranks, if any
         max_batch = min(config.max_batch_size or config.max_concurrent_requests, config.max_concurrent_requests)
-        room = cache_room(model, shape, devices, config, total, max_batch, ranks)  # measured on CUDA
-        room = int(room * target_share(shape, getattr(self.loaded, "draft", None), self.loaded.dtype))  # its cache too
+        share = target_share(shape, getattr(self.loaded, "draft", None), self.loaded.dtype)  # a draft's cache: the rest
+        room = cache_room(model, shape, devices, config, total, max_batch, ranks, share)  # measured on CUDA
         blocks = plan_blocks(shape, size, config.max_batch_total_tokens, room, total + size)
         self.eos_ids = eos_token_ids(self.loaded.model, self.loaded.tokenizer)
         vocab = self.loaded.model.config.get_text_config().vocab_size

@@ -98,19 +98,20 @@ def widest_step(max_batch: int, width: int, block_size: int, prefill_tokens: int
 
 def cache_room(
     model: Any, shape: CacheShape, devices: list[torch.device], config: EngineConfig, total: int, max_batch: int,
-    ranks: Any = None,
+    ranks: Any = None, share: float = 1.0,
 ) -> int:  # fmt: skip
-    """Bytes the KV cache may take: measured on CUDA (one process, no override), else as ``default_cache_bytes``."""
+    """Bytes this cache may take: measured on CUDA (one process, no override), else as ``default_cache_bytes``;
+    ``share``: its part of that room when a draft model's cache takes the rest (checked after the split)."""
     if devices[0].type != "cuda":
-        return default_cache_bytes(devices) // (ranks.size if ranks is not None else 1)
+        return int(default_cache_bytes(devices) * share) // (ranks.size if ranks is not None else 1)
     if config.max_batch_total_tokens:
         return 0  # MAX_BATCH_TOTAL_TOKENS sizes the pool: nothing to measure
     if ranks is not None:
         log.info("KV cache memory: tensor parallel, no dummy step (it needs every rank): 85%% of free memory")
-        return default_cache_bytes(devices)
+        return int(default_cache_bytes(devices) * share)
     width = -(-total // config.kv_block_size)
     budgets = profile_devices(model, shape, devices, config, (max_batch, width, total))
-    room = cache_bytes_for(budgets, config.gpu_memory_utilization, shape.layers)
+    room = int(cache_bytes_for(budgets, config.gpu_memory_utilization, shape.layers) * share)
     check_room(room, shape, total + config.kv_block_size, config)
     return room
 

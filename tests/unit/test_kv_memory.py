@@ -107,3 +107,22 @@ def test_the_dummy_steps_run_the_widest_shapes_and_their_peaks_become_the_terms(
     seen.clear()
     [without_graphs] = profile_devices(model, shape, devices, EngineConfig(cuda_graphs=False), (4, 5, 80), memory)
     assert len(seen) == 1 and without_graphs.graph_reserve == 0
+
+
+def test_a_draft_models_share_is_taken_before_the_check(monkeypatch):
+    """With a draft model the target's cache gets only its share of the measured room, and that share must still
+    hold one full-length sequence (else the load fails), not the room before the split."""
+    import serve.engine.kv_memory as kv_memory
+
+    shape = CacheShape(32, 8, 128, torch.bfloat16)  # 128 KiB a token
+    room = 100 * shape.bytes_per_token  # what the measurement leaves: 100 tokens
+    monkeypatch.setattr(kv_memory, "profile_devices", lambda *args: [])
+    monkeypatch.setattr(kv_memory, "cache_bytes_for", lambda budgets, utilization, layers: room)
+    cuda = [torch.device("cuda")]
+    assert cache_room(None, shape, cuda, EngineConfig(kv_block_size=16), 64, 4, share=0.8) == int(room * 0.8)
+    with pytest.raises(KVCacheTooSmall):
+        cache_room(None, shape, cuda, EngineConfig(kv_block_size=16), 64, 4, share=0.5)  # 50 tokens < 64 + 16
+    small = CacheShape(2, 2, 16, torch.float32)
+    whole = cache_room(None, small, [torch.device("cpu")], EngineConfig(), 64, 4)
+    half = cache_room(None, small, [torch.device("cpu")], EngineConfig(), 64, 4, share=0.5)
+    assert half == pytest.approx(whole / 2, rel=0.05)  # the CPU's rule, then the share (free memory may move)
