@@ -90,7 +90,8 @@ def digest(data: bytes) -> str:
 def image_prompt_of(tokenizer: Any) -> Any:
     """How the model takes images, as the loader attached it to the front's tokenizer (serve.loading.vision's
     ImagePrompt; None: the model takes no images)."""
-    return getattr(tokenizer, "serve_image_prompt", None)
+    build = getattr(tokenizer, "serve_image_prompt", None)
+    return build() if build is not None else None
 
 
 def image_limits(settings: Any) -> ImageLimits:

@@ -3,6 +3,7 @@ transformers, LoRA adapters attached; or dummy weights of the same shape (HF_MOD
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -278,7 +279,9 @@ def _load_lean(prepared: PreparedModel, settings: Settings, placement: Any) -> O
 def load_tokenizer(settings: Settings, prepared: PreparedModel) -> Any:
     """The model's tokenizer, from the folder ``prepare_model`` fetched (a .gguf already converted there): what the
     front tokenizes with, the engine process loading its own beside the weights."""
-    return _tokenizer(prepared.folder, settings)
+    tokenizer = _tokenizer(prepared.folder, settings)
+    tokenizer.serve_image_prompt()  # now: a vision-language model whose processor cannot load fails the start
+    return tokenizer
 
 
 def _tokenizer(folder: Path, settings: Settings) -> Any:
@@ -290,7 +293,9 @@ def _tokenizer(folder: Path, settings: Settings) -> Any:
         raise ModelLoadError(f"could not load the tokenizer in {folder}: {exc}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.serve_image_prompt = _image_prompt(folder, tokenizer, settings)  # serve.front.images.image_prompt_of
+    # how the model takes images (serve.front.images.image_prompt_of), built on first use: by the front, never in an
+    # engine process, which is handed the images' arrays
+    tokenizer.serve_image_prompt = functools.cache(lambda: _image_prompt(folder, tokenizer, settings))
     return tokenizer
 
 
