@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.helpers import Server, start_server
+from tests.helpers import Server, start_server, wait_for
 
 HARDENED_ENV = {
     "MAX_CONCURRENT_REQUESTS": "3",
@@ -29,13 +29,24 @@ def hardened_server(slow_model_dir, tmp_path_factory) -> Server:
 
 
 def healthy(server: Server) -> None:
-    """The server still answers /ping and serves an ordinary request."""
+    """The server still answers /ping, ends what its answered clients left running, and serves an ordinary
+    request."""
     assert requests.get(server.url + "/ping", timeout=10).status_code == 200
+    drained(server)
     response = requests.post(
         server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}}, timeout=60
     )
     assert response.status_code == 200, response.text
     assert isinstance(response.json()["generated_text"], str)
+
+
+def drained(server: Server, timeout: float = 60.0) -> None:
+    """Every admitted request ends soon after its client was answered or left (cancellations are asynchronous, and a
+    loaded machine is slow); the log's tail says what ran last when one stays."""
+    if not wait_for(lambda: gauge(server, "serve_requests_in_flight") == 0, timeout=timeout, interval=0.1):
+        tail = "\n".join(server.log().splitlines()[-40:])
+        in_flight = gauge(server, "serve_requests_in_flight")
+        raise AssertionError(f"{in_flight:.0f} requests still in flight {timeout:.0f} s on; the log ends:\n{tail}")
 
 
 def gauge(server: Server, name: str) -> float:
