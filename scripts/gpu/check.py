@@ -4,11 +4,12 @@
 
 Stages: (a) copy bandwidth and the decode bandwidth floor, (b) tests/gpu, (c) engine ms per decode step with a
 one-step profile, then with COMPILE=true (cold start from an empty inductor cache, ms per step, a warm start in a
-fresh process), (d) the real server through gunicorn at several concurrencies, (e) HF generate with a static
-cache (+ compile), (f) tensor parallelism, TP=1 against TP=N where there are several GPUs. Results go to OUT_DIR
-as each stage ends: <stage>.json, results.json and results.md (printed last). Without CUDA the same stages run on
-tiny shapes on the CPU and say so: a dry run of the script itself. On the GPU machine, install the wheels of
-scripts/gpu/fetch_wheels.sh first (see its header).
+fresh process), (d) the real server through gunicorn at several concurrencies, (w) what users send: prompt
+lengths × concurrencies greedy, a sampled workload, a shared prefix (workloads_stage.py), (e) HF generate with a
+static cache (+ compile), (f) tensor parallelism, TP=1 against TP=N where there are several GPUs. Results go to
+OUT_DIR as each stage ends: <stage>.json, results.json (with every <stage>.json under "measured") and results.md
+(printed last). Without CUDA the same stages run on tiny shapes on the CPU and say so: a dry run of the script
+itself. On the GPU machine, install the wheels of scripts/gpu/fetch_wheels.sh first (see its header).
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ GPU_BOXES = {
     "compile": 110,
     "compile_warm": 50,
     "server": 160,
+    "workloads": 100,  # what users send: prompt lengths × concurrencies, sampled, shared prefix
     "hf": 110,
     "tensor_parallel": 150,  # skips at once with one GPU
 }
 # one process for the in-process stages; COMPILE's warm start needs a fresh process (the cache on disk)
 CPU_BOXES = {
-    "bandwidth,engine,verify,compile,hf": 400,
+    "bandwidth,engine,verify,workloads,compile,hf": 400,
     "compile_warm": 90,
     "tests": 120,
     "server": 200,
@@ -148,9 +150,21 @@ def run_all(plan: Plan, out: Path, results: dict[str, Any]) -> None:
         save(out, results)
 
 
+def measured(out: Path) -> dict[str, Any]:
+    """Every stage's own <stage>.json by stage name, so that results.json alone holds all the figures."""
+    found: dict[str, Any] = {}
+    for path in sorted(out.glob("*.json")):
+        if path.name != "results.json":
+            try:
+                found[path.stem] = json.loads(path.read_text())
+            except ValueError:  # a stage killed mid-write (Recorder replaces files whole, so rare)
+                found[path.stem] = {"unreadable": path.name}
+    return found
+
+
 def save(out: Path, results: dict[str, Any]) -> str:
-    """results.json plus results.md (which reads the stages' own JSON files); returns the markdown."""
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    """results.json (the statuses and every stage's figures) plus results.md; returns the markdown."""
+    (out / "results.json").write_text(json.dumps({**results, "measured": measured(out)}, indent=2, default=str))
     text = markdown(out, results)
     (out / "results.md").write_text(text)
     return text

@@ -36,6 +36,10 @@ class Plan:
     hf_compile: bool
     copy_mib: int
     compile_batches: tuple[int, ...] = (1,)  # the COMPILE stages (start-up, then these decode batches)
+    workload_contexts: tuple[int, ...] = (16, 32, 64)  # the workloads stage: prompt tokens per request
+    workload_concurrencies: tuple[int, ...] = (1, 2)  # requests decoding at once
+    workload_new_tokens: int = 8  # per request; the timed window is its second quarter (time_batch)
+    workload_prefix: tuple[int, int] = (48, 8)  # the shared-prefix workload: common prefix, distinct tail
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,8 +72,41 @@ def make_plan(gpu: bool) -> Plan:
             True,
             2048,
             (1, 32),
+            workload_contexts=(256, 2048, 8192),
+            workload_concurrencies=(1, 32, 64),
+            workload_new_tokens=64,
+            workload_prefix=(4096, 128),
         )
     return Plan(False, "cpu", "float32", "tiny", (1, 4), 32, 16, 8, 8, (1, 4), (1, 2), False, 64)
+
+
+@dataclass(frozen=True)
+class ModelBytes:
+    """What one decode step must read at least: every weight once, plus each sequence's KV cache."""
+
+    parameters: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+
+    @classmethod
+    def of(cls, plan: Plan, folder: Path) -> "ModelBytes":
+        """The dummy-weights model in ``folder`` at the plan's dtype (the KV cache in the same dtype)."""
+        from transformers import AutoConfig
+
+        from serve.loading.placement import footprint, parameter_count
+
+        config = AutoConfig.from_pretrained(str(folder))
+        itemsize = 2 if plan.dtype in ("bfloat16", "float16") else 4
+        kv_per_token = footprint(config, itemsize, itemsize).cache_bytes_per_token
+        return cls(parameter_count(config), parameter_count(config) * itemsize, kv_per_token)
+
+    def step_bytes(self, batch: int, context: int) -> int:
+        """Bytes read by one decode step of ``batch`` sequences holding ``context`` tokens each."""
+        return self.weight_bytes + batch * context * self.kv_bytes_per_token
+
+    def floor_ms(self, batch: int, context: int, bytes_per_s: float) -> float:
+        """The step's time if it only read those bytes at ``bytes_per_s``."""
+        return self.step_bytes(batch, context) / bytes_per_s * 1000
 
 
 def tokenizer_source() -> Path:

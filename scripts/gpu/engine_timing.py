@@ -117,6 +117,45 @@ class StepHook:
         return statistics.median(self.step_s) * 1000 if self.step_s else None
 
 
+class StepPaths:
+    """Counts the engine's forward passes by path, wrapped from outside (engine files untouched): decode steps that
+    replayed a CUDA graph, decode steps over the fixed shape run eagerly (no graph for the shape, or no CUDA), and
+    the other steps (prompt chunks, prompts mixed with decode rows, verify steps), always eager.
+
+    The engine exposes no such counter (only the graphs captured at start-up and its total steps); if the runner's
+    methods are renamed, ``available`` is False and every count stays 0."""
+
+    PATHS = ("graph", "fixed_shape_eager", "other_eager")
+
+    def __init__(self, engine: Any):
+        self.counts = dict.fromkeys(self.PATHS, 0)
+        runner = getattr(engine, "_runner", None)
+        static = getattr(runner, "static", None)
+        self.available = callable(getattr(static, "forward", None)) and callable(getattr(runner, "forward", None))
+        if self.available:
+            static.forward = self._fixed_shape(static, static.forward)
+            runner.forward = self._counted("other_eager", runner.forward)
+
+    def _fixed_shape(self, static: Any, original: Any) -> Any:
+        def forward(batch: int, width: int) -> Any:
+            path = "graph" if (batch, width) in getattr(static, "replay", {}) else "fixed_shape_eager"
+            self.counts[path] += 1
+            return original(batch, width)
+
+        return forward
+
+    def _counted(self, path: str, original: Any) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            self.counts[path] += 1
+            return original(*args, **kwargs)
+
+        return forward
+
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """Steps per path since ``before`` (a copy of ``counts`` taken then)."""
+        return {path: self.counts[path] - before.get(path, 0) for path in self.PATHS}
+
+
 class OutsideProfile:
     """A few decode steps profiled from the driving thread (CUDA kernels are recorded whichever thread launched
     them): a second view in case the profiler cannot attach CUDA activity to the engine thread's step."""
@@ -147,15 +186,34 @@ class OutsideProfile:
             )
 
 
-def time_batch(engine: Any, plan: Plan, batch: int, hook: StepHook, profile: bool) -> dict[str, Any]:
-    """ms per decode step at ``batch``: wall time while all requests decode / engine steps taken (tokens / batch)."""
-    from serve.engine import Request, SamplingParams
+def submit_all(engine: Any, prompts: list[list[int]], params: Any) -> queue.Queue:
+    """One request per prompt (its index: the prompt's place); their events arrive on the queue returned."""
+    from serve.engine import Request
 
     sink: queue.Queue = queue.Queue()
-    params = SamplingParams(max_new_tokens=plan.step_tokens, ignore_eos=True)
-    for index, prompt in enumerate(random_prompts(batch, plan.prompt_tokens, BASE_VOCAB, seed=batch)):
+    for index, prompt in enumerate(prompts):
         engine.submit(Request(prompt, params), sink=sink, index=index)
-    counts, done, start, end, tokens = [0] * batch, 0, None, None, 0
+    return sink
+
+
+def _plan_requests(plan: Plan, batch: int) -> tuple[list[list[int]], Any]:
+    """The plan's distinct random prompts, greedy, ``plan.step_tokens`` new tokens each (ignore_eos)."""
+    from serve.engine import SamplingParams
+
+    params = SamplingParams(max_new_tokens=plan.step_tokens, ignore_eos=True)
+    return random_prompts(batch, plan.prompt_tokens, BASE_VOCAB, seed=batch), params
+
+
+def time_batch(
+    engine: Any, plan: Plan, batch: int, hook: StepHook, profile: bool, requests: Optional[tuple[list, Any]] = None
+) -> dict[str, Any]:
+    """ms per decode step at ``batch``: wall time while all requests decode / engine steps taken (tokens / batch).
+
+    ``requests``: (prompts, SamplingParams) to send instead of the plan's (``batch`` prompts, ignore_eos)."""
+    prompts, params = requests or _plan_requests(plan, batch)
+    submitted = time.perf_counter()
+    sink = submit_all(engine, prompts, params)
+    counts, first_ms, done, start, end, tokens = [0] * batch, [], 0, None, None, 0
     outside = OutsideProfile(plan, batch) if profile and plan.gpu else None
     step_ms, prefill_ms = None, []
     hook.start_timing()  # the steps until every request has its first token: the prompts' (eager) steps
@@ -165,9 +223,11 @@ def time_batch(engine: Any, plan: Plan, batch: int, hook: StepHook, profile: boo
         has_token = event.token_id is not None
         counts[index] += has_token
         done += event.finish_reason is not None
+        if has_token and counts[index] == 1:
+            first_ms.append((now - submitted) * 1000)
         if start is not None and end is None:
             tokens += has_token
-            if tokens >= batch * (plan.step_tokens // 2) or event.finish_reason is not None:
+            if tokens >= batch * (params.max_new_tokens // 2) or event.finish_reason is not None:
                 end, step_ms = now, hook.stop_timing()
                 if profile:
                     hook.arm()  # the next step, all rows still decoding
@@ -177,19 +237,26 @@ def time_batch(engine: Any, plan: Plan, batch: int, hook: StepHook, profile: boo
             hook.start_timing()
         elif outside is not None and hook.table is not None:
             outside.advance(has_token)  # after the hooked step: a few more steps profiled from this thread
-    steps = tokens / batch
-    ms = (end - start) * 1000 / steps if steps else None
+    ms = (end - start) * 1000 * batch / tokens if tokens else None
     result = {
         "batch": batch,
-        "steps_timed": steps,
+        "steps_timed": tokens / batch,
         "ms_per_step": ms,
         "tok_per_s": batch * 1000 / ms if ms else None,
-        "step_method_ms_p50": step_ms,
+        "step_method_ms_p50": step_ms,  # inside the step method only: the rest of ms_per_step is the loop
         "prompt_steps_ms": prefill_ms,  # each step until every request had its first token (the prompts' steps)
-    }  # inside the step method only: the rest of ms_per_step is the loop
+        "first_token_ms_p50": statistics.median(first_ms) if first_ms else None,  # from submission
+    }
+    return _with_profiles(result, hook, outside, profile)
+
+
+def _with_profiles(result: dict[str, Any], hook: StepHook, outside: Optional[OutsideProfile], profile: bool) -> dict:
+    """``result`` plus the profiled step's table (engine thread) and the driving thread's, when asked."""
     if profile:
         table = hook.table or "(not profiled: the engine's step method was not found or no step followed)"
-        result["profile"] = f"torch.profiler, one decode step at batch {batch}, on the engine thread:\n{table}"
+        result["profile"] = (
+            f"torch.profiler, one decode step at batch {result['batch']}, on the engine thread:\n{table}"
+        )
     if outside is not None:
         outside.finish()
         result["profile_outside"] = outside.table

@@ -175,6 +175,63 @@ def _verify_rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+WORKLOAD_HEADER = [
+    "| workload | prompt | c | tok/s | step p50 ms | read/step | floor ms | of floor | TTFT p50 ms | "
+    "prefix hits | steps graph / fixed eager / other |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+]
+
+
+def _bytes(count: float) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.2f} MB"
+
+
+def _workload_cell(key: str, row: dict[str, Any]) -> str:
+    """One row of the workloads table (a skipped cell says why)."""
+    label, _, batch = key.rpartition("_c")
+    if "skipped" in row:
+        return f"| {label} | | {batch} | {row['skipped']} | | | | | | | |"
+    steps = row.get("steps", {})
+    paths = f"{steps.get('graph')} / {steps.get('fixed_shape_eager')} / {steps.get('other_eager')}"
+    share = f"{row['floor_share']:.0%}" if row.get("floor_share") else "—"
+    return (
+        f"| {row.get('workload', label)} | {row['context']:,} | {row['batch']} | {_f(row['tok_per_s'], 0)} | "
+        f"{_f(row['step_method_ms_p50'], 2)} | {_bytes(row['bytes_per_step'])} | {_f(row['floor_ms'], 2)} | "
+        f"{share} | {_f(row['first_token_ms_p50'])} | {row['prefix_hit_tokens']:,} | {paths} |"
+    )
+
+
+def _workload_notes(data: dict[str, Any]) -> list[str]:
+    """The prompts' prefill per length, the shared prefix's first request, the graphs the cells could replay."""
+    notes = []
+    for key, row in data.items():
+        if key.startswith("prefill_"):
+            rate = row["tokens"] / row["seconds"] if row["seconds"] else None
+            notes.append(
+                f"- {key.replace('_', ' ')}: {row['requests']} requests, {row['tokens']:,} tokens in "
+                f"{_f(row['seconds'], 2)} s ({_f(rate, 0)} tok/s, {row['prefix_hit_tokens']:,} already cached)"
+            )
+        elif key.startswith("shared_prefix") and "first_request_ttft_ms" in row:
+            notes.append(
+                f"- shared prefix of {row['prefix_tokens']:,} tokens (+ {row['tail_tokens']} distinct): the first "
+                f"request's TTFT {_f(row['first_request_ttft_ms'])} ms (prefix cold), the others' p50 "
+                f"{_f(row['first_token_ms_p50'])} ms"
+            )
+    graphs = data.get("setup", {}).get("graphs")
+    if graphs:
+        notes.append(f"- CUDA graphs: {graphs['shapes']} decode shapes captured ({graphs['reason'] or 'on'})")
+    return notes
+
+
+def workloads_table(data: dict[str, Any]) -> list[str]:
+    """What users send (workloads_stage.py): one row per cell, then the notes; nothing when it did not run."""
+    cells = [_workload_cell(key, row) for key, row in data.items() if key.rpartition("_c")[2].isdigit()]
+    if not cells:
+        return []
+    title = "What users send: decode steps timed with every request decoding (prompts prefilled before, apart)"
+    return [f"**{title}**", "", *WORKLOAD_HEADER, *cells, "", *_workload_notes(data), ""]
+
+
 def markdown(out: Path, results: dict[str, Any]) -> str:
     """The whole report: header, profiles, stage statuses, then the summary table last."""
     bandwidth, engine = _load(out, "bandwidth"), _load(out, "engine")
@@ -194,6 +251,7 @@ def markdown(out: Path, results: dict[str, Any]) -> str:
         for table in (row.get("profile"), row.get("profile_outside")) if isinstance(row, dict) else ():
             if table:
                 lines += ["```", table.rstrip(), "```", ""]
+    lines += workloads_table(_load(out, "workloads"))
     lines += ["| stage | status | seconds |", "|---|---|---|"]
     for name, stage in results["stages"].items():
         lines.append(f"| {name} | {stage.get('status', '')[:300]} | {stage.get('seconds', '')} |")

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import Plan, Recorder, make_plan, model_folder, random_prompts, stage_log
+from common import ModelBytes, Plan, Recorder, make_plan, model_folder, random_prompts, stage_log
 from engine_timing import BASE_VOCAB, StepHook, start_engine, synchronize, time_batch
 from tp_stage import stage_tensor_parallel
 from verify_stage import stage_verify
+from workloads_stage import stage_workloads
 
 
 def copy_bandwidth(plan: Plan) -> dict[str, Any]:
@@ -42,23 +43,19 @@ def copy_bandwidth(plan: Plan) -> dict[str, Any]:
 
 def decode_floor(plan: Plan, folder: Path, bytes_per_s: float) -> dict[str, Any]:
     """Bytes read per decode step (all weights once + every sequence's KV) and the time at ``bytes_per_s``."""
-    from transformers import AutoConfig
-
-    from serve.loading.placement import footprint, parameter_count
-
-    config = AutoConfig.from_pretrained(str(folder))
-    itemsize = 2 if plan.dtype in ("bfloat16", "float16") else 4
-    weights = parameter_count(config) * itemsize
-    kv_per_token = footprint(config, itemsize, itemsize).cache_bytes_per_token
+    model = ModelBytes.of(plan, folder)
     rows = {}
     for batch in plan.batches:
-        step_bytes = weights + batch * plan.context * kv_per_token
-        ms = step_bytes / bytes_per_s * 1000
-        rows[str(batch)] = {"bytes": step_bytes, "floor_ms": ms, "floor_tok_per_s": batch * 1000 / ms}
+        ms = model.floor_ms(batch, plan.context, bytes_per_s)
+        rows[str(batch)] = {
+            "bytes": model.step_bytes(batch, plan.context),
+            "floor_ms": ms,
+            "floor_tok_per_s": batch * 1000 / ms,
+        }
     return {
-        "parameters": parameter_count(config),
-        "weight_bytes": weights,
-        "kv_bytes_per_token": kv_per_token,
+        "parameters": model.parameters,
+        "weight_bytes": model.weight_bytes,
+        "kv_bytes_per_token": model.kv_bytes_per_token,
         "context": plan.context,
         "per_batch": rows,
     }
@@ -187,6 +184,7 @@ STAGES = {
     "hf": stage_hf,
     "tensor_parallel": stage_tensor_parallel,
     "verify": stage_verify,
+    "workloads": stage_workloads,
 }
 
 

@@ -40,3 +40,22 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     report = (out / "results.md").read_text()
     assert "server c=4 (" in report
     assert "device copy bandwidth" in report and "skipped" in report  # tests/gpu ran and skipped without CUDA
+    assert_workloads(results["measured"]["workloads"], report)
+    assert results["measured"]["engine"]["batch_1"]["ms_per_step"] > 0  # results.json holds every stage's figures
+
+
+def assert_workloads(workloads, report):
+    """What users send: every cell decoded, the sampled and shared-prefix rows are there, the floor grows."""
+    cells = {key: row for key, row in workloads.items() if key.rpartition("_c")[2].isdigit()}
+    expected = {f"greedy_ctx{context}_c{batch}" for context in (16, 32, 64) for batch in (1, 2)}
+    expected |= {"sampled_ctx32_c1", "sampled_ctx32_c2", "shared_prefix_c2"}
+    assert set(cells) == expected, sorted(cells)
+    for key, row in cells.items():
+        assert row["tok_per_s"] > 0 and row["step_method_ms_p50"] > 0, (key, row)
+        assert 0 < row["floor_share"] and row["floor_ms"] > 0, (key, row)  # bandwidth.json was there
+        assert row["steps"]["fixed_shape_eager"] > 0 and row["steps"]["graph"] == 0, (key, row)  # no CUDA
+    read = [cells[f"greedy_ctx{context}_c2"]["bytes_per_step"] for context in (16, 32, 64)]
+    assert read == sorted(read) and read[0] < read[-1], read  # more context, more KV read per step
+    shared = cells["shared_prefix_c2"]
+    assert shared["prefix_hit_tokens"] > 0 and shared["first_token_ms_p50"] > 0, shared
+    assert "| sampled | 32 | 2 |" in report and "| shared_prefix |" in report
