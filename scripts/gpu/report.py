@@ -201,6 +201,14 @@ def _workload_cell(key: str, row: dict[str, Any]) -> str:
     )
 
 
+def _cell_order(key: str) -> tuple[int, int, int]:
+    """greedy, sampled, shared prefix; then by prompt length, then concurrency ("greedy_ctx256_c32")."""
+    label, _, batch = key.rpartition("_c")
+    workload, _, context = label.partition("_ctx")
+    rank = ("greedy", "sampled").index(workload) if workload in ("greedy", "sampled") else 2
+    return rank, int(context or 0), int(batch)
+
+
 def _workload_notes(data: dict[str, Any]) -> list[str]:
     """The prompts' prefill per length, the shared prefix's first request, the graphs the cells could replay."""
     notes = []
@@ -225,7 +233,8 @@ def _workload_notes(data: dict[str, Any]) -> list[str]:
 
 def workloads_table(data: dict[str, Any]) -> list[str]:
     """What users send (workloads_stage.py): one row per cell, then the notes; nothing when it did not run."""
-    cells = [_workload_cell(key, row) for key, row in data.items() if key.rpartition("_c")[2].isdigit()]
+    keys = sorted((key for key in data if key.rpartition("_c")[2].isdigit()), key=_cell_order)
+    cells = [_workload_cell(key, data[key]) for key in keys]
     if not cells:
         return []
     title = "What users send: decode steps timed with every request decoding (prompts prefilled before, apart)"

@@ -1,19 +1,21 @@
 """gpu-check's workloads stage: our engine on what users send, driven through its public interface.
 
-Greedy decode over a matrix of prompt lengths × concurrencies; then a sampled workload (temperature 0.7, top-p 0.9,
-repetition penalty 1.1) at the middle prompt length; then a shared-prefix workload (one long common prefix, a
-distinct tail per request). Each cell: decode tok/s, the step method's median ms, bytes read per step (weights +
-batch × KV tokens × KV bytes per token) and that floor's ms at the measured copy bandwidth, the share of the floor
-reached, TTFT p50, prefix-cache hit tokens and steps by path (CUDA graph replayed / fixed shape eager / other).
+Greedy decode over prompt lengths × concurrencies, a sampled workload (temperature 0.7, top-p 0.9, repetition
+penalty 1.1) at the second longest prompt length, and a shared-prefix workload (one long common prefix, a distinct
+tail per request). Each cell: decode tok/s, the step method's median ms, bytes read per step (weights + batch × KV
+tokens × KV bytes per token) and that floor's ms at the measured copy bandwidth, the share of the floor reached,
+TTFT p50, prefix-cache hit tokens and steps by path (CUDA graph replayed / fixed shape eager / other eager).
 
 Each prompt length is prefilled once first (max_new_tokens=1, timed apart); its cells then find those prompts in
-the prefix cache, so they time decode steps only: each runs ``workload_new_tokens`` steps, the second quarter
-timed. A cell whose sequences the KV pool cannot hold at once is skipped with the pool's size.
+the prefix cache and time decode steps only (``workload_new_tokens`` per request, the first half timed once every
+request has its first token). A cell whose sequences the KV pool cannot hold at once is skipped, saying so. The
+longest prompts run last: a stage cut at its time box keeps every other cell.
 
-GPU plan (8B shape, bf16, H200): load with 81 graph shapes (9 batch × 9 width buckets) ~25 s; prefill of
-64 × (256 + 2,048 + 8,192) ≈ 0.67 M tokens at ~25 k tok/s ~30 s; 13 cells × 64 steps of ≤ ~40 ms (64 × 8,192
-tokens read 64 GiB of KV per step) ≤ ~35 s, most far less: ~70–90 s of its 100 s box. KV pool: 64 × 8,272 tokens ×
-128 KiB = 65 GiB beside 16 GB of weights, which an H200 holds (an H100 skips that cell).
+GPU plan (8B shape, bf16, H200), about 70 s of its 100 s box: start ~25 s (dummy weights, KV sizing, 81 graph
+shapes: 9 batch × 9 width buckets); prefill of 64 × (256 + 2,048 + 8,192) ≈ 0.67 M tokens in 164 steps of 4,096
+tokens, ~30 s; 13 cells × 64 decode steps, ~12 s (the costliest, c=64 at 8,192 tokens, reads 16 GB of weights +
+69 GB of KV a step: a 20 ms floor). KV pool: 64 × 8,272 tokens × 128 KiB = 65 GiB beside 16 GB of weights, which
+an H200 holds (an H100's pool skips that cell).
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def _setup(engine: Any, bench: Bench) -> dict[str, Any]:
 
 
 def stage_workloads(plan: Plan, out: Path) -> None:
-    """Greedy over prompt lengths × concurrencies, sampled at the middle length, then the shared prefix."""
+    """Greedy over prompt lengths × concurrencies, sampled, the shared prefix; the longest prompts last."""
     record = Recorder(out / "workloads.json")
     folder = model_folder(out, plan.shape)
     longest = max(max(plan.workload_contexts), sum(plan.workload_prefix))
@@ -152,10 +154,11 @@ def stage_workloads(plan: Plan, out: Path) -> None:
     try:
         bench = Bench(engine, plan, ModelBytes.of(plan, folder), _bytes_per_s(out))
         record.put("setup", _setup(engine, bench))
-        for context in plan.workload_contexts:
+        *shorter, longest_context = plan.workload_contexts
+        for context in shorter:
             _context_cells(bench, record, context, "greedy")
-        middle = plan.workload_contexts[len(plan.workload_contexts) // 2]
-        _context_cells(bench, record, middle, "sampled", **SAMPLED)
+        _context_cells(bench, record, shorter[-1], "sampled", **SAMPLED)  # its prompts still in the prefix cache
         _shared_prefix(bench, record)
+        _context_cells(bench, record, longest_context, "greedy")  # the costliest last: a timeout loses only it
     finally:
         engine.stop()
