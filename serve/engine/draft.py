@@ -94,7 +94,7 @@ class DraftProposer(Proposer):
             live = [index for index, (_, count) in enumerate(rows) if count > step]
             chosen = torch.tensor(live, dtype=torch.long, device=self.device)
             positions = [rows[index][0].num_cached + step for index in live]
-            inputs = self._decode_inputs([rows[index][0] for index in live], positions)
+            inputs = decode_rows([rows[index][0] for index in live], positions, self.cache.block_size)
             tokens[chosen, step] = self._greedy(inputs, tokens[chosen, step - 1])
         for seq, count in rows:
             self._cached[seq.id] = seq.num_cached + count
@@ -106,41 +106,15 @@ class DraftProposer(Proposer):
         behind = [(seq, self.cached(seq)) for seq in seqs]
         single = [index for index, (seq, start) in enumerate(behind) if start == seq.num_cached]
         chunked = [index for index, (seq, start) in enumerate(behind) if start < seq.num_cached]
-        inputs = self._decode_inputs([seqs[index] for index in single], [seqs[index].num_cached for index in single])
+        size = self.cache.block_size
+        inputs = decode_rows([seqs[index] for index in single], [seqs[index].num_cached for index in single], size)
         for index in chunked:
-            self._add_chunk(inputs, *behind[index])
+            seq, start = behind[index]
+            add_chunk(inputs, seq, start, seq.all_ids[start : seq.num_cached + 1], size)
         next_tokens = torch.empty(len(seqs), dtype=torch.long, device=self.device)
         order = torch.tensor(single + chunked, dtype=torch.long, device=self.device)
         next_tokens[order] = self._greedy(inputs)
         return next_tokens
-
-    def _decode_inputs(self, seqs: list[Any], positions: list[int]) -> StepInputs:
-        """Decode rows: each sequence's token at its position (the ids, from the sequences' tokens, may be replaced
-        on the device), over its blocks."""
-        size = self.cache.block_size
-        width = max((len(seq.block_table) for seq in seqs), default=0)
-        ids = [seq.all_ids[position] if position < len(seq.all_ids) else 0 for seq, position in zip(seqs, positions)]
-        return StepInputs(
-            ids,
-            list(positions),
-            [seq.block_table[p // size] * size + p % size for seq, p in zip(seqs, positions)],
-            [seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)) for seq in seqs],
-            [position + 1 for position in positions],
-            [],
-            list(range(len(seqs))),
-        )
-
-    def _add_chunk(self, inputs: StepInputs, seq: Any, start: int) -> None:
-        """Append ``seq``'s tokens from position ``start`` through its last one as a chunk; its last row is kept."""
-        size = self.cache.block_size
-        tokens = seq.all_ids[start : seq.num_cached + 1]
-        end = start + len(tokens)
-        first = len(inputs.ids)
-        inputs.ids.extend(tokens)
-        inputs.positions.extend(range(start, end))
-        inputs.rows.extend(seq.block_table[p // size] * size + p % size for p in range(start, end))
-        inputs.chunks.append((first, len(inputs.ids), start, seq.block_table[: -(-end // size)]))
-        inputs.logit_rows.append(len(inputs.ids) - 1)
 
     def _greedy(self, inputs: StepInputs, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The draft's argmax at each kept row of one forward over ``inputs`` (``ids``: the token ids, already on
@@ -154,6 +128,33 @@ class DraftProposer(Proposer):
                 logits_to_keep=logit_rows,
             )
         return output.logits[0].argmax(dim=-1)
+
+
+def decode_rows(seqs: list[Any], positions: list[int], block_size: int) -> StepInputs:
+    """Decode rows: each sequence's token at its position (the ids, from the sequences' tokens, may be replaced on
+    the device), over its blocks."""
+    width = max((len(seq.block_table) for seq in seqs), default=0)
+    ids = [seq.all_ids[position] if position < len(seq.all_ids) else 0 for seq, position in zip(seqs, positions)]
+    return StepInputs(
+        ids,
+        list(positions),
+        [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(seqs, positions)],
+        [seq.block_table + [SCRATCH_BLOCK] * (width - len(seq.block_table)) for seq in seqs],
+        [position + 1 for position in positions],
+        [],
+        list(range(len(seqs))),
+    )
+
+
+def add_chunk(inputs: StepInputs, seq: Any, start: int, tokens: list[int], block_size: int) -> None:
+    """Append ``tokens`` at ``seq``'s positions from ``start`` on as a chunk over its blocks; its last row is kept."""
+    end = start + len(tokens)
+    first = len(inputs.ids)
+    inputs.ids.extend(tokens)
+    inputs.positions.extend(range(start, end))
+    inputs.rows.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, end))
+    inputs.chunks.append((first, len(inputs.ids), start, seq.block_table[: -(-end // block_size)]))
+    inputs.logit_rows.append(len(inputs.ids) - 1)
 
 
 def draft_shape(model: Any, dtype: torch.dtype) -> CacheShape:

@@ -311,7 +311,7 @@ class Engine:
         if config.compile_cache_dir:  # before the graphs, so that they capture the compiled kernels
             self._runner.compile_layers(config.compile_cache_dir)
         if config.cuda_graphs:
-            self._runner.capture_graphs()
+            self._capture_graphs()
         self.scheduler = self._scheduler(BlockManager(blocks, size, config.enable_prefix_caching), max_batch)
         self.limits = Limits(max_input, total, (blocks - 1) * size, max_batch, size, blocks - 1, budget)
         lora = getattr(model, "serve_lora", None)
@@ -319,15 +319,32 @@ class Engine:
             lora.on_remove = ranks.send_adapter_removal
         self.adapters.attach(lora)
 
+    def _capture_graphs(self) -> None:
+        """CUDA_GRAPHS: capture the decode shapes, unless an EAGLE-3 head must read the target's hidden states."""
+        if self._reads_hidden_states() and self.loaded.model.device.type == "cuda":
+            self._runner.graphs_off("the EAGLE-3 head reads the target's hidden states, which graph replays hide")
+        else:
+            self._runner.capture_graphs()
+
+    def _reads_hidden_states(self) -> bool:
+        """Whether the proposer is an EAGLE-3 head, which reads the target's hidden states."""
+        return bool(getattr(getattr(self.loaded, "draft", None), "serve_eagle3", False))
+
     def _scheduler(self, pool: Any, max_batch: int) -> Scheduler:
         """The scheduler over the KV pool, with the speculator SPECULATIVE asks for (the log says which); a draft
         model proposes with a cache of the pool's blocks."""
         from serve.engine.draft import DraftProposer
+        from serve.engine.eagle3 import Eagle3Proposer
         from serve.engine.speculative import make_speculator
 
         draft = getattr(self.loaded, "draft", None)
         size, dtype = pool.block_size, self.loaded.dtype
-        proposer = None if draft is None else DraftProposer.build(draft, pool.num_blocks, size, dtype, self.config)
+        proposer = None
+        if self._reads_hidden_states():
+            proposer = Eagle3Proposer.build(draft, self.loaded.model, pool.num_blocks, size, dtype, self.config)
+            self._runner.hidden_observer = proposer.record
+        elif draft is not None:
+            proposer = DraftProposer.build(draft, pool.num_blocks, size, dtype, self.config)
         speculator = make_speculator(self.config, proposer)
         forget = self._runner.forget if speculator is None else speculator.forgetting(self._runner.forget)
         budget = self.config.max_batch_prefill_tokens

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -27,7 +27,7 @@ from serve.engine.scheduler import StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.static_decode import StaticDecode
 from serve.engine.speculative import accept_proposals
-from serve.engine.step_inputs import StepInputs
+from serve.engine.step_inputs import Span, StepInputs
 from serve.engine.types import SamplingParams, TokenChoice
 from serve.engine.uploads import Uploads
 from serve.engine.watermark import apply_watermarks
@@ -77,6 +77,7 @@ class ModelRunner:
         self.cpu_threads = cpu_threads
         self.ranks = ranks
         self.mrope = uses_mrope(model)  # three-dimensional rotary positions (Qwen2-VL's M-RoPE)
+        self.hidden_observer: Optional[Callable[[list[Span]], None]] = None  # told each forward's spans (EAGLE-3)
 
     def capture_graphs(self) -> GraphReport:
         """Capture the decode shapes as CUDA graphs (a no-op with a reason off CUDA). LoRA layers are captured
@@ -86,6 +87,11 @@ class ModelRunner:
             self.ranks.send_capture()
         self.graphs = capture_decode_graphs(self.static)
         return self.graphs
+
+    def graphs_off(self, reason: str) -> None:
+        """Decode runs eagerly: no shape is captured, for ``reason`` (the log and /info say it)."""
+        self.graphs = GraphReport(reason=f"off: {reason}")
+        log.warning("CUDA graphs off: %s", reason)
 
     def compile_layers(self, cache_dir: str) -> CompileReport:
         """COMPILE: torch.compile the lean model's layer halves (cache under ``cache_dir``), warmed up on the token
@@ -147,10 +153,12 @@ class ModelRunner:
         if not plan.prefill and not verifying and all(_plain_decode(seq) for seq in plan.decode):
             self._base_model_step()
             return self._static_decode(plan.decode)
-        inputs, sampled, scored = self._inputs(plan)
+        inputs, sampled, scored, spans = self._inputs(plan)
         if self.lora is None or all(adapter is None for adapter in inputs.adapters or ()):
             inputs.adapters = None  # a step on the base model alone (and a smaller message to the other ranks)
         logits = self.forward(inputs)
+        if self.hidden_observer is not None:
+            self.hidden_observer(spans)
         for seq in plan.decode:
             seq.num_cached += 1
         for seq, count in plan.prefill:
@@ -189,6 +197,8 @@ class ModelRunner:
         if self.ranks is not None:
             self.ranks.send_decode(rows, (batch, width))
         logits = self.static.forward(batch, width)[: len(decode)]
+        if self.hidden_observer is not None:
+            self.hidden_observer([(seq, index, seq.num_cached, 1) for index, seq in enumerate(decode)])
         for seq in decode:
             seq.num_cached += 1
         return decode, self.sample(logits, decode)
@@ -203,9 +213,10 @@ class ModelRunner:
             seq.prompt_logprobs.extend(picked)
             seq.prompt_top_logprobs.extend(tops)
 
-    def _inputs(self, plan: StepPlan) -> tuple[StepInputs, list[Sequence], list]:
+    def _inputs(self, plan: StepPlan) -> tuple[StepInputs, list[Sequence], list, list[Span]]:
         """The step's inputs (decode tokens first, then each verified proposal and each prompt chunk as a chunk),
-        the sequences to sample (a verifying one once per scored row), and the prompt rows to score."""
+        the sequences to sample (a verifying one once per scored row), the prompt rows to score, and each
+        sequence's span of the step."""
         size = self.cache.block_size
         decode = [seq for seq in plan.decode if not seq.proposal]
         ids = [seq.all_ids[-1] for seq in decode]
@@ -234,7 +245,7 @@ class ModelRunner:
         inputs = StepInputs(ids, positions, rows, tables, lengths, chunks, logit_rows, adapters)
         if any(seq.images is not None for seq, *_ in spans):
             with_images(inputs, spans, self.mrope)
-        return inputs, sampled, scored
+        return inputs, sampled, scored, spans
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

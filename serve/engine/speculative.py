@@ -3,7 +3,8 @@ longest run the model agrees with plus the model's own next token.
 
 The n-gram proposer (prompt lookup) finds the most recent earlier place where the sequence's last ``n`` tokens
 occurred (in the prompt or the output so far) and proposes the ``k`` tokens that followed there; it needs no model.
-The draft proposer (serve/engine/draft.py) proposes a small model's ``k`` greedy tokens.
+The draft proposer (serve/engine/draft.py) proposes a small model's ``k`` greedy tokens; the EAGLE-3 proposer
+(serve/engine/eagle3.py) those of a head that reads the target's own hidden states.
 
 Acceptance keeps the target distribution exactly. The runner samples a token ``t_i`` from each of the k+1 scored
 rows as it would without speculation (argmax for greedy rows); proposal ``d_i`` is accepted while ``t_i == d_i``,
@@ -33,8 +34,9 @@ ACCEPTANCE_DECAY = 0.5  # weight of the older history in a row's running accepte
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """SPECULATIVE (``off``, ``ngram`` or ``draft``), SPECULATIVE_TOKENS (k, tokens proposed per step),
-    SPECULATIVE_NGRAM (n, the tokens a prompt lookup matches) and the draft model's source (``draft:<source>``)."""
+    """SPECULATIVE (``off``, ``ngram``, ``draft`` or ``eagle3``), SPECULATIVE_TOKENS (k, tokens proposed per step),
+    SPECULATIVE_NGRAM (n, the tokens a prompt lookup matches) and the draft model's or head's source
+    (``draft:<source>``, ``eagle3:<source>``)."""
 
     method: str = "off"
     tokens: int = 4
@@ -51,6 +53,8 @@ class SpeculativeConfig:
             return "off"
         if self.method == "draft":
             return f"draft ({self.draft}): {self.tokens} tokens proposed per step, the draft model's greedy tokens"
+        if self.method == "eagle3":
+            return f"eagle3 ({self.draft}): {self.tokens} tokens proposed per step, the EAGLE-3 head's greedy tokens"
         return f"{self.method}: {self.tokens} tokens proposed per step, matching the last {self.ngram} tokens"
 
 
@@ -258,14 +262,15 @@ def accept_proposals(sampled: list[Any], choices: list[Any]) -> tuple[list[Any],
     return sequences, kept
 
 
-def make_speculator(config: Any, draft: Optional[Proposer] = None) -> Optional[Speculator]:
-    """The Speculator an EngineConfig asks for (None: SPECULATIVE=off), proposing with ``draft`` under
-    SPECULATIVE=draft; the log says what runs."""
+def make_speculator(config: Any, proposer: Optional[Proposer] = None) -> Optional[Speculator]:
+    """The Speculator an EngineConfig asks for (None: SPECULATIVE=off), proposing with ``proposer`` under
+    SPECULATIVE=draft or eagle3 (a model's); the log says what runs."""
     settings = speculative_config(config)
     log.info("speculative decoding: %s", settings.describe())
-    if settings.method == "draft" and draft is None:
-        raise ValueError("SPECULATIVE=draft needs a draft model loaded beside the target")
-    return Speculator(settings, draft if settings.method == "draft" else None) if settings.enabled else None
+    with_model = settings.method in ("draft", "eagle3")
+    if with_model and proposer is None:
+        raise ValueError(f"SPECULATIVE={settings.method} needs its model loaded beside the target")
+    return Speculator(settings, proposer if with_model else None) if settings.enabled else None
 
 
 def speculative_config(config: Any) -> SpeculativeConfig:

@@ -13,6 +13,8 @@ import torch
 
 from serve.engine.attention import PrefillChunk, StepLayout
 
+Span = tuple[Any, int, int, int]  # (sequence, its first row in the step, its first position, its token count)
+
 
 @dataclass
 class StepInputs:

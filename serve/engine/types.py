@@ -65,8 +65,8 @@ class GrammarLimits:
 
 ATTENTION_BACKENDS = ("auto", "triton", "flashinfer", "sdpa", "cpu")  # ATTENTION_BACKEND: engine/decode_backends.py
 KV_CACHE_DTYPES = ("auto", "fp8")  # KV_CACHE_DTYPE: the model's dtype, or float8 e4m3 scaled (engine/kv_cache.py)
-SPECULATIVE_METHODS = ("off", "ngram", "draft")  # SPECULATIVE: speculative decoding's proposer (engine/speculative.py)
-SPECULATIVE_MODEL_METHODS = ("draft",)  # the SPECULATIVE methods that name a model: draft:<model id or path>
+SPECULATIVE_METHODS = ("off", "ngram", "draft", "eagle3")  # SPECULATIVE: the proposer (engine/speculative.py)
+SPECULATIVE_MODEL_METHODS = ("draft", "eagle3")  # the methods that name a model: draft:<model id or path>
 
 
 @dataclass(frozen=True)

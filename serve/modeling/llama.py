@@ -211,6 +211,8 @@ class LlamaForServing(nn.Module):
         self.lm_head = Linear(config.hidden_size, vocab, bias=False, device="meta", dtype=dtype)
         self.eager_layer_halves = (before_attention, after_attention)  # what the engine's COMPILE compiles
         self.layer_halves: tuple[Any, Any] = self.eager_layer_halves  # compiled ones under COMPILE
+        self.serve_aux_layers: frozenset[int] = frozenset()  # layers whose input states a forward keeps (EAGLE-3)
+        self.serve_aux_hidden: dict[int, torch.Tensor] = {}  # the last forward's, by layer
         self.to_empty(device=device)
         self.tie_weights()
         self.model.rotary.reset()
@@ -280,7 +282,9 @@ class LlamaForServing(nn.Module):
         hidden = self._embed(input_ids[0])
         cos, sin = self.model.rotary(position_ids[0], hidden.dtype)  # sin: first half negated (Rotary)
         before, after = self.layer_halves
-        for layer in self.model.layers:
+        for index, layer in enumerate(self.model.layers):
+            if index in self.serve_aux_layers:
+                self.serve_aux_hidden[index] = hidden
             hidden = run_layer(layer, hidden, cos, sin, before, after)
         if isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden.index_select(0, logits_to_keep.to(hidden.device))

@@ -55,6 +55,7 @@ VARIABLES = [
     ("KV_CACHE_DTYPE", " FP8 ", "kv_cache_dtype", "fp8"),
     ("SPECULATIVE", " NGram ", "speculative", "ngram"),
     ("SPECULATIVE", "draft:org/Small-LM", "speculative_draft", "org/Small-LM"),
+    ("SPECULATIVE", "EAGLE3:/heads/eagle3", "speculative", "eagle3"),
     ("SPECULATIVE_TOKENS", "6", "speculative_tokens", 6),
     ("SPECULATIVE_NGRAM", "2", "speculative_ngram", 2),
     ("GRAMMAR_LEXER_FUEL", "5000", "grammar_limits", GrammarLimits(lexer_fuel=5000)),

@@ -227,9 +227,10 @@ def test_a_draft_speculator_needs_its_draft_model():
     from serve.engine.speculative import make_speculator
     from serve.engine.types import EngineConfig
 
-    config = EngineConfig(speculative="draft", speculative_draft="org/small")
-    with pytest.raises(ValueError, match="SPECULATIVE=draft needs a draft model loaded beside the target"):
-        make_speculator(config)
+    for method in ("draft", "eagle3"):
+        config = EngineConfig(speculative=method, speculative_draft="org/small")
+        with pytest.raises(ValueError, match=f"SPECULATIVE={method} needs its model loaded beside the target"):
+            make_speculator(config)
     proposer = Recording()
     assert make_speculator(config, proposer).proposer is proposer
     assert make_speculator(EngineConfig(speculative="ngram"), proposer).proposer is not proposer
