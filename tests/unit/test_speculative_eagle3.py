@@ -148,13 +148,22 @@ def eagle_run(tiny_settings, head_dir, prompt_ids):
     try:
         made = recording(engine)
         results = run_all(engine, prompt_ids)
-        return results, made, engine.stats(), proposer, peak[0]
+        pages = served_pages(engine, with_head(tiny_settings, head_dir))
+        return results, made, engine.stats(), proposer, peak[0], pages
     finally:
         engine.stop()
 
 
+def served_pages(engine, settings):
+    """/info's ``speculative`` and the /metrics text, as the app serves them over this engine."""
+    from serve.app import create_app
+
+    client = create_app(settings, engine).test_client()
+    return client.get("/info").get_json()["speculative"], client.get("/metrics").get_data(as_text=True)
+
+
 def test_greedy_output_is_the_same_with_an_eagle3_head(eagle_run, plain):
-    results, made, stats, proposer, peak = eagle_run
+    results, made, stats, proposer, peak, _ = eagle_run
     assert results == plain
     assert peak <= CATCH_UP_AT + 2  # states saved while not proposing were caught up on, not kept
     assert stats.speculative_proposer == "eagle3" and stats.speculative_proposed > 0 and made
@@ -171,6 +180,13 @@ def test_every_proposal_is_the_heads_own_guess(eagle_run, target, head_dir):
     assert any(length > 64 for length in checked)  # a proposal after the head caught up unasked
     for tokens, proposal in made:
         assert reference_guesses(target, weights, d2t, tokens, len(proposal)) == proposal, tokens[-5:]
+
+
+def test_info_and_metrics_name_the_head(eagle_run, head_dir):
+    stats, (described, metrics) = eagle_run[2], eagle_run[5]
+    assert described == f"eagle3 ({head_dir}): 4 tokens proposed per step, the EAGLE-3 head's greedy tokens"
+    proposed = float(stats.speculative_proposed)
+    assert f'serve_speculative_proposed_tokens_total{{proposer="eagle3"}} {proposed}' in metrics
 
 
 def test_preemption_loses_nothing(tiny_settings, head_dir, prompt_ids, plain):
