@@ -150,7 +150,7 @@ class ModelRunner:
         if self.compiled.enabled and self.lora is not None and self.lora.layers:
             self._run_eagerly("a LoRA adapter was loaded (its per-step rows are not traced)")
         verifying = any(seq.proposal for seq in plan.decode)
-        if not plan.prefill and not verifying and all(_plain_decode(seq) for seq in plan.decode):
+        if not plan.prefill and self._fits_static(plan.decode):
             self._base_model_step()
             return self._static_decode(plan.decode)
         inputs, sampled, scored, spans = self._inputs(plan)
@@ -190,18 +190,32 @@ class ModelRunner:
             output = self.model(**tokens, position_ids=positions, use_cache=False, logits_to_keep=logit_rows)
         return output.logits[0]
 
+    def _fits_static(self, decode: list[Sequence]) -> bool:
+        """Whether a decode-only step runs over the fixed shapes: plain rows (``_plain_decode``), a verified proposal
+        taking a row per scored token, no more rows than the static buffers hold."""
+        rows = sum(1 + len(seq.proposal) for seq in decode)
+        return rows <= self.static.max_batch and all(_plain_decode(seq) for seq in decode)
+
     def _static_decode(self, decode: list[Sequence]) -> tuple[list[Sequence], list[TokenChoice]]:
-        """A decode-only step over a fixed shape (a CUDA graph's replay where one was captured)."""
-        rows = [(seq.all_ids[-1], seq.num_cached, seq.block_table) for seq in decode]
+        """A decode-only step over a fixed shape (a CUDA graph's replay where one was captured). A sequence with a
+        proposal takes a row per scored token, each over the sequence's blocks up to its own position: every key and
+        value is written before any row attends, so the rows are causal among themselves as a chunk's are."""
+        rows, spans = [], []
+        for seq in decode:
+            tokens = [seq.all_ids[-1]] + seq.proposal
+            spans.append((seq, len(rows), seq.num_cached, len(tokens)))
+            rows.extend((token, seq.num_cached + index, seq.block_table) for index, token in enumerate(tokens))
         batch, width = self.static.load(rows)
         if self.ranks is not None:
             self.ranks.send_decode(rows, (batch, width))
-        logits = self.static.forward(batch, width)[: len(decode)]
+        logits = self.static.forward(batch, width)[: len(rows)]
         if self.hidden_observer is not None:
-            self.hidden_observer([(seq, index, seq.num_cached, 1) for index, seq in enumerate(decode)])
+            self.hidden_observer(spans)
         for seq in decode:
             seq.num_cached += 1
-        return decode, self.sample(logits, decode)
+        sampled = [seq for seq, _, _, count in spans for _ in range(count)]
+        choices = self.sample(logits, sampled)
+        return accept_proposals(sampled, choices) if len(sampled) > len(decode) else (sampled, choices)
 
     def _score_prompts(self, logits: torch.Tensor, scored: list[tuple[Sequence, list[int]]]) -> None:
         """Log-probabilities of prompt tokens, for sequences that asked (each logit row predicts the next token)."""

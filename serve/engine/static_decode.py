@@ -84,6 +84,7 @@ class StaticDecode:
 
     def __init__(self, model: Any, cache: PagedKVCache, device: torch.device, max_batch: int, max_blocks: int):
         self.model, self.cache, self.device = model, cache, device
+        self.max_batch = max_batch  # rows one step may hold
         self.batches, self.widths = batch_buckets(max_batch), width_buckets(max_blocks)
         self.inputs = torch.zeros(4 * max_batch, dtype=torch.long, device=device)
         self.tables = torch.full((max_batch, max_blocks), SCRATCH_BLOCK, dtype=torch.long, device=device)
