@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from serve.engine.types import TokenEvent
+from serve.engine.types import STEP_PATHS, TokenEvent
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -33,7 +33,12 @@ COUNTERS = {
     "serve_engine_busy_seconds": "Seconds the engine thread spent in steps (over wall time: its busy share)",
     "serve_engine_restarts": "Engine processes started again after one died while serving",
 }
-SPECULATIVE_COUNTERS = {  # name: (help, labels); one series per proposer (and per accepted length)
+LABELLED_COUNTERS = {  # name: (help, labels); one series per path, per proposer (and per accepted length)
+    "serve_engine_steps_by_path": (
+        "Forward steps by path: a decode graph's replay (graph), the fixed decode shape run eagerly (fixed_shape), "
+        "any other step (eager: prompt chunks, mixed steps, adapters)",
+        ("path",),
+    ),
     "serve_speculative_proposed_tokens": ("Tokens proposed by speculative decoding and verified", ("proposer",)),
     "serve_speculative_accepted_tokens": ("Proposed tokens the model accepted", ("proposer",)),
     "serve_speculative_verifications": (
@@ -43,12 +48,14 @@ SPECULATIVE_COUNTERS = {  # name: (help, labels); one series per proposer (and p
 }
 
 
-def speculative_counts(stats: Any) -> dict[str, dict[tuple[str, ...], float]]:
-    """Speculative decoding's counters by name, then by label values (none while SPECULATIVE is off)."""
+def labelled_counts(stats: Any) -> dict[str, dict[tuple[str, ...], float]]:
+    """The labelled counters by name, then by label values: steps by path, and speculative decoding's (none while
+    SPECULATIVE is off)."""
+    counts = {"serve_engine_steps_by_path": {(path,): count for path, count in zip(STEP_PATHS, stats.step_paths)}}
     proposer = stats.speculative_proposer
     if not proposer:
-        return {}
-    return {
+        return counts
+    return counts | {
         "serve_speculative_proposed_tokens": {(proposer,): stats.speculative_proposed},
         "serve_speculative_accepted_tokens": {(proposer,): stats.speculative_accepted},
         "serve_speculative_verifications": {
@@ -93,8 +100,8 @@ class EngineCollector:
             yield GaugeMetricFamily(name, GAUGES[name][0], value=value)
         for name, value in counts.items():
             yield CounterMetricFamily(name, COUNTERS[name], value=value)
-        for name, series in speculative_counts(self.engine.stats()).items():
-            text, labels = SPECULATIVE_COUNTERS[name]
+        for name, series in labelled_counts(self.engine.stats()).items():
+            text, labels = LABELLED_COUNTERS[name]
             family = CounterMetricFamily(name, text, labels=labels)
             for values, value in series.items():
                 family.add_metric(list(values), value)
@@ -116,7 +123,7 @@ class LiveGauges:
         self.counters = {name: Counter(name, text, registry=None) for name, text in COUNTERS.items()}
         self._counted = dict.fromkeys(COUNTERS, 0.0)
         self.labelled = {
-            name: Counter(name, text, labels, registry=None) for name, (text, labels) in SPECULATIVE_COUNTERS.items()
+            name: Counter(name, text, labels, registry=None) for name, (text, labels) in LABELLED_COUNTERS.items()
         }
         self._labelled_counted: dict[tuple[str, tuple[str, ...]], float] = {}
         self._lock = threading.Lock()
@@ -136,7 +143,7 @@ class LiveGauges:
 
     def _refresh_labelled(self) -> None:
         """The labelled counters grow by what the engine counted since the last refresh."""
-        for name, series in speculative_counts(self.engine.stats()).items():
+        for name, series in labelled_counts(self.engine.stats()).items():
             for values, value in series.items():
                 counted = self._labelled_counted.get((name, values), 0.0)
                 if value > counted:

@@ -118,42 +118,23 @@ class StepHook:
 
 
 class StepPaths:
-    """Counts the engine's forward passes by path, wrapped from outside (engine files untouched): decode steps that
-    replayed a CUDA graph, decode steps over the fixed shape run eagerly (no graph for the shape, or no CUDA), and
-    the other steps (prompt chunks, prompts mixed with decode rows, verify steps), always eager.
-
-    The engine exposes no such counter (only the graphs captured at start-up and its total steps); if the runner's
-    methods are renamed, ``available`` is False and every count stays 0."""
+    """The engine's forward passes by path, as it counts them (``EngineStats.step_paths``): decode steps that
+    replayed a CUDA graph, decode and verify steps over the fixed shape run eagerly (no graph for the shape, or no
+    CUDA), and the other steps (prompt chunks, prompts mixed with decode rows), always eager."""
 
     PATHS = ("graph", "fixed_shape_eager", "other_eager")
 
     def __init__(self, engine: Any):
-        self.counts = dict.fromkeys(self.PATHS, 0)
-        runner = getattr(engine, "_runner", None)
-        static = getattr(runner, "static", None)
-        self.available = callable(getattr(static, "forward", None)) and callable(getattr(runner, "forward", None))
-        if self.available:
-            static.forward = self._fixed_shape(static, static.forward)
-            runner.forward = self._counted("other_eager", runner.forward)
+        self.engine = engine
 
-    def _fixed_shape(self, static: Any, original: Any) -> Any:
-        def forward(batch: int, width: int) -> Any:
-            path = "graph" if (batch, width) in getattr(static, "replay", {}) else "fixed_shape_eager"
-            self.counts[path] += 1
-            return original(batch, width)
-
-        return forward
-
-    def _counted(self, path: str, original: Any) -> Any:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            self.counts[path] += 1
-            return original(*args, **kwargs)
-
-        return forward
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(zip(self.PATHS, self.engine.stats().step_paths or (0,) * len(self.PATHS)))
 
     def since(self, before: dict[str, int]) -> dict[str, int]:
-        """Steps per path since ``before`` (a copy of ``counts`` taken then)."""
-        return {path: self.counts[path] - before.get(path, 0) for path in self.PATHS}
+        """Steps per path since ``before`` (``counts`` taken then)."""
+        now = self.counts
+        return {path: now[path] - before.get(path, 0) for path in self.PATHS}
 
 
 class OutsideProfile:

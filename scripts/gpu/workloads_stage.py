@@ -131,12 +131,11 @@ def _bytes_per_s(out: Path) -> Optional[float]:
 
 
 def _setup(engine: Any, bench: Bench) -> dict[str, Any]:
-    """What the cells ran under: the engine's limits, its CUDA graphs, and whether steps were counted by path."""
+    """What the cells ran under: the engine's limits and its CUDA graphs."""
     graphs = engine.graphs
     return {
         "limits": vars(engine.limits),
         "graphs": {"enabled": graphs.enabled, "shapes": len(graphs.shapes), "reason": graphs.reason},
-        "steps_by_path_counted": bench.paths.available,
         "sampled": SAMPLED,
         "new_tokens": bench.plan.workload_new_tokens,
         "copy_bytes_per_s": bench.bytes_per_s,

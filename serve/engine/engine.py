@@ -141,6 +141,7 @@ class Engine:
             speculative_proposed=speculation.proposed if speculation else 0,
             speculative_accepted=speculation.accepted if speculation else 0,
             speculative_lengths=tuple(speculation.accepted_lengths) if speculation else (),
+            step_paths=tuple(self._runner.step_paths),
         )
 
     def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:

@@ -28,7 +28,7 @@ from serve.engine.sequence import Sequence
 from serve.engine.static_decode import StaticDecode
 from serve.engine.speculative import accept_proposals
 from serve.engine.step_inputs import Span, StepInputs
-from serve.engine.types import SamplingParams, TokenChoice
+from serve.engine.types import STEP_PATHS, SamplingParams, TokenChoice
 from serve.engine.uploads import Uploads
 from serve.engine.watermark import apply_watermarks
 from serve.engine.compile import CompileReport, compile_layers
@@ -78,6 +78,7 @@ class ModelRunner:
         self.ranks = ranks
         self.mrope = uses_mrope(model)  # three-dimensional rotary positions (Qwen2-VL's M-RoPE)
         self.hidden_observer: Optional[Callable[[list[Span]], None]] = None  # told each forward's spans (EAGLE-3)
+        self.step_paths = [0] * len(STEP_PATHS)  # steps by path (types.STEP_PATHS): graphed, fixed shape, eager
 
     def capture_graphs(self) -> GraphReport:
         """Capture the decode shapes as CUDA graphs (a no-op with a reason off CUDA). LoRA layers are captured
@@ -154,6 +155,7 @@ class ModelRunner:
             self._base_model_step()
             return self._static_decode(plan.decode)
         inputs, sampled, scored, spans = self._inputs(plan)
+        self.step_paths[2] += 1
         if self.lora is None or all(adapter is None for adapter in inputs.adapters or ()):
             inputs.adapters = None  # a step on the base model alone (and a smaller message to the other ranks)
         logits = self.forward(inputs)
@@ -208,6 +210,7 @@ class ModelRunner:
         batch, width = self.static.load(rows)
         if self.ranks is not None:
             self.ranks.send_decode(rows, (batch, width))
+        self.step_paths[0 if (batch, width) in self.static.replay else 1] += 1
         logits = self.static.forward(batch, width)[: len(rows)]
         if self.hidden_observer is not None:
             self.hidden_observer(spans)

@@ -203,6 +203,9 @@ class Limits:
     max_batch_prefill_tokens: int = CPU_PREFILL_TOKENS  # prompt tokens a step may prefill (prefill_token_budget)
 
 
+STEP_PATHS = ("graph", "fixed_shape", "eager")  # a decode graph's replay, the fixed decode shape run eagerly, the rest
+
+
 @dataclass
 class EngineStats:
     """The KV pool, the prefix cache and the engine thread's work, for /metrics (summed over a pool's engines)."""
@@ -220,6 +223,7 @@ class EngineStats:
     speculative_proposed: int = 0  # tokens proposed and verified
     speculative_accepted: int = 0  # of those, tokens accepted
     speculative_lengths: tuple[int, ...] = ()  # verified proposals by accepted length (index: tokens accepted)
+    step_paths: tuple[int, ...] = ()  # steps by path, in STEP_PATHS' order
 
     def __add__(self, other: "EngineStats") -> "EngineStats":
         return EngineStats(*(_combine(a, b) for a, b in zip(astuple(self), astuple(other))))

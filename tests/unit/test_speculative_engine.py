@@ -62,6 +62,22 @@ def ngram_engine(ngram_settings):
     engine.stop()
 
 
+def test_verify_steps_run_over_the_fixed_decode_shape(ngram_engine, ngram_settings, prompt_ids, plain):
+    """Only the prompt's step runs eagerly: every step that verifies a proposal takes the fixed decode shape (a graph's
+    replay on a GPU), and /metrics counts the steps by path."""
+    from serve.app import create_app
+
+    before = ngram_engine.stats()
+    (events,) = run_all(ngram_engine, prompt_ids[:1])
+    stats = ngram_engine.stats()
+    graphed, fixed, eager = (now - then for now, then in zip(stats.step_paths, before.step_paths))
+    assert tokens_of(events) == tokens_of(plain[0])
+    assert stats.speculative_accepted > before.speculative_accepted  # proposals were verified, and some kept
+    assert (graphed, eager) == (0, 1) and fixed == stats.steps - before.steps - 1 > 0
+    text = create_app(ngram_settings, ngram_engine).test_client().get("/metrics").get_data(as_text=True)
+    assert f'serve_engine_steps_by_path_total{{path="fixed_shape"}} {float(stats.step_paths[1])}' in text
+
+
 def test_greedy_text_is_the_same_with_ngram_speculation(ngram_engine, prompt_ids, plain):
     before = ngram_engine.stats()
     results = run_all(ngram_engine, prompt_ids)
