@@ -22,6 +22,7 @@ from serve.engine.block_manager import SCRATCH_BLOCK
 from serve.engine.kv_cache import CacheShape, PagedKVCache
 from serve.engine.speculative import Proposer, Reserve
 from serve.engine.step_inputs import StepInputs
+from serve.engine.uploads import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class DraftProposer(Proposer):
         self.model = model
         self.cache = cache
         self.device = model.device
+        self.uploads = Uploads(self.device)  # the step inputs' staging buffers (pinned on CUDA)
         self._cached: dict[str, int] = {}  # sequence id -> leading tokens whose draft keys and values are cached
         self.failure: Optional[str] = None  # why the draft's forward failed, after which it proposes nothing
 
@@ -119,7 +121,7 @@ class DraftProposer(Proposer):
     def _greedy(self, inputs: StepInputs, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The draft's argmax at each kept row of one forward over ``inputs`` (``ids``: the token ids, already on
         the device)."""
-        input_ids, positions, layout, logit_rows = inputs.tensors(self.device, self.cache.block_size)
+        input_ids, positions, layout, logit_rows = inputs.tensors(self.uploads, self.cache.block_size)
         with active_step(self.cache, layout):
             output = self.model(
                 input_ids=(input_ids if ids is None else ids)[None],

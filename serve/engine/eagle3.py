@@ -27,6 +27,7 @@ from serve.engine.draft import add_chunk, decode_rows, draft_shape
 from serve.engine.kv_cache import PagedKVCache
 from serve.engine.speculative import Proposer, Reserve, may_speculate
 from serve.engine.step_inputs import Span, StepInputs
+from serve.engine.uploads import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Eagle3Proposer(Proposer):
         self.head, self.cache = head, cache
         self.embed = head.embed_tokens if head.embed_tokens is not None else target.get_input_embeddings()
         self.capture = HiddenCapture(target, head.aux_layers)
+        self.uploads = Uploads(head.device)  # the step inputs' staging buffers (pinned on CUDA)
         self._cached: dict[str, int] = {}  # sequence id -> leading positions the head's cache holds from the target
         self._saved: dict[str, torch.Tensor] = {}  # sequence id -> folded states from its cached count on
         self.failure: Optional[str] = None
@@ -202,6 +204,6 @@ class Eagle3Proposer(Proposer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The head over one laid-out step (``ids``: the token ids, already on the device): its guesses and output
         states at the kept rows."""
-        input_ids, positions, layout, keep = inputs.tensors(self.head.device, self.cache.block_size)
+        input_ids, positions, layout, keep = inputs.tensors(self.uploads, self.cache.block_size)
         with active_step(self.cache, layout):
             return self.head(self.embed(input_ids if ids is None else ids), states, positions, keep)

@@ -178,7 +178,7 @@ class ModelRunner:
             self.ranks.send_step(inputs)
         if self.lora is not None:
             self.lora.begin_step(inputs.adapters or ())  # each token's adapter, in the layout's order
-        input_ids, positions, layout, logit_rows = inputs.tensors(self.device, self.cache.block_size)
+        input_ids, positions, layout, logit_rows = inputs.tensors(self.uploads, self.cache.block_size)
         tokens = {"input_ids": input_ids[None]}
         if inputs.image_features is not None:  # the prompt chunks' image tokens take their images' features
             embeds = self.model.get_input_embeddings()(input_ids)

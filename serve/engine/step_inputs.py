@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from serve.engine.attention import PrefillChunk, StepLayout
+from serve.engine.uploads import Uploads
 
 Span = tuple[Any, int, int, int]  # (sequence, its first row in the step, its first position, its token count)
 
@@ -33,11 +34,11 @@ class StepInputs:
     image_features: Any = None  # [image rows, hidden] their features, in order (None: no image token in the step)
     rope_positions: Any = None  # [3, tokens] M-RoPE positions (None: ``positions`` in all three)
 
-    def tensors(
-        self, device: torch.device, block_size: int
-    ) -> tuple[torch.Tensor, torch.Tensor, StepLayout, torch.Tensor]:
-        """(input ids, positions, the attention layout, logit rows) on ``device``."""
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    def tensors(self, uploads: Uploads, block_size: int) -> tuple[torch.Tensor, torch.Tensor, StepLayout, torch.Tensor]:
+        """(input ids, positions, the attention layout, logit rows) on the device of ``uploads``, which sends them
+        from reused staging buffers without a blocking copy."""
+        device = uploads.device
+        as_tensor = lambda values: uploads.tensor(values, torch.long)  # noqa: E731
         on_host = device.type == "cpu"  # the gathering reference attends there: its masks built once per step
         mask = lambda position, count: chunk_mask(position, count) if on_host else None  # noqa: E731
         chunks = [
@@ -47,8 +48,8 @@ class StepInputs:
         tables, mask = None, None
         if self.decode_tables:
             tables = as_tensor(self.decode_tables)
-            span = torch.arange(tables.shape[1] * block_size)
-            mask = (span[None, :] < torch.tensor(self.decode_lengths)[:, None])[:, None, None, :].to(device)
+            span = torch.arange(tables.shape[1] * block_size, device=device)
+            mask = (span[None, :] < as_tensor(self.decode_lengths)[:, None])[:, None, None, :]
         layout = StepLayout(as_tensor(self.rows), len(self.decode_tables), tables, mask, chunks)
         return as_tensor(self.ids), as_tensor(self.positions), layout, as_tensor(self.logit_rows)
 

@@ -43,9 +43,10 @@ def engine(tiny_settings):
     engine.stop()
 
 
-def strict_decode_steps(engine):
-    """Run the runner's decode-only steps with sync debug mode at "error" (its ``to_host`` read allowed); return
-    the failures, each strict step's row count, and a function that restores the runner."""
+def strict_decode_steps(engine, with_prompts=False):
+    """Run the runner's decode-only steps (and steps holding prompt chunks ``with_prompts``) with sync debug mode at
+    "error" (its ``to_host`` read allowed); return the failures, each strict step's decode row count, and a function
+    that restores the runner."""
     runner = engine._runner
     step, to_host, failures, widths = runner.step, runner.to_host, [], []
 
@@ -57,7 +58,7 @@ def strict_decode_steps(engine):
             torch.cuda.set_sync_debug_mode("error")
 
     def strict_step(plan):
-        if plan.prefill:  # prompt chunks: their inputs are laid out elsewhere (serve/engine/step_inputs.py)
+        if plan.prefill and not with_prompts:
             return step(plan)
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -104,6 +105,18 @@ def test_a_step_of_every_row_kind_makes_no_hidden_sync(engine):
     assert [len(tokens) for tokens in outputs] == [NEW_TOKENS] * len(outputs)
     assert widths and max(widths) == len(outputs)  # one strict step sampled every kind at once
     assert engine._runner.host_reads - reads >= len(widths)
+
+
+def test_steps_with_prompt_chunks_make_no_hidden_sync(engine):
+    """Prompt chunks' inputs (serve/engine/step_inputs.py) go through the same pinned staging buffers."""
+    run_all_kinds(engine)
+    failures, _, restore = strict_decode_steps(engine, with_prompts=True)
+    try:
+        outputs = run_all_kinds(engine)
+    finally:
+        restore()
+    assert failures == [], failures[0]
+    assert [len(tokens) for tokens in outputs] == [NEW_TOKENS] * len(outputs)
 
 
 def test_penalty_rows_are_filled_without_a_sync():
