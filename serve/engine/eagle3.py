@@ -11,8 +11,9 @@ cached count never includes them, so the next catch-up overwrites them with the 
 
 A sequence that proposes rarely (a busy batch) would save states without bound: past ``CATCH_UP_AT`` saved
 positions the head catches up at once, keeping the last position for the next proposal. A sequence first seen past
-its start (a prefix-cache hit) takes the head's cache of the shared blocks as it is. On CUDA the decode graphs
-would hide the states from the capture: the engine runs decode eagerly under eagle3 (its log says so).
+its start (a prefix-cache hit) takes the head's cache of the shared blocks as it is. On CUDA the lean model keeps
+the states inside its decode graphs (serve/engine/graphs.py hands each replay's to the model); a transformers
+model's hooks do not run in a replay, so the engine captures no graphs for it under eagle3 (its log says so).
 """
 
 from __future__ import annotations

@@ -321,11 +321,15 @@ class Engine:
         self.adapters.attach(lora)
 
     def _capture_graphs(self) -> None:
-        """CUDA_GRAPHS: capture the decode shapes, unless an EAGLE-3 head must read the target's hidden states."""
-        if self._reads_hidden_states() and self.loaded.model.device.type == "cuda":
-            self._runner.graphs_off("the EAGLE-3 head reads the target's hidden states, which graph replays hide")
-        else:
-            self._runner.capture_graphs()
+        """CUDA_GRAPHS: capture the decode shapes; under an EAGLE-3 head the lean model keeps the states of the
+        head's layers in the graphs too (a transformers model gives them through hooks, which replays skip)."""
+        model = self.loaded.model
+        if self._reads_hidden_states() and model.device.type == "cuda":
+            if not hasattr(model, "serve_aux_layers"):
+                self._runner.graphs_off("the EAGLE-3 head reads this model's states through hooks, which replays skip")
+                return
+            model.serve_aux_layers = frozenset(self.loaded.draft.aux_layers)
+        self._runner.capture_graphs()
 
     def _reads_hidden_states(self) -> bool:
         """Whether the proposer is an EAGLE-3 head, which reads the target's hidden states."""

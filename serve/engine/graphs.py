@@ -115,12 +115,18 @@ def _capture_all(static: StaticDecode, shapes: list[Shape]) -> None:
         with torch.cuda.graph(graph, pool=pool):
             output = static.run(batch, width)
         pool = graph.pool()
-        static.replay[(batch, width)] = _replayer(graph, output)
+        static.replay[(batch, width)] = _replayer(graph, output, static.model)
 
 
-def _replayer(graph: Any, output: torch.Tensor) -> Any:
+def _replayer(graph: Any, output: torch.Tensor, model: Any) -> Any:
+    """The replay of one captured shape: its logits, and the layer states the model keeps for an EAGLE-3 head
+    (``serve_aux_hidden``), which a replay rewrites in place, handed back to the model as an eager forward would."""
+    states = dict(getattr(model, "serve_aux_hidden", None) or {})  # this shape's, as captured
+
     def replay() -> torch.Tensor:
         graph.replay()
+        if states:
+            model.serve_aux_hidden = dict(states)
         return output
 
     return replay

@@ -50,3 +50,24 @@ def test_graphs_are_off_when_every_checked_shape_fails():
     errors, dropped = self_check(static, [(1, 4), (1, 8)], lambda _, shape: 2 * PROBE_TOLERANCE)
     report = _report(static, [(1, 8), (1, 4)], errors, dropped, 1.0)
     assert not report.enabled and report.shapes == [] and report.reason.startswith("self-check failed: 1x4: replay")
+
+
+def test_a_replay_hands_the_model_the_layer_states_it_rewrote():
+    """Under an EAGLE-3 head the lean model keeps some layers' states; a replay rewrites, in place, the tensors its
+    capture made, and hands those back to the model (an eager forward since may have put others there)."""
+    import torch
+
+    from serve.engine.graphs import _replayer
+
+    captured = {0: torch.zeros(2, 4), 3: torch.zeros(2, 4)}
+    model = SimpleNamespace(serve_aux_hidden=dict(captured))
+    output = torch.zeros(2, 8)
+    graph = SimpleNamespace(replay=lambda: [state.fill_(7.0) for state in captured.values()] and output.fill_(1.0))
+    replay = _replayer(graph, output, model)
+    model.serve_aux_hidden = {0: torch.ones(5, 4)}  # an eager forward of another shape
+    assert replay() is output
+    assert model.serve_aux_hidden.keys() == {0, 3}
+    assert all(model.serve_aux_hidden[index] is captured[index] for index in (0, 3))
+    assert float(model.serve_aux_hidden[3].sum()) == 7.0 * 8
+    plain = _replayer(graph, output, SimpleNamespace())  # a model that keeps no states: logits only
+    assert plain() is output
