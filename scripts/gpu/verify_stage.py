@@ -3,9 +3,11 @@
 A verify step scores k proposed tokens plus the last one per sequence (k + 1 query tokens each, over the paged
 cache); a plain decode step scores one. Both run through the engine's own runner on the benchmark shape: the
 plain step as the server runs it (the fixed decode shape, a CUDA graph's replay where one was captured) and
-eagerly, the verify step as the engine runs it (eager, each sequence's tokens as one chunk). From the two, the
-speedup a proposer gets at acceptance rate ``a`` is (1 - a^(k+1)) / (1 - a) tokens per verify step over the
-verify step's cost in plain steps (each proposed token accepted with probability ``a``, independently).
+eagerly; the verify step as the engine runs it (the fixed decode shape with a row per scored token, replayed
+where captured) and, for comparison, eagerly with each sequence's tokens as one chunk. From the plain and the
+fixed-shape verify step, the speedup a proposer gets at acceptance rate ``a`` is (1 - a^(k+1)) / (1 - a) tokens
+per verify step over the verify step's cost in plain steps (each proposed token accepted with probability ``a``,
+independently).
 """
 
 from __future__ import annotations
@@ -76,10 +78,17 @@ def _row(runner: Any, plan: Plan, batch: int, context: int) -> dict[str, Any]:
     eager = _ms(lambda: runner.forward(_inputs(runner, tables, context, 1, True)), plan.device)
     row: dict[str, Any] = {"plain_ms": plain, "plain_eager_ms": eager, "verify": {}}
     for k in PROPOSED:
-        verify = _ms(lambda: runner.forward(_inputs(runner, tables, context, k + 1, False)), plan.device)
+        verify_rows = [(7, context + index, table) for table in tables for index in range(k + 1)]
+        verify = _ms(lambda: runner.static.forward(*runner.static.load(verify_rows)), plan.device)
+        chunked = _ms(lambda: runner.forward(_inputs(runner, tables, context, k + 1, False)), plan.device)
         cost = verify / plain
         gains = {f"a={a}": round((1 - a ** (k + 1)) / (1 - a) / cost, 3) for a in ACCEPTANCE}
-        row["verify"][f"k={k}"] = {"ms": verify, "cost_in_plain_steps": round(cost, 3), "speedup": gains}
+        row["verify"][f"k={k}"] = {
+            "ms": verify,
+            "chunk_eager_ms": chunked,
+            "cost_in_plain_steps": round(cost, 3),
+            "speedup": gains,
+        }
     return row
 
 
@@ -91,7 +100,8 @@ def stage_verify(plan: Plan, out: Path) -> None:
     folder = model_folder(out, plan.shape)
     context = plan.prompt_tokens
     batches = (1, plan.batches[1])
-    engine = start_engine(plan, folder, max(batches), context + max(PROPOSED) + 8)
+    rows = max(batches) * (max(PROPOSED) + 1)  # the fixed shape holds a verify step's rows, as in the engine
+    engine = start_engine(plan, folder, rows, context + max(PROPOSED) + 8)
     try:
         runner = engine._runner  # idle while this stage drives it: no request is submitted
         record.put("graphs", runner.graphs.reason)
