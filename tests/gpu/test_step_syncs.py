@@ -93,9 +93,11 @@ def run_all_kinds(engine):
     return outputs
 
 
-def test_a_step_of_every_row_kind_makes_no_hidden_sync(engine):
-    run_all_kinds(engine)  # warm-up: kernels compiled, handles made, staging buffers allocated
-    failures, widths, restore = strict_decode_steps(engine)
+def strict_run(engine, with_prompts=False):
+    """Every row kind once unchecked (kernels compiled, handles made, staging buffers allocated), then again with the
+    runner's steps strict (no failure allowed): (each strict step's decode rows, each request's tokens, host reads)."""
+    run_all_kinds(engine)
+    failures, widths, restore = strict_decode_steps(engine, with_prompts)
     reads = engine._runner.host_reads
     try:
         outputs = run_all_kinds(engine)
@@ -103,20 +105,18 @@ def test_a_step_of_every_row_kind_makes_no_hidden_sync(engine):
         restore()
     assert failures == [], failures[0]
     assert [len(tokens) for tokens in outputs] == [NEW_TOKENS] * len(outputs)
+    return widths, outputs, engine._runner.host_reads - reads
+
+
+def test_a_step_of_every_row_kind_makes_no_hidden_sync(engine):
+    widths, outputs, reads = strict_run(engine)
     assert widths and max(widths) == len(outputs)  # one strict step sampled every kind at once
-    assert engine._runner.host_reads - reads >= len(widths)
+    assert reads >= len(widths)
 
 
 def test_steps_with_prompt_chunks_make_no_hidden_sync(engine):
     """Prompt chunks' inputs (serve/engine/step_inputs.py) go through the same pinned staging buffers."""
-    run_all_kinds(engine)
-    failures, _, restore = strict_decode_steps(engine, with_prompts=True)
-    try:
-        outputs = run_all_kinds(engine)
-    finally:
-        restore()
-    assert failures == [], failures[0]
-    assert [len(tokens) for tokens in outputs] == [NEW_TOKENS] * len(outputs)
+    strict_run(engine, with_prompts=True)
 
 
 def test_penalty_rows_are_filled_without_a_sync():

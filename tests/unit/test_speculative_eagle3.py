@@ -338,22 +338,12 @@ def test_embedded_smollm2_greedy_is_byte_identical_with_an_eagle3_head(embedded_
     and text as with speculation off."""
     from transformers import AutoConfig
 
-    from tests.unit.test_lean_model import SMOL_PROMPTS, settings_for
-    from tests.unit.test_speculative_engine import run_all as run_prompts
-    from tests.unit.test_speculative_engine import start as start_engine
-    from tests.unit.test_speculative_engine import tokens_of
+    from tests.unit.test_lean_model import settings_for
+    from tests.unit.test_speculative_engine import embedded_runs
 
     head = write_head(tmp_path / "head", AutoConfig.from_pretrained(str(embedded_folder)), eagle_config={})
-    results, proposed = {}, 0
-    for method, source in (("off", None), ("eagle3", str(head))):
-        settings = settings_for(embedded_folder, max_concurrent_requests=4, speculative=method)
-        engine = start_engine(replace(settings, speculative_draft=source))
-        try:
-            prompts = [engine.tokenizer(text)["input_ids"] for text in SMOL_PROMPTS]
-            runs = run_prompts(engine, prompts, max_new_tokens=48)
-            results[method] = [(tokens_of(events), "".join(e.text for e in events)) for events in runs]
-            proposed = engine.stats().speculative_proposed
-        finally:
-            engine.stop()
-    assert results["eagle3"] == results["off"]
-    assert proposed > 0
+    settings = settings_for(embedded_folder, max_concurrent_requests=4)
+    off, _ = embedded_runs(settings)
+    on, stats = embedded_runs(replace(settings, speculative="eagle3", speculative_draft=str(head)))
+    assert on == off
+    assert stats.speculative_proposed > 0
