@@ -142,12 +142,14 @@ class LiveGauges:
             self._refresh_labelled()
 
     def _refresh_labelled(self) -> None:
-        """The labelled counters grow by what the engine counted since the last refresh."""
+        """The labelled counters grow by what the engine counted since the last refresh (each series shown from its
+        first refresh, at zero until it counts)."""
         for name, series in labelled_counts(self.engine.stats()).items():
             for values, value in series.items():
+                counter = self.labelled[name].labels(*values)
                 counted = self._labelled_counted.get((name, values), 0.0)
                 if value > counted:
-                    self.labelled[name].labels(*values).inc(value - counted)
+                    counter.inc(value - counted)
                     self._labelled_counted[(name, values)] = value
 
     def _run(self, interval: float) -> None:

@@ -5,6 +5,8 @@ import uuid
 
 import requests
 
+from tests.helpers import wait_for
+
 SYSTEM = "You are a careful assistant who answers every question in one short sentence. " * 4
 
 
@@ -74,3 +76,21 @@ def test_metrics_and_info_show_the_kv_pool(tiny_server):
     info = requests.get(tiny_server.url + "/info", timeout=10).json()
     assert info["kv_block_size"] == 16 and info["kv_blocks"] == total
     assert info["max_batch_total_tokens"] == info["kv_blocks"] * info["kv_block_size"]
+
+
+def test_metrics_count_the_steps_by_path_in_every_worker(openai_client, tiny_server):
+    """Through gunicorn's multiprocess metrics: every path's series, at zero until it counts (no graphs on the CPU)."""
+    chat(openai_client, "Count to three.")
+
+    def paths():
+        text = requests.get(tiny_server.url + "/metrics", timeout=10).text
+        prefix = 'serve_engine_steps_by_path_total{path="'
+        return {
+            line[len(prefix) :].split('"')[0]: float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith(prefix)
+        }
+
+    assert wait_for(lambda: paths().get("fixed_shape", 0) > 0, timeout=5)  # the workers refresh every 0.25 s
+    counted = paths()
+    assert set(counted) == {"graph", "fixed_shape", "eager"} and counted["graph"] == 0 and counted["eager"] > 0
