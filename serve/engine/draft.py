@@ -13,7 +13,7 @@ draft whose forward fails proposes nothing from then on (the log says why); the 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -27,7 +27,43 @@ from serve.engine.uploads import Uploads
 log = logging.getLogger(__name__)
 
 
-class DraftProposer(Proposer):
+class CachedProposer(Proposer):
+    """A proposer that runs a model of its own over a paged cache of its own, indexed by the target's block tables
+    (the draft model, an EAGLE-3 head): one sequence's proposal goes through the batched path, and a forward that
+    fails turns the proposer off (the target decodes on without it)."""
+
+    cache: PagedKVCache
+    failure: Optional[str] = None  # why a forward failed, after which it proposes nothing
+
+    @staticmethod
+    def own_cache(model: Any, num_blocks: int, block_size: int, dtype: torch.dtype, config: Any) -> PagedKVCache:
+        """A cache for ``model`` of the target's ``num_blocks`` blocks of ``block_size``, its decode attention the
+        kernel an EngineConfig's ATTENTION_BACKEND picks."""
+        from serve.engine.decode_backends import install_decode_backend
+
+        cache = PagedKVCache(draft_shape(model, dtype), num_blocks, block_size, model.device)
+        install_decode_backend(cache, config.attention_backend, config.c_compiler)
+        return cache
+
+    def propose(self, seq: Any, k: int) -> list[int]:
+        room = len(seq.block_table) * self.cache.block_size - seq.num_cached - 1
+        return self.propose_rows([(seq, k)], lambda _, count: min(count, room))[0]
+
+    def reset(self) -> None:
+        """Forget every sequence (after a failure)."""
+
+    def _guarded(self, work: Callable[[], Any]) -> Any:
+        """``work()``; a failure turns the proposer off and gives None (it costs proposals, never a request)."""
+        try:
+            return work()
+        except Exception as exc:  # noqa: BLE001 - a failing proposer costs its proposals, never a request
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self.reset()
+            log.error("the %s proposer failed (%s); no more proposals from it", self.name, self.failure, exc_info=exc)
+            return None
+
+
+class DraftProposer(CachedProposer):
     """Proposes a draft model's greedy tokens, batched over the rows that propose in a step."""
 
     name = "draft"
@@ -42,43 +78,29 @@ class DraftProposer(Proposer):
         self.device = model.device
         self.uploads = Uploads(self.device)  # the step inputs' staging buffers (pinned on CUDA)
         self._cached: dict[str, int] = {}  # sequence id -> leading tokens whose draft keys and values are cached
-        self.failure: Optional[str] = None  # why the draft's forward failed, after which it proposes nothing
 
     @classmethod
     def build(cls, model: Any, num_blocks: int, block_size: int, dtype: torch.dtype, config: Any) -> "DraftProposer":
-        """The proposer over ``model`` with a cache of the target's ``num_blocks`` blocks of ``block_size``, its
-        decode attention the kernel an EngineConfig's ATTENTION_BACKEND picks."""
-        from serve.engine.decode_backends import install_decode_backend
-
-        cache = PagedKVCache(draft_shape(model, dtype), num_blocks, block_size, model.device)
-        install_decode_backend(cache, config.attention_backend, config.c_compiler)
-        return cls(model, cache)
+        """The proposer over ``model`` with a cache of the target's blocks (``own_cache``)."""
+        return cls(model, cls.own_cache(model, num_blocks, block_size, dtype, config))
 
     def cached(self, seq: Any) -> int:
         """Leading tokens of ``seq`` whose draft keys and values are in the draft's cache."""
         return min(self._cached.get(seq.id, 0), seq.num_cached)
-
-    def propose(self, seq: Any, k: int) -> list[int]:
-        room = len(seq.block_table) * self.cache.block_size - seq.num_cached - 1
-        return self.propose_rows([(seq, k)], lambda _, count: min(count, room))[0]
 
     def propose_rows(self, rows: list[tuple[Any, int]], reserve: Reserve) -> list[list[int]]:
         if self.failure is not None:
             return [[] for _ in rows]
         counts = [reserve(seq, k) for seq, k in rows]
         active = [(seq, count) for (seq, _), count in zip(rows, counts) if count > 0]
-        try:
-            drafted = iter(self._draft(active) if active else [])
-        except Exception as exc:  # noqa: BLE001 - a failing draft costs its proposals, never a request
-            self._fail(exc)
+        drafted = self._guarded(lambda: self._draft(active)) if active else []
+        if drafted is None:
             return [[] for _ in rows]
-        return [next(drafted) if count > 0 else [] for count in counts]
+        proposals = iter(drafted)
+        return [next(proposals) if count > 0 else [] for count in counts]
 
-    def _fail(self, exc: Exception) -> None:
-        """Propose nothing from now on: the draft's forward failed."""
-        self.failure = f"{type(exc).__name__}: {exc}"
+    def reset(self) -> None:
         self._cached.clear()
-        log.error("the draft model failed (%s); no more proposals from it", self.failure, exc_info=exc)
 
     def settle(self, seq: Any) -> None:
         self._cached[seq.id] = self.cached(seq)  # keys and values past the accepted tokens are stale

@@ -18,19 +18,17 @@ model's hooks do not run in a replay, so the engine captures no graphs for it un
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 import torch
 
 from serve.engine.attention import active_step
-from serve.engine.draft import add_chunk, decode_rows, draft_shape
+from serve.engine.draft import CachedProposer, add_chunk, decode_rows
 from serve.engine.kv_cache import PagedKVCache
-from serve.engine.speculative import Proposer, Reserve, may_speculate
+from serve.engine.speculative import Reserve, may_speculate
 from serve.engine.step_inputs import Span, StepInputs
 from serve.engine.uploads import Uploads
 
-log = logging.getLogger(__name__)
 
 CATCH_UP_AT = 64  # saved positions of a sequence past which the head catches up without being asked to propose
 
@@ -42,8 +40,9 @@ class HiddenCapture:
     def __init__(self, model: Any, layers: tuple[int, ...]):
         self.layers = layers
         self._model = model
-        self._states: dict[int, torch.Tensor] = {}
-        if hasattr(model, "serve_aux_layers"):
+        self._states: dict[int, torch.Tensor] = {}  # a transformers model's, filled by the hooks
+        self._lean = hasattr(model, "serve_aux_layers")
+        if self._lean:
             model.serve_aux_layers = frozenset(layers)
             return
         decoder_layers = model.get_decoder().layers
@@ -59,16 +58,16 @@ class HiddenCapture:
 
     def take(self) -> Optional[list[torch.Tensor]]:
         """The last forward's states, in the head's layer order ([tokens, hidden] each; None: none captured)."""
-        states = getattr(self._model, "serve_aux_hidden", None) or self._states
-        self._states = {}
-        if hasattr(self._model, "serve_aux_hidden"):
-            self._model.serve_aux_hidden = {}
+        if self._lean:
+            states, self._model.serve_aux_hidden = self._model.serve_aux_hidden, {}
+        else:
+            states, self._states = self._states, {}
         if any(index not in states for index in self.layers):
             return None
         return [states[index] for index in self.layers]
 
 
-class Eagle3Proposer(Proposer):
+class Eagle3Proposer(CachedProposer):
     """Proposes an EAGLE-3 head's greedy tokens, batched over the rows that propose in a step."""
 
     name = "eagle3"
@@ -80,18 +79,13 @@ class Eagle3Proposer(Proposer):
         self.uploads = Uploads(head.device)  # the step inputs' staging buffers (pinned on CUDA)
         self._cached: dict[str, int] = {}  # sequence id -> leading positions the head's cache holds from the target
         self._saved: dict[str, torch.Tensor] = {}  # sequence id -> folded states from its cached count on
-        self.failure: Optional[str] = None
 
     @classmethod
     def build(
         cls, head: Any, target: Any, num_blocks: int, block_size: int, dtype: torch.dtype, config: Any
     ) -> "Eagle3Proposer":
-        """The proposer over ``head`` with a cache of the target's ``num_blocks`` blocks of ``block_size``."""
-        from serve.engine.decode_backends import install_decode_backend
-
-        cache = PagedKVCache(draft_shape(head, dtype), num_blocks, block_size, head.device)
-        install_decode_backend(cache, config.attention_backend, config.c_compiler)
-        return cls(head, target, cache)
+        """The proposer over ``head`` with a cache of the target's blocks (``own_cache``)."""
+        return cls(head, target, cls.own_cache(head, num_blocks, block_size, dtype, config))
 
     # --- after each target forward ------------------------------------------------------------------------------
 
@@ -133,10 +127,6 @@ class Eagle3Proposer(Proposer):
 
     # --- proposing ----------------------------------------------------------------------------------------------
 
-    def propose(self, seq: Any, k: int) -> list[int]:
-        room = len(seq.block_table) * self.cache.block_size - seq.num_cached - 1
-        return self.propose_rows([(seq, k)], lambda _, count: min(count, room))[0]
-
     def propose_rows(self, rows: list[tuple[Any, int]], reserve: Reserve) -> list[list[int]]:
         ready = [(seq, k) for seq, k in rows if self.failure is None and self._ready(seq)]
         counts = {seq.id: reserve(seq, k) for seq, k in ready}
@@ -156,16 +146,9 @@ class Eagle3Proposer(Proposer):
         self._cached.pop(seq.id, None)
         self._saved.pop(seq.id, None)
 
-    def _guarded(self, work: Any) -> Any:
-        """``work()``; a failure turns the proposer off (the target decodes on without it) and gives None."""
-        try:
-            return work()
-        except Exception as exc:  # noqa: BLE001 - a failing head costs its proposals, never a request
-            self.failure = f"{type(exc).__name__}: {exc}"
-            self._cached.clear()
-            self._saved.clear()
-            log.error("the EAGLE-3 head failed (%s); no more proposals from it", self.failure, exc_info=exc)
-            return None
+    def reset(self) -> None:
+        self._cached.clear()
+        self._saved.clear()
 
     @torch.inference_mode()
     def _draft(self, rows: list[tuple[Any, int]]) -> list[list[int]]:
