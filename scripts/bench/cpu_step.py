@@ -31,7 +31,7 @@ from serve.engine.kv_cache import CacheShape, PagedKVCache  # noqa: E402
 from serve.engine.runner import ModelRunner  # noqa: E402
 from serve.loading.source import embedded_model_file, gguf_to_folder  # noqa: E402
 from serve.modeling.cpu_kernel import load_panel_kernel  # noqa: E402
-from serve.modeling.layers import pack_for_cpu  # noqa: E402
+from serve.modeling.layers import pack_for_cpu, use_layer_ops  # noqa: E402
 from serve.modeling.weights import load_pretrained  # noqa: E402
 
 # name: (dtype, pack with the panel kernel)
@@ -52,6 +52,8 @@ def build(folder: Path, dtype: torch.dtype, packed: bool, max_batch: int, contex
         kernel, why_not = load_panel_kernel(settings.cache_dir, settings.c_compiler)
         assert kernel is not None, why_not
         print(f"{dtype}: {pack_for_cpu(model, kernel)}", flush=True)
+        if dtype == torch.float32:  # as serve.loading.cpu_weights does
+            use_layer_ops(model, kernel.layer_ops)
     blocks_each = -(-(context + 1) // block)
     cache = PagedKVCache(CacheShape.of(model.config, dtype), max_batch * blocks_each + 2, block, torch.device("cpu"))
     return ModelRunner(model, cache, None, max_batch, blocks_each)

@@ -1,5 +1,6 @@
-/* The CPU panel kernel: linear layers y = x @ w^T + bias for x86-64, float32 weights with AVX2 and FMA (and, where
- * the CPU has AVX-512F, a wider tile with the same results), bfloat16 weights with AVX-512 BF16.
+/* The CPU panel kernel: linear layers y = x @ w^T + bias (+ a residual, float32) for x86-64, float32 weights with AVX2
+ * and FMA (and, where the CPU has AVX-512F, a wider tile with the same results), bfloat16 weights with AVX-512 BF16;
+ * and a float32 layer's elementwise work (RMSNorm, SiLU gate, rotary embedding) in one pass each.
  *
  * serve/modeling/cpu_kernel.py compiles this file once per machine (cached under SERVE_CACHE_DIR) and calls it
  * through ctypes. The weight [n, k] is repacked once into panels of 16 output features, [ceil(n/16)][k][16],
@@ -19,6 +20,7 @@
  * has avx512_bf16, and serve_has_bf16() says whether the compiler could build them at all.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,9 +67,10 @@ TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
 typedef void (*tile_fn)(const float*, int64_t, const float*, float*);
 static const tile_fn TILES[MAX_ROWS + 1] = {0, tile1, tile2, tile3, tile4, tile5, tile6};
 
-/* y[m, n] = x[m, k] @ w^T + bias (bias may be NULL), w given as panels by serve_pack_panels. */
+/* y[m, n] = x[m, k] @ w^T + bias + residual (bias and residual [m, n] may be NULL), w given as panels by
+ * serve_pack_panels. The residual is added last, as torch's ``residual + linear(x)`` adds it. */
 void serve_linear_panels(const float* x, int64_t m, const float* panels, int64_t n, int64_t k, const float* bias,
-                         float* y, int threads) {
+                         const float* residual, float* y, int threads) {
   int64_t count = (n + PANEL - 1) / PANEL;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t jp = 0; jp < count; jp++) {
@@ -78,8 +81,11 @@ void serve_linear_panels(const float* x, int64_t m, const float* panels, int64_t
       int rows = m - i < MAX_ROWS ? (int)(m - i) : MAX_ROWS;
       TILES[rows](x + i * k, k, panel, tile);
       for (int r = 0; r < rows; r++)
-        for (int64_t c = 0; c < width; c++)
-          y[(i + r) * n + first + c] = tile[r * PANEL + c] + (bias ? bias[first + c] : 0.0f);
+        for (int64_t c = 0; c < width; c++) {
+          int64_t at = (i + r) * n + first + c;
+          float sum = tile[r * PANEL + c] + (bias ? bias[first + c] : 0.0f);
+          y[at] = residual ? sum + residual[at] : sum;
+        }
     }
   }
 }
@@ -125,16 +131,19 @@ typedef void (*tile_512_fn)(const float*, int64_t, const float*, const float*, f
 static const tile_512_fn TILES_512[ROWS_512 + 1] = {
     0, tile_512_1, tile_512_2, tile_512_3, tile_512_4, tile_512_5, tile_512_6, tile_512_7, tile_512_8};
 
-/* y's rows [0, rows) at columns [first, first + width): acc + bias. */
-static void store_512(const float* acc, int rows, const float* bias, int64_t first, int64_t width, int64_t n,
-                      float* y) {
+/* y's rows [0, rows) at columns [first, first + width): acc + bias + residual (the same rows and columns of it). */
+static void store_512(const float* acc, int rows, const float* bias, const float* residual, int64_t first,
+                      int64_t width, int64_t n, float* y) {
   for (int r = 0; r < rows; r++)
-    for (int64_t c = 0; c < width; c++) y[r * n + first + c] = acc[r * PANEL + c] + (bias ? bias[first + c] : 0.0f);
+    for (int64_t c = 0; c < width; c++) {
+      float sum = acc[r * PANEL + c] + (bias ? bias[first + c] : 0.0f);
+      y[r * n + first + c] = residual ? sum + residual[r * n + first + c] : sum;
+    }
 }
 
 /* serve_linear_panels on AVX-512F (the same panels, the same results). */
 F32_512_TARGET void serve_linear_panels_512(const float* x, int64_t m, const float* panels, int64_t n, int64_t k,
-                                            const float* bias, float* y, int threads) {
+                                            const float* bias, const float* residual, float* y, int threads) {
   int64_t count = (n + PANEL - 1) / PANEL;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t jp = 0; jp < count; jp += 2) { /* two neighbouring panels per tile (the last one alone if odd) */
@@ -146,8 +155,109 @@ F32_512_TARGET void serve_linear_panels_512(const float* x, int64_t m, const flo
     for (int64_t i = 0; i < m; i += ROWS_512) {
       int block = m - i < ROWS_512 ? (int)(m - i) : ROWS_512;
       TILES_512[block](x + i * k, k, panel, next, acc);
-      store_512(acc, block, bias, first, width, n, y + i * n);
-      if (next) store_512(acc + ROWS_512 * PANEL, block, bias, first + PANEL, width2, n, y + i * n);
+      const float* skip = residual ? residual + i * n : NULL;
+      store_512(acc, block, bias, skip, first, width, n, y + i * n);
+      if (next) store_512(acc + ROWS_512 * PANEL, block, bias, skip, first + PANEL, width2, n, y + i * n);
+    }
+  }
+}
+
+/* ---- float32 elementwise work of a layer: RMSNorm, SiLU-gated product, rotary embedding ----
+ * Each is one pass over its rows where torch runs three to eight ops (each a trip through the dispatcher and, on
+ * two threads, an OpenMP barrier): at decode sizes the dispatch, not the arithmetic, was their cost. Rows are split
+ * over threads only when there are many (a prompt chunk); a decode step's few rows run on the calling thread. */
+
+#define PARALLEL_ELEMENTS (1 << 16) /* below this many elements a pass runs on one thread */
+#define PARALLEL_EXPS (1 << 13)      /* likewise for SiLU, whose exponential costs more per element */
+
+static inline float sum8(__m256 v) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  half = _mm_add_ss(half, _mm_movehdup_ps(half));
+  return _mm_cvtss_f32(half);
+}
+
+/* exp(x), 8 at a time, x clamped to [-87.3, 88.7]: Cephes' polynomial, within 2 ulp of expf. */
+static inline __m256 exp8_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+}
+
+/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, rows of n; x and out may be the same. */
+void serve_rms_norm(const float* x, int64_t rows, int64_t n, const float* w, float eps, float* out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= PARALLEL_ELEMENTS)
+  for (int64_t r = 0; r < rows; r++) {
+    const float* in = x + r * n;
+    float* y = out + r * n;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      __m256 a = _mm256_loadu_ps(in + i), b = _mm256_loadu_ps(in + i + 8);
+      acc0 = _mm256_fmadd_ps(a, a, acc0);
+      acc1 = _mm256_fmadd_ps(b, b, acc1);
+    }
+    float squares = sum8(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) squares += in[i] * in[i];
+    float scale = 1.0f / sqrtf(squares / (float)n + eps);
+    __m256 s = _mm256_set1_ps(scale);
+    for (i = 0; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(in + i), s), _mm256_loadu_ps(w + i)));
+    for (; i < n; i++) y[i] = in[i] * scale * w[i];
+  }
+}
+
+/* out[r][j] = silu(gate_up[r][j]) * gate_up[r][n + j]: the gate's and the up projection's halves of a fused row. */
+void serve_silu_mul(const float* gate_up, int64_t rows, int64_t n, float* out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= PARALLEL_EXPS)
+  for (int64_t r = 0; r < rows; r++) {
+    const float *gate = gate_up + r * 2 * n, *up = gate + n;
+    float* y = out + r * n;
+    int64_t j = 0;
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+      __m256 g = _mm256_loadu_ps(gate + j);
+      __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8_ps(_mm256_sub_ps(zero, g))));
+      _mm256_storeu_ps(y + j, _mm256_mul_ps(silu, _mm256_loadu_ps(up + j)));
+    }
+    for (; j < n; j++) y[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+  }
+}
+
+/* Rotate heads [0, heads) of each token's row in place (half-split layout): x [tokens][row_stride], head h at
+ * h * dim; cos and signed_sin [tokens][dim], the sine's first half negated, so x <- x * cos + swap(x) * signed_sin. */
+void serve_rope(float* x, int64_t tokens, int64_t row_stride, int64_t heads, int64_t dim, const float* cos,
+                const float* signed_sin, int threads) {
+  int64_t half = dim / 2;
+#pragma omp parallel for num_threads(threads) schedule(static) if (tokens * heads * dim >= PARALLEL_ELEMENTS)
+  for (int64_t t = 0; t < tokens; t++) {
+    const float *c = cos + t * dim, *s = signed_sin + t * dim;
+    for (int64_t h = 0; h < heads; h++) {
+      float* v = x + t * row_stride + h * dim;
+      int64_t d = 0;
+      for (; d + 8 <= half; d += 8) {
+        __m256 a = _mm256_loadu_ps(v + d), b = _mm256_loadu_ps(v + half + d);
+        __m256 first = _mm256_add_ps(_mm256_mul_ps(a, _mm256_loadu_ps(c + d)), _mm256_mul_ps(b, _mm256_loadu_ps(s + d)));
+        __m256 second = _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(c + half + d)),
+                                      _mm256_mul_ps(a, _mm256_loadu_ps(s + half + d)));
+        _mm256_storeu_ps(v + d, first);
+        _mm256_storeu_ps(v + half + d, second);
+      }
+      for (; d < half; d++) {
+        float a = v[d], b = v[half + d];
+        v[d] = a * c[d] + b * s[d];
+        v[half + d] = b * c[half + d] + a * s[half + d];
+      }
     }
   }
 }

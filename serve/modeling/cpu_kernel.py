@@ -1,5 +1,6 @@
 """The CPU panel kernel (``cpu_kernel.c``): linear layers over weights repacked into 16-feature panels, float32 on
-x86-64 with AVX2 and FMA, bfloat16 where the CPU also has AVX-512 BF16.
+x86-64 with AVX2 and FMA, bfloat16 where the CPU also has AVX-512 BF16; and ``LayerOps``, a float32 layer's RMSNorm,
+SiLU gate and rotary embedding in one pass each.
 
 At batch 1 to 32 a decode step on the CPU is mostly the reading of weights, which oneDNN's packed GEMM reads well
 below the machine's streaming rate; this kernel streams each panel front to back, and was faster than oneDNN from
@@ -85,8 +86,7 @@ class PanelKernel:
         self.labels = {torch.float32: self.label}
         if self.bf16_missing is None:
             self.labels[torch.bfloat16] = "panel kernel (AVX-512 BF16)"
-        self.functions = {torch.float32: self.library.serve_linear_panels}
-        self.functions[torch.bfloat16] = getattr(self.library, "serve_linear_panels_bf16", None)
+        self.layer_ops = LayerOps(self.library, torch)
         self.key = str(path)
         LOADED.setdefault(self.key, self)
         define_operator(torch)
@@ -116,28 +116,87 @@ class PanelKernel:
             return self.torch.ops.serve.panel_linear(x, panels, bias, out_features, self.key)
         return self.run(x, panels, bias, out_features)
 
-    def run(
-        self, x: "torch.Tensor", panels: "torch.Tensor", bias: "Optional[torch.Tensor]", out_features: int
+    def linear_plus(
+        self,
+        x: "torch.Tensor",
+        panels: "torch.Tensor",
+        bias: "Optional[torch.Tensor]",
+        out_features: int,
+        residual: "torch.Tensor",
     ) -> "torch.Tensor":
-        """The library's call for ``linear``."""
+        """``residual + linear(x)``: float32 panels add a contiguous float32 residual as they store each output (no
+        pass of its own, the same sums); otherwise the sum after."""
+        torch = self.torch
+        fits = residual.dtype == panels.dtype == torch.float32 and residual.is_contiguous()
+        if not fits or residual.shape != (*x.shape[:-1], out_features) or torch.compiler.is_compiling():
+            return residual + self.linear(x, panels, bias, out_features)
+        return self.run(x, panels, bias, out_features, residual)
+
+    def run(
+        self,
+        x: "torch.Tensor",
+        panels: "torch.Tensor",
+        bias: "Optional[torch.Tensor]",
+        out_features: int,
+        residual: "Optional[torch.Tensor]" = None,
+    ) -> "torch.Tensor":
+        """The library's call for ``linear`` (and, float32 only, ``linear_plus``'s ``residual``)."""
         in_features, dtype = x.shape[-1], panels.dtype
-        rows = x.reshape(-1, in_features).to(dtype).contiguous()
+        rows = x  # a decode step's rows usually come as they are needed: 2-D, contiguous, the panels' dtype
+        if x.dim() != 2 or x.dtype != dtype or not x.is_contiguous():
+            rows = x.reshape(-1, in_features).to(dtype).contiguous()
         out = self.torch.empty(rows.shape[0], out_features, dtype=dtype)
         if rows.shape[0]:
-            wide = self.wide and dtype == self.torch.float32 and rows.shape[0] > 1
-            failed = (self.library.serve_linear_panels_512 if wide else self.functions[dtype])(
-                rows.data_ptr(),
-                rows.shape[0],
-                panels.data_ptr(),
-                out_features,
-                in_features,
-                None if bias is None else bias.to(dtype).contiguous().data_ptr(),
-                out.data_ptr(),
-                self.torch.get_num_threads(),
-            )
-            if failed:  # only the bf16 function of an odd input size allocates (a padded copy of x)
+            bias_at = None if bias is None else bias.to(dtype).contiguous().data_ptr()
+            args = (rows.data_ptr(), rows.shape[0], panels.data_ptr(), out_features, in_features, bias_at)
+            threads = self.torch.get_num_threads()
+            if dtype == self.torch.float32:
+                wide = self.wide and rows.shape[0] > 1
+                function = self.library.serve_linear_panels_512 if wide else self.library.serve_linear_panels
+                function(*args, None if residual is None else residual.data_ptr(), out.data_ptr(), threads)
+            elif self.library.serve_linear_panels_bf16(*args, out.data_ptr(), threads):  # pads an odd input size's x
                 raise MemoryError(f"the panel kernel could not pad {rows.shape[0]} rows of {in_features} inputs")
-        return out.view(*x.shape[:-1], out_features)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
+
+
+class LayerOps:
+    """A float32 layer's elementwise work in one pass each (``cpu_kernel.c``), for the lean model's RMSNorm, MLP
+    and rotary embedding on the CPU. Each takes contiguous float32 CPU tensors (the callers check ``takes``)."""
+
+    def __init__(self, library: ctypes.CDLL, torch: Any):
+        self.library, self.torch = library, torch
+
+    def takes(self, *tensors: "torch.Tensor") -> bool:
+        """Whether every tensor is a contiguous float32 CPU tensor, and no torch.compile is tracing."""
+        float32 = self.torch.float32
+        if self.torch.compiler.is_compiling():
+            return False
+        return all(t.dtype == float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+    def rms_norm(self, x: "torch.Tensor", weight: "torch.Tensor", eps: float) -> "torch.Tensor":
+        """x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
+        out = self.torch.empty_like(x)
+        size = x.shape[-1]
+        self.library.serve_rms_norm(
+            x.data_ptr(), x.numel() // size, size, weight.data_ptr(), eps, out.data_ptr(), self.torch.get_num_threads()
+        )
+        return out
+
+    def silu_mul(self, gate_up: "torch.Tensor") -> "torch.Tensor":
+        """silu(gate) * up from the fused projection's rows [..., 2n] -> [..., n]."""
+        size = gate_up.shape[-1] // 2
+        out = gate_up.new_empty((*gate_up.shape[:-1], size))
+        rows = gate_up.numel() // (2 * size)
+        self.library.serve_silu_mul(gate_up.data_ptr(), rows, size, out.data_ptr(), self.torch.get_num_threads())
+        return out
+
+    def rope_(self, heads: "torch.Tensor", count: int, cos: "torch.Tensor", signed_sin: "torch.Tensor") -> None:
+        """Rotate the first ``count`` heads of heads [tokens, all heads, dim] in place (``layers.rotate_``)."""
+        tokens, _, dim = heads.shape
+        self.library.serve_rope(
+            heads.data_ptr(), tokens, heads.stride(0), count, dim, cos.data_ptr(), signed_sin.data_ptr(),
+            self.torch.get_num_threads(),
+        )  # fmt: skip
 
 
 def define_operator(torch: Any) -> None:
@@ -161,10 +220,17 @@ def declare(library: ctypes.CDLL) -> None:
     """The argument and result types of the library's functions (the bf16 ones where it has them)."""
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     linear = [pointer, size, pointer, size, size, pointer, pointer, ctypes.c_int]
+    plus = [pointer, size, pointer, size, size, pointer, pointer, pointer, ctypes.c_int]  # with a residual
     library.serve_pack_panels.argtypes, library.serve_pack_panels.restype = [pointer, size, size, pointer], None
-    library.serve_linear_panels.argtypes, library.serve_linear_panels.restype = linear, None
-    library.serve_linear_panels_512.argtypes, library.serve_linear_panels_512.restype = linear, None
+    library.serve_linear_panels.argtypes, library.serve_linear_panels.restype = plus, None
+    library.serve_linear_panels_512.argtypes, library.serve_linear_panels_512.restype = plus, None
     library.serve_has_bf16.argtypes, library.serve_has_bf16.restype = [], ctypes.c_int
+    threads, number = ctypes.c_int, ctypes.c_float
+    library.serve_rms_norm.argtypes = [pointer, size, size, pointer, number, pointer, threads]
+    library.serve_silu_mul.argtypes = [pointer, size, size, pointer, threads]
+    library.serve_rope.argtypes = [pointer, size, size, size, size, pointer, pointer, threads]
+    for name in ("serve_rms_norm", "serve_silu_mul", "serve_rope"):
+        getattr(library, name).restype = None
     if library.serve_has_bf16():
         library.serve_pack_panels_bf16.argtypes = [pointer, size, size, pointer]
         library.serve_pack_panels_bf16.restype = None

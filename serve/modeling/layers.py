@@ -59,10 +59,12 @@ class Linear(nn.Linear):
 
 def linear_plus(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``residual + layer(x)`` for 2-D ``x``: one GEMM that adds the residual in its epilogue when ``layer`` is a
-    dense bias-free ``Linear`` (a GPU's case: one kernel instead of two); otherwise the layer, then the sum (packed
-    CPU kernels, biases, LoRA wrappers)."""
+    dense bias-free ``Linear`` (a GPU's case: one kernel instead of two) or packed for the panel kernel (float32);
+    otherwise the layer, then the sum (oneDNN, biases on dense layers, LoRA wrappers)."""
     if isinstance(layer, Linear) and layer.packed is None and layer.bias is None:
         return torch.addmm(residual, x, layer.weight.t())
+    if isinstance(layer, Linear) and hasattr(layer.kernel, "linear_plus"):  # the panel kernel adds it as it stores
+        return layer.kernel.linear_plus(x, layer.packed, layer.bias, layer.out_features, residual)
     return residual + layer(x)
 
 
@@ -85,14 +87,30 @@ class FusedLinear(Linear):
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension, computed in float32 as transformers does."""
 
+    layer_ops: Any = None  # cpu_kernel.LayerOps on a float32 CPU model (use_layer_ops): one pass instead of torch's ops
+
     def __init__(self, size: int, eps: float, device: Any = None, dtype: Any = None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(size, device=device, dtype=dtype))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = self.layer_ops
+        if ops is not None and ops.takes(x, self.weight):
+            return ops.rms_norm(x, self.weight, self.eps)
         # torch's fused op: one kernel on a GPU (the statistics in float32) where the spelled-out formula is eight
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def use_layer_ops(model: nn.Module, ops: Any) -> int:
+    """Hand ``ops`` (serve.modeling.cpu_kernel.LayerOps) to every module of ``model`` that can run its elementwise
+    work on them (those with a ``layer_ops`` attribute: RMSNorm, the lean model's attention and MLP). Each module
+    still checks every call's tensors (float32, contiguous, on the CPU) and falls back to torch's ops otherwise.
+    Returns how many modules took them."""
+    takers = [module for module in model.modules() if hasattr(type(module), "layer_ops")]
+    for module in takers:
+        module.layer_ops = ops
+    return len(takers)
 
 
 def rope_type(config: Any) -> str:

@@ -67,6 +67,8 @@ class Attention(nn.Module):
     """Fused q/k/v projection, optional per-head q/k norms (Qwen3) and RoPE (``run_layer`` then calls the engine's
     attention with them); the o projection."""
 
+    layer_ops: Any = None  # cpu_kernel.LayerOps on a float32 CPU model: the rotation in one pass (layers.use_layer_ops)
+
     def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype, shard: Optional[ShardLayout] = None):
         super().__init__()
         self.layer_idx = layer_idx  # the engine places each layer's cache by this (kv_cache.layer_devices)
@@ -96,13 +98,19 @@ class Attention(nn.Module):
         kv_end = self.heads + self.kv_heads
         q, k, v = heads[:, : self.heads], heads[:, self.heads : kv_end], heads[:, kv_end:]
         if self.q_norm is None:
-            rotate_(heads[:, :kv_end], cos, sin)
+            ops = self.layer_ops
+            if ops is not None and ops.takes(heads, cos, sin):
+                ops.rope_(heads, kv_end, cos, sin)
+            else:
+                rotate_(heads[:, :kv_end], cos, sin)
             return q, k, v
         return rotate_(self.q_norm(q), cos, sin), rotate_(self.k_norm(k), cos, sin), v
 
 
 class MLP(nn.Module):
     """SiLU-gated MLP with gate and up fused into one matmul."""
+
+    layer_ops: Any = None  # cpu_kernel.LayerOps on a float32 CPU model: the gated product in one pass
 
     def __init__(self, config: Any, dtype: torch.dtype, shard: Optional[ShardLayout] = None):
         super().__init__()
@@ -115,8 +123,13 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual`` + the MLP of ``x`` (its down projection adds the residual in the same GEMM where it can)."""
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return row_parallel_plus(self.down_proj, F.silu(gate) * up, residual, self.parallel)
+        gate_up, ops = self.gate_up_proj(x), self.layer_ops
+        if ops is not None and ops.takes(gate_up):
+            gated = ops.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            gated = F.silu(gate) * up
+        return row_parallel_plus(self.down_proj, gated, residual, self.parallel)
 
 
 def row_parallel_plus(

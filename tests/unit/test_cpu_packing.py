@@ -98,7 +98,8 @@ def test_the_loader_reports_the_layout(tiny_settings):
 
     loaded = load_model(tiny_settings)
     weights = loaded.cpu_weights
-    assert weights.startswith("panel kernel (AVX") and weights.endswith(f": {LINEARS} linear layers")
+    assert weights.startswith("panel kernel (AVX")
+    assert weights.endswith(f": {LINEARS} linear layers; RMSNorm, SiLU gate and rotary in one pass each")
     onednn = load_model(replace(tiny_settings, cpu_kernel="onednn")).cpu_weights
     assert onednn == f"oneDNN-packed: {LINEARS} linear layers (CPU_KERNEL=onednn)"
     assert load_model(replace(tiny_settings, pack_cpu_weights=False)).cpu_weights == "dense: PACK_CPU_WEIGHTS=false"
