@@ -50,6 +50,16 @@ class ChunkBatch:
     longest: int  # the longest chunk's length (sizes the grid)
 
 
+@dataclass(frozen=True)
+class ChunkRows:
+    """Prompt tokens as rows of a decode kernel: each attends over its sequence's blocks up to its own position."""
+
+    index: torch.Tensor  # [rows] the rows' places in the step
+    span: Optional[tuple[int, int]]  # (first, end) when those places are consecutive, else None
+    tables: torch.Tensor  # [rows, width] each row's sequence's block table, padded with block 0
+    lengths: torch.Tensor  # [rows] cached positions each row sees: its position + 1
+
+
 @dataclass
 class StepLayout:
     """Where every token of one step goes in the cache and what it attends to."""
@@ -62,6 +72,7 @@ class StepLayout:
     _copies: dict = field(default_factory=dict, repr=False)
     _lengths: Optional[torch.Tensor] = field(default=None, repr=False)
     _chunk_batch: Optional[ChunkBatch] = field(default=None, repr=False)
+    _chunk_rows: dict = field(default_factory=dict, repr=False)
 
     def decode_lengths(self) -> torch.Tensor:
         """[decode] how many cached positions each decode sequence sees: its mask counted on the device, once a
@@ -79,6 +90,23 @@ class StepLayout:
             tables = torch.nn.utils.rnn.pad_sequence([chunk.blocks for chunk in chunks], batch_first=True)
             self._chunk_batch = ChunkBatch(torch.tensor(spans, dtype=torch.long, device=device), tables, max(lengths))
         return self._chunk_batch
+
+    def chunk_rows(self, chunks: tuple[int, ...]) -> ChunkRows:
+        """The tokens of the prompt chunks numbered ``chunks`` as decode-kernel rows, built once a step."""
+        if chunks not in self._chunk_rows:
+            picked = [self.prefills[number] for number in chunks]
+            index, lengths, which = [], [], []
+            for number, chunk in zip(chunks, picked):
+                count = chunk.end - chunk.start
+                index.extend(range(chunk.start, chunk.end))
+                lengths.extend(range(chunk.position + 1, chunk.position + count + 1))
+                which.extend([number] * count)
+            tables = self.chunk_batch().tables
+            as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=tables.device)  # noqa: E731
+            span = (index[0], index[-1] + 1) if index[-1] + 1 - index[0] == len(index) else None
+            rows = ChunkRows(as_tensor(index), span, tables[as_tensor(which)], as_tensor(lengths))
+            self._chunk_rows[chunks] = rows
+        return self._chunk_rows[chunks]
 
     def on(self, device: torch.device) -> "StepLayout":
         """This layout with its tensors on ``device`` (copied once per step for each other GPU of a split model)."""
@@ -101,8 +129,9 @@ _active = threading.local()
 Scales = Optional[tuple[torch.Tensor, torch.Tensor]]  # an fp8 cache's (key, value) scales of a layer (kv_cache.py)
 DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, StepLayout, Optional[float], Scales], torch.Tensor]
 _decode_kernels: "weakref.WeakKeyDictionary[PagedKVCache, DecodeKernel]" = weakref.WeakKeyDictionary()
-PrefillKernel = Callable[  # writes every chunk's rows of its last argument, the step's output
-    [torch.Tensor, torch.Tensor, torch.Tensor, StepLayout, Optional[float], Scales, torch.Tensor], None
+PrefillKernel = Callable[  # writes chunks' rows of its last argument, the step's output; returns the chunks it left
+    [torch.Tensor, torch.Tensor, torch.Tensor, StepLayout, Optional[float], Scales, torch.Tensor],
+    Optional[list[int]],
 ]
 _prefill_kernels: "weakref.WeakKeyDictionary[PagedKVCache, PrefillKernel]" = weakref.WeakKeyDictionary()
 
@@ -116,8 +145,9 @@ def use_decode_kernel(cache: PagedKVCache, kernel: Optional[DecodeKernel]) -> No
 
 
 def use_prefill_kernel(cache: PagedKVCache, kernel: Optional[PrefillKernel]) -> None:
-    """Prompt chunks over ``cache`` run ``kernel``, which writes every chunk's rows of the output it is given (None:
-    the gathering reference, ``_prefill_attention``, chunk by chunk)."""
+    """Prompt chunks over ``cache`` run ``kernel``, which writes the chunks' rows of the output it is given and
+    returns the numbers of any it left (None: it left none) to the gathering reference, ``_prefill_attention``,
+    which also takes every chunk where no kernel is installed."""
     if kernel is None:
         _prefill_kernels.pop(cache, None)
     else:
@@ -172,10 +202,10 @@ def attend(
     if layout.decode_count:
         out[: layout.decode_count] = decode(query, keys, values, layout, scaling, scales)
     prefill = _prefill_kernels.get(cache)
-    if prefill is not None:
-        prefill(query, keys, values, layout, scaling, scales, out)
-        return out
-    for chunk in layout.prefills:
+    every = range(len(layout.prefills))
+    left = every if prefill is None else prefill(query, keys, values, layout, scaling, scales, out)
+    for number in left or ():
+        chunk = layout.prefills[number]
         out[chunk.start : chunk.end] = _prefill_attention(query, key, value, keys, values, chunk, scaling, scales)
     return out
 

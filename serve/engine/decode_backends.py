@@ -37,6 +37,7 @@ FLASHINFER_UNAVAILABLE = (
     "installed and tested where this server is built"
 )
 KERNEL_FOLDER = Path(tempfile.gettempdir()) / "sagemaker-llm-serve"  # <folder>/kernels: built libraries
+ROWS_UP_TO = 192  # the CPU kernel takes prompt chunks that end within this many positions (docs/settings.md)
 
 
 @dataclass(frozen=True)
@@ -58,20 +59,32 @@ def install_decode_backend(cache: PagedKVCache, requested: str, c_compiler: Opti
     name, kernel, reason = _choose(requested, cache.keys[0].device, cache.shape, c_compiler)
     use_decode_kernel(cache, kernel)
     log.info("Decode attention: %s (%s)", name, reason)
-    prefill, prefill_kernel, prefill_reason = _choose_prefill(requested, cache.keys[0].device, cache.shape.dtype)
+    prefill, prefill_kernel, prefill_reason = _choose_prefill(
+        requested, cache.keys[0].device, cache.shape.dtype, name, c_compiler
+    )
     use_prefill_kernel(cache, prefill_kernel)
     log.info("Prefill attention: %s (%s)", prefill, prefill_reason)
     return AttentionReport(name, requested, reason, prefill, prefill_reason)
 
 
 def _choose_prefill(
-    requested: str, device: torch.device, dtype: torch.dtype
+    requested: str, device: torch.device, dtype: torch.dtype, decode: str = "", c_compiler: Optional[str] = None
 ) -> tuple[str, Optional[PrefillKernel], str]:
-    """(backend, kernel (None: the reference), reason) of prompt chunks' attention."""
+    """(backend, kernel (None: the reference), reason) of prompt chunks' attention; ``decode``: the decode backend
+    chosen (the CPU kernel also takes short chunks)."""
     from serve.engine.paged_triton_prefill import prefill_attention, prefill_unusable
 
     if requested == "sdpa":
         return "sdpa", None, "ATTENTION_BACKEND=sdpa: a later chunk's prefix gathered into a copy, dense causal mask"
+    if decode == "cpu" and requested in ("auto", "cpu") and not is_fp8(dtype):
+        from serve.engine.paged_cpu import load_paged_kernel
+
+        kernel, _ = load_paged_kernel(str(KERNEL_FOLDER), c_compiler)  # loaded already for decode
+        reason = (
+            f"the in-place CPU kernel for chunks that end within {ROWS_UP_TO} positions (each token a row over its "
+            "sequence's blocks, every such chunk of a step in one call); longer ones gathered, SDPA"
+        )
+        return "cpu", cpu_prefill(kernel.decode), reason
     if requested != "triton" and device.type != "cuda":
         return "sdpa", None, f"no in-place prefill kernel for {device.type} devices: a later chunk's prefix gathered"
     why_not = prefill_unusable(device, dtype)
@@ -133,6 +146,40 @@ def _cpu(device: torch.device, shape: CacheShape, c_compiler: Optional[str]) -> 
         return None, why_not
     adapted = _adapt(kernel.decode)
     return (_for_queries(adapted, DTYPES) if is_fp8(shape.dtype) else adapted), ""
+
+
+def cpu_prefill(decode: Callable[..., torch.Tensor]) -> PrefillKernel:
+    """Prompt chunks on the CPU: those ending within ROWS_UP_TO positions all in one call of the decode kernel, each
+    token a row that attends over its sequence's blocks up to its own position (its keys and values are written
+    before attention runs); the longer ones are left to the reference, whose flash kernel reads each K/V row once for
+    many queries where a row each re-reads its whole prefix."""
+
+    def prefill_attention(
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        layout: StepLayout,
+        scaling: Optional[float],
+        scales: Scales,
+        out: torch.Tensor,
+    ) -> list[int]:
+        short, left = [], []
+        for number, chunk in enumerate(layout.prefills):
+            (short if chunk.position + chunk.end - chunk.start <= ROWS_UP_TO else left).append(number)
+        if short:
+            rows = layout.chunk_rows(tuple(short))
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            extra = {} if scales is None else {"kv_scales": scales}
+            if rows.span is not None:
+                first, end = rows.span
+                out[first:end] = decode(query[first:end], keys, values, rows.tables, rows.lengths, scale, **extra)
+            else:
+                queries = query.index_select(0, rows.index)
+                attended = decode(queries, keys, values, rows.tables, rows.lengths, scale, **extra)
+                out.index_copy_(0, rows.index, attended)
+        return left
+
+    return prefill_attention
 
 
 def _for_queries(kernel: DecodeKernel, dtypes: tuple[torch.dtype, ...]) -> DecodeKernel:

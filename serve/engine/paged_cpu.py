@@ -31,7 +31,7 @@ class CpuPagedKernel:
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         number, flag = ctypes.c_float, ctypes.c_int
         self.library.serve_paged_decode.argtypes = (
-            [pointer] * 6 + [size] * 6 + [number, flag, flag] + [number] * 2 + [flag]
+            [pointer] * 6 + [size] * 7 + [number, flag, flag] + [number] * 2 + [flag]
         )
         self.library.serve_paged_decode.restype = None
 
@@ -55,12 +55,14 @@ class CpuPagedKernel:
             raise ValueError(f"the CPU paged kernel cannot take a {keys.dtype} cache of head dim {dim} as given")
         key_scale, value_scale = (float(kv_scales[0]), float(kv_scales[1])) if kv_scales is not None else (1.0, 1.0)
         _, block_size, kv_heads, _ = keys.shape
-        query, tables = query.contiguous(), tables.to(torch.int64).contiguous()
+        if query.stride(2) != 1 or query.stride(1) != dim:  # a step's queries: heads contiguous, tokens apart
+            query = query.contiguous()
+        tables = tables.to(torch.int64).contiguous()
         lengths = lengths.to(torch.int64).contiguous()
-        out = torch.empty_like(query)
+        out = query.new_empty(query.shape)
         self.library.serve_paged_decode(
             query.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), lengths.data_ptr(),
-            out.data_ptr(), batch, heads, kv_heads, dim, block_size, tables.shape[1], scale,
+            out.data_ptr(), batch, heads, kv_heads, dim, block_size, tables.shape[1], query.stride(0), scale,
             int(query.dtype == torch.bfloat16), kind, key_scale, value_scale, torch.get_num_threads(),
         )  # fmt: skip
         return out

@@ -22,6 +22,7 @@ CASES = [  # batch, heads, kv_heads, dim, longest
     (3, 9, 3, 64, 1000),  # SmolLM2's heads
     (2, 8, 8, 128, 300),
     (1, 4, 1, 128, 2100),
+    (3, 6, 2, 80, 100),  # a head dim past a multiple of 64
 ]
 
 
@@ -42,6 +43,47 @@ def test_cpu_kernel_matches_the_gathering_reference(kernel, case, dtype, toleran
     out = kernel.decode(query, keys, values, layout.decode_blocks, layout.decode_lengths(), dim**-0.5)
     assert out.dtype == dtype
     assert (out.float() - expected.float()).abs().max().item() <= tolerance
+
+
+def test_cpu_kernel_reads_a_steps_queries_where_they_lie(kernel):
+    """A step's queries are a view of the fused q/k/v output: heads contiguous, tokens further apart."""
+    query, keys, values, layout = random_step(4, 9, 3, 64, 90, torch.float32, seed=3)
+    fused = torch.randn(4, 15, 64)
+    fused[:, :9] = query
+    strided = fused[:, :9]
+    assert not strided.is_contiguous()
+    tables, lengths = layout.decode_blocks, layout.decode_lengths()
+    out = kernel.decode(strided, keys, values, tables, lengths, 0.125)
+    assert torch.equal(out, kernel.decode(query.contiguous(), keys, values, tables, lengths, 0.125))
+
+
+@pytest.mark.parametrize("with_long", [False, True], ids=["short chunks", "short and long chunks"])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=str)
+@pytest.mark.parametrize("kv_heads, dim", [(1, 64), (2, 80), (3, 64)], ids=str)
+def test_cpu_kernel_takes_short_prompt_chunks_as_rows_and_leaves_long_ones(
+    kernel, kv_heads, dim, dtype, tolerance, with_long
+):
+    """Every short chunk of a step (first chunks, later chunks, prefix hits) in one call, each token a row over its
+    blocks; a chunk ending past ROWS_UP_TO goes to the reference; both between the step's two decode tokens."""
+    from serve.engine.attention import active_step, attend, use_prefill_kernel
+    from serve.engine.decode_backends import ROWS_UP_TO, cpu_prefill
+    from tests.unit.test_paged_prefill_triton import drawn_spans, random_step as prefill_step
+
+    spans = drawn_spans(3, seed=dim)
+    spans = [(min(position, 100), length) for position, length in spans]  # all end within ROWS_UP_TO
+    if with_long:
+        spans[1:1] = [(0, ROWS_UP_TO + 1), (150, 60)]  # rows of the short ones no longer consecutive
+    long_ones = [n for n, (position, length) in enumerate(spans) if position + length > ROWS_UP_TO]
+    assert bool(long_ones) == with_long
+    cache, layout, query, key, value = prefill_step(kv_heads, dim, dtype, spans, seed=kv_heads, heads=6 * kv_heads)
+    outputs, prefill = [], cpu_prefill(kernel.decode)
+    for installed in (None, prefill):
+        use_prefill_kernel(cache, installed)
+        with active_step(cache, layout):
+            outputs.append(attend(0, query, key, value, None))
+    expected, out = outputs
+    assert (out.float() - expected.float()).abs().max().item() <= tolerance
+    assert prefill(query, cache.keys[0], cache.values[0], layout, None, None, torch.empty_like(query)) == long_ones
 
 
 def _cache(dtype=torch.float32, head_dim=64) -> PagedKVCache:

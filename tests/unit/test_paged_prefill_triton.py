@@ -112,7 +112,7 @@ def engine_runs(model_dir: str) -> dict:
     prompt = torch.randint(10, 5000, (150,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_new_tokens=4, ignore_eos=True, logprobs=1)
     results = {}
-    for backend in ("cpu", "triton"):  # both decode with the same kernel (triton's falls back to auto's on the CPU)
+    for backend in ("sdpa", "triton"):  # the references; Triton's prefill (its decode falls back to auto's: cpu)
         engine = single_engine(replace(base, attention_backend=backend)).start()
         assert engine.wait_ready(120), engine.load_error
         try:
@@ -151,7 +151,7 @@ def test_triton_prefill_kernel_matches_the_gathering_reference(outcome, case):
 
 
 def test_greedy_tokens_with_chunks_and_prefix_hits_are_the_same_with_the_kernel(outcome):
-    (used_reference, reference), (used_kernel, in_place) = outcome["engine"]["cpu"], outcome["engine"]["triton"]
+    (used_reference, reference), (used_kernel, in_place) = outcome["engine"]["sdpa"], outcome["engine"]["triton"]
     assert (used_reference, used_kernel) == ("sdpa", "triton")
     assert [run[:2] for run in in_place] == [run[:2] for run in reference]  # the same tokens, the same hits
     assert [run[1] for run in in_place] == [0, 148, 100] and len(in_place[0][3]) == 149
@@ -169,7 +169,9 @@ def test_cuda_takes_the_kernel_and_the_cpu_keeps_the_reference_unless_triton_is_
     name, kernel, reason = _choose_prefill("auto", cuda, torch.int8)
     assert (name, kernel) == ("sdpa", None) and "not int8" in reason
     assert _choose_prefill("sdpa", cuda, torch.float32)[:2] == ("sdpa", None)
-    assert _choose_prefill("auto", cpu, torch.float32)[:2] == ("sdpa", None)
+    assert _choose_prefill("auto", cpu, torch.float32)[:2] == ("sdpa", None)  # no in-place CPU decode kernel chosen
+    assert _choose_prefill("auto", cpu, torch.float32, "cpu")[0] == "cpu"  # it takes short chunks too
+    assert _choose_prefill("auto", cpu, torch.float8_e4m3fn, "cpu")[:2] == ("sdpa", None)
     name, kernel, reason = _choose_prefill("triton", cpu, torch.float32)  # no interpreter in this process
     assert (name, kernel) == ("sdpa", None) and "no CUDA device" in reason
 
