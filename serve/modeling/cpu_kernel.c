@@ -262,6 +262,53 @@ void serve_rope(float* x, int64_t tokens, int64_t row_stride, int64_t heads, int
   }
 }
 
+/* ---- a float32 decoder layer's two halves around attention, one call each ----
+ * The same functions as above, in the order the lean model runs them one by one (so the same bits), for a layer
+ * whose four linear layers are all on the panels: one trip from Python per half instead of five. */
+
+typedef struct {
+  int64_t hidden, qkv_out, rotated_heads, head_dim, attended, intermediate;
+  float eps_in, eps_post;
+  const float *norm_in, *qkv, *qkv_bias, *o, *o_bias, *norm_post, *gate_up, *gate_up_bias, *down, *down_bias;
+  int wide; /* the AVX-512F tile for steps of two or more rows */
+} LayerPlan;
+
+static void plan_linear(const LayerPlan* p, const float* x, int64_t m, const float* panels, int64_t n, int64_t k,
+                        const float* bias, const float* residual, float* y, int threads) {
+  if (p->wide && m > 1)
+    serve_linear_panels_512(x, m, panels, n, k, bias, residual, y, threads);
+  else
+    serve_linear_panels(x, m, panels, n, k, bias, residual, y, threads);
+}
+
+/* qkv[m][qkv_out] = rotary(rms_norm(x) @ qkv^T + bias) for the first rotated_heads heads. Returns 0, or -1 when the
+ * scratch could not be allocated. */
+int serve_layer_before(const LayerPlan* p, const float* x, int64_t m, const float* cos, const float* signed_sin,
+                       float* qkv, int threads) {
+  float* normed = malloc(sizeof(float) * (size_t)(m * p->hidden));
+  if (normed == NULL) return -1;
+  serve_rms_norm(x, m, p->hidden, p->norm_in, p->eps_in, normed, threads);
+  plan_linear(p, normed, m, p->qkv, p->qkv_out, p->hidden, p->qkv_bias, NULL, qkv, threads);
+  serve_rope(qkv, m, p->qkv_out, p->rotated_heads, p->head_dim, cos, signed_sin, threads);
+  free(normed);
+  return 0;
+}
+
+/* out = h + down(silu_gate(gate_up(rms_norm(h)))) where h = x + o(attended). Returns 0, or -1 (no scratch). */
+int serve_layer_after(const LayerPlan* p, const float* attended, const float* x, int64_t m, float* out, int threads) {
+  int64_t hidden = p->hidden, inter = p->intermediate;
+  float* scratch = malloc(sizeof(float) * (size_t)(m * (2 * hidden + 3 * inter)));
+  if (scratch == NULL) return -1;
+  float *h = scratch, *normed = h + m * hidden, *gate_up = normed + m * hidden, *gated = gate_up + m * 2 * inter;
+  plan_linear(p, attended, m, p->o, hidden, p->attended, p->o_bias, x, h, threads);
+  serve_rms_norm(h, m, hidden, p->norm_post, p->eps_post, normed, threads);
+  plan_linear(p, normed, m, p->gate_up, 2 * inter, hidden, p->gate_up_bias, NULL, gate_up, threads);
+  serve_silu_mul(gate_up, m, inter, gated, threads);
+  plan_linear(p, gated, m, p->down, hidden, inter, p->down_bias, h, out, threads);
+  free(scratch);
+  return 0;
+}
+
 /* ---- bfloat16 weights (AVX-512 BF16) ---- */
 
 #if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10

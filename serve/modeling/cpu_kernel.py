@@ -86,7 +86,7 @@ class PanelKernel:
         self.labels = {torch.float32: self.label}
         if self.bf16_missing is None:
             self.labels[torch.bfloat16] = "panel kernel (AVX-512 BF16)"
-        self.layer_ops = LayerOps(self.library, torch)
+        self.layer_ops = LayerOps(self)
         self.key = str(path)
         LOADED.setdefault(self.key, self)
         define_operator(torch)
@@ -163,8 +163,12 @@ class LayerOps:
     """A float32 layer's elementwise work in one pass each (``cpu_kernel.c``), for the lean model's RMSNorm, MLP
     and rotary embedding on the CPU. Each takes contiguous float32 CPU tensors (the callers check ``takes``)."""
 
-    def __init__(self, library: ctypes.CDLL, torch: Any):
-        self.library, self.torch = library, torch
+    def __init__(self, kernel: "PanelKernel"):
+        self.kernel, self.library, self.torch = kernel, kernel.library, kernel.torch
+
+    def fused_halves(self, sizes: dict, eps: tuple[float, float], weights: dict, parts: tuple) -> "FusedHalves":
+        """A decoder layer's two halves as one call each (``FusedHalves``)."""
+        return FusedHalves(self.kernel, sizes, eps, weights, parts)
 
     def takes(self, *tensors: "torch.Tensor") -> bool:
         """Whether every tensor is a contiguous float32 CPU tensor, and no torch.compile is tracing."""
@@ -199,6 +203,59 @@ class LayerOps:
         )  # fmt: skip
 
 
+class LayerPlan(ctypes.Structure):
+    """cpu_kernel.c's LayerPlan: a float32 decoder layer's sizes and weights, for its two halves in one call each."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in (
+            "hidden", "qkv_out", "rotated_heads", "head_dim", "attended", "intermediate"
+        )),
+        ("eps_in", ctypes.c_float),
+        ("eps_post", ctypes.c_float),
+        *((name, ctypes.c_void_p) for name in (
+            "norm_in", "qkv", "qkv_bias", "o", "o_bias", "norm_post", "gate_up", "gate_up_bias", "down", "down_bias"
+        )),
+        ("wide", ctypes.c_int),
+    ]  # fmt: skip
+
+
+class FusedHalves:
+    """A float32 decoder layer's work before attention (input norm, q/k/v, rotary) and after it (o projection and
+    residual, norm, gate/up, SiLU gate, down projection and residual), each one call of the library: the same
+    functions in the same order as the layer's modules call them one by one, so the same bits.
+
+    ``weights`` maps the LayerPlan's weight names to tensors (float32, contiguous; the linear layers' panels), which
+    this object keeps alive; ``parts`` are the modules they came from, for the caller to check they still serve."""
+
+    def __init__(self, kernel: "PanelKernel", sizes: dict, eps: tuple[float, float], weights: dict, parts: tuple):
+        self.torch, self.library, self.parts = kernel.torch, kernel.library, parts
+        self.weights = weights
+        pointers = {name: None if tensor is None else tensor.data_ptr() for name, tensor in weights.items()}
+        self.plan = LayerPlan(**sizes, eps_in=eps[0], eps_post=eps[1], **pointers, wide=int(kernel.wide))
+        self.plan_at = ctypes.byref(self.plan)
+        self.qkv_out, self.hidden = sizes["qkv_out"], sizes["hidden"]
+
+    def before(self, hidden: "torch.Tensor", cos: "torch.Tensor", signed_sin: "torch.Tensor") -> "torch.Tensor":
+        """hidden [rows, hidden] -> the rotated fused q/k/v output [rows, qkv_out]."""
+        rows = hidden.shape[0]
+        qkv = hidden.new_empty((rows, self.qkv_out))
+        threads = self.torch.get_num_threads()
+        args = (hidden.data_ptr(), rows, cos.data_ptr(), signed_sin.data_ptr(), qkv.data_ptr(), threads)
+        if self.library.serve_layer_before(self.plan_at, *args):
+            raise MemoryError(f"no scratch for a layer of {rows} rows")
+        return qkv
+
+    def after(self, attended: "torch.Tensor", hidden: "torch.Tensor") -> "torch.Tensor":
+        """attended [rows, heads * dim], hidden [rows, hidden] (the layer's input) -> the layer's output."""
+        rows = hidden.shape[0]
+        out = hidden.new_empty((rows, self.hidden))
+        threads = self.torch.get_num_threads()
+        args = (attended.data_ptr(), hidden.data_ptr(), rows, out.data_ptr(), threads)
+        if self.library.serve_layer_after(self.plan_at, *args):
+            raise MemoryError(f"no scratch for a layer of {rows} rows")
+        return out
+
+
 def define_operator(torch: Any) -> None:
     """``torch.ops.serve.panel_linear`` (once per process): the kernel as an operator that torch.compile keeps
     whole around the ops it fuses (COMPILE), run by the kernel loaded from the library it names."""
@@ -231,6 +288,10 @@ def declare(library: ctypes.CDLL) -> None:
     library.serve_rope.argtypes = [pointer, size, size, size, size, pointer, pointer, threads]
     for name in ("serve_rms_norm", "serve_silu_mul", "serve_rope"):
         getattr(library, name).restype = None
+    plan = ctypes.POINTER(LayerPlan)
+    library.serve_layer_before.argtypes = [plan, pointer, size, pointer, pointer, pointer, threads]
+    library.serve_layer_after.argtypes = [plan, pointer, pointer, size, pointer, threads]
+    library.serve_layer_before.restype = library.serve_layer_after.restype = ctypes.c_int
     if library.serve_has_bf16():
         library.serve_pack_panels_bf16.argtypes = [pointer, size, size, pointer]
         library.serve_pack_panels_bf16.restype = None

@@ -93,10 +93,8 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries [tokens, heads, dim] and keys, and values [tokens, kv_heads, dim]: views of the fused
         projection's output, whose query and key heads are rotated together in place."""
-        qkv = self.qkv_proj(hidden)
-        heads = qkv.view(qkv.shape[0], -1, self.head_dim)  # [tokens, heads + 2 * kv_heads, dim]
+        heads, q, k, v = self.split(self.qkv_proj(hidden))
         kv_end = self.heads + self.kv_heads
-        q, k, v = heads[:, : self.heads], heads[:, self.heads : kv_end], heads[:, kv_end:]
         if self.q_norm is None:
             ops = self.layer_ops
             if ops is not None and ops.takes(heads, cos, sin):
@@ -105,6 +103,13 @@ class Attention(nn.Module):
                 rotate_(heads[:, :kv_end], cos, sin)
             return q, k, v
         return rotate_(self.q_norm(q), cos, sin), rotate_(self.k_norm(k), cos, sin), v
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection's output [tokens, (heads + 2 * kv_heads) * dim] as heads [tokens, heads + 2 * kv_heads,
+        dim] and its query, key and value views."""
+        heads = qkv.view(qkv.shape[0], -1, self.head_dim)
+        kv_end = self.heads + self.kv_heads
+        return heads, heads[:, : self.heads], heads[:, self.heads : kv_end], heads[:, kv_end:]
 
 
 class MLP(nn.Module):
@@ -144,28 +149,75 @@ def row_parallel_plus(
 class DecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks with residual connections."""
 
+    layer_ops: Any = None  # cpu_kernel.LayerOps on a float32 CPU model: each half in one call where it can (fused)
+
     def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype, shard: Optional[ShardLayout] = None):
         super().__init__()
         self.self_attn = Attention(config, layer_idx, dtype, shard)
         self.mlp = MLP(config, dtype, shard)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device="meta", dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device="meta", dtype=dtype)
+        self._fused: tuple[tuple, Any] = ((), None)  # (what it was built from, the FusedHalves or None)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return run_layer(self, hidden, cos, sin, before_attention, after_attention)
+
+    def fused(self) -> Any:
+        """The layer's two halves as one library call each (cpu_kernel.FusedHalves) while it can run them: layer ops
+        handed to it, all four linear layers on float32 panels (none wrapped by an adapter), no per-head norms, no
+        tensor parallelism; None otherwise. Rebuilt when a linear layer or its panels change."""
+        ops = self.layer_ops
+        if ops is None:
+            return None
+        attn, mlp = self.self_attn, self.mlp
+        parts = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        key = (ops, *parts, *(getattr(part, "packed", None) for part in parts))
+        built_from = self._fused[0]
+        if len(built_from) != len(key) or any(old is not new for old, new in zip(built_from, key)):
+            self._fused = (key, self._fuse(ops, parts))
+        return self._fused[1]
+
+    def _fuse(self, ops: Any, parts: tuple) -> Any:
+        attn, mlp = self.self_attn, self.mlp
+        on_panels = all(
+            isinstance(part, Linear) and part.kernel is ops.kernel and part.packed.dtype == torch.float32
+            for part in parts
+        )
+        if not on_panels or attn.q_norm is not None or attn.parallel is not None or mlp.parallel is not None:
+            return None
+        qkv, o, gate_up, down = parts
+        sizes = dict(
+            hidden=qkv.in_features, qkv_out=qkv.out_features, rotated_heads=attn.heads + attn.kv_heads,
+            head_dim=attn.head_dim, attended=o.in_features, intermediate=down.in_features,
+        )  # fmt: skip
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        weights = dict(
+            norm_in=norms[0].weight, qkv=qkv.packed, qkv_bias=qkv.bias, o=o.packed, o_bias=o.bias,
+            norm_post=norms[1].weight, gate_up=gate_up.packed, gate_up_bias=gate_up.bias, down=down.packed,
+            down_bias=down.bias,
+        )  # fmt: skip
+        if not all(w is None or (w.dtype == torch.float32 and w.is_contiguous()) for w in weights.values()):
+            return None
+        return ops.fused_halves(sizes, (norms[0].eps, norms[1].eps), weights, parts)
 
 
 def before_attention(
     layer: DecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A layer's work up to attention: input norm, fused q/k/v, q/k norms, RoPE (what COMPILE compiles)."""
+    fused = layer.fused()
+    if fused is not None and layer.layer_ops.takes(hidden, cos, sin):
+        return layer.self_attn.split(fused.before(hidden, cos, sin))[1:]
     return layer.self_attn.project(layer.input_layernorm(hidden), cos, sin)
 
 
 def after_attention(layer: DecoderLayer, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
     """A layer's work after attention: o projection, residual, norm, MLP, residual (what COMPILE compiles)."""
-    attn = layer.self_attn
-    hidden = row_parallel_plus(attn.o_proj, attended.reshape(attended.shape[0], -1), hidden, attn.parallel)
+    attn, flat = layer.self_attn, attended.reshape(attended.shape[0], -1)
+    fused = layer.fused()
+    if fused is not None and layer.layer_ops.takes(hidden, flat):
+        return fused.after(flat, hidden)
+    hidden = row_parallel_plus(attn.o_proj, flat, hidden, attn.parallel)
     return layer.mlp(layer.post_attention_layernorm(hidden), hidden)
 
 

@@ -104,8 +104,51 @@ def test_the_lean_model_with_layer_ops_equals_itself_without(kernel, model_type)
     ids = torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(1))
     plain = prompt_logits(model, ids)
     taken = use_layer_ops(model, kernel.layer_ops)
-    per_layer = 4 + (2 if model_type == "qwen3" else 0)  # two norms, attention, the MLP; Qwen3's q and k norms
-    assert taken == 2 * per_layer + 1  # and the final norm
+    per_layer = 5 + (2 if model_type == "qwen3" else 0)  # the layer, its two norms, attention, the MLP; Qwen3's
+    assert taken == 2 * per_layer + 1  # q and k norms; and the final norm
+    assert all((layer.fused() is None) == (model_type == "qwen3") for layer in model.model.layers)
     fused = prompt_logits(model, ids)
     assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-5)
     assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+
+
+@pytest.mark.parametrize("rows", [1, 12], ids=str)
+def test_a_layer_in_two_calls_gives_the_same_bits_as_its_ops_one_by_one(kernel, rows):
+    """The fused halves (cpu_kernel.FusedHalves) against the same layer op by op, biases included (Qwen2)."""
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    config.model_type = "qwen2"  # q/k/v biases
+    torch.manual_seed(rows)
+    model = LlamaForServing.from_config(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                parameter.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    pack_for_cpu(model, kernel)
+    use_layer_ops(model, kernel.layer_ops)
+    ids = torch.randint(0, 300, (rows,), generator=torch.Generator().manual_seed(2))
+    fused = prompt_logits(model, ids)
+    assert all(layer.fused() is not None for layer in model.model.layers)
+    for layer in model.model.layers:
+        layer.layer_ops = None  # the layer's modules keep theirs: op by op
+        assert layer.fused() is None
+    assert torch.equal(prompt_logits(model, ids), fused)
+
+
+def test_a_layer_runs_op_by_op_while_an_adapter_wraps_one_of_its_projections(kernel):
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    model = LlamaForServing.from_config(config)
+    pack_for_cpu(model, kernel)
+    use_layer_ops(model, kernel.layer_ops)
+    layer = model.model.layers[0]
+    built = layer.fused()
+    assert built is not None and layer.fused() is built  # built once
+    base = layer.mlp.down_proj
+    layer.mlp.down_proj = torch.nn.Sequential(base)  # what an adapter's wrapper does: another module in its place
+    assert layer.fused() is None
+    layer.mlp.down_proj = base
+    assert layer.fused() is not None
+    base.pack(kernel)  # new panels (the same values): built again over them
+    rebuilt = layer.fused()
+    assert rebuilt is not built and rebuilt.weights["down"] is base.packed
