@@ -20,8 +20,8 @@ from prompts import COPY_PROMPTS, PROMPTS, TokenCounter, capacity_prompts, share
 # The systems each workload runs (in this order), before BENCH_SYSTEMS filters them.
 WORKLOAD_SYSTEMS: dict[str, tuple[str, ...]] = {
     "standard": ("ours", "ours-before", "vllm", "transformers", "offline"),
-    "capacity": ("ours", "ours-slots", "vllm"),
-    "prefix": ("ours", "ours-nocache", "vllm"),
+    "capacity": ("ours", "ours-before", "ours-slots", "vllm"),  # ours-before: "no worse than before", same run
+    "prefix": ("ours", "ours-before", "ours-nocache", "vllm"),
     "speculative": ("ours-nospec", "ours"),
 }
 TITLES = {

@@ -14,9 +14,9 @@ def pack_cpu_weights(model: Any, settings: Settings) -> str:
     """Hand the lean model's float32 weights to a CPU kernel in its own layout (PACK_CPU_WEIGHTS, on by default):
     the panel kernel (CPU_KERNEL=panels, where it builds) or oneDNN. Each layer is checked against the dense
     matmul first. Returns what /info shows."""
-    from serve.modeling.cpu_kernel import load_panel_kernel
     import torch
 
+    from serve.modeling.cpu_kernel import load_panel_kernel
     from serve.modeling.layers import pack_for_cpu, use_layer_ops
 
     if not settings.pack_cpu_weights:

@@ -104,9 +104,10 @@ class RMSNorm(nn.Module):
 
 def use_layer_ops(model: nn.Module, ops: Any) -> int:
     """Hand ``ops`` (serve.modeling.cpu_kernel.LayerOps) to every module of ``model`` that can run its elementwise
-    work on them (those with a ``layer_ops`` attribute: RMSNorm, the lean model's attention and MLP). Each module
-    still checks every call's tensors (float32, contiguous, on the CPU) and falls back to torch's ops otherwise.
-    Returns how many modules took them."""
+    work on them (those with a ``layer_ops`` attribute: RMSNorm, the lean model's attention, MLP and decoder layer,
+    which runs each half of itself in one call where it can). Each module still checks every call's tensors
+    (float32, contiguous, on the CPU) and falls back to torch's ops otherwise. Returns how many modules took them;
+    ``ops`` None takes them back."""
     takers = [module for module in model.modules() if hasattr(type(module), "layer_ops")]
     for module in takers:
         module.layer_ops = ops
