@@ -32,6 +32,17 @@ def start(settings):
     return engine
 
 
+def results_and_stats(settings, prompts, run=None):
+    """Start an engine on ``settings``, run every prompt through ``run`` (default ``run_all``), stop it: (the
+    results, the engine's stats after them)."""
+    engine = start(settings)
+    try:
+        results = (run or run_all)(engine, prompts)
+        return results, engine.stats()
+    finally:
+        engine.stop()
+
+
 def run_all(engine, prompts):
     """Submit every prompt at once (greedy), then read each stream: its (token, text) pairs (an engine silent for a
     minute fails the test rather than hanging it)."""
@@ -123,12 +134,7 @@ def test_preemption_loses_nothing_and_the_draft_starts_the_resumed_sequence_afre
 ):
     longest = max(len(prompt) for prompt in prompt_ids) + NEW_TOKENS
     small = replace(tiny_settings, max_total_tokens=longest, kv_block_size=4, max_batch_total_tokens=3 * longest)
-    engine = start(with_draft(small, tiny_model_dir))
-    try:
-        results = run_all(engine, prompt_ids * 2)
-        stats = engine.stats()
-    finally:
-        engine.stop()
+    results, stats = results_and_stats(with_draft(small, tiny_model_dir), prompt_ids * 2)
     assert results == plain * 2
     assert stats.preemptions > 0
     assert stats.speculative_proposed > 0 and stats.speculative_accepted == stats.speculative_proposed

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from serve.engine import Request, SamplingParams
 from serve.engine.eagle3 import CATCH_UP_AT
-from tests.unit.test_speculative_draft import read, start
+from tests.unit.test_speculative_draft import read, results_and_stats, start
 
 PROMPTS = [
     "one two three one two three one two",
@@ -192,12 +192,7 @@ def test_info_and_metrics_name_the_head(eagle_run, head_dir):
 def test_preemption_loses_nothing(tiny_settings, head_dir, prompt_ids, plain):
     longest = max(len(prompt) + count for prompt, count in zip(prompt_ids, NEW_TOKENS))
     small = with_head(tiny_settings, head_dir, max_total_tokens=longest, kv_block_size=4)
-    engine = start(replace(small, max_batch_total_tokens=2 * longest))
-    try:
-        results = run_all(engine, prompt_ids * 2)
-        stats = engine.stats()
-    finally:
-        engine.stop()
+    results, stats = results_and_stats(replace(small, max_batch_total_tokens=2 * longest), prompt_ids * 2, run_all)
     assert results == plain * 2
     assert stats.preemptions > 0 and stats.speculative_proposed > 0
 
