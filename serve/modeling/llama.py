@@ -8,6 +8,7 @@ single seam, ``serve.engine.attention.attend``. The module tree mirrors transfor
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -169,11 +170,10 @@ class DecoderLayer(nn.Module):
         ops = self.layer_ops
         if ops is None:
             return None
-        attn, mlp = self.self_attn, self.mlp
-        parts = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        key = (ops, *parts, *(getattr(part, "packed", None) for part in parts))
-        built_from = self._fused[0]
-        if len(built_from) != len(key) or any(old is not new for old, new in zip(built_from, key)):
+        attn, mlp = self._modules["self_attn"]._modules, self._modules["mlp"]._modules  # dicts: no __getattr__
+        parts = (attn["qkv_proj"], attn["o_proj"], mlp["gate_up_proj"], mlp["down_proj"])
+        key = (ops, *parts, *[getattr(part, "packed", None) for part in parts])  # compared by identity
+        if not _same_objects(self._fused[0], key):
             self._fused = (key, self._fuse(ops, parts))
         return self._fused[1]
 
@@ -199,6 +199,11 @@ class DecoderLayer(nn.Module):
         if not all(w is None or (w.dtype == torch.float32 and w.is_contiguous()) for w in weights.values()):
             return None
         return ops.fused_halves(sizes, (norms[0].eps, norms[1].eps), weights, parts)
+
+
+def _same_objects(first: tuple, second: tuple) -> bool:
+    """Whether two tuples hold the very same objects (tensors among them: no elementwise ``==``)."""
+    return len(first) == len(second) and all(map(operator.is_, first, second))
 
 
 def before_attention(
