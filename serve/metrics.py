@@ -30,6 +30,7 @@ COUNTERS = {
     "serve_prefix_cache_hits": "Prompt tokens found in the prefix cache",
     "serve_preemptions": "Sequences preempted because the KV pool was full",
     "serve_engine_steps": "Forward steps the engine ran",
+    "serve_engine_steps_ahead": "Steps launched while the step before them still ran (ASYNC_SCHEDULING)",
     "serve_engine_busy_seconds": "Seconds the engine thread spent in steps (over wall time: its busy share)",
     "serve_engine_restarts": "Engine processes started again after one died while serving",
 }
@@ -82,6 +83,7 @@ def engine_state(engine: Any) -> tuple[dict[str, float], dict[str, float]]:
         "serve_prefix_cache_hits": stats.prefix_hit_tokens,
         "serve_preemptions": stats.preemptions,
         "serve_engine_steps": stats.steps,
+        "serve_engine_steps_ahead": stats.steps_ahead,
         "serve_engine_busy_seconds": stats.busy_seconds,
         "serve_engine_restarts": stats.restarts,
     }

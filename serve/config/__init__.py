@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Mapping, Optional
 
 from serve.engine.recovery import Recovery
 from serve.engine.types import (
+    ASYNC_SCHEDULING,
     ATTENTION_BACKENDS,
     KV_CACHE_DTYPES,
     SPECULATIVE_METHODS,
@@ -101,6 +102,7 @@ class Settings:
     enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
     prefix_cache_scope: str = "salt"  # PREFIX_CACHE_SCOPE: requests share cached blocks within one adapter and salt
     cuda_graphs: bool = EngineConfig.cuda_graphs  # CUDA_GRAPHS: capture decode steps as CUDA graphs on a GPU
+    async_scheduling: str = EngineConfig.async_scheduling  # ASYNC_SCHEDULING: auto (on CUDA), true or false
     gpu_memory_utilization: float = EngineConfig.gpu_memory_utilization  # GPU_MEMORY_UTILIZATION, in (0, 1]
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype  # KV_CACHE_DTYPE: auto (the model's dtype) or fp8
     attention_backend: str = EngineConfig.attention_backend  # ATTENTION_BACKEND: decode attention's kernel
@@ -302,6 +304,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         "enable_prefix_caching": _read(env, ("ENABLE_PREFIX_CACHING",), parse_bool),
         "prefix_cache_scope": _read(env, ("PREFIX_CACHE_SCOPE",), parse_choice(PREFIX_CACHE_SCOPES)),
         "cuda_graphs": _read(env, ("CUDA_GRAPHS",), parse_bool),
+        "async_scheduling": _read(env, ("ASYNC_SCHEDULING",), parse_choice(ASYNC_SCHEDULING)),
         "gpu_memory_utilization": _read(env, ("GPU_MEMORY_UTILIZATION",), parse_number_in(0.0, 1.0, above_low=True)),
         "kv_cache_dtype": _read(env, ("KV_CACHE_DTYPE",), parse_choice(KV_CACHE_DTYPES)),
         "attention_backend": _read(env, ("ATTENTION_BACKEND",), parse_choice(ATTENTION_BACKENDS)),

@@ -8,12 +8,12 @@ import json
 import logging
 import queue
 import threading
-import time
 from concurrent.futures import Future
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 from serve.engine.adapters import AdapterNotLoaded, AdapterTable
-from serve.engine.scheduler import Event, Scheduler, StepOutput, StepPlan
+from serve.engine.ahead import AheadReport, works_ahead
+from serve.engine.scheduler import Event, Scheduler
 from serve.engine.sequence import Sequence
 from serve.engine.stopping import eos_token_ids
 from serve.engine.stream import RequestStream
@@ -38,7 +38,8 @@ class Engine:
     """Owns the model. ``submit()`` returns a RequestStream; ``cancel()`` drops a request before the next step.
 
     The engine thread's step is ``scheduler.schedule()``, ``runner.step(plan)``, ``scheduler.postprocess()``; the
-    engine delivers the events they return to the requests' streams.
+    engine delivers the events they return to the requests' streams. Working ahead (ASYNC_SCHEDULING,
+    serve/engine/ahead.py), it launches the next plan before it collects the last one.
     """
 
     def __init__(
@@ -59,8 +60,8 @@ class Engine:
         self.scheduler: Optional[Scheduler] = None  # once loaded: it sizes the KV pool
         self._streams: dict[str, RequestStream] = {}
         self._served = 0
-        self._steps = 0
-        self._busy_seconds = 0.0
+        self._steps: Any = None  # serve.engine.steps.Steps once loaded: runs each step, at once or ahead
+        self.ahead = AheadReport()  # whether the host works ahead of the device (ASYNC_SCHEDULING), once loaded
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
@@ -119,7 +120,7 @@ class Engine:
 
     def describe(self) -> list[EngineLoad]:
         compiled = self._runner.compiled if self.limits is not None else None
-        return [EngineLoad(self.in_flight, self._served, self.graphs, compiled, self.attention)]
+        return [EngineLoad(self.in_flight, self._served, self.graphs, compiled, self.attention, self.ahead)]
 
     def stats(self) -> EngineStats:
         """The KV pool's use and the prefix cache's counters (zeros before the model is loaded)."""
@@ -135,13 +136,14 @@ class Engine:
             blocks.stats.hit_tokens,
             scheduler.preemptions,
             scheduler.peak_running,
-            self._steps,
-            self._busy_seconds,
+            self._steps.count,
+            self._steps.busy_seconds,
             speculative_proposer=speculation.proposer if speculation else "",
             speculative_proposed=speculation.proposed if speculation else 0,
             speculative_accepted=speculation.accepted if speculation else 0,
             speculative_lengths=tuple(speculation.accepted_lengths) if speculation else (),
             step_paths=tuple(self._runner.step_paths),
+            steps_ahead=self._steps.ahead_count,
         )
 
     def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
@@ -200,17 +202,27 @@ class Engine:
     def _main(self) -> None:
         if not self._start_serving():
             return
+        steps = self._steps
         while not self._stopping.is_set():
-            if self.adapters.busy:  # runtime adapter swaps, between steps
+            ahead = self.ahead.enabled  # read once a step: a measurement may turn it off between steps
+            if not (ahead and steps.may_work_ahead(self.adapters.busy)):
+                steps.collect()
+            if self.adapters.busy:  # runtime adapter swaps, between steps (none in flight)
                 self.adapters.run_pending(self._uses_adapter)
-            plan = self.scheduler.schedule()
+            plan = self.scheduler.schedule(ahead=steps.pending is not None)
+            if plan is None:  # a sequence whose token is on the device would be preempted: read it first
+                steps.collect()
+                continue
             self._deliver(plan.ended)
             if plan.empty:
-                self._flush()
-                self.scheduler.wait_for_work(timeout=0.1)
+                if steps.pending is None:
+                    self._flush()
+                    self.scheduler.wait_for_work(timeout=0.1)
+                steps.collect()
                 continue
-            self._step(plan)
+            steps.ahead(plan) if ahead else steps.at_once(plan)
             self._flush()
+        steps.collect()
 
     def _start_serving(self) -> bool:
         """Load the model and announce the outcome; False when the load failed."""
@@ -227,20 +239,6 @@ class Engine:
         if self._on_ready is not None:
             self._on_ready()
         return True
-
-    def _step(self, plan: StepPlan) -> None:
-        """One forward pass over the plan; a failure fails only the sequences of this step."""
-        started = time.perf_counter()
-        try:
-            output: Union[StepOutput, Exception] = self._runner.step(plan)
-        except Exception as exc:  # noqa: BLE001 - the engine keeps serving the others
-            output = exc
-            if self._runner.ranks is not None:  # tensor-parallel ranks may be out of step now: stop serving
-                self._lose_ranks(exc)
-                return
-        self._deliver(self.scheduler.postprocess(plan, output))
-        self._steps += 1
-        self._busy_seconds += time.perf_counter() - started
 
     def _lose_ranks(self, exc: Exception) -> None:
         """A step of a tensor-parallel engine failed: a rank died, hung past the collectives' timeout, or failed.
@@ -314,11 +312,22 @@ class Engine:
         if config.cuda_graphs:
             self._capture_graphs()
         self.scheduler = self._scheduler(BlockManager(blocks, size, config.enable_prefix_caching), max_batch)
+        self._start_steps(ranks)
         self.limits = Limits(max_input, total, (blocks - 1) * size, max_batch, size, blocks - 1, budget)
         lora = getattr(model, "serve_lora", None)
         if lora is not None and ranks is not None:  # an adapter leaves every rank when it leaves rank 0
             lora.on_remove = ranks.send_adapter_removal
         self.adapters.attach(lora)
+
+    def _start_steps(self, ranks: Any) -> None:
+        """What runs each step, and whether it works ahead of the device (ASYNC_SCHEDULING; the log says why)."""
+        from serve.engine.steps import Steps
+
+        self._steps = Steps(self._runner, self.scheduler, self._deliver, self._lose_ranks)
+        speculative = self.scheduler.speculator is not None
+        unshared = ranks is not None and getattr(self.loaded.model, "parallel", None) is None  # no broadcast of ids
+        self.ahead = works_ahead(self.config.async_scheduling, self._runner.device, speculative, unshared)
+        log.info("async scheduling %s", self.ahead.reason)
 
     def _capture_graphs(self) -> None:
         """CUDA_GRAPHS: capture the decode shapes; under an EAGLE-3 head the lean model keeps the states of the

@@ -203,7 +203,9 @@ class EngineProcess:
         report = self._load_report
         if report is None:
             return [EngineLoad(self.in_flight, self._served)]
-        return [EngineLoad(self.in_flight, self._served, report.graphs, report.compiled, report.attention)]
+        return [
+            EngineLoad(self.in_flight, self._served, report.graphs, report.compiled, report.attention, report.ahead)
+        ]
 
     def submit(self, request: Request, sink: Optional[queue.Queue] = None, index: int = 0) -> RequestStream:
         """Send a request to the engine process (the pool decided it may run); EngineNotReady when it cannot."""

@@ -52,6 +52,7 @@ class RunDecode:
 
     rows: list[tuple[int, int, list[int]]]
     shape: tuple[int, int]
+    fed: list[tuple[int, int]] = ()  # rows whose token ids rank 0 broadcasts (ASYNC_SCHEDULING: still on its device)
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,10 @@ class RankGroup:
     def send_step(self, inputs: StepInputs) -> None:
         self.send(RunStep(inputs))
 
-    def send_decode(self, rows: list[tuple[int, int, list[int]]], shape: tuple[int, int]) -> None:
-        self.send(RunDecode(rows, shape))
+    def send_decode(
+        self, rows: list[tuple[int, int, list[int]]], shape: tuple[int, int], fed: list[tuple[int, int]] = ()
+    ) -> None:
+        self.send(RunDecode(rows, shape, fed))
 
     def send_capture(self) -> None:
         self.send(CaptureGraphs())
@@ -180,6 +183,7 @@ def _run(runner: Any, message: object) -> None:
         if runner.lora is not None:
             runner.lora.begin_step([])
         runner.static.load(message.rows, message.shape)
+        runner.feed_pending(runner.static.inputs, message.fed, None)  # rank 0's broadcast of the ids it holds on device
         runner.static.forward(*message.shape)
     elif isinstance(message, CaptureGraphs):
         runner.capture_graphs()

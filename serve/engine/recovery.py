@@ -20,6 +20,7 @@ CUMULATIVE = (
     "prefix_hit_tokens",
     "preemptions",
     "steps",
+    "steps_ahead",
     "busy_seconds",
     "speculative_proposed",
     "speculative_accepted",

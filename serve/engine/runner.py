@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from serve.engine.ahead import HostCopy, Sampled
 from serve.engine.attention import BACKEND_NAME, StepLayout, active_step
 from serve.engine.block_manager import SCRATCH_BLOCK
 from serve.engine.kv_cache import PagedKVCache
@@ -23,7 +24,7 @@ from serve.engine.sampling import (
     unpack_logprobs,
 )
 from serve.engine.penalties import TokenCounts, apply_penalties, count_sampled, penalized
-from serve.engine.scheduler import StepPlan
+from serve.engine.scheduler import StepOutput, StepPlan
 from serve.engine.sequence import Sequence
 from serve.engine.static_decode import StaticDecode
 from serve.engine.speculative import accept_proposals
@@ -135,17 +136,23 @@ class ModelRunner:
         if self.lora is not None:
             self.lora.begin_step([])
 
-    def to_host(self, tensor: torch.Tensor) -> list:
-        """The one way a step reads the device: a single transfer of ``tensor`` as a Python list."""
+    def to_host(self, copy: HostCopy) -> list:
+        """The one way a step reads the device: a single transfer (started at launch) as a Python list."""
         self.host_reads += 1
-        return tensor.tolist()
+        return copy.read()
 
     def generator_for(self, params: SamplingParams) -> Optional[torch.Generator]:
         return make_generator(params, self.device)
 
+    def step(self, plan: StepPlan) -> StepOutput:
+        """One forward pass over the plan, its tokens read at once: ``collect(launch(plan))``."""
+        return self.collect(self.launch(plan))
+
     @torch.inference_mode()
-    def step(self, plan: StepPlan) -> tuple[list[Sequence], list[TokenChoice]]:
-        """One forward pass over the plan; sample for decode rows and for prompts whose last chunk just ran."""
+    def launch(self, plan: StepPlan, pending: Optional[Sampled] = None) -> Sampled:
+        """Run the plan's forward and sample, on the device: decode rows, and prompts whose last chunk just ran.
+        ``pending``: the step before, launched and not collected; its sampled tokens, still on the device, are the
+        input tokens of this step's rows of the sequences it sampled (serve/engine/ahead.py)."""
         if self.cpu_threads is not None and torch.get_num_threads() != self.cpu_threads:
             torch.set_num_threads(self.cpu_threads)  # per thread: the engine's own thread computes with this many
         if self.compiled.enabled and self.lora is not None and self.lora.layers:
@@ -153,12 +160,13 @@ class ModelRunner:
         verifying = any(seq.proposal for seq in plan.decode)
         if not plan.prefill and self._fits_static(plan.decode):
             self._base_model_step()
-            return self._static_decode(plan.decode)
+            return self._static_decode(plan.decode, pending)
         inputs, sampled, scored, spans = self._inputs(plan)
         self.step_paths[2] += 1
         if self.lora is None or all(adapter is None for adapter in inputs.adapters or ()):
             inputs.adapters = None  # a step on the base model alone (and a smaller message to the other ranks)
-        logits = self.forward(inputs)
+        inputs.fed = _fed_rows(enumerate(seq for seq in plan.decode if not seq.proposal), pending)  # decode leads
+        logits = self.forward(inputs, _tokens_of(pending))
         if self.hidden_observer is not None:
             self.hidden_observer(spans)
         for seq in plan.decode:
@@ -167,18 +175,46 @@ class ModelRunner:
             seq.num_cached += count
         self._score_prompts(logits[len(sampled) :], scored)
         if not sampled:
-            return [], []
-        choices = self.sample(logits[: len(sampled)], sampled)
-        return accept_proposals(sampled, choices) if verifying else (sampled, choices)
+            return Sampled([])
+        return self._sampled(logits[: len(sampled)], sampled, verifying)
 
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
+    def collect(self, sampled: Sampled) -> StepOutput:
+        """A launched step's tokens on the host (its one read), each verified run cut to what was accepted."""
+        choices = self.choices(sampled)
+        return accept_proposals(sampled.sequences, choices) if sampled.verifying else (sampled.sequences, choices)
+
+    def _sampled(self, logits: torch.Tensor, sequences: list[Sequence], verifying: bool) -> Sampled:
+        sampled = self.sample(logits, sequences)
+        sampled.verifying = verifying
+        return sampled
+
+    def feed_pending(self, ids: torch.Tensor, fed: list[tuple[int, int]], tokens: Optional[torch.Tensor]) -> None:
+        """Write a pending step's sampled ``tokens``, still on the device, into this step's input ``ids``: ``fed``
+        pairs (row here, row there). A row whose logits were not finite feeds token 0: its sequence ends with an error
+        when the pending step is collected, and this step's row of it is dropped. Under tensor parallelism rank 0
+        broadcasts the values and the other ranks (``tokens`` None) receive them."""
+        if not fed:
+            return
+        index = self.uploads.tensor(fed, torch.long)
+        if tokens is not None:
+            values = tokens.index_select(0, index[:, 1]).clamp_(min=0)
+        else:
+            values = torch.empty(len(fed), dtype=torch.long, device=ids.device)
+        parallel = getattr(self.model, "parallel", None)
+        if parallel is not None:
+            parallel.broadcast(values)
+        ids.index_copy_(0, index[:, 0], values)
+
+    def forward(self, inputs: StepInputs, pending_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The model over one laid-out step: logits [kept rows, vocab]. The other tensor-parallel ranks, if any, get
-        the same inputs first and run their shards alongside."""
+        the same inputs first and run their shards alongside. ``pending_tokens``: the tokens of a step not yet read,
+        the input ids of the rows ``inputs.fed`` names."""
         if self.ranks is not None:
             self.ranks.send_step(inputs)
         if self.lora is not None:
             self.lora.begin_step(inputs.adapters or ())  # each token's adapter, in the layout's order
         input_ids, positions, layout, logit_rows = inputs.tensors(self.uploads, self.cache.block_size)
+        self.feed_pending(input_ids, inputs.fed, pending_tokens)
         tokens = {"input_ids": input_ids[None]}
         if inputs.image_features is not None:  # the prompt chunks' image tokens take their images' features
             embeds = self.model.get_input_embeddings()(input_ids)
@@ -198,7 +234,7 @@ class ModelRunner:
         rows = sum(1 + len(seq.proposal) for seq in decode)
         return rows <= self.static.max_batch and all(_plain_decode(seq) for seq in decode)
 
-    def _static_decode(self, decode: list[Sequence]) -> tuple[list[Sequence], list[TokenChoice]]:
+    def _static_decode(self, decode: list[Sequence], pending: Optional[Sampled] = None) -> Sampled:
         """A decode-only step over a fixed shape (a CUDA graph's replay where one was captured). A sequence with a
         proposal takes a row per scored token, each over the sequence's blocks up to its own position: every key and
         value is written before any row attends, so the rows are causal among themselves as a chunk's are."""
@@ -207,9 +243,12 @@ class ModelRunner:
             tokens = [seq.all_ids[-1]] + seq.proposal
             spans.append((seq, len(rows), seq.num_cached, len(tokens)))
             rows.extend((token, seq.num_cached + index, seq.block_table) for index, token in enumerate(tokens))
-        batch, width = self.static.load(rows)
-        if self.ranks is not None:
-            self.ranks.send_decode(rows, (batch, width))
+        fed = _fed_rows(((start, seq) for seq, start, _, _ in spans), pending)
+        shape = self.static.shape_for(len(rows), max(len(table) for _, _, table in rows))
+        if self.ranks is not None:  # before the feed: its broadcast meets theirs
+            self.ranks.send_decode(rows, shape, fed)
+        batch, width = self.static.load(rows, shape)
+        self.feed_pending(self.static.inputs, fed, _tokens_of(pending))  # the ids lead the static buffer
         self.step_paths[0 if (batch, width) in self.static.replay else 1] += 1
         logits = self.static.forward(batch, width)[: len(rows)]
         if self.hidden_observer is not None:
@@ -217,8 +256,7 @@ class ModelRunner:
         for seq in decode:
             seq.num_cached += 1
         sampled = [seq for seq, _, _, count in spans for _ in range(count)]
-        choices = self.sample(logits, sampled)
-        return accept_proposals(sampled, choices) if len(sampled) > len(decode) else (sampled, choices)
+        return self._sampled(logits, sampled, len(sampled) > len(decode))
 
     def _score_prompts(self, logits: torch.Tensor, scored: list[tuple[Sequence, list[int]]]) -> None:
         """Log-probabilities of prompt tokens, for sequences that asked (each logit row predicts the next token)."""
@@ -294,8 +332,9 @@ class ModelRunner:
         """A sequence finished: drop what the runner keeps for it."""
         self.counts.release(seq.id)
 
-    def sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[TokenChoice]:
-        """Next token for each sequence from its row of ``logits``: grammar-masked, sampled, with log-probabilities.
+    def sample(self, logits: torch.Tensor, sequences: list[Sequence]) -> Sampled:
+        """Next token for each sequence from its row of ``logits``: grammar-masked, sampled, with log-probabilities;
+        on the device, its copy to the host started (``choices`` reads it).
 
         Log-probabilities are those of the model's own distribution (before penalties, temperature and grammar).
         """
@@ -314,13 +353,22 @@ class ModelRunner:
         count_sampled(self.counts, rows, tokens)
         tokens = mark_non_finite(tokens, finite)
         if log_probs is None:
-            return [self._choice(seq, token) for seq, token in zip(sequences, self.to_host(tokens))]
+            return Sampled(sequences, tokens, HostCopy(tokens))
         widest = max(p.logprobs or 0 for p in params)
-        rows = self.to_host(logprob_table(log_probs, tokens, widest))
+        return Sampled(sequences, tokens, HostCopy(logprob_table(log_probs, tokens, widest)), widest)
+
+    def choices(self, sampled: Sampled) -> list[TokenChoice]:
+        """The sampled tokens read on the host (the step's one read), with the log-probabilities asked for."""
+        if not sampled.sequences:
+            return []
+        values = self.to_host(sampled.copy)
+        if sampled.widest is None:
+            return [self._choice(seq, token) for seq, token in zip(sampled.sequences, values)]
         choices = []
-        for seq, row, p in zip(sequences, rows, params):
-            token, logprob, top = unpack_logprobs(row, p.logprobs or 0, widest)
-            wanted = token != NON_FINITE and p.logprobs is not None
+        for seq, row in zip(sampled.sequences, values):
+            logprobs = seq.request.params.logprobs
+            token, logprob, top = unpack_logprobs(row, logprobs or 0, sampled.widest)
+            wanted = token != NON_FINITE and logprobs is not None
             choices.append(TokenChoice(token, logprob, top) if wanted else self._choice(seq, token))
         return choices
 
@@ -332,6 +380,18 @@ class ModelRunner:
         adapter = seq.request.adapter
         cause = f" with adapter {adapter!r}" if adapter else ""
         return TokenChoice(None, error=f"the model's logits for this request{cause} were not finite (NaN or infinity)")
+
+
+def _fed_rows(rows: Iterable[tuple[int, Sequence]], pending: Optional[Sampled]) -> list[tuple[int, int]]:
+    """(row in this step, row in ``pending``'s tokens) for each of the step's rows (row, sequence) whose sequence
+    ``pending`` sampled: their input tokens are still on the device."""
+    if pending is None:
+        return []
+    return [(row, pending.rows[seq]) for row, seq in rows if seq in pending.rows]
+
+
+def _tokens_of(pending: Optional[Sampled]) -> Optional[torch.Tensor]:
+    return pending.tokens if pending is not None else None
 
 
 def _plain_decode(seq: Sequence) -> bool:

@@ -135,9 +135,15 @@ class Scheduler:
 
     # --- the engine thread --------------------------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, ahead: bool = False) -> Optional[StepPlan]:
         """Release closed sessions' pins, drop cancelled requests, start what fits (preempted sequences first), give
-        each decoding sequence room for its next token (preempting when the pool is full), and plan the step."""
+        each decoding sequence room for its next token (preempting when the pool is full), and plan the step.
+
+        ``ahead``: the last step's tokens are still on the device (serve/engine/ahead.py). Decoding sequences get
+        their room first, and None comes back, with nothing else done, when that would preempt one of them: the
+        caller collects the last step, then schedules again."""
+        if ahead and not self._grow_decoding(preempt=False):
+            return None
         while self._closed_sessions:
             self.blocks.unpin(self._closed_sessions.popleft())
         self.steps += 1
@@ -170,8 +176,9 @@ class Scheduler:
         return events
 
     def _plan(self) -> StepPlan:
-        """Decode every prefilled sequence; spend the prefill budget on prompts, oldest first."""
-        decode = [seq for seq in self.running if seq.prompt_left == 0]
+        """Decode every prefilled sequence, except one whose tokens still on the device reach its length limit;
+        spend the prefill budget on prompts, oldest first."""
+        decode = [seq for seq in self.running if seq.prompt_left == 0 and not seq.ends_with_pending]
         prefill: list[tuple[Sequence, int]] = []
         budget = self.prefill_budget
         for seq in self.running:
@@ -269,18 +276,24 @@ class Scheduler:
         seq.block_table, seq.num_cached, seq.cached_tokens = table, cached, cached
         self._run(seq)
 
-    def _grow_decoding(self) -> None:
+    def _grow_decoding(self, preempt: bool = True) -> bool:
         """Give each decoding sequence the block its next token needs; when none is free, session pins give way,
-        then the victim (``_victim``) is preempted and its blocks come back, until it fits."""
+        then the victim (``_victim``) is preempted and its blocks come back, until it fits. Without ``preempt``,
+        stop at the first sequence that does not fit (False)."""
         size = self.blocks.block_size
         for seq in list(self.running):
             if seq not in self.running or seq.prompt_left or seq.num_cached < len(seq.block_table) * size:
                 continue
+            if seq.ends_with_pending:
+                continue
             while not self._append_block(seq):
+                if not preempt:
+                    return False
                 victim = self._victim()
                 self._preempt(victim)
                 if victim is seq:
                     break
+        return True
 
     def _append_block(self, seq: Sequence) -> bool:
         """One more block for a decoding sequence: a free one, else one that releasing session pins frees."""
@@ -333,7 +346,7 @@ class Scheduler:
         """Enter the blocks this step filled into the prefix cache (their keys and values are written now)."""
         size = self.blocks.block_size
         for seq in plan.sequences:
-            if seq.num_cached // size > seq.keyed_blocks:
+            if seq.finish_reason is None and seq.num_cached // size > seq.keyed_blocks:
                 tokens = seq.all_ids[: seq.num_cached]
                 key = self._cache_key(seq.request)
                 seq.keyed_blocks = self.blocks.register_full_blocks(seq.block_table, tokens, key, seq.keyed_blocks)

@@ -32,6 +32,7 @@ class Sequence:
         self.proposal: list[int] = []  # tokens proposed to follow the last one, verified in this step
         self.images: Any = None  # serve.engine.multimodal.PromptImages: the prompt's encoded images, if any
         self.num_cached = 0  # tokens whose keys/values are in the cache
+        self.pending_tokens = 0  # tokens sampled by a launched step that the host has not read yet (ahead.py)
         self.eos_ids = frozenset() if request.params.ignore_eos else eos_ids
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_ids)
         self.stops = StopStringMatcher(request.params.stop)
@@ -51,6 +52,13 @@ class Sequence:
     def prompt_left(self) -> int:
         """Prompt tokens not yet in the cache (0 once prefill is done)."""
         return max(len(self.prefill_ids) - self.num_cached, 0)
+
+    @property
+    def ends_with_pending(self) -> bool:
+        """Whether the tokens still on the device reach ``max_new_tokens``: no step after them is needed."""
+        return (
+            self.pending_tokens > 0 and len(self.output_ids) + self.pending_tokens >= self.request.params.max_new_tokens
+        )
 
     @property
     def scores_prompt(self) -> bool:

@@ -33,6 +33,7 @@ class StepInputs:
     image_rows: list[int] = field(default_factory=list)  # the step positions that take an image feature
     image_features: Any = None  # [image rows, hidden] their features, in order (None: no image token in the step)
     rope_positions: Any = None  # [3, tokens] M-RoPE positions (None: ``positions`` in all three)
+    fed: list[tuple[int, int]] = field(default_factory=list)  # (row, row of the pending step's tokens): ids on device
 
     def tensors(self, uploads: Uploads, block_size: int) -> tuple[torch.Tensor, torch.Tensor, StepLayout, torch.Tensor]:
         """(input ids, positions, the attention layout, logit rows) on the device of ``uploads``, which sends them

@@ -64,6 +64,7 @@ class GrammarLimits:
 
 
 ATTENTION_BACKENDS = ("auto", "triton", "flashinfer", "sdpa", "cpu")  # ATTENTION_BACKEND: engine/decode_backends.py
+ASYNC_SCHEDULING = ("auto", "true", "false")  # ASYNC_SCHEDULING: auto is on for a model on CUDA (engine/ahead.py)
 KV_CACHE_DTYPES = ("auto", "fp8")  # KV_CACHE_DTYPE: the model's dtype, or float8 e4m3 scaled (engine/kv_cache.py)
 SPECULATIVE_METHODS = ("off", "ngram", "draft", "eagle3")  # SPECULATIVE: the proposer (engine/speculative.py)
 SPECULATIVE_MODEL_METHODS = ("draft", "eagle3")  # the methods that name a model: draft:<model id or path>
@@ -83,6 +84,7 @@ class EngineConfig:
     kv_block_size: int = 16
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # capture decode shapes as CUDA graphs (ignored without CUDA)
+    async_scheduling: str = "auto"  # ASYNC_SCHEDULING: plan step N+1 while N runs (serve/engine/ahead.py)
     gpu_memory_utilization: float = 0.9  # GPU_MEMORY_UTILIZATION: the share of GPU memory the server may use
     kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPE: "auto" (the model's dtype) or "fp8" (float8 e4m3, scaled)
     attention_backend: str = "auto"  # ATTENTION_BACKEND: decode attention's kernel (serve/engine/decode_backends.py)
@@ -224,6 +226,7 @@ class EngineStats:
     speculative_accepted: int = 0  # of those, tokens accepted
     speculative_lengths: tuple[int, ...] = ()  # verified proposals by accepted length (index: tokens accepted)
     step_paths: tuple[int, ...] = ()  # steps by path, in STEP_PATHS' order
+    steps_ahead: int = 0  # steps launched while the step before them was still in flight (ASYNC_SCHEDULING)
 
     def __add__(self, other: "EngineStats") -> "EngineStats":
         return EngineStats(*(_combine(a, b) for a, b in zip(astuple(self), astuple(other))))
@@ -249,3 +252,4 @@ class EngineLoad:
     graphs: Any = None  # serve.engine.graphs.GraphReport once loaded
     compiled: Any = None  # serve.engine.compile.CompileReport once loaded
     attention: Any = None  # serve.engine.decode_backends.AttentionReport once loaded
+    ahead: Any = None  # serve.engine.ahead.AheadReport: whether the host works ahead of the device

@@ -37,13 +37,14 @@ def info_body(engine: EngineClient, settings: Settings, adapters: Iterable[str])
 
 def _model_info(engine: EngineClient, adapters: Iterable[str]) -> dict[str, Any]:
     """The loaded model: name, dtype, device, placement, quantization, CPU weight layout, CUDA graphs, COMPILE,
-    decode attention, engines, limits."""
+    decode attention, async scheduling, engines, limits."""
     loaded = engine.loaded
     plan = getattr(loaded, "plan", None)
     loads = engine.describe()
     graphs = loads[0].graphs if loads else None
     compiled = loads[0].compiled if loads else None
     attention = loads[0].attention if loads else None
+    ahead = loads[0].ahead if loads else None
     kv_dtype = "float8_e4m3fn" if engine.config.kv_cache_dtype == "fp8" else str(loaded.dtype).replace("torch.", "")
     return {
         "model_id": loaded.name,
@@ -58,6 +59,7 @@ def _model_info(engine: EngineClient, adapters: Iterable[str]) -> dict[str, Any]
         "cuda_graphs": asdict(graphs) if graphs is not None else None,
         "compile": asdict(compiled) if compiled is not None else None,
         "attention": asdict(attention) if attention is not None else None,  # decode attention's backend and why
+        "async_scheduling": asdict(ahead) if ahead is not None else None,  # whether the host works ahead, and why
         "engines": [
             {
                 "devices": list(plan.engines[index].devices) if plan is not None else [str(loaded.device)],

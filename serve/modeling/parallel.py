@@ -39,6 +39,14 @@ class TensorParallel:
         dist.all_reduce(tensor, group=self.group)
         return tensor
 
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as the group's first rank holds it, on every rank (in place)."""
+        import torch.distributed as dist
+
+        source = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        dist.broadcast(tensor, src=source, group=self.group)
+        return tensor
+
     def gather_columns(self, local: torch.Tensor) -> torch.Tensor:
         """Every rank's [rows, n] block side by side: [rows, n * size], the same on every rank."""
         import torch.distributed as dist

@@ -98,6 +98,7 @@ def test_info_health_tokenize(client, tiny_model_dir):
     assert info["cuda_graphs"]["enabled"] is False and info["engines"] == [
         {"devices": ["cpu"], "in_flight": 0, "served": info["engines"][0]["served"]}
     ]
+    assert info["async_scheduling"]["enabled"] is False and "CPU" in info["async_scheduling"]["reason"]
     assert client.get("/health").status_code == 200
     tokens = client.post("/tokenize", json={"inputs": "Hello world"}).json
     assert "".join(token["text"] for token in tokens) == "Hello world" and all("id" in token for token in tokens)

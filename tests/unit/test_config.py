@@ -61,6 +61,7 @@ VARIABLES = [
     ("GRAMMAR_LEXER_FUEL", "5000", "grammar_limits", GrammarLimits(lexer_fuel=5000)),
     ("WATERMARK_DELTA", "1.5", "watermark", Watermark(delta=1.5)),
     ("COMPILE", "on", "compile", True),
+    ("ASYNC_SCHEDULING", "False", "async_scheduling", "false"),
     ("PACK_CPU_WEIGHTS", "0", "pack_cpu_weights", False),
     ("CPU_KERNEL", "oneDNN", "cpu_kernel", "onednn"),
     ("CC", " clang ", "c_compiler", "clang"),

@@ -87,6 +87,26 @@ def test_prefix_cache_hits_and_preemption_keep_the_tokens(tokenizer, tmp_path):
     assert stats.prefix_hit_tokens > 0
 
 
+def test_two_ranks_working_ahead_give_the_tokens_of_one_reading_each_step(tokenizer, tmp_path):
+    """ASYNC_SCHEDULING=true over two ranks: rank 0 broadcasts the token ids it feeds from its device, in decode-only
+    steps and in steps that mix prompt chunks with decode rows (a small prefill budget). Seeded sampling: a rank fed
+    another token would draw otherwise."""
+    folder = save_random_model(FAMILIES["llama-gqa-2kv"](len(tokenizer)), tmp_path / "llama", tokenizer)
+    prompts = [tokenizer(text)["input_ids"] for text in TEXTS]
+    settings = settings_for(folder, max_batch_total_tokens=SMALL_POOL, max_batch_prefill_tokens=8)
+
+    def waves() -> list[list[Request]]:
+        sampled = [
+            SamplingParams(max_new_tokens=10 + 2 * i, temperature=1.0, seed=i, ignore_eos=True) for i in range(4)
+        ]
+        return [[Request(prompts[i % len(prompts)], params) for i, params in enumerate(sampled)]]
+
+    one, _ = run_engine(replace(settings, async_scheduling="false"), waves())
+    two, (stats, _) = run_engine(replace(settings, tensor_parallel_size=2, async_scheduling="true"), waves())
+    assert two == one and stats.steps_ahead > 0
+    assert len({tuple(tokens) for tokens in one}) == len(one)
+
+
 def test_lora_adapters_split_with_the_layers(tiny_model_dir, tokenizer, tmp_path):
     """Adapters on column-parallel (q, v, gate) and row-parallel (o, down) projections; base rows in the same batch."""
     folders = save_adapters(
