@@ -71,23 +71,26 @@ def _kernel_count(prof: Any) -> str:
 
 
 class StepHook:
-    """Wraps the engine's step method from outside (engine files untouched), on the engine's own thread: times
-    every step while ``timing`` is set (device synchronised at its end), and profiles the one step after ``arm()``.
+    """Wraps the engine's step methods from outside (engine files untouched), on the engine's own thread: times
+    every step while ``timing`` is set, and profiles the one step after ``arm()``. A step read at once is timed to
+    the device's end (synchronised); a step launched ahead of the last one's read (ASYNC_SCHEDULING) is timed on
+    the host only, since a synchronise would undo the overlap it is there to give.
 
-    If the step method is renamed, ``available`` is False and nothing is hooked (the outside timing still holds).
+    If the step methods are renamed, ``available`` is False and nothing is hooked (the outside timing still holds).
     """
 
-    METHOD_NAMES = ("_step", "step")
+    METHOD_NAMES = ("at_once", "ahead")  # serve.engine.steps.Steps: a step read at once, and launched ahead
 
     def __init__(self, engine: Any, plan: Plan):
         self.plan, self.table, self.timing, self.step_s = plan, None, False, []
         self._armed = False
-        name = next((n for n in self.METHOD_NAMES if callable(getattr(engine, n, None))), None)
-        self.available = name is not None
-        if name is not None:
-            setattr(engine, name, self._wrap(getattr(engine, name)))
+        steps = getattr(engine, "_steps", None)
+        names = [name for name in self.METHOD_NAMES if callable(getattr(steps, name, None))]
+        self.available = bool(names)
+        for name in names:
+            setattr(steps, name, self._wrap(getattr(steps, name), ahead=name == "ahead"))
 
-    def _wrap(self, original: Any) -> Any:
+    def _wrap(self, original: Any, ahead: bool) -> Any:
         def step(*args: Any, **kwargs: Any) -> Any:
             if self._armed:
                 self._armed = False
@@ -99,7 +102,8 @@ class StepHook:
             started = time.perf_counter()
             result = original(*args, **kwargs)
             if self.timing:
-                synchronize(self.plan.device)
+                if not ahead:
+                    synchronize(self.plan.device)
                 self.step_s.append(time.perf_counter() - started)
             return result
 

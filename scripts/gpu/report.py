@@ -73,6 +73,16 @@ def _engine_rows(data: dict[str, Any], floor: dict[str, Any]) -> list[tuple[str,
                 f"{_f(row['ms_per_step'], 2)} ms ({_f(row['tok_per_s'], 0)} tok/s{share}{inside})",
             )
         )
+        at_once = data.get(f"read_each_step_{row['batch']}", {}).get("ms_per_step")
+        if at_once:
+            saved = 1 - row["ms_per_step"] / at_once
+            rows.append(
+                (
+                    "c",
+                    f"engine decode step, batch {row['batch']}, each step read before the next is planned",
+                    f"{_f(at_once, 2)} ms (working ahead: {_f(row['ms_per_step'], 2)} ms, {saved:.0%} less)",
+                )
+            )
         prompts = row.get("prompt_steps_ms")
         if prompts:
             steps = ", ".join(_f(ms, 2) for ms in prompts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,15 +74,28 @@ def stage_engine(plan: Plan, out: Path) -> None:
     record = Recorder(out / "engine.json")
     folder = model_folder(out, plan.shape)
     started = time.perf_counter()
-    engine = start_engine(plan, folder, max(plan.batches), plan.prompt_tokens + plan.step_tokens + 8)
+    engine = start_engine(
+        plan, folder, max(plan.batches), plan.prompt_tokens + plan.step_tokens + 8, async_scheduling="true"
+    )
     record.put("load_s", time.perf_counter() - started)
     try:
         hook = StepHook(engine, plan)
         time_batch(engine, plan, 1, hook, profile=False)  # warm-up
+        ahead = engine.ahead  # ASYNC_SCHEDULING: on for CUDA (auto), forced on for the CPU's dry run
+        record.put("async_scheduling", vars(ahead))
         for batch in plan.batches:
             row = time_batch(engine, plan, batch, hook, profile=batch in (1, plan.batches[-2]))
             record.put(f"batch_{batch}", row)
-            stage_log(f"engine batch {batch}: {row['ms_per_step']} ms per decode step")
+            engine.ahead = replace(ahead, enabled=False)  # the same batch, each step read before the next is planned
+            try:
+                at_once = time_batch(engine, plan, batch, hook, profile=False)
+            finally:
+                engine.ahead = ahead
+            record.put(f"read_each_step_{batch}", at_once)
+            stage_log(
+                f"engine batch {batch}: {row['ms_per_step']} ms per decode step "
+                f"({at_once['ms_per_step']} ms reading each step first)"
+            )
     finally:
         engine.stop()
 

@@ -30,6 +30,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert all(stage["status"] == "ok" for stage in results["stages"].values()), results["stages"]
     engine = json.loads((out / "engine.json").read_text())
     assert engine["batch_1"]["ms_per_step"] > 0 and "aten::" in engine["batch_1"]["profile"]
+    assert engine["async_scheduling"]["enabled"] and engine["read_each_step_1"]["ms_per_step"] > 0  # both ways
     server = json.loads((out / "server.json").read_text())
     for level in (server["c_1"], server["c_4"]):
         assert level["errors"] == 0 and level["tokens_per_request_min"] == 8, level  # ignore_eos: all 8 tokens
@@ -38,7 +39,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     hf = json.loads((out / "hf.json").read_text())
     assert hf["batch_2"]["tok_per_s"] > 0
     report = (out / "results.md").read_text()
-    assert "server c=4 (" in report
+    assert "server c=4 (" in report and "each step read before the next is planned" in report
     assert "device copy bandwidth" in report and "skipped" in report  # tests/gpu ran and skipped without CUDA
     assert_workloads(results["measured"]["workloads"], report)
     assert results["measured"]["engine"]["batch_1"]["ms_per_step"] > 0  # results.json holds every stage's figures

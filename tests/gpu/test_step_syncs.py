@@ -44,11 +44,12 @@ def engine(tiny_settings):
 
 
 def strict_decode_steps(engine, with_prompts=False):
-    """Run the runner's decode-only steps (and steps holding prompt chunks ``with_prompts``) with sync debug mode at
-    "error" (its ``to_host`` read allowed); return the failures, each strict step's decode row count, and a function
-    that restores the runner."""
+    """Launch the runner's decode-only steps (and steps holding prompt chunks ``with_prompts``) with sync debug mode
+    at "error" (its ``to_host`` read allowed); return the failures, each strict step's decode row count, and a
+    function that restores the runner. Whether the engine reads each step at once or works ahead, every step goes
+    through ``launch``."""
     runner = engine._runner
-    step, to_host, failures, widths = runner.step, runner.to_host, [], []
+    launch, to_host, failures, widths = runner.launch, runner.to_host, [], []
 
     def allowed_read(tensor):
         torch.cuda.set_sync_debug_mode("default")
@@ -57,12 +58,12 @@ def strict_decode_steps(engine, with_prompts=False):
         finally:
             torch.cuda.set_sync_debug_mode("error")
 
-    def strict_step(plan):
+    def strict_launch(plan, pending=None):
         if plan.prefill and not with_prompts:
-            return step(plan)
+            return launch(plan, pending)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            result = step(plan)
+            result = launch(plan, pending)
         except RuntimeError:
             failures.append(traceback.format_exc())
             raise
@@ -71,8 +72,8 @@ def strict_decode_steps(engine, with_prompts=False):
         widths.append(len(plan.decode))
         return result
 
-    runner.step, runner.to_host = strict_step, allowed_read
-    return failures, widths, lambda: (setattr(runner, "step", step), setattr(runner, "to_host", to_host))
+    runner.launch, runner.to_host = strict_launch, allowed_read
+    return failures, widths, lambda: (setattr(runner, "launch", launch), setattr(runner, "to_host", to_host))
 
 
 def run_all_kinds(engine):
@@ -133,3 +134,31 @@ def test_penalty_rows_are_filled_without_a_sync():
         torch.cuda.set_sync_debug_mode("default")
     first = counts.matrix[rows[0]].tolist()
     assert (first[SEEN][5], first[SEEN][9], first[OUTPUT][9], first[OUTPUT][5]) == (2, 1, 1, 0)
+
+
+def test_working_ahead_gives_the_same_tokens_as_reading_each_step(engine):
+    """ASYNC_SCHEDULING is on by default on CUDA: the rows of a step take the last step's tokens on the device. The
+    same requests, each step read before the next is planned, give the same tokens (greedy and seeded rows; the
+    grammar and watermark rows, which read their last token on the host first, are left out)."""
+    from dataclasses import replace
+
+    from serve.engine import Request, SamplingParams
+
+    prompt = engine.tokenizer("Count the ways:")["input_ids"]
+    kinds = every_row_kind()[1:-1] + [SamplingParams(max_new_tokens=40, temperature=1.0, seed=9, ignore_eos=True)]
+
+    def run():
+        streams = [engine.submit(Request(prompt_ids=prompt, params=params)) for params in kinds]
+        return [[event.token_id for event in stream if event.token_id is not None] for stream in streams]
+
+    assert engine.ahead.enabled, engine.ahead
+    before = engine.stats().steps_ahead
+    ahead = run()
+    assert engine.stats().steps_ahead > before
+    report, engine.ahead = engine.ahead, replace(engine.ahead, enabled=False)
+    try:
+        at_once = run()
+    finally:
+        engine.ahead = report
+    same = [a == b for a, b, params in zip(ahead, at_once, kinds) if params.greedy or params.seed is not None]
+    assert len(same) >= 4 and all(same), (ahead, at_once)
