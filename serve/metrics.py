@@ -37,7 +37,8 @@ COUNTERS = {
 LABELLED_COUNTERS = {  # name: (help, labels); one series per path, per proposer (and per accepted length)
     "serve_engine_steps_by_path": (
         "Forward steps by path: a decode graph's replay (graph), the fixed decode shape run eagerly (fixed_shape), "
-        "any other step (eager: prompt chunks, mixed steps, adapters)",
+        "a step with prompt chunks whose layer halves replayed graphs (piecewise), any other step (eager: prompt "
+        "chunks, mixed steps, adapters)",
         ("path",),
     ),
     "serve_speculative_proposed_tokens": ("Tokens proposed by speculative decoding and verified", ("proposer",)),

@@ -124,9 +124,10 @@ class StepHook:
 class StepPaths:
     """The engine's forward passes by path, as it counts them (``EngineStats.step_paths``): decode steps that
     replayed a CUDA graph, decode and verify steps over the fixed shape run eagerly (no graph for the shape, or no
-    CUDA), and the other steps (prompt chunks, prompts mixed with decode rows), always eager."""
+    CUDA), the other steps (prompt chunks, prompts mixed with decode rows) run eagerly, and those whose layer halves
+    replayed piecewise graphs."""
 
-    PATHS = ("graph", "fixed_shape_eager", "other_eager")
+    PATHS = ("graph", "fixed_shape_eager", "other_eager", "piecewise")
 
     def __init__(self, engine: Any):
         self.engine = engine

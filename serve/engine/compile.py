@@ -136,3 +136,29 @@ def compile_layers(model: Any, cache_dir: str, warm_up: Optional[Callable[[], to
     seconds = time.monotonic() - started
     log.info("COMPILE: layer halves compiled in %.1f s (cache %s, self-check error %s)", seconds, folder, error)
     return CompileReport(True, "compiled", round(seconds, 2), folder, error)
+
+
+COMPILE_PROBE_TOKENS = (1, 2, 3)  # 1 is specialised; 2 makes the token count dynamic; 3 proves it is reused
+
+
+@torch.inference_mode()
+def probe_logits(model: Any, cache: Any) -> torch.Tensor:
+    """Logits of random decode tokens that each see only their own key and value in the scratch block of ``cache``,
+    for 1, 2 and 3 tokens (a fixed seed: the same on every call)."""
+    from serve.engine.attention import StepLayout, active_step
+    from serve.engine.block_manager import SCRATCH_BLOCK
+
+    size, vocab, device = cache.block_size, model.config.get_text_config().vocab_size, model.device
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    generator = torch.Generator().manual_seed(0)
+    logits = []
+    for count in COMPILE_PROBE_TOKENS:
+        ids = torch.randint(0, vocab, (count,), generator=generator).to(device)
+        positions = torch.arange(count) % size
+        mask = (torch.arange(size)[None, :] == positions[:, None])[:, None, None, :].to(device)
+        tables = as_tensor([[SCRATCH_BLOCK]] * count)
+        layout = StepLayout(as_tensor((SCRATCH_BLOCK * size + positions).tolist()), count, tables, mask, [])
+        with active_step(cache, layout):
+            output = model(input_ids=ids[None], position_ids=positions.to(device)[None], use_cache=False)
+        logits.append(output.logits[0].float().clone())
+    return torch.cat(logits)

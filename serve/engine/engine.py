@@ -338,7 +338,8 @@ class Engine:
                 self._runner.graphs_off("the EAGLE-3 head reads this model's states through hooks, which replays skip")
                 return
             model.serve_aux_layers = frozenset(self.loaded.draft.aux_layers)
-        self._runner.capture_graphs()
+        widest = self.config.max_batch_prefill_tokens + self._runner.static.max_batch  # a step's most tokens
+        self._runner.capture_graphs(widest)
 
     def _reads_hidden_states(self) -> bool:
         """Whether the proposer is an EAGLE-3 head, which reads the target's hidden states."""

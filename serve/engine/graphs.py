@@ -37,6 +37,7 @@ class GraphReport:
     probe_error: Optional[float] = None  # the largest relative error among the self-checked shapes kept
     checked: int = 0  # shapes self-checked (each batch bucket's narrowest and widest)
     dropped: list[str] = field(default_factory=list)  # "<batch>x<width>: why" for each shape that runs eagerly
+    mixed: Any = None  # serve.engine.piecewise.PiecewiseReport: steps with prompt chunks, replayed piecewise
 
 
 def capture_decode_graphs(static: StaticDecode) -> GraphReport:

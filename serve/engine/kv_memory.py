@@ -143,6 +143,8 @@ def profile_devices(
     if config.cuda_graphs:  # the widest decode-only step: what the graphs' pool will keep
         graphs = _peaks(memory, gpus, lambda: _widest_decode(runner, max_batch, width, total))
         graphs = {gpu: value + GRAPH_OVERHEAD_BYTES for gpu, value in graphs.items()}
+        if hasattr(model, "layer_halves"):  # the piecewise halves' pool keeps about the widest step's activations
+            graphs = {gpu: value + peak[gpu] for gpu, value in graphs.items()}
     memory.empty_cache()
     return [
         DeviceBudget(str(gpu), memory.mem_get_info(gpu)[1], in_use[gpu], peak[gpu], graphs[gpu], devices.count(gpu))

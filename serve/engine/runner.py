@@ -8,11 +8,12 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from serve.engine.ahead import HostCopy, Sampled
-from serve.engine.attention import BACKEND_NAME, StepLayout, active_step
+from serve.engine.attention import BACKEND_NAME, active_step
 from serve.engine.block_manager import SCRATCH_BLOCK
 from serve.engine.kv_cache import PagedKVCache
 from serve.engine.multimodal import takes_images, text_only_attention, uses_mrope, with_images
 from serve.engine.graphs import GraphReport, capture_decode_graphs
+from serve.engine.piecewise import PiecewiseReport, capture_piecewise
 from serve.engine.sampling import (
     NON_FINITE,
     finite_rows,
@@ -32,10 +33,9 @@ from serve.engine.step_inputs import Span, StepInputs
 from serve.engine.types import STEP_PATHS, SamplingParams, TokenChoice
 from serve.engine.uploads import Uploads
 from serve.engine.watermark import apply_watermarks
-from serve.engine.compile import CompileReport, compile_layers
+from serve.engine.compile import CompileReport, compile_layers, probe_logits
 
 log = logging.getLogger(__name__)
-COMPILE_PROBE_TOKENS = (1, 2, 3)  # 1 is specialised; 2 makes the token count dynamic; 3 proves it is reused
 
 
 class UnsupportedModel(RuntimeError):
@@ -80,14 +80,20 @@ class ModelRunner:
         self.mrope = uses_mrope(model)  # three-dimensional rotary positions (Qwen2-VL's M-RoPE)
         self.hidden_observer: Optional[Callable[[list[Span]], None]] = None  # told each forward's spans (EAGLE-3)
         self.step_paths = [0] * len(STEP_PATHS)  # steps by path (types.STEP_PATHS): graphed, fixed shape, eager
+        self.piecewise: Any = None  # serve.engine.piecewise.PiecewiseHalves once captured
 
-    def capture_graphs(self) -> GraphReport:
-        """Capture the decode shapes as CUDA graphs (a no-op with a reason off CUDA). LoRA layers are captured
-        without adapter rows: only steps in which no sequence uses an adapter replay them."""
+    def capture_graphs(self, step_tokens: int = 0, capture: Any = None) -> GraphReport:
+        """Capture the decode shapes as CUDA graphs (a no-op with a reason off CUDA), then the halves of every layer
+        for steps with prompt chunks of up to ``step_tokens`` tokens (serve/engine/piecewise.py; ``capture``: the
+        tests' own). LoRA layers are captured without adapter rows: only steps in which no sequence uses an adapter
+        replay them."""
         self._base_model_step()
         if self.ranks is not None:
             self.ranks.send_capture()
         self.graphs = capture_decode_graphs(self.static)
+        parallel = self.ranks is not None or getattr(self.model, "parallel", None) is not None
+        self.graphs.mixed = capture_piecewise(self.model, step_tokens, capture, parallel)
+        self.piecewise = getattr(self.model, "serve_piecewise", None)
         return self.graphs
 
     def graphs_off(self, reason: str) -> None:
@@ -103,33 +109,18 @@ class ModelRunner:
             log.warning("COMPILE off: tensor parallelism (the ranks run the eager layers)")
             return self.compiled
         self._base_model_step()
-        self.compiled = compile_layers(self.model, cache_dir, self._probe_logits)
+        self.compiled = compile_layers(self.model, cache_dir, lambda: probe_logits(self.model, self.cache))
         return self.compiled
 
     def _run_eagerly(self, reason: str) -> None:
-        """Turn COMPILE off from now on (the model's eager layer halves)."""
+        """Turn COMPILE off from now on (the model's eager layer halves; piecewise graphs of the compiled ones go)."""
         self.model.layer_halves = self.model.eager_layer_halves
+        if self.piecewise is not None:
+            self.piecewise.uninstall()
+            self.piecewise = None
+            self.graphs.mixed = PiecewiseReport(reason=f"off since: {reason}")
         self.compiled = CompileReport(reason=f"off since: {reason}", seconds=self.compiled.seconds)
         log.warning("COMPILE off: %s; the model runs eagerly", reason)
-
-    @torch.inference_mode()
-    def _probe_logits(self) -> torch.Tensor:
-        """Logits of random decode tokens that each see only their own key and value in the scratch block, for
-        1, 2 and 3 tokens (a fixed seed: the same on every call)."""
-        size, vocab = self.cache.block_size, self.model.config.get_text_config().vocab_size
-        generator = torch.Generator().manual_seed(0)
-        logits = []
-        for count in COMPILE_PROBE_TOKENS:
-            ids = torch.randint(0, vocab, (count,), generator=generator).to(self.device)
-            positions = torch.arange(count) % size
-            span = torch.arange(size)
-            mask = (span[None, :] == positions[:, None])[:, None, None, :].to(self.device)
-            tables = self._tensor([[SCRATCH_BLOCK]] * count)
-            layout = StepLayout(self._tensor((SCRATCH_BLOCK * size + positions).tolist()), count, tables, mask, [])
-            with active_step(self.cache, layout):
-                output = self.model(input_ids=ids[None], position_ids=positions.to(self.device)[None], use_cache=False)
-            logits.append(output.logits[0].float().clone())
-        return torch.cat(logits)
 
     def _base_model_step(self) -> None:
         """The next forward uses no adapter (LoRA wrappers, if any, add nothing)."""
@@ -162,9 +153,9 @@ class ModelRunner:
             self._base_model_step()
             return self._static_decode(plan.decode, pending)
         inputs, sampled, scored, spans = self._inputs(plan)
-        self.step_paths[2] += 1
         if self.lora is None or all(adapter is None for adapter in inputs.adapters or ()):
             inputs.adapters = None  # a step on the base model alone (and a smaller message to the other ranks)
+        self.step_paths[self._eager_path(inputs)] += 1
         inputs.fed = _fed_rows(enumerate(seq for seq in plan.decode if not seq.proposal), pending)  # decode leads
         logits = self.forward(inputs, _tokens_of(pending))
         if self.hidden_observer is not None:
@@ -177,6 +168,14 @@ class ModelRunner:
         if not sampled:
             return Sampled([])
         return self._sampled(logits[: len(sampled)], sampled, verifying)
+
+    def _eager_path(self, inputs: StepInputs) -> int:
+        """The path of a step off the fixed decode shape (STEP_PATHS' index): its layer halves replayed piecewise,
+        when a bucket holds its tokens and no adapter runs in it (captured without adapter rows), else eager."""
+        if self.piecewise is None:
+            return 2
+        self.piecewise.active = inputs.adapters is None
+        return 3 if self.piecewise.bucket(len(inputs.ids)) is not None else 2
 
     def collect(self, sampled: Sampled) -> StepOutput:
         """A launched step's tokens on the host (its one read), each verified run cut to what was accepted."""
@@ -218,7 +217,8 @@ class ModelRunner:
         tokens = {"input_ids": input_ids[None]}
         if inputs.image_features is not None:  # the prompt chunks' image tokens take their images' features
             embeds = self.model.get_input_embeddings()(input_ids)
-            embeds[self._tensor(inputs.image_rows)] = inputs.image_features.to(embeds.device, embeds.dtype)
+            features = inputs.image_features.to(embeds.device, embeds.dtype)
+            embeds[self.uploads.tensor(inputs.image_rows, torch.long)] = features
             tokens = {"inputs_embeds": embeds[None]}
         if inputs.rope_positions is not None:
             positions = inputs.rope_positions.to(self.device)[:, None, :]  # [3, 1, tokens]: M-RoPE's (t, h, w)
@@ -301,9 +301,6 @@ class ModelRunner:
         if any(seq.images is not None for seq, *_ in spans):
             with_images(inputs, spans, self.mrope)
         return inputs, sampled, scored, spans
-
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     @staticmethod
     def _prompt_rows(plan: StepPlan, logit_rows: list[int], start: int) -> list[tuple[Sequence, list[int]]]:

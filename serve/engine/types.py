@@ -205,7 +205,9 @@ class Limits:
     max_batch_prefill_tokens: int = CPU_PREFILL_TOKENS  # prompt tokens a step may prefill (prefill_token_budget)
 
 
-STEP_PATHS = ("graph", "fixed_shape", "eager")  # a decode graph's replay, the fixed decode shape run eagerly, the rest
+# a decode graph's replay, the fixed decode shape run eagerly, the rest eagerly, a step with prompt chunks replayed
+# piecewise (serve/engine/piecewise.py)
+STEP_PATHS = ("graph", "fixed_shape", "eager", "piecewise")
 
 
 @dataclass

@@ -99,6 +99,8 @@ def test_info_health_tokenize(client, tiny_model_dir):
         {"devices": ["cpu"], "in_flight": 0, "served": info["engines"][0]["served"]}
     ]
     assert info["async_scheduling"]["enabled"] is False and "CPU" in info["async_scheduling"]["reason"]
+    assert info["cuda_graphs"]["mixed"] == {**info["cuda_graphs"]["mixed"], "enabled": False, "buckets": []}
+    assert "no CUDA device" in info["cuda_graphs"]["mixed"]["reason"]
     assert client.get("/health").status_code == 200
     tokens = client.post("/tokenize", json={"inputs": "Hello world"}).json
     assert "".join(token["text"] for token in tokens) == "Hello world" and all("id" in token for token in tokens)

@@ -107,6 +107,9 @@ def test_the_dummy_steps_run_the_widest_shapes_and_their_peaks_become_the_terms(
     seen.clear()
     [without_graphs] = profile_devices(model, shape, devices, EngineConfig(cuda_graphs=False), (4, 5, 80), memory)
     assert len(seen) == 1 and without_graphs.graph_reserve == 0
+    model.layer_halves = ()  # a lean model: the pool of its piecewise halves keeps about the widest step's peak
+    [lean] = profile_devices(model, shape, devices, engine, (4, 5, 80), FakeCudaMemory())
+    assert lean.graph_reserve == 2 * GIB + GRAPH_OVERHEAD_BYTES + GIB
 
 
 def test_a_draft_models_share_is_taken_before_the_check(monkeypatch):

@@ -70,10 +70,10 @@ def test_verify_steps_run_over_the_fixed_decode_shape(ngram_engine, ngram_settin
     before = ngram_engine.stats()
     (events,) = run_all(ngram_engine, prompt_ids[:1])
     stats = ngram_engine.stats()
-    graphed, fixed, eager = (now - then for now, then in zip(stats.step_paths, before.step_paths))
+    graphed, fixed, eager, piecewise = (now - then for now, then in zip(stats.step_paths, before.step_paths))
     assert tokens_of(events) == tokens_of(plain[0])
     assert stats.speculative_accepted > before.speculative_accepted  # proposals were verified, and some kept
-    assert (graphed, eager) == (0, 1) and fixed == stats.steps - before.steps - 1 > 0
+    assert (graphed, eager, piecewise) == (0, 1, 0) and fixed == stats.steps - before.steps - 1 > 0
     text = create_app(ngram_settings, ngram_engine).test_client().get("/metrics").get_data(as_text=True)
     assert f'serve_engine_steps_by_path_total{{path="fixed_shape"}} {float(stats.step_paths[1])}' in text
 
