@@ -59,6 +59,16 @@ def run(engine, requests):
     return [[event.token_id for event in stream if event.token_id is not None] for stream in streams]
 
 
+def run_counting_paths(engine, requests):
+    """(each request's tokens, the steps each path took meanwhile), and the engine stopped."""
+    try:
+        before = engine.stats().step_paths
+        tokens = run(engine, requests)
+        return tokens, [now - then for now, then in zip(engine.stats().step_paths, before)]
+    finally:
+        engine.stop()
+
+
 @pytest.fixture(scope="module")
 def encode(tiny_engine):
     return lambda text: tiny_engine.tokenizer(text)["input_ids"]
@@ -80,15 +90,10 @@ def eager_tokens(settings, encode):
 
 def test_steps_with_prompt_chunks_replayed_piecewise_give_the_eager_tokens(settings, encode, eager_tokens):
     engine = start(settings, rerun)
-    try:
-        report = engine.graphs.mixed
-        assert report.enabled and report.buckets == [16, 32, 64, 96] and report.probe_error < 1e-5
-        assert engine.loaded.model.layer_halves[0].__self__ is engine._runner.piecewise
-        before = engine.stats().step_paths
-        tokens = run(engine, mixed_requests(encode))
-        paths = [now - then for now, then in zip(engine.stats().step_paths, before)]
-    finally:
-        engine.stop()
+    report = engine.graphs.mixed
+    installed = engine.loaded.model.layer_halves[0].__self__ is engine._runner.piecewise
+    tokens, paths = run_counting_paths(engine, mixed_requests(encode))
+    assert report.enabled and report.buckets == [16, 32, 64, 96] and report.probe_error < 1e-5 and installed
     assert tokens == eager_tokens
     assert paths[PIECEWISE] >= 8 and paths[STEP_PATHS.index("eager")] == 0  # every prompt step replayed
 
@@ -117,12 +122,7 @@ def test_the_embedded_model_answers_alike_with_its_prompt_steps_replayed_piecewi
 
 def test_a_step_past_the_largest_bucket_runs_eagerly(settings, encode, eager_tokens):
     engine = start(settings, rerun, widest=16)  # one bucket: 16 tokens; the 24-token chunks do not fit
-    try:
-        before = engine.stats().step_paths
-        tokens = run(engine, mixed_requests(encode))
-        paths = [now - then for now, then in zip(engine.stats().step_paths, before)]
-    finally:
-        engine.stop()
+    tokens, paths = run_counting_paths(engine, mixed_requests(encode))
     assert tokens == eager_tokens
     assert paths[STEP_PATHS.index("eager")] > 0
 
