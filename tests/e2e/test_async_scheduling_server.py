@@ -38,17 +38,18 @@ def steps_ahead(server) -> float:
     raise AssertionError("serve_engine_steps_ahead_total is missing from /metrics")
 
 
-def test_the_host_working_ahead_answers_as_the_engine_that_reads_each_step_first(tiny_model_dir, tmp_path):
-    env = {"HF_MODEL_ID": str(tiny_model_dir), "MESSAGES_API_ENABLED": "true", "MAX_BATCH_TOTAL_TOKENS": "4096"}
-    expected = {}
-    for setting in ("false", "true"):
-        server = start_server({**env, "ASYNC_SCHEDULING": setting}, tmp_path)
-        try:
-            expected[setting] = answers(server)
-            report = requests.get(server.url + "/info", timeout=10).json()["async_scheduling"]
-            assert report["enabled"] is (setting == "true")
-            assert (steps_ahead(server) > 10) is (setting == "true")
-        finally:
-            server.stop()
-    assert expected["true"] == expected["false"]
-    assert all(whole == streamed and whole for whole, streamed in expected["true"])
+def test_the_host_working_ahead_answers_as_the_engine_that_reads_each_step_first(tiny_server, tiny_model_dir, tmp_path):
+    """The shared server reads each step first (auto: off on the CPU); a second one works ahead."""
+    expected = answers(tiny_server)
+    report = requests.get(tiny_server.url + "/info", timeout=10).json()["async_scheduling"]
+    assert report["enabled"] is False and steps_ahead(tiny_server) == 0
+    env = {"HF_MODEL_ID": str(tiny_model_dir), "MAX_BATCH_TOTAL_TOKENS": "4096", "ASYNC_SCHEDULING": "true"}
+    server = start_server(env, tmp_path)
+    try:
+        ahead = answers(server)
+        assert requests.get(server.url + "/info", timeout=10).json()["async_scheduling"]["enabled"] is True
+        assert steps_ahead(server) > 10
+    finally:
+        server.stop()
+    assert ahead == expected
+    assert all(whole == streamed and whole for whole, streamed in ahead)
