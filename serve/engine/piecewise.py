@@ -89,6 +89,9 @@ class PiecewiseHalves:
                 self.kept.append(bucket)
                 worst = max(worst, error)
             else:
+                for layer in layers:  # its graphs go: nothing replays them
+                    for half in (0, 1):
+                        self.replays.pop((layer.self_attn.layer_idx, bucket, half))
                 dropped.append(f"{bucket}: replay differs from eager by {error:.3g} (relative)")
                 log.warning("piecewise graphs of %d tokens dropped (error %.3g); such steps run eagerly", bucket, error)
         self.kept.sort()

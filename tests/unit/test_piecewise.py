@@ -143,6 +143,7 @@ def test_a_bucket_whose_replay_differs_is_dropped_and_its_steps_run_eagerly(sett
         report = engine.graphs.mixed
         assert report.enabled and report.buckets == [16, 64, 96]
         assert len(report.dropped) == 1 and report.dropped[0].startswith("32: replay differs")
+        assert {bucket for _, bucket, _ in engine._runner.piecewise.replays} == {16, 64, 96}
         tokens = run(engine, mixed_requests(encode))
     finally:
         engine.stop()
