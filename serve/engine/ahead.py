@@ -18,9 +18,10 @@ CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a step runs, not where the engine package is (the front imports it)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class HostCopy:
     (so the host may launch more work before it reads); on the CPU the tensor itself."""
 
     def __init__(self, tensor: torch.Tensor):
+        import torch
+
         self.done: Optional[Any] = None
         if tensor.device.type == "cuda":
             self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)

@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from serve.engine.graphs import relative_error
+
 log = logging.getLogger(__name__)
 
 PROBE_TOLERANCE = 1e-3  # relative, float32 logits: inductor reorders reductions, nothing more
@@ -124,7 +126,7 @@ def compile_layers(model: Any, cache_dir: str, warm_up: Optional[Callable[[], to
             raise RuntimeError(failures[0])
         error = None
         if expected is not None:
-            error = float((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-6))
+            error = relative_error(got, expected)
             if not error <= probe_tolerance(getattr(model, "dtype", torch.float32)):  # also catches NaN
                 model.layer_halves = eager
                 log.warning("COMPILE off: compiled logits differ from eager by %.3g (relative)", error)

@@ -140,4 +140,10 @@ def _replay_error(static: StaticDecode, shape: Shape) -> float:
     eager = static.run(batch, width).float().clone()
     replayed = static.forward(batch, width).float()
     torch.cuda.synchronize()
-    return float((replayed - eager).norm() / eager.norm().clamp_min(1e-6))
+    return relative_error(replayed, eager)
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖got − expected‖ / ‖expected‖ in float32: how every self-check (graphs, piecewise, COMPILE) compares."""
+    got, expected = got.float(), expected.float()
+    return float((got - expected).norm() / expected.norm().clamp_min(1e-6))

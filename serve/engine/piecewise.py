@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from serve.engine.graphs import relative_error
+
 log = logging.getLogger(__name__)
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -149,7 +151,7 @@ class PiecewiseHalves:
         self.replays[(index, bucket, 1)]()
         got.append(buffers.hidden[:bucket].clone())
         self._rope = None
-        return max(_relative(a.float(), b.float()) for a, b in zip(got, expected))
+        return max(relative_error(a, b) for a, b in zip(got, expected))
 
     def _probe(self) -> tuple[torch.Tensor, ...]:
         """Random rows, attention outputs and rotary tables for the largest bucket, made once on the device."""
@@ -204,10 +206,6 @@ class PiecewiseHalves:
         buffers.attended[:tokens].copy_(attended.view(buffers.attended[:tokens].shape))
         self.replays[(layer.self_attn.layer_idx, bucket, 1)]()
         return buffers.hidden[:tokens]
-
-
-def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got - expected).norm() / expected.norm().clamp_min(1e-6))
 
 
 def cuda_capture() -> Capture:

@@ -282,9 +282,8 @@ class Scheduler:
         stop at the first sequence that does not fit (False)."""
         size = self.blocks.block_size
         for seq in list(self.running):
-            if seq not in self.running or seq.prompt_left or seq.num_cached < len(seq.block_table) * size:
-                continue
-            if seq.ends_with_pending:
+            has_room = seq.num_cached < len(seq.block_table) * size
+            if seq not in self.running or seq.prompt_left or has_room or seq.ends_with_pending:
                 continue
             while not self._append_block(seq):
                 if not preempt:

@@ -56,9 +56,9 @@ class Sequence:
     @property
     def ends_with_pending(self) -> bool:
         """Whether the tokens still on the device reach ``max_new_tokens``: no step after them is needed."""
-        return (
-            self.pending_tokens > 0 and len(self.output_ids) + self.pending_tokens >= self.request.params.max_new_tokens
-        )
+        if not self.pending_tokens:
+            return False
+        return len(self.output_ids) + self.pending_tokens >= self.request.params.max_new_tokens
 
     @property
     def scores_prompt(self) -> bool:

@@ -49,12 +49,10 @@ class Steps:
         """One forward pass over the plan, its tokens read before the next is planned (nothing may be pending)."""
         started = time.perf_counter()
         try:
-            output: Union[StepOutput, Exception] = self.runner.step(plan)
+            output = self.runner.step(plan)
         except Exception as exc:  # noqa: BLE001 - the engine keeps serving the others
-            output = exc
-            if self.runner.ranks is not None:  # tensor-parallel ranks may be out of step now: stop serving
-                self._lose_ranks(exc)
-                return
+            self._failed(plan, exc, started)
+            return
         self._finish(plan, output, started)
 
     def ahead(self, plan: StepPlan) -> None:
@@ -66,10 +64,7 @@ class Steps:
             sampled = self.runner.launch(plan, pending.sampled if pending is not None else None)
         except Exception as exc:  # noqa: BLE001 - the engine keeps serving the others
             self.collect()
-            if self.runner.ranks is not None:
-                self._lose_ranks(exc)
-                return
-            self._finish(plan, exc, started)
+            self._failed(plan, exc, started)
             return
         for seq in sampled.sequences:
             seq.pending_tokens += 1
@@ -91,6 +86,14 @@ class Steps:
         for seq in sampled.sequences:
             seq.pending_tokens -= 1
         self._finish(plan, output, started)
+
+    def _failed(self, plan: StepPlan, exc: Exception, started: float) -> None:
+        """A step's launch failed: its sequences fail, or, with tensor-parallel ranks (which may be out of step
+        now), the engine stops serving."""
+        if self.runner.ranks is not None:
+            self._lose_ranks(exc)
+            return
+        self._finish(plan, exc, started)
 
     def _finish(self, plan: StepPlan, output: Union[StepOutput, Exception], started: float) -> None:
         self._deliver(self.scheduler.postprocess(plan, output))
